@@ -1,0 +1,491 @@
+"""GPT-2 and what runs it forward: the network, KV-cached generation, checkpoints and Hugging Face weights.
+
+train_gpt2.py and sample.py both import this file; neither holds a copy of any of it.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+
+
+class CheckpointError(Exception):
+    """A checkpoint or weights directory the user pointed at that cannot be used; printed as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Configuration
+
+# The architecture switches each preset sets. `gpt2` is OpenAI's GPT-2 exactly; `modern` is what
+# current small LMs use (LLaMA-style blocks, plus QK-norm as in modded-nanogpt and OLMo 2).
+ARCH_PRESETS = {
+    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False),
+    "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True),
+}
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024
+    vocab_size: int = 50257  # the tokenizer's; the embedding is padded (see padded_vocab_size)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    pos_emb: str = "learned"  # "learned" (GPT-2) or "rope"
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm"
+    mlp: str = "gelu"  # "gelu" (tanh-approximated, GPT-2) or "swiglu"
+    bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
+    qk_norm: bool = False  # normalise queries and keys per head before attention
+    rope_base: float = 10000.0
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        for name, allowed in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
+                              ("mlp", ("gelu", "swiglu"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
+
+    @classmethod
+    def from_preset(cls, arch: str, **shape) -> "GPTConfig":
+        return cls(**ARCH_PRESETS[arch], **shape)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        # 50257 -> 50304, a multiple of 128: matmuls with such widths run on faster GPU kernels.
+        return -(-self.vocab_size // 128) * 128
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def arch(self) -> str | None:
+        """The preset this configuration matches, if any."""
+        switches = {k: getattr(self, k) for k in ARCH_PRESETS["gpt2"]}
+        return next((name for name, preset in ARCH_PRESETS.items() if preset == switches), None)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise CheckpointError(f"model config has unknown fields {sorted(unknown)}; "
+                                  "was it written by a newer version of this repository?")
+        return cls(**d)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Small math
+
+
+def rope_tables(head_dim: int, length: int, base: float, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles, (length, head_dim/2) each (RoFormer, Su et al. 2021)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, device=device, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (first half, second half) of each head's channels; x is (B, nh, T, hs), cos/sin (T, hs/2)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+def make_norm(config: GPTConfig, dim: int) -> nn.Module:
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6)
+    return nn.LayerNorm(dim, bias=config.bias)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network
+
+
+class KVCache:
+    """Keys and values of every layer for positions [0, pos), preallocated for block_size positions."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
+        shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.head_dim)
+        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = 0  # positions filled so far (advanced by GPT after all layers have run)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's k, v (B, nh, T, hs) and return all keys and values so far."""
+        end = self.pos + k.size(2)
+        self.kv[layer, 0, :, :, self.pos:end] = k
+        self.kv[layer, 1, :, :, self.pos:end] = v
+        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale = True  # GPT-2 init: scaled by 1/sqrt(2 * n_layer)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.q_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+        self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=query_mask(T, k.size(2), q.device),
+                                           is_causal=T == k.size(2) and T > 1,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+def query_mask(t_q: int, t_k: int, device) -> torch.Tensor | None:
+    """Mask for T new queries that follow t_k - t_q cached positions.
+
+    SDPA's is_causal aligns its mask top-left, which is wrong once keys outnumber queries, so that
+    case gets an explicit bottom-right mask. One query (decoding) sees every key and needs none.
+    """
+    if t_q == t_k or t_q == 1:
+        return None
+    return torch.ones(t_q, t_k, dtype=torch.bool, device=device).tril(diagonal=t_k - t_q)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.swiglu = config.mlp == "swiglu"
+        # SwiGLU has three matrices, so its hidden width is 2/3 of 4C to keep the parameter count
+        # (Shazeer 2020), rounded up to a multiple of 64 for the matmul kernels.
+        hidden = -(-8 * config.n_embd // 3 // 64) * 64 if self.swiglu else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.c_proj.residual_scale = True
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.swiglu:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        else:
+            h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = make_norm(config, config.n_embd)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = make_norm(config, config.n_embd)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), rope, cache, layer)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.padded_vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=make_norm(config, config.n_embd),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2 * n_layer)
+        # because each layer adds two of them to it.
+        if isinstance(module, nn.Linear):
+            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_scale", False) else 0.02
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameters, the tied embedding counted once and without its padding rows (never used).
+
+        non_embedding leaves out the position table, a lookup that does no matmul; the token table
+        stays in, since as the output layer it does (nanoGPT's convention).
+        """
+        c = self.config
+        n = sum(p.numel() for p in self.parameters()) - (c.padded_vocab_size - c.vocab_size) * c.n_embd
+        if non_embedding and self.transformer.wpe is not None:
+            n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token: 6N for the matmuls of forward and backward plus 12·L·C·T for attention.
+
+        The convention of nanoGPT and the PaLM paper (appendix B). Padded vocabulary columns are not
+        counted: they are work the GPU does, not work the model needs, so MFU does not credit them.
+        """
+        T = seq_len or self.config.block_size
+        return 6 * self.num_params(non_embedding=True) + 12 * self.config.n_layer * self.config.n_embd * T
+
+    def hidden_states(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final normalised hidden states (B, T, C) for tokens idx (B, T), after `cache.pos` cached ones."""
+        B, T = idx.shape
+        start = cache.pos if cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"{start + T} positions exceed block_size {self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.transformer.wpe is not None:
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            # Computed per call in fp32 rather than kept as buffers, which model.to(bfloat16) would round.
+            rope = rope_tables(self.config.head_dim, start + T, self.config.rope_base, idx.device)
+            rope = (rope[0][start:], rope[1][start:])
+        x = self.transformer.drop(x)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, cache, i)
+        if cache is not None:
+            cache.pos += T
+        return self.transformer.ln_f(x)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        """Logits (B, T, padded vocab) and, with targets (B, T; -1 is ignored), the mean cross-entropy."""
+        logits = self.lm_head(self.hidden_states(idx))
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        return logits, loss
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None, stop_at_eot: bool = True) -> Iterator[int]:
+        """Yield up to max_new_tokens token ids continuing `prompt`, one at a time as they are chosen.
+
+        The prompt is run once to fill a KV cache; each new token then costs one position. When the
+        context would pass block_size, the window slides: the cache is rebuilt from the last half block
+        (so the rebuild cost is spread over block_size/2 new tokens, not paid at every token).
+        """
+        if not prompt:
+            raise ValueError("generation needs at least one prompt token (e.g. <|endoftext|>)")
+        device, block = self.lm_head.weight.device, self.config.block_size
+        tokens = list(prompt)
+        cache, fed = None, 0  # fed: how many of `tokens` the cache holds
+        for _ in range(max_new_tokens):
+            if cache is None or cache.pos + len(tokens) - fed > block:
+                keep = min(len(tokens), block) if cache is None else max(1, block // 2)
+                cache = KVCache(self.config, 1, device, self.lm_head.weight.dtype)
+                fed = len(tokens) - keep
+            new = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)
+            fed = len(tokens)
+            logits = self.lm_head(self.hidden_states(new, cache)[:, -1]).float()[0, :self.config.vocab_size]
+            token = sample_token(logits, temperature, top_k, top_p, generator)
+            if stop_at_eot and token == EOT_TOKEN:
+                return
+            tokens.append(token)
+            yield token
+
+
+def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, generator: torch.Generator | None = None) -> int:
+    """Choose one id from a vector of logits: greedy at temperature 0, else sampled after top-k and top-p."""
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        # Drop a token when the tokens before it already cover top_p; the most likely always stays.
+        drop = cumulative - sorted_logits.softmax(-1) >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints of this repository
+
+
+def strip_compile_prefix(state_dict: dict) -> dict:
+    """Keys as the plain module names them: torch.compile adds `_orig_mod.`, DDP adds `module.`."""
+    out = {}
+    for k, v in state_dict.items():
+        for prefix in ("_orig_mod.", "module."):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """A checkpoint dict, loaded with weights_only=True so a file carrying pickled code never runs it."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty, not a checkpoint (an interrupted copy?)")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Weights only load failed" not in str(e):
+            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
+                                  f"({str(e).splitlines()[0][:120]})") from None
+        # weights_only refuses any global it does not know, before anything runs.
+        raise CheckpointError(f"refused {path}: it holds pickled Python objects that could run code; "
+                              "only plain checkpoints (tensors and Python values) are loaded") from None
+    except Exception as e:  # torch.load reports a truncated or foreign file with many exception types
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this repository "
+                              "(it lacks 'model' and 'config')")
+    return ckpt
+
+
+def load_model(spec: str) -> tuple[GPT, dict]:
+    """A model from our .pt checkpoint, a save_pretrained directory, or a Hub name; plus what is known of it.
+
+    The returned dict has `source`, and for our checkpoints `step` and `val_loss`.
+    """
+    path = Path(spec).expanduser()
+    if path.is_file() or path.suffix == ".pt":
+        ckpt = load_checkpoint(path)
+        return model_from_checkpoint(ckpt), {"source": str(path), "step": ckpt.get("step"),
+                                             "val_loss": ckpt.get("val_loss")}
+    return from_pretrained(spec), {"source": spec}
+
+
+def model_from_checkpoint(ckpt: dict) -> GPT:
+    config = GPTConfig.from_dict(ckpt["config"])
+    model = GPT(config)
+    load_state(model, strip_compile_prefix(ckpt["model"]))
+    return model
+
+
+def load_state(model: GPT, state_dict: dict) -> None:
+    """load_state_dict, strict, with the mismatch named in one line rather than a wall of keys."""
+    expected = set(model.state_dict())
+    missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
+    if missing or unexpected:
+        raise CheckpointError(f"weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights do not fit the model: {str(e).splitlines()[-1].strip()}") from None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hugging Face GPT-2 weights (read and written directly: transformers is not needed at run time)
+
+# Hugging Face's GPT-2 stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
+_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def _resolve_hf_dir(name_or_path: str) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists() or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
+        raise CheckpointError(f"{name_or_path} is neither a checkpoint file nor a Hugging Face model directory")
+    try:
+        from huggingface_hub import snapshot_download  # comes with `datasets`
+        return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", *_HF_WEIGHT_FILES]))
+    except Exception as e:  # the Hub raises many types (offline, unknown repo, HTTP); all mean the same here
+        raise CheckpointError(f"could not fetch {name_or_path!r} from the Hugging Face Hub "
+                              f"({type(e).__name__}); pass a local directory saved with save_pretrained") from None
+
+
+def _read_hf_weights(directory: Path) -> dict:
+    if (directory / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+        return load_file(str(directory / "model.safetensors"))
+    if (directory / "pytorch_model.bin").is_file():
+        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise CheckpointError(f"{directory} has none of {', '.join(_HF_WEIGHT_FILES)}")
+
+
+def from_pretrained(name_or_path: str) -> GPT:
+    """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained directory) as a `gpt2` preset model."""
+    directory = _resolve_hf_dir(name_or_path)
+    try:
+        hf = json.loads((directory / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{directory} has no readable config.json ({e})") from None
+    if hf.get("model_type") != "gpt2":
+        raise CheckpointError(f"{directory} holds a {hf.get('model_type')!r} model, not GPT-2")
+    config = GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+    model = GPT(config)
+    load_state(model, _from_hf_state(_read_hf_weights(directory), config))
+    return model
+
+
+def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:
+    state = {}
+    for k, v in hf_state.items():
+        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model has no prefix
+        if k.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # causal-mask buffers of older transformers versions, not weights
+        state[k] = v.t() if k.endswith(_HF_TRANSPOSED) else v
+    wte = state["transformer.wte.weight"]
+    pad = config.padded_vocab_size - wte.size(0)
+    # Padded rows are zeros: those ids are never produced (generation masks them) nor seen in data.
+    state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(pad, wte.size(1))])
+    state["lm_head.weight"] = state["transformer.wte.weight"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def to_hf(model: GPT) -> tuple[dict, dict]:
+    """(config.json contents, state dict) that transformers' GPT2LMHeadModel loads with the same logits."""
+    c = model.config
+    if c.arch != "gpt2":
+        raise CheckpointError("only the `gpt2` preset has a Hugging Face GPT2LMHeadModel counterpart "
+                              f"(this model is {c.arch or 'a custom mix'})")
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
+              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
+              "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
+              "layer_norm_epsilon": 1e-5, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+              "tie_word_embeddings": True, "torch_dtype": "float32"}
+    state = {}
+    for k, v in strip_compile_prefix(model.state_dict()).items():
+        if k == "lm_head.weight":
+            continue  # tied to wte; safetensors refuses shared tensors and transformers re-ties on load
+        v = v[:c.vocab_size] if k == "transformer.wte.weight" else v
+        state[k] = (v.t() if k.endswith(_HF_TRANSPOSED) else v).detach().float().contiguous().cpu()
+    return config, state

@@ -1,0 +1,197 @@
+"""model.py on tiny CPU models: the properties training and generation rely on."""
+import pickle
+
+import pytest
+import torch
+
+import model as M
+from model import GPT, GPTConfig, KVCache, sample_token
+
+PRESETS = ["gpt2", "modern"]
+
+
+def tiny(arch="gpt2", **kw) -> GPT:
+    shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100) | kw
+    torch.manual_seed(0)
+    return GPT(GPTConfig.from_preset(arch, **shape)).eval()
+
+
+@pytest.mark.parametrize("arch", PRESETS)
+def test_changing_a_later_token_never_changes_earlier_logits(arch):
+    m = tiny(arch)
+    x = torch.randint(0, 100, (1, 16))
+    y = x.clone()
+    y[0, 9] = (y[0, 9] + 1) % 100
+    a, _ = m(x)
+    b, _ = m(y)
+    assert torch.allclose(a[0, :9], b[0, :9], atol=1e-6)
+    assert not torch.allclose(a[0, 9], b[0, 9])
+
+
+@pytest.mark.parametrize("arch", PRESETS)
+def test_cached_forward_gives_the_logits_of_a_full_forward(arch):
+    m = tiny(arch)
+    x = torch.randint(0, 100, (2, 16))
+    full, _ = m(x)
+    cache = KVCache(m.config, 2, "cpu", torch.float32)
+    # A 5-token prefill, a 3-token chunk (keys outnumber queries: the bottom-right mask), then single tokens.
+    pieces = [x[:, :5], x[:, 5:8]] + [x[:, i:i + 1] for i in range(8, 16)]
+    cached = torch.cat([m.lm_head(m.hidden_states(p, cache)) for p in pieces], dim=1)
+    assert torch.allclose(full, cached, atol=1e-5)
+
+
+def reference_greedy(m: GPT, prompt: list[int], n: int) -> list[int]:
+    """Greedy decoding without a cache, with generate()'s window rule: once the context would pass
+    block_size, it restarts from the last block_size // 2 tokens."""
+    block, tokens = m.config.block_size, list(prompt)
+    start = max(0, len(tokens) - block)
+    out = []
+    for _ in range(n):
+        if len(tokens) - start > block:
+            start = len(tokens) - block // 2
+        logits, _ = m(torch.tensor([tokens[start:]]))
+        t = int(logits[0, -1, :m.config.vocab_size].argmax())
+        tokens.append(t)
+        out.append(t)
+    return out
+
+
+@pytest.mark.parametrize("arch", PRESETS)
+@pytest.mark.parametrize("prompt_len", [3, 20])
+def test_cached_greedy_generation_equals_uncached_across_the_block_boundary(arch, prompt_len):
+    m = tiny(arch)
+    prompt = torch.randint(0, 100, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    n = 40  # passes block_size (16) several times
+    got = list(m.generate(prompt, n, temperature=0, stop_at_eot=False))
+    assert got == reference_greedy(m, prompt, n)
+
+
+def test_padded_vocabulary_ids_are_never_generated():
+    m = tiny(vocab_size=100)  # padded to 128 rows
+    with torch.no_grad():
+        m.lm_head.weight[100:] = 5.0  # make the padding rows the most likely by far
+    g = torch.Generator().manual_seed(0)
+    tokens = list(m.generate([1, 2], 50, temperature=2.0, generator=g, stop_at_eot=False))
+    assert len(tokens) == 50 and max(tokens) < 100
+    assert max(m.generate([1, 2], 5, temperature=0, stop_at_eot=False)) < 100
+
+
+def test_generation_stops_at_end_of_text_unless_told_not_to():
+    m = tiny(vocab_size=50257, block_size=8)
+    with torch.no_grad():  # final hidden state = ones, aligned with the EOT row only
+        m.transformer.ln_f.weight.zero_()
+        m.transformer.ln_f.bias.fill_(1.0)
+        m.lm_head.weight[M.EOT_TOKEN] = 1.0
+    assert list(m.generate([1, 2], 5, temperature=0)) == []
+    assert list(m.generate([1, 2], 5, temperature=0, stop_at_eot=False)) == [M.EOT_TOKEN] * 5
+
+
+def test_the_same_generator_seed_gives_the_same_sample():
+    m = tiny()
+    a = list(m.generate([5], 30, temperature=1.0, generator=torch.Generator().manual_seed(7)))
+    b = list(m.generate([5], 30, temperature=1.0, generator=torch.Generator().manual_seed(7)))
+    c = list(m.generate([5], 30, temperature=1.0, generator=torch.Generator().manual_seed(8)))
+    assert a == b and a != c
+
+
+def test_top_k_and_top_p_keep_only_the_intended_tokens():
+    logits = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.0])
+    g = torch.Generator().manual_seed(0)
+    assert {sample_token(logits, 1.0, top_k=2, generator=g) for _ in range(200)} == {0, 1}
+    probs = logits.softmax(-1)  # about [.64, .24, .09, .03, .01]
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert {sample_token(logits, 1.0, top_p=0.7, generator=g) for _ in range(200)} == {0, 1}
+    assert {sample_token(logits, 1.0, top_p=0.5, generator=g) for _ in range(50)} == {0}
+    assert sample_token(torch.tensor([0.0, 9.0, 1.0]), temperature=0) == 1
+
+
+@pytest.mark.parametrize("arch", PRESETS)
+def test_a_model_overfits_one_batch(arch):
+    m = tiny(arch).train()
+    x = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(0))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    first = None
+    for _ in range(60):
+        _, loss = m(x[:, :-1], x[:, 1:])
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert first > 4.0 and loss.item() < 0.5
+
+
+def test_gpt2_124m_has_the_published_parameter_count_and_flops():
+    with torch.device("meta"):
+        m = GPT(GPTConfig(vocab_size=50257))
+    assert m.num_params() == 124_439_808
+    # 6N + 12·L·C·T at T=1024, N without the position table: about 855 MFLOP per token.
+    assert m.flops_per_token(1024) == 6 * (124_439_808 - 1024 * 768) + 12 * 12 * 768 * 1024
+
+
+def test_presets_set_the_documented_switches():
+    g, m = tiny("gpt2"), tiny("modern")
+    assert g.transformer.wpe is not None and isinstance(g.transformer.ln_f, torch.nn.LayerNorm)
+    assert m.transformer.wpe is None and isinstance(m.transformer.ln_f, torch.nn.RMSNorm)
+    assert all(p.ndim >= 2 or "ln" in n or "norm" in n for n, p in m.named_parameters())  # no biases
+    assert m.transformer.h[0].attn.q_norm is not None and m.transformer.h[0].mlp.swiglu
+    assert g.config.arch == "gpt2" and m.config.arch == "modern"
+
+
+def test_initialisation_scales_residual_projections():
+    m = GPT(GPTConfig(n_layer=8, n_head=4, n_embd=256, block_size=32, vocab_size=1000))
+    std = m.transformer.h[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / (2 * 8) ** 0.5) < 0.001
+    assert abs(m.transformer.h[0].attn.c_attn.weight.std().item() - 0.02) < 0.001
+    assert m.lm_head.weight is m.transformer.wte.weight
+
+
+@pytest.mark.parametrize("arch", PRESETS)
+def test_generation_runs_in_bfloat16(arch):
+    m = tiny(arch).to(torch.bfloat16)
+    out = list(m.generate([1, 2, 3], 20, temperature=0, stop_at_eot=False))
+    assert len(out) == 20 and max(out) < 100
+
+
+def test_a_saved_checkpoint_loads_back_with_weights_only(tmp_path):
+    m = tiny("modern")
+    path = tmp_path / "c.pt"
+    torch.save({"model": m.state_dict(), "config": m.config.to_dict(), "step": 3, "val_loss": 1.5}, path)
+    loaded, info = M.load_model(str(path))
+    x = torch.randint(0, 100, (1, 8))
+    assert torch.equal(loaded(x)[0], m(x)[0]) and info["step"] == 3 and info["val_loss"] == 1.5
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_checkpoints_that_would_run_code_or_are_not_checkpoints_are_refused(tmp_path, capsys):
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "x": Payload()}, evil)
+    capsys.readouterr()
+    with pytest.raises(M.CheckpointError, match="could run code"):
+        M.load_checkpoint(evil)
+    assert "must never run" not in capsys.readouterr().out
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(M.CheckpointError, match="empty"):
+        M.load_checkpoint(tmp_path / "empty.pt")
+    good = tmp_path / "good.pt"
+    torch.save({"model": {}, "config": {}}, good)
+    (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
+    with pytest.raises(M.CheckpointError, match="not a readable PyTorch checkpoint"):
+        M.load_checkpoint(tmp_path / "cut.pt")
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(M.CheckpointError, match="not a readable PyTorch checkpoint"):
+        M.load_checkpoint(tmp_path / "text.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(M.CheckpointError, match="not a checkpoint of this repository"):
+        M.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(M.CheckpointError, match="no checkpoint at"):
+        M.load_model(str(tmp_path / "missing.pt"))
+
+
+def test_mismatched_weights_are_named_not_silently_skipped():
+    a, b = tiny("gpt2"), tiny("modern")
+    with pytest.raises(M.CheckpointError, match="missing"):
+        M.load_state(b, a.state_dict())
