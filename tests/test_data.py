@@ -1,0 +1,402 @@
+"""data.py: text to shards (round trip, split, cache, resume, faults) and shards to batches."""
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+from conftest import make_corpus, run_script, write_jsonl, write_txt_dir
+
+SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
+
+
+def data_args(dataset, cache, *flags: str) -> argparse.Namespace:
+    """The Namespace train_gpt2.py would get, through the real flags."""
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    return parser.parse_args(["--dataset", str(dataset), "--data_cache", str(cache), *flags])
+
+
+def split_tokens(cache_dir, split: str) -> np.ndarray:
+    shards = data.TokenShards(cache_dir, split)
+    return shards.read(0, shards.num_tokens)
+
+
+def documents_in(tokens: np.ndarray) -> list[str]:
+    """The documents of a token stream: the text between EOT separators (each document ends with one)."""
+    assert tokens[-1] == data.EOT
+    enc = data.get_tokenizer()
+    ends = np.flatnonzero(tokens == data.EOT)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    return [enc.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends, strict=True)]
+
+
+def shard_bytes(cache_dir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(cache_dir.glob("*.bin"))}
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """A cache prepared once from the generated corpus, for the tests that only read it."""
+    root = tmp_path_factory.mktemp("prepared")
+    text = write_txt_dir(root / "text", make_corpus())
+    return data.prepare(data_args(text, root / "cache"), shard_tokens=SHARD, progress=False)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_gives_gpt2s_known_encodings_offline():
+    enc = data.get_tokenizer()
+    assert enc.n_vocab == 50257 and enc.eot_token == data.EOT
+    assert enc.encode_ordinary("Hello world") == [15496, 995]
+    assert enc.encode_ordinary("hello world") == [31373, 995]
+    assert enc.encode_ordinary("goodbye world") == [11274, 16390, 995]
+
+
+def test_literal_endoftext_in_text_is_not_the_special_token():
+    flat, lengths = encode(["a <|endoftext|> b"])
+    assert data.EOT not in flat[:-1].tolist()
+    assert flat[-1] == data.EOT and lengths.tolist() == [len(flat)]
+
+
+def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    with data.ThreadPoolExecutor(2) as pool:
+        return data._encode(data.get_tokenizer(), pool, texts)
+
+
+def test_batched_encoding_equals_encoding_each_document_alone():
+    enc = data.get_tokenizer()
+    tricky = ["trailing spaces   ", "\n\nnewlines\n\n", "  leading", "it's they're", "🙂 東京 café",
+              "ends in <|endoftext", "|> starts oddly", "holds <|endoftext|> inside", "x", "'s"]
+    texts = make_corpus(40, seed=3) + tricky + make_corpus(5, seed=4)
+    flat, lengths = encode(texts)
+    expected = [t for text in texts for t in enc.encode_ordinary(text) + [data.EOT]]
+    assert flat.dtype == np.uint16 and flat.tolist() == expected
+    assert lengths.tolist() == [len(enc.encode_ordinary(t)) + 1 for t in texts]
+
+
+# ----------------------------------------------------------------------------- preparing
+
+def test_shards_decode_back_to_the_documents_with_separators(prepared):
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    train, val = documents_in(split_tokens(prepared, "train")), documents_in(split_tokens(prepared, "val"))
+    corpus = make_corpus()
+    assert sorted(train + val) == sorted(corpus)
+    assert train == [d for d in corpus if d in train]  # in source order
+    assert len(manifest["splits"]["train"]["shards"]) >= 3
+    for name in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        shard = np.fromfile(prepared / name, dtype=np.uint16, offset=data.HEADER_BYTES)
+        assert shard[-1] == data.EOT  # shards hold whole documents
+    assert manifest["splits"]["val"]["documents"] == len(val) == round(0.05 * len(corpus))
+
+
+def test_split_is_deterministic_and_changes_with_the_seed(tmp_path, text_dir):
+    def val_docs(cache, seed):
+        cache_dir = data.prepare(data_args(text_dir, cache, "--val_split", "0.2"), shard_tokens=SHARD,
+                                 split_seed=seed, progress=False)
+        return documents_in(split_tokens(cache_dir, "val"))
+
+    first = val_docs(tmp_path / "a", seed=0)
+    assert val_docs(tmp_path / "b", seed=0) == first
+    assert val_docs(tmp_path / "c", seed=1) != first
+    assert len(first) == 12  # exactly 0.2 of the 60 documents
+
+
+def test_validation_share_stays_within_one_document_of_the_fraction():
+    for fraction in (0.05, 0.1, 0.3, 0.5, 0.77):
+        mask = data.val_mask(0, 1000, fraction, seed=7)
+        assert abs(mask.sum() - fraction * 1000) <= 1, fraction
+        assert np.array_equal(mask[400:], data.val_mask(400, 600, fraction, seed=7))  # same rule when resumed
+
+
+def test_second_prepare_reuses_the_cache_without_reading_the_source(tmp_path, text_dir, monkeypatch):
+    args = data_args(text_dir, tmp_path / "cache")
+    cache_dir = data.prepare(args, shard_tokens=SHARD, progress=False)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()}
+
+    def must_not_read(*_):
+        raise AssertionError("the source was read again")
+    monkeypatch.setattr(data, "iter_records", must_not_read)
+    assert data.prepare(args, shard_tokens=SHARD, progress=False) == cache_dir
+    assert {p.name: p.stat().st_mtime_ns for p in cache_dir.iterdir()} == mtimes
+
+
+def test_changing_a_setting_or_a_source_file_gives_a_new_cache(tmp_path, text_dir):
+    cache = tmp_path / "cache"
+    base = data.prepare(data_args(text_dir, cache), shard_tokens=SHARD, progress=False)
+    others = [data.prepare(data_args(text_dir, cache, *flags), shard_tokens=SHARD, progress=False)
+              for flags in (["--val_split", "0.1"], ["--sample_size", "50"])]
+    others.append(data.prepare(data_args(text_dir, cache), shard_tokens=2 * SHARD, progress=False))
+    others.append(data.prepare(data_args(text_dir, cache), shard_tokens=SHARD, split_seed=1, progress=False))
+    first = text_dir / "doc_00000.txt"
+    first.write_text("A changed document.", encoding="utf-8")
+    os.utime(first, ns=(1, 1))  # a distinct mtime even on coarse-clock filesystems
+    changed = data.prepare(data_args(text_dir, cache), shard_tokens=SHARD, progress=False)
+    assert len({base, *others, changed}) == 6
+    assert "A changed document." in documents_in(split_tokens(changed, "train")) + \
+        documents_in(split_tokens(changed, "val"))
+
+
+def test_resumed_preparation_matches_an_uninterrupted_one(tmp_path, text_dir, monkeypatch):
+    real = data.iter_records
+    skips = []
+
+    def failing(source, skip=0):
+        for i, record in enumerate(real(source, skip)):
+            if i == 40:  # well after the first flush (a shard is ~3 documents)
+                raise RuntimeError("killed")
+            yield record
+    monkeypatch.setattr(data, "iter_records", failing)
+    args = data_args(text_dir, tmp_path / "interrupted")
+    with pytest.raises(RuntimeError, match="killed"):
+        data.prepare(args, shard_tokens=SHARD, progress=False)
+    partial = next((tmp_path / "interrupted").iterdir())
+    assert (partial / "progress.json").exists() and not (partial / "manifest.json").exists()
+
+    def recording(source, skip=0):
+        skips.append(skip)
+        return real(source, skip)
+    monkeypatch.setattr(data, "iter_records", recording)
+    resumed = data.prepare(args, shard_tokens=SHARD, progress=False)
+    uninterrupted = data.prepare(data_args(text_dir, tmp_path / "clean"), shard_tokens=SHARD, progress=False)
+    assert skips[0] > 0  # it continued, not started over
+    assert shard_bytes(resumed) == shard_bytes(uninterrupted)
+    assert (resumed / "manifest.json").read_text() == (uninterrupted / "manifest.json").read_text()
+    assert not (resumed / "progress.json").exists()
+
+
+def test_leftover_temporaries_of_a_killed_run_are_cleaned(tmp_path):
+    dead_pid = 2**22 + 1  # above Linux's pid_max: no such process
+    (tmp_path / f".train_000001.bin.tmp-{dead_pid}").write_bytes(b"half")
+    (tmp_path / "train_000000.bin").write_bytes(b"kept")
+    assert data.clean_temporaries(tmp_path) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["train_000000.bin"]
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    target = tmp_path / "ckpt.pt"
+    target.write_text("old")
+    with pytest.raises(OSError):
+        with data.atomic_write(target) as tmp:
+            tmp.write_text("half")
+            raise OSError("disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+    with data.atomic_write(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+@pytest.mark.parametrize("damage", ["bad magic", "truncated"])
+def test_a_corrupt_shard_is_reported_with_its_path(tmp_path, text_dir, damage):
+    cache_dir = data.prepare(data_args(text_dir, tmp_path / "cache"), shard_tokens=SHARD, progress=False)
+    shard = cache_dir / "train_000001.bin"
+    raw = shard.read_bytes()
+    shard.write_bytes(b"\0\0\0\0" + raw[4:] if damage == "bad magic" else raw[:-7])
+    with pytest.raises(data.DataError, match="bad header magic" if damage == "bad magic" else "truncated") as e:
+        data.TokenShards(cache_dir, "train")
+    assert str(shard) in str(e.value)
+
+
+# ----------------------------------------------------------------------------- sources
+
+def test_jsonl_json_and_parquet_sources_give_the_txt_shards(tmp_path, text_dir, corpus):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    write_jsonl(tmp_path / "docs.jsonl", corpus)
+    (tmp_path / "docs.json").write_text(json.dumps([{"text": d, "n": 1} for d in corpus]), encoding="utf-8")
+    pq.write_table(pa.table({"body": corpus}), tmp_path / "docs.parquet")
+    expected = shard_bytes(data.prepare(data_args(text_dir, tmp_path / "c0"), shard_tokens=SHARD, progress=False))
+    for i, (path, flags) in enumerate([("docs.jsonl", []), ("docs.json", []),
+                                       ("docs.parquet", ["--text_field", "body"])]):
+        got = data.prepare(data_args(tmp_path / path, tmp_path / f"c{i + 1}", *flags), shard_tokens=SHARD,
+                           progress=False)
+        assert shard_bytes(got) == expected, path
+
+
+def test_empty_documents_are_skipped_and_invalid_utf8_is_replaced_and_counted(tmp_path, corpus):
+    text = write_txt_dir(tmp_path / "text", corpus)
+    (text / "empty.txt").write_bytes(b"")
+    (text / "blank.txt").write_bytes(b" \n\t ")
+    (text / "broken.txt").write_bytes(b"caf\xe9 au lait")
+    cache_dir = data.prepare(data_args(text, tmp_path / "cache"), shard_tokens=SHARD, progress=False)
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["skipped"] == {"empty or whitespace-only": 2}
+    assert manifest["invalid_utf8_replaced"] == 1 and manifest["documents"] == len(corpus) + 1
+    docs = documents_in(split_tokens(cache_dir, "train")) + documents_in(split_tokens(cache_dir, "val"))
+    assert "caf\ufffd au lait" in docs
+
+
+def test_sample_size_limits_documents_and_a_larger_one_reports_the_source_size(tmp_path, text_dir, corpus):
+    small = data.prepare(data_args(text_dir, tmp_path / "cache", "--sample_size", "25"), progress=False)
+    manifest = json.loads((small / "manifest.json").read_text())
+    assert manifest["documents"] == 25 and not manifest["source_exhausted"]
+    result = run_script("data.py", "--dataset", str(text_dir), "--data_cache", str(tmp_path / "cache"),
+                        "--sample_size", "1000")
+    assert result.returncode == 0, result.stderr
+    assert f"the source has only {len(corpus)} documents (--sample_size 1,000)" in result.stdout
+
+
+def test_hub_stream_is_reopened_after_a_network_error_and_skips_what_it_had(monkeypatch):
+    rows = [{"text": f"document {i}"} for i in range(10)]
+    opened = []
+
+    def flaky_stream(source, skip):
+        opened.append(skip)
+        for i, row in enumerate(rows[skip:]):
+            if len(opened) == 1 and i == 4:
+                raise ConnectionError("connection reset")
+            yield row
+    monkeypatch.setattr(data, "_open_hub_stream", flaky_stream)
+    monkeypatch.setattr(data.time, "sleep", lambda s: None)
+    source = data.Source("some/dataset", None, "text", None)
+    assert [t for t, _ in data.iter_records(source)] == [r["text"] for r in rows]
+    assert opened == [0, 4]
+
+
+def test_hub_network_errors_that_persist_end_in_one_line_that_says_how_to_continue(monkeypatch):
+    def dying_stream(source, skip):
+        if skip == 0:
+            yield {"text": "one document"}
+        raise ConnectionError("connection reset")
+    monkeypatch.setattr(data, "_open_hub_stream", dying_stream)
+    monkeypatch.setattr(data.time, "sleep", lambda s: None)
+    with pytest.raises(data.DataError, match="run the same command again to continue"):
+        list(data.iter_records(data.Source("some/dataset", None, "text", None)))
+
+
+# ----------------------------------------------------------------------------- errors a user can cause
+
+def assert_one_line_error(result, *fragments: str) -> None:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:") or "error:" in line]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("env", [{}, {"HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HTTPS_PROXY": "",
+                                      "https_proxy": "", "ALL_PROXY": "", "all_proxy": "",
+                                      "HF_ENDPOINT": "http://127.0.0.1:9"}], ids=["offline", "unreachable"])
+def test_unreachable_hub_fails_fast_with_one_line_naming_the_offline_way(tmp_path, env):
+    started = time.monotonic()
+    result = run_script("data.py", "--data_cache", str(tmp_path / "cache"), env=env, timeout=60)
+    assert time.monotonic() - started < 30
+    assert_one_line_error(result, "--dataset PATH", "HuggingFaceFW/fineweb")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "cache").exists()  # nothing half-written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sample_size", "0"], "--sample_size: must be at least 1, got 0"),
+    (["--val_split", "1.5"], "--val_split: must be strictly between 0 and 1, got 1.5"),
+    (["--val_split", "0"], "--val_split: must be strictly between 0 and 1, got 0.0"),
+    (["--dataset", "/no/such/texts"], "error: no such file or directory: /no/such/texts"),
+])
+def test_bad_flags_and_paths_die_with_one_line(tmp_path, flags, message):
+    result = run_script("data.py", "--data_cache", str(tmp_path / "cache"), *flags)
+    assert_one_line_error(result, message)
+
+
+def test_an_empty_directory_is_refused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.md").write_text("not a document")
+    with pytest.raises(data.DataError, match=r"no \.txt/\.jsonl/\.json/\.parquet files in directory"):
+        data.prepare(data_args(tmp_path / "empty", tmp_path / "cache"), progress=False)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_missing_text_field_names_the_fields_found(tmp_path, corpus, kind):
+    if kind == "jsonl":
+        path = write_jsonl(tmp_path / "docs.jsonl", corpus, field="body")
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        path = tmp_path / "docs.parquet"
+        pq.write_table(pa.table({"body": corpus, "id": list(range(len(corpus)))}), path)
+    expected = r"no field 'text' \(fields found: body, id\); choose one with --text_field"
+    with pytest.raises(data.DataError, match=expected):
+        data.prepare(data_args(path, tmp_path / "cache"), progress=False)
+
+
+def test_a_corpus_with_no_validation_document_is_refused(tmp_path, corpus):
+    text = write_txt_dir(tmp_path / "text", corpus[:2])
+    with pytest.raises(data.DataError, match="the val split is empty: 2 documents"):
+        data.prepare(data_args(text, tmp_path / "cache"), progress=False)
+
+
+def test_data_too_small_for_one_window_is_refused(prepared):
+    val = data.TokenShards(prepared, "val")
+    with pytest.raises(data.DataError, match=f"data too small for one window of block_size\\+1 = 100001 tokens: "
+                                             f"{val.num_tokens:,} tokens in split val"):
+        data.BatchSource(val, block_size=100_000, batch_size=1, seed=0)
+    with pytest.raises(data.DataError, match="fewer than one batch of 4096"):
+        data.BatchSource(val, block_size=16, batch_size=4096, seed=0)
+
+
+# ----------------------------------------------------------------------------- batches
+
+def global_batch(source: data.BatchSource, step: int) -> torch.Tensor:
+    return torch.cat([source.micro_batch(step, m)[0] for m in range(source.grad_accum)])
+
+
+def test_global_batch_is_the_same_for_any_ranks_and_micro_steps(prepared):
+    train = data.TokenShards(prepared, "train")
+
+    def source(rank=0, world_size=1, grad_accum=1):
+        return data.BatchSource(train, 16, 8, seed=5, rank=rank, world_size=world_size, grad_accum=grad_accum)
+    one = source()
+    for step in (0, 1, one.steps_per_epoch - 1, one.steps_per_epoch, 3 * one.steps_per_epoch + 2):
+        whole = one.micro_batch(step, 0)[0]
+        two_ranks = torch.cat([global_batch(source(rank=r, world_size=2), step) for r in range(2)])
+        two_micro = global_batch(source(grad_accum=2), step)
+        four = torch.cat([global_batch(source(rank=r, world_size=2, grad_accum=2), step) for r in range(2)])
+        assert whole.shape == (8, 16) and whole.dtype == torch.int64
+        assert torch.equal(whole, two_ranks) and torch.equal(whole, two_micro) and torch.equal(whole, four)
+
+
+def test_batches_depend_only_on_seed_and_step(prepared):
+    train = data.TokenShards(prepared, "train")
+    a, b = (data.BatchSource(train, 16, 8, seed=5) for _ in range(2))
+    other = data.BatchSource(train, 16, 8, seed=6)
+    x, y = a.micro_batch(7, 0)
+    assert torch.equal(x, b.micro_batch(7, 0)[0]) and torch.equal(y, b.micro_batch(7, 0)[1])
+    assert not torch.equal(x, other.micro_batch(7, 0)[0])
+    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
+    epoch = [a.global_windows(s) for s in range(a.steps_per_epoch)]
+    assert len(np.unique(np.concatenate(epoch))) == a.steps_per_epoch * 8  # no window twice in an epoch
+    assert not np.array_equal(a.global_windows(0), a.global_windows(a.steps_per_epoch))  # a new order
+
+
+def test_eval_batches_are_the_same_every_call_and_split_across_ranks(prepared):
+    val = data.TokenShards(prepared, "val")
+    one = data.BatchSource(val, 16, 4, seed=0, shuffle=False)
+    ranks = [data.BatchSource(val, 16, 4, seed=0, world_size=2, rank=r, shuffle=False) for r in range(2)]
+    for k in range(3):
+        x, y = one.eval_batch(k)
+        assert torch.equal(x, one.eval_batch(k)[0]) and torch.equal(y, one.eval_batch(k)[1])
+        assert torch.equal(x, torch.cat([r.eval_batch(k)[0] for r in ranks]))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_loader_yields_micro_batches_in_order_and_leaves_the_global_rng_alone(prepared, num_workers):
+    source = data.BatchSource(data.TokenShards(prepared, "train"), 16, 8, seed=1, grad_accum=2)
+    expected = [source.micro_batch(s, m) for s in range(3, 6) for m in range(2)]
+    rng = torch.get_rng_state()
+    got = list(data.micro_batches(source, 3, 3, num_workers=num_workers, pin_memory=False))
+    assert torch.equal(torch.get_rng_state(), rng)
+    for (x, y), (ex, ey) in zip(got, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
+
+
+def test_data_flags_have_their_documented_defaults():
+    args = data_args("x", "y")
+    assert (args.subset, args.text_field, args.sample_size, args.val_split) == ("sample-10BT", "text", 1_000_000, 0.05)
+    parser = argparse.ArgumentParser()
+    data.add_data_args(parser)
+    assert parser.parse_args([]).dataset == "HuggingFaceFW/fineweb"
+    assert parser.parse_args([]).data_cache == "data_cache"
