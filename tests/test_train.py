@@ -1,0 +1,221 @@
+"""train_gpt2.py on a tiny model and generated text, run as a user runs it (and in-process where faster)."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
+import train_gpt2 as T
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    return write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=3))
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data_cache")
+
+
+def train_args(corpus_dir, data_cache, save_dir, *extra) -> list[str]:
+    return ["--dataset", str(corpus_dir), "--data_cache", str(data_cache), "--save_dir", str(save_dir),
+            *TINY_MODEL_ARGS, "--batch_size", "8", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2",
+            "--val_split", "0.1", "--num_workers", "0", "--no-amp", "--no-compile", "--device", "cpu", *extra]
+
+
+def metrics(save_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_val_loss(save_dir: Path) -> float:
+    return [r["val_loss"] for r in metrics(save_dir) if "val_loss" in r][-1]
+
+
+def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
+    lr = lambda s: T.lr_at(s, 1.0, 0.1, warmup=10, max_steps=100)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)
+    assert lr(99) == pytest.approx(0.1)
+    assert all(lr(s) >= lr(s + 1) for s in range(10, 99))
+    assert T.lr_at(0, 1.0, 0.1, warmup=0, max_steps=1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--n_embd", "100", "--n_head", "12"], "--n_embd 100 is not divisible by --n_head 12"),
+    (["--lr", "-1"], "-1 must be a positive number"),
+    (["--val_split", "1.5"], "val_split"),
+    (["--dropout", "1"], "1 must be in [0, 1)"),
+    (["--batch_size", "0"], "0 must be a positive integer"),
+    (["--batch_size", "10", "--grad_accum", "3"], "--batch_size 10 is not divisible by GPUs × --grad_accum"),
+    (["--lr", "1e-4", "--min_lr", "1e-3"], "--min_lr 0.001 is above --lr 0.0001"),
+    (["--sample_size", "0"], "sample_size"),
+])
+def test_invalid_flags_end_in_argument_parsing_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        T.parse_args(flags)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("usage:") is False
+
+
+def test_the_seed_command_runs_shrunk_and_leaves_loadable_checkpoints(corpus_dir, data_cache, tmp_path):
+    # The README's command with the model shrunk, steps capped and local data.
+    save = tmp_path / "run"
+    result = run_script("train_gpt2.py", "--block_size", "32", "--n_layer", "2", "--n_head", "2", "--n_embd", "32",
+                        "--lr", "8e-4", "--min_lr", "8e-5", "--batch_size", "8", "--val_split", "0.05",
+                        "--num_workers", "4", "--warmup_steps", "500", "--amp", "--dropout", "0.2",
+                        "--sample_size", "1000", "--max_steps", "6", "--eval_interval", "3",
+                        "--dataset", str(corpus_dir), "--data_cache", str(data_cache), "--save_dir", str(save),
+                        "--sample_during_training")
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout + result.stderr
+    assert "plan:" in out and "tokens per step" in out and "epochs" in out
+    assert "--warmup_steps 500 does not fit in a run of 6 steps" in out
+    assert "--amp on the CPU" in out and "sample at step 3" in out
+    for name in ("latest.pt", "model_best_val.pt"):
+        ckpt = torch.load(save / name, weights_only=True)
+        assert {"model", "config", "step", "val_loss"} <= set(ckpt)
+        assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
+    latest = torch.load(save / "latest.pt", weights_only=True)
+    assert latest["step"] == 6 and {"optimizer", "args", "data", "schedule"} <= set(latest)
+    rows = metrics(save)
+    assert rows[0]["event"] == "start" and "git" in rows[0] and "torch" in rows[0]
+    assert any("val_loss" in r for r in rows) and any("grad_norm" in r and "tokens_per_s" in r for r in rows)
+    assert (save / "loss.png").stat().st_size > 0
+
+
+def test_training_lowers_the_loss_on_generated_text(corpus_dir, data_cache, tmp_path):
+    save = tmp_path / "run"
+    result = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "40",
+                                                      "--eval_interval", "40", "--log_interval", "5"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    losses = [r["train_loss"] for r in metrics(save) if "train_loss" in r]
+    # ln(50257) = 10.8 at the start; a model that learned the tiny grammar's words drops well below.
+    assert losses[0] > 8.0 and losses[-1] < losses[0] - 2.0
+    assert final_val_loss(save) < losses[0] - 2.0
+
+
+def wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def start_training(args) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(corpus_dir, data_cache, tmp_path):
+    common = ["--max_steps", "30", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1"]
+    whole = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "whole", *common))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+
+    save = tmp_path / "killed"
+    proc = start_training(train_args(corpus_dir, data_cache, save, *common))
+    assert wait_for(lambda: (save / "latest.pt").exists())
+    proc.kill()  # SIGKILL: no chance to save anything
+    proc.wait()
+    interrupted_at = torch.load(save / "latest.pt", weights_only=True)["step"]
+    assert interrupted_at < 30, "the run finished before it could be killed"
+    resumed = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, *common, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {save / 'latest.pt'} at step {interrupted_at}" in resumed.stdout + resumed.stderr
+    assert final_val_loss(save) == pytest.approx(final_val_loss(tmp_path / "whole"), abs=1e-4)
+
+
+def test_sigterm_saves_latest_then_exits(corpus_dir, data_cache, tmp_path):
+    save = tmp_path / "run"
+    proc = start_training(train_args(corpus_dir, data_cache, save, "--max_steps", "100000", "--log_interval", "1",
+                                      "--eval_interval", "100000", "--checkpoint_interval", "100000"))
+    assert wait_for(lambda: (save / "metrics.jsonl").exists() and "train_loss" in (save / "metrics.jsonl").read_text())
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert "stopped by signal" in out + err and "--resume" in out + err
+    step = torch.load(save / "latest.pt", weights_only=True)["step"]
+    assert 0 < step < 100000
+
+
+def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_path, monkeypatch):
+    real_step = T.train_step
+
+    def poisoned(*args, step, **kw):
+        loss, norm = real_step(*args, step=step, **kw)
+        return (loss * float("nan"), norm) if step == 3 else (loss, norm)
+
+    monkeypatch.setattr(T, "train_step", poisoned)
+    args = T.parse_args(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "10",
+                                   "--checkpoint_interval", "1", "--eval_interval", "100"))
+    env, _ = T.setup_env(args)
+    trainer = T.Trainer(args, env)
+    with pytest.raises(T.StopTraining, match="not finite at step 3; stopped before the update"):
+        trainer.run()
+    saved = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
+    assert saved["step"] == 3
+    for name, p in trainer.raw_model.state_dict().items():
+        assert torch.equal(p, saved["model"][name]), f"{name} changed after the non-finite step"
+
+
+def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
+    def oom(*args, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(T, "train_step", oom)
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "2"))
+    message = str(exit_info.value.code)
+    assert message.startswith("error: out of GPU memory with micro-batches of 8 × 32 tokens")
+    assert "--batch_size" in message and "--grad_accum" in message
+
+
+def test_two_ranks_train_the_model_of_one_process_with_accumulation(corpus_dir, data_cache, tmp_path):
+    common = ["--max_steps", "8", "--eval_interval", "8", "--log_interval", "1", "--dropout", "0.1"]
+    single = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "one", *common,
+                                                     "--grad_accum", "2"))
+    assert single.returncode == 0, single.stderr[-2000:]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "train_gpt2.py"), *train_args(corpus_dir, data_cache, tmp_path / "two", *common,
+                                                                   "--grad_accum", "1")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    one = [r["train_loss"] for r in metrics(tmp_path / "one") if "train_loss" in r]
+    two = [r["train_loss"] for r in metrics(tmp_path / "two") if "train_loss" in r]
+    assert len(one) == len(two) == 8
+    assert max(abs(a - b) for a, b in zip(one, two)) < 1e-4
+    assert final_val_loss(tmp_path / "one") == pytest.approx(final_val_loss(tmp_path / "two"), abs=1e-4)
+
+
+def test_resume_refuses_a_checkpoint_of_another_shape_and_a_missing_one(corpus_dir, data_cache, tmp_path):
+    save = tmp_path / "run"
+    assert run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "2")).returncode == 0
+    other = train_args(corpus_dir, data_cache, save, "--max_steps", "4", "--resume")
+    other[other.index("--n_embd") + 1] = "64"
+    result = run_script("train_gpt2.py", *other)
+    assert result.returncode == 1
+    assert "another model shape; n_embd: checkpoint 32, flags 64" in result.stderr
+    assert "Traceback" not in result.stderr
+    missing = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "none", "--resume"))
+    assert missing.returncode == 1 and "--resume: no checkpoint at" in missing.stderr
+    again = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "2"))
+    assert again.returncode == 1 and "from an earlier run: continue it with --resume" in again.stderr
+
+
+def test_a_checkpoint_that_needs_pickled_code_is_refused_on_resume(corpus_dir, data_cache, tmp_path):
+    save = tmp_path / "run"
+    save.mkdir()
+    torch.save({"model": {}, "config": {}, "optimizer": math.sqrt}, save / "latest.pt")  # a pickled global
+    result = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--resume"))
+    assert result.returncode == 1 and "could run code" in result.stderr and "Traceback" not in result.stderr
