@@ -122,7 +122,7 @@ class KVCache:
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
         shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.head_dim)
-        self.kv = torch.zeros(shape, device=device, dtype=dtype)
+        self.kv = torch.empty(shape, device=device, dtype=dtype)  # only positions written are ever read
         self.pos = 0  # positions filled so far (advanced by GPT after all layers have run)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -390,13 +390,19 @@ def load_model(spec: str) -> tuple[GPT, dict]:
 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:
-    config = GPTConfig.from_dict(ckpt["config"])
-    model = GPT(config)
-    load_state(model, strip_compile_prefix(ckpt["model"]))
+    return model_with_weights(GPTConfig.from_dict(ckpt["config"]), strip_compile_prefix(ckpt["model"]))
+
+
+def model_with_weights(config: GPTConfig, state_dict: dict) -> GPT:
+    """A model holding exactly these weights, built without first allocating and initialising its own."""
+    with torch.device("meta"):  # no memory, no random init: every weight comes from state_dict
+        model = GPT(config)
+    load_state(model, state_dict, assign=True)
+    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both tensors: tie them again
     return model
 
 
-def load_state(model: GPT, state_dict: dict) -> None:
+def load_state(model: GPT, state_dict: dict, assign: bool = False) -> None:
     """load_state_dict, strict, with the mismatch named in one line rather than a wall of keys."""
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(state_dict)), sorted(set(state_dict) - expected)
@@ -404,7 +410,7 @@ def load_state(model: GPT, state_dict: dict) -> None:
         raise CheckpointError(f"weights do not fit the model: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
                               f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
     try:
-        model.load_state_dict(state_dict, strict=True)
+        model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit the model: {str(e).splitlines()[-1].strip()}") from None
 
@@ -451,9 +457,7 @@ def from_pretrained(name_or_path: str) -> GPT:
         raise CheckpointError(f"{directory} holds a {hf.get('model_type')!r} model, not GPT-2")
     config = GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
                                    n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-    model = GPT(config)
-    load_state(model, _from_hf_state(_read_hf_weights(directory), config))
-    return model
+    return model_with_weights(config, _from_hf_state(_read_hf_weights(directory), config))
 
 
 def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:
