@@ -1,0 +1,305 @@
+"""Talk to a trained GPT-2: continue a prompt, or each line typed, streaming the text as it is generated.
+
+    python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu --max_tokens 50
+    python sample.py --prompt "The quiet river" --num_samples 3 --stream
+    python sample.py --prompt story.txt --temperature 0          # a file's contents as the prompt, greedy
+    printf 'first prompt\\nsecond prompt\\n' | python sample.py --interactive
+
+--checkpoint takes our .pt (best or latest), a Hugging Face GPT-2 directory (save_pretrained layout) or,
+online, a Hub name such as gpt2. The model and its generation are model.py's; this file only talks.
+"""
+from __future__ import annotations
+
+import argparse
+import codecs
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from data import DataError, get_tokenizer
+from model import EOT_TOKEN, GPT, CheckpointError, load_model
+
+# Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
+PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")
+
+
+class SampleError(Exception):
+    """A flag or file the user can fix; printed as one line."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _number(text: str, cast, what: str):
+    try:
+        return cast(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = _number(text, int, "a positive integer")
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def temperature(text: str) -> float:
+    value = _number(text, float, "0 (greedy) or more")
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, not {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float, "in (0, 1]")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
+                   help="our .pt checkpoint, a save_pretrained directory, or a Hub name (default %(default)s)")
+    p.add_argument("--interactive", action="store_true",
+                   help="continue each line typed (or piped in) on its own, streamed; Ctrl-D, exit or quit ends")
+    p.add_argument("--stream", action="store_true", help="print --prompt's continuation token by token (--interactive always does)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue, or the path of a file holding it (default: unconditional samples)")
+    p.add_argument("--num_samples", type=positive_int, default=1, help="continuations of --prompt")
+    p.add_argument("--max_tokens", type=positive_int, default=200, help="new tokens per continuation at most")
+    # nanoGPT's defaults: 0.8 keeps samples varied but coherent; top-k 200 trims the long tail for 0.2 ms a
+    # token, where top-p alone sorts the whole 50257-token distribution (about 4 ms, ~15% of a bf16 step).
+    p.add_argument("--temperature", type=temperature, default=0.8, help="0 is greedy (default %(default)s)")
+    p.add_argument("--top_k", type=positive_int, default=200, help="sample among the k likeliest tokens")
+    p.add_argument("--top_p", type=probability, default=None, help="nucleus sampling: the likeliest tokens "
+                   "covering this probability (default off)")
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different each run)")
+    p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--cpu", action="store_true", help="run on the CPU and never touch CUDA (= --device cpu)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="auto: bfloat16 on CUDA and on CPUs with fast bf16 matmuls, else float32")
+    args = p.parse_args(argv)
+    if args.cpu and args.device not in ("auto", "cpu"):
+        p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
+    if args.interactive and args.prompt is not None:
+        p.error("--interactive reads prompts from the terminal (or piped input); leave out --prompt")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------
+# Device, precision, model
+
+
+def pick_device(args: argparse.Namespace) -> torch.device:
+    """The device asked for; with --cpu or --device cpu, CUDA is never queried (nor initialised)."""
+    if args.cpu or args.device == "cpu":
+        return torch.device("cpu")
+    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
+    if args.device == "auto":
+        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
+    if not {"cuda": cuda, "mps": mps}[args.device]:
+        raise SampleError(f"--device {args.device} asked for, but this machine has none; use --cpu")
+    return torch.device(args.device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether torch sends bf16 matmuls on this CPU to oneDNN (AVX-512 or AMX on x86, the BF16 ISA on Arm).
+
+    Otherwise bf16 falls back to slow reference kernels and float32 is the faster choice.
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: absent in builds without oneDNN
+        return False
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """Decoding one token reads every weight once, so it is memory-bound: bf16 halves the bytes per token."""
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
+
+
+def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
+    """model.py's load_model, moved to the device and precision decoding runs in."""
+    model, info = load_model(spec)
+    return model.to(device=device, dtype=dtype).eval(), info
+
+
+def human_count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.0f}{unit}" if n >= 10 * size else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def describe(model: GPT, info: dict, device: torch.device, dtype: torch.dtype) -> str:
+    """The one line printed at start: what model this is, how far it was trained, where it runs."""
+    step, val = info.get("step"), info.get("val_loss")
+    trained = f"step {'?' if step is None else step}, val loss {'?' if val is None else f'{val:.4f}'}"
+    return (f"{human_count(model.num_params())} parameters, {model.config.arch or 'custom'} preset, "
+            f"{trained} ({info['source']}) on {device.type} in {str(dtype).removeprefix('torch.')}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Text in, text out
+
+
+def read_prompt(value: str) -> str:
+    """--prompt's text: the contents of the file it names, or else the text itself.
+
+    A single word that looks like a path (./x, ~/x, /x, or a .txt/.md name) but names no file is an
+    error rather than a prompt: it is far likelier a mistyped path than text to continue.
+    """
+    path = Path(value).expanduser()
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # too long or odd (a NUL) to be a path: plain text
+        return value
+    if is_file:
+        try:
+            return path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SampleError(f"cannot read the prompt file {path}: {e}") from None
+    looks_like_path = value.startswith(("/", "./", "../", "~")) or path.suffix in PROMPT_FILE_SUFFIXES
+    if looks_like_path and not any(c.isspace() for c in value):
+        raise SampleError(f"no prompt file at {path}")
+    return value
+
+
+def encode_prompt(enc, text: str) -> list[int]:
+    """Token ids to continue; an empty prompt starts a new document from <|endoftext|>, as GPT-2 samples do.
+
+    A literal <|endoftext|> typed in a prompt is the separator token: the user wrote it on purpose.
+    """
+    return enc.encode(text, allowed_special={"<|endoftext|>"}) or [EOT_TOKEN]
+
+
+def decode_stream(enc, tokens: Iterable[int]) -> Iterator[str]:
+    """Text for each token as it comes; a UTF-8 character whose bytes span tokens comes out whole, once."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in tokens:
+        text = decoder.decode(enc.decode_single_token_bytes(token))
+        if text:
+            yield text
+    tail = decoder.decode(b"", final=True)  # bytes of a character the model never finished
+    if tail:
+        yield tail
+
+
+def continue_text(model: GPT, enc, prompt: str, args: argparse.Namespace, generator: torch.Generator,
+                  stream: bool) -> None:
+    """Print the prompt and the model's continuation of it, piece by piece as generated when streaming."""
+    tokens = model.generate(encode_prompt(enc, prompt), args.max_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, generator=generator,
+                            stop_at_eot=not args.ignore_eot)
+    pieces = decode_stream(enc, tokens)
+    if not stream:
+        print(prompt + "".join(pieces), flush=True)
+        return
+    print(prompt, end="", flush=True)
+    for piece in pieces:
+        print(piece, end="", flush=True)
+    print(flush=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The two ways to run
+
+
+def typed_lines(terminal: bool) -> Iterator[str]:
+    """Non-empty lines until end of input, `exit` or `quit`; on a terminal after a "> " prompt."""
+    while True:
+        try:
+            line = input("> ") if terminal else sys.stdin.readline()
+        except EOFError:  # Ctrl-D at the prompt
+            print()
+            return
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: a fresh one, as a shell does
+            if not terminal:
+                raise
+            print()
+            continue
+        if not terminal and not line:  # end of piped input
+            return
+        line = line.rstrip("\r\n")
+        if line.strip() in ("exit", "quit"):
+            return
+        if line.strip():
+            yield line
+
+
+def interactive(model: GPT, enc, args: argparse.Namespace, generator: torch.Generator) -> None:
+    """Continue each line typed, streamed; on a terminal Ctrl-C stops a continuation, not the program."""
+    terminal = sys.stdin.isatty()
+    for line in typed_lines(terminal):
+        try:
+            continue_text(model, enc, line, args, generator, stream=True)
+        except KeyboardInterrupt:
+            if not terminal:
+                raise  # piped input: no one is at a prompt, so Ctrl-C ends the run
+            print("\n[stopped]", flush=True)
+
+
+def samples(model: GPT, enc, args: argparse.Namespace, generator: torch.Generator, prompt: str) -> None:
+    """The prompt (empty: unconditional) continued --num_samples times."""
+    for i in range(args.num_samples):
+        if i:
+            print("---------------")
+        continue_text(model, enc, prompt, args, generator, stream=args.stream)
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()  # a fresh random seed: each run samples differently
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def run(args: argparse.Namespace) -> None:
+    prompt = read_prompt(args.prompt) if args.prompt is not None else ""  # a bad file fails before loading
+    device = pick_device(args)
+    dtype = pick_dtype(args.dtype, device)
+    model, info = load(args.checkpoint, device, dtype)
+    enc = get_tokenizer()
+    print(describe(model, info, device, dtype), file=sys.stderr, flush=True)
+    generator = make_generator(args.seed, device)
+    if args.interactive:
+        interactive(model, enc, args, generator)
+    else:
+        samples(model, enc, args, generator, prompt)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    sys.stdout.reconfigure(errors="replace")  # a console without UTF-8 shows '?' rather than crashing
+    try:
+        run(args)
+    except (CheckpointError, SampleError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130  # the shell's status for a run ended by Ctrl-C, without a traceback
+    except BrokenPipeError:  # the reader left (| head): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

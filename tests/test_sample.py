@@ -1,0 +1,185 @@
+"""sample.py on tiny checkpoints: what a user talking to a model relies on, and each bad input's message."""
+import io
+
+import pytest
+import torch
+
+import model as M
+import sample
+from conftest import run_script
+from data import get_tokenizer
+
+
+class Payload:
+    def __reduce__(self):
+        return (print, ("PAYLOAD RAN",))
+
+
+def save_tiny(path, always_eot: bool = False):
+    """A 2-layer GPT-2 over the real vocabulary, saved as train_gpt2.py saves checkpoints."""
+    torch.manual_seed(0)
+    config = M.GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=32, vocab_size=50257)
+    m = M.GPT(config)
+    if always_eot:  # final hidden state = ones, aligned with the EOT row only: greedy always picks EOT
+        with torch.no_grad():
+            m.transformer.ln_f.weight.zero_()
+            m.transformer.ln_f.bias.fill_(1.0)
+            m.lm_head.weight[M.EOT_TOKEN] = 1.0
+    torch.save({"model": m.state_dict(), "config": config.to_dict(), "step": 7, "val_loss": 2.5}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("ckpt") / "tiny.pt"))
+
+
+@pytest.fixture(scope="module")
+def eot_ckpt(tmp_path_factory):
+    return str(save_tiny(tmp_path_factory.mktemp("ckpt") / "eot.pt", always_eot=True))
+
+
+def test_a_character_split_across_tokens_is_streamed_whole_and_exact():
+    enc = get_tokenizer()
+    text = "東京🙂 café"
+    tokens = enc.encode_ordinary(text)
+    pieces = [enc.decode_single_token_bytes(t) for t in tokens]
+    assert any(not _is_utf8(p) for p in pieces)  # the test means something: some tokens hold half a character
+    streamed = list(sample.decode_stream(enc, tokens))
+    assert "".join(streamed) == text
+    assert all("\ufffd" not in s for s in streamed)
+    # A character the model never finished is flushed at the end, as one replacement character.
+    assert "".join(sample.decode_stream(enc, enc.encode_ordinary("🙂")[:-1])) == "\ufffd"
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_an_empty_prompt_starts_from_end_of_text_as_gpt2_samples_do():
+    enc = get_tokenizer()
+    assert sample.encode_prompt(enc, "") == [M.EOT_TOKEN]
+    assert sample.encode_prompt(enc, "a<|endoftext|>") == enc.encode_ordinary("a") + [M.EOT_TOKEN]
+
+
+def test_greedy_decoding_gives_the_same_text_every_run_and_continues_a_prompt_file(tiny_ckpt, tmp_path):
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("The quiet river 東京", encoding="utf-8")
+    args = ("--checkpoint", tiny_ckpt, "--prompt", str(prompt), "--temperature", "0", "--max_tokens", "8",
+            "--ignore_eot", "--cpu")
+    a, b = run_script("sample.py", *args, "--seed", "1"), run_script("sample.py", *args, "--seed", "2")
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("The quiet river 東京")
+    assert len(a.stdout) > len("The quiet river 東京\n")
+    assert "1.6M parameters, gpt2 preset, step 7, val loss 2.5000" in a.stderr and "on cpu" in a.stderr
+
+
+def test_the_same_seed_gives_the_same_sample_and_another_seed_another(tiny_ckpt, capsys):
+    def sample_with(seed):
+        assert sample.main(["--checkpoint", tiny_ckpt, "--prompt", "The", "--temperature", "1",
+                            "--max_tokens", "12", "--ignore_eot", "--cpu", "--seed", str(seed)]) == 0
+        return capsys.readouterr().out
+
+    first = sample_with(1)
+    assert sample_with(1) == first and sample_with(2) != first
+
+
+def test_generation_stops_at_end_of_text_and_ignore_eot_goes_on(eot_ckpt):
+    args = ("--checkpoint", eot_ckpt, "--prompt", "hi", "--temperature", "0", "--max_tokens", "3", "--cpu")
+    stopped, going = run_script("sample.py", *args), run_script("sample.py", *args, "--ignore_eot", "--stream")
+    assert stopped.returncode == 0 and stopped.stdout == "hi\n"
+    assert going.returncode == 0 and going.stdout == "hi" + "<|endoftext|>" * 3 + "\n"
+
+
+def test_piped_prompts_are_each_continued_then_it_exits_cleanly(eot_ckpt):
+    result = run_script("sample.py", "--interactive", "--checkpoint", eot_ckpt, "--temperature", "0",
+                        "--max_tokens", "2", "--ignore_eot", "--cpu",
+                        input="The quiet river\n\nThe green garden\n")
+    assert result.returncode == 0, result.stderr
+    # One continuation per non-empty line, no "> " prompts in piped output.
+    eot = "<|endoftext|>" * 2
+    assert result.stdout == f"The quiet river{eot}\nThe green garden{eot}\n"
+
+
+def test_quit_ends_the_session_with_status_zero(eot_ckpt):
+    result = run_script("sample.py", "--interactive", "--checkpoint", eot_ckpt, "--max_tokens", "1",
+                        "--cpu", input="first\nquit\nsecond\n")
+    assert result.returncode == 0 and result.stdout == "first\n"
+
+
+class FakeModel:
+    """Stands in for GPT.generate: the first continuation is interrupted (Ctrl-C) after one token."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompt, max_new_tokens, **kw):
+        self.calls += 1
+        yield 64  # "a"
+        if self.calls == 1:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_during_a_continuation_returns_to_the_prompt(monkeypatch, capsys):
+    stdin = io.StringIO("first\nsecond\n")
+    stdin.isatty = lambda: True  # input() then reads this, as a terminal; its end is Ctrl-D
+    monkeypatch.setattr("sys.stdin", stdin)
+    args = sample.parse_args(["--interactive", "--max_tokens", "5"])
+    sample.interactive(FakeModel(), get_tokenizer(), args, torch.Generator())
+    out = capsys.readouterr().out
+    assert out == "> firsta\n[stopped]\n> seconda\n> \n"
+
+
+def test_cpu_flag_never_asks_about_cuda(tiny_ckpt, monkeypatch, capsys):
+    def forbidden(*a, **k):
+        raise AssertionError("CUDA was queried")
+
+    monkeypatch.setattr(torch.cuda, "is_available", forbidden)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", forbidden)
+    assert sample.main(["--checkpoint", tiny_ckpt, "--cpu", "--max_tokens", "2", "--prompt", "x"]) == 0
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_without_running_it(tiny_ckpt, tmp_path):
+    evil = tmp_path / "evil.pt"
+    ckpt = torch.load(tiny_ckpt, weights_only=True)
+    torch.save(ckpt | {"extra": Payload()}, evil)
+    result = run_script("sample.py", "--checkpoint", str(evil), "--prompt", "hi", "--cpu")
+    assert result.returncode == 1
+    assert "PAYLOAD RAN" not in result.stdout + result.stderr
+    assert result.stderr.startswith("error: refused") and "could run code" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("contents, message", [(None, "error: no checkpoint at"),
+                                               (b"", "is empty, not a checkpoint")])
+def test_a_missing_or_empty_checkpoint_is_one_error_line(tmp_path, capsys, contents, message):
+    path = tmp_path / "model_best_val.pt"
+    if contents is not None:
+        path.write_bytes(contents)
+    assert sample.main(["--checkpoint", str(path), "--cpu"]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_a_missing_prompt_file_is_reported_before_the_model_loads(tmp_path, capsys):
+    assert sample.main(["--checkpoint", str(tmp_path / "not_loaded.pt"), "--prompt", "./story.txt"]) == 1
+    assert capsys.readouterr().err == "error: no prompt file at story.txt\n"
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--top_p", "1.5", "argument --top_p: must be in (0, 1], not 1.5"),
+    ("--top_p", "0", "argument --top_p: must be in (0, 1], not 0"),
+    ("--temperature", "-0.5", "argument --temperature: must be 0 (greedy) or more, not -0.5"),
+    ("--max_tokens", "0", "argument --max_tokens: must be a positive integer, not 0"),
+    ("--top_k", "0", "argument --top_k: must be a positive integer, not 0"),
+    ("--num_samples", "two", "argument --num_samples: must be a positive integer, not 'two'"),
+])
+def test_bad_values_end_in_argument_parsing_with_one_line(capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        sample.parse_args([flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
