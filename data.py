@@ -19,9 +19,7 @@ import os
 import queue
 import re
 import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from bisect import bisect_right
@@ -947,37 +945,7 @@ def micro_batches(source: BatchSource, start_step: int, num_steps: int, *, num_w
     yield from loader
 
 
-# ----------------------------------------------------------------------------- benchmark and script
-
-def tokenize_benchmark(text, *, repeats: int = 1) -> dict:
-    """End-to-end `python data.py` on local text (process start to manifest) against raw tiktoken.
-
-    `text` is a local source (file, directory, glob) or a list of documents (written to a temporary
-    .jsonl). Raw is encode_ordinary_batch on all cores over the same documents, already in memory.
-    Reading them for the raw run also warms the page cache for the end-to-end run. Best of `repeats`.
-    """
-    with tempfile.TemporaryDirectory(prefix="tokenize-bench-") as tmp:
-        if not isinstance(text, (str, os.PathLike)):
-            path = Path(tmp, "docs.jsonl")
-            path.write_text("".join(json.dumps({"text": d}) + "\n" for d in text), encoding="utf-8")
-            text = path
-        source = Source(str(text), None, "text", _local_files(str(text)))
-        docs = [t for t, _ in iter_records(source) if t and not t.isspace()]
-        enc, raw_s, e2e_s, tokens = get_tokenizer(), float("inf"), float("inf"), 0
-        for r in range(repeats):
-            started = time.perf_counter()
-            tokens = sum(map(len, enc.encode_ordinary_batch(docs, num_threads=THREADS)))
-            raw_s = min(raw_s, time.perf_counter() - started)
-            started = time.perf_counter()
-            subprocess.run([sys.executable, __file__, "--dataset", str(text), "--data_cache", f"{tmp}/cache{r}",
-                            "--sample_size", str(len(docs))], check=True, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
-            e2e_s = min(e2e_s, time.perf_counter() - started)
-        tokens_with_eot = tokens + len(docs)  # prepare also writes one separator per document
-        return {"documents": len(docs), "tokens": tokens_with_eot, "cores": os.cpu_count(),
-                "raw_tokens_per_s": tokens_with_eot / raw_s, "end_to_end_tokens_per_s": tokens_with_eot / e2e_s,
-                "raw_s": raw_s, "end_to_end_s": e2e_s, "ratio": raw_s / e2e_s}
-
+# ----------------------------------------------------------------------------- the script
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description="Prepare GPT-2 token shards from a Hub dataset or local text.")

@@ -1,0 +1,350 @@
+"""Measure speed: training throughput (tokens/s, MFU, memory), the training loop itself, CPU decoding and tokenizing.
+
+    python bench.py                                   # GPT-2 124M, T=1024, on this machine's GPU
+    python bench.py --vary compile=on,off --vary batch_size=16,32,64 --vary arch=gpt2,modern
+    python bench.py --loop                            # train_gpt2.py end to end, against the table's figure
+    python bench.py --decode --tokenize               # the CPU side: sample.py vs transformers, data.py vs tiktoken
+    python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
+
+Figures are printed (and with --json written as one JSON object); nothing here asserts a speed.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import train_gpt2 as T
+from model import GPT, GPTConfig
+
+REPO = Path(__file__).resolve().parent
+TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
+
+
+@dataclasses.dataclass
+class Setting:
+    """One training configuration to time."""
+    arch: str = "gpt2"
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    block_size: int = 1024
+    batch_size: int = 16  # micro-batch per step, per GPU
+    compile: bool = True
+    amp: bool = True
+
+    def label(self) -> str:
+        return (f"{self.arch} L{self.n_layer} C{self.n_embd} T{self.block_size} B{self.batch_size} "
+                f"{'compile' if self.compile else 'eager'} {'bf16' if self.amp else 'fp32'}")
+
+
+def parse_variant(text: str) -> tuple[str, list]:
+    key, _, values = text.partition("=")
+    fields = {f.name: f.type for f in dataclasses.fields(Setting)}
+    if key not in fields or not values:
+        raise argparse.ArgumentTypeError(f"--vary takes KEY=V1,V2 with KEY one of {', '.join(fields)}")
+    cast = {"int": int, "bool": lambda v: v.lower() in ("1", "on", "true", "yes"), "str": str}[fields[key]]
+    return key, [cast(v) for v in values.split(",")]
+
+
+def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> dict:
+    """Median time of an optimizer step, exactly as train_gpt2.py runs it, on synthetic tokens."""
+    torch.manual_seed(0)
+    config = GPTConfig.from_preset(s.arch, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
+                                   block_size=s.block_size)
+    raw = GPT(config).to(device)
+    args = argparse.Namespace(lr=6e-4, weight_decay=0.1)
+    optimizer = T.make_optimizer(raw, args, device)
+    amp, _ = T.choose_amp(s.amp, device.type)
+    env = T.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
+    model = torch.compile(raw) if s.compile else raw
+    x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
+    batches = itertools.repeat((x[:, :-1], x[:, 1:]))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(warmup + steps):
+        t0 = time.perf_counter()
+        loss, norm = T.train_step(model, optimizer, batches, env=env, step=step, seed=0, grad_accum=1, grad_clip=1.0)
+        torch.stack([loss, norm]).tolist()  # the loop's one host sync per step
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if step >= warmup:  # the first steps include compilation and allocator warm-up
+            times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
+    tokens_per_s = s.batch_size * s.block_size / step_s
+    peak = T.peak_flops(device)
+    result = {"setting": s.label(), **dataclasses.asdict(s), "ms_per_step": step_s * 1e3,
+              "tokens_per_s": tokens_per_s, "params": raw.num_params(),
+              "mfu": tokens_per_s * raw.flops_per_token(s.block_size) / peak if peak else None,
+              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    del model, raw, optimizer
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
+    """columns: (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    for r in rows:
+        cells.append(["-" if r.get(k) is None else format(r[k], f) for k, _, f in columns])
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    for row in cells:
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def write_random_corpus(directory: Path, n_words: int, seed: int = 0) -> Path:
+    """Text of random lowercase words (varied tokens, so the loop sees real token ids), 200 words a file."""
+    import random
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(5000)]
+    directory.mkdir(parents=True, exist_ok=True)
+    for i in range(0, n_words, 200):
+        (directory / f"{i // 200:07d}.txt").write_text(" ".join(rng.choices(words, k=200)) + ".")
+    return directory
+
+
+def time_loop(s: Setting, steps: int, warmup: int, device: torch.device) -> dict:
+    """train_gpt2.py itself, end to end on generated text, read back from its metrics.jsonl."""
+    log_every = max(1, min(10, steps // 4))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # Random letter strings are several tokens a word, so words = tokens / 2 leaves room to spare;
+        # at least 200 documents, so the 5% validation split has some.
+        needed = (warmup + steps + 4) * s.batch_size * (s.block_size + 1) // 2
+        write_random_corpus(tmp / "text", max(needed, 40_000))
+        cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--dataset", str(tmp / "text"),
+               "--data_cache", str(tmp / "cache"), "--save_dir", str(tmp / "run"), "--arch", s.arch,
+               "--n_layer", str(s.n_layer), "--n_head", str(s.n_head), "--n_embd", str(s.n_embd),
+               "--block_size", str(s.block_size), "--batch_size", str(s.batch_size), "--max_steps",
+               str(warmup + steps), "--warmup_steps", "10", "--log_interval", str(log_every),
+               "--eval_interval", "1000000", "--checkpoint_interval", "1000000", "--eval_iters", "1",
+               "--compile" if s.compile else "--no-compile", "--amp" if s.amp else "--no-amp",
+               "--device", device.type, "--val_split", "0.05", "--num_workers", "2"]
+        run = subprocess.run(cmd, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"error: train_gpt2.py failed in the loop benchmark:\n{run.stderr[-3000:]}")
+        rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    timed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and r["step"] - log_every >= warmup]
+    if not timed:
+        raise SystemExit("error: the loop benchmark logged no step after warm-up; raise --steps")
+    return {"setting": "train_gpt2.py loop: " + s.label(), "tokens_per_s": statistics.median(timed),
+            "ms_per_step": s.batch_size * s.block_size / statistics.median(timed) * 1e3, "windows": len(timed)}
+
+
+def bench_tokenize(tiny: bool) -> dict:
+    """`python data.py` on local text, process start to manifest, against raw tiktoken over the same text.
+
+    Raw is encode_ordinary_batch on all cores over the documents already in memory (which also warms
+    the page cache for the end-to-end run, so both read from memory).
+    """
+    import data
+    with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
+        text = write_random_corpus(Path(tmp) / "text", 300_000 if tiny else 15_000_000, seed=1)
+        docs = [p.read_text(encoding="utf-8") for p in sorted(text.iterdir())]
+        started = time.perf_counter()
+        tokens = sum(map(len, data.get_tokenizer().encode_ordinary_batch(docs, num_threads=os.cpu_count())))
+        raw_s = time.perf_counter() - started
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / "data.py"), "--dataset", str(text), "--data_cache",
+                        f"{tmp}/cache", "--sample_size", str(len(docs)), "--val_split", "0.05"],
+                       check=True, capture_output=True)
+        e2e_s = time.perf_counter() - started
+    tokens += len(docs)  # data.py also writes one separator a document
+    result = {"documents": len(docs), "tokens": tokens, "cores": os.cpu_count(),
+              "raw_tiktoken_tokens_per_s": tokens / raw_s, "data_py_tokens_per_s": tokens / e2e_s,
+              "ratio": raw_s / e2e_s}
+    print(f"tokenize {tokens:,} tokens on {os.cpu_count()} cores: raw tiktoken {result['raw_tiktoken_tokens_per_s']:,.0f}"
+          f" tokens/s, data.py end to end {result['data_py_tokens_per_s']:,.0f} tokens/s, ratio {result['ratio']:.2f}")
+    return result
+
+
+def _tokens_per_s(run, n_tokens: int) -> tuple[float, list[int]]:
+    t0 = time.perf_counter()
+    tokens = run()
+    elapsed = time.perf_counter() - t0
+    assert len(tokens) == n_tokens, f"asked for {n_tokens} tokens, got {len(tokens)}"
+    return n_tokens / elapsed, tokens
+
+
+def _time_startup(checkpoint: Path) -> dict:
+    """Seconds from `python sample.py` starting to its first generated text, and to its exit."""
+    prompt = "hi"
+    cmd = [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(checkpoint), "--prompt", prompt,
+           "--max_tokens", "1", "--stream", "--temperature", "0", "--ignore_eot", "--cpu"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, first = b"", None
+    while chunk := os.read(proc.stdout.fileno(), 4096):  # the prompt is echoed first; then the token
+        out += chunk
+        if first is None and len(out) > len(prompt):
+            first = time.perf_counter() - t0
+    proc.wait()
+    total = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"sample.py failed: {proc.stderr.read().decode()[-500:]}")
+    return {"startup_first_token_s": first if first is not None else total, "startup_exit_s": total}
+
+
+def _argmax_agreement(fp32, bf16, path: list[int]) -> dict:
+    """Teacher-forced on fp32's greedy path: how often bf16 picks fp32's next token, and fp32's margin where not."""
+    x = torch.tensor([path])
+    with torch.inference_mode():
+        a = fp32(x)[0][0, :, :fp32.config.vocab_size].float()
+        b = bf16(x)[0][0, :, :bf16.config.vocab_size].float()
+    agree = a.argmax(-1) == b.argmax(-1)
+    top2 = a.topk(2, dim=-1).values
+    margins = (top2[:, 0] - top2[:, 1])[~agree]
+    return {"argmax_agreement": agree.float().mean().item(),
+            "fp32_top2_margin_where_bf16_differs": margins.max().item() if len(margins) else None,
+            "fp32_top2_margin_median": (top2[:, 0] - top2[:, 1]).median().item()}
+
+
+def bench_decode(tiny: bool = False, n_tokens: int = 64, prompt_len: int = 16, rounds: int = 3) -> dict:
+    """Greedy tokens/s of transformers (fp32) and of model.generate as sample.py runs it (fp32, bf16).
+
+    The same random-init GPT-2 weights go through save_pretrained/from_pretrained on both sides. Rounds
+    alternate the three so a noisy neighbour on the machine hits each alike; medians are reported.
+    """
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging as hf_logging
+    import sample
+
+    hf_logging.disable_progress_bar()
+
+    torch.manual_seed(0)
+    shape = (dict(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
+                  n_positions=TINY["block_size"]) if tiny else {})
+    if tiny:
+        n_tokens, prompt_len = min(n_tokens, 32), min(prompt_len, 8)
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(tmp)
+        hf = GPT2LMHeadModel.from_pretrained(tmp).eval()
+        ours32, _ = sample.load(tmp, cpu, torch.float32)
+        ours16, _ = sample.load(tmp, cpu, torch.bfloat16)
+        checkpoint = Path(tmp) / "model.pt"
+        torch.save({"model": ours32.state_dict(), "config": ours32.config.to_dict(), "step": 0,
+                    "val_loss": None}, checkpoint)
+        startup = _time_startup(checkpoint)
+    prompt = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+
+    def run_hf():
+        with torch.inference_mode():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                              do_sample=False, pad_token_id=50256)
+        return out[0, prompt_len:].tolist()
+
+    def run_ours(model):
+        return lambda: list(model.generate(prompt, n_tokens, temperature=0, stop_at_eot=False))
+
+    runs = {"hf_fp32": run_hf, "ours_fp32": run_ours(ours32), "ours_bf16": run_ours(ours16)}
+    speeds, tokens = {k: [] for k in runs}, {}
+    for name, run in runs.items():
+        _tokens_per_s(run, n_tokens)  # warm-up: first-call allocations and kernel selection
+    for _ in range(rounds):
+        for name, run in runs.items():
+            tps, tokens[name] = _tokens_per_s(run, n_tokens)
+            speeds[name].append(tps)
+    report = {k + "_tokens_per_s": statistics.median(v) for k, v in speeds.items()}
+    report |= {k + "_tokens_per_s_best": max(v) for k, v in speeds.items()}  # the least disturbed round
+    report |= {"threads": torch.get_num_threads(), "n_tokens": n_tokens, "prompt_len": prompt_len,
+               "auto_dtype": str(sample.pick_dtype("auto", cpu)).removeprefix("torch."),
+               "speedup_bf16_vs_hf": report["ours_bf16_tokens_per_s"] / report["hf_fp32_tokens_per_s"],
+               "speedup_fp32_vs_hf": report["ours_fp32_tokens_per_s"] / report["hf_fp32_tokens_per_s"],
+               "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"],
+               "greedy_bf16_equals_fp32": tokens["ours_bf16"] == tokens["ours_fp32"],
+               "bf16_first_divergence": next((i for i, (a, b) in enumerate(zip(tokens["ours_bf16"],
+                                              tokens["ours_fp32"])) if a != b), None)}
+    report |= _argmax_agreement(ours32, ours16, prompt + tokens["ours_fp32"]) | startup
+    _print_decode(report)
+    return report
+
+
+def _print_decode(r: dict) -> None:
+    print(f"decoding {r['n_tokens']} tokens after {r['prompt_len']}, CPU, {r['threads']} threads (tokens/s, "
+          f"median): transformers fp32 {r['hf_fp32_tokens_per_s']:.1f} | ours fp32 {r['ours_fp32_tokens_per_s']:.1f} "
+          f"({r['speedup_fp32_vs_hf']:.2f}x) | ours bf16 {r['ours_bf16_tokens_per_s']:.1f} "
+          f"({r['speedup_bf16_vs_hf']:.2f}x); --dtype auto picks {r['auto_dtype']}")
+    print(f"greedy tokens: ours fp32 == transformers: {r['greedy_fp32_equals_hf']}; bf16 == fp32: "
+          f"{r['greedy_bf16_equals_fp32']} (first difference at {r['bf16_first_divergence']}); "
+          f"teacher-forced argmax agreement {r['argmax_agreement']:.1%}, fp32 top-2 margin where they differ "
+          f"{r['fp32_top2_margin_where_bf16_differs']} (median margin {r['fp32_top2_margin_median']:.3f})")
+    print(f"sample.py startup: first token after {r['startup_first_token_s']:.2f} s, exit after "
+          f"{r['startup_exit_s']:.2f} s")
+
+
+def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Setting]:
+    """The base setting, then each --vary applied to it one key at a time."""
+    out = [base]
+    for key, values in variants:
+        out += [dataclasses.replace(base, **{key: v}) for v in values if getattr(base, key) != v]
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--tiny", action="store_true", help=f"a tiny model ({TINY}) and few steps: a smoke test")
+    p.add_argument("--arch", default=None)
+    p.add_argument("--batch_size", type=int, default=None, help="micro-batch per step (default 16; 8 with --tiny)")
+    p.add_argument("--vary", type=parse_variant, action="append", default=[], metavar="KEY=V1,V2",
+                   help="also time the base setting with KEY changed to each value")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 30; 5 with --tiny)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 2 with --tiny)")
+    p.add_argument("--no-train", dest="train", action="store_false", help="skip the training table")
+    p.add_argument("--loop", action="store_true", help="also time train_gpt2.py end to end")
+    p.add_argument("--decode", action="store_true", help="sample.py's CPU decoding against transformers' generate()")
+    p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
+    p.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    on_gpu = device.type == "cuda"
+    base = Setting(**(TINY if args.tiny else {}), compile=on_gpu, amp=on_gpu)
+    base.batch_size = args.batch_size or (8 if args.tiny else 16)
+    base.arch = args.arch or base.arch
+    steps, warmup = args.steps or (5 if args.tiny else 30), args.warmup or (2 if args.tiny else 10)
+    report = {"machine": T.run_header(argparse.Namespace(), T.Env(device=device)) | {"args": vars(args)}}
+    print(f"bench.py on {report['machine']['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
+          f"git {report['machine']['git']}")
+    if T.peak_flops(device):
+        print(f"MFU against a dense bf16 peak of {T.peak_flops(device) / 1e12:.0f} TFLOP/s")
+    if args.train:
+        report["train"] = [time_training(s, steps, warmup, device) for s in settings_to_run(base, args.vary)]
+        print_table(report["train"], [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
+                                      ("ms_per_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"),
+                                      ("peak_memory_gib", "peak GiB", ".1f")])
+    if args.loop:
+        report["loop"] = time_loop(base, steps, warmup, device)
+        print(f"{report['loop']['setting']}: {report['loop']['tokens_per_s']:,.0f} tokens/s "
+              f"(median of {report['loop']['windows']} logged windows)")
+        if args.train:
+            print(f"loop / table: {report['loop']['tokens_per_s'] / report['train'][0]['tokens_per_s']:.1%}")
+    if args.decode:
+        report["decode"] = bench_decode(tiny=args.tiny)
+    if args.tokenize:
+        report["tokenize"] = bench_tokenize(tiny=args.tiny)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
