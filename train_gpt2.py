@@ -375,6 +375,24 @@ def load_resume_state(save_dir: Path, config: GPTConfig) -> dict:
     return ckpt
 
 
+class PendingStats:
+    """One step's [loss, gradient norm, stop flag], copied to the host without waiting for the GPU."""
+
+    def __init__(self, step: int, stats: torch.Tensor):
+        self.step = step
+        self.host = stats.to("cpu", non_blocking=True)  # lands in pinned memory when it comes from CUDA
+        self.event = None
+        if stats.is_cuda:
+            self.event = torch.cuda.Event()
+            self.event.record()
+
+    def values(self) -> tuple[float, float, bool]:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this step's work only, not for what was queued after it
+        loss, norm, stop = self.host.tolist()
+        return loss, norm, stop > 0
+
+
 class StopTraining(Exception):
     """Training cannot go on (a non-finite loss); the message says what the checkpoints on disk hold."""
 
@@ -536,24 +554,40 @@ class Trainer:
         if self.args.sample_during_training and self.env.master:
             self.print_sample()
 
-    def sync_stats(self, loss, norm, stop: bool) -> tuple[float, float, bool]:
-        """The one host sync of a step: loss, gradient norm and the stop flag, agreed over all ranks."""
-        stats = torch.stack([loss.float(), norm.float(), torch.tensor(float(stop), device=loss.device)])
+    def step_stats(self, loss, norm, stop: bool) -> torch.Tensor:
+        """[loss, gradient norm, stop flag] on the device, agreed over all ranks in one all-reduce."""
+        # torch.full fills on the device: a tensor built from a host value would be a synchronous copy.
+        stats = torch.stack([loss.float(), norm.float(), torch.full((), float(stop), device=loss.device)])
         if self.env.world > 1:
             dist.all_reduce(stats)
             stats[:2] /= self.env.world  # the norm is the same on every rank: its mean is itself
-        loss_v, norm_v, stop_v = stats.tolist()
-        return loss_v, norm_v, stop_v > 0
+        return stats
 
-    def optimizer_step(self, lr: float):
+    def check(self, pending: "PendingStats") -> tuple[float, float, bool]:
+        loss, norm, stop = pending.values()
+        if not math.isfinite(loss) or (not math.isfinite(norm) and self.scaler is None):
+            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {pending.step}; "
+                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
+                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
+        return loss, norm, stop
+
+    def optimizer_step(self, lr: float, stats: torch.Tensor) -> "PendingStats":
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        pending = PendingStats(self.step, stats)
         if self.scaler:
             self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
             self.scaler.update()
+        elif self.optimizer.defaults.get("fused"):
+            # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's mechanism),
+            # so a non-finite step changes nothing and the CPU need not wait for the GPU to know it.
+            self.optimizer.found_inf = (~stats[:2].isfinite().all()).float()
+            self.optimizer.step()
         else:
+            self.check(pending)  # other optimizers: wait for the figures before updating
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return pending
 
     def run(self):
         a, env = self.args, self.env
@@ -567,28 +601,30 @@ class Trainer:
                                      pin_memory=env.device.type == "cuda")
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
         self.model.train()
-        window_t, window_steps = time.perf_counter(), 0
+        window = (time.perf_counter(), self.step)
+        pending, stop = None, False
         while self.step < self.max_steps:
             lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps)
             loss, norm = train_step(self.model, self.optimizer, batches, env=env, step=self.step, seed=a.seed,
                                     grad_accum=a.grad_accum, grad_clip=a.grad_clip, scaler=self.scaler)
-            loss_v, norm_v, stop = self.sync_stats(loss, norm, signals["signal"] is not None)
-            if not math.isfinite(loss_v) or (not math.isfinite(norm_v) and self.scaler is None):
-                raise StopTraining(f"the loss ({loss_v}) or gradient norm ({norm_v}) is not finite at step "
-                                   f"{self.step}; stopped before the update. The checkpoints in {self.save_dir} are "
-                                   "the last good ones: resume with --resume and a lower --lr (or --grad_clip)")
-            self.optimizer_step(lr)
+            if pending is not None:  # the previous step's figures: done by now, so reading them stalls nothing
+                stop |= self.check(pending)[2]
+            pending = self.optimizer_step(lr, self.step_stats(loss, norm, signals["signal"] is not None))
             self.step += 1
-            window_steps += 1
             bar.update(1)
-            if self.step % a.log_interval == 0 or self.step == self.max_steps:
-                window_t, window_steps = self.log_step(bar, loss_v, norm_v, lr, window_t, window_steps)
-            if self.step % a.eval_interval == 0 or self.step == self.max_steps:
-                self.after_eval()
-            elif self.step % a.checkpoint_interval == 0:
-                self.checkpoint("latest.pt", full=True)
+            log, evaluate = self.step % a.log_interval == 0, self.step % a.eval_interval == 0
+            end, save = self.step == self.max_steps, self.step % a.checkpoint_interval == 0
+            if log or evaluate or end or save or stop:
+                loss_v, norm_v, flag = self.check(pending)  # checkpoints and logs only follow checked steps
+                pending, stop = None, stop or flag
+                window = self.log_step(bar, loss_v, norm_v, lr, *window) if log or end else window
+                if evaluate or end:
+                    self.after_eval()
+                elif save or stop:
+                    self.checkpoint("latest.pt", full=True)
+                if evaluate or save:
+                    window = (time.perf_counter(), self.step)  # tokens/s counts training time only
             if stop:
-                self.checkpoint("latest.pt", full=True)
                 bar.close()
                 self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, "
                          "continue with --resume")
@@ -597,9 +633,10 @@ class Trainer:
         self.say(f"done: {self.step} steps, best validation loss {self.best_val:.4f}; "
                  f"best model in {self.save_dir / 'model_best_val.pt'}")
 
-    def log_step(self, bar, loss: float, norm: float, lr: float, t0: float, steps: int) -> tuple[float, int]:
+    def log_step(self, bar, loss: float, norm: float, lr: float, t0: float, step0: int) -> tuple[float, int]:
+        """Logs the step just checked, with the speed over the steps since (t0, step0)."""
         now = time.perf_counter()
-        tokens_per_s = steps * self.args.batch_size * self.args.block_size / (now - t0)
+        tokens_per_s = (self.step - step0) * self.args.batch_size * self.args.block_size / (now - t0)
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
         row = dict(step=self.step, train_loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_s,
                    elapsed_s=bar.format_dict["elapsed"])
@@ -609,7 +646,7 @@ class Trainer:
             self.metrics.log(**row)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
-        return now, 0
+        return now, self.step
 
 
 def main(argv=None):
@@ -620,7 +657,7 @@ def main(argv=None):
             header = run_header(args, env)
             tqdm.write(f"train_gpt2.py at git {header['git']}, torch {header['torch']} (CUDA {header['cuda']}), "
                        f"device {header['device']} × {env.world}, {header['amp']}, compile {env.compile}")
-            tqdm.write("config: " + " ".join(f"--{k} {v}" for k, v in vars(args).items()))
+            tqdm.write("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
             for note in notes:
                 tqdm.write(f"note: {note}")
         Trainer(args, env).run()

@@ -156,11 +156,13 @@ def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_p
         return (loss * float("nan"), norm) if step == 3 else (loss, norm)
 
     monkeypatch.setattr(T, "train_step", poisoned)
+    # latest.pt holds 3 finished steps; the poisoned one that follows is caught while the next one runs
+    # (the check is deferred a step so the CPU never waits for the GPU), and its update was skipped.
     args = T.parse_args(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "10",
-                                   "--checkpoint_interval", "1", "--eval_interval", "100"))
+                                   "--checkpoint_interval", "3", "--eval_interval", "100", "--log_interval", "100"))
     env, _ = T.setup_env(args)
     trainer = T.Trainer(args, env)
-    with pytest.raises(T.StopTraining, match="not finite at step 3; stopped before the update"):
+    with pytest.raises(T.StopTraining, match="not finite at step 3; stopped before its update"):
         trainer.run()
     saved = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
     assert saved["step"] == 3
