@@ -402,14 +402,17 @@ class StopTraining(Exception):
 
 
 def on_signal_stop_after_step() -> dict:
-    """SIGINT/SIGTERM set a flag the loop reads at each step boundary; a second Ctrl-C quits at once."""
+    """SIGINT, SIGTERM and SIGHUP set a flag the loop reads at each step boundary; a second one quits at once.
+
+    SIGHUP is what a dropped SSH connection sends: the run saves latest.pt rather than dying mid-step.
+    """
     state = {"signal": None}
 
     def handler(signum, frame):
         state["signal"] = signum
         signal.signal(signum, signal.SIG_DFL)
 
-    for s in (signal.SIGINT, signal.SIGTERM):
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(s, handler)
     return state
 
