@@ -628,6 +628,8 @@ class Trainer:
                 if evaluate or save:
                     window = (time.perf_counter(), self.step)  # tokens/s counts training time only
             if stop:
+                if env.world > 1:
+                    dist.barrier()  # every rank leaves after rank 0 has saved
                 bar.close()
                 self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, "
                          "continue with --resume")
@@ -664,6 +666,8 @@ def main(argv=None):
             for note in notes:
                 tqdm.write(f"note: {note}")
         Trainer(args, env).run()
+        if env.world > 1:
+            dist.barrier()  # ranks leave together: tearing the group down while rank 0 still writes aborts gloo
     except (data.DataError, CheckpointError, StopTraining) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before training starts (e.g. while preparing data); later, signals stop cleanly
