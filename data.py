@@ -145,24 +145,25 @@ def _read_json(path: Path) -> dict:
 
 # ----------------------------------------------------------------------------- arguments
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def arg_type(cast, check, what: str):
+    """An argparse `type=` for numbers: the value, or one line 'must be WHAT, not TEXT'.
+
+    data.py, train_gpt2.py and sample.py all build their numeric flags with it, so every bad value
+    reads the same way.
+    """
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+        if not check(value):  # also refuses nan, which fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    return parse
 
 
-def _open_fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a fraction, got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be strictly between 0 and 1, got {value}")
-    return value
+positive_int = arg_type(int, lambda v: v > 0, "a positive integer")
+open_fraction = arg_type(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -172,8 +173,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                    help="a Hugging Face Hub dataset, or a local .txt/.jsonl/.json/.parquet file, directory or glob")
     g.add_argument("--subset", default="sample-10BT", help="the Hub dataset's configuration (ignored for local paths)")
     g.add_argument("--text_field", default="text", help="the field holding the text (.jsonl/.json/.parquet/Hub)")
-    g.add_argument("--sample_size", type=_positive_int, default=1_000_000, help="documents to use")
-    g.add_argument("--val_split", type=_open_fraction, default=0.05, help="fraction of documents held out")
+    g.add_argument("--sample_size", type=positive_int, default=1_000_000, help="documents to use")
+    g.add_argument("--val_split", type=open_fraction, default=0.05, help="fraction of documents held out")
     g.add_argument("--data_cache", default="data_cache", help="where prepared shards are cached")
 
 

@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+import data
 from data import DataError, get_tokenizer
 from model import EOT_TOKEN, GPT, CheckpointError, load_model
 
@@ -34,32 +35,9 @@ class SampleError(Exception):
 # Command line
 
 
-def _number(text: str, cast, what: str):
-    try:
-        return cast(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
-
-
-def positive_int(text: str) -> int:
-    value = _number(text, int, "a positive integer")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
-    return value
-
-
-def temperature(text: str) -> float:
-    value = _number(text, float, "0 (greedy) or more")
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or more, not {text}")
-    return value
-
-
-def probability(text: str) -> float:
-    value = _number(text, float, "in (0, 1]")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], not {text}")
-    return value
+positive_int = data.positive_int
+temperature = data.arg_type(float, lambda v: v >= 0, "0 (greedy) or more")
+probability = data.arg_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -34,23 +34,11 @@ PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "GH200": 989, "A100": 312}
 # Command line
 
 
-def _typed(cast, check, what):
-    def parse(text):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {cast.__name__}") from None
-        if not check(value):
-            raise argparse.ArgumentTypeError(f"{text} must be {what}")
-        return value
-    return parse
-
-
-positive_int = _typed(int, lambda v: v > 0, "a positive integer")
-non_negative_int = _typed(int, lambda v: v >= 0, "0 or more")
-positive_float = _typed(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-non_negative_float = _typed(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
-dropout_rate = _typed(float, lambda v: 0 <= v < 1, "in [0, 1)")
+positive_int = data.positive_int
+non_negative_int = data.arg_type(int, lambda v: v >= 0, "0 or more")
+positive_float = data.arg_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
+non_negative_float = data.arg_type(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
+dropout_rate = data.arg_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

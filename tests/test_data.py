@@ -292,9 +292,9 @@ def test_unreachable_hub_fails_fast_with_one_line_naming_the_offline_way(tmp_pat
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--sample_size", "0"], "--sample_size: must be at least 1, got 0"),
-    (["--val_split", "1.5"], "--val_split: must be strictly between 0 and 1, got 1.5"),
-    (["--val_split", "0"], "--val_split: must be strictly between 0 and 1, got 0.0"),
+    (["--sample_size", "0"], "--sample_size: must be a positive integer, not 0"),
+    (["--val_split", "1.5"], "--val_split: must be strictly between 0 and 1, not 1.5"),
+    (["--val_split", "0"], "--val_split: must be strictly between 0 and 1, not 0"),
     (["--dataset", "/no/such/texts"], "error: no such file or directory: /no/such/texts"),
 ])
 def test_bad_flags_and_paths_die_with_one_line(tmp_path, flags, message):

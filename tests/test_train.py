@@ -49,10 +49,10 @@ def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step(
 
 @pytest.mark.parametrize("flags, message", [
     (["--n_embd", "100", "--n_head", "12"], "--n_embd 100 is not divisible by --n_head 12"),
-    (["--lr", "-1"], "-1 must be a positive number"),
+    (["--lr", "-1"], "must be a positive number, not -1"),
     (["--val_split", "1.5"], "val_split"),
-    (["--dropout", "1"], "1 must be in [0, 1)"),
-    (["--batch_size", "0"], "0 must be a positive integer"),
+    (["--dropout", "1"], "must be in [0, 1), not 1"),
+    (["--batch_size", "0"], "must be a positive integer, not 0"),
     (["--batch_size", "10", "--grad_accum", "3"], "--batch_size 10 is not divisible by GPUs × --grad_accum"),
     (["--lr", "1e-4", "--min_lr", "1e-3"], "--min_lr 0.001 is above --lr 0.0001"),
     (["--sample_size", "0"], "sample_size"),
