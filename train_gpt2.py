@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import math
 import os
@@ -262,6 +263,7 @@ def train_step(model, optimizer, batches, *, env: Env, step: int, seed: int, gra
 # What the run reports and writes
 
 
+@functools.lru_cache(maxsize=1)  # asked for the header printed and the one logged: run git once
 def git_revision() -> str:
     try:
         here = Path(__file__).resolve().parent
