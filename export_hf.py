@@ -5,7 +5,6 @@
 The directory loads with transformers' GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained,
 so a model trained here works with the rest of the ecosystem (pipelines, lm-eval-harness, the Hub).
 """
-import argparse
 import json
 import shutil
 import sys
@@ -14,8 +13,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from data import atomic_write
-from model import CheckpointError, load_model, to_hf
+from common import ArgumentParser, UserError, atomic_write
+from model import load_model, to_hf
 
 
 def export(checkpoint: str, out_dir: Path) -> Path:
@@ -35,13 +34,13 @@ def export(checkpoint: str, out_dir: Path) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a .pt checkpoint of this repository (gpt2 preset)")
     p.add_argument("out_dir", type=Path, help="directory to write config.json, model.safetensors and the tokenizer to")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir)
-    except CheckpointError as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     print(f"exported {args.checkpoint} to {out}/ (load it with GPT2LMHeadModel.from_pretrained('{out}'))")
 

@@ -19,29 +19,28 @@ from typing import Iterable, Iterator
 
 import torch
 
-import data
-from data import DataError, get_tokenizer
-from model import EOT_TOKEN, GPT, CheckpointError, load_model
+from common import ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
+from data import get_tokenizer
+from model import EOT_TOKEN, GPT, load_model
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
 PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")
 
 
-class SampleError(Exception):
-    """A flag or file the user can fix; printed as one line."""
+class SampleError(UserError):
+    """A flag or file the user can fix."""
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
 
 
-positive_int = data.positive_int
-temperature = data.arg_type(float, lambda v: v >= 0, "0 (greedy) or more")
-probability = data.arg_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
+temperature = arg_type(float, lambda v: v >= 0, "0 (greedy) or more")
+probability = arg_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
@@ -77,18 +76,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Device, precision, model
 
 
-def pick_device(args: argparse.Namespace) -> torch.device:
-    """The device asked for; with --cpu or --device cpu, CUDA is never queried (nor initialised)."""
-    if args.cpu or args.device == "cpu":
-        return torch.device("cpu")
-    cuda, mps = torch.cuda.is_available(), torch.backends.mps.is_available()
-    if args.device == "auto":
-        return torch.device("cuda" if cuda else "mps" if mps else "cpu")
-    if not {"cuda": cuda, "mps": mps}[args.device]:
-        raise SampleError(f"--device {args.device} asked for, but this machine has none; use --cpu")
-    return torch.device(args.device)
-
-
 def cpu_has_fast_bf16() -> bool:
     """Whether torch sends bf16 matmuls on this CPU to oneDNN (AVX-512 or AMX on x86, the BF16 ISA on Arm).
 
@@ -105,7 +92,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if device.type == "cpu" and cpu_has_fast_bf16():
         return torch.bfloat16
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
@@ -251,7 +238,7 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 
 def run(args: argparse.Namespace) -> None:
     prompt = read_prompt(args.prompt) if args.prompt is not None else ""  # a bad file fails before loading
-    device = pick_device(args)
+    device = pick_device("cpu" if args.cpu else args.device)
     dtype = pick_dtype(args.dtype, device)
     model, info = load(args.checkpoint, device, dtype)
     enc = get_tokenizer()
@@ -268,7 +255,7 @@ def main(argv=None) -> int:
     sys.stdout.reconfigure(errors="replace")  # a console without UTF-8 shows '?' rather than crashing
     try:
         run(args)
-    except (CheckpointError, SampleError, DataError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

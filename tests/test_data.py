@@ -8,17 +8,18 @@ import numpy as np
 import pytest
 import torch
 
+import common
 import data
 from conftest import make_corpus, run_script, write_jsonl, write_txt_dir
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 
 
-def data_args(dataset, cache, *flags: str) -> argparse.Namespace:
-    """The Namespace train_gpt2.py would get, through the real flags."""
+def data_args(dataset, cache, *flags: str) -> data.DataSpec:
+    """The DataSpec train_gpt2.py would build, through the real flags."""
     parser = argparse.ArgumentParser()
     data.add_data_args(parser)
-    return parser.parse_args(["--dataset", str(dataset), "--data_cache", str(cache), *flags])
+    return data.DataSpec.from_args(parser.parse_args(["--dataset", str(dataset), "--data_cache", str(cache), *flags]))
 
 
 def split_tokens(cache_dir, split: str) -> np.ndarray:
@@ -173,7 +174,7 @@ def test_leftover_temporaries_of_a_killed_run_are_cleaned(tmp_path):
     dead_pid = 2**22 + 1  # above Linux's pid_max: no such process
     (tmp_path / f".train_000001.bin.tmp-{dead_pid}").write_bytes(b"half")
     (tmp_path / "train_000000.bin").write_bytes(b"kept")
-    assert data.clean_temporaries(tmp_path) == 1
+    assert common.clean_temporaries(tmp_path) == 1
     assert [p.name for p in tmp_path.iterdir()] == ["train_000000.bin"]
 
 
@@ -181,11 +182,11 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     target = tmp_path / "ckpt.pt"
     target.write_text("old")
     with pytest.raises(OSError):
-        with data.atomic_write(target) as tmp:
+        with common.atomic_write(target) as tmp:
             tmp.write_text("half")
             raise OSError("disk full")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-    with data.atomic_write(target) as tmp:
+    with common.atomic_write(target) as tmp:
         tmp.write_text("new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 

@@ -182,4 +182,5 @@ def test_bad_values_end_in_argument_parsing_with_one_line(capsys, flag, value, m
     with pytest.raises(SystemExit) as exit_info:
         sample.parse_args([flag, value])
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1].endswith(f" error: {message}")
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].endswith(f": error: {message}") and len(err) == 2

@@ -1,0 +1,134 @@
+"""What every script here shares: one-line errors, number flags, files written atomically, the device.
+
+Only the standard library is imported at the top (torch inside `pick_device`), so a script that needs
+none of torch, such as `python data.py`, starts as quickly as before.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+from pathlib import Path
+from typing import Iterator
+
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
+
+
+class UserError(Exception):
+    """Something the user can fix (a path, a flag, a checkpoint, the network): printed as one line, exit 1."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command lines
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors as one line and a pointer to --help, instead of the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: see --help for the flags\n")
+
+
+def arg_type(cast, check, what: str):
+    """An argparse `type=` for numbers: the value, or one line 'must be WHAT, not TEXT'."""
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text!r}") from None
+        if not check(value):  # also refuses nan, which fails every comparison
+            raise argparse.ArgumentTypeError(f"must be {what}, not {text}")
+        return value
+    return parse
+
+
+positive_int = arg_type(int, lambda v: v > 0, "a positive integer")
+non_negative_int = arg_type(int, lambda v: v >= 0, "0 or more")
+positive_float = arg_type(float, lambda v: 0 < v < float("inf"), "a positive number")
+non_negative_float = arg_type(float, lambda v: 0 <= v < float("inf"), "0 or more")
+open_fraction = arg_type(float, lambda v: 0 < v < 1, "strictly between 0 and 1")
+dropout_rate = arg_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Devices
+
+
+def pick_device(name: str = "auto", index: int = 0):
+    """The torch.device for `--device NAME`; "cpu" never queries CUDA, so it is never initialised.
+
+    "auto" takes CUDA, else Apple's MPS, else the CPU; `index` is the GPU of this process (LOCAL_RANK).
+    """
+    import torch
+    if name == "cpu":
+        return torch.device("cpu")
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if name == "auto":
+        name = next((kind for kind, ok in available.items() if ok), "cpu")
+    elif not available[name]:
+        hint = "check nvidia-smi, or that torch is a CUDA build" if name == "cuda" else "it needs Apple silicon"
+        raise UserError(f"--device {name}: this machine has none visible to PyTorch ({hint}); "
+                        "use --device cpu")
+    return torch.device(f"cuda:{index}" if name == "cuda" else name)
+
+
+def cuda_has_bf16() -> bool:
+    """Native bf16 only: older GPUs (V100, T4) emulate it, slower than fp16 with loss scaling."""
+    import torch
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch before 2.5 has no such argument, and counts only native support
+        return torch.cuda.is_bf16_supported()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Files written atomically
+
+
+@contextlib.contextmanager
+def atomic_write(path) -> Iterator[Path]:
+    """Yields a temporary path next to `path`; on success it replaces `path`, on an exception it is removed.
+
+    A kill at any moment leaves either the old file or the new one, plus at worst a temporary that
+    clean_temporaries() recognises by its name.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # the data must be on disk before the rename makes it visible
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def clean_temporaries(directory) -> int:
+    """Removes the temporaries atomic_write left in `directory` when its process was killed."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0
+    removed = 0
+    for entry in directory.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match and entry.is_file() and not _process_alive(int(match["pid"])):
+            entry.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0 checks existence only
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
