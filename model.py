@@ -1,6 +1,7 @@
 """GPT-2 and what runs it forward: the network, KV-cached generation, checkpoints and Hugging Face weights.
 
-train_gpt2.py and sample.py both import this file; neither holds a copy of any of it.
+train_gpt2.py, sample.py, eval.py and bench.py import this file; none holds a copy of any of it. The
+checkpoint format is written and read here only (save_checkpoint beside load_checkpoint).
 """
 from __future__ import annotations
 
@@ -16,11 +17,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import UserError, atomic_write
+
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
 
-class CheckpointError(Exception):
-    """A checkpoint or weights directory the user pointed at that cannot be used; printed as one line."""
+class CheckpointError(UserError):
+    """A checkpoint or weights directory the user pointed at that cannot be used."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -105,6 +108,56 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.type_as(x)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of logits (N, V) over the targets (N,) that are not -1, computed in fp32.
+
+    Under torch.compile, inductor fuses the upcast into its softmax kernels and keeps no fp32 copy of
+    the logits. Eager PyTorch has no such kernel: F.cross_entropy on bf16 logits makes a full fp32
+    copy and keeps an fp32 log-softmax for the backward pass (three copies of the largest activation
+    of the step), so eager runs go through _ChunkedCrossEntropy instead.
+    """
+    if torch.compiler.is_compiling():
+        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
+    return _ChunkedCrossEntropy.apply(logits, targets)
+
+
+class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Cross-entropy whose fp32 work is done 1,024 rows at a time; it keeps only the logits and a
+    logsumexp per row for the backward pass, whose gradient it writes in the logits' own dtype.
+
+    Written here because no PyTorch op does this outside torch.compile (Liger-Kernel's fused
+    cross-entropy does it with Triton, a GPU-only dependency).
+    """
+
+    ROWS = 1024  # rows per fp32 chunk: 200 MB at GPT-2's vocabulary
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        R = _ChunkedCrossEntropy.ROWS
+        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        for a in range(0, logits.size(0), R):
+            lse[a:a + R] = torch.logsumexp(logits[a:a + R].float(), dim=-1)
+        valid = targets != -1
+        target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).float()
+        count = valid.sum().clamp(min=1)
+        ctx.save_for_backward(logits, targets, lse, count)
+        return ((lse - target_logit) * valid).sum() / count
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        logits, targets, lse, count = ctx.saved_tensors
+        R = _ChunkedCrossEntropy.ROWS
+        scale = (grad / count) * (targets != -1)  # d(mean loss)/d(each row's loss); 0 where ignored
+        grad_logits = torch.empty_like(logits)
+        for a in range(0, logits.size(0), R):
+            t = targets[a:a + R]
+            g = logits[a:a + R].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place
+            g.sub_(lse[a:a + R, None]).exp_()  # the softmax
+            g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1.0  # minus the one-hot target
+            torch.mul(g, scale[a:a + R, None], out=grad_logits[a:a + R])  # scaled and cast in one pass
+        return grad_logits, None
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -280,12 +333,30 @@ class GPT(nn.Module):
         return self.transformer.ln_f(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """Logits (B, T, padded vocab) and, with targets (B, T; -1 is ignored), the mean cross-entropy."""
+        """(logits (B, T, padded vocab), None); or, given targets (B, T; -1 is ignored), (None, mean cross-entropy).
+
+        With targets the logits are not returned: a caller holding them would keep them alive through
+        the backward pass, 6.6 GB in bf16 for a micro-batch of 64 x 1024.
+        """
         logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
             return logits, None
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str) -> "GPT":
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: the Hub, online) or a save_pretrained
+        directory, as a `gpt2` preset model."""
+        directory = _resolve_hf_dir(name_or_path)
+        try:
+            hf = json.loads((directory / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{directory} has no readable config.json ({e})") from None
+        if hf.get("model_type") != "gpt2":
+            raise CheckpointError(f"{directory} holds a {hf.get('model_type')!r} model, not GPT-2")
+        config = GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+        return model_with_weights(config, _from_hf_state(_read_hf_weights(directory), config))
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
@@ -341,14 +412,26 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
 
 
 def strip_compile_prefix(state_dict: dict) -> dict:
-    """Keys as the plain module names them: torch.compile adds `_orig_mod.`, DDP adds `module.`."""
+    """Keys as the plain module names them: torch.compile adds `_orig_mod.`, DDP adds `module.`, in any
+    order and nesting (DDP around a compiled model gives `module._orig_mod.`)."""
+    prefixes = ("_orig_mod.", "module.")
     out = {}
     for k, v in state_dict.items():
-        for prefix in ("_orig_mod.", "module."):
-            while k.startswith(prefix):
-                k = k[len(prefix):]
+        while k.startswith(prefixes):
+            k = k.split(".", 1)[1]
         out[k] = v
     return out
+
+
+def save_checkpoint(path, model: GPT, **fields) -> None:
+    """Write {"model": weights, "config": shape, **fields} atomically (a kill leaves the previous file whole).
+
+    Fields are plain values and tensors (step, val_loss, optimizer state, ...), never pickled objects,
+    so load_checkpoint reads the file with weights_only=True.
+    """
+    state = {"model": strip_compile_prefix(model.state_dict()), "config": model.config.to_dict(), **fields}
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
@@ -386,7 +469,7 @@ def load_model(spec: str) -> tuple[GPT, dict]:
         ckpt = load_checkpoint(path)
         return model_from_checkpoint(ckpt), {"source": str(path), "step": ckpt.get("step"),
                                              "val_loss": ckpt.get("val_loss")}
-    return from_pretrained(spec), {"source": spec}
+    return GPT.from_pretrained(spec), {"source": spec}
 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:
@@ -444,20 +527,6 @@ def _read_hf_weights(directory: Path) -> dict:
     if (directory / "pytorch_model.bin").is_file():
         return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     raise CheckpointError(f"{directory} has none of {', '.join(_HF_WEIGHT_FILES)}")
-
-
-def from_pretrained(name_or_path: str) -> GPT:
-    """GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl, or a save_pretrained directory) as a `gpt2` preset model."""
-    directory = _resolve_hf_dir(name_or_path)
-    try:
-        hf = json.loads((directory / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{directory} has no readable config.json ({e})") from None
-    if hf.get("model_type") != "gpt2":
-        raise CheckpointError(f"{directory} holds a {hf.get('model_type')!r} model, not GPT-2")
-    config = GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                                   n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-    return model_with_weights(config, _from_hf_state(_read_hf_weights(directory), config))
 
 
 def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:

@@ -28,7 +28,7 @@ def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor):
 
 def test_hugging_face_gpt2_weights_give_the_reference_logits(tmp_path):
     hf, directory = hf_tiny(tmp_path)
-    ours = M.from_pretrained(str(directory)).eval()
+    ours = M.GPT.from_pretrained(str(directory)).eval()
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_same_logits(ours(idx)[0], hf(idx).logits)

@@ -195,3 +195,36 @@ def test_mismatched_weights_are_named_not_silently_skipped():
     a, b = tiny("gpt2"), tiny("modern")
     with pytest.raises(M.CheckpointError, match="missing"):
         M.load_state(b, a.state_dict())
+
+
+def test_compile_and_ddp_prefixes_are_stripped_in_any_nesting():
+    w = torch.zeros(1)
+    keys = {"module._orig_mod.lm_head.weight": w, "_orig_mod.module.x": w, "module.module.y": w, "z": w}
+    assert set(M.strip_compile_prefix(keys)) == {"lm_head.weight", "x", "y", "z"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_chunked_loss_equals_cross_entropy_in_value_and_gradient(dtype):
+    # More rows than one chunk, and ignored positions (-1), as padded evaluation batches have.
+    logits = (torch.randn(2 * M._ChunkedCrossEntropy.ROWS + 37, 300, generator=torch.Generator().manual_seed(0)) * 3)
+    targets = torch.randint(0, 300, (logits.size(0),), generator=torch.Generator().manual_seed(1))
+    targets[::7] = -1
+    ours = logits.to(dtype).requires_grad_()
+    theirs = logits.to(dtype).requires_grad_()
+    loss = M.cross_entropy(ours, targets)
+    reference = torch.nn.functional.cross_entropy(theirs.float(), targets, ignore_index=-1)
+    loss.backward()
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert ours.grad.dtype == dtype
+    assert torch.allclose(ours.grad.float(), theirs.grad.float(), atol=2e-6 if dtype == torch.float32 else 1e-5)
+
+
+def test_training_forward_returns_the_loss_and_no_logits():
+    m = tiny()
+    x = torch.randint(0, 100, (2, 16))
+    logits, loss = m(x[:, :-1], x[:, 1:])
+    full, _ = m(x[:, :-1])
+    assert logits is None
+    reference = torch.nn.functional.cross_entropy(full.reshape(-1, full.size(-1)), x[:, 1:].reshape(-1))
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
