@@ -2,6 +2,9 @@
 
     python train_gpt2.py --dataset PATH_OR_HUB_NAME ...
     torchrun --standalone --nproc_per_node 8 train_gpt2.py ...
+
+A step: `train_step` runs the micro-batches (data.micro_batches) forward and backward, the optimizer
+updates, and `Trainer.after_step` decides what the step calls for (log, evaluate, save, stop).
 """
 from __future__ import annotations
 
@@ -25,21 +28,29 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from model import ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_state, strip_compile_prefix
+from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, cuda_has_bf16, dropout_rate,
+                    non_negative_float, non_negative_int, pick_device, positive_float, positive_int)
+from model import ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_state, save_checkpoint
 
-# Dense bf16 peak of each card, TFLOP/s, from the vendors' datasheets (SXM parts), for MFU.
-PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "GH200": 989, "A100": 312}
+# Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
+# datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H100 NVL": 835,
+    "NVIDIA H200": 989,  # H200 SXM
+    "NVIDIA H200 NVL": 835,
+    "NVIDIA GH200 480GB": 989,
+    "NVIDIA GH200 144G HBM3e": 989,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A100-SXM4-40GB": 312,
+    "NVIDIA A100 80GB PCIe": 312,
+    "NVIDIA A100-PCIE-40GB": 312,
+}
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line
-
-
-positive_int = data.positive_int
-non_negative_int = data.arg_type(int, lambda v: v >= 0, "0 or more")
-positive_float = data.arg_type(float, lambda v: v > 0 and math.isfinite(v), "a positive number")
-non_negative_float = data.arg_type(float, lambda v: v >= 0 and math.isfinite(v), "0 or more")
-dropout_rate = data.arg_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -50,8 +61,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train GPT-2 with a warmup + cosine schedule, keeping the best "
-                                "validation checkpoint.", formatter_class=_HelpFormatter)
+    p = ArgumentParser(description="Train GPT-2 with a warmup + cosine schedule, keeping the best "
+                       "validation checkpoint.", formatter_class=_HelpFormatter)
     data.add_data_args(p)
     m = p.add_argument_group("model (defaults: GPT-2 124M)")
     m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default="gpt2", help="architecture preset")
@@ -109,10 +120,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.batch_size % (world * args.grad_accum):
         p.error(f"--batch_size {args.batch_size} is not divisible by GPUs × --grad_accum = "
                 f"{world} × {args.grad_accum} = {world * args.grad_accum}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to PyTorch (check nvidia-smi, or that torch is a CUDA build)")
-    if args.device == "mps" and not torch.backends.mps.is_available():
-        p.error("--device mps: Apple's MPS backend is not available here")
+    try:
+        pick_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     return args
 
 
@@ -144,34 +155,30 @@ class Env:
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
 
-def setup_env(args) -> tuple[Env, list[str]]:
+def setup_env(device_name: str, amp: bool | None, compile: bool | None) -> tuple[Env, list[str]]:
     """The device, process group, precision and compile choice, with a note for each fallback taken."""
-    notes = []
     world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    kind = args.device
-    if kind == "auto":
-        kind = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    device = torch.device(f"cuda:{local_rank}" if kind == "cuda" else kind)
-    if kind == "cuda":
+    device = pick_device(device_name, local_rank)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
         torch.backends.cudnn.allow_tf32 = True
     if world > 1:
         # Generous timeout: rank 0 may be downloading and tokenizing the data while the others wait.
-        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        # device_id binds NCCL to this process's GPU (LOCAL_RANK) rather than one guessed from the rank.
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=device if device.type == "cuda" else None)
     env = Env(device=device, rank=rank, local_rank=local_rank, world=world)
-    env.amp_dtype, note = choose_amp(args.amp, kind)
-    notes += [note] if note else []
-    env.compile, note = choose_compile(args.compile, kind)
-    notes += [note] if note else []
-    return env, notes
+    env.amp_dtype, amp_note = choose_amp(amp, device.type)
+    env.compile, compile_note = choose_compile(compile, device.type)
+    return env, [note for note in (amp_note, compile_note) if note]
 
 
 def choose_amp(requested: bool | None, kind: str) -> tuple[torch.dtype | None, str | None]:
     if kind == "cuda":
         if requested is False:
             return None, None
-        if torch.cuda.is_bf16_supported():
+        if cuda_has_bf16():
             return torch.bfloat16, None
         return torch.float16, "--amp: this GPU lacks bf16, so fp16 with loss scaling"
     if kind == "cpu" and requested:
@@ -197,8 +204,56 @@ def cleanup_env(env: Env):
         dist.destroy_process_group()
 
 
+def from_rank0(env: Env, make):
+    """What `make()` returns on rank 0, on every rank: one decision for all (machines need not share a disk)."""
+    box = [make() if env.master else None]
+    if env.world > 1:
+        dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
+    return box[0]
+
+
+@dataclass(frozen=True)
+class _TensorSlot:
+    """Where a tensor sat in a checkpoint rank 0 shares: its index in the order they are broadcast."""
+    index: int
+    shape: tuple
+    dtype: torch.dtype
+
+
+def share_state_from_rank0(env: Env, state):
+    """A checkpoint dict that only rank 0 can read, on every rank (tensors on the broadcast's device).
+
+    The plain values travel pickled, in one broadcast; the tensors one by one (with NCCL, on the GPU).
+    """
+    if env.world == 1:
+        return state
+    tensors = []
+
+    def to_slots(x):
+        if isinstance(x, torch.Tensor):
+            tensors.append(x)
+            return _TensorSlot(len(tensors) - 1, tuple(x.shape), x.dtype)
+        if isinstance(x, dict):
+            return {k: to_slots(v) for k, v in x.items()}
+        return type(x)(map(to_slots, x)) if isinstance(x, (list, tuple)) else x
+
+    skeleton = from_rank0(env, lambda: to_slots(state))
+    where = env.device if env.device.type == "cuda" else torch.device("cpu")
+
+    def fill(x):
+        if isinstance(x, _TensorSlot):
+            t = tensors[x.index].to(where) if env.master else torch.empty(x.shape, dtype=x.dtype, device=where)
+            dist.broadcast(t, src=0)
+            return t
+        if isinstance(x, dict):
+            return {k: fill(v) for k, v in x.items()}
+        return type(x)(map(fill, x)) if isinstance(x, (list, tuple)) else x
+
+    return fill(skeleton)
+
+
 # ----------------------------------------------------------------------------------------------------
-# Schedule and optimizer
+# Schedule, optimizer and the model being trained
 
 
 def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
@@ -209,14 +264,34 @@ def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> f
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def make_optimizer(model: GPT, args, device: torch.device) -> torch.optim.AdamW:
+def make_optimizer(model: GPT, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW with weight decay on matrices only: biases and norm gains are not decayed (GPT-3's recipe)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
     # The fused kernel does the whole update in a few launches (CUDA and, since torch 2.4, the CPU).
     fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+
+
+@dataclass
+class Training:
+    """The model being trained and what updates it; built by `build`, for train_gpt2.py and bench.py alike."""
+    raw_model: GPT  # the plain module: its state_dict is what checkpoints hold
+    model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler | None  # fp16 only
+
+
+def build(config: GPTConfig, env: Env, *, seed: int, lr: float, weight_decay: float) -> Training:
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    raw = GPT(config).to(env.device)
+    optimizer = make_optimizer(raw, lr=lr, weight_decay=weight_decay, device=env.device)
+    scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
+    model = torch.compile(raw) if env.compile else raw
+    if env.world > 1:
+        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
+    return Training(raw, model, optimizer, scaler)
 
 
 def micro_seed(seed: int, step: int, micro_index: int) -> int:
@@ -276,24 +351,21 @@ def git_revision() -> str:
         return "unknown"
 
 
-def run_header(args, env: Env) -> dict:
+def run_header(env: Env, flags: dict) -> dict:
     """Everything needed to trace a figure back to what produced it (llm.c and modded-nanogpt log the same)."""
     device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else env.device.type
     return {"git": git_revision(), "torch": torch.__version__, "cuda": torch.version.cuda,
             "device": device_name, "world_size": env.world,
             "amp": str(env.amp_dtype).replace("torch.", "") if env.amp_dtype else "fp32",
-            "compile": env.compile, "args": vars(args)}
+            "compile": env.compile, "args": flags}
 
 
 def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, or None for a CPU or a card not in PEAK_BF16_TFLOPS."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    # Longest name first, so GH200 is not read as H200.
-    for key in sorted(PEAK_BF16_TFLOPS, key=len, reverse=True):
-        if key in name:
-            return PEAK_BF16_TFLOPS[key] * 1e12
-    return None
+    tflops = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
 
 
 class Metrics:
@@ -307,7 +379,7 @@ class Metrics:
             # Keep the curve continuous: drop what the interrupted run logged past the resumed step.
             self.rows = [r for r in map(json.loads, self.path.read_text().splitlines())
                          if r.get("step", 0) <= resume_step]
-        with data.atomic_write(self.path) as tmp:
+        with atomic_write(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
 
     def log(self, **row):
@@ -331,19 +403,13 @@ class Metrics:
         ax.set_ylabel("loss")
         ax.legend()
         ax.grid(alpha=0.3)
-        with data.atomic_write(self.plot_path) as tmp:
+        with atomic_write(self.plot_path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------------
 # Checkpoints
-
-
-def save_checkpoint(path: Path, state: dict):
-    """torch.save through a temporary file, so a kill leaves the previous checkpoint whole."""
-    with data.atomic_write(path) as tmp:
-        torch.save(state, tmp)
 
 
 def config_differences(saved: dict, wanted: dict) -> list[str]:
@@ -365,6 +431,14 @@ def load_resume_state(save_dir: Path, config: GPTConfig) -> dict:
     return ckpt
 
 
+class StopTraining(UserError):
+    """Training cannot go on (a non-finite loss); the message says what the checkpoints on disk hold."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Each step's figures, read one step late
+
+
 class PendingStats:
     """One step's [loss, gradient norm, stop flag], copied to the host without waiting for the GPU."""
 
@@ -383,28 +457,80 @@ class PendingStats:
         return loss, norm, stop > 0
 
 
-class StopTraining(Exception):
-    """Training cannot go on (a non-finite loss); the message says what the checkpoints on disk hold."""
+@dataclass
+class Figures:
+    """A finished step's figures, read on the host and checked finite."""
+    step: int
+    loss: float
+    grad_norm: float
+
+
+class StepFigures:
+    """Reads each step's figures on the host one step late, so the CPU never waits for the GPU between
+    steps; `latest()` reads the newest at once, before anything that needs them (a log, a save).
+
+    Raises StopTraining for a non-finite step; `stop` becomes true once any rank has asked to stop.
+    """
+
+    def __init__(self, save_dir: Path, skipped_on_device: bool):
+        self.save_dir, self.skipped_on_device = save_dir, skipped_on_device
+        self.pending: PendingStats | None = None
+        self.last: Figures | None = None
+        self.stop = False
+
+    def add(self, step: int, stats: torch.Tensor):
+        self.pending = PendingStats(step, stats)
+
+    def previous(self) -> None:
+        """Reads and checks the step queued before this one (done by now: reading it stalls nothing)."""
+        if self.pending is not None:
+            self.latest()
+
+    def latest(self) -> Figures:
+        if self.pending is None:
+            return self.last
+        pending, self.pending = self.pending, None
+        loss, norm, stop = pending.values()
+        self.stop |= stop
+        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
+        if not math.isfinite(loss) or (not math.isfinite(norm) and not self.skipped_on_device):
+            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {pending.step}; "
+                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
+                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
+        self.last = Figures(pending.step, loss, norm)
+        return self.last
 
 
 # ----------------------------------------------------------------------------------------------------
 # The run
 
 
-def on_signal_stop_after_step() -> dict:
-    """SIGINT, SIGTERM and SIGHUP set a flag the loop reads at each step boundary; a second one quits at once.
+class SignalStop:
+    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step; a second one quits at once.
 
     SIGHUP is what a dropped SSH connection sends: the run saves latest.pt rather than dying mid-step.
     """
-    state = {"signal": None}
 
-    def handler(signum, frame):
-        state["signal"] = signum
+    def __init__(self):
+        self.received: int | None = None
+        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(s, self._handler)
+
+    def _handler(self, signum, frame):
+        self.received = signum
         signal.signal(signum, signal.SIG_DFL)
 
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, handler)
-    return state
+
+@dataclass
+class Due:
+    """What a finished step calls for."""
+    log: bool = False
+    evaluate: bool = False
+    save: bool = False
+    stop: bool = False
+
+    def __bool__(self) -> bool:
+        return self.log or self.evaluate or self.save or self.stop
 
 
 class Trainer:
@@ -413,9 +539,7 @@ class Trainer:
         self.save_dir = Path(args.save_dir)
         self.config = model_config(args)
         self.say = tqdm.write if env.master else (lambda *a, **k: None)
-        if not args.resume and (self.save_dir / "latest.pt").exists():
-            raise CheckpointError(f"{self.save_dir / 'latest.pt'} is from an earlier run: continue it with --resume, "
-                                  "or choose another --save_dir (nothing was overwritten)")
+        self._refuse_overwriting()
         self.cache_dir = self._prepare_data()
         world, accum = env.world, args.grad_accum
         self.train = data.BatchSource(data.TokenShards(self.cache_dir, "train"), args.block_size, args.batch_size,
@@ -423,23 +547,34 @@ class Trainer:
         self.val = data.BatchSource(data.TokenShards(self.cache_dir, "val"), args.block_size, args.batch_size,
                                     seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum, shuffle=False)
         self.max_steps, self.warmup = self._plan()
-        self._build_model()
+        self.t = build(self.config, env, seed=args.seed, lr=args.lr, weight_decay=args.weight_decay)
+        self.flops_per_token = self.t.raw_model.flops_per_token(args.block_size)
+        self.peak = peak_flops(env.device)
         self.step, self.best_val, self.val_loss = 0, float("inf"), None
         if args.resume:
             self._resume()
+        self.figures = StepFigures(self.save_dir, skipped_on_device=self.t.scaler is not None)
         self.save_dir.mkdir(parents=True, exist_ok=True)
         if env.master:
-            data.clean_temporaries(self.save_dir)  # what a killed run was writing when it died
+            clean_temporaries(self.save_dir)  # what a killed run was writing when it died
         self.metrics = Metrics(self.save_dir, self.step if args.resume else None) if env.master else None
+
+    def _refuse_overwriting(self):
+        latest = self.save_dir / "latest.pt"
+        earlier = from_rank0(self.env, lambda: not self.args.resume and latest.exists())
+        if earlier:
+            raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
+                                  "or choose another --save_dir (nothing was overwritten)")
 
     def _prepare_data(self) -> Path:
         # One process per machine tokenizes; the others wait, then find the finished cache.
+        spec = data.DataSpec.from_args(self.args)
         if self.env.local_rank == 0:
-            cache = data.prepare(self.args, progress=self.env.master)
+            cache = data.prepare(spec, progress=self.env.master)
         if self.env.world > 1:
             dist.barrier()
         if self.env.local_rank != 0:
-            cache = data.prepare(self.args, progress=False)
+            cache = data.prepare(spec, progress=False)
         return cache
 
     def _plan(self) -> tuple[int, int]:
@@ -459,25 +594,23 @@ class Trainer:
                  f"warmup {warmup} steps")
         return max_steps, warmup
 
-    def _build_model(self):
-        torch.manual_seed(self.args.seed)  # the same initial weights on every rank
-        self.raw_model = GPT(self.config).to(self.env.device)
-        self.optimizer = make_optimizer(self.raw_model, self.args, self.env.device)
-        fp16 = self.env.amp_dtype == torch.float16
-        self.scaler = torch.amp.GradScaler(self.env.device.type) if fp16 else None
-        model = torch.compile(self.raw_model) if self.env.compile else self.raw_model
-        if self.env.world > 1:
-            model = DDP(model, device_ids=[self.env.local_rank] if self.env.device.type == "cuda" else None)
-        self.model = model
-        self.flops_per_token = self.raw_model.flops_per_token(self.args.block_size)
-        self.peak = peak_flops(self.env.device)
-
     def _resume(self):
-        ckpt = load_resume_state(self.save_dir, self.config)
-        load_state(self.raw_model, strip_compile_prefix(ckpt["model"]))
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None and ckpt.get("scaler"):
-            self.scaler.load_state_dict(ckpt["scaler"])
+        """Continue from latest.pt; only rank 0 needs to see the file (machines need not share a disk)."""
+        def read():
+            try:
+                return load_resume_state(self.save_dir, self.config), None
+            except CheckpointError as e:
+                return None, str(e)
+
+        ckpt, problem = read() if self.env.master else (None, None)
+        problem = from_rank0(self.env, lambda: problem)
+        if problem:
+            raise CheckpointError(problem)
+        ckpt = share_state_from_rank0(self.env, ckpt)
+        load_state(self.t.raw_model, ckpt["model"])
+        self.t.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.t.scaler is not None and ckpt.get("scaler"):
+            self.t.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.val_loss = ckpt["step"], ckpt.get("val_loss")
         self.best_val = ckpt.get("best_val_loss", float("inf"))
         saved_args = ckpt.get("args", {})
@@ -491,24 +624,23 @@ class Trainer:
     def checkpoint(self, name: str, full: bool):
         if not self.env.master:
             return
-        state = {"model": self.raw_model.state_dict(), "config": self.config.to_dict(), "step": self.step,
-                 "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                 "tokens": self.step * self.args.batch_size * self.args.block_size}
+        fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
+                  "tokens": self.step * self.args.batch_size * self.args.block_size}
         if full:
-            state |= {"optimizer": self.optimizer.state_dict(),
-                      "scaler": self.scaler.state_dict() if self.scaler else None,
-                      "schedule": {"warmup_steps": self.warmup, "max_steps": self.max_steps},
-                      # The data position and every random draw follow from (seed, step): see micro_seed.
-                      "data": {"step": self.step, "cache": str(self.cache_dir)},
-                      "rng": {"seed": self.args.seed, "rule": "micro_seed(seed, step, micro-batch)"},
-                      "args": vars(self.args)}
-        save_checkpoint(self.save_dir / name, state)
+            fields |= {"optimizer": self.t.optimizer.state_dict(),
+                       "scaler": self.t.scaler.state_dict() if self.t.scaler else None,
+                       "schedule": {"warmup_steps": self.warmup, "max_steps": self.max_steps},
+                       # The data position and every random draw follow from (seed, step): see micro_seed.
+                       "data": {"step": self.step, "cache": str(self.cache_dir)},
+                       "rng": {"seed": self.args.seed, "rule": "micro_seed(seed, step, micro-batch)"},
+                       "args": vars(self.args)}
+        save_checkpoint(self.save_dir / name, self.t.raw_model, **fields)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over the fixed validation batches, averaged over all ranks."""
-        self.model.eval()
-        a = self.args
+        model, a = self.t.model, self.args
+        model.eval()
         # Cover the validation split at most once: more batches would only repeat windows.
         iters = min(a.eval_iters, max(1, self.val.windows_per_epoch // a.batch_size))
         total = torch.zeros((), device=self.env.device)
@@ -516,20 +648,21 @@ class Trainer:
             x, y = self.val.eval_batch(k)
             for xs, ys in zip(x.chunk(a.grad_accum), y.chunk(a.grad_accum)):  # micro-batches fit in memory
                 with self.env.autocast():
-                    _, loss = self.model(xs.to(self.env.device), ys.to(self.env.device))
+                    _, loss = model(xs.to(self.env.device), ys.to(self.env.device))
                 total += loss.float() / (iters * a.grad_accum)
         if self.env.world > 1:
             dist.all_reduce(total)
             total /= self.env.world
-        self.model.train()
+        model.train()
         return total.item()
 
     def print_sample(self):
         tok = data.get_tokenizer()
         g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
-        self.raw_model.eval()
-        ids = list(self.raw_model.generate([data.EOT], 48, temperature=0.8, top_k=200, generator=g))
-        self.raw_model.train()
+        raw = self.t.raw_model
+        raw.eval()
+        ids = list(raw.generate([data.EOT], 48, temperature=0.8, top_k=200, generator=g))
+        raw.train()
         self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
 
     def after_eval(self):
@@ -556,109 +689,128 @@ class Trainer:
             stats[:2] /= self.env.world  # the norm is the same on every rank: its mean is itself
         return stats
 
-    def check(self, pending: "PendingStats") -> tuple[float, float, bool]:
-        loss, norm, stop = pending.values()
-        if not math.isfinite(loss) or (not math.isfinite(norm) and self.scaler is None):
-            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {pending.step}; "
-                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
-                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
-        return loss, norm, stop
-
-    def optimizer_step(self, lr: float, stats: torch.Tensor) -> "PendingStats":
-        for group in self.optimizer.param_groups:
+    def optimizer_step(self, lr: float, stats: torch.Tensor):
+        optimizer, scaler = self.t.optimizer, self.t.scaler
+        for group in optimizer.param_groups:
             group["lr"] = lr
-        pending = PendingStats(self.step, stats)
-        if self.scaler:
-            self.scaler.step(self.optimizer)  # skips the update itself when fp16 gradients overflowed
-            self.scaler.update()
-        elif self.optimizer.defaults.get("fused"):
+        self.figures.add(self.step, stats)
+        if scaler:
+            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+            scaler.update()
+        elif optimizer.defaults.get("fused"):
             # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's mechanism),
             # so a non-finite step changes nothing and the CPU need not wait for the GPU to know it.
-            self.optimizer.found_inf = (~stats[:2].isfinite().all()).float()
-            self.optimizer.step()
+            optimizer.found_inf = (~stats[:2].isfinite().all()).float()
+            optimizer.step()
         else:
-            self.check(pending)  # other optimizers: wait for the figures before updating
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return pending
+            self.figures.latest()  # other optimizers: wait for the figures before updating
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    def run(self):
-        a, env = self.args, self.env
+    def due(self) -> Due:
+        """What the step just finished calls for, from the flags' intervals and a stop asked for."""
+        a, s, end = self.args, self.step, self.step == self.max_steps
+        return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
+                   save=s % a.checkpoint_interval == 0, stop=self.figures.stop)
+
+    def after_step(self, due: Due, lr: float, speed: "Speed", bar) -> None:
+        """Log, evaluate and save as `due` says; figures are read (and checked) first, so a checkpoint
+        or a log line only ever follows a finite step."""
+        figures = self.figures.latest()
+        if due.log:
+            self.log_step(figures, lr, speed.tokens_per_s(self.step), bar)
+        if due.evaluate:
+            self.after_eval()
+        elif due.save or due.stop:
+            self.checkpoint("latest.pt", full=True)
+        if due.log or due.evaluate or due.save:
+            speed.restart(self.step)  # tokens/s counts training time only, not evaluation or saving
+
+    def run(self) -> int:
+        """Trains to max_steps; returns the exit status: 0, or 128 + the signal that stopped the run."""
+        a, env, t = self.args, self.env, self.t
         if env.master:
-            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(a, env), default=str)))
+            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
         if self.step >= self.max_steps:
             self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
-            return
-        signals = on_signal_stop_after_step()
+            return 0
+        signals = SignalStop()
         batches = data.micro_batches(self.train, self.step, self.max_steps - self.step, num_workers=a.num_workers,
                                      pin_memory=env.device.type == "cuda")
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
-        self.model.train()
-        window = (time.perf_counter(), self.step)
-        pending, stop = None, False
+        speed = Speed(self.step, a.batch_size * a.block_size)
+        t.model.train()
         while self.step < self.max_steps:
             lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps)
-            loss, norm = train_step(self.model, self.optimizer, batches, env=env, step=self.step, seed=a.seed,
-                                    grad_accum=a.grad_accum, grad_clip=a.grad_clip, scaler=self.scaler)
-            if pending is not None:  # the previous step's figures: done by now, so reading them stalls nothing
-                stop |= self.check(pending)[2]
-            pending = self.optimizer_step(lr, self.step_stats(loss, norm, signals["signal"] is not None))
+            loss, norm = train_step(t.model, t.optimizer, batches, env=env, step=self.step, seed=a.seed,
+                                    grad_accum=a.grad_accum, grad_clip=a.grad_clip, scaler=t.scaler)
+            self.figures.previous()
+            self.optimizer_step(lr, self.step_stats(loss, norm, signals.received is not None))
             self.step += 1
             bar.update(1)
-            log, evaluate = self.step % a.log_interval == 0, self.step % a.eval_interval == 0
-            end, save = self.step == self.max_steps, self.step % a.checkpoint_interval == 0
-            if log or evaluate or end or save or stop:
-                loss_v, norm_v, flag = self.check(pending)  # checkpoints and logs only follow checked steps
-                pending, stop = None, stop or flag
-                window = self.log_step(bar, loss_v, norm_v, lr, *window) if log or end else window
-                if evaluate or end:
-                    self.after_eval()
-                elif save or stop:
-                    self.checkpoint("latest.pt", full=True)
-                if evaluate or save:
-                    window = (time.perf_counter(), self.step)  # tokens/s counts training time only
-            if stop:
+            due = self.due()
+            if due:
+                self.after_step(due, lr, speed, bar)
+            if due.stop:
                 if env.world > 1:
                     dist.barrier()  # every rank leaves after rank 0 has saved
                 bar.close()
                 self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, "
                          "continue with --resume")
-                raise SystemExit(128 + (signals["signal"] or signal.SIGTERM))
+                return 128 + (signals.received or signal.SIGTERM)
         bar.close()
         self.say(f"done: {self.step} steps, best validation loss {self.best_val:.4f}; "
                  f"best model in {self.save_dir / 'model_best_val.pt'}")
+        return 0
 
-    def log_step(self, bar, loss: float, norm: float, lr: float, t0: float, step0: int) -> tuple[float, int]:
-        """Logs the step just checked, with the speed over the steps since (t0, step0)."""
-        now = time.perf_counter()
-        tokens_per_s = (self.step - step0) * self.args.batch_size * self.args.block_size / (now - t0)
+    def log_step(self, f: Figures, lr: float, tokens_per_s: float, bar) -> None:
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
-        row = dict(step=self.step, train_loss=loss, lr=lr, grad_norm=norm, tokens_per_s=tokens_per_s,
+        row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
                    elapsed_s=bar.format_dict["elapsed"])
         if mfu is not None:
             row["mfu"] = mfu
         if self.env.master:
             self.metrics.log(**row)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+            bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
                             **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
-        return now, self.step
 
 
-def main(argv=None):
+class Speed:
+    """Training tokens per second over the steps since the last restart."""
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.tokens_per_step = tokens_per_step
+        self.restart(step)
+
+    def restart(self, step: int):
+        self.t0, self.step0 = time.perf_counter(), step
+
+    def tokens_per_s(self, step: int) -> float:
+        return (step - self.step0) * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
+
+
+def print_header(env: Env, args, notes: list[str]):
+    header = run_header(env, vars(args))
+    tqdm.write(f"train_gpt2.py at git {header['git']}, torch {header['torch']} (CUDA {header['cuda']}), "
+               f"device {header['device']} × {env.world}, {header['amp']}, compile {env.compile}")
+    tqdm.write("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    for note in notes:
+        tqdm.write(f"note: {note}")
+    if env.device.type == "cuda" and peak_flops(env.device) is None:
+        tqdm.write(f"note: no bf16 peak is known for {header['device']}, so no MFU is shown")
+
+
+def main(argv=None) -> int:
     args = parse_args(argv)
-    env, notes = setup_env(args)
+    env, notes = setup_env(args.device, args.amp, args.compile)
     try:
         if env.master:
-            header = run_header(args, env)
-            tqdm.write(f"train_gpt2.py at git {header['git']}, torch {header['torch']} (CUDA {header['cuda']}), "
-                       f"device {header['device']} × {env.world}, {header['amp']}, compile {env.compile}")
-            tqdm.write("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-            for note in notes:
-                tqdm.write(f"note: {note}")
-        Trainer(args, env).run()
+            print_header(env, args, notes)
+        status = Trainer(args, env).run()
         if env.world > 1:
             dist.barrier()  # ranks leave together: tearing the group down while rank 0 still writes aborts gloo
-    except (data.DataError, CheckpointError, StopTraining) as e:
+        return status
+    except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before training starts (e.g. while preparing data); later, signals stop cleanly
         sys.exit("interrupted")
@@ -672,4 +824,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
