@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -25,7 +26,8 @@ from pathlib import Path
 import torch
 
 import train_gpt2 as T
-from model import GPT, GPTConfig
+from common import ArgumentParser, UserError, pick_device
+from model import GPTConfig, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
@@ -57,28 +59,33 @@ def parse_variant(text: str) -> tuple[str, list]:
     return key, [cast(v) for v in values.split(",")]
 
 
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> dict:
-    """Median time of an optimizer step, exactly as train_gpt2.py runs it, on synthetic tokens."""
-    torch.manual_seed(0)
+    """Median time of an optimizer step, exactly as train_gpt2.py builds and runs it, on synthetic tokens.
+
+    Peak memory: CUDA's allocator peak on a GPU; on the CPU, the process's peak resident memory above
+    what it held before the model was built (meaningful because each setting runs in its own process).
+    """
+    resident_before = resident_bytes() if device.type == "cpu" else 0
     config = GPTConfig.from_preset(s.arch, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
                                    block_size=s.block_size)
-    raw = GPT(config).to(device)
-    args = argparse.Namespace(lr=6e-4, weight_decay=0.1)
-    optimizer = T.make_optimizer(raw, args, device)
     amp, _ = T.choose_amp(s.amp, device.type)
     env = T.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
-    model = torch.compile(raw) if s.compile else raw
+    t = T.build(config, env, seed=0, lr=6e-4, weight_decay=0.1)
     x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
     batches = itertools.repeat((x[:, :-1], x[:, 1:]))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
     times = []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, norm = T.train_step(model, optimizer, batches, env=env, step=step, seed=0, grad_accum=1, grad_clip=1.0)
+        loss, norm = T.train_step(t.model, t.optimizer, batches, env=env, step=step, seed=0, grad_accum=1,
+                                  grad_clip=1.0, scaler=t.scaler)
         torch.stack([loss, norm]).tolist()  # the loop's one host sync per step
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        t.optimizer.step()
+        t.optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= warmup:  # the first steps include compilation and allocator warm-up
@@ -86,15 +93,24 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
     step_s = statistics.median(times)
     tokens_per_s = s.batch_size * s.block_size / step_s
     peak = T.peak_flops(device)
-    result = {"setting": s.label(), **dataclasses.asdict(s), "ms_per_step": step_s * 1e3,
-              "tokens_per_s": tokens_per_s, "params": raw.num_params(),
-              "mfu": tokens_per_s * raw.flops_per_token(s.block_size) / peak if peak else None,
-              "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
-    del model, raw, optimizer
-    torch._dynamo.reset()
     if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return result
+        peak_memory = torch.cuda.max_memory_allocated(device)
+    else:
+        peak_memory = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - resident_before
+    return {"setting": s.label(), **dataclasses.asdict(s), "ms_per_step": step_s * 1e3,
+            "tokens_per_s": tokens_per_s, "params": t.raw_model.num_params(),
+            "mfu": tokens_per_s * t.raw_model.flops_per_token(s.block_size) / peak if peak else None,
+            "peak_memory_gib": peak_memory / 2**30}
+
+
+def time_training_alone(s: Setting, steps: int, warmup: int, device: torch.device) -> dict:
+    """time_training in a fresh process, so no setting inherits another's memory, compiled code or caches."""
+    cmd = [sys.executable, str(REPO / "bench.py"), "--device", device.type, "--steps", str(steps),
+           "--warmup", str(warmup), "--one_setting", json.dumps(dataclasses.asdict(s))]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"error: timing {s.label()} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
@@ -239,8 +255,7 @@ def bench_decode(tiny: bool = False, n_tokens: int = 64, prompt_len: int = 16, r
         ours32, _ = sample.load(tmp, cpu, torch.float32)
         ours16, _ = sample.load(tmp, cpu, torch.bfloat16)
         checkpoint = Path(tmp) / "model.pt"
-        torch.save({"model": ours32.state_dict(), "config": ours32.config.to_dict(), "step": 0,
-                    "val_loss": None}, checkpoint)
+        save_checkpoint(checkpoint, ours32, step=0, val_loss=None)
         startup = _time_startup(checkpoint)
     prompt = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
 
@@ -298,7 +313,7 @@ def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Set
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--tiny", action="store_true", help=f"a tiny model ({TINY}) and few steps: a smoke test")
@@ -313,22 +328,28 @@ def main(argv=None):
     p.add_argument("--decode", action="store_true", help="sample.py's CPU decoding against transformers' generate()")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this file")
+    p.add_argument("--one_setting", default=None, help=argparse.SUPPRESS)  # a child of time_training_alone
     args = p.parse_args(argv)
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if args.device == "auto" else args.device)
+    try:
+        device = pick_device(args.device)
+    except UserError as e:
+        p.error(str(e))
+    if args.one_setting:
+        print(json.dumps(time_training(Setting(**json.loads(args.one_setting)), args.steps, args.warmup, device)))
+        return
     on_gpu = device.type == "cuda"
     base = Setting(**(TINY if args.tiny else {}), compile=on_gpu, amp=on_gpu)
     base.batch_size = args.batch_size or (8 if args.tiny else 16)
     base.arch = args.arch or base.arch
     steps, warmup = args.steps or (5 if args.tiny else 30), args.warmup or (2 if args.tiny else 10)
-    report = {"machine": T.run_header(argparse.Namespace(), T.Env(device=device)) | {"args": vars(args)}}
+    report = {"machine": T.run_header(T.Env(device=device), vars(args))}
     print(f"bench.py on {report['machine']['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"git {report['machine']['git']}")
     if T.peak_flops(device):
         print(f"MFU against a dense bf16 peak of {T.peak_flops(device) / 1e12:.0f} TFLOP/s")
     if args.train:
-        report["train"] = [time_training(s, steps, warmup, device) for s in settings_to_run(base, args.vary)]
+        report["train"] = [time_training_alone(s, steps, warmup, device) for s in settings_to_run(base, args.vary)]
         print_table(report["train"], [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
                                       ("ms_per_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"),
                                       ("peak_memory_gib", "peak GiB", ".1f")])
