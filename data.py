@@ -334,25 +334,35 @@ def _open_hub_stream(source: Source, skip: int):
 def _check_hub_reachable() -> None:
     """Fails in seconds when the Hub's host cannot be reached, instead of after huggingface_hub's retries."""
     offline = {os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    proxied = any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
-    if offline & {"1", "true", "yes", "on"} or proxied:
-        return  # offline mode fails at once by itself; behind a proxy a direct connection proves nothing
-    url = urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    address = (url.hostname, url.port or (443 if url.scheme == "https" else 80))
+    if offline & {"1", "true", "yes", "on"}:
+        return  # offline mode fails at once by itself
+    check_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), HUB_PROBE_SECONDS)
+
+
+def check_reachable(url: str, seconds: float) -> None:
+    """Raises ConnectionError or TimeoutError within `seconds` when the host of `url` cannot be reached.
+
+    Downloaders retry for long before giving up; this answers first. Behind a proxy a direct
+    connection proves nothing, so it then returns at once.
+    """
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    parts = urlsplit(url)
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
     failure: list[OSError] = []
 
     def probe():
         try:
-            socket.create_connection(address, timeout=HUB_PROBE_SECONDS).close()
+            socket.create_connection(address, timeout=seconds).close()
         except OSError as e:
             failure.append(e)
 
     # A thread, because name resolution has no timeout of its own.
     thread = threading.Thread(target=probe, daemon=True)
     thread.start()
-    thread.join(HUB_PROBE_SECONDS)
+    thread.join(seconds)
     if thread.is_alive():
-        raise TimeoutError(f"no answer from {address[0]} in {HUB_PROBE_SECONDS:.0f} s")
+        raise TimeoutError(f"no answer from {address[0]} in {seconds:.0f} s")
     if failure:
         raise ConnectionError(f"{address[0]}: {_reason(failure[0])}")
 

