@@ -40,8 +40,8 @@ from tqdm import tqdm
 import data
 import sample
 import train_gpt2
-from data import DataError
-from model import GPT, CheckpointError, load_model
+from common import ArgumentParser, UserError, arg_type, atomic_write, pick_device, positive_int
+from model import GPT, load_model
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
 # points elsewhere (a mirror, or in the tests an address that cannot answer).
@@ -58,8 +58,8 @@ REFERENCE = "OpenAI GPT-2 124M: acc_norm 0.2955 (acc 0.2859); GPT-3 125M: 0.337"
 Autocast = Callable[[], ContextManager]  # returns the precision context of a forward pass (train_gpt2.Env.autocast)
 
 
-class EvalError(Exception):
-    """A file, flag or download the user can fix; printed as one line."""
+class EvalError(UserError):
+    """A HellaSwag file or download the user can fix."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -120,7 +120,7 @@ def download(url: str, dest: Path) -> list[Item]:
     try:
         data.check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with data.atomic_write(dest) as tmp:  # an interrupted or bad download leaves no file behind
+        with atomic_write(dest) as tmp:  # an interrupted or bad download leaves no file behind
             with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(tmp, "wb") as f:
                 shutil.copyfileobj(response, f)
             try:
@@ -290,13 +290,12 @@ def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
 # Command line
 
 
-positive_int = data.positive_int
-task_list = data.arg_type(lambda text: text.split(","), lambda tasks: set(tasks) <= set(TASKS),
+task_list = arg_type(lambda text: text.split(","), lambda tasks: set(tasks) <= set(TASKS),
                           f"a comma-separated list of {', '.join(TASKS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
                    help="our .pt checkpoint, a save_pretrained directory, or a Hub name (default %(default)s)")
@@ -334,8 +333,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--hellaswag {args.hellaswag}: no such file")
     if args.json and not Path(args.json).expanduser().absolute().parent.is_dir():
         p.error(f"--json {args.json}: its directory does not exist")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda: no CUDA GPU is visible to PyTorch (check nvidia-smi, or that torch is a CUDA build)")
+    try:
+        pick_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     return args
 
 
@@ -343,24 +344,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The run
 
 
-def first_on_local_rank_zero(env: train_gpt2.Env, fetch: Callable):
-    """fetch() on each machine's first process, then on the others, which find what it downloaded or prepared."""
-    if env.local_rank == 0:
-        result = fetch()
-    if env.world > 1:
-        dist.barrier()
-    if env.local_rank != 0:
-        result = fetch()
-    return result
-
-
 def run(args: argparse.Namespace, env: train_gpt2.Env) -> dict:
     """The tasks asked for; the data is read (or fails) before the model, which takes longer, is loaded."""
     items = shards = None
     if "hellaswag" in args.tasks:
-        items = first_on_local_rank_zero(env, lambda: hellaswag_items(args.hellaswag, args.data_cache))[:args.limit]
+        items = train_gpt2.local_rank0_first(env, lambda: hellaswag_items(args.hellaswag, args.data_cache))[:args.limit]
     if "val" in args.tasks:
-        cache = first_on_local_rank_zero(env, lambda: data.prepare(args, progress=env.master))
+        cache = train_gpt2.local_rank0_first(env, lambda: data.prepare(data.DataSpec.from_args(args), progress=env.master))
         shards = data.TokenShards(cache, "val")
     model, info = load_model(args.checkpoint)
     model.to(env.device).eval()
@@ -395,7 +385,7 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env, notes = train_gpt2.setup_env(argparse.Namespace(device=args.device, amp=args.amp, compile=False))
+    env, notes = train_gpt2.setup_env(args.device, args.amp, compile=False)
     try:
         for note in notes if env.master else []:
             print(f"note: {note}", file=sys.stderr)
@@ -403,9 +393,9 @@ def main(argv=None) -> int:
         if env.master:
             print(table(results), flush=True)
             if args.json:
-                with data.atomic_write(Path(args.json).expanduser()) as tmp:
+                with atomic_write(Path(args.json).expanduser()) as tmp:
                     tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
-    except (EvalError, DataError, CheckpointError) as e:
+    except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     except torch.cuda.OutOfMemoryError:

@@ -212,6 +212,18 @@ def from_rank0(env: Env, make):
     return box[0]
 
 
+def local_rank0_first(env: Env, fetch):
+    """fetch() on each machine's first process, then on its others, which find what it downloaded or
+    prepared (one tokenizer per machine, not one per GPU, and no two writing the same cache)."""
+    if env.local_rank == 0:
+        result = fetch()
+    if env.world > 1:
+        dist.barrier()
+    if env.local_rank != 0:
+        result = fetch()
+    return result
+
+
 @dataclass(frozen=True)
 class _TensorSlot:
     """Where a tensor sat in a checkpoint rank 0 shares: its index in the order they are broadcast."""
@@ -567,15 +579,8 @@ class Trainer:
                                   "or choose another --save_dir (nothing was overwritten)")
 
     def _prepare_data(self) -> Path:
-        # One process per machine tokenizes; the others wait, then find the finished cache.
         spec = data.DataSpec.from_args(self.args)
-        if self.env.local_rank == 0:
-            cache = data.prepare(spec, progress=self.env.master)
-        if self.env.world > 1:
-            dist.barrier()
-        if self.env.local_rank != 0:
-            cache = data.prepare(spec, progress=False)
-        return cache
+        return local_rank0_first(self.env, lambda: data.prepare(spec, progress=self.env.master))
 
     def _plan(self) -> tuple[int, int]:
         a = self.args

@@ -136,13 +136,13 @@ def corpus_args(tmp_path_factory) -> list[str]:
     """Data flags of a small run, its cache prepared once."""
     corpus = write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=5))
     flags = ["--dataset", str(corpus), "--data_cache", str(tmp_path_factory.mktemp("cache")), "--val_split", "0.1"]
-    data.prepare(E.parse_args(flags), progress=False)
+    data.prepare(data.DataSpec.from_args(E.parse_args(flags)), progress=False)
     return flags
 
 
 def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_model, ours, corpus_args):
     args = E.parse_args(corpus_args)
-    shards = data.TokenShards(data.prepare(args, progress=False), "val")
+    shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
     T = WINDOW - 8  # shorter windows than the model's, as --block_size gives
     tokens = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
     windows = tokens[:len(tokens) // (T + 1) * (T + 1)].view(-1, T + 1)  # (n, T+1), the tail left out
@@ -255,7 +255,8 @@ def test_a_download_of_the_wrong_length_is_refused_and_not_kept(served, tmp_path
 def test_flags_that_cannot_work_end_in_argument_parsing_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         E.parse_args(flags)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 2 and ": error: " in err[0] and message in err[0]
 
 
 def test_naming_a_runs_data_adds_its_validation_loss_to_hellaswag():
