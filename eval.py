@@ -200,7 +200,7 @@ def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     hidden = model.hidden_states(x)[scored]  # (N, C), the scored positions of all rows
     targets, row_of = y[scored], scored.nonzero()[:, 0]  # (N,) each, in the same order
     vocab = model.config.vocab_size
-    losses = torch.cat([F.cross_entropy(model.lm_head(h)[:, :vocab].float(), t, reduction="none")
+    losses = torch.cat([F.cross_entropy(model.head(h)[:, :vocab].float(), t, reduction="none")
                         for h, t in zip(hidden.split(HEAD_TOKENS), targets.split(HEAD_TOKENS))])  # (N,)
     sums = torch.zeros(len(y), device=y.device).index_add_(0, row_of, losses)
     return sums, scored.sum(1)

@@ -31,9 +31,11 @@ class CheckpointError(UserError):
 
 # The architecture switches each preset sets. `gpt2` is OpenAI's GPT-2 exactly; `modern` is what
 # current small LMs use (LLaMA-style blocks, plus QK-norm as in modded-nanogpt and OLMo 2).
+_GPT2_SWITCHES = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False,
+                      tie_embeddings=True, zero_init=False, logit_softcap=0.0, embed_norm=False)
 ARCH_PRESETS = {
-    "gpt2": dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False),
-    "modern": dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True),
+    "gpt2": _GPT2_SWITCHES,
+    "modern": _GPT2_SWITCHES | dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True),
 }
 
 
@@ -47,22 +49,27 @@ class GPTConfig:
     dropout: float = 0.0
     pos_emb: str = "learned"  # "learned" (GPT-2) or "rope"
     norm: str = "layernorm"  # "layernorm" or "rmsnorm"
-    mlp: str = "gelu"  # "gelu" (tanh-approximated, GPT-2) or "swiglu"
+    mlp: str = "gelu"  # "gelu" (tanh-approximated, GPT-2), "swiglu" (LLaMA) or "relu2" (ReLU squared, modded-nanogpt)
     bias: bool = True  # biases in Linear and LayerNorm, as GPT-2
     qk_norm: bool = False  # normalise queries and keys per head before attention
     rope_base: float = 10000.0
+    tie_embeddings: bool = True  # the output layer is the token embedding, as GPT-2
+    zero_init: bool = False  # projections into the residual stream (and an untied head) start at zero
+    logit_softcap: float = 0.0  # > 0: logits become c * tanh(logits / c) (Gemma 2, modded-nanogpt)
+    embed_norm: bool = False  # normalise the embedding before the first block (modded-nanogpt)
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         for name, allowed in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
-                              ("mlp", ("gelu", "swiglu"))):
+                              ("mlp", ("gelu", "swiglu", "relu2"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, not {getattr(self, name)!r}")
 
     @classmethod
-    def from_preset(cls, arch: str, **shape) -> "GPTConfig":
-        return cls(**ARCH_PRESETS[arch], **shape)
+    def from_preset(cls, arch: str, **fields) -> "GPTConfig":
+        """The preset's switches, then `fields` (the shape, or switches changed from the preset)."""
+        return cls(**(ARCH_PRESETS[arch] | fields))
 
     @property
     def padded_vocab_size(self) -> int:
@@ -110,8 +117,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.type_as(x)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of logits (N, V) over the targets (N,) that are not -1, computed in fp32.
+def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) in fp32, bounding every logit to (-cap, cap); the logits as they are if cap is 0."""
+    return cap * torch.tanh(logits.float() / cap) if cap else logits
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy of softcap(logits (N, V), cap) over the targets (N,) that are not -1, in fp32.
 
     Under torch.compile, inductor fuses the upcast into its softmax kernels and keeps no fp32 copy of
     the logits. Eager PyTorch has no such kernel: F.cross_entropy on bf16 logits makes a full fp32
@@ -119,13 +131,14 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     of the step), so eager runs go through _ChunkedCrossEntropy instead.
     """
     if torch.compiler.is_compiling():
-        return F.cross_entropy(logits.float(), targets, ignore_index=-1)
-    return _ChunkedCrossEntropy.apply(logits, targets)
+        return F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-1)
+    return _ChunkedCrossEntropy.apply(logits, targets, cap)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy whose fp32 work is done 1,024 rows at a time; it keeps only the logits and a
-    logsumexp per row for the backward pass, whose gradient it writes in the logits' own dtype.
+    """Cross-entropy (of soft-capped logits) whose fp32 work is done 1,024 rows at a time; it keeps
+    only the logits and a logsumexp per row for the backward pass, whose gradient it writes in the
+    logits' own dtype.
 
     Written here because no PyTorch op does this outside torch.compile (Liger-Kernel's fused
     cross-entropy does it with Triton, a GPU-only dependency).
@@ -134,30 +147,39 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     ROWS = 1024  # rows per fp32 chunk: 200 MB at GPT-2's vocabulary
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
         R = _ChunkedCrossEntropy.ROWS
         lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+        target_logit = torch.empty_like(lse)
+        rows = torch.arange(min(R, logits.size(0)), device=logits.device)
         for a in range(0, logits.size(0), R):
-            lse[a:a + R] = torch.logsumexp(logits[a:a + R].float(), dim=-1)
+            z = softcap(logits[a:a + R].float(), cap)
+            lse[a:a + R] = torch.logsumexp(z, dim=-1)
+            target_logit[a:a + R] = z[rows[:len(z)], targets[a:a + R].clamp(min=0)]
         valid = targets != -1
-        target_logit = logits.gather(1, targets.clamp(min=0)[:, None]).squeeze(1).float()
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(logits, targets, lse, count)
+        ctx.cap = cap
         return ((lse - target_logit) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse, count = ctx.saved_tensors
-        R = _ChunkedCrossEntropy.ROWS
+        R, cap = _ChunkedCrossEntropy.ROWS, ctx.cap
         scale = (grad / count) * (targets != -1)  # d(mean loss)/d(each row's loss); 0 where ignored
         grad_logits = torch.empty_like(logits)
         for a in range(0, logits.size(0), R):
             t = targets[a:a + R]
-            g = logits[a:a + R].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place
-            g.sub_(lse[a:a + R, None]).exp_()  # the softmax
+            z = logits[a:a + R].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place
+            if cap:
+                z = softcap(z, cap)
+            g = torch.sub(z, lse[a:a + R, None], out=z).exp_()  # the softmax
             g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1.0  # minus the one-hot target
-            torch.mul(g, scale[a:a + R, None], out=grad_logits[a:a + R])  # scaled and cast in one pass
-        return grad_logits, None
+            g.mul_(scale[a:a + R, None])
+            if cap:  # through the cap: d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2
+                g.mul_(1 - torch.tanh(logits[a:a + R].float() / cap).square_())
+            grad_logits[a:a + R] = g
+        return grad_logits, None, None
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -231,6 +253,7 @@ def query_mask(t_q: int, t_k: int, device) -> torch.Tensor | None:
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
+        self.kind = config.mlp
         self.swiglu = config.mlp == "swiglu"
         # SwiGLU has three matrices, so its hidden width is 2/3 of 4C to keep the parameter count
         # (Shazeer 2020), rounded up to a multiple of 64 for the matmul kernels.
@@ -245,6 +268,8 @@ class MLP(nn.Module):
         if self.swiglu:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
+        elif self.kind == "relu2":
+            h = F.relu(h).square()  # So et al. 2021 (Primer); the FineWeb speedrun's activation
         else:
             h = F.gelu(h, approximate="tanh")  # GPT-2 used the tanh approximation
         return self.dropout(self.c_proj(h))
@@ -274,17 +299,25 @@ class GPT(nn.Module):
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config, config.n_embd),
+            ln_e=make_norm(config, config.n_embd) if config.embed_norm else None,
         ))
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
-        self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
+        if config.tie_embeddings:
+            self.transformer.wte.weight = self.lm_head.weight  # tied input and output embeddings, as GPT-2
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
         # GPT-2: N(0, 0.02) everywhere; projections into the residual stream scaled by 1/sqrt(2 * n_layer)
-        # because each layer adds two of them to it.
+        # because each layer adds two of them to it. With zero_init they start at zero instead, so each
+        # block starts as the identity (modded-nanogpt), and so does an untied head.
         if isinstance(module, nn.Linear):
-            std = 0.02 / math.sqrt(2 * self.config.n_layer) if getattr(module, "residual_scale", False) else 0.02
-            nn.init.normal_(module.weight, mean=0.0, std=std)
+            into_residual = getattr(module, "residual_scale", False)
+            untied_head = module is self.lm_head and not self.config.tie_embeddings
+            if self.config.zero_init and (into_residual or untied_head):
+                nn.init.zeros_(module.weight)
+            else:
+                std = 0.02 / math.sqrt(2 * self.config.n_layer) if into_residual else 0.02
+                nn.init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
@@ -297,7 +330,8 @@ class GPT(nn.Module):
         stays in, since as the output layer it does (nanoGPT's convention).
         """
         c = self.config
-        n = sum(p.numel() for p in self.parameters()) - (c.padded_vocab_size - c.vocab_size) * c.n_embd
+        padding = (c.padded_vocab_size - c.vocab_size) * c.n_embd * (1 if c.tie_embeddings else 2)
+        n = sum(p.numel() for p in self.parameters()) - padding
         if non_embedding and self.transformer.wpe is not None:
             n -= self.transformer.wpe.weight.numel()
         return n
@@ -325,6 +359,8 @@ class GPT(nn.Module):
             # Computed per call in fp32 rather than kept as buffers, which model.to(bfloat16) would round.
             rope = rope_tables(self.config.head_dim, start + T, self.config.rope_base, idx.device)
             rope = (rope[0][start:], rope[1][start:])
+        if self.transformer.ln_e is not None:
+            x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
             x = block(x, rope, cache, i)
@@ -332,16 +368,20 @@ class GPT(nn.Module):
             cache.pos += T
         return self.transformer.ln_f(x)
 
+    def head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output layer: logits over the padded vocabulary, soft-capped when the config says so."""
+        return softcap(self.lm_head(hidden), self.config.logit_softcap)
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """(logits (B, T, padded vocab), None); or, given targets (B, T; -1 is ignored), (None, mean cross-entropy).
 
         With targets the logits are not returned: a caller holding them would keep them alive through
         the backward pass, 6.6 GB in bf16 for a micro-batch of 64 x 1024.
         """
-        logits = self.lm_head(self.hidden_states(idx))
         if targets is None:
-            return logits, None
-        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+            return self.head(self.hidden_states(idx)), None
+        logits = self.lm_head(self.hidden_states(idx))  # soft-capped inside the loss, chunk by chunk
+        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPT":
@@ -380,7 +420,7 @@ class GPT(nn.Module):
                 fed = len(tokens) - keep
             new = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)
             fed = len(tokens)
-            logits = self.lm_head(self.hidden_states(new, cache)[:, -1]).float()[0, :self.config.vocab_size]
+            logits = self.head(self.hidden_states(new, cache)[:, -1]).float()[0, :self.config.vocab_size]
             token = sample_token(logits, temperature, top_k, top_p, generator)
             if stop_at_eot and token == EOT_TOKEN:
                 return

@@ -7,11 +7,15 @@ import torch
 import model as M
 from model import GPT, GPTConfig, KVCache, sample_token
 
-PRESETS = ["gpt2", "modern"]
+# Every architecture switch on at once (but zero_init, which would make every logit 0), beside the presets.
+EVERY_SWITCH = dict(mlp="relu2", tie_embeddings=False, logit_softcap=15.0, embed_norm=True)
+PRESETS = ["gpt2", "modern", "every_switch"]
 
 
 def tiny(arch="gpt2", **kw) -> GPT:
     shape = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100) | kw
+    if arch == "every_switch":
+        arch, shape = "modern", EVERY_SWITCH | shape
     torch.manual_seed(0)
     return GPT(GPTConfig.from_preset(arch, **shape)).eval()
 
@@ -36,7 +40,7 @@ def test_cached_forward_gives_the_logits_of_a_full_forward(arch):
     cache = KVCache(m.config, 2, "cpu", torch.float32)
     # A 5-token prefill, a 3-token chunk (keys outnumber queries: the bottom-right mask), then single tokens.
     pieces = [x[:, :5], x[:, 5:8]] + [x[:, i:i + 1] for i in range(8, 16)]
-    cached = torch.cat([m.lm_head(m.hidden_states(p, cache)) for p in pieces], dim=1)
+    cached = torch.cat([m.head(m.hidden_states(p, cache)) for p in pieces], dim=1)
     assert torch.allclose(full, cached, atol=1e-5)
 
 
@@ -203,16 +207,18 @@ def test_compile_and_ddp_prefixes_are_stripped_in_any_nesting():
     assert set(M.strip_compile_prefix(keys)) == {"lm_head.weight", "x", "y", "z"}
 
 
+@pytest.mark.parametrize("cap", [0.0, 15.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_chunked_loss_equals_cross_entropy_in_value_and_gradient(dtype):
+def test_the_chunked_loss_equals_cross_entropy_in_value_and_gradient(dtype, cap):
     # More rows than one chunk, and ignored positions (-1), as padded evaluation batches have.
     logits = (torch.randn(2 * M._ChunkedCrossEntropy.ROWS + 37, 300, generator=torch.Generator().manual_seed(0)) * 3)
     targets = torch.randint(0, 300, (logits.size(0),), generator=torch.Generator().manual_seed(1))
     targets[::7] = -1
     ours = logits.to(dtype).requires_grad_()
     theirs = logits.to(dtype).requires_grad_()
-    loss = M.cross_entropy(ours, targets)
-    reference = torch.nn.functional.cross_entropy(theirs.float(), targets, ignore_index=-1)
+    loss = M.cross_entropy(ours, targets, cap)
+    capped = cap * torch.tanh(theirs.float() / cap) if cap else theirs.float()
+    reference = torch.nn.functional.cross_entropy(capped, targets, ignore_index=-1)
     loss.backward()
     reference.backward()
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
@@ -228,3 +234,25 @@ def test_training_forward_returns_the_loss_and_no_logits():
     assert logits is None
     reference = torch.nn.functional.cross_entropy(full.reshape(-1, full.size(-1)), x[:, 1:].reshape(-1))
     assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+
+
+def test_zero_init_starts_every_block_as_the_identity_and_an_untied_head_at_zero():
+    m = tiny("modern", zero_init=True, tie_embeddings=False)
+    x = torch.randint(0, 100, (1, 16))
+    blocks_off = m.transformer.ln_f(m.transformer.wte(x))
+    assert torch.allclose(m.hidden_states(x), blocks_off, atol=1e-6)  # each block adds zero to the stream
+    assert m.lm_head.weight.abs().sum() == 0 and m.lm_head.weight is not m.transformer.wte.weight
+    assert m.transformer.wte.weight.std() > 0.01
+
+
+def test_soft_capped_logits_stay_inside_the_cap():
+    m = tiny("modern", logit_softcap=2.0)
+    with torch.no_grad():
+        m.lm_head.weight.mul_(1000)
+    logits, _ = m(torch.randint(0, 100, (1, 16)))
+    assert 1.9 < logits.abs().max() <= 2.0
+
+
+def test_an_untied_head_counts_its_own_parameters():
+    tied, untied = tiny("modern"), tiny("modern", tie_embeddings=False)
+    assert untied.num_params() - tied.num_params() == 100 * 32  # the head's real rows
