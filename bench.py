@@ -37,6 +37,7 @@ TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 class Setting:
     """One training configuration to time."""
     arch: str = "gpt2"
+    optimizer: str = "adamw"
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -46,7 +47,7 @@ class Setting:
     amp: bool = True
 
     def label(self) -> str:
-        return (f"{self.arch} L{self.n_layer} C{self.n_embd} T{self.block_size} B{self.batch_size} "
+        return (f"{self.arch} {self.optimizer} L{self.n_layer} C{self.n_embd} T{self.block_size} B{self.batch_size} "
                 f"{'compile' if self.compile else 'eager'} {'bf16' if self.amp else 'fp32'}")
 
 
@@ -75,17 +76,19 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
                                    block_size=s.block_size)
     amp, _ = T.choose_amp(s.amp, device.type)
     env = T.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
-    t = T.build(config, env, seed=0, lr=6e-4, weight_decay=0.1)
+    settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", s.optimizer]))  # the flags' defaults
+    t = T.build(config, env, settings, seed=0)
     x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
     batches = itertools.repeat((x[:, :-1], x[:, 1:]))
     times = []
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, norm = T.train_step(t.model, t.optimizer, batches, env=env, step=step, seed=0, grad_accum=1,
+        loss, norm = T.train_step(t.model, t.optimizers, batches, env=env, step=step, seed=0, grad_accum=1,
                                   grad_clip=1.0, scaler=t.scaler)
         torch.stack([loss, norm]).tolist()  # the loop's one host sync per step
-        t.optimizer.step()
-        t.optimizer.zero_grad(set_to_none=True)
+        for optimizer in t.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= warmup:  # the first steps include compilation and allocator warm-up
@@ -145,6 +148,7 @@ def time_loop(s: Setting, steps: int, warmup: int, device: torch.device) -> dict
         write_random_corpus(tmp / "text", max(needed, 40_000))
         cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--dataset", str(tmp / "text"),
                "--data_cache", str(tmp / "cache"), "--save_dir", str(tmp / "run"), "--arch", s.arch,
+               "--optimizer", s.optimizer,
                "--n_layer", str(s.n_layer), "--n_head", str(s.n_head), "--n_embd", str(s.n_embd),
                "--block_size", str(s.block_size), "--batch_size", str(s.batch_size), "--max_steps",
                str(warmup + steps), "--warmup_steps", "10", "--log_interval", str(log_every),

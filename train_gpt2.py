@@ -29,8 +29,11 @@ from tqdm import tqdm
 
 import data
 from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, cuda_has_bf16, dropout_rate,
-                    non_negative_float, non_negative_int, pick_device, positive_float, positive_int)
+                    non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
 from model import ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_state, save_checkpoint
+
+# Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
+MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 
 # Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
 # datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
@@ -76,15 +79,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per optimizer step, over all GPUs and accumulation micro-steps")
     o.add_argument("--grad_accum", type=positive_int, default=1,
                    help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at once)")
-    o.add_argument("--lr", type=positive_float, default=6e-4, help="peak learning rate")
-    o.add_argument("--min_lr", type=non_negative_float, default=6e-5, help="learning rate at the end of the cosine")
+    o.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+                   help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
+                        "embeddings, the head, norm gains and biases")
+    o.add_argument("--lr", type=positive_float, default=6e-4, help="AdamW's peak learning rate")
+    o.add_argument("--min_lr", type=non_negative_float, default=6e-5,
+                   help="AdamW's learning rate at the end of the decay (Muon's decays in proportion)")
+    o.add_argument("--muon_lr", type=positive_float, default=0.02, help="Muon's peak learning rate")
+    o.add_argument("--muon_momentum", type=open_fraction, default=0.95,
+                   help=f"Muon's momentum, reached from {MUON_MOMENTUM_START} over the first "
+                        f"{MUON_MOMENTUM_WARMUP} steps")
+    o.add_argument("--muon_weight_decay", type=non_negative_float, default=0.05,
+                   help="Muon's decoupled weight decay (each step shrinks weights by muon_lr * this)")
+    o.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+                   help="after the warmup: cosine decay to --min_lr; or wsd, constant then a linear decay to "
+                        "--min_lr over the last --cooldown_frac of the run (a run can be extended from its "
+                        "constant phase)")
+    o.add_argument("--cooldown_frac", type=open_fraction, default=0.5, help="wsd: the decaying share of the run")
     o.add_argument("--warmup_steps", type=non_negative_int, default=700)
     o.add_argument("--max_steps", type=positive_int, default=None,
                    help="optimizer steps in the run (default: --epochs over the training split)")
     o.add_argument("--epochs", type=positive_float, default=4.0,
                    help="passes over the training split when --max_steps is not given; up to about 4 repeats cost "
                         "little against fresh data (Muennighoff et al. 2023)")
-    o.add_argument("--weight_decay", type=non_negative_float, default=0.1)
+    o.add_argument("--weight_decay", type=non_negative_float, default=0.1, help="AdamW's, on matrices only")
     o.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max gradient norm (0: no clipping)")
     o.add_argument("--seed", type=int, default=1337)
     r = p.add_argument_group("run")
@@ -117,6 +135,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--arch modern needs an even head size for rotary embeddings, not {args.n_embd // args.n_head}")
     if args.min_lr > args.lr:
         p.error(f"--min_lr {args.min_lr} is above --lr {args.lr}")
+    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
+        p.error(f"--optimizer muon needs torch 2.9 or later (this is {torch.__version__}): upgrade torch, "
+                "or use --optimizer adamw")
     if args.batch_size % (world * args.grad_accum):
         p.error(f"--batch_size {args.batch_size} is not divisible by GPUs × --grad_accum = "
                 f"{world} × {args.grad_accum} = {world * args.grad_accum}")
@@ -268,22 +289,72 @@ def share_state_from_rank0(env: Env, state):
 # Schedule, optimizer and the model being trained
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int) -> float:
-    """Linear warmup to lr over `warmup` steps, then cosine decay reaching min_lr at the last step."""
+def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, schedule: str = "cosine",
+          cooldown_frac: float = 0.5) -> float:
+    """Linear warmup to lr over `warmup` steps, then a decay reaching min_lr at the last step: a cosine
+    over the rest of the run, or (wsd: warmup-stable-decay) lr held constant until the last
+    cooldown_frac of the run, then a straight line down."""
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = max(warmup, max_steps - round(cooldown_frac * max_steps))
+        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
+        return lr - min(1.0, progress) * (lr - min_lr)
     progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
 
 
-def make_optimizer(model: GPT, *, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only: biases and norm gains are not decayed (GPT-3's recipe)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+def muon_momentum_at(step: int, momentum: float) -> float:
+    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
+    start = min(MUON_MOMENTUM_START, momentum)
+    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer flags (defaults in build_parser)."""
+    optimizer: str
+    lr: float
+    weight_decay: float
+    muon_lr: float
+    muon_momentum: float
+    muon_weight_decay: float
+
+    @classmethod
+    def from_args(cls, args) -> "OptimizerSettings":
+        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+
+
+def split_parameters(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
+    """Every trainable parameter in exactly one group: `matrices`, the 2-D weights inside the blocks;
+    `embeddings`, the token and position tables and an untied head (2-D, but a lookup or the output
+    layer, which Muon is not made for); `vectors`, norm gains and biases."""
+    in_blocks = {id(p) for p in model.transformer.h.parameters()}
+    groups = {"matrices": [], "embeddings": [], "vectors": []}
+    for p in model.parameters():  # each tied tensor once
+        if p.requires_grad:
+            kind = "vectors" if p.dim() < 2 else "matrices" if id(p) in in_blocks else "embeddings"
+            groups[kind].append(p)
+    return groups
+
+
+def make_optimizers(model: GPT, s: OptimizerSettings, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW for everything, or Muon for the block matrices and AdamW for the rest; weight decay on
+    matrices only (GPT-3's recipe). Each group keeps its peak learning rate in group["peak_lr"]."""
+    groups = split_parameters(model)
+    decayed = groups["embeddings"] + ([] if s.optimizer == "muon" else groups["matrices"])
     # The fused kernel does the whole update in a few launches (CUDA and, since torch 2.4, the CPU).
-    fused = device.type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=fused)
+    adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": s.weight_decay},
+                               {"params": groups["vectors"], "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
+                              eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    optimizers = [adamw]
+    if s.optimizer == "muon":
+        optimizers.append(torch.optim.Muon(groups["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
+                                           weight_decay=s.muon_weight_decay, nesterov=True))
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["peak_lr"] = group["lr"]
+    return optimizers
 
 
 @dataclass
@@ -291,19 +362,19 @@ class Training:
     """The model being trained and what updates it; built by `build`, for train_gpt2.py and bench.py alike."""
     raw_model: GPT  # the plain module: its state_dict is what checkpoints hold
     model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
-    optimizer: torch.optim.Optimizer
+    optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler | None  # fp16 only
 
 
-def build(config: GPTConfig, env: Env, *, seed: int, lr: float, weight_decay: float) -> Training:
+def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int) -> Training:
     torch.manual_seed(seed)  # the same initial weights on every rank
     raw = GPT(config).to(env.device)
-    optimizer = make_optimizer(raw, lr=lr, weight_decay=weight_decay, device=env.device)
+    optimizers = make_optimizers(raw, settings, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
     model = torch.compile(raw) if env.compile else raw
     if env.world > 1:
         model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    return Training(raw, model, optimizer, scaler)
+    return Training(raw, model, optimizers, scaler)
 
 
 def micro_seed(seed: int, step: int, micro_index: int) -> int:
@@ -319,7 +390,7 @@ def micro_seed(seed: int, step: int, micro_index: int) -> int:
 # One optimizer step (bench.py times exactly this function)
 
 
-def train_step(model, optimizer, batches, *, env: Env, step: int, seed: int, grad_accum: int,
+def train_step(model, optimizers, batches, *, env: Env, step: int, seed: int, grad_accum: int,
                grad_clip: float, scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward over grad_accum micro-batches, then clip; returns (mean loss, grad norm).
 
@@ -341,7 +412,8 @@ def train_step(model, optimizer, batches, *, env: Env, step: int, seed: int, gra
             (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
     if scaler:
-        scaler.unscale_(optimizer)
+        for optimizer in optimizers:
+            scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
     return loss_sum, norm
 
@@ -429,7 +501,7 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def load_resume_state(save_dir: Path, config: GPTConfig) -> dict:
+def load_resume_state(save_dir: Path, config: GPTConfig, optimizer: str) -> dict:
     path = save_dir / "latest.pt"
     if not path.exists():
         raise CheckpointError(f"--resume: no checkpoint at {path} (start without --resume, or point --save_dir "
@@ -440,6 +512,10 @@ def load_resume_state(save_dir: Path, config: GPTConfig) -> dict:
     diffs = config_differences(ckpt["config"], config.to_dict())
     if diffs:
         raise CheckpointError(f"--resume: {path} was trained with another model shape; " + "; ".join(diffs))
+    trained_with = ckpt.get("args", {}).get("optimizer", "adamw")
+    if trained_with != optimizer:
+        raise CheckpointError(f"--resume: {path} was trained with --optimizer {trained_with}, not {optimizer}; "
+                              "resume it with the optimizer it started with")
     return ckpt
 
 
@@ -559,7 +635,7 @@ class Trainer:
         self.val = data.BatchSource(data.TokenShards(self.cache_dir, "val"), args.block_size, args.batch_size,
                                     seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum, shuffle=False)
         self.max_steps, self.warmup = self._plan()
-        self.t = build(self.config, env, seed=args.seed, lr=args.lr, weight_decay=args.weight_decay)
+        self.t = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed)
         self.flops_per_token = self.t.raw_model.flops_per_token(args.block_size)
         self.peak = peak_flops(env.device)
         self.step, self.best_val, self.val_loss = 0, float("inf"), None
@@ -603,7 +679,7 @@ class Trainer:
         """Continue from latest.pt; only rank 0 needs to see the file (machines need not share a disk)."""
         def read():
             try:
-                return load_resume_state(self.save_dir, self.config), None
+                return load_resume_state(self.save_dir, self.config, self.args.optimizer), None
             except CheckpointError as e:
                 return None, str(e)
 
@@ -613,7 +689,9 @@ class Trainer:
             raise CheckpointError(problem)
         ckpt = share_state_from_rank0(self.env, ckpt)
         load_state(self.t.raw_model, ckpt["model"])
-        self.t.optimizer.load_state_dict(ckpt["optimizer"])
+        states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
+        for optimizer, state in zip(self.t.optimizers, states, strict=True):
+            optimizer.load_state_dict(state)
         if self.t.scaler is not None and ckpt.get("scaler"):
             self.t.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.val_loss = ckpt["step"], ckpt.get("val_loss")
@@ -632,7 +710,7 @@ class Trainer:
         fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
                   "tokens": self.step * self.args.batch_size * self.args.block_size}
         if full:
-            fields |= {"optimizer": self.t.optimizer.state_dict(),
+            fields |= {"optimizer": [optimizer.state_dict() for optimizer in self.t.optimizers],
                        "scaler": self.t.scaler.state_dict() if self.t.scaler else None,
                        "schedule": {"warmup_steps": self.warmup, "max_steps": self.max_steps},
                        # The data position and every random draw follow from (seed, step): see micro_seed.
@@ -695,22 +773,29 @@ class Trainer:
         return stats
 
     def optimizer_step(self, lr: float, stats: torch.Tensor):
-        optimizer, scaler = self.t.optimizer, self.t.scaler
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        optimizers, scaler = self.t.optimizers, self.t.scaler
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["peak_lr"] * lr / self.args.lr  # every group follows the schedule
+                if isinstance(optimizer, getattr(torch.optim, "Muon", ())):
+                    group["momentum"] = muon_momentum_at(self.step, self.args.muon_momentum)
         self.figures.add(self.step, stats)
         if scaler:
-            scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
+            for optimizer in optimizers:
+                scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
             scaler.update()
-        elif optimizer.defaults.get("fused"):
+        elif all(optimizer.defaults.get("fused") for optimizer in optimizers):
             # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's mechanism),
             # so a non-finite step changes nothing and the CPU need not wait for the GPU to know it.
-            optimizer.found_inf = (~stats[:2].isfinite().all()).float()
-            optimizer.step()
+            for optimizer in optimizers:
+                optimizer.found_inf = (~stats[:2].isfinite().all()).float()
+                optimizer.step()
         else:
-            self.figures.latest()  # other optimizers: wait for the figures before updating
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+            self.figures.latest()  # Muon has no such flag: the figures are read (and checked) before it updates
+            for optimizer in optimizers:
+                optimizer.step()
+        for optimizer in optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
     def due(self) -> Due:
         """What the step just finished calls for, from the flags' intervals and a stop asked for."""
@@ -746,8 +831,8 @@ class Trainer:
         speed = Speed(self.step, a.batch_size * a.block_size)
         t.model.train()
         while self.step < self.max_steps:
-            lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps)
-            loss, norm = train_step(t.model, t.optimizer, batches, env=env, step=self.step, seed=a.seed,
+            lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps, a.schedule, a.cooldown_frac)
+            loss, norm = train_step(t.model, t.optimizers, batches, env=env, step=self.step, seed=a.seed,
                                     grad_accum=a.grad_accum, grad_clip=a.grad_clip, scaler=t.scaler)
             self.figures.previous()
             self.optimizer_step(lr, self.step_stats(loss, norm, signals.received is not None))

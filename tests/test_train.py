@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
+import model as M
 import train_gpt2 as T
 
 
@@ -118,8 +119,11 @@ def start_training(args) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(corpus_dir, data_cache, tmp_path):
-    common = ["--max_steps", "30", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(corpus_dir, data_cache, tmp_path,
+                                                                               optimizer):
+    common = ["--max_steps", "30", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1",
+              "--optimizer", optimizer, "--schedule", "wsd" if optimizer == "muon" else "cosine"]
     whole = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "whole", *common))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
@@ -150,7 +154,8 @@ def test_sigterm_or_a_hang_up_saves_latest_then_exits(corpus_dir, data_cache, tm
     assert 0 < step < 100000
 
 
-def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_path, monkeypatch, optimizer):
     real_step = T.train_step
 
     def poisoned(*args, step, **kw):
@@ -161,7 +166,8 @@ def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_p
     # latest.pt holds 3 finished steps; the poisoned one that follows is caught while the next one runs
     # (the check is deferred a step so the CPU never waits for the GPU), and its update was skipped.
     args = T.parse_args(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "10",
-                                   "--checkpoint_interval", "3", "--eval_interval", "100", "--log_interval", "100"))
+                                   "--checkpoint_interval", "3", "--eval_interval", "100", "--log_interval", "100",
+                                   "--optimizer", optimizer))
     env, _ = T.setup_env(args.device, args.amp, args.compile)
     trainer = T.Trainer(args, env)
     with pytest.raises(T.StopTraining, match="not finite at step 3; stopped before its update"):
@@ -184,8 +190,10 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, 
     assert "--batch_size" in message and "--grad_accum" in message
 
 
-def test_two_ranks_train_the_model_of_one_process_with_accumulation(corpus_dir, data_cache, tmp_path):
-    common = ["--max_steps", "8", "--eval_interval", "8", "--log_interval", "1", "--dropout", "0.1"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_two_ranks_train_the_model_of_one_process_with_accumulation(corpus_dir, data_cache, tmp_path, optimizer):
+    common = ["--max_steps", "8", "--eval_interval", "8", "--log_interval", "1", "--dropout", "0.1",
+              "--optimizer", optimizer]
     single = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "one", *common,
                                                      "--grad_accum", "2"))
     assert single.returncode == 0, single.stderr[-2000:]
@@ -294,3 +302,44 @@ def test_two_machines_without_a_shared_disk_resume_from_rank_0s_checkpoint(corpu
     again = finish(start_nodes(nodes, args))  # a new run over rank 0's checkpoint: refused on both machines
     assert [code for code, _ in again] == [1, 1]
     assert all("from an earlier run: continue it with --resume" in err for _, err in again)
+
+
+def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_last_step():
+    lr = lambda s: T.lr_at(s, 1.0, 0.1, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4)
+    assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
+    assert all(lr(s) == 1.0 for s in range(10, 61))  # stable until the last 40% (steps 60..99)
+    assert lr(99) == pytest.approx(0.1) and lr(80) == pytest.approx(1.0 - 0.9 * 20 / 39)
+    assert all(lr(s) > lr(s + 1) for s in range(60, 99))
+
+
+def test_muon_momentum_warms_up_to_the_flag_value():
+    assert T.muon_momentum_at(0, 0.95) == pytest.approx(0.85)
+    assert T.muon_momentum_at(T.MUON_MOMENTUM_WARMUP // 2, 0.95) == pytest.approx(0.90)
+    assert T.muon_momentum_at(10 * T.MUON_MOMENTUM_WARMUP, 0.95) == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("arch, untie", [("gpt2", False), ("modern", True)])
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_every_parameter_is_updated_by_exactly_one_optimizer_group(arch, untie, optimizer):
+    config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=16, tie_embeddings=not untie)
+    model = M.GPT(config)
+    args = T.parse_args(["--optimizer", optimizer])
+    optimizers = T.make_optimizers(model, T.OptimizerSettings.from_args(args), torch.device("cpu"))
+    grouped = [id(p) for o in optimizers for g in o.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once, none left out
+    if optimizer == "muon":
+        muon = {id(p) for g in optimizers[1].param_groups for p in g["params"]}
+        assert muon == {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
+
+
+def test_resuming_with_another_optimizer_or_an_old_torch_is_refused_in_one_line(corpus_dir, data_cache, tmp_path,
+                                                                                monkeypatch, capsys):
+    save = tmp_path / "run"
+    assert run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "2")).returncode == 0
+    other = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "4", "--resume",
+                                                    "--optimizer", "muon"))
+    assert other.returncode == 1 and "trained with --optimizer adamw, not muon" in other.stderr
+    monkeypatch.delattr(torch.optim, "Muon")
+    with pytest.raises(SystemExit):
+        T.parse_args(["--optimizer", "muon"])
+    assert "--optimizer muon needs torch 2.9 or later" in capsys.readouterr().err
