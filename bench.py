@@ -308,6 +308,77 @@ def _print_decode(r: dict) -> None:
           f"{r['startup_exit_s']:.2f} s")
 
 
+# ----------------------------------------------------------------------------------------------------
+# Recipes: how much model a number of steps buys, each recipe trained by train_gpt2.py itself
+
+BASELINE = "gpt2-adamw-cosine"
+RECIPES = {BASELINE: "--arch gpt2 --optimizer adamw --schedule cosine",  # GPT-2's recipe: what others are held to
+           "default": ""}  # python train_gpt2.py as it comes
+
+
+def parse_recipe(text: str) -> tuple[str, str]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError("--recipe takes NAME=FLAGS, e.g. 'muon-lr-0.04=--optimizer muon --muon_lr 0.04'")
+    return name, flags
+
+
+def train_recipe(name: str, flags: str, common: list[str], runs: Path, threads: int) -> dict:
+    """One recipe's run (reused when runs/NAME holds a finished one); its validation loss at each evaluation."""
+    save = runs / name
+    metrics = save / "metrics.jsonl"
+    if not (metrics.exists() and "done" in metrics.read_text().splitlines()[-1]):
+        import shutil
+        shutil.rmtree(save, ignore_errors=True)  # an unfinished run: start it again
+        cmd = [sys.executable, str(REPO / "train_gpt2.py"), *common, *flags.split(), "--save_dir", str(save)]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        started = time.perf_counter()
+        run = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if run.returncode != 0:
+            raise SystemExit(f"error: recipe {name} failed:\n{run.stderr[-3000:]}")
+        with open(metrics, "a") as f:
+            f.write(json.dumps({"done": True, "seconds": time.perf_counter() - started}) + "\n")
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    return {"recipe": name, "flags": flags, "evals": evals, "final": evals[-1][1], "steps": evals[-1][0],
+            "seconds": rows[-1]["seconds"]}
+
+
+def steps_to(target: float, evals: list[tuple[int, float]]) -> float | None:
+    """The step at which the validation loss first reaches `target`, interpolated between evaluations."""
+    prev_step, prev_loss = 0, float("inf")
+    for step, loss in evals:
+        if loss <= target:
+            if prev_loss == float("inf"):
+                return float(step)
+            return prev_step + (step - prev_step) * (prev_loss - target) / (prev_loss - loss)
+        prev_step, prev_loss = step, loss
+    return None
+
+
+def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, parallel: int) -> list[dict]:
+    """Every recipe on the same data, shape, batch and steps; the baseline first, the others held to its
+    final validation loss: the steps each takes to reach it, and the ratio to the baseline's steps."""
+    from concurrent.futures import ThreadPoolExecutor
+    import data
+    data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before runs in parallel would race to it
+    threads = max(1, (os.cpu_count() or 1) // parallel)
+    with ThreadPoolExecutor(parallel) as pool:
+        results = list(pool.map(lambda item: train_recipe(*item, common, runs, threads), recipes.items()))
+    base = next((r for r in results if r["recipe"] == BASELINE), results[0])
+    for r in results:
+        reached = steps_to(base["final"], r["evals"])
+        r |= {"steps_to_baseline": reached, "ratio": reached / base["steps"] if reached is not None else None}
+        for frac in (0.25, 0.5, 0.75):
+            r[f"val_at_{frac:.0%}"] = next((loss for step, loss in r["evals"] if step >= frac * r["steps"]), None)
+    print(f"validation loss of each recipe; steps to reach {base['recipe']}'s final {base['final']:.4f}")
+    print_table(results, [("recipe", "recipe", "s"), ("val_at_25%", "25%", ".4f"), ("val_at_50%", "50%", ".4f"),
+                          ("val_at_75%", "75%", ".4f"), ("final", "final", ".4f"), ("steps", "steps", "d"),
+                          ("steps_to_baseline", "steps to base", ".0f"), ("ratio", "ratio", ".2f"),
+                          ("seconds", "seconds", ".0f")])
+    return results
+
+
 def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Setting]:
     """The base setting, then each --vary applied to it one key at a time."""
     out = [base]
@@ -331,6 +402,16 @@ def main(argv=None):
     p.add_argument("--loop", action="store_true", help="also time train_gpt2.py end to end")
     p.add_argument("--decode", action="store_true", help="sample.py's CPU decoding against transformers' generate()")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
+    r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
+    r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
+                   "the same data, shape, batch and steps, and compare their validation loss")
+    r.add_argument("--recipe", type=parse_recipe, action="append", default=[], metavar="NAME=FLAGS",
+                   help="one more recipe: train_gpt2.py flags (e.g. a learning rate to sweep)")
+    r.add_argument("--only", default=None, help="comma-separated recipe names: run just these")
+    r.add_argument("--train_flags", default="", help="flags every recipe gets: data, shape, batch, steps, ...")
+    r.add_argument("--runs", type=Path, default=REPO / "runs" / "recipes",
+                   help="where each recipe's run is kept; a finished run there is reused, not trained again")
+    r.add_argument("--parallel", type=int, default=1, help="recipes trained at once (the cores are shared out)")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this file")
     p.add_argument("--one_setting", default=None, help=argparse.SUPPRESS)  # a child of time_training_alone
     args = p.parse_args(argv)
@@ -352,7 +433,7 @@ def main(argv=None):
           f"git {report['machine']['git']}")
     if T.peak_flops(device):
         print(f"MFU against a dense bf16 peak of {T.peak_flops(device) / 1e12:.0f} TFLOP/s")
-    if args.train:
+    if args.train and not args.recipes:  # --recipes compares quality per step, not speed
         report["train"] = [time_training_alone(s, steps, warmup, device) for s in settings_to_run(base, args.vary)]
         print_table(report["train"], [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
                                       ("ms_per_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"),
@@ -363,6 +444,11 @@ def main(argv=None):
               f"(median of {report['loop']['windows']} logged windows)")
         if args.train:
             print(f"loop / table: {report['loop']['tokens_per_s'] / report['train'][0]['tokens_per_s']:.1%}")
+    if args.recipes:
+        recipes = RECIPES | dict(args.recipe)
+        if args.only:
+            recipes = {k: v for k, v in recipes.items() if k in args.only.split(",")}
+        report["recipes"] = compare_recipes(recipes, args.train_flags.split(), args.runs, args.parallel)
     if args.decode:
         report["decode"] = bench_decode(tiny=args.tiny)
     if args.tokenize:
