@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import runtime
 import train_gpt2 as T
 from common import ArgumentParser, UserError, pick_device
 from model import GPTConfig, save_checkpoint
@@ -74,8 +75,8 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
     resident_before = resident_bytes() if device.type == "cpu" else 0
     config = GPTConfig.from_preset(s.arch, n_layer=s.n_layer, n_head=s.n_head, n_embd=s.n_embd,
                                    block_size=s.block_size)
-    amp, _ = T.choose_amp(s.amp, device.type)
-    env = T.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
+    amp, _ = runtime.choose_amp(s.amp, device.type)
+    env = runtime.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
     settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", s.optimizer]))  # the flags' defaults
     t = T.build(config, env, settings, seed=0)
     x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
@@ -428,7 +429,7 @@ def main(argv=None):
     base.batch_size = args.batch_size or (8 if args.tiny else 16)
     base.arch = args.arch or base.arch
     steps, warmup = args.steps or (5 if args.tiny else 30), args.warmup or (2 if args.tiny else 10)
-    report = {"machine": T.run_header(T.Env(device=device), vars(args))}
+    report = {"machine": T.run_header(runtime.Env(device=device), vars(args))}
     print(f"bench.py on {report['machine']['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"git {report['machine']['git']}")
     if T.peak_flops(device):

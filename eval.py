@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import runtime
 import sample
-import train_gpt2
 from common import ArgumentParser, UserError, arg_type, atomic_write, pick_device, positive_int
 from model import GPT, load_model
 
@@ -55,7 +55,7 @@ TASKS = ("hellaswag", "val")
 REFERENCE = "OpenAI GPT-2 124M: acc_norm 0.2955 (acc 0.2859); GPT-3 125M: 0.337"
 
 
-Autocast = Callable[[], ContextManager]  # returns the precision context of a forward pass (train_gpt2.Env.autocast)
+Autocast = Callable[[], ContextManager]  # returns the precision context of a forward pass (runtime.Env.autocast)
 
 
 class EvalError(UserError):
@@ -344,13 +344,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 # The run
 
 
-def run(args: argparse.Namespace, env: train_gpt2.Env) -> dict:
+def run(args: argparse.Namespace, env: runtime.Env) -> dict:
     """The tasks asked for; the data is read (or fails) before the model, which takes longer, is loaded."""
     items = shards = None
     if "hellaswag" in args.tasks:
-        items = train_gpt2.local_rank0_first(env, lambda: hellaswag_items(args.hellaswag, args.data_cache))[:args.limit]
+        items = runtime.local_rank0_first(env, lambda: hellaswag_items(args.hellaswag, args.data_cache))[:args.limit]
     if "val" in args.tasks:
-        cache = train_gpt2.local_rank0_first(env, lambda: data.prepare(data.DataSpec.from_args(args), progress=env.master))
+        cache = runtime.local_rank0_first(env, lambda: data.prepare(data.DataSpec.from_args(args), progress=env.master))
         shards = data.TokenShards(cache, "val")
     model, info = load_model(args.checkpoint)
     model.to(env.device).eval()
@@ -385,7 +385,7 @@ def table(results: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    env, notes = train_gpt2.setup_env(args.device, args.amp, compile=False)
+    env, notes = runtime.setup_env(args.device, args.amp, compile=False)
     try:
         for note in notes if env.master else []:
             print(f"note: {note}", file=sys.stderr)
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         return 130  # the shell's status for Ctrl-C, without a traceback
     finally:
-        train_gpt2.cleanup_env(env)
+        runtime.cleanup_env(env)
     return 0
 
 

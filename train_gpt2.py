@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import json
 import math
@@ -28,9 +27,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, cuda_has_bf16, dropout_rate,
-                    non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
+from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, non_negative_float,
+                    non_negative_int, open_fraction, pick_device, positive_float, positive_int)
 from model import ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_state, save_checkpoint
+from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, setup_env,
+                     share_state_from_rank0)
 
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
@@ -121,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save_dir", default="checkpoints", help="where checkpoints, metrics.jsonl and loss.png go")
     r.add_argument("--resume", action="store_true", help="continue the run in --save_dir/latest.pt")
     r.add_argument("--sample_during_training", action="store_true", help="print a short sample at each evaluation")
+    r.add_argument("--hellaswag_interval", type=non_negative_int, default=0,
+                   help="steps between HellaSwag scorings (eval.py's), logged as hellaswag_acc_norm (0: never)")
+    r.add_argument("--hellaswag", metavar="FILE.jsonl", default=None,
+                   help="HellaSwag items (default: the validation set, downloaded once into --data_cache)")
     return p
 
 
@@ -151,138 +156,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_config(args) -> GPTConfig:
     return GPTConfig.from_preset(args.arch, block_size=args.block_size, n_layer=args.n_layer,
                                  n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Devices, precision and processes
-
-
-@dataclass
-class Env:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world: int = 1
-    amp_dtype: torch.dtype | None = None  # autocast dtype, None for fp32
-    compile: bool = False
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-
-def setup_env(device_name: str, amp: bool | None, compile: bool | None) -> tuple[Env, list[str]]:
-    """The device, process group, precision and compile choice, with a note for each fallback taken."""
-    world, rank, local_rank = (int(os.environ.get(k, d)) for k, d in (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
-    device = pick_device(device_name, local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left outside autocast
-        torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
-        # Generous timeout: rank 0 may be downloading and tokenizing the data while the others wait.
-        # device_id binds NCCL to this process's GPU (LOCAL_RANK) rather than one guessed from the rank.
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                                device_id=device if device.type == "cuda" else None)
-    env = Env(device=device, rank=rank, local_rank=local_rank, world=world)
-    env.amp_dtype, amp_note = choose_amp(amp, device.type)
-    env.compile, compile_note = choose_compile(compile, device.type)
-    return env, [note for note in (amp_note, compile_note) if note]
-
-
-def choose_amp(requested: bool | None, kind: str) -> tuple[torch.dtype | None, str | None]:
-    if kind == "cuda":
-        if requested is False:
-            return None, None
-        if cuda_has_bf16():
-            return torch.bfloat16, None
-        return torch.float16, "--amp: this GPU lacks bf16, so fp16 with loss scaling"
-    if kind == "cpu" and requested:
-        return torch.bfloat16, "--amp on the CPU: bf16 autocast (fast only on CPUs with AVX-512 bf16 or AMX)"
-    if requested:
-        return None, f"--amp: not used on {kind}; training in fp32"
-    return None, None
-
-
-def choose_compile(requested: bool | None, kind: str) -> tuple[bool, str | None]:
-    if kind == "cuda":
-        from torch.utils._triton import has_triton
-        if requested is not False and not has_triton():
-            return False, "torch.compile: off, Triton is not installed (pip install triton)"
-        return requested is not False, None
-    if requested is None:
-        return False, f"torch.compile: off on {kind} (its start-up cost outweighs the gain there; --compile forces it)"
-    return requested, None
-
-
-def cleanup_env(env: Env):
-    if env.world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def from_rank0(env: Env, make):
-    """What `make()` returns on rank 0, on every rank: one decision for all (machines need not share a disk)."""
-    box = [make() if env.master else None]
-    if env.world > 1:
-        dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
-    return box[0]
-
-
-def local_rank0_first(env: Env, fetch):
-    """fetch() on each machine's first process, then on its others, which find what it downloaded or
-    prepared (one tokenizer per machine, not one per GPU, and no two writing the same cache)."""
-    if env.local_rank == 0:
-        result = fetch()
-    if env.world > 1:
-        dist.barrier()
-    if env.local_rank != 0:
-        result = fetch()
-    return result
-
-
-@dataclass(frozen=True)
-class _TensorSlot:
-    """Where a tensor sat in a checkpoint rank 0 shares: its index in the order they are broadcast."""
-    index: int
-    shape: tuple
-    dtype: torch.dtype
-
-
-def share_state_from_rank0(env: Env, state):
-    """A checkpoint dict that only rank 0 can read, on every rank (tensors on the broadcast's device).
-
-    The plain values travel pickled, in one broadcast; the tensors one by one (with NCCL, on the GPU).
-    """
-    if env.world == 1:
-        return state
-    tensors = []
-
-    def to_slots(x):
-        if isinstance(x, torch.Tensor):
-            tensors.append(x)
-            return _TensorSlot(len(tensors) - 1, tuple(x.shape), x.dtype)
-        if isinstance(x, dict):
-            return {k: to_slots(v) for k, v in x.items()}
-        return type(x)(map(to_slots, x)) if isinstance(x, (list, tuple)) else x
-
-    skeleton = from_rank0(env, lambda: to_slots(state))
-    where = env.device if env.device.type == "cuda" else torch.device("cpu")
-
-    def fill(x):
-        if isinstance(x, _TensorSlot):
-            t = tensors[x.index].to(where) if env.master else torch.empty(x.shape, dtype=x.dtype, device=where)
-            dist.broadcast(t, src=0)
-            return t
-        if isinstance(x, dict):
-            return {k: fill(v) for k, v in x.items()}
-        return type(x)(map(fill, x)) if isinstance(x, (list, tuple)) else x
-
-    return fill(skeleton)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -478,15 +351,21 @@ class Metrics:
             import matplotlib.pyplot as plt
         except ImportError:
             return  # the picture is optional; metrics.jsonl has the numbers
-        fig, ax = plt.subplots(figsize=(8, 5))
+        hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in self.rows if "hellaswag_acc_norm" in r]
+        fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(14 if hellaswag else 8, 5), squeeze=False)
+        ax = axes[0][0]
         for key, label in (("train_loss", "train"), ("val_loss", "validation")):
             points = [(r["step"], r[key]) for r in self.rows if key in r]
             if points:
                 ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
+        ax.set(xlabel="step", ylabel="loss")
         ax.legend()
         ax.grid(alpha=0.3)
+        if hellaswag:
+            right = axes[0][1]
+            right.plot(*zip(*hellaswag), marker="o", color="tab:green")
+            right.set(xlabel="step", ylabel="HellaSwag acc_norm", title="HellaSwag (random guessing: 0.25)")
+            right.grid(alpha=0.3)
         with atomic_write(self.plot_path) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
@@ -614,11 +493,12 @@ class Due:
     """What a finished step calls for."""
     log: bool = False
     evaluate: bool = False
+    hellaswag: bool = False
     save: bool = False
     stop: bool = False
 
     def __bool__(self) -> bool:
-        return self.log or self.evaluate or self.save or self.stop
+        return self.log or self.evaluate or self.hellaswag or self.save or self.stop
 
 
 class Trainer:
@@ -642,6 +522,7 @@ class Trainer:
         if args.resume:
             self._resume()
         self.figures = StepFigures(self.save_dir, skipped_on_device=self.t.scaler is not None)
+        self.hellaswag_items = self._hellaswag_items() if args.hellaswag_interval else None
         self.save_dir.mkdir(parents=True, exist_ok=True)
         if env.master:
             clean_temporaries(self.save_dir)  # what a killed run was writing when it died
@@ -703,6 +584,33 @@ class Trainer:
             self.say(f"note: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
         self.say(f"resumed from {self.save_dir / 'latest.pt'} at step {self.step} "
                  f"(best validation loss {self.best_val:.4f})")
+
+    def _hellaswag_items(self) -> list | None:
+        """eval.py's HellaSwag items, or None (with one warning) where they cannot be had: the run goes on."""
+        from eval import hellaswag_items  # only runs that score HellaSwag pay for importing the scorer
+
+        def fetch():
+            try:
+                return hellaswag_items(self.args.hellaswag, self.args.data_cache), None
+            except UserError as e:
+                return None, str(e)
+
+        items, problem = local_rank0_first(self.env, fetch)
+        if not all_ranks_agree(self.env, items is not None):
+            self.say(f"warning: no HellaSwag scoring in this run ({problem or 'another rank could not read it'})")
+            return None
+        return items
+
+    def score_hellaswag(self):
+        from eval import hellaswag_accuracy
+        # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
+        result = hellaswag_accuracy(self.t.raw_model, self.hellaswag_items, self.env.device, self.env.autocast,
+                                    self.env.rank, self.env.world)
+        if self.env.master:
+            self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+                     f"{result['n']:,} items)")
+            self.metrics.log(step=self.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
+            self.metrics.plot()
 
     def checkpoint(self, name: str, full: bool):
         if not self.env.master:
@@ -800,8 +708,9 @@ class Trainer:
     def due(self) -> Due:
         """What the step just finished calls for, from the flags' intervals and a stop asked for."""
         a, s, end = self.args, self.step, self.step == self.max_steps
+        hellaswag = self.hellaswag_items is not None and (s % a.hellaswag_interval == 0 or end)
         return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
-                   save=s % a.checkpoint_interval == 0, stop=self.figures.stop)
+                   hellaswag=hellaswag, save=s % a.checkpoint_interval == 0, stop=self.figures.stop)
 
     def after_step(self, due: Due, lr: float, speed: "Speed", bar) -> None:
         """Log, evaluate and save as `due` says; figures are read (and checked) first, so a checkpoint
@@ -809,11 +718,13 @@ class Trainer:
         figures = self.figures.latest()
         if due.log:
             self.log_step(figures, lr, speed.tokens_per_s(self.step), bar)
+        if due.hellaswag:
+            self.score_hellaswag()
         if due.evaluate:
             self.after_eval()
         elif due.save or due.stop:
             self.checkpoint("latest.pt", full=True)
-        if due.log or due.evaluate or due.save:
+        if due.log or due.evaluate or due.hellaswag or due.save:
             speed.restart(self.step)  # tokens/s counts training time only, not evaluation or saving
 
     def run(self) -> int:

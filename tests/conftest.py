@@ -53,6 +53,22 @@ def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
     return path
 
 
+def make_items(n: int, seed: int = 0) -> list[dict]:
+    """HellaSwag-shaped items of generated text; contexts of 1 to 5 sentences, some past 32 tokens."""
+    rng = random.Random(seed)
+    items = [{"ind": i, "activity_label": "generated", "ctx": make_document(rng, rng.randint(1, 5)),
+              "endings": [make_document(rng, 1)[:rng.randint(8, 40)] for _ in range(4)], "label": rng.randrange(4)}
+             for i in range(n)]
+    items[-1]["endings"][2] = make_document(rng, 6)  # alone longer than the window: cut too
+    return items
+
+
+def write_items(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+
 @pytest.fixture
 def corpus() -> list[str]:
     return make_corpus()

