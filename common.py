@@ -9,8 +9,11 @@ import argparse
 import contextlib
 import os
 import re
+import socket
+import threading
 from pathlib import Path
 from typing import Iterator
+from urllib.parse import urlsplit
 
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
@@ -80,6 +83,42 @@ def cuda_has_bf16() -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     except TypeError:  # torch before 2.5 has no such argument, and counts only native support
         return torch.cuda.is_bf16_supported()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The network
+
+
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def check_reachable(url: str, seconds: float) -> None:
+    """Raises ConnectionError or TimeoutError within `seconds` when the host of `url` cannot be reached.
+
+    Downloaders retry for long before giving up; this answers first. Behind a proxy a direct
+    connection proves nothing, so it then returns at once.
+    """
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return
+    parts = urlsplit(url)
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    failure: list[OSError] = []
+
+    def probe():
+        try:
+            socket.create_connection(address, timeout=seconds).close()
+        except OSError as e:
+            failure.append(e)
+
+    # A thread, because name resolution has no timeout of its own.
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no answer from {address[0]} in {seconds:.0f} s")
+    if failure:
+        raise ConnectionError(f"{address[0]}: {failure[0]}")
 
 
 # ----------------------------------------------------------------------------------------------------

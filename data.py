@@ -20,7 +20,6 @@ import json
 import os
 import queue
 import re
-import socket
 import sys
 import threading
 import time
@@ -30,14 +29,14 @@ from dataclasses import asdict, dataclass, field, fields
 from hashlib import sha256
 from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlsplit
 
 import numpy as np
 import tiktoken
 import tiktoken.load
 from tqdm import tqdm
 
-from common import ArgumentParser, UserError, atomic_write, clean_temporaries, open_fraction, positive_int
+from common import (ArgumentParser, UserError, atomic_write, check_reachable, clean_temporaries, hub_endpoint,
+                    open_fraction, positive_int)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.
@@ -336,35 +335,7 @@ def _check_hub_reachable() -> None:
     offline = {os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
     if offline & {"1", "true", "yes", "on"}:
         return  # offline mode fails at once by itself
-    check_reachable(os.environ.get("HF_ENDPOINT", "https://huggingface.co"), HUB_PROBE_SECONDS)
-
-
-def check_reachable(url: str, seconds: float) -> None:
-    """Raises ConnectionError or TimeoutError within `seconds` when the host of `url` cannot be reached.
-
-    Downloaders retry for long before giving up; this answers first. Behind a proxy a direct
-    connection proves nothing, so it then returns at once.
-    """
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return
-    parts = urlsplit(url)
-    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-    failure: list[OSError] = []
-
-    def probe():
-        try:
-            socket.create_connection(address, timeout=seconds).close()
-        except OSError as e:
-            failure.append(e)
-
-    # A thread, because name resolution has no timeout of its own.
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        raise TimeoutError(f"no answer from {address[0]} in {seconds:.0f} s")
-    if failure:
-        raise ConnectionError(f"{address[0]}: {_reason(failure[0])}")
+    check_reachable(hub_endpoint(), HUB_PROBE_SECONDS)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:

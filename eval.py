@@ -40,7 +40,7 @@ from tqdm import tqdm
 import data
 import runtime
 import sample
-from common import ArgumentParser, UserError, arg_type, atomic_write, pick_device, positive_int
+from common import ArgumentParser, UserError, arg_type, atomic_write, check_reachable, pick_device, positive_int
 from model import GPT, load_model
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
@@ -118,7 +118,7 @@ def download(url: str, dest: Path) -> list[Item]:
     """The validation items from `url`, saved to `dest` once they are known whole and valid."""
     advice = "download it on a machine online and pass --hellaswag FILE.jsonl"
     try:
-        data.check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
+        check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(dest) as tmp:  # an interrupted or bad download leaves no file behind
             with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(tmp, "wb") as f:
