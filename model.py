@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write
+from common import UserError, atomic_write, check_reachable, hub_endpoint
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 
@@ -122,23 +122,26 @@ def softcap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return cap * torch.tanh(logits.float() / cap) if cap else logits
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0, vocab: int | None = None) -> torch.Tensor:
     """Mean cross-entropy of softcap(logits (N, V), cap) over the targets (N,) that are not -1, in fp32.
 
-    Under torch.compile, inductor fuses the upcast into its softmax kernels and keeps no fp32 copy of
-    the logits. Eager PyTorch has no such kernel: F.cross_entropy on bf16 logits makes a full fp32
-    copy and keeps an fp32 log-softmax for the backward pass (three copies of the largest activation
-    of the step), so eager runs go through _ChunkedCrossEntropy instead.
+    Only the first `vocab` columns count: the padding ids past the tokenizer's vocabulary never occur,
+    and weights from elsewhere (OpenAI's GPT-2) leave their rows zero, whose logit of 0 would outweigh
+    every real token's. Under torch.compile, inductor fuses the upcast into its softmax kernels and
+    keeps no fp32 copy of the logits. Eager PyTorch has no such kernel: F.cross_entropy on bf16 logits
+    makes a full fp32 copy and keeps an fp32 log-softmax for the backward pass (three copies of the
+    largest activation of the step), so eager runs go through _ChunkedCrossEntropy instead.
     """
+    vocab = vocab or logits.size(-1)
     if torch.compiler.is_compiling():
-        return F.cross_entropy(softcap(logits.float(), cap), targets, ignore_index=-1)
-    return _ChunkedCrossEntropy.apply(logits, targets, cap)
+        return F.cross_entropy(softcap(logits[:, :vocab].float(), cap), targets, ignore_index=-1)
+    return _ChunkedCrossEntropy.apply(logits, targets, cap, vocab)
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy (of soft-capped logits) whose fp32 work is done 1,024 rows at a time; it keeps
-    only the logits and a logsumexp per row for the backward pass, whose gradient it writes in the
-    logits' own dtype.
+    """Cross-entropy (of soft-capped logits, over their first `vocab` columns) whose fp32 work is done
+    1,024 rows at a time; it keeps only the logits and a logsumexp per row for the backward pass,
+    whose gradient it writes in the logits' own dtype (zero in the columns past `vocab`).
 
     Written here because no PyTorch op does this outside torch.compile (Liger-Kernel's fused
     cross-entropy does it with Triton, a GPU-only dependency).
@@ -147,39 +150,45 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     ROWS = 1024  # rows per fp32 chunk: 200 MB at GPT-2's vocabulary
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float, vocab: int) -> torch.Tensor:
         R = _ChunkedCrossEntropy.ROWS
         lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
         target_logit = torch.empty_like(lse)
         rows = torch.arange(min(R, logits.size(0)), device=logits.device)
         for a in range(0, logits.size(0), R):
-            z = softcap(logits[a:a + R].float(), cap)
+            z = softcap(logits[a:a + R, :vocab].float(), cap)
             lse[a:a + R] = torch.logsumexp(z, dim=-1)
             target_logit[a:a + R] = z[rows[:len(z)], targets[a:a + R].clamp(min=0)]
         valid = targets != -1
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(logits, targets, lse, count)
-        ctx.cap = cap
+        ctx.cap, ctx.vocab = cap, vocab
         return ((lse - target_logit) * valid).sum() / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse, count = ctx.saved_tensors
-        R, cap = _ChunkedCrossEntropy.ROWS, ctx.cap
+        R, cap, V = _ChunkedCrossEntropy.ROWS, ctx.cap, ctx.vocab
         scale = (grad / count) * (targets != -1)  # d(mean loss)/d(each row's loss); 0 where ignored
-        grad_logits = torch.empty_like(logits)
+        grad_logits = torch.zeros_like(logits) if V < logits.size(1) else torch.empty_like(logits)
         for a in range(0, logits.size(0), R):
             t = targets[a:a + R]
-            z = logits[a:a + R].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place
+            z = logits[a:a + R, :V].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place
             if cap:
                 z = softcap(z, cap)
             g = torch.sub(z, lse[a:a + R, None], out=z).exp_()  # the softmax
             g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1.0  # minus the one-hot target
             g.mul_(scale[a:a + R, None])
             if cap:  # through the cap: d(cap * tanh(x / cap))/dx = 1 - tanh(x / cap)^2
-                g.mul_(1 - torch.tanh(logits[a:a + R].float() / cap).square_())
-            grad_logits[a:a + R] = g
-        return grad_logits, None, None
+                g.mul_(1 - torch.tanh(logits[a:a + R, :V].float() / cap).square_())
+            grad_logits[a:a + R, :V] = g
+        return grad_logits, None, None, None
+
+
+def swiglu_width(n_embd: int) -> int:
+    """SwiGLU has three matrices, so its hidden width is 2/3 of 4C to keep the parameter count
+    (Shazeer 2020), rounded up to a multiple of 64 for the matmul kernels."""
+    return -(-8 * n_embd // 3 // 64) * 64
 
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
@@ -255,9 +264,7 @@ class MLP(nn.Module):
         super().__init__()
         self.kind = config.mlp
         self.swiglu = config.mlp == "swiglu"
-        # SwiGLU has three matrices, so its hidden width is 2/3 of 4C to keep the parameter count
-        # (Shazeer 2020), rounded up to a multiple of 64 for the matmul kernels.
-        hidden = -(-8 * config.n_embd // 3 // 64) * 64 if self.swiglu else 4 * config.n_embd
+        hidden = swiglu_width(config.n_embd) if self.swiglu else 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True
@@ -381,22 +388,26 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(self.hidden_states(idx)), None
         logits = self.lm_head(self.hidden_states(idx))  # soft-capped inside the loss, chunk by chunk
-        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap)
+        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap,
+                                   self.config.vocab_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPT":
         """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: the Hub, online) or a save_pretrained
-        directory, as a `gpt2` preset model."""
+        directory: GPT-2, or a Llama or Qwen3 model of the `modern` preset's layout (what export_hf.py writes)."""
         directory = _resolve_hf_dir(name_or_path)
         try:
             hf = json.loads((directory / "config.json").read_text())
         except (OSError, ValueError) as e:
             raise CheckpointError(f"{directory} has no readable config.json ({e})") from None
-        if hf.get("model_type") != "gpt2":
-            raise CheckpointError(f"{directory} holds a {hf.get('model_type')!r} model, not GPT-2")
-        config = GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                                       n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-        return model_with_weights(config, _from_hf_state(_read_hf_weights(directory), config))
+        kind = hf.get("model_type")
+        if kind == "gpt2":
+            config = _gpt2_config(hf)
+            return model_with_weights(config, _from_hf_state(_read_hf_weights(directory), config))
+        if kind in ("llama", "qwen3"):  # the `modern` preset, as export_hf.py writes it
+            config = _llama_config(hf, directory)
+            return model_with_weights(config, _from_llama_state(_read_hf_weights(directory), config))
+        raise CheckpointError(f"{directory} holds a {kind!r} model, not GPT-2 (nor a Llama or Qwen3 export)")
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
@@ -521,7 +532,8 @@ def model_with_weights(config: GPTConfig, state_dict: dict) -> GPT:
     with torch.device("meta"):  # no memory, no random init: every weight comes from state_dict
         model = GPT(config)
     load_state(model, state_dict, assign=True)
-    model.lm_head.weight = model.transformer.wte.weight  # assign replaced both tensors: tie them again
+    if config.tie_embeddings:
+        model.lm_head.weight = model.transformer.wte.weight  # assign replaced both tensors: tie them again
     return model
 
 
@@ -554,6 +566,8 @@ def _resolve_hf_dir(name_or_path: str) -> Path:
         raise CheckpointError(f"{name_or_path} is neither a checkpoint file nor a Hugging Face model directory")
     try:
         from huggingface_hub import snapshot_download  # comes with `datasets`
+        if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
+            check_reachable(hub_endpoint(), 10)  # the Hub client retries for half a minute before giving up
         return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", *_HF_WEIGHT_FILES]))
     except Exception as e:  # the Hub raises many types (offline, unknown repo, HTTP); all mean the same here
         raise CheckpointError(f"could not fetch {name_or_path!r} from the Hugging Face Hub "
@@ -569,6 +583,11 @@ def _read_hf_weights(directory: Path) -> dict:
     raise CheckpointError(f"{directory} has none of {', '.join(_HF_WEIGHT_FILES)}")
 
 
+def _gpt2_config(hf: dict) -> GPTConfig:
+    return GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
+                                 n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
+
+
 def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:
     state = {}
     for k, v in hf_state.items():
@@ -576,29 +595,107 @@ def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers of older transformers versions, not weights
         state[k] = v.t() if k.endswith(_HF_TRANSPOSED) else v
-    wte = state["transformer.wte.weight"]
-    pad = config.padded_vocab_size - wte.size(0)
-    # Padded rows are zeros: those ids are never produced (generation masks them) nor seen in data.
-    state["transformer.wte.weight"] = torch.cat([wte, wte.new_zeros(pad, wte.size(1))])
+    state["transformer.wte.weight"] = _pad_vocab(state["transformer.wte.weight"], config)
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
+def _pad_vocab(table: torch.Tensor, config: GPTConfig) -> torch.Tensor:
+    # Padded rows are zeros: those ids are never produced (generation masks them), never seen in data,
+    # and left out of the loss.
+    return torch.cat([table, table.new_zeros(config.padded_vocab_size - table.size(0), table.size(1))])
+
+
+# The `modern` preset is Llama's block (RoPE, RMSNorm, SwiGLU, no biases), with per-head q/k RMSNorm
+# as Qwen3 has it: each of our tensors against the transformers tensors it holds, cut along rows.
+def _llama_pairs(c: GPTConfig) -> list[tuple[str, tuple[str, ...]]]:
+    pairs = [("transformer.wte.weight", ("model.embed_tokens.weight",)), ("transformer.ln_f.weight", ("model.norm.weight",))]
+    if not c.tie_embeddings:
+        pairs.append(("lm_head.weight", ("lm_head.weight",)))
+    for i in range(c.n_layer):
+        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
+        attn, mlp = theirs + "self_attn.", theirs + "mlp."
+        pairs += [(ours + "ln_1.weight", (theirs + "input_layernorm.weight",)),
+                  (ours + "attn.c_attn.weight", (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight")),
+                  (ours + "attn.c_proj.weight", (attn + "o_proj.weight",)),
+                  (ours + "ln_2.weight", (theirs + "post_attention_layernorm.weight",)),
+                  (ours + "mlp.c_fc.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight")),  # gate first
+                  (ours + "mlp.c_proj.weight", (mlp + "down_proj.weight",))]
+        if c.qk_norm:
+            pairs += [(ours + "attn.q_norm.weight", (attn + "q_norm.weight",)),
+                      (ours + "attn.k_norm.weight", (attn + "k_norm.weight",))]
+    return pairs
+
+
+def _llama_config(hf: dict, directory: Path) -> GPTConfig:
+    """Our config for a Llama or Qwen3 directory, refused in one line where it is not one of our shapes."""
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": "default"}
+    C, heads = hf["hidden_size"], hf["num_attention_heads"]
+    config = GPTConfig.from_preset("modern", qk_norm=hf["model_type"] == "qwen3", block_size=hf["max_position_embeddings"],
+                                   vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=C,
+                                   rope_base=rope["rope_theta"], tie_embeddings=hf.get("tie_word_embeddings", False))
+    hidden = swiglu_width(C)
+    differences = [f"{key} {hf.get(key)!r} (ours: {want!r})" for key, want in (
+        ("num_key_value_heads", heads), ("head_dim", C // heads), ("intermediate_size", hidden),
+        ("rms_norm_eps", 1e-6), ("hidden_act", "silu")) if hf.get(key, want) != want]
+    if rope.get("rope_type", "default") != "default" or hf.get("attention_bias") or hf.get("mlp_bias"):
+        differences.append("rope scaling or biases")
+    if differences:
+        raise CheckpointError(f"{directory} is a {hf['model_type']} model this repository cannot hold: "
+                              + ", ".join(differences))
+    return config
+
+
+def _from_llama_state(hf_state: dict, config: GPTConfig) -> dict:
+    state = {ours: torch.cat([hf_state[k] for k in theirs]) for ours, theirs in _llama_pairs(config)}
+    state["transformer.wte.weight"] = _pad_vocab(state["transformer.wte.weight"], config)
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    else:
+        state["lm_head.weight"] = _pad_vocab(state["lm_head.weight"], config)
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def _hf_family(c: GPTConfig) -> str:
+    """"gpt2", "llama" or "qwen3": the transformers model that computes what this config does; a
+    CheckpointError naming every switch that has no counterpart there."""
+    gpt2_block = (c.pos_emb, c.norm, c.mlp, c.bias, c.qk_norm) == ("learned", "layernorm", "gelu", True, False)
+    llama_block = (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
+    missing = [f"{name} {value!r}" for name, value, has in (
+        ("logit_softcap", c.logit_softcap, not c.logit_softcap), ("embed_norm", c.embed_norm, not c.embed_norm),
+        ("tie_embeddings", c.tie_embeddings, c.tie_embeddings or not gpt2_block)) if not has]
+    if not (gpt2_block or llama_block):
+        missing.append(f"a block of {c.pos_emb} positions, {c.norm}, a {c.mlp} MLP and bias={c.bias}")
+    if missing:
+        raise CheckpointError("no transformers model computes what this one does: " + ", ".join(missing) +
+                              " (GPT-2, Llama and Qwen3 have no counterpart); it cannot be exported")
+    return "gpt2" if gpt2_block else "qwen3" if c.qk_norm else "llama"
+
+
 def to_hf(model: GPT) -> tuple[dict, dict]:
-    """(config.json contents, state dict) that transformers' GPT2LMHeadModel loads with the same logits."""
-    c = model.config
-    if c.arch != "gpt2":
-        raise CheckpointError("only the `gpt2` preset has a Hugging Face GPT2LMHeadModel counterpart "
-                              f"(this model is {c.arch or 'a custom mix'})")
-    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "vocab_size": c.vocab_size,
-              "n_positions": c.block_size, "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer,
-              "n_head": c.n_head, "n_inner": None, "activation_function": "gelu_new",
-              "layer_norm_epsilon": 1e-5, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
-              "tie_word_embeddings": True, "torch_dtype": "float32"}
-    state = {}
-    for k, v in strip_compile_prefix(model.state_dict()).items():
-        if k == "lm_head.weight":
-            continue  # tied to wte; safetensors refuses shared tensors and transformers re-ties on load
-        v = v[:c.vocab_size] if k == "transformer.wte.weight" else v
-        state[k] = (v.t() if k.endswith(_HF_TRANSPOSED) else v).detach().float().contiguous().cpu()
-    return config, state
+    """(config.json contents, state dict) that transformers loads (GPT2LMHeadModel, LlamaForCausalLM or
+    Qwen3ForCausalLM) with the same logits."""
+    c, family = model.config, _hf_family(model.config)
+    weights = {k: v.detach().float().cpu() for k, v in strip_compile_prefix(model.state_dict()).items()}
+    for k in ("transformer.wte.weight", "lm_head.weight"):
+        weights[k] = weights[k][:c.vocab_size]  # the padding rows are ours alone
+    common = {"vocab_size": c.vocab_size, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
+              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
+    if family == "gpt2":
+        config = common | {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": c.block_size,
+                           "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
+                           "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
+        # lm_head is tied to wte: safetensors refuses shared tensors and transformers ties them again on load.
+        state = {k: (v.t() if k.endswith(_HF_TRANSPOSED) else v) for k, v in weights.items() if k != "lm_head.weight"}
+    else:
+        config = common | {
+            "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"], "model_type": family,
+            "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.c_proj.in_features,
+            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
+            "head_dim": c.head_dim, "max_position_embeddings": c.block_size, "rms_norm_eps": 1e-6,
+            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_theta": c.rope_base,
+            "rope_parameters": {"rope_theta": c.rope_base, "rope_type": "default"}}  # the older key, and transformers 5's
+        state = {}
+        for ours, theirs in _llama_pairs(c):
+            state |= dict(zip(theirs, weights[ours].chunk(len(theirs))))
+    return config, {k: v.contiguous() for k, v in state.items()}
