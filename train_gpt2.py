@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -29,9 +30,13 @@ from tqdm import tqdm
 import data
 from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, non_negative_float,
                     non_negative_int, open_fraction, pick_device, positive_float, positive_int)
-from model import ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_state, save_checkpoint
+from model import (ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_model, load_state,
+                   save_checkpoint)
 from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, setup_env,
                      share_state_from_rank0)
+
+DEFAULT_ARCH = "gpt2"
+SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
@@ -68,12 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train GPT-2 with a warmup + cosine schedule, keeping the best "
                        "validation checkpoint.", formatter_class=_HelpFormatter)
     data.add_data_args(p)
-    m = p.add_argument_group("model (defaults: GPT-2 124M)")
-    m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default="gpt2", help="architecture preset")
-    m.add_argument("--block_size", type=positive_int, default=1024, help="context length in tokens")
-    m.add_argument("--n_layer", type=positive_int, default=12)
-    m.add_argument("--n_head", type=positive_int, default=12)
-    m.add_argument("--n_embd", type=positive_int, default=768)
+    shape = GPTConfig()
+    m = p.add_argument_group("model (defaults: GPT-2 124M; with --init_from, the weights' shape)")
+    m.add_argument("--init_from", default="scratch", metavar="{scratch,gpt2,gpt2-medium,gpt2-large,gpt2-xl,PATH}",
+                   help="start from random weights, OpenAI's GPT-2 (from the Hub), or the weights in PATH: our .pt "
+                        "checkpoint or a transformers directory (default scratch)")
+    m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default=None, help=f"architecture preset (default {DEFAULT_ARCH})")
+    m.add_argument("--block_size", type=positive_int, default=None,
+                   help=f"context length in tokens (default {shape.block_size}; with --init_from, at most the weights')")
+    m.add_argument("--n_layer", type=positive_int, default=None, help=f"(default {shape.n_layer})")
+    m.add_argument("--n_head", type=positive_int, default=None, help=f"(default {shape.n_head})")
+    m.add_argument("--n_embd", type=positive_int, default=None, help=f"(default {shape.n_embd})")
     m.add_argument("--dropout", type=dropout_rate, default=0.0)
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=positive_int, default=64,
@@ -134,9 +144,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.n_embd % args.n_head:
+    if args.init_from == "scratch":  # otherwise the shape comes from the weights (Trainer._starting_point)
+        args.arch = args.arch or DEFAULT_ARCH
+        for name in SHAPE_FLAGS:
+            setattr(args, name, getattr(args, name) or getattr(GPTConfig, name))
+    if args.n_embd and args.n_head and args.n_embd % args.n_head:
         p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
-    if args.arch == "modern" and (args.n_embd // args.n_head) % 2:
+    if args.arch == "modern" and args.n_embd and args.n_head and (args.n_embd // args.n_head) % 2:
         p.error(f"--arch modern needs an even head size for rotary embeddings, not {args.n_embd // args.n_head}")
     if args.min_lr > args.lr:
         p.error(f"--min_lr {args.min_lr} is above --lr {args.lr}")
@@ -156,6 +170,29 @@ def parse_args(argv=None) -> argparse.Namespace:
 def model_config(args) -> GPTConfig:
     return GPTConfig.from_preset(args.arch, block_size=args.block_size, n_layer=args.n_layer,
                                  n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+
+
+def fine_tune_config(weights: GPTConfig, args, source: str) -> GPTConfig:
+    """The shape of the weights `source` holds, with --dropout and a --block_size that crops their context;
+    shape flags that contradict the weights end in one line naming both values."""
+    problems = [f"--{name} {getattr(args, name)} but the weights have {getattr(weights, name)}"
+                for name in ("n_layer", "n_head", "n_embd")
+                if getattr(args, name) is not None and getattr(args, name) != getattr(weights, name)]
+    if args.arch is not None and args.arch != weights.arch:
+        problems.append(f"--arch {args.arch} but the weights are {weights.arch or 'a custom mix'}")
+    if args.block_size is not None and args.block_size > weights.block_size:
+        problems.append(f"--block_size {args.block_size} but the weights know {weights.block_size} positions "
+                        "(a context can be cropped, not extended)")
+    if problems:
+        raise CheckpointError(f"--init_from {source}: " + "; ".join(problems))
+    return dataclasses.replace(weights, block_size=args.block_size or weights.block_size, dropout=args.dropout)
+
+
+def crop_context(state: dict, block_size: int) -> dict:
+    """Weights for a shorter context: the learned position table keeps its first block_size rows
+    (nanoGPT's crop_block_size); everything else is unchanged."""
+    wpe = "transformer.wpe.weight"
+    return state | ({wpe: state[wpe][:block_size]} if wpe in state else {})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,9 +276,14 @@ class Training:
     scaler: torch.amp.GradScaler | None  # fp16 only
 
 
-def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int) -> Training:
+def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int,
+          init_state: dict | None = None) -> Training:
+    """The model (random weights, or init_state's), its optimizers and loss scaler, compiled and
+    wrapped for DDP as the flags say; DDP hands rank 0's weights to every other rank."""
     torch.manual_seed(seed)  # the same initial weights on every rank
     raw = GPT(config).to(env.device)
+    if init_state is not None:
+        load_state(raw, init_state)
     optimizers = make_optimizers(raw, settings, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
     model = torch.compile(raw) if env.compile else raw
@@ -380,7 +422,7 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def load_resume_state(save_dir: Path, config: GPTConfig, optimizer: str) -> dict:
+def load_resume_state(save_dir: Path, optimizer: str, init_from: str) -> dict:
     path = save_dir / "latest.pt"
     if not path.exists():
         raise CheckpointError(f"--resume: no checkpoint at {path} (start without --resume, or point --save_dir "
@@ -388,9 +430,10 @@ def load_resume_state(save_dir: Path, config: GPTConfig, optimizer: str) -> dict
     ckpt = load_checkpoint(path)
     if "optimizer" not in ckpt:
         raise CheckpointError(f"--resume: {path} holds a model but not the optimizer state a resume needs")
-    diffs = config_differences(ckpt["config"], config.to_dict())
-    if diffs:
-        raise CheckpointError(f"--resume: {path} was trained with another model shape; " + "; ".join(diffs))
+    started_from = ckpt.get("init_from", "scratch")
+    if started_from != init_from:
+        raise CheckpointError(f"--resume: {path} started from --init_from {started_from}, not {init_from}; "
+                              "resume it with the flags it started with")
     trained_with = ckpt.get("args", {}).get("optimizer", "adamw")
     if trained_with != optimizer:
         raise CheckpointError(f"--resume: {path} was trained with --optimizer {trained_with}, not {optimizer}; "
@@ -505,9 +548,13 @@ class Trainer:
     def __init__(self, args, env: Env):
         self.args, self.env = args, env
         self.save_dir = Path(args.save_dir)
-        self.config = model_config(args)
         self.say = tqdm.write if env.master else (lambda *a, **k: None)
         self._refuse_overwriting()
+        resumed = self._read_resume_state() if args.resume else None
+        self.config, init_state = self._starting_point(resumed)
+        for name in SHAPE_FLAGS:  # the flags as logged and saved say the shape actually trained
+            setattr(args, name, getattr(self.config, name))
+        args.arch = self.config.arch
         self.cache_dir = self._prepare_data()
         world, accum = env.world, args.grad_accum
         self.train = data.BatchSource(data.TokenShards(self.cache_dir, "train"), args.block_size, args.batch_size,
@@ -515,12 +562,12 @@ class Trainer:
         self.val = data.BatchSource(data.TokenShards(self.cache_dir, "val"), args.block_size, args.batch_size,
                                     seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum, shuffle=False)
         self.max_steps, self.warmup = self._plan()
-        self.t = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed)
+        self.t = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed, init_state=init_state)
         self.flops_per_token = self.t.raw_model.flops_per_token(args.block_size)
         self.peak = peak_flops(env.device)
         self.step, self.best_val, self.val_loss = 0, float("inf"), None
-        if args.resume:
-            self._resume()
+        if resumed:
+            self._resume(resumed)
         self.figures = StepFigures(self.save_dir, skipped_on_device=self.t.scaler is not None)
         self.hellaswag_items = self._hellaswag_items() if args.hellaswag_interval else None
         self.save_dir.mkdir(parents=True, exist_ok=True)
@@ -556,11 +603,11 @@ class Trainer:
                  f"warmup {warmup} steps")
         return max_steps, warmup
 
-    def _resume(self):
-        """Continue from latest.pt; only rank 0 needs to see the file (machines need not share a disk)."""
+    def _read_resume_state(self) -> dict:
+        """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
         def read():
             try:
-                return load_resume_state(self.save_dir, self.config, self.args.optimizer), None
+                return load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from), None
             except CheckpointError as e:
                 return None, str(e)
 
@@ -568,7 +615,45 @@ class Trainer:
         problem = from_rank0(self.env, lambda: problem)
         if problem:
             raise CheckpointError(problem)
-        ckpt = share_state_from_rank0(self.env, ckpt)
+        return share_state_from_rank0(self.env, ckpt)
+
+    def _starting_point(self, resumed: dict | None) -> tuple[GPTConfig, dict | None]:
+        """The model's shape, and the weights it starts from (None: random): the flags' shape, or the
+        shape of --init_from's weights; a resumed run's checkpoint must have that same shape."""
+        a = self.args
+        if a.init_from == "scratch":
+            config, state = model_config(a), None
+        elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
+            config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), a, a.init_from), None
+        else:
+            config, state = self._init_weights()
+        if resumed:
+            diffs = config_differences(resumed["config"], config.to_dict())
+            if diffs:
+                raise CheckpointError(f"--resume: {self.save_dir / 'latest.pt'} was trained with another model "
+                                      "shape; " + "; ".join(diffs))
+        return config, state
+
+    def _init_weights(self) -> tuple[GPTConfig, dict | None]:
+        """--init_from's shape on every rank, its weights on rank 0 only: DDP gives them to the others."""
+        def read():
+            try:
+                model, _ = load_model(self.args.init_from)
+                config = fine_tune_config(model.config, self.args, self.args.init_from)
+                return config, crop_context(model.state_dict(), config.block_size), None
+            except UserError as e:
+                return None, None, str(e)
+
+        config, state, problem = read() if self.env.master else (None, None, None)
+        problem = from_rank0(self.env, lambda: problem)
+        if problem:
+            raise CheckpointError(problem)
+        config = GPTConfig.from_dict(from_rank0(self.env, lambda: config.to_dict()))
+        self.say(f"starting from the weights of {self.args.init_from}: {config.n_layer} layers, {config.n_head} heads, "
+                 f"width {config.n_embd}, context {config.block_size}, {config.arch or 'custom'} preset")
+        return config, state
+
+    def _resume(self, ckpt: dict):
         load_state(self.t.raw_model, ckpt["model"])
         states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
         for optimizer, state in zip(self.t.optimizers, states, strict=True):
@@ -616,6 +701,7 @@ class Trainer:
         if not self.env.master:
             return
         fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
+                  "init_from": self.args.init_from,
                   "tokens": self.step * self.args.batch_size * self.args.block_size}
         if full:
             fields |= {"optimizer": [optimizer.state_dict() for optimizer in self.t.optimizers],
@@ -740,6 +826,10 @@ class Trainer:
                                      pin_memory=env.device.type == "cuda")
         bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
         speed = Speed(self.step, a.batch_size * a.block_size)
+        if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
+            self.after_eval()  # and saved as the first best checkpoint
+            if self.hellaswag_items is not None:
+                self.score_hellaswag()
         t.model.train()
         while self.step < self.max_steps:
             lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps, a.schedule, a.cooldown_frac)
