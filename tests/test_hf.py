@@ -49,11 +49,42 @@ def test_an_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_p
     assert tok.encode("Hello world") == [15496, 995]
 
 
-def test_exporting_the_modern_preset_is_refused_with_a_reason(tmp_path):
-    m = M.GPT(M.GPTConfig.from_preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100))
+def test_a_switch_with_no_transformers_counterpart_is_named_in_a_one_line_refusal(tmp_path):
+    config = M.GPTConfig.from_preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100,
+                                     logit_softcap=15.0, mlp="relu2")
     ckpt = tmp_path / "m.pt"
-    torch.save({"model": m.state_dict(), "config": m.config.to_dict()}, ckpt)
+    M.save_checkpoint(ckpt, M.GPT(config))
     result = run_script("export_hf.py", str(ckpt), str(tmp_path / "out"))
-    assert result.returncode == 1
-    assert result.stderr.strip().startswith("error:") and "gpt2" in result.stderr
-    assert "Traceback" not in result.stderr
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no transformers model computes what this one does")
+    assert "logit_softcap 15.0" in lines[0] and "a relu2 MLP" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("qk_norm, tie, family", [(True, False, "Qwen3ForCausalLM"), (True, True, "Qwen3ForCausalLM"),
+                                                  (False, False, "LlamaForCausalLM")])
+def test_the_modern_preset_exports_as_qwen3_or_llama_with_the_same_logits_and_reads_back(tmp_path, qk_norm, tie,
+                                                                                         family):
+    torch.manual_seed(0)
+    config = M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=64, block_size=24, qk_norm=qk_norm,
+                                     tie_embeddings=tie)
+    ours = M.GPT(config).eval()
+    with torch.no_grad():  # non-trivial norm gains, so a swapped or missing one would show
+        for name, p in ours.named_parameters():
+            if p.dim() == 1:
+                p.normal_(1.0, 0.1)
+    ckpt = tmp_path / "modern.pt"
+    M.save_checkpoint(ckpt, ours, step=1)
+    result = run_script("export_hf.py", str(ckpt), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    assert type(hf).__name__ == family
+    idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_same_logits(ours(idx)[0], hf(idx).logits)
+        again, _ = M.load_model(str(tmp_path / "exported"))
+        assert torch.allclose(again.eval()(idx)[0][..., :50257], ours(idx)[0][..., :50257], atol=1e-5)
+    assert again.config.to_dict() == config.to_dict()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    assert tok.encode("Hello world") == [15496, 995]
