@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import cuda_has_bf16, pick_device
+from common import UserError, cuda_has_bf16, pick_device
 
 
 @dataclass
@@ -89,6 +89,21 @@ def from_rank0(env: Env, make):
     if env.world > 1:
         dist.broadcast_object_list(box, src=0, device=env.device if env.device.type == "cuda" else None)
     return box[0]
+
+
+def on_rank0(env: Env, read):
+    """read() on rank 0 only (None elsewhere); a UserError it raises is raised on every rank, so no rank
+    is left waiting for one that failed."""
+    result, problem = None, None
+    if env.master:
+        try:
+            result = read()
+        except UserError as e:
+            problem = e
+    problem = from_rank0(env, lambda: problem)
+    if problem is not None:
+        raise problem
+    return result
 
 
 def all_ranks_agree(env: Env, ok: bool) -> bool:

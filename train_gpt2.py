@@ -32,7 +32,7 @@ from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, 
                     non_negative_int, open_fraction, pick_device, positive_float, positive_int)
 from model import (ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_model, load_state,
                    save_checkpoint)
-from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, setup_env,
+from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, on_rank0, setup_env,
                      share_state_from_rank0)
 
 DEFAULT_ARCH = "gpt2"
@@ -605,16 +605,7 @@ class Trainer:
 
     def _read_resume_state(self) -> dict:
         """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
-        def read():
-            try:
-                return load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from), None
-            except CheckpointError as e:
-                return None, str(e)
-
-        ckpt, problem = read() if self.env.master else (None, None)
-        problem = from_rank0(self.env, lambda: problem)
-        if problem:
-            raise CheckpointError(problem)
+        ckpt = on_rank0(self.env, lambda: load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from))
         return share_state_from_rank0(self.env, ckpt)
 
     def _starting_point(self, resumed: dict | None) -> tuple[GPTConfig, dict | None]:
@@ -637,17 +628,11 @@ class Trainer:
     def _init_weights(self) -> tuple[GPTConfig, dict | None]:
         """--init_from's shape on every rank, its weights on rank 0 only: DDP gives them to the others."""
         def read():
-            try:
-                model, _ = load_model(self.args.init_from)
-                config = fine_tune_config(model.config, self.args, self.args.init_from)
-                return config, crop_context(model.state_dict(), config.block_size), None
-            except UserError as e:
-                return None, None, str(e)
+            model, _ = load_model(self.args.init_from)
+            config = fine_tune_config(model.config, self.args, self.args.init_from)
+            return config, crop_context(model.state_dict(), config.block_size)
 
-        config, state, problem = read() if self.env.master else (None, None, None)
-        problem = from_rank0(self.env, lambda: problem)
-        if problem:
-            raise CheckpointError(problem)
+        config, state = on_rank0(self.env, read) or (None, None)
         config = GPTConfig.from_dict(from_rank0(self.env, lambda: config.to_dict()))
         self.say(f"starting from the weights of {self.args.init_from}: {config.n_layer} layers, {config.n_head} heads, "
                  f"width {config.n_embd}, context {config.block_size}, {config.arch or 'custom'} preset")
