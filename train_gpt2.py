@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="start from random weights, OpenAI's GPT-2 (from the Hub), or the weights in PATH: our .pt "
                         "checkpoint or a transformers directory (default scratch)")
     m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default=None, help=f"architecture preset (default {DEFAULT_ARCH})")
+    m.add_argument("--arch_option", type=arch_option, action="append", default=[], metavar="SWITCH=VALUE",
+                   help="change one switch of the preset (a field of model.GPTConfig), e.g. mlp=relu2, "
+                        "tie_embeddings=false, zero_init=true, logit_softcap=15, embed_norm=true")
     m.add_argument("--block_size", type=positive_int, default=None,
                    help=f"context length in tokens (default {shape.block_size}; with --init_from, at most the weights')")
     m.add_argument("--n_layer", type=positive_int, default=None, help=f"(default {shape.n_layer})")
@@ -139,6 +142,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def arch_option(text: str) -> tuple[str, object]:
+    """SWITCH=VALUE for --arch_option: a switch the presets set, its value cast to the field's type."""
+    key, sep, value = text.partition("=")
+    switches = ARCH_PRESETS[DEFAULT_ARCH]
+    if not sep or key not in switches:
+        raise argparse.ArgumentTypeError(f"must be SWITCH=VALUE with SWITCH one of {', '.join(switches)}, not {text!r}")
+    kind = type(switches[key])
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise argparse.ArgumentTypeError(f"{key} takes true or false, not {value!r}")
+        return key, value.lower() == "true"
+    try:
+        return key, kind(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{key} takes a {kind.__name__}, not {value!r}") from None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Flags, checked against each other too, so a bad combination ends here before anything is written."""
     p = build_parser()
@@ -148,6 +168,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.arch = args.arch or DEFAULT_ARCH
         for name in SHAPE_FLAGS:
             setattr(args, name, getattr(args, name) or getattr(GPTConfig, name))
+    if args.arch_option and args.init_from != "scratch":
+        p.error("--arch_option shapes a new model; with --init_from the architecture is the weights'")
+    try:
+        GPTConfig.from_preset(args.arch or DEFAULT_ARCH, **dict(args.arch_option))
+    except ValueError as e:
+        p.error(f"--arch_option: {e}")
     if args.n_embd and args.n_head and args.n_embd % args.n_head:
         p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
     if args.arch == "modern" and args.n_embd and args.n_head and (args.n_embd // args.n_head) % 2:
@@ -168,8 +194,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args) -> GPTConfig:
-    return GPTConfig.from_preset(args.arch, block_size=args.block_size, n_layer=args.n_layer,
-                                 n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    return GPTConfig.from_preset(args.arch, **dict(args.arch_option), block_size=args.block_size,
+                                 n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
 
 
 def fine_tune_config(weights: GPTConfig, args, source: str) -> GPTConfig:
@@ -554,7 +580,7 @@ class Trainer:
         self.config, init_state = self._starting_point(resumed)
         for name in SHAPE_FLAGS:  # the flags as logged and saved say the shape actually trained
             setattr(args, name, getattr(self.config, name))
-        args.arch = self.config.arch
+        args.arch = args.arch or self.config.arch
         self.cache_dir = self._prepare_data()
         world, accum = env.world, args.grad_accum
         self.train = data.BatchSource(data.TokenShards(self.cache_dir, "train"), args.block_size, args.batch_size,

@@ -58,6 +58,9 @@ def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step(
     (["--batch_size", "10", "--grad_accum", "3"], "--batch_size 10 is not divisible by GPUs × --grad_accum"),
     (["--lr", "1e-4", "--min_lr", "1e-3"], "--min_lr 0.001 is above --lr 0.0001"),
     (["--sample_size", "0"], "sample_size"),
+    (["--arch_option", "mlp=relu3"], "--arch_option: mlp must be one of"),
+    (["--arch_option", "tie_embeddings=maybe"], "tie_embeddings takes true or false, not 'maybe'"),
+    (["--init_from", "gpt2", "--arch_option", "mlp=relu2"], "with --init_from the architecture is the weights'"),
 ])
 def test_invalid_flags_end_in_argument_parsing_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -367,3 +370,10 @@ def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(cor
     out = offline.stdout + offline.stderr
     assert out.count("warning: no HellaSwag scoring in this run (cannot download HellaSwag") == 1
     assert not any("hellaswag_acc_norm" in r for r in metrics(tmp_path / "offline"))
+
+
+def test_arch_options_change_single_switches_of_the_preset():
+    args = T.parse_args(["--arch", "modern", "--arch_option", "mlp=relu2", "--arch_option", "tie_embeddings=false",
+                         "--arch_option", "logit_softcap=15"])
+    config = T.model_config(args)
+    assert (config.mlp, config.tie_embeddings, config.logit_softcap, config.qk_norm) == ("relu2", False, 15.0, True)
