@@ -4,6 +4,7 @@ train_gpt2.py and sample.py both import this file; neither holds a copy of any o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -395,11 +396,30 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
 
 def model_with_weights(config: GPTConfig, state_dict: dict) -> GPT:
     """A model holding exactly these weights, built without first allocating and initialising its own."""
-    with torch.device("meta"):  # no memory, no random init: every weight comes from state_dict
+    with torch.device("meta"), _skip_init():  # no memory, no random init: every weight comes from state_dict
         model = GPT(config)
     load_state(model, state_dict, assign=True)
     model.lm_head.weight = model.transformer.wte.weight  # assign replaced both tensors: tie them again
     return model
+
+
+@contextlib.contextmanager
+def _skip_init():
+    """torch.nn.init's initialisers as no-ops, for a model built only to receive loaded weights.
+
+    On meta tensors normal_ runs a Python reference kernel whose first call imports torch._dynamo:
+    about 3.7 s of sample.py's start-up, for values that would be thrown away. transformers' loading
+    (`no_init_weights`) skips them the same way.
+    """
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
 
 
 def load_state(model: GPT, state_dict: dict, assign: bool = False) -> None:

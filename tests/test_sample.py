@@ -1,12 +1,14 @@
 """sample.py on tiny checkpoints: what a user talking to a model relies on, and each bad input's message."""
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model as M
 import sample
-from conftest import run_script
+from conftest import REPO, run_script
 from data import get_tokenizer
 
 
@@ -132,6 +134,15 @@ def test_ctrl_c_during_a_continuation_returns_to_the_prompt(monkeypatch, capsys)
     sample.interactive(FakeModel(), get_tokenizer(), args, torch.Generator())
     out = capsys.readouterr().out
     assert out == "> firsta\n[stopped]\n> seconda\n> \n"
+
+
+def test_sample_py_answers_without_importing_the_compiler_stack(tiny_ckpt):
+    # torch._dynamo takes seconds to import and decoding never compiles: start-up must not pay for it.
+    code = ("import sys, sample; sample.main(['--checkpoint', sys.argv[1], '--cpu', '--max_tokens', '2', "
+            "'--prompt', 'x']); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    result = subprocess.run([sys.executable, "-c", code, tiny_ckpt], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
 
 
 def test_cpu_flag_never_asks_about_cuda(tiny_ckpt, monkeypatch, capsys):
