@@ -518,3 +518,43 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
         state[k] = (v.t() if k.endswith(_HF_TRANSPOSED) else v).detach().float().contiguous().cpu()
     return config, state
 
+
+# ----------------------------------------------------------------------------------------------------
+# Int8 weights for decoding on a CPU
+
+
+class Int8Linear(nn.Module):
+    """A Linear holding int8 weights, one scale per output row: half of bf16's bytes to read per token.
+
+    Written here rather than taken from torchao: torchao 0.18's int8 linears, run eagerly, turn the whole
+    weight back into the activation dtype at every call (they count on torch.compile to fuse that away),
+    which made them about 10x slower than bf16 on this project's CPU. aten's _weight_int8pack_mm (the
+    kernel gpt-fast uses) reads the int8 weight as it multiplies.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        w = weight.detach().float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-8) / 127  # symmetric: each row's largest weight -> ±127
+        self.register_buffer("weight", torch.round(w / scale[:, None]).to(torch.int8))
+        self.register_buffer("scale", scale)  # floating buffers follow model.to(dtype); int8 ones stay
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
+        y = y.view(*x.shape[:-1], y.size(-1))
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
+    """The model with every Linear, the output head included, as Int8Linear, run in `dtype`.
+
+    Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
+    The head is a third of GPT-2 124M's weights, so it is quantized too; the token embedding keeps a
+    `dtype` copy for lookups (one row a token), so the two are no longer tied.
+    """
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, Int8Linear(child.weight, child.bias))
+    return model.to(dtype).eval()

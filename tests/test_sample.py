@@ -145,6 +145,39 @@ def test_sample_py_answers_without_importing_the_compiler_stack(tiny_ckpt):
     assert result.stdout.splitlines()[-1] == "[]"
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
+    torch.manual_seed(0)
+    config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    fp32 = M.GPT(config).eval()
+    int8 = M.quantize_int8(M.model_with_weights(config, fp32.state_dict()))
+    assert isinstance(int8.lm_head, M.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = fp32(tokens)[0][0, :, :config.vocab_size], int8(tokens)[0][0, :, :config.vocab_size].float()
+    assert (b - a).norm() / a.norm() < 0.02  # per-row int8 keeps the logits within 2% (bf16 alone: ~0.5%)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+def test_int8_decoding_runs_end_to_end_and_says_so(tiny_ckpt):
+    result = run_script("sample.py", "--checkpoint", tiny_ckpt, "--prompt", "The quiet river", "--dtype", "int8",
+                        "--temperature", "0", "--max_tokens", "6", "--ignore_eot", "--cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The quiet river") and len(result.stdout) > len("The quiet river\n")
+    assert "1.6M parameters" in result.stderr and "on cpu in int8" in result.stderr
+
+
+def test_auto_picks_int8_only_on_cpus_with_fast_bf16_and_int8_stays_on_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sample, "cpu_has_fast_bf16", lambda: True)
+    assert sample.pick_dtype("auto", cpu) == torch.int8
+    monkeypatch.setattr(sample, "cpu_has_fast_bf16", lambda: False)
+    assert sample.pick_dtype("auto", cpu) == torch.float32
+    assert sample.pick_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(sample.SampleError, match="--dtype int8 runs on the CPU only"):
+        sample.pick_dtype("int8", torch.device("cuda"))
+
+
 def test_cpu_flag_never_asks_about_cuda(tiny_ckpt, monkeypatch, capsys):
     def forbidden(*a, **k):
         raise AssertionError("CUDA was queried")
