@@ -21,7 +21,7 @@ import torch
 
 import data
 from data import DataError, get_tokenizer
-from model import EOT_TOKEN, GPT, CheckpointError, load_model, quantize_int8
+from model import EOT_TOKEN, GPT, CheckpointError, load_model, pack_bf16, quantize_int8
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
 PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")
@@ -116,11 +116,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
-    """model.py's load_model, moved to the device and precision decoding runs in (int8: quantized)."""
+    """model.py's load_model, moved to the device and precision decoding runs in (int8: quantized; bf16 on
+    a CPU: weights packed for oneDNN)."""
     model, info = load_model(spec)
     info["params"] = model.num_params()  # before quantizing, which unties the head from the embedding
     if dtype == torch.int8:
         return quantize_int8(model, torch.bfloat16), info
+    if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16():
+        return pack_bf16(model), info
     return model.to(device=device, dtype=dtype).eval(), info
 
 

@@ -159,6 +159,17 @@ def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.skipif(not sample.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
+def test_bf16_weights_packed_for_the_cpu_give_plain_bf16s_logits(tiny_ckpt):
+    packed, _ = sample.load(tiny_ckpt, torch.device("cpu"), torch.bfloat16)
+    assert isinstance(packed.lm_head, M.PackedLinear)
+    plain = M.model_from_checkpoint(torch.load(tiny_ckpt, weights_only=True)).to(torch.bfloat16).eval()
+    tokens = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens)[0], plain(tokens)[0])
+    assert list(packed.generate([1, 2, 3], 6, temperature=0)) == list(plain.generate([1, 2, 3], 6, temperature=0))
+
+
 def test_int8_decoding_runs_end_to_end_and_says_so(tiny_ckpt):
     result = run_script("sample.py", "--checkpoint", tiny_ckpt, "--prompt", "The quiet river", "--dtype", "int8",
                         "--temperature", "0", "--max_tokens", "6", "--ignore_eot", "--cpu")
