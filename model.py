@@ -356,15 +356,18 @@ def strip_compile_prefix(state_dict: dict) -> dict:
     return out
 
 
-def load_checkpoint(path, map_location="cpu") -> dict:
-    """A checkpoint dict, loaded with weights_only=True so a file carrying pickled code never runs it."""
+def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint dict, loaded with weights_only=True so a file carrying pickled code never runs it.
+
+    mmap maps the file's tensors instead of reading them into fresh memory (copy-on-write).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path} is empty, not a checkpoint (an interrupted copy?)")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
@@ -388,7 +391,9 @@ def load_model(spec: str) -> tuple[GPT, dict]:
     """
     path = Path(spec).expanduser()
     if path.is_file() or path.suffix == ".pt":
-        ckpt = load_checkpoint(path)
+        # Mapped: sample.py converts the weights to bf16 or int8 at once, reading each byte once from
+        # the page cache rather than first copying 500 MB (124M) into new memory (~0.3 s).
+        ckpt = load_checkpoint(path, mmap=True)
         return model_from_checkpoint(ckpt), {"source": str(path), "step": ckpt.get("step"),
                                              "val_loss": ckpt.get("val_loss")}
     return from_pretrained(spec), {"source": spec}
