@@ -194,6 +194,14 @@ def bench_tokenize(tiny: bool) -> dict:
     return result
 
 
+# The random-weight model the decoding benchmark times (the Hub is unreachable here): GPT2Config's
+# defaults are GPT-2 124M; gpt2-medium is the 355M shape.
+DECODE_SHAPES = {"gpt2": {}, "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # as sample.load takes them
+# Prompts for the trained-model agreement figure: openings common in English and in Python's documentation.
+QUALITY_PROMPTS = ("The", "In Python,", "To install the package", "This module provides", "Return the")
+
+
 def _tokens_per_s(run, n_tokens: int) -> tuple[float, list[int]]:
     t0 = time.perf_counter()
     tokens = run()
@@ -202,12 +210,12 @@ def _tokens_per_s(run, n_tokens: int) -> tuple[float, list[int]]:
     return n_tokens / elapsed, tokens
 
 
-def _time_startup(checkpoint: Path) -> dict:
-    """Seconds from `python sample.py` starting to its first generated text, and to its exit."""
+def _sample_py_once(checkpoint: Path, cache_dir: str) -> tuple[float, float]:
+    """Seconds from `python sample.py` (default --dtype) starting to its first generated text, and to its exit."""
     prompt = "hi"
     cmd = [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(checkpoint), "--prompt", prompt,
            "--max_tokens", "1", "--stream", "--temperature", "0", "--ignore_eot", "--cpu"]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": cache_dir}
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, first = b"", None
@@ -219,49 +227,135 @@ def _time_startup(checkpoint: Path) -> dict:
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"sample.py failed: {proc.stderr.read().decode()[-500:]}")
-    return {"startup_first_token_s": first if first is not None else total, "startup_exit_s": total}
+    return (first if first is not None else total), total
 
 
-def _argmax_agreement(fp32, bf16, path: list[int]) -> dict:
-    """Teacher-forced on fp32's greedy path: how often bf16 picks fp32's next token, and fp32's margin where not."""
-    x = torch.tensor([path])
-    with torch.inference_mode():
-        a = fp32(x)[0][0, :, :fp32.config.vocab_size].float()
-        b = bf16(x)[0][0, :, :bf16.config.vocab_size].float()
-    agree = a.argmax(-1) == b.argmax(-1)
-    top2 = a.topk(2, dim=-1).values
-    margins = (top2[:, 0] - top2[:, 1])[~agree]
-    return {"argmax_agreement": agree.float().mean().item(),
-            "fp32_top2_margin_where_bf16_differs": margins.max().item() if len(margins) else None,
-            "fp32_top2_margin_median": (top2[:, 0] - top2[:, 1]).median().item()}
+def time_startup(checkpoint: Path, runs: int) -> dict:
+    """sample.py's start-up as a new user meets it: a first run in an empty cache directory (it writes the
+    tokenizer's cache), then `runs` more, as every later start goes."""
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
+        first_run, _ = _sample_py_once(checkpoint, cache_dir)
+        later = [_sample_py_once(checkpoint, cache_dir) for _ in range(runs)]
+    return {"startup_first_run_s": first_run,
+            "startup_first_token_s": statistics.median(t for t, _ in later),
+            "startup_first_token_s_best": min(t for t, _ in later),
+            "startup_exit_s": statistics.median(t for _, t in later)}
 
 
-def bench_decode(tiny: bool = False, n_tokens: int = 64, prompt_len: int = 16, rounds: int = 3) -> dict:
-    """Greedy tokens/s of transformers (fp32) and of model.generate as sample.py runs it (fp32, bf16).
+def memory_bandwidth(tiny: bool) -> float:
+    """Bytes/s of one pass reading a tensor far larger than the caches (torch's sum, torch's threads).
 
-    The same random-init GPT-2 weights go through save_pretrained/from_pretrained on both sides. Rounds
-    alternate the three so a noisy neighbour on the machine hits each alike; medians are reported.
+    Decoding a token reads every weight once, so this over the bytes of weights bounds tokens/s.
+    """
+    x = torch.ones((16 if tiny else 256) * 2**20)  # 64 MiB (smoke test) or 1 GiB of fp32
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.nbytes / best
+
+
+def weight_bytes_per_token(model) -> int:
+    """Bytes of weights one decoding step reads: every tensor but the embeddings, which give one row each.
+
+    A head tied to the token embedding is counted once, as the head (it is read whole).
+    """
+    tensors = {}
+    for module in model.modules():
+        if not isinstance(module, torch.nn.Embedding):
+            for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                tensors[id(t)] = t.numel() * t.element_size()
+    return sum(tensors.values())
+
+
+def argmax_agreement(reference, other, paths: list[list[int]]) -> dict:
+    """Teacher-forced on each path: how often `other` picks reference's next token, and reference's top-2
+    margin (its two best logits' gap) where it does not, against the median margin."""
+    same, margin = [], []
+    for path in paths:
+        x = torch.tensor([path[:reference.config.block_size]])
+        with torch.inference_mode():
+            a = reference(x)[0][0, :, :reference.config.vocab_size].float()
+            b = other(x)[0][0, :, :reference.config.vocab_size].float()
+        same.append(a.argmax(-1) == b.argmax(-1))
+        top2 = a.topk(2, dim=-1).values
+        margin.append(top2[:, 0] - top2[:, 1])
+    same, margin = torch.cat(same), torch.cat(margin)
+    return {"agreement": same.float().mean().item(), "positions": len(same),
+            "margin_where_differs_max": margin[~same].max().item() if (~same).any() else None,
+            "margin_median": margin.median().item()}
+
+
+def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int = 200, windows: int = 20) -> dict:
+    """bf16's and int8's next-token agreement with fp32 on a trained checkpoint (random weights have
+    near-ties a trained model has not): teacher-forced on fp32's greedy continuation of each of
+    QUALITY_PROMPTS and, with data_cache (a prepared cache of train_gpt2.py), on `windows` block-long
+    windows of its held-out text, where a model that has settled into repeating itself cannot flatter
+    the figure."""
+    import data
+    import sample
+
+    enc, cpu = data.get_tokenizer(), torch.device("cpu")
+    models = {name: sample.load(checkpoint, cpu, dtype)[0] for name, dtype in DECODE_DTYPES.items()}
+    fp32, block = models["fp32"], models["fp32"].config.block_size
+    texts = {"greedy": []}
+    for prompt in (enc.encode_ordinary(t) for t in QUALITY_PROMPTS):
+        n = min(n_tokens, block - len(prompt))
+        texts["greedy"].append(prompt + list(fp32.generate(prompt, n, temperature=0, stop_at_eot=False)))
+    if data_cache:
+        val = data.TokenShards(data_cache, "val")
+        texts["held_out"] = [val.read(i * block, block).astype(int).tolist()
+                             for i in range(min(windows, val.num_tokens // block))]
+    report = {f"{name}_{kind}": argmax_agreement(fp32, models[name], paths)
+              for kind, paths in texts.items() for name in ("bf16", "int8")}
+    for kind in texts:
+        print(f"trained checkpoint {checkpoint}: next-token agreement with fp32 on "
+              f"{'its greedy continuations' if kind == 'greedy' else 'held-out text'} "
+              f"({report['bf16_' + kind]['positions']} positions): bf16 {report['bf16_' + kind]['agreement']:.1%}, "
+              f"int8 {report['int8_' + kind]['agreement']:.1%}")
+    return report
+
+
+def _alternate(runs: dict, n_tokens: int, rounds: int) -> tuple[dict, dict]:
+    """Tokens/s of each run over `rounds` rounds taken in turn (A, B, C, A, B, C), so a noisy neighbour on the
+    machine hits each alike; after one untimed warm-up of each (first-call allocations, kernel choice)."""
+    speeds, tokens = {name: [] for name in runs}, {}
+    for run in runs.values():
+        _tokens_per_s(run, n_tokens)
+    for _ in range(rounds):
+        for name, run in runs.items():
+            tps, tokens[name] = _tokens_per_s(run, n_tokens)
+            speeds[name].append(tps)
+    return speeds, tokens
+
+
+def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, prompt_len: int = 5,
+                 rounds: int = 3) -> dict:
+    """Greedy tokens/s of transformers (fp32) and of model.generate as sample.py runs it (fp32, bf16, int8).
+
+    The same random-init GPT-2 weights go through save_pretrained/from_pretrained on both sides; medians
+    and bests of alternating rounds, the agreement of each dtype with fp32, the memory-bandwidth bound,
+    and sample.py's start-up to its first token.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     import sample
 
     hf_logging.disable_progress_bar()
-
     torch.manual_seed(0)
-    shape = (dict(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
-                  n_positions=TINY["block_size"]) if tiny else {})
-    if tiny:
-        n_tokens, prompt_len = min(n_tokens, 32), min(prompt_len, 8)
+    config = (dict(n_layer=TINY["n_layer"], n_head=TINY["n_head"], n_embd=TINY["n_embd"],
+                   n_positions=TINY["block_size"]) if tiny else DECODE_SHAPES[shape])
+    n_tokens, rounds = (min(n_tokens, 32), 1) if tiny else (n_tokens, rounds)
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(tmp)
+        GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(tmp)
         hf = GPT2LMHeadModel.from_pretrained(tmp).eval()
-        ours32, _ = sample.load(tmp, cpu, torch.float32)
-        ours16, _ = sample.load(tmp, cpu, torch.bfloat16)
+        ours = {name: sample.load(tmp, cpu, dtype)[0] for name, dtype in DECODE_DTYPES.items()}
         checkpoint = Path(tmp) / "model.pt"
-        save_checkpoint(checkpoint, ours32, step=0, val_loss=None)
-        startup = _time_startup(checkpoint)
+        save_checkpoint(checkpoint, ours["fp32"], step=0, val_loss=None)
+        startup = time_startup(checkpoint, runs=1 if tiny else 3)
     prompt = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
 
     def run_hf():
@@ -270,43 +364,52 @@ def bench_decode(tiny: bool = False, n_tokens: int = 64, prompt_len: int = 16, r
                               do_sample=False, pad_token_id=50256)
         return out[0, prompt_len:].tolist()
 
-    def run_ours(model):
-        return lambda: list(model.generate(prompt, n_tokens, temperature=0, stop_at_eot=False))
-
-    runs = {"hf_fp32": run_hf, "ours_fp32": run_ours(ours32), "ours_bf16": run_ours(ours16)}
-    speeds, tokens = {k: [] for k in runs}, {}
-    for name, run in runs.items():
-        _tokens_per_s(run, n_tokens)  # warm-up: first-call allocations and kernel selection
-    for _ in range(rounds):
-        for name, run in runs.items():
-            tps, tokens[name] = _tokens_per_s(run, n_tokens)
-            speeds[name].append(tps)
-    report = {k + "_tokens_per_s": statistics.median(v) for k, v in speeds.items()}
-    report |= {k + "_tokens_per_s_best": max(v) for k, v in speeds.items()}  # the least disturbed round
-    report |= {"threads": torch.get_num_threads(), "n_tokens": n_tokens, "prompt_len": prompt_len,
-               "auto_dtype": str(sample.pick_dtype("auto", cpu)).removeprefix("torch."),
-               "speedup_bf16_vs_hf": report["ours_bf16_tokens_per_s"] / report["hf_fp32_tokens_per_s"],
-               "speedup_fp32_vs_hf": report["ours_fp32_tokens_per_s"] / report["hf_fp32_tokens_per_s"],
-               "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"],
-               "greedy_bf16_equals_fp32": tokens["ours_bf16"] == tokens["ours_fp32"],
-               "bf16_first_divergence": next((i for i, (a, b) in enumerate(zip(tokens["ours_bf16"],
-                                              tokens["ours_fp32"])) if a != b), None)}
-    report |= _argmax_agreement(ours32, ours16, prompt + tokens["ours_fp32"]) | startup
+    runs = {"hf_fp32": run_hf} | {f"ours_{name}": (lambda m=m: list(m.generate(
+        prompt, n_tokens, temperature=0, stop_at_eot=False))) for name, m in ours.items()}
+    speeds, tokens = _alternate(runs, n_tokens, rounds)
+    report = {"shape": "tiny" if tiny else shape, "params": ours["fp32"].num_params(), "n_tokens": n_tokens,
+              "prompt_len": prompt_len, "rounds": rounds, "threads": torch.get_num_threads(),
+              "auto_dtype": str(sample.pick_dtype("auto", cpu)).removeprefix("torch."),
+              "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"]}
+    report |= _speed_figures(speeds, ours, memory_bandwidth(tiny))
+    path = prompt + tokens["ours_fp32"]
+    report |= {f"{name}_vs_fp32": argmax_agreement(ours["fp32"], ours[name], [path]) for name in ("bf16", "int8")}
+    report |= startup
     _print_decode(report)
     return report
 
 
+def _speed_figures(speeds: dict, ours: dict, bandwidth: float) -> dict:
+    """Median and best tokens/s of each run, its speed-up over transformers, and its share of the
+    bandwidth bound (transformers reads the same bytes as ours in fp32)."""
+    out = {"bandwidth_gb_s": bandwidth / 1e9}
+    hf = statistics.median(speeds["hf_fp32"])
+    for name, values in speeds.items():
+        nbytes = weight_bytes_per_token(ours["fp32" if name == "hf_fp32" else name.removeprefix("ours_")])
+        out |= {f"{name}_tokens_per_s": statistics.median(values), f"{name}_tokens_per_s_best": max(values),
+                f"{name}_speedup_vs_hf": statistics.median(values) / hf, f"{name}_weight_mb": nbytes / 1e6,
+                f"{name}_bound_tokens_per_s": bandwidth / nbytes,
+                f"{name}_share_of_bound": statistics.median(values) * nbytes / bandwidth}
+    return out
+
+
 def _print_decode(r: dict) -> None:
-    print(f"decoding {r['n_tokens']} tokens after {r['prompt_len']}, CPU, {r['threads']} threads (tokens/s, "
-          f"median): transformers fp32 {r['hf_fp32_tokens_per_s']:.1f} | ours fp32 {r['ours_fp32_tokens_per_s']:.1f} "
-          f"({r['speedup_fp32_vs_hf']:.2f}x) | ours bf16 {r['ours_bf16_tokens_per_s']:.1f} "
-          f"({r['speedup_bf16_vs_hf']:.2f}x); --dtype auto picks {r['auto_dtype']}")
-    print(f"greedy tokens: ours fp32 == transformers: {r['greedy_fp32_equals_hf']}; bf16 == fp32: "
-          f"{r['greedy_bf16_equals_fp32']} (first difference at {r['bf16_first_divergence']}); "
-          f"teacher-forced argmax agreement {r['argmax_agreement']:.1%}, fp32 top-2 margin where they differ "
-          f"{r['fp32_top2_margin_where_bf16_differs']} (median margin {r['fp32_top2_margin_median']:.3f})")
-    print(f"sample.py startup: first token after {r['startup_first_token_s']:.2f} s, exit after "
-          f"{r['startup_exit_s']:.2f} s")
+    print(f"decoding {r['n_tokens']} tokens after {r['prompt_len']}, {r['shape']} shape ({r['params'] / 1e6:.0f}M, "
+          f"random weights), CPU, {r['threads']} threads; tokens/s, median (best) of {r['rounds']} alternating rounds;"
+          f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token:")
+    for name, label in (("hf_fp32", "transformers fp32"), ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"),
+                        ("ours_int8", "ours int8")):
+        print(f"  {label:18s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
+              f"{r[name + '_speedup_vs_hf']:.2f}x  {r[name + '_weight_mb']:6.0f} MB/token, bound "
+              f"{r[name + '_bound_tokens_per_s']:.1f}, reached {r[name + '_share_of_bound']:.0%}")
+    agree = ", ".join(f"{n} {r[n + '_vs_fp32']['agreement']:.1%} (fp32's top-2 margin where they differ at most "
+                      f"{r[n + '_vs_fp32']['margin_where_differs_max'] or 0:.3f}, median margin "
+                      f"{r[n + '_vs_fp32']['margin_median']:.3f})" for n in ("bf16", "int8"))
+    print(f"greedy ours fp32 == transformers: {r['greedy_fp32_equals_hf']}; teacher-forced next-token agreement "
+          f"with fp32 on its greedy path: {agree}")
+    print(f"sample.py (--dtype auto = {r['auto_dtype']}), process start to first token: "
+          f"{r['startup_first_token_s']:.2f} s median (best {r['startup_first_token_s_best']:.2f}), exit "
+          f"{r['startup_exit_s']:.2f} s; first run in an empty cache directory {r['startup_first_run_s']:.2f} s")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,6 +505,12 @@ def main(argv=None):
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training table")
     p.add_argument("--loop", action="store_true", help="also time train_gpt2.py end to end")
     p.add_argument("--decode", action="store_true", help="sample.py's CPU decoding against transformers' generate()")
+    p.add_argument("--decode_shape", choices=sorted(DECODE_SHAPES), default="gpt2",
+                   help="the random-weight model --decode times (default %(default)s, 124M)")
+    p.add_argument("--quality", metavar="CHECKPOINT", default=None,
+                   help="also measure bf16's and int8's next-token agreement with fp32 on this trained checkpoint")
+    p.add_argument("--quality_data", metavar="CACHE_DIR", default=None,
+                   help="with --quality, also on the held-out text of this prepared data cache")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
@@ -451,7 +560,9 @@ def main(argv=None):
             recipes = {k: v for k, v in recipes.items() if k in args.only.split(",")}
         report["recipes"] = compare_recipes(recipes, args.train_flags.split(), args.runs, args.parallel)
     if args.decode:
-        report["decode"] = bench_decode(tiny=args.tiny)
+        report["decode"] = bench_decode(tiny=args.tiny, shape=args.decode_shape)
+    if args.quality:
+        report["quality"] = bench_quality(args.quality, args.quality_data)
     if args.tokenize:
         report["tokenize"] = bench_tokenize(tiny=args.tiny)
     if args.json:

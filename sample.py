@@ -21,7 +21,7 @@ import torch
 
 from common import ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
 from data import get_tokenizer
-from model import EOT_TOKEN, GPT, load_model
+from model import EOT_TOKEN, GPT, load_model, pack_bf16, quantize_int8
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
 PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")
@@ -62,8 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--cpu", action="store_true", help="run on the CPU and never touch CUDA (= --device cpu)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="auto: bfloat16 on CUDA and on CPUs with fast bf16 matmuls, else float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
+                   help="int8: int8 weights, bf16 activations, CPU only. auto: int8 on CPUs with fast bf16 "
+                        "matmuls, bfloat16 on CUDA, else float32")
     args = p.parse_args(argv)
     if args.cpu and args.device not in ("auto", "cpu"):
         p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
@@ -88,19 +89,28 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Decoding one token reads every weight once, so it is memory-bound: bf16 halves the bytes per token."""
+    """Decoding one token reads every weight once, so it is memory-bound: bf16 halves the bytes per token
+    and int8 weights (torch.int8 here: int8 weights, bf16 activations) halve them again."""
+    if name == "int8" and device.type != "cpu":
+        raise SampleError(f"--dtype int8 runs on the CPU only; on {device.type} use --dtype bfloat16")
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.bfloat16
+        return torch.int8  # its int8 kernel takes bf16 activations, fast only where bf16 is
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
-    """model.py's load_model, moved to the device and precision decoding runs in."""
+    """model.py's load_model, moved to the device and precision decoding runs in (int8: quantized; bf16 on
+    a CPU: weights packed for oneDNN)."""
     model, info = load_model(spec)
+    info["params"] = model.num_params()  # before quantizing, which unties the head from the embedding
+    if dtype == torch.int8:
+        return quantize_int8(model, torch.bfloat16), info
+    if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16():
+        return pack_bf16(model), info
     return model.to(device=device, dtype=dtype).eval(), info
 
 
@@ -115,7 +125,7 @@ def describe(model: GPT, info: dict, device: torch.device, dtype: torch.dtype) -
     """The one line printed at start: what model this is, how far it was trained, where it runs."""
     step, val = info.get("step"), info.get("val_loss")
     trained = f"step {'?' if step is None else step}, val loss {'?' if val is None else f'{val:.4f}'}"
-    return (f"{human_count(model.num_params())} parameters, {model.config.arch or 'custom'} preset, "
+    return (f"{human_count(info['params'])} parameters, {model.config.arch or 'custom'} preset, "
             f"{trained} ({info['source']}) on {device.type} in {str(dtype).removeprefix('torch.')}")
 
 

@@ -17,6 +17,9 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in report["train"])
     assert report["loop"]["tokens_per_s"] > 0
     assert report["decode"]["greedy_fp32_equals_hf"] is True
-    assert report["decode"]["hf_fp32_tokens_per_s"] > 0 and report["decode"]["ours_bf16_tokens_per_s"] > 0
+    decode = report["decode"]
+    assert all(decode[f"{name}_tokens_per_s"] > 0 for name in ("hf_fp32", "ours_fp32", "ours_bf16", "ours_int8"))
+    assert decode["bandwidth_gb_s"] > 0 and decode["ours_int8_weight_mb"] < decode["ours_bf16_weight_mb"]
+    assert 0 <= decode["int8_vs_fp32"]["agreement"] <= 1 and decode["startup_first_token_s"] > 0
     assert report["tokenize"]["ratio"] > 0 and report["tokenize"]["tokens"] > 0
     assert "training" in result.stdout and "loop / table" in result.stdout

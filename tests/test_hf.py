@@ -38,7 +38,7 @@ def test_an_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_p
     torch.manual_seed(0)
     ours = M.GPT(M.GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=24)).eval()
     ckpt = tmp_path / "model_best_val.pt"
-    torch.save({"model": ours.state_dict(), "config": ours.config.to_dict(), "step": 1, "val_loss": 9.0}, ckpt)
+    M.save_checkpoint(ckpt, ours, step=1, val_loss=9.0)
     result = run_script("export_hf.py", str(ckpt), str(tmp_path / "exported"))
     assert result.returncode == 0, result.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()

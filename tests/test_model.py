@@ -159,7 +159,7 @@ def test_generation_runs_in_bfloat16(arch):
 def test_a_saved_checkpoint_loads_back_with_weights_only(tmp_path):
     m = tiny("modern")
     path = tmp_path / "c.pt"
-    torch.save({"model": m.state_dict(), "config": m.config.to_dict(), "step": 3, "val_loss": 1.5}, path)
+    M.save_checkpoint(path, m, step=3, val_loss=1.5)
     loaded, info = M.load_model(str(path))
     x = torch.randint(0, 100, (1, 8))
     assert torch.equal(loaded(x)[0], m(x)[0]) and info["step"] == 3 and info["val_loss"] == 1.5

@@ -1,12 +1,14 @@
 """sample.py on tiny checkpoints: what a user talking to a model relies on, and each bad input's message."""
 import io
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model as M
 import sample
-from conftest import run_script
+from conftest import REPO, run_script
 from data import get_tokenizer
 
 
@@ -25,7 +27,7 @@ def save_tiny(path, always_eot: bool = False):
             m.transformer.ln_f.weight.zero_()
             m.transformer.ln_f.bias.fill_(1.0)
             m.lm_head.weight[M.EOT_TOKEN] = 1.0
-    torch.save({"model": m.state_dict(), "config": config.to_dict(), "step": 7, "val_loss": 2.5}, path)
+    M.save_checkpoint(path, m, step=7, val_loss=2.5)
     return path
 
 
@@ -132,6 +134,59 @@ def test_ctrl_c_during_a_continuation_returns_to_the_prompt(monkeypatch, capsys)
     sample.interactive(FakeModel(), get_tokenizer(), args, torch.Generator())
     out = capsys.readouterr().out
     assert out == "> firsta\n[stopped]\n> seconda\n> \n"
+
+
+def test_sample_py_answers_without_importing_the_compiler_stack(tiny_ckpt):
+    # torch._dynamo takes seconds to import and decoding never compiles: start-up must not pay for it.
+    code = ("import sys, sample; sample.main(['--checkpoint', sys.argv[1], '--cpu', '--max_tokens', '2', "
+            "'--prompt', 'x']); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
+    result = subprocess.run([sys.executable, "-c", code, tiny_ckpt], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
+    torch.manual_seed(0)
+    config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    fp32 = M.GPT(config).eval()
+    int8 = M.quantize_int8(M.model_with_weights(config, fp32.state_dict()))
+    assert isinstance(int8.lm_head, M.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
+    tokens = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        a, b = fp32(tokens)[0][0, :, :config.vocab_size], int8(tokens)[0][0, :, :config.vocab_size].float()
+    assert (b - a).norm() / a.norm() < 0.02  # per-row int8 keeps the logits within 2% (bf16 alone: ~0.5%)
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+@pytest.mark.skipif(not sample.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
+def test_bf16_weights_packed_for_the_cpu_give_plain_bf16s_logits(tiny_ckpt):
+    packed, _ = sample.load(tiny_ckpt, torch.device("cpu"), torch.bfloat16)
+    assert isinstance(packed.lm_head, M.PackedLinear)
+    plain = M.model_from_checkpoint(torch.load(tiny_ckpt, weights_only=True)).to(torch.bfloat16).eval()
+    tokens = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(tokens)[0], plain(tokens)[0])
+    assert list(packed.generate([1, 2, 3], 6, temperature=0)) == list(plain.generate([1, 2, 3], 6, temperature=0))
+
+
+def test_int8_decoding_runs_end_to_end_and_says_so(tiny_ckpt):
+    result = run_script("sample.py", "--checkpoint", tiny_ckpt, "--prompt", "The quiet river", "--dtype", "int8",
+                        "--temperature", "0", "--max_tokens", "6", "--ignore_eot", "--cpu")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("The quiet river") and len(result.stdout) > len("The quiet river\n")
+    assert "1.6M parameters" in result.stderr and "on cpu in int8" in result.stderr
+
+
+def test_auto_picks_int8_only_on_cpus_with_fast_bf16_and_int8_stays_on_the_cpu(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(sample, "cpu_has_fast_bf16", lambda: True)
+    assert sample.pick_dtype("auto", cpu) == torch.int8
+    monkeypatch.setattr(sample, "cpu_has_fast_bf16", lambda: False)
+    assert sample.pick_dtype("auto", cpu) == torch.float32
+    assert sample.pick_dtype("bfloat16", cpu) == torch.bfloat16
+    with pytest.raises(sample.SampleError, match="--dtype int8 runs on the CPU only"):
+        sample.pick_dtype("int8", torch.device("cuda"))
 
 
 def test_cpu_flag_never_asks_about_cuda(tiny_ckpt, monkeypatch, capsys):
