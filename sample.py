@@ -14,6 +14,7 @@ import argparse
 import codecs
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -175,12 +176,26 @@ def decode_stream(enc, tokens: Iterable[int]) -> Iterator[str]:
         yield tail
 
 
-def continue_text(model: GPT, enc, prompt: str, args: argparse.Namespace, generator: torch.Generator,
-                  stream: bool) -> None:
+@dataclass(frozen=True)
+class Sampling:
+    """How each continuation is drawn (the flags of those names)."""
+    max_tokens: int
+    temperature: float
+    top_k: int | None
+    top_p: float | None
+    ignore_eot: bool
+    generator: torch.Generator
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, generator: torch.Generator) -> "Sampling":
+        return cls(args.max_tokens, args.temperature, args.top_k, args.top_p, args.ignore_eot, generator)
+
+
+def continue_text(model: GPT, enc, prompt: str, how: Sampling, stream: bool) -> None:
     """Print the prompt and the model's continuation of it, piece by piece as generated when streaming."""
-    tokens = model.generate(encode_prompt(enc, prompt), args.max_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, generator=generator,
-                            stop_at_eot=not args.ignore_eot)
+    tokens = model.generate(encode_prompt(enc, prompt), how.max_tokens, temperature=how.temperature,
+                            top_k=how.top_k, top_p=how.top_p, generator=how.generator,
+                            stop_at_eot=not how.ignore_eot)
     pieces = decode_stream(enc, tokens)
     if not stream:
         print(prompt + "".join(pieces), flush=True)
@@ -217,24 +232,24 @@ def typed_lines(terminal: bool) -> Iterator[str]:
             yield line
 
 
-def interactive(model: GPT, enc, args: argparse.Namespace, generator: torch.Generator) -> None:
+def interactive(model: GPT, enc, how: Sampling) -> None:
     """Continue each line typed, streamed; on a terminal Ctrl-C stops a continuation, not the program."""
     terminal = sys.stdin.isatty()
     for line in typed_lines(terminal):
         try:
-            continue_text(model, enc, line, args, generator, stream=True)
+            continue_text(model, enc, line, how, stream=True)
         except KeyboardInterrupt:
             if not terminal:
                 raise  # piped input: no one is at a prompt, so Ctrl-C ends the run
             print("\n[stopped]", flush=True)
 
 
-def samples(model: GPT, enc, args: argparse.Namespace, generator: torch.Generator, prompt: str) -> None:
+def samples(model: GPT, enc, how: Sampling, prompt: str, count: int, stream: bool) -> None:
     """The prompt (empty: unconditional) continued --num_samples times."""
-    for i in range(args.num_samples):
+    for i in range(count):
         if i:
             print("---------------")
-        continue_text(model, enc, prompt, args, generator, stream=args.stream)
+        continue_text(model, enc, prompt, how, stream=stream)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
@@ -253,11 +268,11 @@ def run(args: argparse.Namespace) -> None:
     model, info = load(args.checkpoint, device, dtype)
     enc = get_tokenizer()
     print(describe(model, info, device, dtype), file=sys.stderr, flush=True)
-    generator = make_generator(args.seed, device)
+    how = Sampling.from_args(args, make_generator(args.seed, device))
     if args.interactive:
-        interactive(model, enc, args, generator)
+        interactive(model, enc, how)
     else:
-        samples(model, enc, args, generator, prompt)
+        samples(model, enc, how, prompt, args.num_samples, args.stream)
 
 
 def main(argv=None) -> int:

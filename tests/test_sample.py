@@ -131,7 +131,7 @@ def test_ctrl_c_during_a_continuation_returns_to_the_prompt(monkeypatch, capsys)
     stdin.isatty = lambda: True  # input() then reads this, as a terminal; its end is Ctrl-D
     monkeypatch.setattr("sys.stdin", stdin)
     args = sample.parse_args(["--interactive", "--max_tokens", "5"])
-    sample.interactive(FakeModel(), get_tokenizer(), args, torch.Generator())
+    sample.interactive(FakeModel(), get_tokenizer(), sample.Sampling.from_args(args, torch.Generator()))
     out = capsys.readouterr().out
     assert out == "> firsta\n[stopped]\n> seconda\n> \n"
 
