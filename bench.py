@@ -11,6 +11,7 @@ Figures are printed (and with --json written as one JSON object); nothing here a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -28,7 +29,7 @@ import torch
 import runtime
 import train_gpt2 as T
 from common import ArgumentParser, UserError, pick_device
-from model import GPTConfig, save_checkpoint
+from model import GPT, GPTConfig, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
@@ -412,6 +413,33 @@ def _print_decode(r: dict) -> None:
           f"{r['startup_exit_s']:.2f} s; first run in an empty cache directory {r['startup_first_run_s']:.2f} s")
 
 
+def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dict:
+    """eval.py's HellaSwag scoring of GPT-2 124M (random weights) on generated items of HellaSwag's size
+    (contexts of ~60 tokens, endings of ~20): items/s in fp32 and bf16 autocast, and the 10,042 items' time."""
+    import random
+    from eval import Item, hellaswag_accuracy
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
+    phrase = lambda n: " ".join(rng.choices(words, k=n)).capitalize() + "."
+    n_items = 8 if tiny else n_items
+    items = [Item(phrase(28), tuple(phrase(9) for _ in range(4)), rng.randrange(4)) for _ in range(n_items)]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2", **({k: TINY[k] for k in ("n_layer", "n_head", "n_embd")} if tiny else {})))
+    model = model.to(device).eval()
+    report = {"items": n_items, "device": device.type, "threads": torch.get_num_threads()}
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        autocast = lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        hellaswag_accuracy(model, items[:4], device, autocast)  # warm-up: first-call allocations
+        t0 = time.perf_counter()
+        hellaswag_accuracy(model, items, device, autocast)
+        report[f"{name}_items_per_s"] = n_items / (time.perf_counter() - t0)
+        report[f"{name}_full_set_minutes"] = 10_042 / report[f"{name}_items_per_s"] / 60
+    print(f"HellaSwag scoring, {'tiny model' if tiny else 'GPT-2 124M'} on {device.type} ({report['threads']} threads), "
+          f"{n_items} items: fp32 {report['fp32_items_per_s']:.2f} items/s ({report['fp32_full_set_minutes']:.0f} min "
+          f"for 10,042), bf16 {report['bf16_items_per_s']:.2f} items/s ({report['bf16_full_set_minutes']:.0f} min)")
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------
 # Recipes: how much model a number of steps buys, each recipe trained by train_gpt2.py itself
 
@@ -483,6 +511,24 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
     return results
 
 
+def training_speed(base: Setting, variants: list, steps: int, warmup: int, device: torch.device, *,
+                   table: bool, loop: bool) -> dict:
+    """The training table (the base setting and each --vary), and with `loop` train_gpt2.py's own figure."""
+    report = {}
+    if table:
+        report["train"] = [time_training_alone(s, steps, warmup, device) for s in settings_to_run(base, variants)]
+        print_table(report["train"], [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
+                                      ("ms_per_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"),
+                                      ("peak_memory_gib", "peak GiB", ".1f")])
+    if loop:
+        report["loop"] = time_loop(base, steps, warmup, device)
+        print(f"{report['loop']['setting']}: {report['loop']['tokens_per_s']:,.0f} tokens/s "
+              f"(median of {report['loop']['windows']} logged windows)")
+        if table:
+            print(f"loop / table: {report['loop']['tokens_per_s'] / report['train'][0]['tokens_per_s']:.1%}")
+    return report
+
+
 def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Setting]:
     """The base setting, then each --vary applied to it one key at a time."""
     out = [base]
@@ -491,7 +537,7 @@ def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Set
     return out
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
@@ -512,6 +558,7 @@ def main(argv=None):
     p.add_argument("--quality_data", metavar="CACHE_DIR", default=None,
                    help="with --quality, also on the held-out text of this prepared data cache")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
+    p.add_argument("--hellaswag", action="store_true", help="eval.py's HellaSwag scoring speed, GPT-2 124M")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
                    "the same data, shape, batch and steps, and compare their validation loss")
@@ -524,8 +571,12 @@ def main(argv=None):
     r.add_argument("--parallel", type=int, default=1, help="recipes trained at once (the cores are shared out)")
     p.add_argument("--json", type=Path, default=None, help="also write all results to this file")
     p.add_argument("--one_setting", default=None, help=argparse.SUPPRESS)  # a child of time_training_alone
-    args = p.parse_args(argv)
+    return p
 
+
+def main(argv=None):
+    p = build_parser()
+    args = p.parse_args(argv)
     try:
         device = pick_device(args.device)
     except UserError as e:
@@ -543,17 +594,8 @@ def main(argv=None):
           f"git {report['machine']['git']}")
     if T.peak_flops(device):
         print(f"MFU against a dense bf16 peak of {T.peak_flops(device) / 1e12:.0f} TFLOP/s")
-    if args.train and not args.recipes:  # --recipes compares quality per step, not speed
-        report["train"] = [time_training_alone(s, steps, warmup, device) for s in settings_to_run(base, args.vary)]
-        print_table(report["train"], [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
-                                      ("ms_per_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"),
-                                      ("peak_memory_gib", "peak GiB", ".1f")])
-    if args.loop:
-        report["loop"] = time_loop(base, steps, warmup, device)
-        print(f"{report['loop']['setting']}: {report['loop']['tokens_per_s']:,.0f} tokens/s "
-              f"(median of {report['loop']['windows']} logged windows)")
-        if args.train:
-            print(f"loop / table: {report['loop']['tokens_per_s'] / report['train'][0]['tokens_per_s']:.1%}")
+    if (args.train or args.loop) and not args.recipes:  # --recipes compares quality per step, not speed
+        report |= training_speed(base, args.vary, steps, warmup, device, table=args.train, loop=args.loop)
     if args.recipes:
         recipes = RECIPES | dict(args.recipe)
         if args.only:
@@ -565,6 +607,8 @@ def main(argv=None):
         report["quality"] = bench_quality(args.quality, args.quality_data)
     if args.tokenize:
         report["tokenize"] = bench_tokenize(tiny=args.tiny)
+    if args.hellaswag:
+        report["hellaswag"] = bench_hellaswag(args.tiny, device)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 

@@ -521,16 +521,18 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
 def load_model(spec: str) -> tuple[GPT, dict]:
     """A model from our .pt checkpoint, a save_pretrained directory, or a Hub name; plus what is known of it.
 
-    The returned dict has `source`, and for our checkpoints `step` and `val_loss`.
+    The returned dict has `source` and `params`, and for our checkpoints `step` and `val_loss`.
     """
     path = Path(spec).expanduser()
     if path.is_file() or path.suffix == ".pt":
         # Mapped: sample.py converts the weights to bf16 or int8 at once, reading each byte once from
         # the page cache rather than first copying 500 MB (124M) into new memory (~0.3 s).
         ckpt = load_checkpoint(path, mmap=True)
-        return model_from_checkpoint(ckpt), {"source": str(path), "step": ckpt.get("step"),
-                                             "val_loss": ckpt.get("val_loss")}
-    return GPT.from_pretrained(spec), {"source": spec}
+        model = model_from_checkpoint(ckpt)
+        info = {"source": str(path), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
+    else:
+        model, info = GPT.from_pretrained(spec), {"source": spec}
+    return model, info | {"params": model.num_params()}
 
 
 def model_from_checkpoint(ckpt: dict) -> GPT:

@@ -106,8 +106,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
     """model.py's load_model, moved to the device and precision decoding runs in (int8: quantized; bf16 on
     a CPU: weights packed for oneDNN)."""
-    model, info = load_model(spec)
-    info["params"] = model.num_params()  # before quantizing, which unties the head from the embedding
+    model, info = load_model(spec)  # info["params"] counts before quantizing unties the head
     if dtype == torch.int8:
         return quantize_int8(model, torch.bfloat16), info
     if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16():

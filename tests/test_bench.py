@@ -3,14 +3,14 @@ import json
 
 import pytest
 
-from conftest import run_script
+from conftest import TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
 
 
 def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
     result = run_script("bench.py", "--tiny", "--device", "cpu", "--vary", "arch=gpt2,modern", "--loop",
-                        "--decode", "--tokenize", "--json", str(out), env={"OMP_NUM_THREADS": "2"})
+                        "--decode", "--tokenize", "--hellaswag", "--json", str(out), env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert [r["arch"] for r in report["train"]] == ["gpt2", "modern"]
@@ -22,4 +22,22 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     assert decode["bandwidth_gb_s"] > 0 and decode["ours_int8_weight_mb"] < decode["ours_bf16_weight_mb"]
     assert 0 <= decode["int8_vs_fp32"]["agreement"] <= 1 and decode["startup_first_token_s"] > 0
     assert report["tokenize"]["ratio"] > 0 and report["tokenize"]["tokens"] > 0
+    assert report["hellaswag"]["fp32_items_per_s"] > 0 and report["hellaswag"]["bf16_items_per_s"] > 0
     assert "training" in result.stdout and "loop / table" in result.stdout
+
+
+def test_recipes_train_on_the_same_data_and_are_held_to_the_baselines_final_loss(tmp_path):
+    corpus = write_txt_dir(tmp_path / "text", make_corpus(n_docs=80, seed=3))
+    flags = ["--dataset", str(corpus), "--data_cache", str(tmp_path / "cache"), *TINY_MODEL_ARGS, "--batch_size", "8",
+             "--max_steps", "6", "--eval_interval", "2", "--eval_iters", "2", "--lr", "3e-3", "--min_lr", "3e-4",
+             "--val_split", "0.1", "--num_workers", "0", "--device", "cpu"]
+    out = tmp_path / "recipes.json"
+    args = ["--device", "cpu", "--recipes", "--runs", str(tmp_path / "runs"), "--train_flags", " ".join(flags),
+            "--recipe", "muon=--optimizer muon --schedule wsd", "--only", "gpt2-adamw-cosine,muon", "--json", str(out)]
+    first = run_script("bench.py", *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = {r["recipe"]: r for r in json.loads(out.read_text())["recipes"]}
+    assert set(rows) == {"gpt2-adamw-cosine", "muon"}
+    assert [step for step, _ in rows["muon"]["evals"]] == [2, 4, 6] and rows["gpt2-adamw-cosine"]["ratio"] == 1.0
+    again = run_script("bench.py", *args)  # finished runs are reused, not trained again
+    assert again.returncode == 0 and json.loads(out.read_text())["recipes"][0]["seconds"] == rows["gpt2-adamw-cosine"]["seconds"]
