@@ -35,7 +35,9 @@ from model import (ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoin
 from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, on_rank0, setup_env,
                      share_state_from_rank0)
 
-DEFAULT_ARCH = "gpt2"
+# The recipe that measured best here (BENCHMARKS.md, "Recipes"): the modern block trained by Muon with a
+# warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
+DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
@@ -70,8 +72,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description="Train GPT-2 with a warmup + cosine schedule, keeping the best "
-                       "validation checkpoint.", formatter_class=_HelpFormatter)
+    p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
+                       "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
     data.add_data_args(p)
     shape = GPTConfig()
     m = p.add_argument_group("model (defaults: GPT-2 124M; with --init_from, the weights' shape)")
@@ -93,11 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences per optimizer step, over all GPUs and accumulation micro-steps")
     o.add_argument("--grad_accum", type=positive_int, default=1,
                    help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at once)")
-    o.add_argument("--optimizer", choices=["adamw", "muon"], default="adamw",
+    o.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
-                        "embeddings, the head, norm gains and biases")
-    o.add_argument("--lr", type=positive_float, default=6e-4, help="AdamW's peak learning rate")
-    o.add_argument("--min_lr", type=non_negative_float, default=6e-5,
+                        f"embeddings, the head, norm gains and biases (default {DEFAULT_OPTIMIZER}; with --init_from, "
+                        f"{FINE_TUNE_OPTIMIZER})")
+    o.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW's peak learning rate")
+    o.add_argument("--min_lr", type=non_negative_float, default=2e-4,
                    help="AdamW's learning rate at the end of the decay (Muon's decays in proportion)")
     o.add_argument("--muon_lr", type=positive_float, default=0.02, help="Muon's peak learning rate")
     o.add_argument("--muon_momentum", type=open_fraction, default=0.95,
@@ -105,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{MUON_MOMENTUM_WARMUP} steps")
     o.add_argument("--muon_weight_decay", type=non_negative_float, default=0.05,
                    help="Muon's decoupled weight decay (each step shrinks weights by muon_lr * this)")
-    o.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine",
+    o.add_argument("--schedule", choices=["cosine", "wsd"], default="wsd",
                    help="after the warmup: cosine decay to --min_lr; or wsd, constant then a linear decay to "
                         "--min_lr over the last --cooldown_frac of the run (a run can be extended from its "
                         "constant phase)")
@@ -164,6 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    args.optimizer = args.optimizer or default_optimizer(args.init_from)
     if args.init_from == "scratch":  # otherwise the shape comes from the weights (Trainer._starting_point)
         args.arch = args.arch or DEFAULT_ARCH
         for name in SHAPE_FLAGS:
@@ -191,6 +195,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     except UserError as e:
         p.error(str(e))
     return args
+
+
+def default_optimizer(init_from: str) -> str:
+    """DEFAULT_OPTIMIZER from scratch, where this torch has it; FINE_TUNE_OPTIMIZER from weights."""
+    if init_from != "scratch":
+        return FINE_TUNE_OPTIMIZER
+    if DEFAULT_OPTIMIZER == "muon" and not hasattr(torch.optim, "Muon"):
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"note: torch {torch.__version__} has no Muon (torch 2.9 and later do): training with AdamW",
+                  file=sys.stderr)
+        return "adamw"
+    return DEFAULT_OPTIMIZER
 
 
 def model_config(args) -> GPTConfig:

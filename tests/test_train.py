@@ -341,12 +341,21 @@ def test_resuming_with_another_optimizer_or_an_old_torch_is_refused_in_one_line(
     save = tmp_path / "run"
     assert run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "2")).returncode == 0
     other = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "4", "--resume",
-                                                    "--optimizer", "muon"))
-    assert other.returncode == 1 and "trained with --optimizer adamw, not muon" in other.stderr
+                                                    "--optimizer", "adamw"))
+    assert other.returncode == 1 and "trained with --optimizer muon, not adamw" in other.stderr  # muon: the default
     monkeypatch.delattr(torch.optim, "Muon")
     with pytest.raises(SystemExit):
         T.parse_args(["--optimizer", "muon"])
     assert "--optimizer muon needs torch 2.9 or later" in capsys.readouterr().err
+    assert T.parse_args([]).optimizer == "adamw"  # the default falls back, saying so
+    assert "has no Muon" in capsys.readouterr().err
+
+
+def test_the_default_recipe_is_the_measured_one_and_fine_tuning_defaults_to_adamw():
+    args = T.parse_args([])
+    assert (args.arch, args.optimizer, args.schedule) == (T.DEFAULT_ARCH, "muon", "wsd") == ("modern", "muon", "wsd")
+    assert T.parse_args(["--init_from", "gpt2"]).optimizer == "adamw"
+    assert T.parse_args(["--init_from", "gpt2", "--optimizer", "muon"]).optimizer == "muon"
 
 
 def png_width(path: Path) -> int:
