@@ -10,7 +10,7 @@ import json
 import math
 import os
 import pickle
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -693,7 +693,8 @@ def _hf_family(c: GPTConfig) -> str:
     gpt2_block = (c.pos_emb, c.norm, c.mlp, c.bias, c.qk_norm) == ("learned", "layernorm", "gelu", True, False)
     llama_block = (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
     missing = [f"{name} {value!r}" for name, value, has in (
-        ("logit_softcap", c.logit_softcap, not c.logit_softcap), ("embed_norm", c.embed_norm, not c.embed_norm),
+        ("logit_softcap", c.logit_softcap, not c.logit_softcap),
+        ("embed_norm with learned positions", c.embed_norm, not c.embed_norm or c.pos_emb == "rope"),
         ("tie_embeddings", c.tie_embeddings, c.tie_embeddings or not gpt2_block)) if not has]
     if not (gpt2_block or llama_block):
         missing.append(f"a block of {c.pos_emb} positions, {c.norm}, a {c.mlp} MLP and bias={c.bias}")
@@ -708,6 +709,13 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
     Qwen3ForCausalLM) with the same logits."""
     c, family = model.config, _hf_family(model.config)
     weights = {k: v.detach().float().cpu() for k, v in strip_compile_prefix(model.state_dict()).items()}
+    if c.embed_norm:
+        # With rotary positions the normalised embedding is a function of the token alone, so the norm
+        # folds into the table; the head keeps the table as it was, so the export has its own head.
+        weights["transformer.wte.weight"] = F.rms_norm(weights["transformer.wte.weight"], (c.n_embd,),
+                                                       weights.pop("transformer.ln_e.weight"),
+                                                       eps=model.transformer.ln_e.eps)
+        c = replace(c, embed_norm=False, tie_embeddings=False)
     for k in ("transformer.wte.weight", "lm_head.weight"):
         weights[k] = weights[k][:c.vocab_size]  # the padding rows are ours alone
     common = {"vocab_size": c.vocab_size, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,

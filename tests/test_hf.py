@@ -59,16 +59,20 @@ def test_a_switch_with_no_transformers_counterpart_is_named_in_a_one_line_refusa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no transformers model computes what this one does")
     assert "logit_softcap 15.0" in lines[0] and "a relu2 MLP" in lines[0]
+    learned = M.GPTConfig.from_preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100, embed_norm=True)
+    with pytest.raises(M.CheckpointError, match="embed_norm with learned positions True"):
+        M.to_hf(M.GPT(learned))
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("qk_norm, tie, family", [(True, False, "Qwen3ForCausalLM"), (True, True, "Qwen3ForCausalLM"),
-                                                  (False, False, "LlamaForCausalLM")])
+@pytest.mark.parametrize("qk_norm, tie, embed_norm, family", [
+    (True, False, False, "Qwen3ForCausalLM"), (True, True, False, "Qwen3ForCausalLM"),
+    (False, False, False, "LlamaForCausalLM"), (True, True, True, "Qwen3ForCausalLM")])
 def test_the_modern_preset_exports_as_qwen3_or_llama_with_the_same_logits_and_reads_back(tmp_path, qk_norm, tie,
-                                                                                         family):
+                                                                                         embed_norm, family):
     torch.manual_seed(0)
     config = M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=64, block_size=24, qk_norm=qk_norm,
-                                     tie_embeddings=tie)
+                                     tie_embeddings=tie, embed_norm=embed_norm)
     ours = M.GPT(config).eval()
     with torch.no_grad():  # non-trivial norm gains, so a swapped or missing one would show
         for name, p in ours.named_parameters():
@@ -85,6 +89,8 @@ def test_the_modern_preset_exports_as_qwen3_or_llama_with_the_same_logits_and_re
         assert_same_logits(ours(idx)[0], hf(idx).logits)
         again, _ = M.load_model(str(tmp_path / "exported"))
         assert torch.allclose(again.eval()(idx)[0][..., :50257], ours(idx)[0][..., :50257], atol=1e-5)
-    assert again.config.to_dict() == config.to_dict()
+    # A norm after the embedding is folded into the table, which then needs a head of its own.
+    folded = dict(embed_norm=False, tie_embeddings=False) if embed_norm else {}
+    assert again.config.to_dict() == config.to_dict() | folded
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert tok.encode("Hello world") == [15496, 995]
