@@ -239,7 +239,7 @@ def test_training_forward_returns_the_loss_and_no_logits():
 def test_zero_init_starts_every_block_as_the_identity_and_an_untied_head_at_zero():
     m = tiny("modern", zero_init=True, tie_embeddings=False)
     x = torch.randint(0, 100, (1, 16))
-    blocks_off = m.transformer.ln_f(m.transformer.wte(x))
+    blocks_off = m.transformer.ln_f(m.transformer.ln_e(m.transformer.wte(x)))  # the preset's norm after the embedding
     assert torch.allclose(m.hidden_states(x), blocks_off, atol=1e-6)  # each block adds zero to the stream
     assert m.lm_head.weight.abs().sum() == 0 and m.lm_head.weight is not m.transformer.wte.weight
     assert m.transformer.wte.weight.std() > 0.01
