@@ -5,6 +5,8 @@ import shlex
 import pytest
 
 from conftest import REPO
+import bench
+import eval as eval_script
 import sample
 import train_gpt2
 
@@ -31,13 +33,18 @@ def test_no_command_has_anything_after_a_line_continuation():
             assert "\\" not in line or line.endswith("\\"), line
 
 
-@pytest.mark.parametrize("command", [c for c in commands() if "train_gpt2.py" in c or "sample.py" in c])
+PARSERS = {"train_gpt2.py": train_gpt2.parse_args, "sample.py": sample.parse_args, "eval.py": eval_script.parse_args,
+           "bench.py": lambda flags: bench.build_parser().parse_args(flags)}
+
+
+@pytest.mark.parametrize("command", [c for c in commands() if any(f"python {script}" in c for script in PARSERS)])
 def test_every_readme_command_parses_with_the_scripts_flags(command):
     words = shlex.split(command)
-    script = next(i for i, w in enumerate(words) if w.endswith((".py")))
+    script = next(i for i, w in enumerate(words) if w in PARSERS)
     flags = [w for w in words[script + 1:] if w not in ("&&",)]
-    parse = train_gpt2.parse_args if words[script] == "train_gpt2.py" else sample.parse_args
-    parse(flags)  # raises SystemExit on any unknown or invalid flag
+    args = PARSERS[words[script]](flags)  # raises SystemExit on any unknown or invalid flag
+    if words[script] == "bench.py" and args.train_flags:
+        train_gpt2.parse_args(shlex.split(args.train_flags))  # what every recipe's run is given
 
 
 def test_the_two_setup_commands_are_there():
