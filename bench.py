@@ -414,8 +414,8 @@ def _print_decode(r: dict) -> None:
 
 
 def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dict:
-    """eval.py's HellaSwag scoring of GPT-2 124M (random weights) on generated items of HellaSwag's size
-    (contexts of ~60 tokens, endings of ~20): items/s in fp32 and bf16 autocast, and the 10,042 items' time."""
+    """eval.py's HellaSwag scoring of GPT-2 124M (random weights) on generated items (contexts of 28 random
+    words, endings of 9): items/s in fp32 and bf16 autocast, and the 10,042 items' time at that pace."""
     import random
     from eval import Item, hellaswag_accuracy
     rng = random.Random(0)

@@ -6,7 +6,8 @@ without QK-norm) for the `modern` one.
 The directory loads with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained (GPT-2's
 tokenizer, whatever the model), so a model trained here works with the rest of the ecosystem
 (pipelines, lm-eval-harness, the Hub); sample.py and eval.py read it back. A switch with no transformers
-counterpart (a logit soft cap, a norm after the embedding) is refused, never exported wrongly.
+counterpart (a logit soft cap, a ReLU² MLP, a norm after a learned-position embedding) is refused, never
+exported wrongly; a norm after a rotary model's embedding is folded into the embedding table.
 """
 import json
 import shutil

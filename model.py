@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from common import UserError, atomic_write, check_reachable, hub_endpoint
 
 EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
+RMSNORM_EPS = 1e-6  # Llama's and Qwen3's, so the modern preset exports as they compute it
 
 
 class CheckpointError(UserError):
@@ -198,7 +199,7 @@ def swiglu_width(n_embd: int) -> int:
 
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-6)
+        return nn.RMSNorm(dim, eps=RMSNORM_EPS)
     return nn.LayerNorm(dim, bias=config.bias)
 
 
@@ -673,7 +674,7 @@ def _llama_config(hf: dict, directory: Path) -> GPTConfig:
     hidden = swiglu_width(C)
     differences = [f"{key} {hf.get(key)!r} (ours: {want!r})" for key, want in (
         ("num_key_value_heads", heads), ("head_dim", C // heads), ("intermediate_size", hidden),
-        ("rms_norm_eps", 1e-6), ("hidden_act", "silu")) if hf.get(key, want) != want]
+        ("rms_norm_eps", RMSNORM_EPS), ("hidden_act", "silu")) if hf.get(key, want) != want]
     if rope.get("rope_type", "default") != "default" or hf.get("attention_bias") or hf.get("mlp_bias"):
         differences.append("rope scaling or biases")
     if differences:
@@ -719,7 +720,7 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
         # folds into the table; the head keeps the table as it was, so the export has its own head.
         weights["transformer.wte.weight"] = F.rms_norm(weights["transformer.wte.weight"], (c.n_embd,),
                                                        weights.pop("transformer.ln_e.weight"),
-                                                       eps=model.transformer.ln_e.eps)
+                                                       eps=RMSNORM_EPS)
         c = replace(c, embed_norm=False, tie_embeddings=False)
     for k in ("transformer.wte.weight", "lm_head.weight"):
         weights[k] = weights[k][:c.vocab_size]  # the padding rows are ours alone
@@ -736,7 +737,7 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
             "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"], "model_type": family,
             "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.c_proj.in_features,
             "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
-            "head_dim": c.head_dim, "max_position_embeddings": c.block_size, "rms_norm_eps": 1e-6,
+            "head_dim": c.head_dim, "max_position_embeddings": c.block_size, "rms_norm_eps": RMSNORM_EPS,
             "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_theta": c.rope_base,
             "rope_parameters": {"rope_theta": c.rope_base, "rope_type": "default"}}  # the older key, and transformers 5's
         state = {}
