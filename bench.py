@@ -28,7 +28,7 @@ import torch
 
 import runtime
 import train_gpt2 as T
-from common import ArgumentParser, UserError, pick_device
+from common import EOT, ArgumentParser, UserError, pick_device
 from model import GPT, GPTConfig, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -362,7 +362,7 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
     def run_hf():
         with torch.inference_mode():
             out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                              do_sample=False, pad_token_id=50256)
+                              do_sample=False, pad_token_id=EOT)
         return out[0, prompt_len:].tolist()
 
     runs = {"hf_fp32": run_hf} | {f"ours_{name}": (lambda m=m: list(m.generate(
@@ -417,7 +417,7 @@ def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dic
     """eval.py's HellaSwag scoring of GPT-2 124M (random weights) on generated items (contexts of 28 random
     words, endings of 9): items/s in fp32 and bf16 autocast, and the 10,042 items' time at that pace."""
     import random
-    from eval import Item, hellaswag_accuracy
+    from eval import HELLASWAG_ITEMS, Item, hellaswag_accuracy
     rng = random.Random(0)
     words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 7))) for _ in range(3000)]
     phrase = lambda n: " ".join(rng.choices(words, k=n)).capitalize() + "."
@@ -433,10 +433,10 @@ def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dic
         t0 = time.perf_counter()
         hellaswag_accuracy(model, items, device, autocast)
         report[f"{name}_items_per_s"] = n_items / (time.perf_counter() - t0)
-        report[f"{name}_full_set_minutes"] = 10_042 / report[f"{name}_items_per_s"] / 60
+        report[f"{name}_full_set_minutes"] = HELLASWAG_ITEMS / report[f"{name}_items_per_s"] / 60
     print(f"HellaSwag scoring, {'tiny model' if tiny else 'GPT-2 124M'} on {device.type} ({report['threads']} threads), "
           f"{n_items} items: fp32 {report['fp32_items_per_s']:.2f} items/s ({report['fp32_full_set_minutes']:.0f} min "
-          f"for 10,042), bf16 {report['bf16_items_per_s']:.2f} items/s ({report['bf16_full_set_minutes']:.0f} min)")
+          f"for {HELLASWAG_ITEMS:,}), bf16 {report['bf16_items_per_s']:.2f} items/s ({report['bf16_full_set_minutes']:.0f} min)")
     return report
 
 
@@ -539,8 +539,8 @@ def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Set
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[1])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=__doc__.split("\n\n")[1])
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--tiny", action="store_true", help=f"a tiny model ({TINY}) and few steps: a smoke test")
     p.add_argument("--arch", default=None)

@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Iterator
 from urllib.parse import urlsplit
 
+EOT = 50256  # GPT-2's <|endoftext|>: the separator after every document, and where generation stops
 _TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 
 
 class UserError(Exception):
     """Something the user can fix (a path, a flag, a checkpoint, the network): printed as one line, exit 1."""
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when it has none), so every error stays one line."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:limit] if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -91,6 +98,19 @@ def cuda_has_bf16() -> bool:
 
 def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+
+
+def hub_offline(datasets: bool = False) -> bool:
+    """Whether the Hugging Face libraries are told to stay offline: HF_HUB_OFFLINE, and for `datasets`
+    also HF_DATASETS_OFFLINE (huggingface_hub reads only the first)."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in names)
+
+
+def check_hub_reachable(seconds: float, datasets: bool = False) -> None:
+    """check_reachable for the Hub, skipped in offline mode (which fails at once by itself)."""
+    if not hub_offline(datasets):
+        check_reachable(hub_endpoint(), seconds)
 
 
 def check_reachable(url: str, seconds: float) -> None:

@@ -36,13 +36,12 @@ import tiktoken
 import tiktoken.load
 from tqdm import tqdm
 
-from common import (ArgumentParser, UserError, atomic_write, check_reachable, clean_temporaries, hub_endpoint,
-                    open_fraction, positive_int)
+from common import (EOT, ArgumentParser, UserError, atomic_write, check_hub_reachable, clean_temporaries,
+                    first_line, open_fraction, positive_int)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.
 
-EOT = 50256  # <|endoftext|>, the separator after every document
 SHARD_MAGIC = 20240520  # llm.c's magic number and version for uint16 token shards
 SHARD_VERSION = 1
 HEADER_INTS = 256
@@ -339,14 +338,14 @@ def _hub_records(source: Source, skip: int) -> Iterator[tuple[str | None, bool]]
                 raise _unreachable(source, e) from None
             failures += 1
             if failures > NET_RETRIES:
-                raise DataError(f"network error after {consumed:,} documents of {source.name} ({_reason(e)}), "
+                raise DataError(f"network error after {consumed:,} documents of {source.name} ({first_line(e)}), "
                                 f"{NET_RETRIES} retries failed; the finished shards are kept: "
                                 "run the same command again to continue") from None
             time.sleep(2 ** failures)
 
 
 def _open_hub_stream(source: Source, skip: int):
-    _check_hub_reachable()
+    check_hub_reachable(HUB_PROBE_SECONDS, datasets=True)
     import datasets  # imported here: it takes over a second, and local text never needs it
     try:
         stream = datasets.load_dataset(source.name, source.subset, split="train", streaming=True,
@@ -355,16 +354,8 @@ def _open_hub_stream(source: Source, skip: int):
         raise DataError(f"dataset {source.name!r} is not on the Hugging Face Hub (if it is gated or private, "
                         f"set HF_TOKEN), and no local path {source.name!r} exists; {_HINT_LOCAL}") from None
     except ValueError as e:  # e.g. an unknown --subset; the message lists the available ones
-        raise DataError(f"dataset {source.name!r}: {_reason(e)}") from None
+        raise DataError(f"dataset {source.name!r}: {first_line(e)}") from None
     return stream.skip(skip) if skip else stream
-
-
-def _check_hub_reachable() -> None:
-    """Fails in seconds when the Hub's host cannot be reached, instead of after huggingface_hub's retries."""
-    offline = {os.environ.get(k, "").lower() for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    if offline & {"1", "true", "yes", "on"}:
-        return  # offline mode fails at once by itself
-    check_reachable(hub_endpoint(), HUB_PROBE_SECONDS)
 
 
 def _network_errors() -> tuple[type[BaseException], ...]:
@@ -380,14 +371,8 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _unreachable(source: Source, error: BaseException) -> DataError:
-    return DataError(f"cannot reach the Hugging Face Hub for dataset {source.name!r} ({_reason(error)}); "
+    return DataError(f"cannot reach the Hugging Face Hub for dataset {source.name!r} ({first_line(error)}); "
                      f"no local path {source.name!r} exists either; {_HINT_LOCAL}")
-
-
-def _reason(error: BaseException) -> str:
-    """The first line of an exception's message, so every error stays one line."""
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- the train/val split

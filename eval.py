@@ -39,9 +39,9 @@ from tqdm import tqdm
 
 import data
 import runtime
-import sample
-from common import ArgumentParser, UserError, arg_type, atomic_write, check_reachable, pick_device, positive_int
-from model import GPT, load_model
+from common import (ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line, pick_device,
+                    positive_int)
+from model import GPT, describe, load_model
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
 # points elsewhere (a mirror, or in the tests an address that cannot answer).
@@ -131,8 +131,7 @@ def download(url: str, dest: Path) -> list[Item]:
                 raise EvalError(f"the download from {url} holds {len(items):,} items, not HellaSwag validation's "
                                 f"{HELLASWAG_ITEMS:,} (cut short?); {advice}")
     except (OSError, http.client.HTTPException) as e:  # unreachable, refused, HTTP 404, cut mid-way
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise EvalError(f"cannot download HellaSwag from {url} ({reason}); {advice}") from None
+        raise EvalError(f"cannot download HellaSwag from {url} ({first_line(e)}); {advice}") from None
     return items
 
 
@@ -291,12 +290,12 @@ def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
 
 
 task_list = arg_type(lambda text: text.split(","), lambda tasks: set(tasks) <= set(TASKS),
-                          f"a comma-separated list of {', '.join(TASKS)}")
+                     f"a comma-separated list of {', '.join(TASKS)}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
                    help="our .pt checkpoint, a save_pretrained directory, or a Hub name (default %(default)s)")
     p.add_argument("--tasks", type=task_list, default=None,
@@ -358,7 +357,7 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
     if window > model.config.block_size:
         raise EvalError(f"--block_size {window} is longer than the model's window of {model.config.block_size}")
     if env.master:
-        tqdm.write(sample.describe(model, info, env.device, env.amp_dtype or torch.float32), file=sys.stderr)
+        tqdm.write(describe(model, info, env.device, env.amp_dtype or torch.float32), file=sys.stderr)
     results = {"checkpoint": args.checkpoint}
     common = dict(device=env.device, autocast=env.autocast, rank=env.rank, world=env.world,
                   batch_size=args.batch_size, progress=env.master)

@@ -18,7 +18,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from common import ArgumentParser, UserError, atomic_write
-from model import load_model, to_hf
+from hf import to_hf
+from model import load_model
 
 
 def export(checkpoint: str, out_dir: Path) -> Path:

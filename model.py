@@ -1,16 +1,15 @@
-"""GPT-2 and what runs it forward: the network, KV-cached generation, checkpoints and Hugging Face weights.
+"""GPT-2 and the modern block: the network, KV-cached generation, and this repository's checkpoints.
 
 train_gpt2.py, sample.py, eval.py and bench.py import this file; none holds a copy of any of it. The
-checkpoint format is written and read here only (save_checkpoint beside load_checkpoint).
+checkpoint format is written and read here only (save_checkpoint beside load_checkpoint). Hugging Face
+weights (OpenAI's GPT-2, save_pretrained directories, export) are hf.py's, imported only when needed.
 """
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import os
 import pickle
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
 
@@ -18,9 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import UserError, atomic_write, check_reachable, hub_endpoint
+from common import EOT, UserError, atomic_write, first_line
 
-EOT_TOKEN = 50256  # GPT-2's <|endoftext|>
 RMSNORM_EPS = 1e-6  # Llama's and Qwen3's, so the modern preset exports as they compute it
 
 
@@ -400,21 +398,9 @@ class GPT(nn.Module):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPT":
-        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: the Hub, online) or a save_pretrained
-        directory: GPT-2, or a Llama or Qwen3 model of the `modern` preset's layout (what export_hf.py writes)."""
-        directory = _resolve_hf_dir(name_or_path)
-        try:
-            hf = json.loads((directory / "config.json").read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{directory} has no readable config.json ({e})") from None
-        kind = hf.get("model_type")
-        if kind == "gpt2":
-            config = _gpt2_config(hf)
-            return model_with_weights(config, _from_hf_state(_read_hf_weights(directory), config))
-        if kind in ("llama", "qwen3"):  # the `modern` preset, as export_hf.py writes it
-            config = _llama_config(hf, directory)
-            return model_with_weights(config, _from_llama_state(_read_hf_weights(directory), config))
-        raise CheckpointError(f"{directory} holds a {kind!r} model, not GPT-2 (nor a Llama or Qwen3 export)")
+        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: from the Hub) or a save_pretrained directory."""
+        import hf  # the conversion code: only loading such weights pays for importing it
+        return hf.from_pretrained(name_or_path)
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
@@ -443,7 +429,7 @@ class GPT(nn.Module):
             fed = len(tokens)
             logits = self.head(self.hidden_states(new, cache)[:, -1]).float()[0, :self.config.vocab_size]
             token = sample_token(logits, temperature, top_k, top_p, generator)
-            if stop_at_eot and token == EOT_TOKEN:
+            if stop_at_eot and token == EOT:
                 return
             tokens.append(token)
             yield token
@@ -472,7 +458,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
 # Checkpoints of this repository
 
 
-def strip_compile_prefix(state_dict: dict) -> dict:
+def strip_wrapper_prefixes(state_dict: dict) -> dict:
     """Keys as the plain module names them: torch.compile adds `_orig_mod.`, DDP adds `module.`, in any
     order and nesting (DDP around a compiled model gives `module._orig_mod.`)."""
     prefixes = ("_orig_mod.", "module.")
@@ -490,7 +476,7 @@ def save_checkpoint(path, model: GPT, **fields) -> None:
     Fields are plain values and tensors (step, val_loss, optimizer state, ...), never pickled objects,
     so load_checkpoint reads the file with weights_only=True.
     """
-    state = {"model": strip_compile_prefix(model.state_dict()), "config": model.config.to_dict(), **fields}
+    state = {"model": strip_wrapper_prefixes(model.state_dict()), "config": model.config.to_dict(), **fields}
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
 
@@ -510,13 +496,13 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                                  f"({str(e).splitlines()[0][:120]})") from None
+                                  f"({first_line(e, 120)})") from None
         # weights_only refuses any global it does not know, before anything runs.
         raise CheckpointError(f"refused {path}: it holds pickled Python objects that could run code; "
                               "only plain checkpoints (tensors and Python values) are loaded") from None
     except Exception as e:  # torch.load reports a truncated or foreign file with many exception types
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
-                              f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}") from None
+                              f"{type(e).__name__}: {first_line(e, 120)}") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this repository "
                               "(it lacks 'model' and 'config')")
@@ -540,8 +526,24 @@ def load_model(spec: str) -> tuple[GPT, dict]:
     return model, info | {"params": model.num_params()}
 
 
+def human_count(n: int) -> str:
+    """12345678 -> "12M": a parameter or token count as people say it."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.0f}{unit}" if n >= 10 * size else f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def describe(model: GPT, info: dict, device: torch.device, dtype: torch.dtype) -> str:
+    """The one line sample.py and eval.py print at start: what load_model gave, how far it was trained, where it runs."""
+    step, val = info.get("step"), info.get("val_loss")
+    trained = f"step {'?' if step is None else step}, val loss {'?' if val is None else f'{val:.4f}'}"
+    return (f"{human_count(info['params'])} parameters, {model.config.arch or 'custom'} preset, "
+            f"{trained} ({info['source']}) on {device.type} in {str(dtype).removeprefix('torch.')}")
+
+
 def model_from_checkpoint(ckpt: dict) -> GPT:
-    return model_with_weights(GPTConfig.from_dict(ckpt["config"]), strip_compile_prefix(ckpt["model"]))
+    return model_with_weights(GPTConfig.from_dict(ckpt["config"]), strip_wrapper_prefixes(ckpt["model"]))
 
 
 def model_with_weights(config: GPTConfig, state_dict: dict) -> GPT:
@@ -584,234 +586,3 @@ def load_state(model: GPT, state_dict: dict, assign: bool = False) -> None:
         model.load_state_dict(state_dict, strict=True, assign=assign)
     except RuntimeError as e:
         raise CheckpointError(f"weights do not fit the model: {str(e).splitlines()[-1].strip()}") from None
-
-
-# ----------------------------------------------------------------------------------------------------
-# Hugging Face GPT-2 weights (read and written directly: transformers is not needed at run time)
-
-# Hugging Face's GPT-2 stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
-_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-_HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-
-
-def _resolve_hf_dir(name_or_path: str) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists() or os.sep in str(name_or_path) or str(name_or_path).startswith("."):
-        raise CheckpointError(f"{name_or_path} is neither a checkpoint file nor a Hugging Face model directory")
-    try:
-        from huggingface_hub import snapshot_download  # comes with `datasets`
-        if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes", "on"):
-            check_reachable(hub_endpoint(), 10)  # the Hub client retries for half a minute before giving up
-        return Path(snapshot_download(str(name_or_path), allow_patterns=["config.json", *_HF_WEIGHT_FILES]))
-    except Exception as e:  # the Hub raises many types (offline, unknown repo, HTTP); all mean the same here
-        raise CheckpointError(f"could not fetch {name_or_path!r} from the Hugging Face Hub "
-                              f"({type(e).__name__}); pass a local directory saved with save_pretrained") from None
-
-
-def _read_hf_weights(directory: Path) -> dict:
-    if (directory / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-        return load_file(str(directory / "model.safetensors"))
-    if (directory / "pytorch_model.bin").is_file():
-        return torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    raise CheckpointError(f"{directory} has none of {', '.join(_HF_WEIGHT_FILES)}")
-
-
-def _gpt2_config(hf: dict) -> GPTConfig:
-    return GPTConfig.from_preset("gpt2", block_size=hf["n_positions"], vocab_size=hf["vocab_size"],
-                                 n_layer=hf["n_layer"], n_head=hf["n_head"], n_embd=hf["n_embd"])
-
-
-def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:
-    state = {}
-    for k, v in hf_state.items():
-        k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model has no prefix
-        if k.endswith((".attn.bias", ".attn.masked_bias")):
-            continue  # causal-mask buffers of older transformers versions, not weights
-        state[k] = v.t() if k.endswith(_HF_TRANSPOSED) else v
-    state["transformer.wte.weight"] = _pad_vocab(state["transformer.wte.weight"], config)
-    state["lm_head.weight"] = state["transformer.wte.weight"]
-    return {k: v.float().contiguous() for k, v in state.items()}
-
-
-def _pad_vocab(table: torch.Tensor, config: GPTConfig) -> torch.Tensor:
-    # Padded rows are zeros: those ids are never produced (generation masks them), never seen in data,
-    # and left out of the loss.
-    return torch.cat([table, table.new_zeros(config.padded_vocab_size - table.size(0), table.size(1))])
-
-
-# The `modern` preset is Llama's block (RoPE, RMSNorm, SwiGLU, no biases), with per-head q/k RMSNorm
-# as Qwen3 has it: each of our tensors against the transformers tensors it holds, cut along rows.
-def _llama_pairs(c: GPTConfig) -> list[tuple[str, tuple[str, ...]]]:
-    pairs = [("transformer.wte.weight", ("model.embed_tokens.weight",)), ("transformer.ln_f.weight", ("model.norm.weight",))]
-    if not c.tie_embeddings:
-        pairs.append(("lm_head.weight", ("lm_head.weight",)))
-    for i in range(c.n_layer):
-        ours, theirs = f"transformer.h.{i}.", f"model.layers.{i}."
-        attn, mlp = theirs + "self_attn.", theirs + "mlp."
-        pairs += [(ours + "ln_1.weight", (theirs + "input_layernorm.weight",)),
-                  (ours + "attn.c_attn.weight", (attn + "q_proj.weight", attn + "k_proj.weight", attn + "v_proj.weight")),
-                  (ours + "attn.c_proj.weight", (attn + "o_proj.weight",)),
-                  (ours + "ln_2.weight", (theirs + "post_attention_layernorm.weight",)),
-                  (ours + "mlp.c_fc.weight", (mlp + "gate_proj.weight", mlp + "up_proj.weight")),  # gate first
-                  (ours + "mlp.c_proj.weight", (mlp + "down_proj.weight",))]
-        if c.qk_norm:
-            pairs += [(ours + "attn.q_norm.weight", (attn + "q_norm.weight",)),
-                      (ours + "attn.k_norm.weight", (attn + "k_norm.weight",))]
-    return pairs
-
-
-def _llama_config(hf: dict, directory: Path) -> GPTConfig:
-    """Our config for a Llama or Qwen3 directory, refused in one line where it is not one of our shapes."""
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": "default"}
-    C, heads = hf["hidden_size"], hf["num_attention_heads"]
-    config = GPTConfig.from_preset("modern", qk_norm=hf["model_type"] == "qwen3", block_size=hf["max_position_embeddings"],
-                                   vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=heads, n_embd=C,
-                                   rope_base=rope["rope_theta"], tie_embeddings=hf.get("tie_word_embeddings", False),
-                                   embed_norm=False)
-    hidden = swiglu_width(C)
-    differences = [f"{key} {hf.get(key)!r} (ours: {want!r})" for key, want in (
-        ("num_key_value_heads", heads), ("head_dim", C // heads), ("intermediate_size", hidden),
-        ("rms_norm_eps", RMSNORM_EPS), ("hidden_act", "silu")) if hf.get(key, want) != want]
-    if rope.get("rope_type", "default") != "default" or hf.get("attention_bias") or hf.get("mlp_bias"):
-        differences.append("rope scaling or biases")
-    if differences:
-        raise CheckpointError(f"{directory} is a {hf['model_type']} model this repository cannot hold: "
-                              + ", ".join(differences))
-    return config
-
-
-def _from_llama_state(hf_state: dict, config: GPTConfig) -> dict:
-    state = {ours: torch.cat([hf_state[k] for k in theirs]) for ours, theirs in _llama_pairs(config)}
-    state["transformer.wte.weight"] = _pad_vocab(state["transformer.wte.weight"], config)
-    if config.tie_embeddings:
-        state["lm_head.weight"] = state["transformer.wte.weight"]
-    else:
-        state["lm_head.weight"] = _pad_vocab(state["lm_head.weight"], config)
-    return {k: v.float().contiguous() for k, v in state.items()}
-
-
-def _hf_family(c: GPTConfig) -> str:
-    """"gpt2", "llama" or "qwen3": the transformers model that computes what this config does; a
-    CheckpointError naming every switch that has no counterpart there."""
-    gpt2_block = (c.pos_emb, c.norm, c.mlp, c.bias, c.qk_norm) == ("learned", "layernorm", "gelu", True, False)
-    llama_block = (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
-    missing = [f"{name} {value!r}" for name, value, has in (
-        ("logit_softcap", c.logit_softcap, not c.logit_softcap),
-        ("embed_norm with learned positions", c.embed_norm, not c.embed_norm or c.pos_emb == "rope"),
-        ("tie_embeddings", c.tie_embeddings, c.tie_embeddings or not gpt2_block)) if not has]
-    if not (gpt2_block or llama_block):
-        missing.append(f"a block of {c.pos_emb} positions, {c.norm}, a {c.mlp} MLP and bias={c.bias}")
-    if missing:
-        raise CheckpointError("no transformers model computes what this one does: " + ", ".join(missing) +
-                              " (GPT-2, Llama and Qwen3 have no counterpart); it cannot be exported")
-    return "gpt2" if gpt2_block else "qwen3" if c.qk_norm else "llama"
-
-
-def to_hf(model: GPT) -> tuple[dict, dict]:
-    """(config.json contents, state dict) that transformers loads (GPT2LMHeadModel, LlamaForCausalLM or
-    Qwen3ForCausalLM) with the same logits."""
-    c, family = model.config, _hf_family(model.config)
-    weights = {k: v.detach().float().cpu() for k, v in strip_compile_prefix(model.state_dict()).items()}
-    if c.embed_norm:
-        # With rotary positions the normalised embedding is a function of the token alone, so the norm
-        # folds into the table; the head keeps the table as it was, so the export has its own head.
-        weights["transformer.wte.weight"] = F.rms_norm(weights["transformer.wte.weight"], (c.n_embd,),
-                                                       weights.pop("transformer.ln_e.weight"),
-                                                       eps=RMSNORM_EPS)
-        c = replace(c, embed_norm=False, tie_embeddings=False)
-    for k in ("transformer.wte.weight", "lm_head.weight"):
-        weights[k] = weights[k][:c.vocab_size]  # the padding rows are ours alone
-    common = {"vocab_size": c.vocab_size, "bos_token_id": EOT_TOKEN, "eos_token_id": EOT_TOKEN,
-              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32"}
-    if family == "gpt2":
-        config = common | {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": c.block_size,
-                           "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
-                           "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
-        # lm_head is tied to wte: safetensors refuses shared tensors and transformers ties them again on load.
-        state = {k: (v.t() if k.endswith(_HF_TRANSPOSED) else v) for k, v in weights.items() if k != "lm_head.weight"}
-    else:
-        config = common | {
-            "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"], "model_type": family,
-            "hidden_size": c.n_embd, "intermediate_size": model.transformer.h[0].mlp.c_proj.in_features,
-            "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head, "num_key_value_heads": c.n_head,
-            "head_dim": c.head_dim, "max_position_embeddings": c.block_size, "rms_norm_eps": RMSNORM_EPS,
-            "hidden_act": "silu", "attention_bias": False, "mlp_bias": False, "rope_theta": c.rope_base,
-            "rope_parameters": {"rope_theta": c.rope_base, "rope_type": "default"}}  # the older key, and transformers 5's
-        state = {}
-        for ours, theirs in _llama_pairs(c):
-            state |= dict(zip(theirs, weights[ours].chunk(len(theirs))))
-    return config, {k: v.contiguous() for k, v in state.items()}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Weights laid out for decoding on a CPU: bf16 in oneDNN's blocked layout, or int8
-
-
-class PackedLinear(nn.Module):
-    """A bf16 Linear whose weight is kept in oneDNN's blocked layout, packed once instead of at every call.
-
-    What torch.compile's CPU freezing pass does to bf16 linears (mkldnn._reorder_linear_weight, then
-    mkldnn._linear_pointwise), without compiling: one thread reads the weights about 1.8x faster than
-    F.linear on a plain bf16 weight (16 against 8.5 GB/s here), so a 124M token costs 23 ms, not 33.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-class Int8Linear(nn.Module):
-    """A Linear holding int8 weights, one scale per output row: half of bf16's bytes to read per token.
-
-    Written here rather than taken from torchao: torchao 0.18's int8 linears, run eagerly, turn the whole
-    weight back into the activation dtype at every call (they count on torch.compile to fuse that away),
-    which made them about 10x slower than bf16 on this project's CPU. aten's _weight_int8pack_mm (the
-    kernel gpt-fast uses, and torch.compile's CPU lowering of int8 weight-only linears) reads the int8
-    weight as it multiplies.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        w = weight.detach().float()
-        # Symmetric: each row's largest |weight| -> 127. One temporary, rounded in place: quantizing runs
-        # at every start of sample.py, and fresh 100 MB temporaries cost more than the arithmetic.
-        scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-8) / 127
-        self.register_buffer("weight", torch.div(w, scale[:, None]).round_().to(torch.int8))
-        self.register_buffer("scale", scale)  # floating buffers follow model.to(dtype); int8 ones stay
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
-        y = y.view(*x.shape[:-1], y.size(-1))
-        return y if self.bias is None else y + self.bias
-
-
-def _replace_linears(model: GPT, make) -> GPT:
-    """Every nn.Linear, the output head included, swapped for make(linear). The head is a third of
-    GPT-2 124M's weights, so it counts; the token embedding keeps its own tensor for lookups (one row
-    a token), so the two are no longer tied."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child))
-    return model.eval()
-
-
-def pack_bf16(model: GPT) -> GPT:
-    """The model in bf16 with every Linear a PackedLinear (CPUs whose oneDNN has fast bf16 only)."""
-    return _replace_linears(model.to(torch.bfloat16), PackedLinear)
-
-
-def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
-    """The model with every Linear an Int8Linear, run in `dtype`.
-
-    Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
-    """
-    return _replace_linears(model, lambda linear: Int8Linear(linear.weight, linear.bias)).to(dtype)

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from common import (ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, non_negative_float,
+from common import (EOT, ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, non_negative_float,
                     non_negative_int, open_fraction, pick_device, positive_float, positive_int)
 from model import (ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_model, load_state,
                    save_checkpoint)
@@ -765,7 +765,7 @@ class Trainer:
         g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
         raw = self.t.raw_model
         raw.eval()
-        ids = list(raw.generate([data.EOT], 48, temperature=0.8, top_k=200, generator=g))
+        ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
         raw.train()
         self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
 

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
+from helpers import TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
 
 
 def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):

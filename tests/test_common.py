@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import common
-from conftest import run_script
+from helpers import run_script
 
 
 @pytest.mark.parametrize("script, flags, message", [

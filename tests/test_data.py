@@ -11,7 +11,7 @@ import torch
 
 import common
 import data
-from conftest import make_corpus, run_script, write_jsonl, write_txt_dir
+from helpers import make_corpus, run_script, write_jsonl, write_txt_dir
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 

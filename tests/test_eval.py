@@ -1,10 +1,7 @@
 """eval.py on a tiny GPT-2 and generated HellaSwag items: scored as transformers scores them, over ranks, offline."""
 import importlib.util
 import json
-import os
 import random
-import subprocess
-import sys
 import threading
 from functools import partial
 from http.server import HTTPServer, SimpleHTTPRequestHandler
@@ -14,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, make_corpus, make_document, make_items, run_script, write_items, write_txt_dir
+from helpers import make_corpus, make_document, make_items, run_script, write_items, write_txt_dir
 import data
 import eval as E
 import model as M
@@ -147,10 +144,7 @@ def test_two_ranks_count_what_one_process_counts(hf_dir, items_file, corpus_args
     assert E.main([*flags, "--json", str(tmp_path / "one.json")]) == 0
     table = capsys.readouterr().out
     assert "acc_norm" in table and "22 items" in table and "perplexity" in table
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "eval.py"), *flags, "--json", str(tmp_path / "two.json")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    two = run_script("eval.py", *flags, "--json", str(tmp_path / "two.json"), torchrun_ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
     assert set(one) == {"checkpoint", "hellaswag", "val"}

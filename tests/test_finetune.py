@@ -1,9 +1,6 @@
 """Fine-tuning with --init_from: transformers' GPT-2 weights or our own checkpoint, on local text."""
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +9,7 @@ import torch.nn.functional as F
 import data
 import model as M
 import train_gpt2 as T
-from conftest import REPO, make_corpus, run_script, write_txt_dir
+from helpers import make_corpus, run_script, start_script, wait_for, write_txt_dir
 
 transformers = pytest.importorskip("transformers")
 
@@ -126,12 +123,8 @@ def test_a_killed_fine_tune_resumes_to_the_model_of_an_uninterrupted_one(hf_dir,
     whole = run_script("train_gpt2.py", *tune_args(hf_dir, corpus_dir, cache, tmp_path / "whole", *common))
     assert whole.returncode == 0, whole.stderr[-2000:]
     save = tmp_path / "killed"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"),
-                             *tune_args(hf_dir, corpus_dir, cache, save, *common)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not (save / "latest.pt").exists() and proc.poll() is None:
-        pass
+    proc = start_script("train_gpt2.py", *tune_args(hf_dir, corpus_dir, cache, save, *common))
+    assert wait_for(lambda: (save / "latest.pt").exists(), proc), proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert torch.load(save / "latest.pt", weights_only=True)["step"] < 16

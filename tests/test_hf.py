@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from conftest import run_script
+from helpers import run_script
+import hf
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -61,7 +62,7 @@ def test_a_switch_with_no_transformers_counterpart_is_named_in_a_one_line_refusa
     assert "logit_softcap 15.0" in lines[0] and "a relu2 MLP" in lines[0]
     learned = M.GPTConfig.from_preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100, embed_norm=True)
     with pytest.raises(M.CheckpointError, match="embed_norm with learned positions True"):
-        M.to_hf(M.GPT(learned))
+        hf.to_hf(M.GPT(learned))
     assert not (tmp_path / "out").exists()
 
 

@@ -1,10 +1,10 @@
 """model.py on tiny CPU models: the properties training and generation rely on."""
-import pickle
 
 import pytest
 import torch
 
 import model as M
+from common import EOT
 from model import GPT, GPTConfig, KVCache, sample_token
 
 # Every architecture switch on at once (but zero_init, which would make every logit 0), beside the presets.
@@ -85,9 +85,9 @@ def test_generation_stops_at_end_of_text_unless_told_not_to():
     with torch.no_grad():  # final hidden state = ones, aligned with the EOT row only
         m.transformer.ln_f.weight.zero_()
         m.transformer.ln_f.bias.fill_(1.0)
-        m.lm_head.weight[M.EOT_TOKEN] = 1.0
+        m.lm_head.weight[EOT] = 1.0
     assert list(m.generate([1, 2], 5, temperature=0)) == []
-    assert list(m.generate([1, 2], 5, temperature=0, stop_at_eot=False)) == [M.EOT_TOKEN] * 5
+    assert list(m.generate([1, 2], 5, temperature=0, stop_at_eot=False)) == [EOT] * 5
 
 
 def test_the_same_generator_seed_gives_the_same_sample():
@@ -204,7 +204,7 @@ def test_mismatched_weights_are_named_not_silently_skipped():
 def test_compile_and_ddp_prefixes_are_stripped_in_any_nesting():
     w = torch.zeros(1)
     keys = {"module._orig_mod.lm_head.weight": w, "_orig_mod.module.x": w, "module.module.y": w, "z": w}
-    assert set(M.strip_compile_prefix(keys)) == {"lm_head.weight", "x", "y", "z"}
+    assert set(M.strip_wrapper_prefixes(keys)) == {"lm_head.weight", "x", "y", "z"}
 
 
 @pytest.mark.parametrize("cap", [0.0, 15.0])

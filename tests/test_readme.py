@@ -4,7 +4,7 @@ import shlex
 
 import pytest
 
-from conftest import REPO
+from helpers import REPO
 import bench
 import eval as eval_script
 import sample

@@ -8,7 +8,8 @@ import torch
 
 import model as M
 import sample
-from conftest import REPO, run_script
+from common import EOT
+from helpers import REPO, run_script
 from data import get_tokenizer
 
 
@@ -26,7 +27,7 @@ def save_tiny(path, always_eot: bool = False):
         with torch.no_grad():
             m.transformer.ln_f.weight.zero_()
             m.transformer.ln_f.bias.fill_(1.0)
-            m.lm_head.weight[M.EOT_TOKEN] = 1.0
+            m.lm_head.weight[EOT] = 1.0
     M.save_checkpoint(path, m, step=7, val_loss=2.5)
     return path
 
@@ -64,8 +65,8 @@ def _is_utf8(b: bytes) -> bool:
 
 def test_an_empty_prompt_starts_from_end_of_text_as_gpt2_samples_do():
     enc = get_tokenizer()
-    assert sample.encode_prompt(enc, "") == [M.EOT_TOKEN]
-    assert sample.encode_prompt(enc, "a<|endoftext|>") == enc.encode_ordinary("a") + [M.EOT_TOKEN]
+    assert sample.encode_prompt(enc, "") == [EOT]
+    assert sample.encode_prompt(enc, "a<|endoftext|>") == enc.encode_ordinary("a") + [EOT]
 
 
 def test_greedy_decoding_gives_the_same_text_every_run_and_continues_a_prompt_file(tiny_ckpt, tmp_path):
@@ -150,8 +151,8 @@ def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
     torch.manual_seed(0)
     config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64)
     fp32 = M.GPT(config).eval()
-    int8 = M.quantize_int8(M.model_with_weights(config, fp32.state_dict()))
-    assert isinstance(int8.lm_head, M.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
+    int8 = sample.quantize_int8(M.model_with_weights(config, fp32.state_dict()))
+    assert isinstance(int8.lm_head, sample.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
     tokens = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         a, b = fp32(tokens)[0][0, :, :config.vocab_size], int8(tokens)[0][0, :, :config.vocab_size].float()
@@ -162,7 +163,7 @@ def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
 @pytest.mark.skipif(not sample.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
 def test_bf16_weights_packed_for_the_cpu_give_plain_bf16s_logits(tiny_ckpt):
     packed, _ = sample.load(tiny_ckpt, torch.device("cpu"), torch.bfloat16)
-    assert isinstance(packed.lm_head, M.PackedLinear)
+    assert isinstance(packed.lm_head, sample.PackedLinear)
     plain = M.model_from_checkpoint(torch.load(tiny_ckpt, weights_only=True)).to(torch.bfloat16).eval()
     tokens = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():

@@ -1,17 +1,15 @@
 """train_gpt2.py on a tiny model and generated text, run as a user runs it (and in-process where faster)."""
 import json
 import math
-import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TINY_MODEL_ARGS, make_corpus, make_items, run_script, write_items, write_txt_dir
+from helpers import (TINY_MODEL_ARGS, make_corpus, make_items, run_script, start_script, wait_for, write_items,
+                     write_txt_dir)
 import model as M
 import runtime
 import train_gpt2 as T
@@ -108,19 +106,8 @@ def test_training_lowers_the_loss_on_generated_text(corpus_dir, data_cache, tmp_
     assert final_val_loss(save) < losses[0] - 2.0
 
 
-def wait_for(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return False
-
-
 def start_training(args) -> subprocess.Popen:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_script("train_gpt2.py", *args)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -201,11 +188,8 @@ def test_two_ranks_train_the_model_of_one_process_with_accumulation(corpus_dir, 
     single = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "one", *common,
                                                      "--grad_accum", "2"))
     assert single.returncode == 0, single.stderr[-2000:]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(REPO / "train_gpt2.py"), *train_args(corpus_dir, data_cache, tmp_path / "two", *common,
-                                                                   "--grad_accum", "1")],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    ddp = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "two", *common, "--grad_accum", "1"),
+                     torchrun_ranks=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = [r["train_loss"] for r in metrics(tmp_path / "one") if "train_loss" in r]
     two = [r["train_loss"] for r in metrics(tmp_path / "two") if "train_loss" in r]
@@ -268,10 +252,9 @@ def start_nodes(nodes: list[Path], args: list[str]) -> list[subprocess.Popen]:
     procs = []
     for rank, node in enumerate(nodes):
         node.mkdir(exist_ok=True)
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
-        procs.append(subprocess.Popen([sys.executable, str(REPO / "train_gpt2.py"), *args], cwd=node, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+        procs.append(start_script("train_gpt2.py", *args, env=env, cwd=node))
     return procs
 
 

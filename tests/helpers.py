@@ -1,0 +1,112 @@
+"""What the tests share: generated corpora and HellaSwag items, the tiny model's flags, and how a test runs
+one of the repository's scripts as a user would (offline, one thread)."""
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+_ADJECTIVES = ["quiet", "bright", "small", "heavy", "green", "early", "clever", "warm", "old", "round"]
+_NOUNS = ["river", "engine", "garden", "teacher", "window", "market", "signal", "forest", "letter", "bridge"]
+_VERBS = ["follows", "builds", "finds", "crosses", "paints", "opens", "carries", "watches", "moves", "keeps"]
+# Multi-byte characters, so tokenization and streaming meet UTF-8 sequences that span tokens.
+_EXTRAS = ["café", "naïve", "東京", "🙂", "Zürich", "Ωmega"]
+
+
+def make_document(rng: random.Random, sentences: int) -> str:
+    """One document of simple, learnable sentences (a tiny grammar, so small models can fit it)."""
+    out = []
+    for _ in range(sentences):
+        a1, a2 = rng.choice(_ADJECTIVES), rng.choice(_ADJECTIVES)
+        n1, n2 = rng.choice(_NOUNS), rng.choice(_NOUNS)
+        s = f"The {a1} {n1} {rng.choice(_VERBS)} the {a2} {n2}."
+        if rng.random() < 0.1:
+            s += f" {rng.choice(_EXTRAS)}"
+        out.append(s)
+    return " ".join(out)
+
+
+def make_corpus(n_docs: int = 60, seed: int = 0, sentences: tuple[int, int] = (5, 30)) -> list[str]:
+    """Deterministic generated documents; the same arguments always give the same text."""
+    rng = random.Random(seed)
+    return [make_document(rng, rng.randint(*sentences)) for _ in range(n_docs)]
+
+
+def write_txt_dir(directory: Path, docs: list[str]) -> Path:
+    """One .txt file per document, as users lay out their own text."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for i, doc in enumerate(docs):
+        (directory / f"doc_{i:05d}.txt").write_text(doc, encoding="utf-8")
+    return directory
+
+
+def write_jsonl(path: Path, docs: list[str], field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for doc in docs:
+            f.write(json.dumps({field: doc, "id": len(doc)}) + "\n")
+    return path
+
+
+def make_items(n: int, seed: int = 0) -> list[dict]:
+    """HellaSwag-shaped items of generated text; contexts of 1 to 5 sentences, some past 32 tokens."""
+    rng = random.Random(seed)
+    items = [{"ind": i, "activity_label": "generated", "ctx": make_document(rng, rng.randint(1, 5)),
+              "endings": [make_document(rng, 1)[:rng.randint(8, 40)] for _ in range(4)], "label": rng.randrange(4)}
+             for i in range(n)]
+    items[-1]["endings"][2] = make_document(rng, 6)  # alone longer than the window: cut too
+    return items
+
+
+def write_items(path: Path, items: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+    return path
+
+
+# A model small enough that a training step takes milliseconds on a CPU (the 50304-wide
+# output layer dominates, so the width stays tiny).
+TINY_MODEL_ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size", "32"]
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of every child process a test starts: offline (the Hub is out of reach here, and
+    must never be asked), unbuffered, one thread (the tests run side by side on two cores); then `extra`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def script_command(script: str, *args: str, torchrun_ranks: int = 0) -> list[str]:
+    """The command line of one of the repository's scripts (under torchrun with that many ranks, if any)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                str(torchrun_ranks)] if torchrun_ranks else [sys.executable]
+    return [*launcher, str(REPO / script), *args]
+
+
+def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
+               input: str | None = None, cwd: Path = REPO, torchrun_ranks: int = 0) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, offline, and capture its output."""
+    return subprocess.run(script_command(script, *args, torchrun_ranks=torchrun_ranks), cwd=cwd,
+                          env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout, input=input)
+
+
+def start_script(script: str, *args: str, env: dict | None = None, cwd: Path = REPO, **popen) -> subprocess.Popen:
+    """Start one of the repository's scripts in the background (to signal or kill it), output captured."""
+    return subprocess.Popen(script_command(script, *args), cwd=cwd, env=child_env(**(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 120.0) -> bool:
+    """Whether predicate() comes true within `timeout` seconds (checked every 10 ms, sleeping between);
+    False at once if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc is not None and proc.poll() is not None:
+            return predicate()
+        time.sleep(0.01)
+    return False
