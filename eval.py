@@ -34,14 +34,13 @@ from typing import Callable, ContextManager
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
 import runtime
 from common import (ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line, pick_device,
                     positive_int)
-from model import GPT, describe, load_model
+from model import GPT, describe, load_model, token_losses
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
 # points elsewhere (a mirror, or in the tests an address that cannot answer).
@@ -190,16 +189,14 @@ def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are.
 
     The network runs once over all positions; the output layer only over the scored ones (a HellaSwag
-    context is not scored, and its logits would be most of the work), HEAD_TOKENS at a time, since
-    fp32 logits are 200 KB a position. Logits of the padding ids past the vocabulary are dropped:
-    Hugging Face weights leave those rows zero, and a zero logit beside GPT-2's large negative ones
-    would take probability away from the real tokens.
+    context is not scored, and its logits would be most of the work), HEAD_TOKENS at a time. The loss
+    is the training loss's, position by position (model.token_losses: fp32, the padding ids left out).
     """
     scored = y != -1  # (B, T)
     hidden = model.hidden_states(x)[scored]  # (N, C), the scored positions of all rows
     targets, row_of = y[scored], scored.nonzero()[:, 0]  # (N,) each, in the same order
-    vocab = model.config.vocab_size
-    losses = torch.cat([F.cross_entropy(model.head(h)[:, :vocab].float(), t, reduction="none")
+    c = model.config
+    losses = torch.cat([token_losses(model.lm_head(h), t, c.logit_softcap, c.vocab_size)
                         for h, t in zip(hidden.split(HEAD_TOKENS), targets.split(HEAD_TOKENS))])  # (N,)
     sums = torch.zeros(len(y), device=y.device).index_add_(0, row_of, losses)
     return sums, scored.sum(1)

@@ -142,6 +142,28 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0,
     return _ChunkedCrossEntropy.apply(logits, targets, cap, vocab)
 
 
+LOSS_ROWS = 1024  # rows per fp32 chunk of the loss: 200 MB at GPT-2's vocabulary
+
+
+def token_losses(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0, vocab: int | None = None) -> torch.Tensor:
+    """The cross-entropy of each row (N,) in fp32, by cross_entropy's rule, 0 where the target is -1 (no gradient)."""
+    lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab or logits.size(-1))
+    return (lse - target_logit) * (targets != -1)
+
+
+@torch.no_grad()
+def _logsumexp_and_target(logits, targets, cap: float, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of softcap(logits[:, :vocab], cap): its logsumexp and its target's logit, fp32, LOSS_ROWS at a time."""
+    lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
+    target_logit = torch.empty_like(lse)
+    rows = torch.arange(min(LOSS_ROWS, logits.size(0)), device=logits.device)
+    for a in range(0, logits.size(0), LOSS_ROWS):
+        z = softcap(logits[a:a + LOSS_ROWS, :vocab].float(), cap)
+        lse[a:a + LOSS_ROWS] = torch.logsumexp(z, dim=-1)
+        target_logit[a:a + LOSS_ROWS] = z[rows[:len(z)], targets[a:a + LOSS_ROWS].clamp(min=0)]
+    return lse, target_logit
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """Cross-entropy (of soft-capped logits, over their first `vocab` columns) whose fp32 work is done
     1,024 rows at a time; it keeps only the logits and a logsumexp per row for the backward pass,
@@ -151,18 +173,9 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     cross-entropy does it with Triton, a GPU-only dependency).
     """
 
-    ROWS = 1024  # rows per fp32 chunk: 200 MB at GPT-2's vocabulary
-
     @staticmethod
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float, vocab: int) -> torch.Tensor:
-        R = _ChunkedCrossEntropy.ROWS
-        lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-        target_logit = torch.empty_like(lse)
-        rows = torch.arange(min(R, logits.size(0)), device=logits.device)
-        for a in range(0, logits.size(0), R):
-            z = softcap(logits[a:a + R, :vocab].float(), cap)
-            lse[a:a + R] = torch.logsumexp(z, dim=-1)
-            target_logit[a:a + R] = z[rows[:len(z)], targets[a:a + R].clamp(min=0)]
+        lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab)
         valid = targets != -1
         count = valid.sum().clamp(min=1)
         ctx.save_for_backward(logits, targets, lse, count)
@@ -172,9 +185,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse, count = ctx.saved_tensors
-        R, cap, V = _ChunkedCrossEntropy.ROWS, ctx.cap, ctx.vocab
+        R, cap, V = LOSS_ROWS, ctx.cap, ctx.vocab
         scale = (grad / count) * (targets != -1)  # d(mean loss)/d(each row's loss); 0 where ignored
-        grad_logits = torch.zeros_like(logits) if V < logits.size(1) else torch.empty_like(logits)
+        grad_logits = torch.empty_like(logits)
+        grad_logits[:, V:] = 0  # the padding columns: every other one is written below
         for a in range(0, logits.size(0), R):
             t = targets[a:a + R]
             z = logits[a:a + R, :V].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place

@@ -211,7 +211,7 @@ def test_compile_and_ddp_prefixes_are_stripped_in_any_nesting():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_chunked_loss_equals_cross_entropy_in_value_and_gradient(dtype, cap):
     # More rows than one chunk, and ignored positions (-1), as padded evaluation batches have.
-    logits = (torch.randn(2 * M._ChunkedCrossEntropy.ROWS + 37, 300, generator=torch.Generator().manual_seed(0)) * 3)
+    logits = (torch.randn(2 * M.LOSS_ROWS + 37, 300, generator=torch.Generator().manual_seed(0)) * 3)
     targets = torch.randint(0, 290, (logits.size(0),), generator=torch.Generator().manual_seed(1))
     targets[::7] = -1
     ours = logits.to(dtype).requires_grad_()
