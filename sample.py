@@ -6,8 +6,8 @@
     printf 'first prompt\\nsecond prompt\\n' | python sample.py --interactive
 
 --checkpoint takes our .pt (best or latest), a save_pretrained directory (GPT-2, or our export) or, online,
-a Hub name such as gpt2. The model and its generation are model.py's; this file talks, and lays the
-weights out for fast decoding on a CPU (bf16 packed for oneDNN, or int8).
+a Hub name such as gpt2. The model and its generation are model.py's, the weights' layouts for fast
+decoding on a CPU (and the probe behind --dtype auto there) cpu_decoding.py's; this file talks.
 """
 from __future__ import annotations
 
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
-import torch.nn as nn
 
 from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
-from data import get_tokenizer
+from cpu_decoding import fastest_layout, to_layout
+from data import get_tokenizer, user_cache_dir
 from model import GPT, describe, load_model
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
@@ -65,8 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--cpu", action="store_true", help="run on the CPU and never touch CUDA (= --device cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
-                   help="int8: int8 weights, bf16 activations, CPU only. auto: int8 on CPUs with fast bf16 "
-                        "matmuls, bfloat16 on CUDA, else float32")
+                   help="int8: int8 weights, bf16 activations, CPU only. auto: on a CPU the fastest of the three "
+                        "there (probed once, ~50 ms), bfloat16 on CUDA, else float32")
     args = p.parse_args(argv)
     if args.cpu and args.device not in ("auto", "cpu"):
         p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
@@ -79,111 +79,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Device, precision, model
 
 
-def cpu_has_fast_bf16() -> bool:
-    """Whether torch sends bf16 matmuls on this CPU to oneDNN (AVX-512 or AMX on x86, the BF16 ISA on Arm).
-
-    Otherwise bf16 falls back to slow reference kernels and float32 is the faster choice.
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: absent in builds without oneDNN
-        return False
-
-
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """Decoding one token reads every weight once, so it is memory-bound: bf16 halves the bytes per token
-    and int8 weights (torch.int8 here: int8 weights, bf16 activations) halve them again."""
+    """--dtype's precision. Decoding one token reads every weight once, so it is memory-bound: bf16 halves
+    the bytes per token and int8 weights (torch.int8 here: int8 weights, bf16 activations) halve them
+    again; on a CPU auto takes whichever of the three a probe found fastest on this CPU (cpu_decoding.py)."""
     if name == "int8" and device.type != "cpu":
         raise SampleError(f"--dtype int8 runs on the CPU only; on {device.type} use --dtype bfloat16")
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16() else torch.float32
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        return torch.int8  # its int8 kernel takes bf16 activations, fast only where bf16 is
+    if device.type == "cpu":
+        return fastest_layout(user_cache_dir())  # cached beside the tokenizer's ranks
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
-    """model.py's load_model, moved to the device and precision decoding runs in (int8: quantized; bf16 on
-    a CPU: weights packed for oneDNN)."""
+    """model.py's load_model, moved to the device and precision decoding runs in (on a CPU, laid out for
+    its kernels: int8 quantized, bf16 packed for oneDNN where that is fast)."""
     model, info = load_model(spec)  # info["params"] counts before quantizing unties the head
-    if dtype == torch.int8:
-        return quantize_int8(model, torch.bfloat16), info
-    if dtype == torch.bfloat16 and device.type == "cpu" and cpu_has_fast_bf16():
-        return pack_bf16(model), info
+    if device.type == "cpu":
+        return to_layout(model, dtype), info
     return model.to(device=device, dtype=dtype).eval(), info
-
-
-# ----------------------------------------------------------------------------------------------------
-# Weights laid out for decoding on a CPU: bf16 in oneDNN's blocked layout, or int8
-
-
-class PackedLinear(nn.Module):
-    """A bf16 Linear whose weight is kept in oneDNN's blocked layout, packed once instead of at every call.
-
-    What torch.compile's CPU freezing pass does to bf16 linears (mkldnn._reorder_linear_weight, then
-    mkldnn._linear_pointwise), without compiling: one thread reads the weights about 1.8x faster than
-    F.linear on a plain bf16 weight (16 against 8.5 GB/s here), so a 124M token costs 23 ms, not 33.
-    """
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-
-
-class Int8Linear(nn.Module):
-    """A Linear holding int8 weights, one scale per output row: half of bf16's bytes to read per token.
-
-    Written here rather than taken from torchao: torchao 0.18's int8 linears, run eagerly, turn the whole
-    weight back into the activation dtype at every call (they count on torch.compile to fuse that away),
-    which made them about 10x slower than bf16 on this project's CPU. aten's _weight_int8pack_mm (the
-    kernel gpt-fast uses, and torch.compile's CPU lowering of int8 weight-only linears) reads the int8
-    weight as it multiplies.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        w = weight.detach().float()
-        # Symmetric: each row's largest |weight| -> 127. One temporary, rounded in place: quantizing runs
-        # at every start of sample.py, and fresh 100 MB temporaries cost more than the arithmetic.
-        scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-8) / 127
-        self.register_buffer("weight", torch.div(w, scale[:, None]).round_().to(torch.int8))
-        self.register_buffer("scale", scale)  # floating buffers follow model.to(dtype); int8 ones stay
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
-        y = y.view(*x.shape[:-1], y.size(-1))
-        return y if self.bias is None else y + self.bias
-
-
-def _replace_linears(model: GPT, make) -> GPT:
-    """Every nn.Linear, the output head included, swapped for make(linear). The head is a third of
-    GPT-2 124M's weights, so it counts; the token embedding keeps its own tensor for lookups (one row
-    a token), so the two are no longer tied."""
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, make(child))
-    return model.eval()
-
-
-def pack_bf16(model: GPT) -> GPT:
-    """The model in bf16 with every Linear a PackedLinear (CPUs whose oneDNN has fast bf16 only)."""
-    return _replace_linears(model.to(torch.bfloat16), PackedLinear)
-
-
-def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
-    """The model with every Linear an Int8Linear, run in `dtype`.
-
-    Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
-    """
-    return _replace_linears(model, lambda linear: Int8Linear(linear.weight, linear.bias)).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------

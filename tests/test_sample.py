@@ -1,15 +1,17 @@
 """sample.py on tiny checkpoints: what a user talking to a model relies on, and each bad input's message."""
 import io
+import json
 import subprocess
 import sys
 
 import pytest
 import torch
 
+import cpu_decoding
 import model as M
 import sample
 from common import EOT
-from helpers import REPO, run_script
+from helpers import REPO, child_env, run_script
 from data import get_tokenizer
 
 
@@ -147,12 +149,12 @@ def test_sample_py_answers_without_importing_the_compiler_stack(tiny_ckpt):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])
-def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
+def test_int8_weights_keep_the_logits_within_2_percent_and_fp32s_next_token_9_times_in_10(arch):
     torch.manual_seed(0)
     config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64)
     fp32 = M.GPT(config).eval()
-    int8 = sample.quantize_int8(M.model_with_weights(config, fp32.state_dict()))
-    assert isinstance(int8.lm_head, sample.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
+    int8 = cpu_decoding.quantize_int8(M.model_with_weights(config, fp32.state_dict()))
+    assert isinstance(int8.lm_head, cpu_decoding.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
     tokens = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         a, b = fp32(tokens)[0][0, :, :config.vocab_size], int8(tokens)[0][0, :, :config.vocab_size].float()
@@ -160,10 +162,10 @@ def test_int8_weights_choose_fp32s_next_token_as_often_as_bf16_does(arch):
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
-@pytest.mark.skipif(not sample.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
+@pytest.mark.skipif(not cpu_decoding.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
 def test_bf16_weights_packed_for_the_cpu_give_plain_bf16s_logits(tiny_ckpt):
     packed, _ = sample.load(tiny_ckpt, torch.device("cpu"), torch.bfloat16)
-    assert isinstance(packed.lm_head, sample.PackedLinear)
+    assert isinstance(packed.lm_head, cpu_decoding.PackedLinear)
     plain = M.model_from_checkpoint(torch.load(tiny_ckpt, weights_only=True)).to(torch.bfloat16).eval()
     tokens = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -179,15 +181,69 @@ def test_int8_decoding_runs_end_to_end_and_says_so(tiny_ckpt):
     assert "1.6M parameters" in result.stderr and "on cpu in int8" in result.stderr
 
 
-def test_auto_picks_int8_only_on_cpus_with_fast_bf16_and_int8_stays_on_the_cpu(monkeypatch):
+def test_a_trained_models_greedy_tokens_are_fp32s_in_every_layout_auto_can_choose(tmp_path, monkeypatch):
+    # Trained, because a random model's top two logits are often closer than bf16's rounding: this one has
+    # memorised a sequence of 64 tokens, as a trained model is sure of its likeliest continuations.
+    torch.manual_seed(0)
+    config = M.GPTConfig(vocab_size=64, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    model, text = M.GPT(config), torch.randint(0, 64, (1, 65), generator=torch.Generator().manual_seed(1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(25):  # enough to put fp32's two likeliest tokens >= 3 logits apart everywhere on it
+        optimizer.zero_grad()
+        model(text[:, :-1], text[:, 1:])[1].backward()
+        optimizer.step()
+    M.save_checkpoint(tmp_path / "trained.pt", model, step=25, val_loss=None)
+    prompt, cpu = text[0, :4].tolist(), torch.device("cpu")
+
+    def greedy(dtype):
+        return list(sample.load(str(tmp_path / "trained.pt"), cpu, dtype)[0].generate(prompt, 40, temperature=0))
+
+    fp32 = greedy(torch.float32)
+    assert fp32 == text[0, 4:44].tolist()  # it learned the sequence: the comparison below means something
+    tokens = {dtype: greedy(dtype) for dtype in cpu_decoding.LAYOUTS}
+    monkeypatch.setattr(cpu_decoding, "cpu_has_fast_bf16", lambda: False)  # bf16 as AVX2 CPUs run it: unpacked
+    tokens["bf16 unpacked"] = greedy(torch.bfloat16)
+    assert tokens == dict.fromkeys(tokens, fp32)
+
+
+def test_auto_takes_the_most_precise_layout_within_a_tenth_of_the_fastest():
+    assert cpu_decoding.choose({"float32": 1.0, "bfloat16": 0.5, "int8": 0.3}) == "int8"
+    assert cpu_decoding.choose({"float32": 1.0, "bfloat16": 0.5, "int8": 0.48}) == "bfloat16"
+    assert cpu_decoding.choose({"float32": 0.5, "bfloat16": 0.52, "int8": 0.6}) == "float32"
+    assert cpu_decoding.choose({"float32": 1.0, "bfloat16": None, "int8": 0.7}) == "int8"  # bf16 failed to run
+
+
+def test_auto_probes_once_per_cpu_setting_and_int8_stays_on_the_cpu(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_decoding, "probe", lambda: {"float32": 1.0, "bfloat16": 0.4, "int8": 0.6})
     cpu = torch.device("cpu")
-    monkeypatch.setattr(sample, "cpu_has_fast_bf16", lambda: True)
+    assert sample.pick_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setattr(cpu_decoding, "probe", lambda: {"float32": 1.0, "bfloat16": 0.9, "int8": 0.5})
+    assert sample.pick_dtype("auto", cpu) == torch.bfloat16  # the same CPU: the cached probe, not a new one
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # another instruction-set limit: probed afresh
     assert sample.pick_dtype("auto", cpu) == torch.int8
-    monkeypatch.setattr(sample, "cpu_has_fast_bf16", lambda: False)
-    assert sample.pick_dtype("auto", cpu) == torch.float32
-    assert sample.pick_dtype("bfloat16", cpu) == torch.bfloat16
+    assert sample.pick_dtype("float32", cpu) == torch.float32
     with pytest.raises(sample.SampleError, match="--dtype int8 runs on the CPU only"):
         sample.pick_dtype("int8", torch.device("cuda"))
+
+
+def test_auto_follows_the_probe_on_this_cpu_and_emulating_an_avx2_laptop(tmp_path):
+    # One child per setting: the instruction-set limits only act when set before torch is imported.
+    code = ("import json, torch, sample, cpu_decoding as C; dtype = sample.pick_dtype('auto', torch.device('cpu'));"
+            "print(json.dumps([str(dtype), C.probe_key(), torch.backends.cpu.get_cpu_capability(), C.cpu_has_fast_bf16()]))")
+    avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    children = {}
+    for name, env in (("native", {}), ("avx2", avx2)):
+        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                                env=child_env(XDG_CACHE_HOME=str(tmp_path), **env))
+        assert result.returncode == 0, result.stderr
+        children[name] = json.loads(result.stdout.splitlines()[-1])
+    probes = json.loads((tmp_path / "gpt2-rented-gpu" / cpu_decoding.PROBE_FILE).read_text())
+    assert set(probes) == {key for _, key, _, _ in children.values()}  # one probe each, kept apart
+    for dtype, key, _, _ in children.values():
+        assert dtype == f"torch.{cpu_decoding.choose(probes[key])}"
+    _, _, capability, fast_bf16 = children["avx2"]
+    assert capability == "AVX2" and not fast_bf16  # the emulation took effect: aten's AVX2 kernels, no oneDNN bf16
 
 
 def test_cpu_flag_never_asks_about_cuda(tiny_ckpt, monkeypatch, capsys):

@@ -1,0 +1,239 @@
+"""Decoding fast on a CPU: the weights laid out as the CPU's kernels read them fastest (bf16 packed for
+oneDNN, or int8), and a probe that finds which layout is fastest on this CPU (sample.py's --dtype auto).
+
+Decoding one token reads every weight once, so it is bound by memory, or by the arithmetic that turns
+fewer bytes back into numbers. Which of fp32, bf16 and int8 wins depends on the CPU, not on one feature
+flag (BENCHMARKS.md, "Decoding"): with AVX-512 bf16 int8 led; on an AVX2-only AMD EPYC bf16 led (issue
+21); emulating AVX2 here int8 led and plain bf16 was no faster than fp32. So it is measured, once per
+CPU, torch and instruction-set limit, and kept beside the tokenizer's cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import atomic_write
+from model import GPT
+
+# Most precise first: all three kept fp32's next token on >= 97% of held-out text of a trained model
+# (BENCHMARKS.md), so speed decides, and a near tie goes to the more precise one.
+LAYOUTS = (torch.float32, torch.bfloat16, torch.int8)
+PROBE_BYTES = 64 * 2**20  # what each layout's GEMV reads: past laptops' last-level caches (8-36 MB), as decoding is
+PROBE_WIDTH = 1024  # the probe matrix's input width (GPT-2 124M's is 768, 355M's 1024)
+PROBE_CALLS = 3  # the fastest of three calls: the first also pays for thread start-up and kernel choice
+PROBE_TIE = 1.1  # a layout within 10% of the fastest counts as tied (the probe's spread from run to run here)
+PROBE_FILE = "cpu_probe.json"
+# Variables that limit the instruction sets torch's kernels use (BENCHMARKS.md emulates an AVX2 laptop with
+# them): a probe taken under other limits says nothing about these.
+ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
+                 "FBGEMM_ENABLE_INSTRUCTIONS")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 bf16 or AMX on x86, the BF16 ISA on Arm).
+
+    Only then can bf16 weights be packed for it; elsewhere bf16 runs on aten's own kernels.
+    ONEDNN_MAX_CPU_ISA=AVX2 turns it off (checked on torch 2.14.1).
+    """
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: absent in builds without oneDNN
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layouts
+
+
+class PackedLinear(nn.Module):
+    """A bf16 Linear whose weight is kept in oneDNN's blocked layout, packed once instead of at every call.
+
+    What torch.compile's CPU freezing pass does to bf16 linears (mkldnn._reorder_linear_weight, then
+    mkldnn._linear_pointwise), without compiling: one thread reads the weights about 1.8x faster than
+    F.linear on a plain bf16 weight (16 against 8.5 GB/s here), so a 124M token costs 23 ms, not 33.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight.detach().bfloat16(), 1))
+        self.register_buffer("bias", None if bias is None else bias.detach())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+
+class Int8Linear(nn.Module):
+    """A Linear holding int8 weights, one scale per output row: half of bf16's bytes to read per token.
+
+    Written here rather than taken from torchao: torchao 0.18's int8 linears, run eagerly, turn the whole
+    weight back into the activation dtype at every call (they count on torch.compile to fuse that away),
+    which made them about 10x slower than bf16 on this project's CPU. aten's _weight_int8pack_mm (the
+    kernel gpt-fast uses, and torch.compile's CPU lowering of int8 weight-only linears) reads the int8
+    weight as it multiplies. It takes fp32 activations too, but on x86 only its bf16 path is vectorized
+    (aten/src/ATen/native/cpu/int8mm_kernel.cpp: AVX-512 and AVX2 code for bf16, a scalar loop for fp32):
+    48 GEMVs of GPT-2 124M's shapes took 30 ms with fp32 activations, 7 with bf16, emulating AVX2 here.
+    So activations are bf16 (Arm's NEON kernel takes either).
+    """
+
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("weight", weight)  # int8 (out, in); int8 buffers stay int8 under model.to(dtype)
+        self.register_buffer("scale", scale)  # (out,), floating: follows model.to(dtype), as the kernel wants
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def quantize(cls, linear: nn.Linear) -> "Int8Linear":
+        """Symmetric, per row: each row's largest |weight| becomes 127."""
+        w = linear.weight.detach().float()
+        # One temporary, rounded in place: quantizing runs at every start of sample.py, and fresh 100 MB
+        # temporaries cost more than the arithmetic.
+        scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-8) / 127
+        weight = torch.div(w, scale[:, None]).round_().to(torch.int8)
+        return cls(weight, scale, None if linear.bias is None else linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
+        y = y.view(*x.shape[:-1], y.size(-1))
+        return y if self.bias is None else y + self.bias
+
+
+def _replace_linears(model: GPT, make) -> GPT:
+    """Every nn.Linear, the output head included, swapped for make(linear). The head is a third of
+    GPT-2 124M's weights, so it counts; the token embedding keeps its own tensor for lookups (one row
+    a token), so the two are no longer tied."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(parent, name, make(child))
+    return model.eval()
+
+
+def pack_bf16(model: GPT) -> GPT:
+    """The model in bf16 with every Linear a PackedLinear (CPUs whose oneDNN has fast bf16 only)."""
+    return _replace_linears(model.to(torch.bfloat16), lambda linear: PackedLinear(linear.weight, linear.bias))
+
+
+def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
+    """The model with every Linear an Int8Linear, run in `dtype`.
+
+    Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
+    """
+    return _replace_linears(model, Int8Linear.quantize).to(dtype)
+
+
+def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
+    """The model laid out for decoding on this CPU: int8 weights with bf16 activations; bf16 packed for
+    oneDNN where its bf16 is fast, else plain bf16 (aten's kernels); or fp32."""
+    if dtype == torch.int8:
+        return quantize_int8(model)
+    if dtype == torch.bfloat16 and cpu_has_fast_bf16():
+        return pack_bf16(model)
+    return model.to(dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Which layout is fastest here: probed once, then read from the cache
+
+
+def fastest_layout(cache_dir: Path) -> torch.dtype:
+    """The layout decoding runs fastest in on this CPU: probed on first use (~50 ms), then read from
+    cache_dir/cpu_probe.json, keyed by what the kernels' speed depends on (probe_key)."""
+    path, key = Path(cache_dir) / PROBE_FILE, probe_key()
+    probes = read_probes(path)
+    if not _valid(probes.get(key)):
+        probes[key] = probe()
+        write_probes(path, probes)
+    return getattr(torch, choose(probes[key]))
+
+
+def probe_key() -> str:
+    """The CPU, torch and the instruction sets it may use, oneDNN's bf16, and the threads."""
+    limits = " ".join(f"{name}={os.environ[name]}" for name in ISA_VARIABLES if name in os.environ)
+    return (f"{platform.machine()} {cpu_name()}; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+            f"{' oneDNN-bf16' if cpu_has_fast_bf16() else ''}; {torch.get_num_threads()} threads; {limits}").strip()
+
+
+def cpu_name() -> str:
+    """The CPU's model ("model name" on x86 Linux, the part number on Arm Linux), else what platform knows."""
+    with contextlib.suppress(OSError):  # no /proc: macOS, Windows
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("model name", "CPU part")):
+                    return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+@torch.inference_mode()
+def probe() -> dict[str, float | None]:
+    """Nanoseconds per weight of one GEMV in each layout, each reading the same PROBE_BYTES; None for a
+    layout this torch cannot run here."""
+    # One buffer seen as each dtype: 0x3C3C3C3C as fp32 and 0x3C3C as bf16 are ~0.0115, 0x3C as int8 is 60,
+    # so no NaN or denormal slows a kernel, and filling it once costs ~5 ms.
+    raw = torch.full((PROBE_BYTES,), 0x3C, dtype=torch.uint8)
+    times = {}
+    for dtype in LAYOUTS:
+        weight = raw.view(dtype).view(-1, PROBE_WIDTH)
+        x = torch.ones(1, PROBE_WIDTH, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        try:
+            linear = _probe_linear(weight)
+            seconds = min(_seconds(linear, x) for _ in range(PROBE_CALLS))
+        except RuntimeError:  # e.g. a oneDNN that cannot pack bf16 on this CPU after all
+            seconds = None
+        times[_name(dtype)] = None if seconds is None else seconds / weight.numel() * 1e9
+    return times
+
+
+def _probe_linear(weight: torch.Tensor):
+    """x -> x @ weight.T computed as to_layout's layout of weight's dtype computes it."""
+    if weight.dtype == torch.int8:
+        return Int8Linear(weight, torch.full((len(weight),), 1e-3, dtype=torch.bfloat16), None)
+    if weight.dtype == torch.bfloat16 and cpu_has_fast_bf16():
+        return PackedLinear(weight, None)
+    return lambda x: F.linear(x, weight)
+
+
+def _seconds(f, x: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    f(x)
+    return time.perf_counter() - t0
+
+
+def choose(ns_per_weight: dict[str, float | None]) -> str:
+    """The most precise layout within PROBE_TIE of the fastest."""
+    timed = {name: t for name, t in ns_per_weight.items() if t is not None}
+    fastest = min(timed.values())
+    return next(name for name in map(_name, LAYOUTS) if name in timed and timed[name] <= PROBE_TIE * fastest)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _valid(entry) -> bool:
+    """A probe as probe() returns it (a damaged or hand-edited cache is probed again, not trusted)."""
+    return (isinstance(entry, dict) and set(entry) == set(map(_name, LAYOUTS))
+            and all(t is None or isinstance(t, (int, float)) and t > 0 for t in entry.values())
+            and any(t is not None for t in entry.values()))
+
+
+def read_probes(path: Path) -> dict:
+    try:
+        probes = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # none yet, or damaged: probe again
+        return {}
+    return probes if isinstance(probes, dict) else {}
+
+
+def write_probes(path: Path, probes: dict) -> None:
+    with contextlib.suppress(OSError):  # a read-only home: probe again next time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(probes, indent=1) + "\n", encoding="utf-8")
