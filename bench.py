@@ -199,6 +199,11 @@ def bench_tokenize(tiny: bool) -> dict:
 # defaults are GPT-2 124M; gpt2-medium is the 355M shape.
 DECODE_SHAPES = {"gpt2": {}, "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}
 DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # as sample.load takes them
+# A laptop CPU with AVX2 only (no AVX-512, no AMX), emulated: each library that picks its kernels by the CPU
+# is held to AVX2 (aten's own kernels, oneDNN, MKL's BLAS, FBGEMM). The cores, caches and memory stay this
+# machine's, so this shows which kernels are slow on such a CPU, not that CPU's speed.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+            "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}
 # Prompts for the trained-model agreement figure: openings common in English and in Python's documentation.
 QUALITY_PROMPTS = ("The", "In Python,", "To install the package", "This module provides", "Return the")
 
@@ -231,16 +236,28 @@ def _sample_py_once(checkpoint: Path, cache_dir: str) -> tuple[float, float]:
     return (first if first is not None else total), total
 
 
+def _import_torch_s() -> float:
+    """Seconds for a bare `python -c "import torch"`: the floor under sample.py's start-up on this machine."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import torch"], check=True)
+    return time.perf_counter() - t0
+
+
 def time_startup(checkpoint: Path, runs: int) -> dict:
     """sample.py's start-up as a new user meets it: a first run in an empty cache directory (it writes the
-    tokenizer's cache), then `runs` more, as every later start goes."""
+    tokenizer's cache and probes the CPU for --dtype auto), then `runs` more, as every later start goes;
+    each beside a bare `import torch`, taken in turn with them."""
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
         first_run, _ = _sample_py_once(checkpoint, cache_dir)
-        later = [_sample_py_once(checkpoint, cache_dir) for _ in range(runs)]
+        later, torch_only = [], []
+        for _ in range(runs):
+            later.append(_sample_py_once(checkpoint, cache_dir))
+            torch_only.append(_import_torch_s())
     return {"startup_first_run_s": first_run,
             "startup_first_token_s": statistics.median(t for t, _ in later),
             "startup_first_token_s_best": min(t for t, _ in later),
-            "startup_exit_s": statistics.median(t for _, t in later)}
+            "startup_exit_s": statistics.median(t for _, t in later),
+            "startup_import_torch_s": statistics.median(torch_only)}
 
 
 def memory_bandwidth(tiny: bool) -> float:
@@ -295,6 +312,7 @@ def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int 
     QUALITY_PROMPTS and, with data_cache (a prepared cache of train_gpt2.py), on `windows` block-long
     windows of its held-out text, where a model that has settled into repeating itself cannot flatter
     the figure."""
+    import cpu_decoding
     import data
     import sample
 
@@ -311,8 +329,9 @@ def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int 
                              for i in range(min(windows, val.num_tokens // block))]
     report = {f"{name}_{kind}": argmax_agreement(fp32, models[name], paths)
               for kind, paths in texts.items() for name in ("bf16", "int8")}
+    report["cpu"] = cpu_decoding.probe_key()
     for kind in texts:
-        print(f"trained checkpoint {checkpoint}: next-token agreement with fp32 on "
+        print(f"trained checkpoint {checkpoint} ({report['cpu']}): next-token agreement with fp32 on "
               f"{'its greedy continuations' if kind == 'greedy' else 'held-out text'} "
               f"({report['bf16_' + kind]['positions']} positions): bf16 {report['bf16_' + kind]['agreement']:.1%}, "
               f"int8 {report['int8_' + kind]['agreement']:.1%}")
@@ -338,10 +357,11 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
 
     The same random-init GPT-2 weights go through save_pretrained/from_pretrained on both sides; medians
     and bests of alternating rounds, the agreement of each dtype with fp32, the memory-bandwidth bound,
-    and sample.py's start-up to its first token.
+    which dtype --dtype auto's probe picks, and sample.py's start-up to its first token.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
+    import cpu_decoding
     import sample
 
     hf_logging.disable_progress_bar()
@@ -370,14 +390,23 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
     speeds, tokens = _alternate(runs, n_tokens, rounds)
     report = {"shape": "tiny" if tiny else shape, "params": ours["fp32"].num_params(), "n_tokens": n_tokens,
               "prompt_len": prompt_len, "rounds": rounds, "threads": torch.get_num_threads(),
-              "auto_dtype": str(sample.pick_dtype("auto", cpu)).removeprefix("torch."),
-              "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"]}
+              "cpu": cpu_decoding.probe_key(), "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"]}
+    report |= _probe_figures(cpu_decoding)
     report |= _speed_figures(speeds, ours, memory_bandwidth(tiny))
     path = prompt + tokens["ours_fp32"]
     report |= {f"{name}_vs_fp32": argmax_agreement(ours["fp32"], ours[name], [path]) for name in ("bf16", "int8")}
     report |= startup
     _print_decode(report)
     return report
+
+
+def _probe_figures(cpu_decoding) -> dict:
+    """A fresh run of --dtype auto's probe (not the cached one): its ns per weight, its time, its pick."""
+    t0 = time.perf_counter()
+    ns_per_weight = cpu_decoding.probe()
+    seconds = time.perf_counter() - t0
+    auto = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}[cpu_decoding.choose(ns_per_weight)]
+    return {"probe_ns_per_weight": ns_per_weight, "probe_s": seconds, "auto_dtype": auto}
 
 
 def _speed_figures(speeds: dict, ours: dict, bandwidth: float) -> dict:
@@ -397,10 +426,11 @@ def _speed_figures(speeds: dict, ours: dict, bandwidth: float) -> dict:
 def _print_decode(r: dict) -> None:
     print(f"decoding {r['n_tokens']} tokens after {r['prompt_len']}, {r['shape']} shape ({r['params'] / 1e6:.0f}M, "
           f"random weights), CPU, {r['threads']} threads; tokens/s, median (best) of {r['rounds']} alternating rounds;"
-          f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token:")
+          f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token; CPU: {r['cpu']}")
     for name, label in (("hf_fp32", "transformers fp32"), ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"),
                         ("ours_int8", "ours int8")):
-        print(f"  {label:18s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
+        label += " = auto" if name == "ours_" + r["auto_dtype"] else ""
+        print(f"  {label:25s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
               f"{r[name + '_speedup_vs_hf']:.2f}x  {r[name + '_weight_mb']:6.0f} MB/token, bound "
               f"{r[name + '_bound_tokens_per_s']:.1f}, reached {r[name + '_share_of_bound']:.0%}")
     agree = ", ".join(f"{n} {r[n + '_vs_fp32']['agreement']:.1%} (fp32's top-2 margin where they differ at most "
@@ -408,9 +438,12 @@ def _print_decode(r: dict) -> None:
                       f"{r[n + '_vs_fp32']['margin_median']:.3f})" for n in ("bf16", "int8"))
     print(f"greedy ours fp32 == transformers: {r['greedy_fp32_equals_hf']}; teacher-forced next-token agreement "
           f"with fp32 on its greedy path: {agree}")
-    print(f"sample.py (--dtype auto = {r['auto_dtype']}), process start to first token: "
-          f"{r['startup_first_token_s']:.2f} s median (best {r['startup_first_token_s_best']:.2f}), exit "
-          f"{r['startup_exit_s']:.2f} s; first run in an empty cache directory {r['startup_first_run_s']:.2f} s")
+    probe = ", ".join(f"{k} {v:.3f}" if v else f"{k} failed" for k, v in r["probe_ns_per_weight"].items())
+    print(f"--dtype auto's probe: {probe} ns per weight, in {r['probe_s'] * 1e3:.0f} ms -> {r['auto_dtype']}")
+    print(f"sample.py (--dtype auto), process start to first token: {r['startup_first_token_s']:.2f} s median "
+          f"(best {r['startup_first_token_s_best']:.2f}), exit {r['startup_exit_s']:.2f} s, bare `import torch` "
+          f"{r['startup_import_torch_s']:.2f} s; first run in an empty cache directory (probe included) "
+          f"{r['startup_first_run_s']:.2f} s")
 
 
 def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dict:
@@ -554,6 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", action="store_true", help="sample.py's CPU decoding against transformers' generate()")
     p.add_argument("--decode_shape", choices=sorted(DECODE_SHAPES), default="gpt2",
                    help="the random-weight model --decode times (default %(default)s, 124M)")
+    p.add_argument("--emulate_avx2", action="store_true", help="run as on a laptop CPU with AVX2 only: torch, "
+                   "oneDNN, MKL and FBGEMM held to AVX2 (the whole run, restarted with " + " ".join(AVX2_ENV) + ")")
     p.add_argument("--quality", metavar="CHECKPOINT", default=None,
                    help="also measure bf16's and int8's next-token agreement with fp32 on this trained checkpoint")
     p.add_argument("--quality_data", metavar="CACHE_DIR", default=None,
@@ -578,6 +613,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
+    if args.emulate_avx2 and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+        # The limits act only when set before the libraries load: run again, from the start, with them.
+        os.execve(sys.executable, [sys.executable, __file__, *(sys.argv[1:] if argv is None else argv)],
+                  {**os.environ, **AVX2_ENV})
     try:
         device = pick_device(args.device)
     except UserError as e:
