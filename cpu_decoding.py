@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ PROBE_WIDTH = 1024  # the probe matrix's input width (GPT-2 124M's is 768, 355M'
 PROBE_CALLS = 3  # the fastest of three calls: the first also pays for thread start-up and kernel choice
 PROBE_TIE = 1.1  # a layout within 10% of the fastest counts as tied (the probe's spread from run to run here)
 PROBE_FILE = "cpu_probe.json"
+QUANTIZE_BLOCK = 2**18  # weights quantized at a time: 1 MB of fp32, so its temporaries stay in the L2 cache
 # Variables that limit the instruction sets torch's kernels use (BENCHMARKS.md emulates an AVX2 laptop with
 # them): a probe taken under other limits says nothing about these.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
@@ -84,20 +86,11 @@ class Int8Linear(nn.Module):
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        """weight: int8 (out, in), as quantize_rows gives it with its scale."""
         super().__init__()
-        self.register_buffer("weight", weight)  # int8 (out, in); int8 buffers stay int8 under model.to(dtype)
+        self.register_buffer("weight", weight)  # int8 buffers stay int8 under model.to(dtype)
         self.register_buffer("scale", scale)  # (out,), floating: follows model.to(dtype), as the kernel wants
         self.register_buffer("bias", bias)
-
-    @classmethod
-    def quantize(cls, linear: nn.Linear) -> "Int8Linear":
-        """Symmetric, per row: each row's largest |weight| becomes 127."""
-        w = linear.weight.detach().float()
-        # One temporary, rounded in place: quantizing runs at every start of sample.py, and fresh 100 MB
-        # temporaries cost more than the arithmetic.
-        scale = torch.linalg.vector_norm(w, float("inf"), dim=1).clamp_(min=1e-8) / 127
-        weight = torch.div(w, scale[:, None]).round_().to(torch.int8)
-        return cls(weight, scale, None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
@@ -126,7 +119,37 @@ def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
 
     Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
     """
-    return _replace_linears(model, Int8Linear.quantize).to(dtype)
+    linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
+    quantized = dict(zip(linears, _one_thread_each(quantize_rows, [m.weight for m in linears])))
+    return _replace_linears(model, lambda m: Int8Linear(*quantized[m], None if m.bias is None else
+                                                        m.bias.detach().clone())).to(dtype)
+
+
+def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per row (its largest |weight| becomes 127), a block of rows at a time:
+    each block's fp32 temporaries stay in the cache rather than making fresh 100 MB ones."""
+    w = weight.detach().float()
+    q, scale = torch.empty(w.shape, dtype=torch.int8), torch.empty(len(w))
+    step = max(1, QUANTIZE_BLOCK // w.size(1))
+    for i in range(0, len(w), step):
+        block = w[i:i + step]
+        block_scale = torch.linalg.vector_norm(block, float("inf"), dim=1).clamp_(min=1e-8).div_(127)
+        scale[i:i + step] = block_scale
+        q[i:i + step] = torch.div(block, block_scale[:, None]).round_()
+    return q, scale
+
+
+def _one_thread_each(fn, tensors: list) -> list:
+    """[fn(t) for t in tensors] on a Python thread per core, torch itself on one thread: quantizing is
+    hundreds of small ops, after each of which torch's own threads would wait for one another, longest
+    where other work shares the cores (GPT-2 124M, two cores shared: 0.6 s this way, 1.85 s that way)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            return list(pool.map(fn, tensors))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
@@ -156,9 +179,10 @@ def fastest_layout(cache_dir: Path) -> torch.dtype:
 
 def probe_key() -> str:
     """The CPU, torch and the instruction sets it may use, oneDNN's bf16, and the threads."""
-    limits = " ".join(f"{name}={os.environ[name]}" for name in ISA_VARIABLES if name in os.environ)
-    return (f"{platform.machine()} {cpu_name()}; torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
-            f"{' oneDNN-bf16' if cpu_has_fast_bf16() else ''}; {torch.get_num_threads()} threads; {limits}").strip()
+    parts = [f"{platform.machine()} {cpu_name()}", f"torch {torch.__version__} {torch.backends.cpu.get_cpu_capability()}"
+             + (" oneDNN-bf16" if cpu_has_fast_bf16() else ""), f"{torch.get_num_threads()} threads",
+             *(f"{name}={os.environ[name]}" for name in ISA_VARIABLES if name in os.environ)]
+    return "; ".join(parts)
 
 
 def cpu_name() -> str:
@@ -174,21 +198,24 @@ def cpu_name() -> str:
 @torch.inference_mode()
 def probe() -> dict[str, float | None]:
     """Nanoseconds per weight of one GEMV in each layout, each reading the same PROBE_BYTES; None for a
-    layout this torch cannot run here."""
+    layout this torch cannot run here. The layouts take turns (A, B, C, A, ...), so a burst of other work
+    on the machine slows each alike, and each keeps its fastest call."""
     # One buffer seen as each dtype: 0x3C3C3C3C as fp32 and 0x3C3C as bf16 are ~0.0115, 0x3C as int8 is 60,
-    # so no NaN or denormal slows a kernel, and filling it once costs ~5 ms.
+    # so no NaN or denormal slows a kernel, and filling it once costs a few ms.
     raw = torch.full((PROBE_BYTES,), 0x3C, dtype=torch.uint8)
-    times = {}
+    runs = {}
     for dtype in LAYOUTS:
         weight = raw.view(dtype).view(-1, PROBE_WIDTH)
         x = torch.ones(1, PROBE_WIDTH, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
-        try:
-            linear = _probe_linear(weight)
-            seconds = min(_seconds(linear, x) for _ in range(PROBE_CALLS))
-        except RuntimeError:  # e.g. a oneDNN that cannot pack bf16 on this CPU after all
-            seconds = None
-        times[_name(dtype)] = None if seconds is None else seconds / weight.numel() * 1e9
-    return times
+        with contextlib.suppress(RuntimeError):  # e.g. a oneDNN that cannot pack bf16 on this CPU after all
+            runs[dtype] = (_probe_linear(weight), x, weight.numel())
+    best = {}  # fastest call of each layout, in seconds
+    for _ in range(PROBE_CALLS):
+        for dtype, (linear, x, _) in runs.items():
+            with contextlib.suppress(RuntimeError):
+                seconds = _seconds(linear, x)
+                best[dtype] = min(best.get(dtype, seconds), seconds)
+    return {_name(dtype): best[dtype] / runs[dtype][2] * 1e9 if dtype in best else None for dtype in LAYOUTS}
 
 
 def _probe_linear(weight: torch.Tensor):
