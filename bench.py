@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import cpu_decoding
 import runtime
 import train_gpt2 as T
 from common import EOT, ArgumentParser, UserError, pick_device
@@ -198,7 +199,9 @@ def bench_tokenize(tiny: bool) -> dict:
 # The random-weight model the decoding benchmark times (the Hub is unreachable here): GPT2Config's
 # defaults are GPT-2 124M; gpt2-medium is the 355M shape.
 DECODE_SHAPES = {"gpt2": {}, "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024)}
-DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8}  # as sample.load takes them
+# As sample.load takes them (int4 where this torch has its kernel).
+DECODE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.int8} | (
+    {"int4": torch.int4} if cpu_decoding.HAS_INT4 else {})
 # A laptop CPU with AVX2 only (no AVX-512, no AMX), emulated: each library that picks its kernels by the CPU
 # is held to AVX2 (aten's own kernels, oneDNN, MKL's BLAS, FBGEMM). The cores, caches and memory stay this
 # machine's, so this shows which kernels are slow on such a CPU, not that CPU's speed.
@@ -216,8 +219,9 @@ def _tokens_per_s(run, n_tokens: int) -> tuple[float, list[int]]:
     return n_tokens / elapsed, tokens
 
 
-def _sample_py_once(checkpoint: Path, cache_dir: str) -> tuple[float, float]:
-    """Seconds from `python sample.py` (default --dtype) starting to its first generated text, and to its exit."""
+def _sample_py_once(checkpoint: Path, cache_dir: str) -> tuple[float, float, str]:
+    """Seconds from `python sample.py` (default --dtype) starting to its first generated text, and to its exit;
+    and the precision it chose (the end of the line it prints first)."""
     prompt = "hi"
     cmd = [sys.executable, str(REPO / "sample.py"), "--checkpoint", str(checkpoint), "--prompt", prompt,
            "--max_tokens", "1", "--stream", "--temperature", "0", "--ignore_eot", "--cpu"]
@@ -233,7 +237,7 @@ def _sample_py_once(checkpoint: Path, cache_dir: str) -> tuple[float, float]:
     total = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"sample.py failed: {proc.stderr.read().decode()[-500:]}")
-    return (first if first is not None else total), total
+    return (first if first is not None else total), total, proc.stderr.read().decode().split()[-1]
 
 
 def _import_torch_s() -> float:
@@ -248,15 +252,16 @@ def time_startup(checkpoint: Path, runs: int) -> dict:
     tokenizer's cache and probes the CPU for --dtype auto), then `runs` more, as every later start goes;
     each beside a bare `import torch`, taken in turn with them."""
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache_dir:
-        first_run, _ = _sample_py_once(checkpoint, cache_dir)
+        first_run, _, first_dtype = _sample_py_once(checkpoint, cache_dir)
         later, torch_only = [], []
         for _ in range(runs):
             later.append(_sample_py_once(checkpoint, cache_dir))
             torch_only.append(_import_torch_s())
-    return {"startup_first_run_s": first_run,
-            "startup_first_token_s": statistics.median(t for t, _ in later),
-            "startup_first_token_s_best": min(t for t, _ in later),
-            "startup_exit_s": statistics.median(t for _, t in later),
+    return {"startup_first_run_s": first_run, "startup_first_run_dtype": first_dtype,
+            "startup_first_token_s": statistics.median(t for t, _, _ in later),
+            "startup_first_token_s_best": min(t for t, _, _ in later),
+            "startup_exit_s": statistics.median(t for _, t, _ in later),
+            "startup_dtypes": sorted({dtype for _, _, dtype in later}),
             "startup_import_torch_s": statistics.median(torch_only)}
 
 
@@ -312,7 +317,6 @@ def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int 
     QUALITY_PROMPTS and, with data_cache (a prepared cache of train_gpt2.py), on `windows` block-long
     windows of its held-out text, where a model that has settled into repeating itself cannot flatter
     the figure."""
-    import cpu_decoding
     import data
     import sample
 
@@ -327,14 +331,15 @@ def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int 
         val = data.TokenShards(data_cache, "val")
         texts["held_out"] = [val.read(i * block, block).astype(int).tolist()
                              for i in range(min(windows, val.num_tokens // block))]
-    report = {f"{name}_{kind}": argmax_agreement(fp32, models[name], paths)
-              for kind, paths in texts.items() for name in ("bf16", "int8")}
+    others = [name for name in DECODE_DTYPES if name != "fp32"]
+    report = {f"{name}_{kind}": argmax_agreement(fp32, models[name], paths) for kind, paths in texts.items()
+              for name in others}
     report["cpu"] = cpu_decoding.probe_key()
     for kind in texts:
         print(f"trained checkpoint {checkpoint} ({report['cpu']}): next-token agreement with fp32 on "
               f"{'its greedy continuations' if kind == 'greedy' else 'held-out text'} "
-              f"({report['bf16_' + kind]['positions']} positions): bf16 {report['bf16_' + kind]['agreement']:.1%}, "
-              f"int8 {report['int8_' + kind]['agreement']:.1%}")
+              f"({report['bf16_' + kind]['positions']} positions): "
+              + ", ".join(f"{name} {report[f'{name}_{kind}']['agreement']:.1%}" for name in others))
     return report
 
 
@@ -361,7 +366,6 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
     """
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
-    import cpu_decoding
     import sample
 
     hf_logging.disable_progress_bar()
@@ -391,22 +395,23 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
     report = {"shape": "tiny" if tiny else shape, "params": ours["fp32"].num_params(), "n_tokens": n_tokens,
               "prompt_len": prompt_len, "rounds": rounds, "threads": torch.get_num_threads(),
               "cpu": cpu_decoding.probe_key(), "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"]}
-    report |= _probe_figures(cpu_decoding)
+    report |= _probe_figures()
     report |= _speed_figures(speeds, ours, memory_bandwidth(tiny))
     path = prompt + tokens["ours_fp32"]
-    report |= {f"{name}_vs_fp32": argmax_agreement(ours["fp32"], ours[name], [path]) for name in ("bf16", "int8")}
+    report |= {f"{name}_vs_fp32": argmax_agreement(ours["fp32"], ours[name], [path]) for name in DECODE_DTYPES
+               if name != "fp32"}
     report |= startup
     _print_decode(report)
     return report
 
 
-def _probe_figures(cpu_decoding) -> dict:
+def _probe_figures() -> dict:
     """A fresh run of --dtype auto's probe (not the cached one): its ns per weight, its time, its pick."""
     t0 = time.perf_counter()
-    ns_per_weight = cpu_decoding.probe()
+    ns_per_weight, steady = cpu_decoding.probe()
     seconds = time.perf_counter() - t0
-    auto = {"float32": "fp32", "bfloat16": "bf16", "int8": "int8"}[cpu_decoding.choose(ns_per_weight)]
-    return {"probe_ns_per_weight": ns_per_weight, "probe_s": seconds, "auto_dtype": auto}
+    auto = next(name for name, dtype in DECODE_DTYPES.items() if str(dtype) == f"torch.{cpu_decoding.choose(ns_per_weight)}")
+    return {"probe_ns_per_weight": ns_per_weight, "probe_steady": steady, "probe_s": seconds, "auto_dtype": auto}
 
 
 def _speed_figures(speeds: dict, ours: dict, bandwidth: float) -> dict:
@@ -428,22 +433,24 @@ def _print_decode(r: dict) -> None:
           f"random weights), CPU, {r['threads']} threads; tokens/s, median (best) of {r['rounds']} alternating rounds;"
           f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token; CPU: {r['cpu']}")
     for name, label in (("hf_fp32", "transformers fp32"), ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"),
-                        ("ours_int8", "ours int8")):
+                        ("ours_int8", "ours int8"), ("ours_int4", "ours int4 (head int8)")):
         label += " = auto" if name == "ours_" + r["auto_dtype"] else ""
-        print(f"  {label:25s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
+        print(f"  {label:28s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
               f"{r[name + '_speedup_vs_hf']:.2f}x  {r[name + '_weight_mb']:6.0f} MB/token, bound "
               f"{r[name + '_bound_tokens_per_s']:.1f}, reached {r[name + '_share_of_bound']:.0%}")
     agree = ", ".join(f"{n} {r[n + '_vs_fp32']['agreement']:.1%} (fp32's top-2 margin where they differ at most "
                       f"{r[n + '_vs_fp32']['margin_where_differs_max'] or 0:.3f}, median margin "
-                      f"{r[n + '_vs_fp32']['margin_median']:.3f})" for n in ("bf16", "int8"))
+                      f"{r[n + '_vs_fp32']['margin_median']:.3f})" for n in DECODE_DTYPES if n != "fp32")
     print(f"greedy ours fp32 == transformers: {r['greedy_fp32_equals_hf']}; teacher-forced next-token agreement "
           f"with fp32 on its greedy path: {agree}")
     probe = ", ".join(f"{k} {v:.3f}" if v else f"{k} failed" for k, v in r["probe_ns_per_weight"].items())
-    print(f"--dtype auto's probe: {probe} ns per weight, in {r['probe_s'] * 1e3:.0f} ms -> {r['auto_dtype']}")
-    print(f"sample.py (--dtype auto), process start to first token: {r['startup_first_token_s']:.2f} s median "
-          f"(best {r['startup_first_token_s_best']:.2f}), exit {r['startup_exit_s']:.2f} s, bare `import torch` "
-          f"{r['startup_import_torch_s']:.2f} s; first run in an empty cache directory (probe included) "
-          f"{r['startup_first_run_s']:.2f} s")
+    print(f"--dtype auto's probe: {probe} ns per weight, in {r['probe_s'] * 1e3:.0f} ms -> {r['auto_dtype']}"
+          f"{'' if r['probe_steady'] else ' (unsteady: the machine was busy; sample.py would not keep it)'}")
+    print(f"sample.py (--dtype auto = {'/'.join(r['startup_dtypes'])}), process start to first token: "
+          f"{r['startup_first_token_s']:.2f} s median (best {r['startup_first_token_s_best']:.2f}), exit "
+          f"{r['startup_exit_s']:.2f} s, bare `import torch` {r['startup_import_torch_s']:.2f} s; first run in an "
+          f"empty cache directory (it probes unless the machine is busy) {r['startup_first_run_s']:.2f} s "
+          f"({r['startup_first_run_dtype']})")
 
 
 def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dict:
@@ -590,7 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--emulate_avx2", action="store_true", help="run as on a laptop CPU with AVX2 only: torch, "
                    "oneDNN, MKL and FBGEMM held to AVX2 (the whole run, restarted with " + " ".join(AVX2_ENV) + ")")
     p.add_argument("--quality", metavar="CHECKPOINT", default=None,
-                   help="also measure bf16's and int8's next-token agreement with fp32 on this trained checkpoint")
+                   help="also measure bf16's, int8's and int4's next-token agreement with fp32 on this trained checkpoint")
     p.add_argument("--quality_data", metavar="CACHE_DIR", default=None,
                    help="with --quality, also on the held-out text of this prepared data cache")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")

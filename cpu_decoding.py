@@ -1,11 +1,11 @@
 """Decoding fast on a CPU: the weights laid out as the CPU's kernels read them fastest (bf16 packed for
-oneDNN, or int8), and a probe that finds which layout is fastest on this CPU (sample.py's --dtype auto).
+oneDNN, int8, int4), and a probe that finds which layout is fastest on this CPU (sample.py's --dtype auto).
 
 Decoding one token reads every weight once, so it is bound by memory, or by the arithmetic that turns
-fewer bytes back into numbers. Which of fp32, bf16 and int8 wins depends on the CPU, not on one feature
-flag (BENCHMARKS.md, "Decoding"): with AVX-512 bf16 int8 led; on an AVX2-only AMD EPYC bf16 led (issue
-21); emulating AVX2 here int8 led and plain bf16 was no faster than fp32. So it is measured, once per
-CPU, torch and instruction-set limit, and kept beside the tokenizer's cache.
+fewer bytes back into numbers. Which layout wins depends on the CPU, not on one feature flag
+(BENCHMARKS.md, "Decoding"): on an AVX2-only AMD EPYC bf16 beat int8 (issue 21); emulating AVX2 here
+int4 beat int8, and plain bf16 was barely faster than fp32. So it is measured, once per CPU, torch,
+instruction-set limit and thread count, and kept beside the tokenizer's cache.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,13 +25,24 @@ import torch.nn.functional as F
 from common import atomic_write
 from model import GPT
 
-# Most precise first: all three kept fp32's next token on >= 97% of held-out text of a trained model
+# int4's kernel and its packing came in torch 2.6 (pytorch PR 139611); requirements.txt allows 2.4.
+HAS_INT4 = hasattr(torch, "int4") and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+# Most precise first: all four kept fp32's next token on >= 97% of held-out text of a trained model
 # (BENCHMARKS.md), so speed decides, and a near tie goes to the more precise one.
-LAYOUTS = (torch.float32, torch.bfloat16, torch.int8)
-PROBE_BYTES = 64 * 2**20  # what each layout's GEMV reads: past laptops' last-level caches (8-36 MB), as decoding is
-PROBE_WIDTH = 1024  # the probe matrix's input width (GPT-2 124M's is 768, 355M's 1024)
+LAYOUTS = (torch.float32, torch.bfloat16, torch.int8) + ((torch.int4,) if HAS_INT4 else ())
+# Inputs sharing an int4 scale and offset: with int4 in the output layer too, 32 kept fp32's next token on 97.3%
+# of held-out text, 128 on 96.6% (a trained 6-layer model, emulating AVX2).
+INT4_GROUP = 32
+# What the probe multiplies, each matrix once a pass as decoding does: a sixth of GPT-2 124M, two of its twelve
+# blocks (attention in, attention out, MLP in, MLP out) and a sixth of its output layer's rows. Its shapes,
+# because the int8 kernel's speed per weight varies with them (emulating AVX2, 0.09 ns on one 16384 x 1024
+# matrix, 0.15-0.22 on these); 20.6 M weights, so fp32's 82 MB are past laptops' last-level caches (8-36 MB).
+PROBE_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072)) * 2 + ((8384, 768),)
 PROBE_CALLS = 3  # the fastest of three calls: the first also pays for thread start-up and kernel choice
 PROBE_TIE = 1.1  # a layout within 10% of the fastest counts as tied (the probe's spread from run to run here)
+# A probe counts only if each layout's two fastest calls agree within 25%: on a busy machine a call can wait
+# milliseconds for a descheduled thread, and a probe taken so would mislead every later start.
+PROBE_STEADY = 1.25
 PROBE_FILE = "cpu_probe.json"
 QUANTIZE_BLOCK = 2**18  # weights quantized at a time: 1 MB of fp32, so its temporaries stay in the L2 cache
 # Variables that limit the instruction sets torch's kernels use (BENCHMARKS.md emulates an AVX2 laptop with
@@ -98,6 +110,29 @@ class Int8Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class Int4Linear(nn.Module):
+    """A Linear holding int4 weights in groups of INT4_GROUP inputs, each group with a scale and an offset:
+    a quarter of bf16's bytes (plus 4 bytes of scale and offset a group).
+
+    aten's _weight_int4pack_mm_for_cpu (torchao's Int4CPULayout, gpt-fast's int4 on CPUs) has AVX2,
+    AVX-512 and NEON kernels that multiply across outputs, one input at a time; emulating AVX2 here it
+    decoded GPT-2 124M 1.3x faster than int8 (BENCHMARKS.md).
+    """
+
+    def __init__(self, packed: torch.Tensor, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None):
+        """packed, scales_and_zeros: as quantize_groups gives them."""
+        super().__init__()
+        self.register_buffer("weight", packed)  # uint8 (out, in / 2): stays so under model.to(dtype)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)  # (in / group, out, 2), follows model.to(dtype)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.size(-1)), self.weight, INT4_GROUP,
+                                                       self.scales_and_zeros)
+        y = y.view(*x.shape[:-1], y.size(-1))
+        return y if self.bias is None else y + self.bias
+
+
 def _replace_linears(model: GPT, make) -> GPT:
     """Every nn.Linear, the output head included, swapped for make(linear). The head is a third of
     GPT-2 124M's weights, so it counts; the token embedding keeps its own tensor for lookups (one row
@@ -121,8 +156,40 @@ def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
     """
     linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
     quantized = dict(zip(linears, _one_thread_each(quantize_rows, [m.weight for m in linears])))
-    return _replace_linears(model, lambda m: Int8Linear(*quantized[m], None if m.bias is None else
-                                                        m.bias.detach().clone())).to(dtype)
+    return _replace_linears(model, lambda m: Int8Linear(*quantized[m], _bias(m))).to(dtype)
+
+
+def quantize_int4(model: GPT) -> GPT:
+    """The model with its blocks' Linears Int4Linear and its head Int8Linear, run in bf16.
+
+    The head stays int8: int4 there too kept fp32's next token on 97.3% of held-out text, against 98.2%
+    (a trained 6-layer model, BENCHMARKS.md). A Linear whose shape the kernel cannot take (outputs not a
+    multiple of 16, inputs not of INT4_GROUP) stays int8 as well.
+    """
+    linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
+
+    def quantize(m: nn.Linear):
+        int4 = m is not model.lm_head and m.out_features % 16 == 0 and m.in_features % INT4_GROUP == 0
+        return (Int4Linear if int4 else Int8Linear), (quantize_groups if int4 else quantize_rows)(m.weight)
+
+    quantized = dict(zip(linears, _one_thread_each(quantize, linears)))
+    return _replace_linears(model, lambda m: quantized[m][0](*quantized[m][1], _bias(m))).to(torch.bfloat16)
+
+
+def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric int4 in groups of INT4_GROUP inputs (each group's range cut in 16 steps), packed for
+    _weight_int4pack_mm_for_cpu, which computes (q - 8) * scale + zero."""
+    w = weight.detach().float()
+    groups = w.view(w.size(0), -1, INT4_GROUP)
+    low = groups.amin(-1, keepdim=True)  # amin and amax: 4x faster than aminmax over 32 (torch 2.14)
+    scale = groups.amax(-1, keepdim=True).sub_(low).div_(15).clamp_(min=1e-8)
+    q = (groups - low).div_(scale).round_().clamp_(0, 15).to(torch.int32).view(w.shape)
+    scales_and_zeros = torch.cat([scale, low + 8 * scale], dim=-1).transpose(0, 1).contiguous()
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), scales_and_zeros
+
+
+def _bias(m: nn.Linear) -> torch.Tensor | None:
+    return None if m.bias is None else m.bias.detach().clone()
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,8 +220,10 @@ def _one_thread_each(fn, tensors: list) -> list:
 
 
 def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
-    """The model laid out for decoding on this CPU: int8 weights with bf16 activations; bf16 packed for
-    oneDNN where its bf16 is fast, else plain bf16 (aten's kernels); or fp32."""
+    """The model laid out for decoding on this CPU: int4 or int8 weights with bf16 activations; bf16 packed
+    for oneDNN where its bf16 is fast, else plain bf16 (aten's kernels); or fp32."""
+    if dtype == getattr(torch, "int4", None):
+        return quantize_int4(model)
     if dtype == torch.int8:
         return quantize_int8(model)
     if dtype == torch.bfloat16 and cpu_has_fast_bf16():
@@ -168,13 +237,32 @@ def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
 
 def fastest_layout(cache_dir: Path) -> torch.dtype:
     """The layout decoding runs fastest in on this CPU: probed on first use (~50 ms), then read from
-    cache_dir/cpu_probe.json, keyed by what the kernels' speed depends on (probe_key)."""
+    cache_dir/cpu_probe.json, keyed by what the kernels' speed depends on (probe_key).
+
+    A machine too busy to measure gets fp32, the most precise, for this start, and no probe is kept:
+    runs keep giving the same sample for a seed until a steady probe is, rather than following noise.
+    """
     path, key = Path(cache_dir) / PROBE_FILE, probe_key()
     probes = read_probes(path)
     if not _valid(probes.get(key)):
-        probes[key] = probe()
+        if _busy():
+            return LAYOUTS[0]
+        ns_per_weight, steady = probe()
+        if not steady:
+            return LAYOUTS[0]
+        probes[key] = ns_per_weight
         write_probes(path, probes)
     return getattr(torch, choose(probes[key]))
+
+
+def _busy() -> bool:
+    """Whether more threads wanted to run than there are cores, this past minute: then each of torch's
+    parallel steps can wait milliseconds for a descheduled thread, evenly enough to look steady (two
+    threads on two cores shared with other work: every layout 2.5-3 ns a weight, against 0.1-0.3)."""
+    try:
+        return os.getloadavg()[0] > (os.cpu_count() or 1)
+    except OSError:  # Windows has no load average
+        return False
 
 
 def probe_key() -> str:
@@ -196,40 +284,56 @@ def cpu_name() -> str:
 
 
 @torch.inference_mode()
-def probe() -> dict[str, float | None]:
-    """Nanoseconds per weight of one GEMV in each layout, each reading the same PROBE_BYTES; None for a
-    layout this torch cannot run here. The layouts take turns (A, B, C, A, ...), so a burst of other work
-    on the machine slows each alike, and each keeps its fastest call."""
+def probe() -> tuple[dict[str, float | None], bool]:
+    """Nanoseconds per weight of a pass over PROBE_SHAPES in each layout (None for a layout this torch
+    cannot run here), and whether the machine held steady (PROBE_STEADY). The layouts take turns
+    (A, B, C, A, ...), so a burst of other work slows each alike, and each keeps its fastest pass."""
+    weights = sum(n * k for n, k in PROBE_SHAPES)
     # One buffer seen as each dtype: 0x3C3C3C3C as fp32 and 0x3C3C as bf16 are ~0.0115, 0x3C as int8 is 60,
     # so no NaN or denormal slows a kernel, and filling it once costs a few ms.
-    raw = torch.full((PROBE_BYTES,), 0x3C, dtype=torch.uint8)
-    runs = {}
+    raw = torch.full((weights * 4,), 0x3C, dtype=torch.uint8)
+    passes = {}
     for dtype in LAYOUTS:
-        weight = raw.view(dtype).view(-1, PROBE_WIDTH)
-        x = torch.ones(1, PROBE_WIDTH, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
         with contextlib.suppress(RuntimeError):  # e.g. a oneDNN that cannot pack bf16 on this CPU after all
-            runs[dtype] = (_probe_linear(weight), x, weight.numel())
-    best = {}  # fastest call of each layout, in seconds
+            passes[dtype] = _probe_linears(dtype, raw)
+    calls = {dtype: [] for dtype in passes}  # seconds a pass
     for _ in range(PROBE_CALLS):
-        for dtype, (linear, x, _) in runs.items():
+        for dtype, linears in passes.items():
             with contextlib.suppress(RuntimeError):
-                seconds = _seconds(linear, x)
-                best[dtype] = min(best.get(dtype, seconds), seconds)
-    return {_name(dtype): best[dtype] / runs[dtype][2] * 1e9 if dtype in best else None for dtype in LAYOUTS}
+                calls[dtype].append(_seconds(linears))
+    fastest = {dtype: sorted(seconds)[:2] for dtype, seconds in calls.items() if seconds}
+    steady = all(len(two) == 2 and two[1] <= PROBE_STEADY * two[0] for two in fastest.values())
+    ns = {_name(dtype): fastest[dtype][0] / weights * 1e9 if dtype in fastest else None for dtype in LAYOUTS}
+    return ns, steady
 
 
-def _probe_linear(weight: torch.Tensor):
-    """x -> x @ weight.T computed as to_layout's layout of weight's dtype computes it."""
-    if weight.dtype == torch.int8:
-        return Int8Linear(weight, torch.full((len(weight),), 1e-3, dtype=torch.bfloat16), None)
-    if weight.dtype == torch.bfloat16 and cpu_has_fast_bf16():
-        return PackedLinear(weight, None)
-    return lambda x: F.linear(x, weight)
+def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> list[tuple]:
+    """(linear, input) for each of PROBE_SHAPES, its weights held in raw's bytes, computed as to_layout's
+    layout `dtype` computes it (for int4, the output layer's share in int8)."""
+    out, offset = [], 0  # offset: weights before this matrix
+    for i, (n, k) in enumerate(PROBE_SHAPES):
+        kind = torch.int8 if dtype == torch.int4 and i == len(PROBE_SHAPES) - 1 else dtype
+        x = torch.ones(1, k, dtype=torch.float32 if kind == torch.float32 else torch.bfloat16)
+        if kind == torch.int4:
+            scales_and_zeros = torch.full((k // INT4_GROUP, n, 2), 1e-3, dtype=torch.bfloat16)
+            linear = Int4Linear(raw[offset // 2:(offset + n * k) // 2].view(n, k // 2), scales_and_zeros, None)
+        else:
+            weight = raw.view(kind)[offset:offset + n * k].view(n, k)
+            if kind == torch.int8:
+                linear = Int8Linear(weight, torch.full((n,), 1e-3, dtype=torch.bfloat16), None)
+            elif kind == torch.bfloat16 and cpu_has_fast_bf16():
+                linear = PackedLinear(weight, None)
+            else:
+                linear = partial(F.linear, weight=weight)
+        out.append((linear, x))
+        offset += n * k
+    return out
 
 
-def _seconds(f, x: torch.Tensor) -> float:
+def _seconds(linears: list[tuple]) -> float:
     t0 = time.perf_counter()
-    f(x)
+    for linear, x in linears:
+        linear(x)
     return time.perf_counter() - t0
 
 

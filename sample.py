@@ -22,7 +22,7 @@ from typing import Iterable, Iterator
 import torch
 
 from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
-from cpu_decoding import fastest_layout, to_layout
+import cpu_decoding
 from data import get_tokenizer, user_cache_dir
 from model import GPT, describe, load_model
 
@@ -64,9 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--cpu", action="store_true", help="run on the CPU and never touch CUDA (= --device cpu)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8"], default="auto",
-                   help="int8: int8 weights, bf16 activations, CPU only. auto: on a CPU the fastest of the three "
-                        "there (probed once, ~50 ms), bfloat16 on CUDA, else float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8", "int4"], default="auto",
+                   help="int8: int8 weights; int4: int4 weights in groups of 32, the output layer int8; both with "
+                        "bf16 activations, CPU only. auto: on a CPU the fastest of the four there (measured once), "
+                        "bfloat16 on CUDA, else float32")
     args = p.parse_args(argv)
     if args.cpu and args.device not in ("auto", "cpu"):
         p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
@@ -81,25 +82,28 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     """--dtype's precision. Decoding one token reads every weight once, so it is memory-bound: bf16 halves
-    the bytes per token and int8 weights (torch.int8 here: int8 weights, bf16 activations) halve them
-    again; on a CPU auto takes whichever of the three a probe found fastest on this CPU (cpu_decoding.py)."""
-    if name == "int8" and device.type != "cpu":
-        raise SampleError(f"--dtype int8 runs on the CPU only; on {device.type} use --dtype bfloat16")
+    the bytes per token, int8 weights halve them again, int4 again (torch.int8 and torch.int4 stand for
+    cpu_decoding.py's layouts, with bf16 activations); on a CPU auto takes whichever a probe found fastest
+    on this CPU."""
+    if name in ("int8", "int4") and device.type != "cpu":
+        raise SampleError(f"--dtype {name} runs on the CPU only; on {device.type} use --dtype bfloat16")
+    if name == "int4" and not cpu_decoding.HAS_INT4:
+        raise SampleError(f"--dtype int4 needs torch 2.6 or later (this is {torch.__version__}): pip install -U torch")
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if device.type == "cpu":
-        return fastest_layout(user_cache_dir())  # cached beside the tokenizer's ranks
+        return cpu_decoding.fastest_layout(user_cache_dir())  # cached beside the tokenizer's ranks
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
     """model.py's load_model, moved to the device and precision decoding runs in (on a CPU, laid out for
-    its kernels: int8 quantized, bf16 packed for oneDNN where that is fast)."""
+    its kernels: int8 or int4 quantized, bf16 packed for oneDNN where that is fast)."""
     model, info = load_model(spec)  # info["params"] counts before quantizing unties the head
     if device.type == "cpu":
-        return to_layout(model, dtype), info
+        return cpu_decoding.to_layout(model, dtype), info
     return model.to(device=device, dtype=dtype).eval(), info
 
 
