@@ -181,7 +181,17 @@ def test_int8_decoding_runs_end_to_end_and_says_so(tiny_ckpt):
     assert "1.6M parameters" in result.stderr and "on cpu in int8" in result.stderr
 
 
-def test_a_trained_models_greedy_tokens_are_fp32s_in_every_layout_auto_can_choose(tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for a tiny model's many small ops: on cores shared with other tests, two threads
+    wait for each other at every op (the test below took 30 s so, 5 s on one thread, both on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_trained_models_greedy_tokens_are_fp32s_in_every_layout_auto_can_choose(tmp_path, monkeypatch, one_thread):
     # Trained, because a random model's top two logits are often closer than bf16's rounding: this one has
     # memorised a sequence of 64 tokens, as a trained model is sure of its likeliest continuations.
     torch.manual_seed(0)
@@ -248,12 +258,14 @@ def test_auto_follows_the_probe_on_this_cpu_and_emulating_an_avx2_laptop(tmp_pat
             "print(json.dumps([str(dtype), *seen[0], C.probe_key(), torch.backends.cpu.get_cpu_capability(), "
             "C.cpu_has_fast_bf16()]))")
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=child_env(XDG_CACHE_HOME=str(tmp_path), **env))
+             for name, env in (("native", {}), ("avx2", avx2))}  # side by side: each is one thread
     children = {}
-    for name, env in (("native", {}), ("avx2", avx2)):
-        result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                                env=child_env(XDG_CACHE_HOME=str(tmp_path), **env))
-        assert result.returncode == 0, result.stderr
-        children[name] = json.loads(result.stdout.splitlines()[-1])
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+        children[name] = json.loads(out.splitlines()[-1])
     for dtype, ns_per_weight, steady, *_ in children.values():  # each probed, and took what it measured
         assert dtype == f"torch.{cpu_decoding.choose(ns_per_weight) if steady else 'float32'}"
     assert children["native"][3] != children["avx2"][3]  # kept apart in the cache
