@@ -26,10 +26,11 @@ from common import atomic_write
 from model import GPT
 
 # int4's kernel and its packing came in torch 2.6 (pytorch PR 139611); requirements.txt allows 2.4.
-HAS_INT4 = hasattr(torch, "int4") and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+INT4 = getattr(torch, "int4", None)  # the label of the int4 layout; torch before 2.5 has no such dtype
+HAS_INT4 = INT4 is not None and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
 # Most precise first: all four kept fp32's next token on >= 97% of held-out text of a trained model
 # (BENCHMARKS.md), so speed decides, and a near tie goes to the more precise one.
-LAYOUTS = (torch.float32, torch.bfloat16, torch.int8) + ((torch.int4,) if HAS_INT4 else ())
+LAYOUTS = (torch.float32, torch.bfloat16, torch.int8) + ((INT4,) if HAS_INT4 else ())
 # Inputs sharing an int4 scale and offset: with int4 in the output layer too, 32 kept fp32's next token on 97.3%
 # of held-out text, 128 on 96.6% (a trained 6-layer model, emulating AVX2).
 INT4_GROUP = 32
@@ -222,7 +223,7 @@ def _one_thread_each(fn, tensors: list) -> list:
 def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
     """The model laid out for decoding on this CPU: int4 or int8 weights with bf16 activations; bf16 packed
     for oneDNN where its bf16 is fast, else plain bf16 (aten's kernels); or fp32."""
-    if dtype == getattr(torch, "int4", None):
+    if dtype == INT4:
         return quantize_int4(model)
     if dtype == torch.int8:
         return quantize_int8(model)
@@ -236,7 +237,7 @@ def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
 
 
 def fastest_layout(cache_dir: Path) -> torch.dtype:
-    """The layout decoding runs fastest in on this CPU: probed on first use (~50 ms), then read from
+    """The layout decoding runs fastest in on this CPU: probed on first use (~0.1 s), then read from
     cache_dir/cpu_probe.json, keyed by what the kernels' speed depends on (probe_key).
 
     A machine too busy to measure gets fp32, the most precise, for this start, and no probe is kept:
@@ -312,9 +313,9 @@ def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> list[tuple]:
     layout `dtype` computes it (for int4, the output layer's share in int8)."""
     out, offset = [], 0  # offset: weights before this matrix
     for i, (n, k) in enumerate(PROBE_SHAPES):
-        kind = torch.int8 if dtype == torch.int4 and i == len(PROBE_SHAPES) - 1 else dtype
+        kind = torch.int8 if dtype == INT4 and i == len(PROBE_SHAPES) - 1 else dtype
         x = torch.ones(1, k, dtype=torch.float32 if kind == torch.float32 else torch.bfloat16)
-        if kind == torch.int4:
+        if kind == INT4:
             scales_and_zeros = torch.full((k // INT4_GROUP, n, 2), 1e-3, dtype=torch.bfloat16)
             linear = Int4Linear(raw[offset // 2:(offset + n * k) // 2].view(n, k // 2), scales_and_zeros, None)
         else:
