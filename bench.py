@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
 import resource
@@ -81,16 +80,14 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
     settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", s.optimizer]))  # the flags' defaults
     t = T.build(config, env, settings, seed=0)
     x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
-    batches = itertools.repeat((x[:, :-1], x[:, 1:]))
-    times = []
+    times, previous = [], None
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, norm = T.train_step(t.model, t.optimizers, batches, env=env, step=step, seed=0, grad_accum=1,
-                                  grad_clip=1.0, scaler=t.scaler)
-        torch.stack([loss, norm]).tolist()  # the loop's one host sync per step
-        for optimizer in t.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        stats = T.update(t, [(x[:, :-1], x[:, 1:])], env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0,
+                         muon_momentum=settings.muon_momentum)
+        if previous is not None:
+            previous.read()  # as the loop does: the step before's figures, read once this one is queued
+        previous = T.StepFigures(step, stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= warmup:  # the first steps include compilation and allocator warm-up

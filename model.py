@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -65,6 +66,9 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions turn pairs of channels: the head size (n_embd / n_head = "
+                             f"{self.n_embd} / {self.n_head}) must be even, not {self.head_dim}")
         for name, allowed in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
                               ("mlp", ("gelu", "swiglu", "relu2"))):
             if getattr(self, name) not in allowed:
@@ -484,15 +488,79 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def save_checkpoint(path, model: GPT, **fields) -> None:
-    """Write {"model": weights, "config": shape, **fields} atomically (a kill leaves the previous file whole).
+def checkpoint_state(model: GPT, **fields) -> dict:
+    """{"model": weights, "config": shape, **fields}: what a checkpoint holds (tensors still the model's own).
 
     Fields are plain values and tensors (step, val_loss, optimizer state, ...), never pickled objects,
     so load_checkpoint reads the file with weights_only=True.
     """
-    state = {"model": strip_wrapper_prefixes(model.state_dict()), "config": model.config.to_dict(), **fields}
+    return {"model": strip_wrapper_prefixes(model.state_dict()), "config": model.config.to_dict(), **fields}
+
+
+def save_checkpoint(path, model: GPT, **fields) -> None:
+    """checkpoint_state written atomically (a kill leaves the previous file whole)."""
+    write_checkpoint(path, checkpoint_state(model, **fields))
+
+
+def write_checkpoint(path, state: dict) -> None:
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a thread of their own, so training goes on while they are serialised and fsynced.
+
+    save() costs the caller a copy of the state into CPU memory (from a GPU into pinned buffers, reused
+    from save to save); the file is written atomically, as save_checkpoint writes it. A save waits for
+    the one before it; wait() before the process ends. A failed write is raised by the next save or wait.
+    """
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._pinned: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> buffer
+
+    def save(self, path, state: dict) -> None:
+        self.wait()
+        path = Path(path)
+        copies: dict[tuple, torch.Tensor] = {}  # tensors sharing memory (a tied head) stay shared in the file
+        snapshot = self._copy(state, (path.name,), copies)
+        if any(t.is_pinned() for t in copies.values()):
+            torch.cuda.synchronize()  # the copies into pinned memory were queued without waiting
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name=f"writing {path.name}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise CheckpointError(f"could not write a checkpoint ({type(error).__name__}: {first_line(error)})")
+
+    def _write(self, path: Path, snapshot: dict) -> None:
+        try:
+            write_checkpoint(path, snapshot)
+        except BaseException as e:  # raised in the training thread by the next save or wait
+            self._error = e
+
+    def _copy(self, x, where: tuple, copies: dict):
+        if isinstance(x, dict):
+            return {k: self._copy(v, where + (k,), copies) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._copy(v, where + (i,), copies) for i, v in enumerate(x))
+        if not isinstance(x, torch.Tensor):
+            return x
+        same = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+        if same not in copies:
+            if x.device.type == "cpu":
+                copies[same] = x.detach().clone()
+            else:
+                buffer = self._pinned.get(where)
+                if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
+                    buffer = self._pinned[where] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+                copies[same] = buffer.copy_(x.detach(), non_blocking=True)
+        return copies[same]
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:

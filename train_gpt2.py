@@ -3,8 +3,11 @@
     python train_gpt2.py --dataset PATH_OR_HUB_NAME ...
     torchrun --standalone --nproc_per_node 8 train_gpt2.py ...
 
-A step: `train_step` runs the micro-batches (data.micro_batches) forward and backward, the optimizer
-updates, and `Trainer.after_step` decides what the step calls for (log, evaluate, save, stop).
+One optimizer step, in the order it runs: `Trainer.run` takes the step's micro-batches (data.micro_batches);
+`update` runs them forward and backward, clips, and updates (fused AdamW, and Muon from muon.py, at the
+schedule's share of their peak rates), all without waiting for the GPU; the loop then reads the step
+before's figures (StepFigures) and `Trainer.after_step` does what the step calls for (log, evaluate,
+save, stop).
 """
 from __future__ import annotations
 
@@ -28,12 +31,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from common import (EOT, ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, non_negative_float,
-                    non_negative_int, open_fraction, pick_device, positive_float, positive_int)
-from model import (ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_model, load_state,
-                   save_checkpoint)
-from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, on_rank0, setup_env,
-                     share_state_from_rank0)
+from common import (EOT, ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, first_line,
+                    non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
+from model import (ARCH_PRESETS, GPT, CheckpointError, CheckpointWriter, GPTConfig, checkpoint_state,
+                   load_checkpoint, load_model, load_state)
+from muon import Muon
+from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
+                     local_rank0_first, only_on_rank0, setup_env)
 
 # The recipe that measured best here (BENCHMARKS.md, "Recipes"): the modern block trained by Muon with a
 # warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
@@ -180,13 +184,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--arch_option: {e}")
     if args.n_embd and args.n_head and args.n_embd % args.n_head:
         p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
-    if args.arch == "modern" and args.n_embd and args.n_head and (args.n_embd // args.n_head) % 2:
-        p.error(f"--arch modern needs an even head size for rotary embeddings, not {args.n_embd // args.n_head}")
+    if args.init_from == "scratch":
+        try:
+            model_config(args)  # GPTConfig checks the shape against the switches (rotary positions: an even head)
+        except ValueError as e:
+            p.error(str(e))
     if args.min_lr > args.lr:
         p.error(f"--min_lr {args.min_lr} is above --lr {args.lr}")
-    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        p.error(f"--optimizer muon needs torch 2.9 or later (this is {torch.__version__}): upgrade torch, "
-                "or use --optimizer adamw")
     if args.batch_size % (world * args.grad_accum):
         p.error(f"--batch_size {args.batch_size} is not divisible by GPUs × --grad_accum = "
                 f"{world} × {args.grad_accum} = {world * args.grad_accum}")
@@ -198,15 +202,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def default_optimizer(init_from: str) -> str:
-    """DEFAULT_OPTIMIZER from scratch, where this torch has it; FINE_TUNE_OPTIMIZER from weights."""
-    if init_from != "scratch":
-        return FINE_TUNE_OPTIMIZER
-    if DEFAULT_OPTIMIZER == "muon" and not hasattr(torch.optim, "Muon"):
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: torch {torch.__version__} has no Muon (torch 2.9 and later do): training with AdamW",
-                  file=sys.stderr)
-        return "adamw"
-    return DEFAULT_OPTIMIZER
+    """DEFAULT_OPTIMIZER from scratch, FINE_TUNE_OPTIMIZER from weights."""
+    return DEFAULT_OPTIMIZER if init_from == "scratch" else FINE_TUNE_OPTIMIZER
 
 
 def model_config(args) -> GPTConfig:
@@ -238,28 +235,7 @@ def crop_context(state: dict, block_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Schedule, optimizer and the model being trained
-
-
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, schedule: str = "cosine",
-          cooldown_frac: float = 0.5) -> float:
-    """Linear warmup to lr over `warmup` steps, then a decay reaching min_lr at the last step: a cosine
-    over the rest of the run, or (wsd: warmup-stable-decay) lr held constant until the last
-    cooldown_frac of the run, then a straight line down."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "wsd":
-        decay_start = max(warmup, max_steps - round(cooldown_frac * max_steps))
-        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
-        return lr - min(1.0, progress) * (lr - min_lr)
-    progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def muon_momentum_at(step: int, momentum: float) -> float:
-    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
-    start = min(MUON_MOMENTUM_START, momentum)
-    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
+# The model being trained and what updates it
 
 
 @dataclass(frozen=True)
@@ -290,23 +266,43 @@ def split_parameters(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
+def fused_blocks(model: GPT) -> dict[torch.nn.Parameter, int]:
+    """The matrices that hold several side by side, and how many: c_attn's Q, K and V; SwiGLU's gate and up.
+    Muon orthogonalises each block as a matrix of its own, as the FineWeb speedrun treats them."""
+    blocks = {}
+    for block in model.transformer.h:
+        blocks[block.attn.c_attn.weight] = 3
+        if block.mlp.swiglu:
+            blocks[block.mlp.c_fc.weight] = 2
+    return blocks
+
+
 def make_optimizers(model: GPT, s: OptimizerSettings, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW for everything, or Muon for the block matrices and AdamW for the rest; weight decay on
     matrices only (GPT-3's recipe). Each group keeps its peak learning rate in group["peak_lr"]."""
     groups = split_parameters(model)
     decayed = groups["embeddings"] + ([] if s.optimizer == "muon" else groups["matrices"])
-    # The fused kernel does the whole update in a few launches (CUDA and, since torch 2.4, the CPU).
+    # The fused kernel does the whole update in a few launches, and skips it on the device when found_inf is set.
     adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": s.weight_decay},
                                {"params": groups["vectors"], "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
-                              eps=1e-8, fused=device.type in ("cuda", "cpu"))
+                              eps=1e-8, fused=device.type in fused_adamw_devices())
     optimizers = [adamw]
     if s.optimizer == "muon":
-        optimizers.append(torch.optim.Muon(groups["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
-                                           weight_decay=s.muon_weight_decay, nesterov=True))
+        optimizers.append(Muon(groups["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
+                               weight_decay=s.muon_weight_decay, blocks=fused_blocks(model)))
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
+
+
+def fused_adamw_devices() -> list[str]:
+    """Where this torch has fused AdamW: CUDA, and since 2.4 the CPU (MPS since 2.5)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return _get_fused_kernels_supported_devices()
+    except ImportError:
+        return ["cuda"]
 
 
 @dataclass
@@ -316,6 +312,10 @@ class Training:
     model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler | None  # fp16 only
+
+    def without_compile(self, env: Env) -> "Training":
+        """The same weights and optimizers, run eagerly (after torch.compile failed)."""
+        return dataclasses.replace(self, model=wrap_for_ranks(self.raw_model, env))
 
 
 def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int,
@@ -328,10 +328,40 @@ def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int
         load_state(raw, init_state)
     optimizers = make_optimizers(raw, settings, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
-    model = torch.compile(raw) if env.compile else raw
-    if env.world > 1:
-        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    return Training(raw, model, optimizers, scaler)
+    return Training(raw, wrap_for_ranks(torch.compile(raw) if env.compile else raw, env), optimizers, scaler)
+
+
+def wrap_for_ranks(model: torch.nn.Module, env: Env) -> torch.nn.Module:
+    """DDP around the model when there are several ranks. Gradients as views of DDP's buckets: no copy
+    into the buckets before the all-reduce, nor back out of them after."""
+    if env.world == 1:
+        return model
+    return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# One optimizer step (bench.py times exactly `update`)
+
+
+def lr_scale(step: int, warmup: int, max_steps: int, schedule: str, cooldown_frac: float, floor: float) -> float:
+    """The schedule, as the share of its peak rate every group runs at: a linear warmup to 1 over `warmup`
+    steps, then a decay reaching `floor` (--min_lr / --lr) at the last step: a cosine over the rest of the
+    run, or (wsd: warmup-stable-decay) 1 held until the last cooldown_frac of the run, then a straight line."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = max(warmup, max_steps - round(cooldown_frac * max_steps))
+        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
+        return 1 - min(1.0, progress) * (1 - floor)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - floor)
+
+
+def muon_momentum_at(step: int, momentum: float) -> float:
+    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
+    start = min(MUON_MOMENTUM_START, momentum)
+    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
 
 
 def micro_seed(seed: int, step: int, micro_index: int) -> int:
@@ -343,36 +373,83 @@ def micro_seed(seed: int, step: int, micro_index: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + micro_index
 
 
-# ----------------------------------------------------------------------------------------------------
-# One optimizer step (bench.py times exactly this function)
+def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, grad_clip: float, lr_scale: float,
+           muon_momentum: float, stop: bool = False) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches: forward and backward, clip, update.
 
-
-def train_step(model, optimizers, batches, *, env: Env, step: int, seed: int, grad_accum: int,
-               grad_clip: float, scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward over grad_accum micro-batches, then clip; returns (mean loss, grad norm).
-
-    The optimizer step itself is left to the caller, which first checks that both are finite.
+    Returns [mean loss, gradient norm, stop asked] on the device, the same on every rank. The CPU does not
+    wait for the GPU here: a non-finite loss or norm sets found_inf, with which every optimizer skips its
+    update on the device, and the loop reads the figures one step later (StepFigures).
     """
-    loss_sum = torch.zeros((), device=env.device)
-    for micro in range(grad_accum):
-        x, y = next(batches)
+    loss = torch.zeros((), device=env.device)
+    for micro, (x, y) in enumerate(micro_batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        torch.manual_seed(micro_seed(seed, step, env.rank * grad_accum + micro))
+        torch.manual_seed(micro_seed(seed, step, env.rank * len(micro_batches) + micro))
         # DDP all-reduces gradients only on the last micro-step; the earlier ones just accumulate.
-        last = micro == grad_accum - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        last = micro == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not isinstance(t.model, DDP) else t.model.no_sync():
             with env.autocast():
-                _, loss = model(x, y)
+                _, micro_loss = t.model(x, y)
             # Gradients of the micro-steps add up; dividing by their number makes the sum a mean.
-            loss = loss / grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += loss.detach()
-    if scaler:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return loss_sum, norm
+            micro_loss = micro_loss / len(micro_batches)
+            (t.scaler.scale(micro_loss) if t.scaler else micro_loss).backward()
+        loss += micro_loss.detach()
+    for optimizer in t.optimizers if t.scaler else []:
+        t.scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # torch.full fills on the device: a tensor built from a host value would be a synchronous copy.
+    stats = torch.stack([loss, norm.float(), torch.full((), float(stop), device=env.device)])
+    if env.world > 1:
+        dist.all_reduce(stats)
+        stats[:2] /= env.world  # the norm is the same on every rank: its mean is itself
+    found_inf = (~stats[:2].isfinite().all()).float()
+    if not t.scaler and not all(map(skips_on_device, t.optimizers)) and found_inf.item():  # a host sync, there only
+        for optimizer in t.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return stats
+    for optimizer in t.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+            if isinstance(optimizer, Muon):
+                group["momentum"] = muon_momentum
+        if t.scaler:
+            t.scaler.step(optimizer)  # fp16: skips the update on the device when the gradients overflowed
+        else:
+            optimizer.found_inf = found_inf
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if t.scaler:
+        t.scaler.update()
+    return stats
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer skips its update on the device when found_inf is set (fused AdamW, our Muon)."""
+    return isinstance(optimizer, Muon) or bool(optimizer.defaults.get("fused"))
+
+
+class StepFigures:
+    """A step's loss, gradient norm and whether a rank asked to stop, copied to the host without waiting
+    for the GPU. read() waits for that step's work only: called once the loop has queued the next step,
+    it stalls nothing."""
+
+    def __init__(self, step: int, stats: torch.Tensor):
+        self.step = step
+        self.loss = self.grad_norm = None  # known once read
+        self.stop = False
+        self._host = stats.to("cpu", non_blocking=True)  # lands in pinned memory when it comes from CUDA
+        self._done = None
+        if stats.is_cuda:
+            self._done = torch.cuda.Event()
+            self._done.record()
+
+    def read(self) -> "StepFigures":
+        if self.loss is None:
+            if self._done is not None:
+                self._done.synchronize()
+            self.loss, self.grad_norm, stop = self._host.tolist()
+            self.stop = stop > 0
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,72 +565,6 @@ class StopTraining(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Each step's figures, read one step late
-
-
-class PendingStats:
-    """One step's [loss, gradient norm, stop flag], copied to the host without waiting for the GPU."""
-
-    def __init__(self, step: int, stats: torch.Tensor):
-        self.step = step
-        self.host = stats.to("cpu", non_blocking=True)  # lands in pinned memory when it comes from CUDA
-        self.event = None
-        if stats.is_cuda:
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def values(self) -> tuple[float, float, bool]:
-        if self.event is not None:
-            self.event.synchronize()  # waits for this step's work only, not for what was queued after it
-        loss, norm, stop = self.host.tolist()
-        return loss, norm, stop > 0
-
-
-@dataclass
-class Figures:
-    """A finished step's figures, read on the host and checked finite."""
-    step: int
-    loss: float
-    grad_norm: float
-
-
-class StepFigures:
-    """Reads each step's figures on the host one step late, so the CPU never waits for the GPU between
-    steps; `latest()` reads the newest at once, before anything that needs them (a log, a save).
-
-    Raises StopTraining for a non-finite step; `stop` becomes true once any rank has asked to stop.
-    """
-
-    def __init__(self, save_dir: Path, skipped_on_device: bool):
-        self.save_dir, self.skipped_on_device = save_dir, skipped_on_device
-        self.pending: PendingStats | None = None
-        self.last: Figures | None = None
-        self.stop = False
-
-    def add(self, step: int, stats: torch.Tensor):
-        self.pending = PendingStats(step, stats)
-
-    def previous(self) -> None:
-        """Reads and checks the step queued before this one (done by now: reading it stalls nothing)."""
-        if self.pending is not None:
-            self.latest()
-
-    def latest(self) -> Figures:
-        if self.pending is None:
-            return self.last
-        pending, self.pending = self.pending, None
-        loss, norm, stop = pending.values()
-        self.stop |= stop
-        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
-        if not math.isfinite(loss) or (not math.isfinite(norm) and not self.skipped_on_device):
-            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {pending.step}; "
-                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
-                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
-        self.last = Figures(pending.step, loss, norm)
-        return self.last
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -604,22 +615,225 @@ class Trainer:
         self.val = data.BatchSource(data.TokenShards(self.cache_dir, "val"), args.block_size, args.batch_size,
                                     seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum, shuffle=False)
         self.max_steps, self.warmup = self._plan()
-        self.t = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed, init_state=init_state)
-        self.flops_per_token = self.t.raw_model.flops_per_token(args.block_size)
+        self.training = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed,
+                              init_state=init_state)
+        self.compile_unproven = env.compile  # the first compiled step may fail (no C compiler, no Triton)
+        self.flops_per_token = self.training.raw_model.flops_per_token(args.block_size)
         self.peak = peak_flops(env.device)
         self.step, self.best_val, self.val_loss = 0, float("inf"), None
         if resumed:
             self._resume(resumed)
-        self.figures = StepFigures(self.save_dir, skipped_on_device=self.t.scaler is not None)
-        self.hellaswag_items = self._hellaswag_items() if args.hellaswag_interval else None
+        self.pending: StepFigures | None = None  # the newest step, its figures not read yet
+        self.last: StepFigures | None = None  # the newest step whose figures were read (and found finite)
+        self.stop_asked = False  # a signal reached some rank
+        self.hellaswag = self._load_hellaswag() if args.hellaswag_interval else None
         self.save_dir.mkdir(parents=True, exist_ok=True)
         if env.master:
             clean_temporaries(self.save_dir)  # what a killed run was writing when it died
         self.metrics = Metrics(self.save_dir, self.step if args.resume else None) if env.master else None
+        self.writer = CheckpointWriter()
+
+    def run(self) -> int:
+        """Trains to max_steps; returns the exit status: 0, or 128 + the signal that stopped the run."""
+        a, env = self.args, self.env
+        if env.master:
+            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
+        if self.step >= self.max_steps:
+            self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
+            return 0
+        signals = SignalStop()
+        batches = data.micro_batches(self.train, self.step, self.max_steps - self.step, num_workers=a.num_workers,
+                                     pin_memory=env.device.type == "cuda")
+        bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
+        speed = Speed(self.step, a.batch_size * a.block_size)
+        if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
+            self.validate()  # and saved as the first best checkpoint
+            if self.hellaswag is not None:
+                self.score_hellaswag()
+        self.training.model.train()
+        while self.step < self.max_steps:
+            stats = self.optimizer_step([next(batches) for _ in range(a.grad_accum)], signals.received is not None)
+            previous, self.pending = self.pending, StepFigures(self.step, stats)
+            self.step += 1
+            bar.update(1)
+            if previous is not None:
+                self.accept(previous)  # the step before this one: done by now, so reading it stalls nothing
+            due = self.due()
+            if due:
+                self.after_step(due, speed, bar)
+            if due.stop:
+                return self.stopped(bar, signals.received)
+        bar.close()
+        self.writer.wait()  # the last checkpoints are on disk before the process ends
+        self.say(f"done: {self.step} steps, best validation loss {self.best_val:.4f}; "
+                 f"best model in {self.save_dir / 'model_best_val.pt'}")
+        return 0
+
+    def optimizer_step(self, micro_batches: list, stop: bool) -> torch.Tensor:
+        """`update` at this step's learning rate and momentum; the first compiled step falls back to eager
+        when torch.compile fails."""
+        a = self.args
+        step = functools.partial(update, micro_batches=micro_batches, env=self.env, step=self.step, seed=a.seed,
+                                 grad_clip=a.grad_clip, lr_scale=self.lr_scale_at(self.step),
+                                 muon_momentum=muon_momentum_at(self.step, a.muon_momentum), stop=stop)
+        if not self.compile_unproven:
+            return step(self.training)
+        self.compile_unproven = False
+        try:
+            return step(self.training)
+        except (torch.cuda.OutOfMemoryError, UserError):
+            raise
+        except Exception as e:  # inductor and dynamo raise many types; an error that is not theirs recurs below
+            self.say(f"note: torch.compile failed ({type(e).__name__}: {first_line(e)}); training without it "
+                     "(--no-compile skips the attempt)")
+            for optimizer in self.training.optimizers:
+                optimizer.zero_grad(set_to_none=True)  # what the failed attempt left
+            self.training = self.training.without_compile(self.env)
+            return step(self.training)
+
+    def lr_scale_at(self, step: int) -> float:
+        a = self.args
+        return lr_scale(step, self.warmup, self.max_steps, a.schedule, a.cooldown_frac, a.min_lr / a.lr)
+
+    def accept(self, figures: StepFigures) -> None:
+        """Reads a finished step's figures; a non-finite step (whose update was skipped) ends the run."""
+        loss, norm = figures.read().loss, figures.grad_norm
+        self.stop_asked |= figures.stop
+        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
+        if not math.isfinite(loss) or (not math.isfinite(norm) and self.training.scaler is None):
+            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {figures.step}; "
+                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
+                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
+        self.last = figures
+
+    def latest_figures(self) -> StepFigures:
+        """The newest step's figures, read now: before anything that needs them (a log line, a save)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.accept(pending)
+        return self.last
+
+    def due(self) -> Due:
+        """What the step just finished calls for, from the flags' intervals and a stop asked for."""
+        a, s, end = self.args, self.step, self.step == self.max_steps
+        hellaswag = self.hellaswag is not None and (s % a.hellaswag_interval == 0 or end)
+        return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
+                   hellaswag=hellaswag, save=s % a.checkpoint_interval == 0 or end, stop=self.stop_asked)
+
+    def after_step(self, due: Due, speed: "Speed", bar) -> None:
+        """Log, score, evaluate and save as `due` says; the step's figures are read (and checked) first, so
+        a checkpoint or a log line only ever follows a finite step."""
+        figures = self.latest_figures()
+        if due.log:
+            self.log_step(figures, speed.tokens_per_s(self.step), bar)
+        if due.hellaswag:
+            self.score_hellaswag()
+        if due.evaluate:
+            self.validate()
+            if self.args.sample_during_training and self.env.master:
+                self.print_sample()
+        if due.save or due.stop:
+            self.save_latest()
+        if due.log or due.evaluate or due.hellaswag or due.save:
+            speed.restart(self.step)  # tokens/s counts training time only, not evaluation or saving
+
+    def stopped(self, bar, signum: int | None) -> int:
+        self.writer.wait()  # latest.pt, saved by after_step, is on disk before the process leaves
+        if self.env.world > 1:
+            dist.barrier()  # every rank leaves after rank 0 has saved
+        bar.close()
+        self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, continue with --resume")
+        return 128 + (signum or signal.SIGTERM)
+
+    def log_step(self, f: StepFigures, tokens_per_s: float, bar) -> None:
+        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
+        lr = self.args.lr * self.lr_scale_at(f.step)
+        row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
+                   elapsed_s=bar.format_dict["elapsed"])
+        if mfu is not None:
+            row["mfu"] = mfu
+        if self.env.master:
+            self.metrics.log(**row)
+            bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation, samples and checkpoints
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over the fixed validation batches, averaged over all ranks."""
+        model, a = self.training.model, self.args
+        model.eval()
+        # Cover the validation split at most once: more batches would only repeat windows.
+        iters = min(a.eval_iters, max(1, self.val.windows_per_epoch // a.batch_size))
+        total = torch.zeros((), device=self.env.device)
+        for k in range(iters):
+            x, y = self.val.eval_batch(k)
+            for xs, ys in zip(x.chunk(a.grad_accum), y.chunk(a.grad_accum)):  # micro-batches fit in memory
+                with self.env.autocast():
+                    _, loss = model(xs.to(self.env.device), ys.to(self.env.device))
+                total += loss.float() / (iters * a.grad_accum)
+        if self.env.world > 1:
+            dist.all_reduce(total)
+            total /= self.env.world
+        model.train()
+        return total.item()
+
+    def validate(self) -> None:
+        """The validation loss, logged; the weights saved as model_best_val.pt when it is the lowest yet."""
+        self.val_loss = self.evaluate()
+        improved = self.val_loss < self.best_val
+        self.best_val = min(self.best_val, self.val_loss)
+        if self.env.master:
+            self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
+                     f"{math.exp(min(self.val_loss, 50)):.1f}){' - best so far, saved' if improved else ''}")
+            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)))
+            self.metrics.plot()
+        if improved:
+            self.save("model_best_val.pt", full=False)
+
+    def score_hellaswag(self):
+        from eval import hellaswag_accuracy
+        # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
+        result = hellaswag_accuracy(self.training.raw_model, self.hellaswag, self.env.device, self.env.autocast,
+                                    self.env.rank, self.env.world)
+        if self.env.master:
+            self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+                     f"{result['n']:,} items)")
+            self.metrics.log(step=self.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
+            self.metrics.plot()
+
+    def print_sample(self):
+        tok = data.get_tokenizer()
+        g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
+        raw = self.training.raw_model
+        raw.eval()
+        ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
+        raw.train()
+        self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
+
+    def save_latest(self) -> None:
+        self.save("latest.pt", full=True)
+
+    def save(self, name: str, full: bool) -> None:
+        """The weights (and with `full`, everything --resume needs), written by rank 0 in the background."""
+        if not self.env.master:
+            return
+        fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
+                  "init_from": self.args.init_from}
+        if full:  # the data position and every random draw follow from (seed, step): see micro_seed
+            t = self.training
+            fields |= {"optimizer": [optimizer.state_dict() for optimizer in t.optimizers],
+                       "scaler": t.scaler.state_dict() if t.scaler else None, "args": vars(self.args)}
+        self.writer.save(self.save_dir / name, checkpoint_state(self.training.raw_model, **fields))
+
+    # ------------------------------------------------------------------------------------------------
+    # Setting up: data, the starting point, resuming, HellaSwag
 
     def _refuse_overwriting(self):
         latest = self.save_dir / "latest.pt"
-        earlier = from_rank0(self.env, lambda: not self.args.resume and latest.exists())
+        earlier = broadcast_from_rank0(self.env, lambda: not self.args.resume and latest.exists())
         if earlier:
             raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
                                   "or choose another --save_dir (nothing was overwritten)")
@@ -647,8 +861,8 @@ class Trainer:
 
     def _read_resume_state(self) -> dict:
         """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
-        ckpt = on_rank0(self.env, lambda: load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from))
-        return share_state_from_rank0(self.env, ckpt)
+        ckpt = only_on_rank0(self.env, lambda: load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from))
+        return broadcast_state_from_rank0(self.env, ckpt)
 
     def _starting_point(self, resumed: dict | None) -> tuple[GPTConfig, dict | None]:
         """The model's shape, and the weights it starts from (None: random): the flags' shape, or the
@@ -659,7 +873,7 @@ class Trainer:
         elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
             config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), a, a.init_from), None
         else:
-            config, state = self._init_weights()
+            config, state = self._read_init_from()
         if resumed:
             diffs = config_differences(resumed["config"], config.to_dict())
             if diffs:
@@ -667,26 +881,27 @@ class Trainer:
                                       "shape; " + "; ".join(diffs))
         return config, state
 
-    def _init_weights(self) -> tuple[GPTConfig, dict | None]:
+    def _read_init_from(self) -> tuple[GPTConfig, dict | None]:
         """--init_from's shape on every rank, its weights on rank 0 only: DDP gives them to the others."""
         def read():
             model, _ = load_model(self.args.init_from)
             config = fine_tune_config(model.config, self.args, self.args.init_from)
             return config, crop_context(model.state_dict(), config.block_size)
 
-        config, state = on_rank0(self.env, read) or (None, None)
-        config = GPTConfig.from_dict(from_rank0(self.env, lambda: config.to_dict()))
+        config, state = only_on_rank0(self.env, read) or (None, None)
+        config = GPTConfig.from_dict(broadcast_from_rank0(self.env, lambda: config.to_dict()))
         self.say(f"starting from the weights of {self.args.init_from}: {config.n_layer} layers, {config.n_head} heads, "
                  f"width {config.n_embd}, context {config.block_size}, {config.arch or 'custom'} preset")
         return config, state
 
     def _resume(self, ckpt: dict):
-        load_state(self.t.raw_model, ckpt["model"])
+        t = self.training
+        load_state(t.raw_model, ckpt["model"])
         states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
-        for optimizer, state in zip(self.t.optimizers, states, strict=True):
+        for optimizer, state in zip(t.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
-        if self.t.scaler is not None and ckpt.get("scaler"):
-            self.t.scaler.load_state_dict(ckpt["scaler"])
+        if t.scaler is not None and ckpt.get("scaler"):
+            t.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.val_loss = ckpt["step"], ckpt.get("val_loss")
         self.best_val = ckpt.get("best_val_loss", float("inf"))
         saved_args = ckpt.get("args", {})
@@ -697,7 +912,7 @@ class Trainer:
         self.say(f"resumed from {self.save_dir / 'latest.pt'} at step {self.step} "
                  f"(best validation loss {self.best_val:.4f})")
 
-    def _hellaswag_items(self) -> list | None:
+    def _load_hellaswag(self) -> list | None:
         """eval.py's HellaSwag items, or None (with one warning) where they cannot be had: the run goes on."""
         from eval import hellaswag_items  # only runs that score HellaSwag pay for importing the scorer
 
@@ -712,185 +927,6 @@ class Trainer:
             self.say(f"warning: no HellaSwag scoring in this run ({problem or 'another rank could not read it'})")
             return None
         return items
-
-    def score_hellaswag(self):
-        from eval import hellaswag_accuracy
-        # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
-        result = hellaswag_accuracy(self.t.raw_model, self.hellaswag_items, self.env.device, self.env.autocast,
-                                    self.env.rank, self.env.world)
-        if self.env.master:
-            self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
-                     f"{result['n']:,} items)")
-            self.metrics.log(step=self.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
-            self.metrics.plot()
-
-    def checkpoint(self, name: str, full: bool):
-        if not self.env.master:
-            return
-        fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                  "init_from": self.args.init_from,
-                  "tokens": self.step * self.args.batch_size * self.args.block_size}
-        if full:
-            fields |= {"optimizer": [optimizer.state_dict() for optimizer in self.t.optimizers],
-                       "scaler": self.t.scaler.state_dict() if self.t.scaler else None,
-                       "schedule": {"warmup_steps": self.warmup, "max_steps": self.max_steps},
-                       # The data position and every random draw follow from (seed, step): see micro_seed.
-                       "data": {"step": self.step, "cache": str(self.cache_dir)},
-                       "rng": {"seed": self.args.seed, "rule": "micro_seed(seed, step, micro-batch)"},
-                       "args": vars(self.args)}
-        save_checkpoint(self.save_dir / name, self.t.raw_model, **fields)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, averaged over all ranks."""
-        model, a = self.t.model, self.args
-        model.eval()
-        # Cover the validation split at most once: more batches would only repeat windows.
-        iters = min(a.eval_iters, max(1, self.val.windows_per_epoch // a.batch_size))
-        total = torch.zeros((), device=self.env.device)
-        for k in range(iters):
-            x, y = self.val.eval_batch(k)
-            for xs, ys in zip(x.chunk(a.grad_accum), y.chunk(a.grad_accum)):  # micro-batches fit in memory
-                with self.env.autocast():
-                    _, loss = model(xs.to(self.env.device), ys.to(self.env.device))
-                total += loss.float() / (iters * a.grad_accum)
-        if self.env.world > 1:
-            dist.all_reduce(total)
-            total /= self.env.world
-        model.train()
-        return total.item()
-
-    def print_sample(self):
-        tok = data.get_tokenizer()
-        g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
-        raw = self.t.raw_model
-        raw.eval()
-        ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
-        raw.train()
-        self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
-
-    def after_eval(self):
-        self.val_loss = self.evaluate()
-        improved = self.val_loss < self.best_val
-        self.best_val = min(self.best_val, self.val_loss)
-        if self.env.master:
-            self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
-                     f"{math.exp(min(self.val_loss, 50)):.1f}){' - best so far, saved' if improved else ''}")
-            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)))
-            self.metrics.plot()
-        if improved:
-            self.checkpoint("model_best_val.pt", full=False)
-        self.checkpoint("latest.pt", full=True)
-        if self.args.sample_during_training and self.env.master:
-            self.print_sample()
-
-    def step_stats(self, loss, norm, stop: bool) -> torch.Tensor:
-        """[loss, gradient norm, stop flag] on the device, agreed over all ranks in one all-reduce."""
-        # torch.full fills on the device: a tensor built from a host value would be a synchronous copy.
-        stats = torch.stack([loss.float(), norm.float(), torch.full((), float(stop), device=loss.device)])
-        if self.env.world > 1:
-            dist.all_reduce(stats)
-            stats[:2] /= self.env.world  # the norm is the same on every rank: its mean is itself
-        return stats
-
-    def optimizer_step(self, lr: float, stats: torch.Tensor):
-        optimizers, scaler = self.t.optimizers, self.t.scaler
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * lr / self.args.lr  # every group follows the schedule
-                if isinstance(optimizer, getattr(torch.optim, "Muon", ())):
-                    group["momentum"] = muon_momentum_at(self.step, self.args.muon_momentum)
-        self.figures.add(self.step, stats)
-        if scaler:
-            for optimizer in optimizers:
-                scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-            scaler.update()
-        elif all(optimizer.defaults.get("fused") for optimizer in optimizers):
-            # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's mechanism),
-            # so a non-finite step changes nothing and the CPU need not wait for the GPU to know it.
-            for optimizer in optimizers:
-                optimizer.found_inf = (~stats[:2].isfinite().all()).float()
-                optimizer.step()
-        else:
-            self.figures.latest()  # Muon has no such flag: the figures are read (and checked) before it updates
-            for optimizer in optimizers:
-                optimizer.step()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def due(self) -> Due:
-        """What the step just finished calls for, from the flags' intervals and a stop asked for."""
-        a, s, end = self.args, self.step, self.step == self.max_steps
-        hellaswag = self.hellaswag_items is not None and (s % a.hellaswag_interval == 0 or end)
-        return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
-                   hellaswag=hellaswag, save=s % a.checkpoint_interval == 0, stop=self.figures.stop)
-
-    def after_step(self, due: Due, lr: float, speed: "Speed", bar) -> None:
-        """Log, evaluate and save as `due` says; figures are read (and checked) first, so a checkpoint
-        or a log line only ever follows a finite step."""
-        figures = self.figures.latest()
-        if due.log:
-            self.log_step(figures, lr, speed.tokens_per_s(self.step), bar)
-        if due.hellaswag:
-            self.score_hellaswag()
-        if due.evaluate:
-            self.after_eval()
-        elif due.save or due.stop:
-            self.checkpoint("latest.pt", full=True)
-        if due.log or due.evaluate or due.hellaswag or due.save:
-            speed.restart(self.step)  # tokens/s counts training time only, not evaluation or saving
-
-    def run(self) -> int:
-        """Trains to max_steps; returns the exit status: 0, or 128 + the signal that stopped the run."""
-        a, env, t = self.args, self.env, self.t
-        if env.master:
-            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
-        if self.step >= self.max_steps:
-            self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
-            return 0
-        signals = SignalStop()
-        batches = data.micro_batches(self.train, self.step, self.max_steps - self.step, num_workers=a.num_workers,
-                                     pin_memory=env.device.type == "cuda")
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
-        speed = Speed(self.step, a.batch_size * a.block_size)
-        if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
-            self.after_eval()  # and saved as the first best checkpoint
-            if self.hellaswag_items is not None:
-                self.score_hellaswag()
-        t.model.train()
-        while self.step < self.max_steps:
-            lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps, a.schedule, a.cooldown_frac)
-            loss, norm = train_step(t.model, t.optimizers, batches, env=env, step=self.step, seed=a.seed,
-                                    grad_accum=a.grad_accum, grad_clip=a.grad_clip, scaler=t.scaler)
-            self.figures.previous()
-            self.optimizer_step(lr, self.step_stats(loss, norm, signals.received is not None))
-            self.step += 1
-            bar.update(1)
-            due = self.due()
-            if due:
-                self.after_step(due, lr, speed, bar)
-            if due.stop:
-                if env.world > 1:
-                    dist.barrier()  # every rank leaves after rank 0 has saved
-                bar.close()
-                self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, "
-                         "continue with --resume")
-                return 128 + (signals.received or signal.SIGTERM)
-        bar.close()
-        self.say(f"done: {self.step} steps, best validation loss {self.best_val:.4f}; "
-                 f"best model in {self.save_dir / 'model_best_val.pt'}")
-        return 0
-
-    def log_step(self, f: Figures, lr: float, tokens_per_s: float, bar) -> None:
-        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
-        row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
-                   elapsed_s=bar.format_dict["elapsed"])
-        if mfu is not None:
-            row["mfu"] = mfu
-        if self.env.master:
-            self.metrics.log(**row)
-            bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
 
 
 class Speed:

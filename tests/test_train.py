@@ -1,4 +1,5 @@
 """train_gpt2.py on a tiny model and generated text, run as a user runs it (and in-process where faster)."""
+import copy
 import json
 import math
 import signal
@@ -40,11 +41,11 @@ def final_val_loss(save_dir: Path) -> float:
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
-    lr = lambda s: T.lr_at(s, 1.0, 0.1, warmup=10, max_steps=100)
+    lr = lambda s: T.lr_scale(s, warmup=10, max_steps=100, schedule="cosine", cooldown_frac=0.5, floor=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)
     assert lr(99) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(10, 99))
-    assert T.lr_at(0, 1.0, 0.1, warmup=0, max_steps=1) == pytest.approx(1.0)
+    assert T.lr_scale(0, warmup=0, max_steps=1, schedule="cosine", cooldown_frac=0.5, floor=0.1) == pytest.approx(1.0)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -88,7 +89,7 @@ def test_the_seed_command_runs_shrunk_and_leaves_loadable_checkpoints(corpus_dir
         assert {"model", "config", "step", "val_loss"} <= set(ckpt)
         assert not any(k.startswith(("_orig_mod.", "module.")) for k in ckpt["model"])
     latest = torch.load(save / "latest.pt", weights_only=True)
-    assert latest["step"] == 6 and {"optimizer", "args", "data", "schedule"} <= set(latest)
+    assert latest["step"] == 6 and {"optimizer", "args", "scaler", "best_val_loss"} <= set(latest)
     rows = metrics(save)
     assert rows[0]["event"] == "start" and "git" in rows[0] and "torch" in rows[0]
     assert any("val_loss" in r for r in rows) and any("grad_norm" in r and "tokens_per_s" in r for r in rows)
@@ -146,16 +147,36 @@ def test_sigterm_or_a_hang_up_saves_latest_then_exits(corpus_dir, data_cache, tm
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_path, monkeypatch, optimizer):
-    real_step = T.train_step
+def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(optimizer, monkeypatch):
+    config = M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=32, block_size=16)
+    env = runtime.Env(device=torch.device("cpu"))
+    t = T.build(config, env, T.OptimizerSettings.from_args(T.parse_args(["--optimizer", optimizer])), seed=0)
+    x = torch.randint(0, 1000, (4, 17))
+    step = lambda s: T.update(t, [(x[:, :-1], x[:, 1:])], env=env, step=s, seed=0, grad_clip=1.0, lr_scale=1.0,
+                              muon_momentum=0.9)
+    step(0)  # optimizer state exists from here on
+    before = copy.deepcopy(([p.detach() for p in t.raw_model.parameters()], [o.state_dict() for o in t.optimizers]))
+    real_forward = T.GPT.forward
+    monkeypatch.setattr(T.GPT, "forward", lambda self, *a: (lambda out: (out[0], out[1] * float("inf")))(
+        real_forward(self, *a)))  # an infinite loss: every gradient is inf or nan
+    stats = step(1)
+    assert not torch.isfinite(stats[:2]).all()
+    assert all(torch.equal(a, b) for a, b in zip(before[0], t.raw_model.parameters()))
+    assert repr(before[1]) == repr([o.state_dict() for o in t.optimizers])  # moments, momenta and step counts
 
-    def poisoned(*args, step, **kw):
-        loss, norm = real_step(*args, step=step, **kw)
-        return (loss * float("nan"), norm) if step == 3 else (loss, norm)
 
-    monkeypatch.setattr(T, "train_step", poisoned)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoints_before_it(corpus_dir, data_cache, tmp_path,
+                                                                            monkeypatch, optimizer):
+    real_forward = T.GPT.forward
+
+    def poisoned(self, idx, targets=None):  # step 3's loss is nan (its update is skipped: the test above)
+        logits, loss = real_forward(self, idx, targets)
+        return logits, (loss * float("nan") if trainer.step == 3 and self.training else loss)
+
+    monkeypatch.setattr(T.GPT, "forward", poisoned)
     # latest.pt holds 3 finished steps; the poisoned one that follows is caught while the next one runs
-    # (the check is deferred a step so the CPU never waits for the GPU), and its update was skipped.
+    # (the check is deferred a step so the CPU never waits for the GPU), before any log or save.
     args = T.parse_args(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "10",
                                    "--checkpoint_interval", "3", "--eval_interval", "100", "--log_interval", "100",
                                    "--optimizer", optimizer))
@@ -163,17 +184,16 @@ def test_a_non_finite_loss_stops_before_the_update(corpus_dir, data_cache, tmp_p
     trainer = T.Trainer(args, env)
     with pytest.raises(T.StopTraining, match="not finite at step 3; stopped before its update"):
         trainer.run()
-    saved = torch.load(tmp_path / "run" / "latest.pt", weights_only=True)
-    assert saved["step"] == 3
-    for name, p in trainer.t.raw_model.state_dict().items():
-        assert torch.equal(p, saved["model"][name]), f"{name} changed after the non-finite step"
+    trainer.writer.wait()
+    assert torch.load(tmp_path / "run" / "latest.pt", weights_only=True)["step"] == 3
+    assert not (tmp_path / "run" / "model_best_val.pt").exists()  # no evaluation, so no save, after the bad step
 
 
 def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
     def oom(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(T, "train_step", oom)
+    monkeypatch.setattr(T, "update", oom)
     with pytest.raises(SystemExit) as exit_info:
         T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "2"))
     message = str(exit_info.value.code)
@@ -292,7 +312,7 @@ def test_two_machines_without_a_shared_disk_resume_from_rank_0s_checkpoint(corpu
 
 
 def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_last_step():
-    lr = lambda s: T.lr_at(s, 1.0, 0.1, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4)
+    lr = lambda s: T.lr_scale(s, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4, floor=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
     assert all(lr(s) == 1.0 for s in range(10, 61))  # stable until the last 40% (steps 60..99)
     assert lr(99) == pytest.approx(0.1) and lr(80) == pytest.approx(1.0 - 0.9 * 20 / 39)
@@ -319,19 +339,12 @@ def test_every_parameter_is_updated_by_exactly_one_optimizer_group(arch, untie, 
         assert muon == {id(p) for p in model.transformer.h.parameters() if p.dim() == 2}
 
 
-def test_resuming_with_another_optimizer_or_an_old_torch_is_refused_in_one_line(corpus_dir, data_cache, tmp_path,
-                                                                                monkeypatch, capsys):
+def test_resuming_with_another_optimizer_is_refused_in_one_line(corpus_dir, data_cache, tmp_path):
     save = tmp_path / "run"
     assert run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "2")).returncode == 0
     other = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, save, "--max_steps", "4", "--resume",
                                                     "--optimizer", "adamw"))
     assert other.returncode == 1 and "trained with --optimizer muon, not adamw" in other.stderr  # muon: the default
-    monkeypatch.delattr(torch.optim, "Muon")
-    with pytest.raises(SystemExit):
-        T.parse_args(["--optimizer", "muon"])
-    assert "--optimizer muon needs torch 2.9 or later" in capsys.readouterr().err
-    assert T.parse_args([]).optimizer == "adamw"  # the default falls back, saying so
-    assert "has no Muon" in capsys.readouterr().err
 
 
 def test_the_default_recipe_is_the_measured_one_and_fine_tuning_defaults_to_adamw():
