@@ -165,6 +165,90 @@ def time_loop(s: Setting, steps: int, warmup: int, device: torch.device) -> dict
             "ms_per_step": s.batch_size * s.block_size / statistics.median(timed) * 1e3, "windows": len(timed)}
 
 
+def optimizer_step_operators(optimizers: list) -> dict[str, int]:
+    """Operators dispatched by one step of each optimizer: the top-level ones inside its
+    `Optimizer.step#...` range in torch's profiler (each a kernel launch, or more, on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for optimizer in optimizers:
+            optimizer.step()
+    events = prof.events()
+    return {e.name.removeprefix("Optimizer.step#"): sum(1 for c in events if c.cpu_parent is not None
+                                                         and c.cpu_parent.id == e.id)
+            for e in events if e.name.startswith("Optimizer.step#")}
+
+
+def newton_schulz_flops(muon) -> float:
+    """FLOPs of one Muon step's orthogonalisation: per block of r <= c (tall blocks are transposed), each
+    of the 5 iterations costs X X^T (2 r r c), b A + c A A (2 r r r) and B X (2 r r c)."""
+    from muon import NS_STEPS
+    total = 0
+    for shape in muon._shapes[0]:
+        r, c = sorted((shape.rows, shape.cols))
+        blocks = sum(p.size(0) // shape.rows for p in shape.params)
+        total += blocks * NS_STEPS * (4 * r * r * c + 2 * r ** 3)
+    return total
+
+
+def save_stall(t, directory: Path) -> dict:
+    """Seconds the training loop stops for one latest.pt: save_checkpoint written in the loop (before),
+    against CheckpointWriter.save (after), which copies the state and writes it on a thread."""
+    from model import CheckpointWriter, checkpoint_state, save_checkpoint
+    state = lambda: dict(step=1, optimizer=[o.state_dict() for o in t.optimizers], scaler=None)
+    started = time.perf_counter()
+    save_checkpoint(directory / "sync.pt", t.raw_model, **state())
+    synchronous = time.perf_counter() - started
+    writer, stalls = CheckpointWriter(), []
+    for _ in range(2):  # the first save also allocates the buffers every later one reuses
+        started = time.perf_counter()
+        writer.save(directory / "async.pt", checkpoint_state(t.raw_model, **state()))
+        stalls.append(time.perf_counter() - started)
+        writer.wait()
+    return {"file_gb": (directory / "async.pt").stat().st_size / 1e9, "synchronous_save_s": synchronous,
+            "background_first_save_stall_s": stalls[0], "background_save_stall_s": stalls[1],
+            "background_write_s": time.perf_counter() - started}
+
+
+def bench_update(tiny: bool) -> dict:
+    """The default recipe's optimizer step at GPT-2 124M's shape, on the CPU: operators dispatched per
+    step (ours, and torch.optim.Muon's where this torch has it), Newton-Schulz FLOPs against the step's
+    forward and backward (arithmetic), and the loop's stall per save of latest.pt."""
+    shape = TINY if tiny else dict(n_layer=12, n_head=12, n_embd=768)
+    config = GPTConfig.from_preset(T.DEFAULT_ARCH, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd")},
+                                   block_size=64)
+    env = runtime.Env(device=torch.device("cpu"))
+    t = T.build(config, env, T.OptimizerSettings.from_args(T.parse_args([])), seed=0)
+    x = torch.randint(0, config.vocab_size, (1, 65))
+    batch = [(x[:, :-1], x[:, 1:])]
+    T.update(t, batch, env=env, step=0, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)  # state exists
+    _, loss = t.model(*batch[0])
+    loss.backward()
+    report = {"layers": config.n_layer, "width": config.n_embd, "operators": optimizer_step_operators(t.optimizers)}
+    if hasattr(torch.optim, "Muon"):  # what train_gpt2.py used before muon.py, on the same matrices
+        reference = torch.optim.Muon(T.split_parameters(t.raw_model)["matrices"], lr=0.02, weight_decay=0.05)
+        reference.step()  # its state exists too
+        report["operators_torch_muon"] = optimizer_step_operators([reference])["Muon.step"]
+    muon = t.optimizers[1]
+    ns = newton_schulz_flops(muon)
+    per_token = t.raw_model.flops_per_token(1024)
+    report |= {"newton_schulz_tflop": ns / 1e12,
+               "share_of_step_64x1024": ns / (per_token * 64 * 1024),
+               "share_of_step_128x128": ns / (t.raw_model.flops_per_token(128) * 128 * 128)}
+    with tempfile.TemporaryDirectory(prefix="bench-save-", dir=REPO) as tmp:
+        report["save"] = save_stall(t, Path(tmp))
+    ops = report["operators"]
+    print(f"optimizer step, {config.n_layer} layers x {config.n_embd} ({T.DEFAULT_ARCH}, Muon + AdamW), CPU: "
+          f"operators dispatched {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in ops.items())})"
+          + (f"; torch.optim.Muon alone {report['operators_torch_muon']}" if "operators_torch_muon" in report else ""))
+    print(f"Newton-Schulz: {report['newton_schulz_tflop']:.2f} TFLOP a step, {report['share_of_step_64x1024']:.1%} of "
+          f"a 64 x 1024-token step's forward and backward, {report['share_of_step_128x128']:.1%} of a 128 x 128 one")
+    s = report["save"]
+    print(f"latest.pt ({s['file_gb']:.2f} GB): the loop stops {s['synchronous_save_s']:.2f} s for a synchronous "
+          f"save, {s['background_save_stall_s']:.2f} s with the background writer ({s['background_first_save_stall_s']:.2f} "
+          f"s at its first save; it then writes for {s['background_write_s']:.2f} s while training goes on)")
+    return report
+
+
 def bench_tokenize(tiny: bool) -> dict:
     """`python data.py` on local text, process start to manifest, against raw tiktoken over the same text.
 
@@ -556,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality_data", metavar="CACHE_DIR", default=None,
                    help="with --quality, also on the held-out text of this prepared data cache")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
+    p.add_argument("--update", action="store_true", help="the optimizer step at 124M on the CPU: operators "
+                   "dispatched, Newton-Schulz FLOPs, the loop's stall per save")
     p.add_argument("--hellaswag", action="store_true", help="eval.py's HellaSwag scoring speed, GPT-2 124M")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
@@ -605,6 +691,8 @@ def main(argv=None):
         report["quality"] = bench_quality(args.quality, args.quality_data)
     if args.tokenize:
         report["tokenize"] = bench_tokenize(tiny=args.tiny)
+    if args.update:
+        report["update"] = bench_update(tiny=args.tiny)
     if args.hellaswag:
         report["hellaswag"] = bench_hellaswag(args.tiny, device)
     if args.json:

@@ -267,7 +267,10 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=query_mask(T, k.size(2), q.device),
                                            is_causal=T == k.size(2) and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        if cache is not None:
+            y = y.to(x.dtype)  # the cache's dtype (fp32 on CPUs) back to the weights'; never under autocast,
+            # where x is fp32 (after a norm) and y bf16: a cast there would be a copy c_proj casts back
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -510,15 +513,15 @@ def write_checkpoint(path, state: dict) -> None:
 class CheckpointWriter:
     """Writes checkpoints on a thread of their own, so training goes on while they are serialised and fsynced.
 
-    save() costs the caller a copy of the state into CPU memory (from a GPU into pinned buffers, reused
-    from save to save); the file is written atomically, as save_checkpoint writes it. A save waits for
+    save() costs the caller a copy of the state into CPU buffers reused from save to save (pinned, for a
+    GPU's state); the file is written atomically, as save_checkpoint writes it. A save waits for
     the one before it; wait() before the process ends. A failed write is raised by the next save or wait.
     """
 
     def __init__(self):
         self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-        self._pinned: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> buffer
+        self._error: tuple[Path, BaseException] | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> CPU buffer
 
     def save(self, path, state: dict) -> None:
         self.wait()
@@ -535,14 +538,14 @@ class CheckpointWriter:
             self._thread.join()
             self._thread = None
         if self._error is not None:
-            error, self._error = self._error, None
-            raise CheckpointError(f"could not write a checkpoint ({type(error).__name__}: {first_line(error)})")
+            (path, error), self._error = self._error, None
+            raise CheckpointError(f"could not write {path} ({type(error).__name__}: {first_line(error)})")
 
     def _write(self, path: Path, snapshot: dict) -> None:
         try:
             write_checkpoint(path, snapshot)
         except BaseException as e:  # raised in the training thread by the next save or wait
-            self._error = e
+            self._error = (path, e)
 
     def _copy(self, x, where: tuple, copies: dict):
         if isinstance(x, dict):
@@ -553,13 +556,13 @@ class CheckpointWriter:
             return x
         same = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
         if same not in copies:
-            if x.device.type == "cpu":
-                copies[same] = x.detach().clone()
-            else:
-                buffer = self._pinned.get(where)
-                if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
-                    buffer = self._pinned[where] = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
-                copies[same] = buffer.copy_(x.detach(), non_blocking=True)
+            # Buffers are kept from save to save: fresh memory would cost a page fault every 4 KB, and
+            # pinned memory (for a GPU's copies, which then need not wait) is slow to allocate.
+            buffer = self._buffers.get(where)
+            if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
+                buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+                self._buffers[where] = buffer
+            copies[same] = buffer.copy_(x.detach(), non_blocking=x.is_cuda)
         return copies[same]
 
 

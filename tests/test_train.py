@@ -189,6 +189,29 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoints_before_it(cor
     assert not (tmp_path / "run" / "model_best_val.pt").exists()  # no evaluation, so no save, after the bad step
 
 
+def test_a_compiler_that_fails_at_the_first_step_leaves_one_note_and_the_eager_run(corpus_dir, data_cache, tmp_path,
+                                                                                  monkeypatch, capsys):
+    class NoCompiler(torch.nn.Module):  # what torch.compile gives where inductor cannot build its kernels
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *args):
+            raise RuntimeError("InductorError: CppCompileError: C++ compile error\nCommand: g++ ... (no such file)")
+
+    flags = ["--max_steps", "3", "--eval_interval", "3", "--log_interval", "1"]
+    eager = T.main(train_args(corpus_dir, data_cache, tmp_path / "eager", *flags))
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: NoCompiler(model))
+    capsys.readouterr()
+    compiled = T.main([*train_args(corpus_dir, data_cache, tmp_path / "compiled", *flags), "--compile"])
+    notes = [line for line in capsys.readouterr().out.splitlines() if "torch.compile failed" in line]
+    assert eager == compiled == 0
+    assert notes == ["note: torch.compile failed (RuntimeError: InductorError: CppCompileError: C++ compile error); "
+                     "training without it (--no-compile skips the attempt)"]
+    losses = lambda run: [r["train_loss"] for r in metrics(tmp_path / run) if "train_loss" in r]
+    assert losses("compiled") == losses("eager") and len(losses("eager")) == 3
+
+
 def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
     def oom(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
