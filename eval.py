@@ -16,6 +16,7 @@ as llm.c and build-nanogpt: the tokens of ctx, then of " " + ending; the cross-e
 tokens only; acc takes the ending with the lowest total loss, acc_norm the lowest mean loss.
 Validation loss: give the data flags of a run (data.py's); its prepared cache is reused and the same
 validation split scored, whole or its first --eval_tokens tokens, in windows of --block_size tokens.
+It is also given in bits per byte (bpb), which compares with models that use another tokenizer.
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ from tqdm import tqdm
 
 import data
 import runtime
-from common import (ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line, pick_device,
-                    positive_int)
+from common import (EOT, ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line,
+                    pick_device, positive_int)
 from model import GPT, describe, load_model, token_losses
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
@@ -171,22 +172,27 @@ def encode_item(enc, item: Item, window: int) -> Encoded:
 
 
 def collate(items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x and targets y, both (4 * items, longest row - 1); y is -1 (not scored) outside the endings.
+    """Inputs x and targets y, both (4 * items, longest row - 1); y is -1 (not scored) outside the endings."""
+    return collate_rows([(row, item.start) for item in items for row in item.rows])
+
+
+def collate_rows(rows: list[tuple[tuple[int, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and targets y, both (rows, longest row - 1), from (tokens, start) pairs; y is -1 (not
+    scored) except at the tokens from `start` on.
 
     Shorter rows are padded on the right, where causal attention keeps the padding from the real positions.
     """
-    rows = [(row, item.start) for item in items for row in item.rows]
     x = torch.zeros(len(rows), max(len(row) for row, _ in rows) - 1, dtype=torch.long)
     y = torch.full_like(x, -1)
     for i, (row, start) in enumerate(rows):
         tokens = torch.tensor(row)
         x[i, :len(row) - 1] = tokens[:-1]
-        y[i, start - 1:len(row) - 1] = tokens[start:]  # position j predicts token j+1: the ending's tokens
+        y[i, start - 1:len(row) - 1] = tokens[start:]  # position j predicts token j+1: the scored tokens
     return x, y
 
 
-def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are.
+def scored_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of the target at each position where y is not -1, in row-major order (N,).
 
     The network runs once over all positions; the output layer only over the scored ones (a HellaSwag
     context is not scored, and its logits would be most of the work), HEAD_TOKENS at a time. The loss
@@ -194,11 +200,16 @@ def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     """
     scored = y != -1  # (B, T)
     hidden = model.hidden_states(x)[scored]  # (N, C), the scored positions of all rows
-    targets, row_of = y[scored], scored.nonzero()[:, 0]  # (N,) each, in the same order
     c = model.config
-    losses = torch.cat([token_losses(model.lm_head(h), t, c.logit_softcap, c.vocab_size)
-                        for h, t in zip(hidden.split(HEAD_TOKENS), targets.split(HEAD_TOKENS))])  # (N,)
-    sums = torch.zeros(len(y), device=y.device).index_add_(0, row_of, losses)
+    return torch.cat([token_losses(model.lm_head(h), t, c.logit_softcap, c.vocab_size)
+                      for h, t in zip(hidden.split(HEAD_TOKENS), y[scored].split(HEAD_TOKENS))])
+
+
+def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are."""
+    scored = y != -1
+    losses = scored_losses(model, x, y)
+    sums = torch.zeros(len(y), device=y.device).index_add_(0, scored.nonzero()[:, 0], losses)
     return sums, scored.sum(1)
 
 
@@ -251,35 +262,53 @@ def hellaswag_accuracy(model: GPT, items: list[Item], device, autocast: Autocast
     return {"acc": right / n, "acc_norm": right_norm / n, "n": n}
 
 
+def token_bytes(enc) -> torch.Tensor:
+    """The UTF-8 length of each token of the vocabulary (n_vocab,); 0 for <|endoftext|>, which stands for no text."""
+    lengths = [len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
+    lengths[EOT] = 0
+    return torch.tensor(lengths)
+
+
 @torch.no_grad()
 def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
                     batch_size: int = 32, max_tokens: int | None = None, progress: bool = False) -> dict:
-    """{"loss", "tokens"}: the mean cross-entropy over the split's windows of window+1 tokens, all of them
-    or the first ceil(max_tokens / window); the tail shorter than a window is left out.
+    """{"loss", "tokens", "bpb"}: the mean cross-entropy over the split's windows of window+1 tokens, all of
+    them or the first ceil(max_tokens / window); the tail shorter than a window is left out.
 
-    The windows are those train_gpt2.py's validation reads, in the same order (BatchSource.eval_batch).
+    bpb, bits per byte: the summed loss over (ln 2 x the UTF-8 bytes of the scored tokens), which does not
+    depend on the tokenizer. As nanochat counts it, the text only: a target <|endoftext|> has no bytes,
+    and its loss is left out of the sum too. The windows are those train_gpt2.py's validation reads, in the
+    same order (BatchSource.eval_batch).
     """
     source = data.BatchSource(shards, window, batch_size * world, seed=0, rank=rank, world_size=world,
                               shuffle=False)
     n = source.windows_per_epoch if max_tokens is None else min(source.windows_per_epoch, -(-max_tokens // window))
     passes = -(-n // (batch_size * world))
+    lengths = token_bytes(data.get_tokenizer()).to(device)
     was_training = model.training
     model.eval()
-    loss_sum, tokens = 0.0, 0  # Python floats and ints: exact however many tokens (fp32 is not past 2**24)
+    # [loss, tokens, loss of the text tokens, their bytes] in float64: exact counts however many tokens
+    # (fp32 is not past 2**24), and a sum of losses that does not drift.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for k in tqdm(range(passes), unit="pass", desc="val loss", disable=not progress, dynamic_ncols=True):
         x, y = source.eval_batch(k)
         first = k * batch_size * world + rank * batch_size
         y[torch.arange(first, first + batch_size) >= n] = -1  # windows past the n-th (wrapped around): not scored
+        x, y = x.to(device), y.to(device)
         with autocast():
-            losses, counts = row_losses(model, x.to(device), y.to(device))
-        loss_sum, tokens = loss_sum + losses.sum().item(), tokens + int(counts.sum())
+            losses = scored_losses(model, x, y)
+        nbytes = lengths[y[y != -1]]  # (N,), in the order of the losses
+        sums[0] += losses.sum()
+        sums[1] += len(losses)
+        sums[2] += losses[nbytes > 0].sum()
+        sums[3] += nbytes.sum()
     model.train(was_training)
     if world > 1:
-        sums = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
-        loss_sum, tokens = sums[0].item(), int(sums[1].item())
-    return {"loss": loss_sum / tokens, "tokens": tokens}
+    loss_sum, tokens, text_loss, nbytes = sums.tolist()
+    return {"loss": loss_sum / tokens, "tokens": int(tokens),
+            "bpb": text_loss / (math.log(2) * nbytes) if nbytes else float("nan")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,8 +403,9 @@ def table(results: dict) -> str:
                   f"{'hellaswag':<10} {'acc_norm':<9} {h['acc_norm']:>7.4f}  for comparison, {REFERENCE}"]
     if "val" in results:
         v = results["val"]
-        lines.append(f"{'val':<10} {'loss':<9} {v['loss']:>7.4f}  {v['tokens']:,} tokens, "
-                     f"perplexity {math.exp(min(v['loss'], 50)):.1f}")
+        lines += [f"{'val':<10} {'loss':<9} {v['loss']:>7.4f}  {v['tokens']:,} tokens, "
+                  f"perplexity {math.exp(min(v['loss'], 50)):.1f}",
+                  f"{'val':<10} {'bpb':<9} {v['bpb']:>7.4f}  bits per byte of text, whatever the tokenizer"]
     return "\n".join(line.rstrip() for line in lines)
 
 

@@ -1,6 +1,7 @@
 """eval.py on a tiny GPT-2 and generated HellaSwag items: scored as transformers scores them, over ranks, offline."""
 import importlib.util
 import json
+import math
 import random
 import threading
 from functools import partial
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import make_corpus, make_document, make_items, run_script, write_items, write_txt_dir
+from common import EOT
 import data
 import eval as E
 import model as M
@@ -138,12 +140,35 @@ def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_mode
     assert first["tokens"] == 5 * T and first["loss"] == pytest.approx(losses[:5].mean().item(), rel=1e-5)
 
 
+def byte_lengths(tok, ids: torch.Tensor) -> torch.Tensor:
+    """Each token's UTF-8 length, from transformers' vocabulary (byte-level characters back to bytes)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    return torch.tensor([len(bytes(to_byte[ch] for ch in token)) for token in tok.convert_ids_to_tokens(ids.tolist())])
+
+
+def test_bits_per_byte_is_the_summed_loss_of_the_text_over_ln2_times_its_bytes(hf_model, ours, hf_tokenizer,
+                                                                                corpus_args):
+    args = E.parse_args(corpus_args)
+    shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
+    tokens = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
+    windows = tokens[:len(tokens) // (WINDOW + 1) * (WINDOW + 1)].view(-1, WINDOW + 1)  # (n, T+1)
+    with torch.no_grad():
+        losses = F.cross_entropy(hf_model(windows[:, :-1]).logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    targets = windows[:, 1:].reshape(-1)
+    text = targets != EOT  # the documents' separators stand for no text: left out of both sums
+    assert 0 < (~text).sum() < len(targets)
+    expected = losses.reshape(-1)[text].sum().item() / (math.log(2) * byte_lengths(hf_tokenizer, targets[text]).sum().item())
+    result = E.validation_loss(ours, shards, WINDOW, "cpu", batch_size=5)
+    assert result["bpb"] == pytest.approx(expected, rel=1e-5)
+
+
 def test_two_ranks_count_what_one_process_counts(hf_dir, items_file, corpus_args, tmp_path, capsys):
     flags = ["--checkpoint", str(hf_dir), "--hellaswag", str(items_file), *corpus_args, "--batch_size", "4",
              "--device", "cpu"]
     assert E.main([*flags, "--json", str(tmp_path / "one.json")]) == 0
     table = capsys.readouterr().out
-    assert "acc_norm" in table and "22 items" in table and "perplexity" in table
+    assert "acc_norm" in table and "22 items" in table and "perplexity" in table and "bpb" in table
     two = run_script("eval.py", *flags, "--json", str(tmp_path / "two.json"), torchrun_ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
@@ -151,6 +176,7 @@ def test_two_ranks_count_what_one_process_counts(hf_dir, items_file, corpus_args
     assert one["hellaswag"] == two["hellaswag"] and one["hellaswag"]["n"] == 22
     assert one["val"]["tokens"] == two["val"]["tokens"]
     assert one["val"]["loss"] == pytest.approx(two["val"]["loss"], rel=1e-6)
+    assert one["val"]["bpb"] == pytest.approx(two["val"]["bpb"], rel=1e-6)
 
 
 def bad(path: Path, lines: list[str]) -> Path:
