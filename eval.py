@@ -578,15 +578,22 @@ class Options:
     gold: int
 
 
-def encode_options(enc, task: Task, items: list[CoreItem], i: int, window: int) -> Options:
-    """Item i of a task (after its shuffle) as rows of at most `window` tokens, cut from the left.
+def encode_options(enc, task: Task, items: list[CoreItem], indices, window: int) -> list[Options]:
+    """Items `indices` of a task (after its shuffle) as rows of at most `window` tokens, cut from the left;
+    their prompts tokenized in one call, which tiktoken spreads over threads.
 
     The continuation starts where the rows stop agreeing (multiple choice: the common prefix) or where
     they start agreeing again (schema: the common suffix), or after the prompt (language modelling).
     """
-    item = items[i]
-    prompts = render_prompts(task, item.record, fewshot_examples(items, i, task.shots))
-    rows = [[EOT, *enc.encode_ordinary(p)] for p in prompts]  # nanochat's BOS is GPT-2's <|endoftext|>
+    prompts = [render_prompts(task, items[i].record, fewshot_examples(items, i, task.shots)) for i in indices]
+    tokens = iter(enc.encode_ordinary_batch([p for item_prompts in prompts for p in item_prompts]))
+    # nanochat's BOS is GPT-2's <|endoftext|>
+    return [item_options(task, items[i], [[EOT, *next(tokens)] for _ in item_prompts], window)
+            for i, item_prompts in zip(indices, prompts)]
+
+
+def item_options(task: Task, item: CoreItem, rows: list[list[int]], window: int) -> Options:
+    """One item's Options from the tokens of its prompts."""
     if task.kind == "multiple_choice":
         starts = [common_prefix(rows)] * len(rows)
     elif task.kind == "schema":
@@ -648,7 +655,7 @@ def task_right(model: GPT, task: Task, items: list[CoreItem], device, autocast: 
     enc, mine = data.get_tokenizer(), range(rank, len(items), world)
     right = 0
     for a in range(0, len(mine), CORE_ENCODE_ITEMS):
-        encoded = [encode_options(enc, task, items, i, model.config.block_size) for i in mine[a:a + CORE_ENCODE_ITEMS]]
+        encoded = encode_options(enc, task, items, mine[a:a + CORE_ENCODE_ITEMS], model.config.block_size)
         encoded.sort(key=lambda o: max(map(len, o.rows)), reverse=True)  # like lengths share a pass: less padding
         for batch in batches(encoded, batch_size):
             with autocast():

@@ -124,7 +124,7 @@ def test_every_items_tokens_and_option_scores_match_the_independent_scorer(ours,
     enc, cropped = data.get_tokenizer(), 0
     for task, items in read_core(core_dir):
         for i, expected in enumerate(per_task[task.label]):
-            options = E.encode_options(enc, task, items, i, WINDOW)
+            options, = E.encode_options(enc, task, items, [i], WINDOW)
             assert list(zip(map(list, options.rows), options.starts)) == expected["rows"], (task.label, i)
             means, exact = E.option_scores(ours, [options], "cpu")
             assert means == pytest.approx(expected["means"], rel=1e-5, abs=1e-4) and exact == expected["exact"]
