@@ -521,6 +521,91 @@ def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dic
     return report
 
 
+# DCLM's 22 CORE tasks in core.yaml's order, and the shape of their items in GPT-2 tokens (means): kind,
+# examples, delimiter, items, options, context, continuation. Measured on llm-foundry's copy of the data
+# (scripts/eval/local_data, which DCLM's bundle takes up); the four marked "est." are not stored there.
+CORE_SHAPE = {
+    "hellaswag_zeroshot": ("multiple_choice", 0, " ", 10042, 4, 50, 22),  # est.
+    "jeopardy": ("language_modeling", 10, "\nAnswer: ", 2117, 1, 23, 3),
+    "bigbench_qa_wikidata": ("language_modeling", 10, " ", 20321, 1, 9, 1),
+    "arc_easy": ("multiple_choice", 10, "\nAnswer: ", 2376, 4, 25, 5),
+    "arc_challenge": ("multiple_choice", 10, "\nAnswer: ", 1172, 4, 28, 6),
+    "copa": ("multiple_choice", 0, " ", 100, 2, 9, 7),
+    "commonsense_qa": ("multiple_choice", 10, " ", 1221, 4, 43, 1),
+    "piqa": ("multiple_choice", 10, "\nAnswer: ", 1838, 2, 12, 23),
+    "openbook_qa": ("multiple_choice", 0, " ", 500, 4, 12, 3),
+    "lambada_openai": ("language_modeling", 0, " ", 5153, 1, 82, 1),
+    "hellaswag": ("multiple_choice", 10, " ", 10042, 4, 50, 22),  # est.
+    "winograd": ("schema", 0, " ", 273, 2, 15, 5),
+    "winogrande": ("schema", 0, " ", 1267, 2, 16, 6),
+    "bigbench_dyck_languages": ("language_modeling", 10, " ", 1000, 1, 50, 2),
+    "agi_eval_lsat_ar": ("multiple_choice", 3, " ", 230, 4, 216, 1),
+    "bigbench_cs_algorithms": ("language_modeling", 10, " ", 1320, 1, 40, 1),
+    "bigbench_operators": ("language_modeling", 10, " ", 210, 1, 35, 1),
+    "bigbench_repeat_copy_logic": ("language_modeling", 10, " ", 32, 1, 27, 16),
+    "squad": ("language_modeling", 10, " ", 10570, 1, 175, 4),  # est.
+    "coqa": ("language_modeling", 0, " ", 7983, 1, 400, 3),  # est.
+    "boolq": ("multiple_choice", 10, "\nAnswer: ", 3270, 2, 136, 1),
+    "bigbench_language_identification": ("multiple_choice", 10, " ", 10000, 4, 149, 1),
+}
+
+
+def core_tasks_of_shape(directory: Path, per_task: int) -> list:
+    """(eval.Task, its items after the shuffle, the real task's item count) for each task of CORE_SHAPE: its
+    examples and `per_task` items more of random one-token words, in jsonl files written to `directory`."""
+    import random
+    from data import get_tokenizer
+    from eval import Task, read_task
+    enc, rng = get_tokenizer(), random.Random(0)
+    words = [w for w in map(enc.decode, ([t] for t in range(enc.n_vocab))) if w[:1] == " " and w[1:].isalpha()]
+    text = lambda n: "".join(rng.choices(words, k=n)).strip()  # n tokens, give or take the first
+    tasks = []
+    for label, (kind, shots, delimiter, n, options, context, continuation) in CORE_SHAPE.items():
+        fields = {"multiple_choice": lambda: {"query": text(context), "gold": 0,
+                                              "choices": [text(continuation) for _ in range(options)]},
+                  "schema": lambda: {"context_options": [text(context) for _ in range(options)],
+                                     "continuation": text(continuation), "gold": 0},
+                  "language_modeling": lambda: {"context": text(context), "continuation": text(continuation)}}[kind]
+        path = directory / f"{label}.jsonl"
+        path.write_text("".join(json.dumps(fields()) + "\n" for _ in range(shots + per_task)))
+        task = Task(label, kind, path, shots, delimiter, 0.0)
+        tasks.append((task, read_task(task), n))
+    return tasks
+
+
+def bench_core(tiny: bool, device: torch.device, per_task: int = 3) -> dict:
+    """eval.py's CORE scoring of GPT-2 124M (random weights) on generated items of the real bundle's shape:
+    `per_task` items of each task timed (prompts built and tokenized, passes of 32 rows at most), in fp32 and
+    bf16 autocast; the whole CORE's time is each task's seconds per item times its items, summed."""
+    from data import get_tokenizer
+    from eval import batches, encode_options, option_scores
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2", **(TINY if tiny else {}))).to(device).eval()
+    report = {"device": device.type, "threads": torch.get_num_threads(), "items_per_task": per_task}
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = core_tasks_of_shape(Path(tmp), per_task)
+    enc = get_tokenizer()
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        autocast = lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        seconds = tokens = scored = 0.0
+        for k, (task, items, n) in enumerate([tasks[0], *tasks]):  # the first once more, untimed: warm-up
+            t0 = time.perf_counter()
+            encoded = encode_options(enc, task, items, range(per_task), model.config.block_size)
+            for batch in batches(sorted(encoded, key=lambda o: -max(map(len, o.rows))), 32):
+                with autocast(), torch.no_grad():
+                    option_scores(model, batch, device)  # returns Python lists: waits for the device
+            if k:
+                elapsed = time.perf_counter() - t0
+                seconds, scored = seconds + elapsed / per_task * n, scored + elapsed
+                tokens += sum(len(row) for o in encoded for row in o.rows)
+        report[f"{name}_core_hours"], report[f"{name}_tokens_per_s"] = seconds / 3600, tokens / scored
+    print(f"CORE scoring, {'tiny model' if tiny else 'GPT-2 124M'} on {device.type} ({report['threads']} threads), "
+          f"{len(tasks)} tasks x {per_task} items: fp32 {report['fp32_tokens_per_s']:,.0f} tokens/s "
+          f"({report['fp32_core_hours']:.1f} h for the whole CORE), bf16 {report['bf16_tokens_per_s']:,.0f} "
+          f"tokens/s ({report['bf16_core_hours']:.1f} h)")
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------
 # Recipes: how much model a number of steps buys, each recipe trained by train_gpt2.py itself
 
@@ -643,6 +728,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--update", action="store_true", help="the optimizer step at 124M on the CPU: operators "
                    "dispatched, Newton-Schulz FLOPs, the loop's stall per save")
     p.add_argument("--hellaswag", action="store_true", help="eval.py's HellaSwag scoring speed, GPT-2 124M")
+    p.add_argument("--core", action="store_true", help="eval.py's CORE scoring speed, GPT-2 124M, and the whole CORE's time")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
                    "the same data, shape, batch and steps, and compare their validation loss")
@@ -695,6 +781,8 @@ def main(argv=None):
         report["update"] = bench_update(tiny=args.tiny)
     if args.hellaswag:
         report["hellaswag"] = bench_hellaswag(args.tiny, device)
+    if args.core:
+        report["core"] = bench_core(args.tiny, device, per_task=1 if args.tiny else 3)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
