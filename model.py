@@ -10,6 +10,7 @@ import contextlib
 import math
 import pickle
 import threading
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -289,16 +290,16 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
-        self.swiglu = config.mlp == "swiglu"
-        hidden = swiglu_width(config.n_embd) if self.swiglu else 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        hidden = swiglu_width(config.n_embd) if self.kind == "swiglu" else 4 * config.n_embd
+        # SwiGLU's gate and up projections side by side in one matrix: (2 * hidden, C)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "relu2":
@@ -519,6 +520,7 @@ class CheckpointWriter:
     """
 
     def __init__(self):
+        self.seconds: dict[str, float] = {}  # file name -> how long its last write took
         self._thread: threading.Thread | None = None
         self._error: tuple[Path, BaseException] | None = None
         self._buffers: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> CPU buffer
@@ -542,8 +544,10 @@ class CheckpointWriter:
             raise CheckpointError(f"could not write {path} ({type(error).__name__}: {first_line(error)})")
 
     def _write(self, path: Path, snapshot: dict) -> None:
+        started = time.perf_counter()
         try:
             write_checkpoint(path, snapshot)
+            self.seconds[path.name] = time.perf_counter() - started
         except BaseException as e:  # raised in the training thread by the next save or wait
             self._error = (path, e)
 
@@ -629,6 +633,13 @@ def describe(model: GPT, info: dict, device: torch.device, dtype: torch.dtype) -
 
 def model_from_checkpoint(ckpt: dict) -> GPT:
     return model_with_weights(GPTConfig.from_dict(ckpt["config"]), strip_wrapper_prefixes(ckpt["model"]))
+
+
+def parameter_counts(config: GPTConfig) -> tuple[int, int]:
+    """GPT(config).num_params() and num_params(non_embedding=True), without allocating or initialising it."""
+    with torch.device("meta"), _skip_init():
+        model = GPT(config)
+    return model.num_params(), model.num_params(non_embedding=True)
 
 
 def model_with_weights(config: GPTConfig, state_dict: dict) -> GPT:

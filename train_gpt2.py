@@ -11,6 +11,10 @@ save, stop).
 """
 from __future__ import annotations
 
+import time
+
+STARTED = time.monotonic()  # --time counts from here: importing torch, preparing data and compiling included
+
 import argparse
 import contextlib
 import dataclasses
@@ -19,9 +23,7 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,11 +33,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from common import (EOT, ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, first_line,
+from common import (EOT, ArgumentParser, UnusableGPU, UserError, clean_temporaries, dropout_rate, first_line,
                     non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
+from metrics import Metrics, print_header, run_header
 from model import (ARCH_PRESETS, GPT, CheckpointError, CheckpointWriter, GPTConfig, checkpoint_state,
-                   load_checkpoint, load_model, load_state)
+                   load_checkpoint, load_model, load_state, parameter_counts)
 from muon import Muon
+from plan import (CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Outcome, Pace, Plan, estimated_data_tokens,
+                  parse_duration, peak_flops)
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
                      local_rank0_first, only_on_rank0, setup_env)
 
@@ -47,21 +52,6 @@ SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 
-# Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
-# datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
-PEAK_BF16_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": 989,  # H100 SXM5
-    "NVIDIA H100 PCIe": 756,
-    "NVIDIA H100 NVL": 835,
-    "NVIDIA H200": 989,  # H200 SXM
-    "NVIDIA H200 NVL": 835,
-    "NVIDIA GH200 480GB": 989,
-    "NVIDIA GH200 144G HBM3e": 989,
-    "NVIDIA A100-SXM4-80GB": 312,
-    "NVIDIA A100-SXM4-40GB": 312,
-    "NVIDIA A100 80GB PCIe": 312,
-    "NVIDIA A100-PCIE-40GB": 312,
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -79,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
                        "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
     data.add_data_args(p)
+    add_model_flags(p)
+    add_optimisation_flags(p)
+    add_budget_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
     shape = GPTConfig()
     m = p.add_argument_group("model (defaults: GPT-2 124M; with --init_from, the weights' shape)")
     m.add_argument("--init_from", default="scratch", metavar="{scratch,gpt2,gpt2-medium,gpt2-large,gpt2-xl,PATH}",
@@ -94,11 +92,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n_head", type=positive_int, default=None, help=f"(default {shape.n_head})")
     m.add_argument("--n_embd", type=positive_int, default=None, help=f"(default {shape.n_embd})")
     m.add_argument("--dropout", type=dropout_rate, default=0.0)
+
+
+def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=positive_int, default=64,
                    help="sequences per optimizer step, over all GPUs and accumulation micro-steps")
-    o.add_argument("--grad_accum", type=positive_int, default=1,
-                   help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at once)")
+    o.add_argument("--grad_accum", type=grad_accum, default="auto",
+                   help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at "
+                        "once); auto: the largest micro-batch that fits in GPU memory (1 on a CPU), kept on --resume")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
                         f"embeddings, the head, norm gains and biases (default {DEFAULT_OPTIMIZER}; with --init_from, "
@@ -126,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight_decay", type=non_negative_float, default=0.1, help="AdamW's, on matrices only")
     o.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max gradient norm (0: no clipping)")
     o.add_argument("--seed", type=int, default=1337)
+
+
+def add_budget_flags(p: argparse.ArgumentParser) -> None:
+    b = p.add_argument_group("budget")
+    b.add_argument("--time", type=duration, default=None, metavar="DURATION",
+                   help="train for this long (45m, 2h, 1h30m, or seconds), from process start, data preparation, the "
+                        "last evaluation and save included; steps are planned from the measured pace, and wsd's "
+                        "decay ends with the budget. With --max_steps, the shorter wins. On --resume it is this "
+                        "process's own time, not the whole run's")
+    b.add_argument("--price_per_hour", type=non_negative_float, default=None, metavar="DOLLARS",
+                   help="what the whole machine costs an hour: the plan, the progress bar, metrics.jsonl and the "
+                        "summary then show the cost")
+    b.add_argument("--plan", action="store_true",
+                   help="print the plan (parameters, tokens, steps, data, time and cost from a few steps timed on "
+                        "random tokens) and stop: nothing is downloaded, trained or written")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -146,7 +166,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between HellaSwag scorings (eval.py's), logged as hellaswag_acc_norm (0: never)")
     r.add_argument("--hellaswag", metavar="FILE.jsonl", default=None,
                    help="HellaSwag items (default: the validation set, downloaded once into --data_cache)")
-    return p
+    r.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log the flags and metrics.jsonl's rows to this Weights & Biases project (pip install wandb)")
+
+
+def grad_accum(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer, not {text!r}") from None
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a duration such as 45m, 2h, 1h30m or 5400 (seconds), "
+                                         f"not {text!r}") from None
 
 
 def arch_option(text: str) -> tuple[str, object]:
@@ -191,11 +229,14 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(str(e))
     if args.min_lr > args.lr:
         p.error(f"--min_lr {args.min_lr} is above --lr {args.lr}")
-    if args.batch_size % (world * args.grad_accum):
+    accum = 1 if args.grad_accum == "auto" else args.grad_accum
+    if args.batch_size % (world * accum):
         p.error(f"--batch_size {args.batch_size} is not divisible by GPUs × --grad_accum = "
-                f"{world} × {args.grad_accum} = {world * args.grad_accum}")
+                f"{world} × {accum} = {world * accum}")
     try:
         pick_device(args.device)
+    except UnusableGPU as e:  # what is wrong and the fix, before anything is downloaded or written
+        sys.exit(f"error: {e}")
     except UserError as e:
         p.error(str(e))
     return args
@@ -272,7 +313,7 @@ def fused_blocks(model: GPT) -> dict[torch.nn.Parameter, int]:
     blocks = {}
     for block in model.transformer.h:
         blocks[block.attn.c_attn.weight] = 3
-        if block.mlp.swiglu:
+        if block.mlp.kind == "swiglu":
             blocks[block.mlp.c_fc.weight] = 2
     return blocks
 
@@ -338,6 +379,56 @@ def wrap_for_ranks(model: torch.nn.Module, env: Env) -> torch.nn.Module:
         return model
     return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                gradient_as_bucket_view=True)
+
+
+def probes_memory(device: torch.device) -> bool:
+    """Whether --grad_accum auto tries micro-batches against the device's memory (a GPU's); elsewhere it is 1."""
+    return device.type == "cuda"
+
+
+def micro_batch_sizes(per_rank: int) -> list[int]:
+    """The micro-batches --grad_accum auto tries, largest first: per_rank, then about half each time, each
+    dividing per_rank (24: 24, 12, 6, 3, 1)."""
+    sizes = [per_rank]
+    while sizes[-1] > 1:
+        sizes.append(max(d for d in range(1, sizes[-1] // 2 + 1) if per_rank % d == 0))
+    return sizes
+
+
+def fitting_grad_accum(t: Training, env: Env, batch_size: int, block_size: int) -> int:
+    """--grad_accum auto: the fewest micro-steps whose micro-batch fits on every rank, trying batch_size / GPUs
+    first and halving on out-of-memory. The global batch, and so the loss, stay the same."""
+    per_rank = batch_size // env.world
+    for micro in micro_batch_sizes(per_rank):
+        if all_ranks_agree(env, step_fits(t, env, micro, block_size)):
+            return per_rank // micro
+    raise UserError(f"out of GPU memory even with micro-batches of 1 × {block_size} tokens: lower --block_size, "
+                    "or train a smaller model")
+
+
+def step_fits(t: Training, env: Env, micro: int, block_size: int) -> bool:
+    """Whether a training step on `micro` sequences fits in this rank's memory: a forward and backward
+    (without DDP's all-reduce) and an optimizer step skipped through found_inf, which allocates the
+    optimizer's state and changes nothing else."""
+    x = torch.zeros((micro, block_size), dtype=torch.long, device=env.device)
+    try:
+        with t.model.no_sync() if isinstance(t.model, DDP) else contextlib.nullcontext():
+            with env.autocast():
+                _, loss = t.model(x, x)
+            loss.backward()
+        for optimizer in t.optimizers:
+            optimizer.found_inf = torch.ones((), device=env.device)
+            optimizer.step()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        loss = None
+        for optimizer in t.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+            vars(optimizer).pop("found_inf", None)
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,86 +544,6 @@ class StepFigures:
 
 
 # ----------------------------------------------------------------------------------------------------
-# What the run reports and writes
-
-
-@functools.lru_cache(maxsize=1)  # asked for the header printed and the one logged: run git once
-def git_revision() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev + ("+uncommitted" if dirty else "")) if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def run_header(env: Env, flags: dict) -> dict:
-    """Everything needed to trace a figure back to what produced it (llm.c and modded-nanogpt log the same)."""
-    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else env.device.type
-    return {"git": git_revision(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": device_name, "world_size": env.world,
-            "amp": str(env.amp_dtype).replace("torch.", "") if env.amp_dtype else "fp32",
-            "compile": env.compile, "args": flags}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak in FLOP/s, or None for a CPU or a card not in PEAK_BF16_TFLOPS."""
-    if device.type != "cuda":
-        return None
-    tflops = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name(device))
-    return tflops * 1e12 if tflops else None
-
-
-class Metrics:
-    """metrics.jsonl (one JSON object a line) and loss.png in the save directory, written by rank 0."""
-
-    def __init__(self, save_dir: Path, resume_step: int | None):
-        self.path = save_dir / "metrics.jsonl"
-        self.plot_path = save_dir / "loss.png"
-        self.rows = []
-        if resume_step is not None and self.path.exists():
-            # Keep the curve continuous: drop what the interrupted run logged past the resumed step.
-            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines())
-                         if r.get("step", 0) <= resume_step]
-        with atomic_write(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def log(self, **row):
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def plot(self):
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return  # the picture is optional; metrics.jsonl has the numbers
-        hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in self.rows if "hellaswag_acc_norm" in r]
-        fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(14 if hellaswag else 8, 5), squeeze=False)
-        ax = axes[0][0]
-        for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-            points = [(r["step"], r[key]) for r in self.rows if key in r]
-            if points:
-                ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-        ax.set(xlabel="step", ylabel="loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        if hellaswag:
-            right = axes[0][1]
-            right.plot(*zip(*hellaswag), marker="o", color="tab:green")
-            right.set(xlabel="step", ylabel="HellaSwag acc_norm", title="HellaSwag (random guessing: 0.25)")
-            right.grid(alpha=0.3)
-        with atomic_write(self.plot_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -597,6 +608,16 @@ class Due:
         return self.log or self.evaluate or self.hellaswag or self.save or self.stop
 
 
+def first_plan(config: GPTConfig, args) -> Plan:
+    """What can be known before any download: the model's size, the tokens of a step, and the data's size
+    estimated from --sample_size (exact once prepared)."""
+    params, non_embedding = parameter_counts(config)
+    estimate, basis = estimated_data_tokens(args.dataset, args.sample_size)
+    return Plan(params, non_embedding, args.batch_size * args.block_size, args.sample_size, steps=args.max_steps,
+                data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
+                data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
+
+
 class Trainer:
     def __init__(self, args, env: Env):
         self.args, self.env = args, env
@@ -608,29 +629,32 @@ class Trainer:
         for name in SHAPE_FLAGS:  # the flags as logged and saved say the shape actually trained
             setattr(args, name, getattr(self.config, name))
         args.arch = args.arch or self.config.arch
+        self.plan = first_plan(self.config, args)
+        self.say("\n".join([self.plan.model_line(), self.plan.data_line()]))  # before any download
         self.cache_dir = self._prepare_data()
-        world, accum = env.world, args.grad_accum
-        self.train = data.BatchSource(data.TokenShards(self.cache_dir, "train"), args.block_size, args.batch_size,
-                                      seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum)
-        self.val = data.BatchSource(data.TokenShards(self.cache_dir, "val"), args.block_size, args.batch_size,
-                                    seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum, shuffle=False)
-        self.max_steps, self.warmup = self._plan()
         self.training = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed,
                               init_state=init_state)
         self.compile_unproven = env.compile  # the first compiled step may fail (no C compiler, no Triton)
+        args.grad_accum = self._grad_accum(resumed)  # as logged and saved: --resume reuses it
+        self.train, self.val = self._batch_sources()
+        self.budget = Budget(args.time, STARTED) if args.time else None
+        self.max_steps, self.warmup = self._steps()
         self.flops_per_token = self.training.raw_model.flops_per_token(args.block_size)
         self.peak = peak_flops(env.device)
-        self.step, self.best_val, self.val_loss = 0, float("inf"), None
+        self.step, self.best_val, self.best_step, self.val_loss = 0, float("inf"), None, None
         if resumed:
             self._resume(resumed)
         self.pending: StepFigures | None = None  # the newest step, its figures not read yet
         self.last: StepFigures | None = None  # the newest step whose figures were read (and found finite)
         self.stop_asked = False  # a signal reached some rank
         self.hellaswag = self._load_hellaswag() if args.hellaswag_interval else None
+        self.hellaswag_acc_norm = None
+        self.costs = self._costs()
         self.save_dir.mkdir(parents=True, exist_ok=True)
         if env.master:
             clean_temporaries(self.save_dir)  # what a killed run was writing when it died
-        self.metrics = Metrics(self.save_dir, self.step if args.resume else None) if env.master else None
+        self.metrics = Metrics(self.save_dir, self.step if args.resume else None, args.wandb,
+                               vars(args)) if env.master else None
         self.writer = CheckpointWriter()
 
     def run(self) -> int:
@@ -642,10 +666,12 @@ class Trainer:
             self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
             return 0
         signals = SignalStop()
-        batches = data.micro_batches(self.train, self.step, self.max_steps - self.step, num_workers=a.num_workers,
+        batches = data.micro_batches(self.train, self.step, None, num_workers=a.num_workers,
                                      pin_memory=env.device.type == "cuda")
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
-        speed = Speed(self.step, a.batch_size * a.block_size)
+        planned = self.budget is None or self.max_steps < 2**62  # with --time, steps are known once timed
+        bar = tqdm(total=self.max_steps if planned else None, initial=self.step, disable=not env.master, unit="step",
+                   dynamic_ncols=True)
+        pace = Pace(self.step, a.batch_size * a.block_size)
         if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
             self.validate()  # and saved as the first best checkpoint
             if self.hellaswag is not None:
@@ -658,29 +684,36 @@ class Trainer:
             bar.update(1)
             if previous is not None:
                 self.accept(previous)  # the step before this one: done by now, so reading it stalls nothing
+            if pace.timed(self.step, self.latest_figures):  # the first steps after warming up, timed
+                self.replan(pace, bar, announce=True)
+            elif self.budget is not None and (self.step % a.log_interval == 0 or self.budget.passed()):
+                self.replan(pace, bar)
             due = self.due()
             if due:
-                self.after_step(due, speed, bar)
+                self.after_step(due, pace, bar)
             if due.stop:
                 return self.stopped(bar, signals.received)
         bar.close()
         self.writer.wait()  # the last checkpoints are on disk before the process ends
-        self.say(f"done: {self.step} steps, best validation loss {self.best_val:.4f}; "
-                 f"best model in {self.save_dir / 'model_best_val.pt'}")
+        self.summarise("done")
         return 0
 
     def optimizer_step(self, micro_batches: list, stop: bool) -> torch.Tensor:
-        """`update` at this step's learning rate and momentum; the first compiled step falls back to eager
-        when torch.compile fails."""
+        """`update` at this step's learning rate and momentum."""
         a = self.args
         step = functools.partial(update, micro_batches=micro_batches, env=self.env, step=self.step, seed=a.seed,
                                  grad_clip=a.grad_clip, lr_scale=self.lr_scale_at(self.step),
                                  muon_momentum=muon_momentum_at(self.step, a.muon_momentum), stop=stop)
+        return self.run_compiled(step)
+
+    def run_compiled(self, work):
+        """work(self.training); the first time with a compiled model, a failure of torch.compile (no C
+        compiler, no Triton) leaves a one-line note and the same work done eagerly, for the rest of the run."""
         if not self.compile_unproven:
-            return step(self.training)
+            return work(self.training)
         self.compile_unproven = False
         try:
-            return step(self.training)
+            return work(self.training)
         except (torch.cuda.OutOfMemoryError, UserError):
             raise
         except Exception as e:  # inductor and dynamo raise many types; an error that is not theirs recurs below
@@ -689,7 +722,7 @@ class Trainer:
             for optimizer in self.training.optimizers:
                 optimizer.zero_grad(set_to_none=True)  # what the failed attempt left
             self.training = self.training.without_compile(self.env)
-            return step(self.training)
+            return work(self.training)
 
     def lr_scale_at(self, step: int) -> float:
         a = self.args
@@ -720,12 +753,13 @@ class Trainer:
         return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
                    hellaswag=hellaswag, save=s % a.checkpoint_interval == 0 or end, stop=self.stop_asked)
 
-    def after_step(self, due: Due, speed: "Speed", bar) -> None:
+    def after_step(self, due: Due, pace: "Pace", bar) -> None:
         """Log, score, evaluate and save as `due` says; the step's figures are read (and checked) first, so
         a checkpoint or a log line only ever follows a finite step."""
         figures = self.latest_figures()
         if due.log:
-            self.log_step(figures, speed.tokens_per_s(self.step), bar)
+            self.log_step(figures, pace.lap(self.step), bar)
+        started = time.perf_counter()
         if due.hellaswag:
             self.score_hellaswag()
         if due.evaluate:
@@ -734,8 +768,36 @@ class Trainer:
                 self.print_sample()
         if due.save or due.stop:
             self.save_latest()
+        pace.exclude(time.perf_counter() - started)  # the pace is the training's, without these
         if due.log or due.evaluate or due.hellaswag or due.save:
-            speed.restart(self.step)  # tokens/s counts training time only, not evaluation or saving
+            pace.restart(self.step)
+
+    def replan(self, pace: Pace, bar, announce: bool = False) -> None:
+        """The plan's time and cost from the measured pace; with --time, also the steps that fit in what is
+        left of it (re-planned at every log line, so wsd's decay ends with the budget). Before the pace is
+        known, a budget already spent ends the run at this step."""
+        a, c = self.args, self.costs
+        c.step = pace.step_seconds
+        c.write = self.writer.seconds.get("latest.pt", c.write)
+        if c.step is None:
+            if self.budget is not None and self.budget.passed():
+                self.max_steps = self.step
+            return
+        per_step, final = c.per_step_extra(), c.final()
+        if self.budget is not None:
+            steps = self.budget.steps(self.step, time.monotonic(), c.step, per_step, final)
+            steps = max(self.step, min(steps, a.max_steps or steps))
+            if steps != self.max_steps:
+                self.max_steps, bar.total = steps, steps
+                bar.refresh()
+                self.warmup = self._fitting_warmup(quiet=not announce)
+        self.plan.steps, self.plan.step_seconds = self.max_steps, c.step
+        self.plan.seconds = time.monotonic() - STARTED + (self.max_steps - self.step) * (c.step + per_step) + final
+        if announce:
+            self.say("\n".join([self.plan.time_line(self.env.device.type), self.plan.steps_line(),
+                                 *self.plan.warnings()]))
+            if self.env.master:
+                self.metrics.log(**self.plan.row())
 
     def stopped(self, bar, signum: int | None) -> int:
         self.writer.wait()  # latest.pt, saved by after_step, is on disk before the process leaves
@@ -743,19 +805,40 @@ class Trainer:
             dist.barrier()  # every rank leaves after rank 0 has saved
         bar.close()
         self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, continue with --resume")
+        self.summarise("stopped")
         return 128 + (signum or signal.SIGTERM)
+
+    def summarise(self, how: str) -> None:
+        """The summary a run ends with: what it reached, its time and cost, and the way home."""
+        if not self.env.master:
+            return
+        seconds = time.monotonic() - STARTED
+        outcome = Outcome(steps=self.step, tokens=self.step * self.args.batch_size * self.args.block_size,
+                          seconds=seconds, best_val=self.best_val if self.best_step is not None else None,
+                          best_step=self.best_step, checkpoint=self.save_dir / "model_best_val.pt",
+                          price_per_hour=self.args.price_per_hour, hellaswag=self.hellaswag_acc_norm,
+                          planned_seconds=self.plan.seconds)
+        self.say("\n".join(outcome.lines()))
+        self.metrics.log(event=how, step=self.step, seconds=seconds, cost=self.cost_so_far(),
+                         best_val_loss=outcome.best_val, best_step=self.best_step)
+        self.metrics.close()
+
+    def cost_so_far(self) -> float | None:
+        price = self.args.price_per_hour
+        return None if price is None else (time.monotonic() - STARTED) / 3600 * price
 
     def log_step(self, f: StepFigures, tokens_per_s: float, bar) -> None:
         mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
-        lr = self.args.lr * self.lr_scale_at(f.step)
+        lr, cost = self.args.lr * self.lr_scale_at(f.step), self.cost_so_far()
         row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
-                   elapsed_s=bar.format_dict["elapsed"])
-        if mfu is not None:
-            row["mfu"] = mfu
+                   elapsed_s=time.monotonic() - STARTED)
+        row |= {"mfu": mfu} if mfu is not None else {}
+        row |= {"cost": cost} if cost is not None else {}
         if self.env.master:
             self.metrics.log(**row)
             bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
+                            **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
 
     # ------------------------------------------------------------------------------------------------
     # Evaluation, samples and checkpoints
@@ -765,8 +848,7 @@ class Trainer:
         """Mean loss over the fixed validation batches, averaged over all ranks."""
         model, a = self.training.model, self.args
         model.eval()
-        # Cover the validation split at most once: more batches would only repeat windows.
-        iters = min(a.eval_iters, max(1, self.val.windows_per_epoch // a.batch_size))
+        iters = self.eval_iters()
         total = torch.zeros((), device=self.env.device)
         for k in range(iters):
             x, y = self.val.eval_batch(k)
@@ -782,9 +864,12 @@ class Trainer:
 
     def validate(self) -> None:
         """The validation loss, logged; the weights saved as model_best_val.pt when it is the lowest yet."""
+        started = time.perf_counter()
         self.val_loss = self.evaluate()
+        self.costs.evaluation = time.perf_counter() - started
         improved = self.val_loss < self.best_val
-        self.best_val = min(self.best_val, self.val_loss)
+        if improved:
+            self.best_val, self.best_step = self.val_loss, self.step
         if self.env.master:
             self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
                      f"{math.exp(min(self.val_loss, 50)):.1f}){' - best so far, saved' if improved else ''}")
@@ -796,8 +881,11 @@ class Trainer:
     def score_hellaswag(self):
         from eval import hellaswag_accuracy
         # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
+        started = time.perf_counter()
         result = hellaswag_accuracy(self.training.raw_model, self.hellaswag, self.env.device, self.env.autocast,
                                     self.env.rank, self.env.world)
+        self.costs.hellaswag = time.perf_counter() - started
+        self.hellaswag_acc_norm = result["acc_norm"]
         if self.env.master:
             self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
                      f"{result['n']:,} items)")
@@ -840,24 +928,68 @@ class Trainer:
 
     def _prepare_data(self) -> Path:
         spec = data.DataSpec.from_args(self.args)
-        return local_rank0_first(self.env, lambda: data.prepare(spec, progress=self.env.master))
+        cache = local_rank0_first(self.env, lambda: data.prepare(spec, progress=self.env.master))
+        self.plan.data_tokens, self.plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
+        self.say(self.plan.data_line())
+        return cache
 
-    def _plan(self) -> tuple[int, int]:
+    def _grad_accum(self, resumed: dict | None) -> int:
+        """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
+        fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
+        a, env = self.args, self.env
+        if a.grad_accum != "auto":
+            return a.grad_accum
+        saved = (resumed or {}).get("args", {}).get("grad_accum")
+        if isinstance(saved, int):
+            return saved
+        if not probes_memory(env.device):
+            return 1
+        accum = self.run_compiled(lambda t: fitting_grad_accum(t, env, a.batch_size, a.block_size))
+        self.say(f"--grad_accum auto: micro-batches of {a.batch_size // (env.world * accum)} × {a.block_size} tokens "
+                 f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
+        return accum
+
+    def _batch_sources(self) -> tuple[data.BatchSource, data.BatchSource]:
+        a, env = self.args, self.env
+        source = lambda split, shuffle: data.BatchSource(
+            data.TokenShards(self.cache_dir, split), a.block_size, a.batch_size, seed=a.seed, rank=env.rank,
+            world_size=env.world, grad_accum=a.grad_accum, shuffle=shuffle)
+        return source("train", True), source("val", False)
+
+    def _steps(self) -> tuple[int, int]:
+        """The run's steps and warmup: --max_steps, or --epochs over the training split; with --time, until
+        a few steps are timed, --max_steps or as many as could be wanted (replan sets them)."""
         a = self.args
-        tokens_per_step = a.batch_size * a.block_size
-        max_steps = a.max_steps or max(1, round(a.epochs * self.train.steps_per_epoch))
-        warmup = a.warmup_steps
-        if warmup >= max_steps:
-            warmup = max_steps // 10
-            self.say(f"note: --warmup_steps {a.warmup_steps} does not fit in a run of {max_steps} steps; "
+        if self.budget is not None:
+            self.max_steps = a.max_steps or 2**62
+            return self.max_steps, a.warmup_steps
+        self.max_steps = a.max_steps or max(1, round(a.epochs * self.train.steps_per_epoch))
+        self.plan.steps = self.max_steps
+        self.say("\n".join([self.plan.steps_line(), *self.plan.warnings()]))
+        return self.max_steps, self._fitting_warmup()
+
+    def _costs(self) -> Costs:
+        a = self.args
+        # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
+        scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in self.hellaswag or []) // 4
+        return Costs(eval_batches=self.eval_iters(), eval_interval=a.eval_interval,
+                     hellaswag_interval=a.hellaswag_interval if self.hellaswag else 0, hellaswag_tokens=scored,
+                     tokens_per_step=a.batch_size * a.block_size,
+                     checkpoint_bytes=self.plan.params * CHECKPOINT_BYTES_PER_PARAMETER)
+
+    def eval_iters(self) -> int:
+        """Validation batches an evaluation reads: --eval_iters, but at most one pass over the split."""
+        return min(self.args.eval_iters, max(1, self.val.windows_per_epoch // self.args.batch_size))
+
+    def _fitting_warmup(self, quiet: bool = False) -> int:
+        a = self.args
+        if a.warmup_steps < self.max_steps:
+            return a.warmup_steps
+        warmup = self.max_steps // 10
+        if not quiet:
+            self.say(f"note: --warmup_steps {a.warmup_steps} does not fit in a run of {self.max_steps} steps; "
                      f"warming up over {warmup} steps (10%) instead")
-        self.say(f"plan: {self.train.shards.num_tokens:,} training tokens, {self.val.shards.num_tokens:,} validation "
-                 f"tokens; {tokens_per_step:,} tokens per step ({a.batch_size} × {a.block_size}, micro-batches of "
-                 f"{a.batch_size // (self.env.world * a.grad_accum)} on each of {self.env.world} process(es), "
-                 f"{a.grad_accum} accumulation step(s)); {max_steps:,} steps = "
-                 f"{max_steps / self.train.steps_per_epoch:.2f} epochs = {max_steps * tokens_per_step:,} tokens; "
-                 f"warmup {warmup} steps")
-        return max_steps, warmup
+        return warmup
 
     def _read_resume_state(self) -> dict:
         """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
@@ -929,29 +1061,55 @@ class Trainer:
         return items
 
 
-class Speed:
-    """Training tokens per second over the steps since the last restart."""
+def show_plan(args, env: Env) -> int:
+    """--plan: the plan, its time and cost from a few steps timed on random tokens; nothing downloaded or written."""
+    config = model_config(args) if args.init_from == "scratch" else \
+        fine_tune_config(load_model(args.init_from)[0].config, args, args.init_from)
+    plan = first_plan(config, args)
+    cache = data.prepared(data.DataSpec.from_args(args))
+    if cache is not None:
+        plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
+    t = build(config, env, OptimizerSettings.from_args(args), seed=args.seed)
+    accum = args.grad_accum if args.grad_accum != "auto" else (
+        fitting_grad_accum(t, env, args.batch_size, args.block_size) if probes_memory(env.device) else 1)
+    plan.step_seconds = time_random_steps(t, env, args.batch_size // (env.world * accum), accum, args.block_size)
+    windows = None if plan.data_tokens is None else plan.data_tokens // ((args.block_size + 1) * args.batch_size)
+    costs = Costs(eval_batches=args.eval_iters, eval_interval=args.eval_interval, hellaswag_interval=0,
+                  hellaswag_tokens=0, tokens_per_step=plan.tokens_per_step,
+                  checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER, step=plan.step_seconds)
+    if args.time:
+        budget = Budget(args.time, STARTED)
+        plan.steps = min(budget.steps(0, time.monotonic(), costs.step, costs.per_step_extra(), costs.final()),
+                         args.max_steps or 2**62)
+    elif args.max_steps is None and windows is not None:
+        plan.steps = max(1, round(args.epochs * max(1, windows)))
+    if plan.steps is not None:
+        plan.seconds = time.monotonic() - STARTED + plan.steps * (costs.step + costs.per_step_extra()) + costs.final()
+    lines = [plan.model_line(), plan.data_line(),
+             f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
+             f"{accum} accumulation step(s) on each of {env.world} process(es)"]
+    if plan.steps is None:
+        lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
+    else:
+        lines += [plan.steps_line(), plan.time_line(env.device.type)]
+        lines += [] if cache is not None else ["plan: ...plus downloading and tokenizing the data, not yet done"]
+    print("\n".join(lines + plan.warnings()), flush=True)
+    return 0
 
-    def __init__(self, step: int, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.restart(step)
 
-    def restart(self, step: int):
-        self.t0, self.step0 = time.perf_counter(), step
-
-    def tokens_per_s(self, step: int) -> float:
-        return (step - self.step0) * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
-
-
-def print_header(env: Env, args, notes: list[str]):
-    header = run_header(env, vars(args))
-    tqdm.write(f"train_gpt2.py at git {header['git']}, torch {header['torch']} (CUDA {header['cuda']}), "
-               f"device {header['device']} × {env.world}, {header['amp']}, compile {env.compile}")
-    tqdm.write("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    for note in notes:
-        tqdm.write(f"note: {note}")
-    if env.device.type == "cuda" and peak_flops(env.device) is None:
-        tqdm.write(f"note: no bf16 peak is known for {header['device']}, so no MFU is shown")
+def time_random_steps(t: Training, env: Env, micro: int, accum: int, block_size: int) -> float:
+    """Seconds a step takes on random tokens, timed over Pace.TIMED_STEPS steps after Pace.WARMUP_STEPS."""
+    x = torch.randint(0, t.raw_model.config.vocab_size, (micro, block_size + 1), device=env.device,
+                      generator=torch.Generator(env.device).manual_seed(0))
+    batches = [(x[:, :-1], x[:, 1:])] * accum
+    run = lambda step: update(t, batches, env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)
+    for step in range(Pace.WARMUP_STEPS):
+        run(step).tolist()  # .tolist() waits for the device
+    started = time.perf_counter()
+    for step in range(Pace.TIMED_STEPS):
+        stats = run(Pace.WARMUP_STEPS + step)
+    stats.tolist()
+    return (time.perf_counter() - started) / Pace.TIMED_STEPS
 
 
 def main(argv=None) -> int:
@@ -959,7 +1117,12 @@ def main(argv=None) -> int:
     env, notes = setup_env(args.device, args.amp, args.compile)
     try:
         if env.master:
-            print_header(env, args, notes)
+            print_header(env, vars(args), notes)
+            if env.device.type == "cuda" and peak_flops(env.device) is None:
+                tqdm.write(f"note: no bf16 peak is known for {torch.cuda.get_device_name(env.device)}, so no MFU "
+                           "is shown")
+        if args.plan:
+            return show_plan(args, env)
         status = Trainer(args, env).run()
         if env.world > 1:
             dist.barrier()  # ranks leave together: tearing the group down while rank 0 still writes aborts gloo
@@ -969,9 +1132,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before training starts (e.g. while preparing data); later, signals stop cleanly
         sys.exit("interrupted")
     except torch.cuda.OutOfMemoryError:
-        micro = args.batch_size // (env.world * args.grad_accum)
+        accum = args.grad_accum if args.grad_accum != "auto" else 1
+        micro = args.batch_size // (env.world * accum)
         sys.exit(f"error: out of GPU memory with micro-batches of {micro} × {args.block_size} tokens: lower "
-                 f"--batch_size, or raise --grad_accum (now {args.grad_accum}) to keep {args.batch_size} sequences "
+                 f"--batch_size, or raise --grad_accum (now {accum}) to keep {args.batch_size} sequences "
                  "per step in smaller micro-batches")
     finally:
         cleanup_env(env)

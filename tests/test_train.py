@@ -1,6 +1,5 @@
 """train_gpt2.py on a tiny model and generated text, run as a user runs it (and in-process where faster)."""
 import copy
-import json
 import math
 import signal
 import subprocess
@@ -9,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (TINY_MODEL_ARGS, make_corpus, make_items, run_script, start_script, wait_for, write_items,
-                     write_txt_dir)
+from helpers import (TINY_MODEL_ARGS, make_corpus, make_items, metrics, run_script, start_script, train_args, wait_for,
+                     write_items, write_txt_dir)
 import model as M
 import runtime
 import train_gpt2 as T
@@ -24,16 +23,6 @@ def corpus_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data_cache")
-
-
-def train_args(corpus_dir, data_cache, save_dir, *extra) -> list[str]:
-    return ["--dataset", str(corpus_dir), "--data_cache", str(data_cache), "--save_dir", str(save_dir),
-            *TINY_MODEL_ARGS, "--batch_size", "8", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2",
-            "--val_split", "0.1", "--num_workers", "0", "--no-amp", "--no-compile", "--device", "cpu", *extra]
-
-
-def metrics(save_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def final_val_loss(save_dir: Path) -> float:
@@ -389,7 +378,11 @@ def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(cor
                                                      "--hellaswag", str(items)))
     assert scored.returncode == 0, scored.stderr[-2000:]
     rows = [r for r in metrics(save) if "hellaswag_acc_norm" in r]
-    assert [r["step"] for r in rows] == [3, 6] and all(0 <= r["hellaswag_acc_norm"] <= 1 for r in rows)
+    assert [r["step"] for r in rows] == [3, 6]
+    import eval as E  # the last score is eval.py's score of the final weights (latest.pt, saved at the end)
+    final = M.model_from_checkpoint(torch.load(save / "latest.pt", weights_only=True))
+    expected = E.hellaswag_accuracy(final, E.read_items(items), torch.device("cpu"))
+    assert (rows[-1]["hellaswag_acc_norm"], rows[-1]["hellaswag_acc"]) == (expected["acc_norm"], expected["acc"])
     assert png_width(save / "loss.png") == 1400  # a second panel beside the losses
     offline = run_script("train_gpt2.py", *train_args(corpus_dir, tmp_path / "cache", tmp_path / "offline",
                                                       "--max_steps", "4", "--hellaswag_interval", "2"),
