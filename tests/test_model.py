@@ -139,7 +139,7 @@ def test_presets_set_the_documented_switches():
     assert g.transformer.wpe is not None and isinstance(g.transformer.ln_f, torch.nn.LayerNorm)
     assert m.transformer.wpe is None and isinstance(m.transformer.ln_f, torch.nn.RMSNorm)
     assert all(p.ndim >= 2 or "ln" in n or "norm" in n for n, p in m.named_parameters())  # no biases
-    assert m.transformer.h[0].attn.q_norm is not None and m.transformer.h[0].mlp.swiglu
+    assert m.transformer.h[0].attn.q_norm is not None and m.transformer.h[0].mlp.kind == "swiglu"
     assert g.config.arch == "gpt2" and m.config.arch == "modern"
 
 

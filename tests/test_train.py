@@ -70,7 +70,7 @@ def test_the_seed_command_runs_shrunk_and_leaves_loadable_checkpoints(corpus_dir
                         "--sample_during_training")
     assert result.returncode == 0, result.stderr[-2000:]
     out = result.stdout + result.stderr
-    assert "plan:" in out and "tokens per step" in out and "epochs" in out
+    assert "plan:" in out and "tokens a step" in out and "epochs" in out and "summary: 6 steps" in out
     assert "--warmup_steps 500 does not fit in a run of 6 steps" in out
     assert "--amp on the CPU" in out and "sample at step 3" in out
     for name in ("latest.pt", "model_best_val.pt"):
