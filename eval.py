@@ -480,7 +480,7 @@ def token_bytes(enc) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
+def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
                     batch_size: int = 32, max_tokens: int | None = None, progress: bool = False) -> dict:
     """{"loss", "tokens", "bpb"}: the mean cross-entropy over the split's windows of window+1 tokens, all of
@@ -488,8 +488,8 @@ def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
 
     bpb, bits per byte: the summed loss over (ln 2 x the UTF-8 bytes of the scored tokens), which does not
     depend on the tokenizer. As nanochat counts it, the text only: a target <|endoftext|> has no bytes,
-    and its loss is left out of the sum too. The windows are those train_gpt2.py's validation reads, in the
-    same order (BatchSource.eval_batch).
+    and its loss is left out of the sum too. train_gpt2.py's evaluations are this function over the first
+    eval_iters batches, with its compiled (and DDP-wrapped) model: `model` is anything that runs GPT.forward.
     """
     source = data.BatchSource(shards, window, batch_size * world, seed=0, rank=rank, world_size=world,
                               shuffle=False)
@@ -507,8 +507,9 @@ def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
         y[torch.arange(first, first + batch_size) >= n] = -1  # windows past the n-th (wrapped around): not scored
         x, y = x.to(device), y.to(device)
         with autocast():
-            losses, _ = scored_losses(model, x, y)
-        nbytes = lengths[y[y != -1]]  # (N,), in the order of the losses
+            _, losses = model(x, y, per_token=True)
+        scored = y.view(-1) != -1
+        losses, nbytes = losses[scored], lengths[y.view(-1)[scored]]  # (N,) each, in the same order
         sums[0] += losses.sum()
         sums[1] += len(losses)
         sums[2] += losses[nbytes > 0].sum()

@@ -152,7 +152,10 @@ LOSS_ROWS = 1024  # rows per fp32 chunk of the loss: 200 MB at GPT-2's vocabular
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0, vocab: int | None = None) -> torch.Tensor:
     """The cross-entropy of each row (N,) in fp32, by cross_entropy's rule, 0 where the target is -1 (no gradient)."""
-    lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab or logits.size(-1))
+    vocab = vocab or logits.size(-1)
+    if torch.compiler.is_compiling():  # inductor fuses the upcast into its kernels, as in cross_entropy
+        return F.cross_entropy(softcap(logits[:, :vocab].float(), cap), targets, ignore_index=-1, reduction="none")
+    lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab)
     return (lse - target_logit) * (targets != -1)
 
 
@@ -406,8 +409,9 @@ class GPT(nn.Module):
         """The output layer: logits over the padded vocabulary, soft-capped when the config says so."""
         return softcap(self.lm_head(hidden), self.config.logit_softcap)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """(logits (B, T, padded vocab), None); or, given targets (B, T; -1 is ignored), (None, mean cross-entropy).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_token: bool = False):
+        """(logits (B, T, padded vocab), None); or, given targets (B, T; -1 is ignored), (None, mean cross-entropy),
+        or with per_token (for evaluation: no gradient) (None, each position's cross-entropy (B*T,), 0 at -1).
 
         With targets the logits are not returned: a caller holding them would keep them alive through
         the backward pass, 6.6 GB in bf16 for a micro-batch of 64 x 1024.
@@ -415,8 +419,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(self.hidden_states(idx)), None
         logits = self.lm_head(self.hidden_states(idx))  # soft-capped inside the loss, chunk by chunk
-        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap,
-                                   self.config.vocab_size)
+        loss = token_losses if per_token else cross_entropy
+        return None, loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap,
+                          self.config.vocab_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPT":

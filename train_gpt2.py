@@ -35,6 +35,7 @@ from tqdm import tqdm
 import data
 from common import (EOT, ArgumentParser, UnusableGPU, UserError, clean_temporaries, dropout_rate, first_line,
                     non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
+from eval import validation_loss
 from metrics import Metrics, print_header, run_header
 from model import (ARCH_PRESETS, GPT, CheckpointError, CheckpointWriter, GPTConfig, checkpoint_state,
                    load_checkpoint, load_model, load_state, parameter_counts)
@@ -636,7 +637,8 @@ class Trainer:
                               init_state=init_state)
         self.compile_unproven = env.compile  # the first compiled step may fail (no C compiler, no Triton)
         args.grad_accum = self._grad_accum(resumed)  # as logged and saved: --resume reuses it
-        self.train, self.val = self._batch_sources()
+        self.train = self._batches()
+        self.val = self._validation_split()
         self.budget = Budget(args.time, STARTED) if args.time else None
         self.max_steps, self.warmup = self._steps()
         self.flops_per_token = self.training.raw_model.flops_per_token(args.block_size)
@@ -843,37 +845,29 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------
     # Evaluation, samples and checkpoints
 
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, averaged over all ranks."""
-        model, a = self.training.model, self.args
-        model.eval()
-        iters = self.eval_iters()
-        total = torch.zeros((), device=self.env.device)
-        for k in range(iters):
-            x, y = self.val.eval_batch(k)
-            for xs, ys in zip(x.chunk(a.grad_accum), y.chunk(a.grad_accum)):  # micro-batches fit in memory
-                with self.env.autocast():
-                    _, loss = model(xs.to(self.env.device), ys.to(self.env.device))
-                total += loss.float() / (iters * a.grad_accum)
-        if self.env.world > 1:
-            dist.all_reduce(total)
-            total /= self.env.world
-        model.train()
-        return total.item()
+    def evaluate(self) -> dict:
+        """eval.py's validation loss (and bits per byte) over the split's first eval_iters batches, each rank
+        scoring its share with the model being trained (compiled and DDP-wrapped as it is)."""
+        a, env = self.args, self.env
+        return validation_loss(self.training.model, self.val, a.block_size, env.device, env.autocast, env.rank,
+                               env.world, batch_size=a.batch_size // (env.world * a.grad_accum),
+                               max_tokens=self.eval_iters() * a.batch_size * a.block_size)
 
     def validate(self) -> None:
         """The validation loss, logged; the weights saved as model_best_val.pt when it is the lowest yet."""
         started = time.perf_counter()
-        self.val_loss = self.evaluate()
+        result = self.evaluate()
         self.costs.evaluation = time.perf_counter() - started
+        self.val_loss = result["loss"]
         improved = self.val_loss < self.best_val
         if improved:
             self.best_val, self.best_step = self.val_loss, self.step
         if self.env.master:
             self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
-                     f"{math.exp(min(self.val_loss, 50)):.1f}){' - best so far, saved' if improved else ''}")
-            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)))
+                     f"{math.exp(min(self.val_loss, 50)):.1f}, {result['bpb']:.4f} bits per byte)"
+                     f"{' - best so far, saved' if improved else ''}")
+            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)),
+                             val_bpb=result["bpb"])
             self.metrics.plot()
         if improved:
             self.save("model_best_val.pt", full=False)
@@ -949,12 +943,16 @@ class Trainer:
                  f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
         return accum
 
-    def _batch_sources(self) -> tuple[data.BatchSource, data.BatchSource]:
+    def _validation_split(self) -> data.TokenShards:
+        """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
+        shards = data.TokenShards(self.cache_dir, "val")
+        data.BatchSource(shards, self.args.block_size, self.args.batch_size, seed=self.args.seed, shuffle=False)
+        return shards
+
+    def _batches(self) -> data.BatchSource:
         a, env = self.args, self.env
-        source = lambda split, shuffle: data.BatchSource(
-            data.TokenShards(self.cache_dir, split), a.block_size, a.batch_size, seed=a.seed, rank=env.rank,
-            world_size=env.world, grad_accum=a.grad_accum, shuffle=shuffle)
-        return source("train", True), source("val", False)
+        return data.BatchSource(data.TokenShards(self.cache_dir, "train"), a.block_size, a.batch_size, seed=a.seed,
+                                rank=env.rank, world_size=env.world, grad_accum=a.grad_accum)
 
     def _steps(self) -> tuple[int, int]:
         """The run's steps and warmup: --max_steps, or --epochs over the training split; with --time, until
@@ -979,7 +977,8 @@ class Trainer:
 
     def eval_iters(self) -> int:
         """Validation batches an evaluation reads: --eval_iters, but at most one pass over the split."""
-        return min(self.args.eval_iters, max(1, self.val.windows_per_epoch // self.args.batch_size))
+        windows = self.val.num_tokens // (self.args.block_size + 1)
+        return min(self.args.eval_iters, max(1, windows // self.args.batch_size))
 
     def _fitting_warmup(self, quiet: bool = False) -> int:
         a = self.args

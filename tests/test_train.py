@@ -146,8 +146,8 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(optimizer, m
     step(0)  # optimizer state exists from here on
     before = copy.deepcopy(([p.detach() for p in t.raw_model.parameters()], [o.state_dict() for o in t.optimizers]))
     real_forward = T.GPT.forward
-    monkeypatch.setattr(T.GPT, "forward", lambda self, *a: (lambda out: (out[0], out[1] * float("inf")))(
-        real_forward(self, *a)))  # an infinite loss: every gradient is inf or nan
+    monkeypatch.setattr(T.GPT, "forward", lambda self, *a, **k: (lambda out: (out[0], out[1] * float("inf")))(
+        real_forward(self, *a, **k)))  # an infinite loss: every gradient is inf or nan
     stats = step(1)
     assert not torch.isfinite(stats[:2]).all()
     assert all(torch.equal(a, b) for a, b in zip(before[0], t.raw_model.parameters()))
@@ -159,8 +159,8 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoints_before_it(cor
                                                                             monkeypatch, optimizer):
     real_forward = T.GPT.forward
 
-    def poisoned(self, idx, targets=None):  # step 3's loss is nan (its update is skipped: the test above)
-        logits, loss = real_forward(self, idx, targets)
+    def poisoned(self, idx, targets=None, **kwargs):  # step 3's loss is nan (its update is skipped: the test above)
+        logits, loss = real_forward(self, idx, targets, **kwargs)
         return logits, (loss * float("nan") if trainer.step == 3 and self.training else loss)
 
     monkeypatch.setattr(T.GPT, "forward", poisoned)
@@ -383,6 +383,10 @@ def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(cor
     final = M.model_from_checkpoint(torch.load(save / "latest.pt", weights_only=True))
     expected = E.hellaswag_accuracy(final, E.read_items(items), torch.device("cpu"))
     assert (rows[-1]["hellaswag_acc_norm"], rows[-1]["hellaswag_acc"]) == (expected["acc_norm"], expected["acc"])
+    # ...and so is the validation loss: eval.py's, over the same windows (here the whole split)
+    logged = [r for r in metrics(save) if "val_loss" in r][-1]
+    val = E.validation_loss(final, T.data.TokenShards(next(data_cache.iterdir()), "val"), 32, torch.device("cpu"))
+    assert (logged["val_loss"], logged["val_bpb"]) == pytest.approx((val["loss"], val["bpb"]), rel=1e-5)
     assert png_width(save / "loss.png") == 1400  # a second panel beside the losses
     offline = run_script("train_gpt2.py", *train_args(corpus_dir, tmp_path / "cache", tmp_path / "offline",
                                                       "--max_steps", "4", "--hellaswag_interval", "2"),
