@@ -133,6 +133,12 @@ def hellaswag_url() -> str:
     return os.environ.get("HELLASWAG_URL", HELLASWAG_URL)
 
 
+def fetch(url: str, path: Path) -> None:
+    """The file at `url` written to `path`; OSError or HTTPException (refused, 404, cut mid-way)."""
+    with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(path, "wb") as f:
+        shutil.copyfileobj(response, f)
+
+
 def download(url: str, dest: Path) -> list[Item]:
     """The validation items from `url`, saved to `dest` once they are known whole and valid."""
     advice = "download it on a machine online and pass --hellaswag FILE.jsonl"
@@ -140,8 +146,7 @@ def download(url: str, dest: Path) -> list[Item]:
         check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(dest) as tmp:  # an interrupted or bad download leaves no file behind
-            with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
+            fetch(url, tmp)
             try:
                 items = read_items(tmp)
             except EvalError as e:
@@ -316,13 +321,12 @@ def download_bundle(url: str, dest: Path) -> list[Task]:
     """The bundle from `url` (a zip holding eval_bundle/), unzipped into `dest` once it is known whole and valid."""
     advice = "download eval_bundle.zip on a machine online, unzip it and pass --core DIR"
     try:
-        check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
+        check_reachable(url, PROBE_SECONDS)
         dest.parent.mkdir(parents=True, exist_ok=True)
         # Unzipped beside dest and renamed into place whole: an interrupted or bad download leaves no dest.
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
             archive, unzipped = Path(tmp) / "eval_bundle.zip", Path(tmp) / "unzipped"
-            with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(archive, "wb") as f:
-                shutil.copyfileobj(response, f)
+            fetch(url, archive)
             with zipfile.ZipFile(archive) as z:
                 z.extractall(unzipped)  # extractall keeps every member inside `unzipped` (no "..", no absolute paths)
             root = unzipped / "eval_bundle" if (unzipped / "eval_bundle").is_dir() else unzipped

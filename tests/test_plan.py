@@ -3,24 +3,13 @@ a micro-batch that fits, no silent CPU beside an unusable GPU, the summary's way
 import os
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
 import plan as P
 import train_gpt2 as T
-from helpers import make_corpus, metrics, train_args, write_txt_dir
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    return write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=3))
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
+from helpers import metrics, train_args
 
 
 def train_in_process(argv: list[str], monkeypatch) -> int:
@@ -33,18 +22,6 @@ def train_in_process(argv: list[str], monkeypatch) -> int:
                                            ("90s", 90), ("1.5h", 5400)])
 def test_durations_are_read_as_people_write_them(text, seconds):
     assert P.parse_duration(text) == seconds
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--time", "soon"], "--time: must be a duration such as 45m, 2h, 1h30m or 5400 (seconds), not 'soon'"),
-    (["--time", "0"], "--time: must be a duration"),
-    (["--price_per_hour", "-3"], "--price_per_hour: must be 0 or more, not -3"),
-    (["--grad_accum", "some"], "--grad_accum: must be auto or a positive integer, not 'some'"),
-])
-def test_bad_budget_flags_end_in_argument_parsing_with_one_line(flags, message, capsys):
-    with pytest.raises(SystemExit):
-        T.parse_args(flags)
-    assert message in capsys.readouterr().err
 
 
 def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_best_model_saved(

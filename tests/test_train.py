@@ -8,21 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (TINY_MODEL_ARGS, make_corpus, make_items, metrics, run_script, start_script, train_args, wait_for,
-                     write_items, write_txt_dir)
+from helpers import (TINY_MODEL_ARGS, make_items, metrics, run_script, start_script, train_args, wait_for,
+                     write_items)
 import model as M
 import runtime
 import train_gpt2 as T
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory) -> Path:
-    return write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=3))
-
-
-@pytest.fixture(scope="module")
-def data_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("data_cache")
 
 
 def final_val_loss(save_dir: Path) -> float:
@@ -49,6 +39,12 @@ def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step(
     (["--arch_option", "mlp=relu3"], "--arch_option: mlp must be one of"),
     (["--arch_option", "tie_embeddings=maybe"], "tie_embeddings takes true or false, not 'maybe'"),
     (["--init_from", "gpt2", "--arch_option", "mlp=relu2"], "with --init_from the architecture is the weights'"),
+    (["--arch", "gpt2", "--arch_option", "pos_emb=rope", "--n_embd", "30", "--n_head", "6"],
+     "rotary positions turn pairs of channels: the head size (n_embd / n_head = 30 / 6) must be even, not 5"),
+    (["--time", "soon"], "--time: must be a duration such as 45m, 2h, 1h30m or 5400 (seconds), not 'soon'"),
+    (["--time", "0"], "--time: must be a duration"),
+    (["--price_per_hour", "-3"], "--price_per_hour: must be 0 or more, not -3"),
+    (["--grad_accum", "some"], "--grad_accum: must be auto or a positive integer, not 'some'"),
 ])
 def test_invalid_flags_end_in_argument_parsing_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
