@@ -173,8 +173,8 @@ class Plan:
 
 
 class Budget:
-    """--time: the steps that fit in what is left of it, at the measured pace, with the evaluations to come
-    and the last evaluation and save inside it."""
+    """--time: the steps that fit in what is left of it, at the measured costs, the evaluations due on the
+    way and the last evaluation and save included."""
 
     MARGIN = 0.03  # of the time left, kept back for what the pace does not show (a slower step, the exit)
 
@@ -184,12 +184,15 @@ class Budget:
     def passed(self) -> bool:
         return time.monotonic() >= self.deadline
 
-    def steps(self, step: int, now: float, step_s: float, per_step_extra_s: float, final_s: float) -> int:
-        """The run's last step: `step` plus the steps of step_s (and per_step_extra_s of evaluations spread
-        over them) that fit before the deadline, less final_s for the last evaluation and save."""
+    def steps(self, step: int, now: float, costs: "Costs") -> int:
+        """The run's last step: `step` plus the most steps whose costs.seconds end before the deadline."""
         left = self.deadline - now
-        usable = left - final_s - max(1.0, self.MARGIN * left)
-        return step + max(0, int(usable / (step_s + per_step_extra_s)))
+        usable = left - max(1.0, self.MARGIN * left)
+        low, high = 0, max(1, int(usable / costs.step) + 1)  # costs.seconds grows with n: search it
+        while low < high:
+            n = (low + high + 1) // 2
+            low, high = (n, high) if costs.seconds(step, n) <= usable else (low, n - 1)
+        return step + low
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -314,12 +317,13 @@ class Costs:
             return self.hellaswag
         return self.hellaswag_tokens / self.tokens_per_step * self.step * FORWARD_SHARE
 
-    def per_step_extra(self) -> float:
-        """Evaluations and scorings spread over the steps between them."""
-        extra = self.evaluation_s() / self.eval_interval
-        return extra + (self.hellaswag_s() / self.hellaswag_interval if self.hellaswag_interval else 0.0)
-
-    def final(self) -> float:
-        """What follows the last step: its evaluation, its scoring, and the wait for the last save."""
+    def seconds(self, step: int, n: int) -> float:
+        """Seconds of what is left after step `step` (itself done, its evaluation not yet) and n more steps:
+        the steps, the evaluations and scorings due at `step` and on the way, and what follows the last
+        step (its evaluation and scoring, and the wait for the last save)."""
+        # Evaluations fall on multiples of the interval in [step, step + n - 1] (step 0 has none); the one
+        # at the last step is counted with what follows it.
+        due = lambda interval: (step + n - 1) // interval - (max(step, 1) - 1) // interval if interval and n else 0
         write = self.write if self.write is not None else self.checkpoint_bytes / WRITE_BYTES_PER_S
-        return self.evaluation_s() + self.hellaswag_s() + write
+        return (n * self.step + due(self.eval_interval) * self.evaluation_s()
+                + due(self.hellaswag_interval) * self.hellaswag_s() + self.evaluation_s() + self.hellaswag_s() + write)

@@ -687,6 +687,8 @@ class Trainer:
             if previous is not None:
                 self.accept(previous)  # the step before this one: done by now, so reading it stalls nothing
             if pace.timed(self.step, self.latest_figures):  # the first steps after warming up, timed
+                if self.budget is not None and self.costs.evaluation is None:
+                    self.measure_evaluation(pace)  # what each one costs counts in the budget
                 self.replan(pace, bar, announce=True)
             elif self.budget is not None and (self.step % a.log_interval == 0 or self.budget.passed()):
                 self.replan(pace, bar)
@@ -774,6 +776,14 @@ class Trainer:
         if due.log or due.evaluate or due.hellaswag or due.save:
             pace.restart(self.step)
 
+    def measure_evaluation(self, pace: Pace) -> None:
+        """An evaluation now (logged, and the best weights so far saved), timed with its plot and save."""
+        self.latest_figures()
+        started = time.perf_counter()
+        self.validate()
+        pace.exclude(time.perf_counter() - started)
+        pace.restart(self.step)
+
     def replan(self, pace: Pace, bar, announce: bool = False) -> None:
         """The plan's time and cost from the measured pace; with --time, also the steps that fit in what is
         left of it (re-planned at every log line, so wsd's decay ends with the budget). Before the pace is
@@ -785,16 +795,15 @@ class Trainer:
             if self.budget is not None and self.budget.passed():
                 self.max_steps = self.step
             return
-        per_step, final = c.per_step_extra(), c.final()
         if self.budget is not None:
-            steps = self.budget.steps(self.step, time.monotonic(), c.step, per_step, final)
+            steps = self.budget.steps(self.step, time.monotonic(), c)
             steps = max(self.step, min(steps, a.max_steps or steps))
             if steps != self.max_steps:
                 self.max_steps, bar.total = steps, steps
                 bar.refresh()
                 self.warmup = self._fitting_warmup(quiet=not announce)
         self.plan.steps, self.plan.step_seconds = self.max_steps, c.step
-        self.plan.seconds = time.monotonic() - STARTED + (self.max_steps - self.step) * (c.step + per_step) + final
+        self.plan.seconds = time.monotonic() - STARTED + c.seconds(self.step, self.max_steps - self.step)
         if announce:
             self.say("\n".join([self.plan.time_line(self.env.device.type), self.plan.steps_line(),
                                  *self.plan.warnings()]))
@@ -857,7 +866,6 @@ class Trainer:
         """The validation loss, logged; the weights saved as model_best_val.pt when it is the lowest yet."""
         started = time.perf_counter()
         result = self.evaluate()
-        self.costs.evaluation = time.perf_counter() - started
         self.val_loss = result["loss"]
         improved = self.val_loss < self.best_val
         if improved:
@@ -871,6 +879,7 @@ class Trainer:
             self.metrics.plot()
         if improved:
             self.save("model_best_val.pt", full=False)
+        self.costs.evaluation = time.perf_counter() - started  # with the plot and the save's stall
 
     def score_hellaswag(self):
         from eval import hellaswag_accuracy
@@ -1072,18 +1081,16 @@ def show_plan(args, env: Env) -> int:
     accum = args.grad_accum if args.grad_accum != "auto" else (
         fitting_grad_accum(t, env, args.batch_size, args.block_size) if probes_memory(env.device) else 1)
     plan.step_seconds = time_random_steps(t, env, args.batch_size // (env.world * accum), accum, args.block_size)
-    windows = None if plan.data_tokens is None else plan.data_tokens // ((args.block_size + 1) * args.batch_size)
+    per_epoch = None if plan.data_tokens is None else plan.data_tokens // ((args.block_size + 1) * args.batch_size)
     costs = Costs(eval_batches=args.eval_iters, eval_interval=args.eval_interval, hellaswag_interval=0,
                   hellaswag_tokens=0, tokens_per_step=plan.tokens_per_step,
                   checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER, step=plan.step_seconds)
     if args.time:
-        budget = Budget(args.time, STARTED)
-        plan.steps = min(budget.steps(0, time.monotonic(), costs.step, costs.per_step_extra(), costs.final()),
-                         args.max_steps or 2**62)
-    elif args.max_steps is None and windows is not None:
-        plan.steps = max(1, round(args.epochs * max(1, windows)))
+        plan.steps = min(Budget(args.time, STARTED).steps(0, time.monotonic(), costs), args.max_steps or 2**62)
+    elif args.max_steps is None and per_epoch is not None:
+        plan.steps = max(1, round(args.epochs * max(1, per_epoch)))
     if plan.steps is not None:
-        plan.seconds = time.monotonic() - STARTED + plan.steps * (costs.step + costs.per_step_extra()) + costs.final()
+        plan.seconds = time.monotonic() - STARTED + costs.seconds(0, plan.steps)
     lines = [plan.model_line(), plan.data_line(),
              f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
              f"{accum} accumulation step(s) on each of {env.world} process(es)"]

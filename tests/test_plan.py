@@ -28,6 +28,8 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
         corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
     save = tmp_path / "run"
     budget = 12.0
+    import matplotlib.pyplot  # noqa: F401  imports a run pays once (the optimizers' compiler stack, the plot):
+    import torch._dynamo  # noqa: F401  paid before the clock starts, so the test measures the plan, not them
     status = train_in_process(train_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1",
                                          "--eval_interval", "10", "--price_per_hour", "3.6"), monkeypatch)
     assert status == 0
@@ -47,6 +49,17 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     out = capsys.readouterr().out
     assert "plan: " in out and " s a step (timed on this cpu)" in out and "$" in out
     assert f"summary: {done['step']} steps" in out and "scp " in out and "python sample.py --interactive" in out
+
+
+def test_the_budget_counts_every_evaluation_due_before_the_deadline_and_the_last_one_after_it():
+    costs = P.Costs(eval_batches=1, eval_interval=10, hellaswag_interval=0, hellaswag_tokens=0, tokens_per_step=1,
+                    checkpoint_bytes=0, step=1.0, evaluation=100.0, write=5.0)
+    assert costs.seconds(0, 10) == 10 + 100 + 5  # ten steps, then the last evaluation and the save's wait
+    assert costs.seconds(0, 11) == 11 + 100 + 100 + 5  # ...and the evaluation due at step 10 on the way
+    assert costs.seconds(10, 0) == 100 + 5  # ending at step 10: its evaluation is the last one
+    budget = P.Budget(1000.0, started=0.0)  # at 1 s a step, 100 s an evaluation every 10 steps
+    last = budget.steps(0, now=0.0, costs=costs)
+    assert costs.seconds(0, last) <= 1000 - 30 < costs.seconds(0, last + 1)  # 3% kept back
 
 
 def test_max_steps_wins_over_a_longer_time_budget(corpus_dir, data_cache, tmp_path, monkeypatch):
