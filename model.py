@@ -217,9 +217,18 @@ def swiglu_width(n_embd: int) -> int:
     return -(-8 * n_embd // 3 // 64) * 64
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its gain in the input's dtype. Under autocast, queries and keys reach QK-norm in bf16;
+    with an fp32 gain PyTorch's fused kernel refuses the mixed call (with a warning) and takes a slower
+    path. In fp32 (and so in the exported model's arithmetic) nothing changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=RMSNORM_EPS)
+        return RMSNorm(dim, eps=RMSNORM_EPS)
     return nn.LayerNorm(dim, bias=config.bias)
 
 
