@@ -1077,6 +1077,7 @@ def show_plan(args, env: Env) -> int:
     cache = data.prepared(data.DataSpec.from_args(args))
     if cache is not None:
         plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
+    print("\n".join([plan.model_line(), plan.data_line()]), flush=True)  # then a few steps are timed
     t = build(config, env, OptimizerSettings.from_args(args), seed=args.seed)
     accum = args.grad_accum if args.grad_accum != "auto" else (
         fitting_grad_accum(t, env, args.batch_size, args.block_size) if probes_memory(env.device) else 1)
@@ -1091,8 +1092,7 @@ def show_plan(args, env: Env) -> int:
         plan.steps = max(1, round(args.epochs * max(1, per_epoch)))
     if plan.steps is not None:
         plan.seconds = time.monotonic() - STARTED + costs.seconds(0, plan.steps)
-    lines = [plan.model_line(), plan.data_line(),
-             f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
+    lines = [f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
              f"{accum} accumulation step(s) on each of {env.world} process(es)"]
     if plan.steps is None:
         lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
