@@ -135,8 +135,9 @@ class Plan:
                          "data_tokens": self.data_tokens, "epochs": self.epochs, "cost": self.cost}}
 
     def model_line(self) -> str:
-        return (f"plan: {self.params / 1e6:,.1f} M parameters ({self.params_non_embedding / 1e6:,.1f} M without the "
-                f"position table), {self.tokens_per_step:,} tokens a step")
+        without = (f" ({self.params_non_embedding / 1e6:,.1f} M without the position table)"
+                   if self.params_non_embedding != self.params else "")
+        return f"plan: {self.params / 1e6:,.1f} M parameters{without}, {self.tokens_per_step:,} tokens a step"
 
     def data_line(self) -> str:
         if self.data_tokens is None:

@@ -804,9 +804,9 @@ class Trainer:
                 self.warmup = self._fitting_warmup(quiet=not announce)
         self.plan.steps, self.plan.step_seconds = self.max_steps, c.step
         self.plan.seconds = time.monotonic() - STARTED + c.seconds(self.step, self.max_steps - self.step)
-        if announce:
-            self.say("\n".join([self.plan.time_line(self.env.device.type), self.plan.steps_line(),
-                                 *self.plan.warnings()]))
+        if announce:  # the steps and their warnings were said already, unless the budget has just set them
+            planned = [self.plan.steps_line(), *self.plan.warnings()] if self.budget is not None else []
+            self.say("\n".join([self.plan.time_line(self.env.device.type), *planned]))
             if self.env.master:
                 self.metrics.log(**self.plan.row())
 
