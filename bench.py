@@ -1,10 +1,13 @@
-"""Measure speed: training throughput (tokens/s, MFU, memory), the training loop itself, CPU decoding and tokenizing.
+"""Measure speed and cost: training throughput (tokens/s, MFU, memory), the training loop itself, the optimizer
+step, CPU decoding and tokenizing; and, apart from speed, the validation loss recipes reach per step.
 
     python bench.py                                   # GPT-2 124M, T=1024, on this machine's GPU
     python bench.py --vary compile=on,off --vary batch_size=16,32,64 --vary arch=gpt2,modern
     python bench.py --loop                            # train_gpt2.py end to end, against the table's figure
     python bench.py --decode --tokenize               # the CPU side: sample.py vs transformers, data.py vs tiktoken
     python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
+    python bench.py --update                          # the optimizer step: operators, Newton-Schulz FLOPs, save stall
+    python bench.py --recipes --train_flags "..."     # not speed: validation loss per step of whole runs
 
 Figures are printed (and with --json written as one JSON object); nothing here asserts a speed.
 """

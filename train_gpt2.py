@@ -1,7 +1,11 @@
 """Train GPT-2 on one GPU, several (torchrun), or the CPU, keeping the best-validation checkpoint.
 
-    python train_gpt2.py --dataset PATH_OR_HUB_NAME ...
-    torchrun --standalone --nproc_per_node 8 train_gpt2.py ...
+    python train_gpt2.py                                      # GPT-2 124M's shape on FineWeb, the measured recipe
+    python train_gpt2.py --plan --price_per_hour 3            # what a run will take and cost; nothing is written
+    python train_gpt2.py --time 1h --sample_size 2000000      # the best model an hour buys, decay finished on time
+    python train_gpt2.py --dataset ./my_texts --n_layer 6 --n_head 6 --n_embd 384 --max_steps 2000
+    python train_gpt2.py ...the same flags... --resume        # after a stop, or a kill -9
+    torchrun --standalone --nproc_per_node 8 train_gpt2.py --batch_size 512
 
 One optimizer step, in the order it runs: `Trainer.run` takes the step's micro-batches (data.micro_batches);
 `update` runs them forward and backward, clips, and updates (fused AdamW, and Muon from muon.py, at the
