@@ -1,10 +1,13 @@
-"""Measure speed: training throughput (tokens/s, MFU, memory), the training loop itself, CPU decoding and tokenizing.
+"""Measure speed and cost: training throughput (tokens/s, MFU, memory), the training loop itself, the optimizer
+step, CPU decoding and tokenizing; and, apart from speed, the validation loss recipes reach per step.
 
     python bench.py                                   # GPT-2 124M, T=1024, on this machine's GPU
     python bench.py --vary compile=on,off --vary batch_size=16,32,64 --vary arch=gpt2,modern
     python bench.py --loop                            # train_gpt2.py end to end, against the table's figure
     python bench.py --decode --tokenize               # the CPU side: sample.py vs transformers, data.py vs tiktoken
     python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
+    python bench.py --update                          # the optimizer step: operators, Newton-Schulz FLOPs, save stall
+    python bench.py --recipes --train_flags "..."     # not speed: validation loss per step of whole runs
 
 Figures are printed (and with --json written as one JSON object); nothing here asserts a speed.
 """
@@ -13,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import itertools
 import json
 import os
 import resource
@@ -82,16 +84,14 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
     settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", s.optimizer]))  # the flags' defaults
     t = T.build(config, env, settings, seed=0)
     x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
-    batches = itertools.repeat((x[:, :-1], x[:, 1:]))
-    times = []
+    times, previous = [], None
     for step in range(warmup + steps):
         t0 = time.perf_counter()
-        loss, norm = T.train_step(t.model, t.optimizers, batches, env=env, step=step, seed=0, grad_accum=1,
-                                  grad_clip=1.0, scaler=t.scaler)
-        torch.stack([loss, norm]).tolist()  # the loop's one host sync per step
-        for optimizer in t.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        stats = T.update(t, [(x[:, :-1], x[:, 1:])], env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0,
+                         muon_momentum=settings.muon_momentum)
+        if previous is not None:
+            previous.read()  # as the loop does: the step before's figures, read once this one is queued
+        previous = T.StepFigures(step, stats)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if step >= warmup:  # the first steps include compilation and allocator warm-up
@@ -167,6 +167,90 @@ def time_loop(s: Setting, steps: int, warmup: int, device: torch.device) -> dict
         raise SystemExit("error: the loop benchmark logged no step after warm-up; raise --steps")
     return {"setting": "train_gpt2.py loop: " + s.label(), "tokens_per_s": statistics.median(timed),
             "ms_per_step": s.batch_size * s.block_size / statistics.median(timed) * 1e3, "windows": len(timed)}
+
+
+def optimizer_step_operators(optimizers: list) -> dict[str, int]:
+    """Operators dispatched by one step of each optimizer: the top-level ones inside its
+    `Optimizer.step#...` range in torch's profiler (each a kernel launch, or more, on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for optimizer in optimizers:
+            optimizer.step()
+    events = prof.events()
+    return {e.name.removeprefix("Optimizer.step#"): sum(1 for c in events if c.cpu_parent is not None
+                                                         and c.cpu_parent.id == e.id)
+            for e in events if e.name.startswith("Optimizer.step#")}
+
+
+def newton_schulz_flops(muon) -> float:
+    """FLOPs of one Muon step's orthogonalisation: per block of r <= c (tall blocks are transposed), each
+    of the 5 iterations costs X X^T (2 r r c), b A + c A A (2 r r r) and B X (2 r r c)."""
+    from muon import NS_STEPS
+    total = 0
+    for shape in muon._shapes[0]:
+        r, c = sorted((shape.rows, shape.cols))
+        blocks = sum(p.size(0) // shape.rows for p in shape.params)
+        total += blocks * NS_STEPS * (4 * r * r * c + 2 * r ** 3)
+    return total
+
+
+def save_stall(t, directory: Path) -> dict:
+    """Seconds the training loop stops for one latest.pt: save_checkpoint written in the loop (before),
+    against CheckpointWriter.save (after), which copies the state and writes it on a thread."""
+    from model import CheckpointWriter, checkpoint_state, save_checkpoint
+    state = lambda: dict(step=1, optimizer=[o.state_dict() for o in t.optimizers], scaler=None)
+    started = time.perf_counter()
+    save_checkpoint(directory / "sync.pt", t.raw_model, **state())
+    synchronous = time.perf_counter() - started
+    writer, stalls = CheckpointWriter(), []
+    for _ in range(2):  # the first save also allocates the buffers every later one reuses
+        started = time.perf_counter()
+        writer.save(directory / "async.pt", checkpoint_state(t.raw_model, **state()))
+        stalls.append(time.perf_counter() - started)
+        writer.wait()
+    return {"file_gb": (directory / "async.pt").stat().st_size / 1e9, "synchronous_save_s": synchronous,
+            "background_first_save_stall_s": stalls[0], "background_save_stall_s": stalls[1],
+            "background_write_s": time.perf_counter() - started}
+
+
+def bench_update(tiny: bool) -> dict:
+    """The default recipe's optimizer step at GPT-2 124M's shape, on the CPU: operators dispatched per
+    step (ours, and torch.optim.Muon's where this torch has it), Newton-Schulz FLOPs against the step's
+    forward and backward (arithmetic), and the loop's stall per save of latest.pt."""
+    shape = TINY if tiny else dict(n_layer=12, n_head=12, n_embd=768)
+    config = GPTConfig.from_preset(T.DEFAULT_ARCH, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd")},
+                                   block_size=64)
+    env = runtime.Env(device=torch.device("cpu"))
+    t = T.build(config, env, T.OptimizerSettings.from_args(T.parse_args([])), seed=0)
+    x = torch.randint(0, config.vocab_size, (1, 65))
+    batch = [(x[:, :-1], x[:, 1:])]
+    T.update(t, batch, env=env, step=0, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)  # state exists
+    _, loss = t.model(*batch[0])
+    loss.backward()
+    report = {"layers": config.n_layer, "width": config.n_embd, "operators": optimizer_step_operators(t.optimizers)}
+    if hasattr(torch.optim, "Muon"):  # what train_gpt2.py used before muon.py, on the same matrices
+        reference = torch.optim.Muon(T.split_parameters(t.raw_model)["matrices"], lr=0.02, weight_decay=0.05)
+        reference.step()  # its state exists too
+        report["operators_torch_muon"] = optimizer_step_operators([reference])["Muon.step"]
+    muon = t.optimizers[1]
+    ns = newton_schulz_flops(muon)
+    per_token = t.raw_model.flops_per_token(1024)
+    report |= {"newton_schulz_tflop": ns / 1e12,
+               "share_of_step_64x1024": ns / (per_token * 64 * 1024),
+               "share_of_step_128x128": ns / (t.raw_model.flops_per_token(128) * 128 * 128)}
+    with tempfile.TemporaryDirectory(prefix="bench-save-", dir=REPO) as tmp:
+        report["save"] = save_stall(t, Path(tmp))
+    ops = report["operators"]
+    print(f"optimizer step, {config.n_layer} layers x {config.n_embd} ({T.DEFAULT_ARCH}, Muon + AdamW), CPU: "
+          f"operators dispatched {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in ops.items())})"
+          + (f"; torch.optim.Muon alone {report['operators_torch_muon']}" if "operators_torch_muon" in report else ""))
+    print(f"Newton-Schulz: {report['newton_schulz_tflop']:.2f} TFLOP a step, {report['share_of_step_64x1024']:.1%} of "
+          f"a 64 x 1024-token step's forward and backward, {report['share_of_step_128x128']:.1%} of a 128 x 128 one")
+    s = report["save"]
+    print(f"latest.pt ({s['file_gb']:.2f} GB): the loop stops {s['synchronous_save_s']:.2f} s for a synchronous "
+          f"save, {s['background_save_stall_s']:.2f} s with the background writer ({s['background_first_save_stall_s']:.2f} "
+          f"s at its first save; it then writes for {s['background_write_s']:.2f} s while training goes on)")
+    return report
 
 
 def bench_tokenize(tiny: bool) -> dict:
@@ -480,6 +564,91 @@ def bench_hellaswag(tiny: bool, device: torch.device, n_items: int = 200) -> dic
     return report
 
 
+# DCLM's 22 CORE tasks in core.yaml's order, and the shape of their items in GPT-2 tokens (means): kind,
+# examples, delimiter, items, options, context, continuation. Measured on llm-foundry's copy of the data
+# (scripts/eval/local_data, which DCLM's bundle takes up); the four marked "est." are not stored there.
+CORE_SHAPE = {
+    "hellaswag_zeroshot": ("multiple_choice", 0, " ", 10042, 4, 50, 22),  # est.
+    "jeopardy": ("language_modeling", 10, "\nAnswer: ", 2117, 1, 23, 3),
+    "bigbench_qa_wikidata": ("language_modeling", 10, " ", 20321, 1, 9, 1),
+    "arc_easy": ("multiple_choice", 10, "\nAnswer: ", 2376, 4, 25, 5),
+    "arc_challenge": ("multiple_choice", 10, "\nAnswer: ", 1172, 4, 28, 6),
+    "copa": ("multiple_choice", 0, " ", 100, 2, 9, 7),
+    "commonsense_qa": ("multiple_choice", 10, " ", 1221, 4, 43, 1),
+    "piqa": ("multiple_choice", 10, "\nAnswer: ", 1838, 2, 12, 23),
+    "openbook_qa": ("multiple_choice", 0, " ", 500, 4, 12, 3),
+    "lambada_openai": ("language_modeling", 0, " ", 5153, 1, 82, 1),
+    "hellaswag": ("multiple_choice", 10, " ", 10042, 4, 50, 22),  # est.
+    "winograd": ("schema", 0, " ", 273, 2, 15, 5),
+    "winogrande": ("schema", 0, " ", 1267, 2, 16, 6),
+    "bigbench_dyck_languages": ("language_modeling", 10, " ", 1000, 1, 50, 2),
+    "agi_eval_lsat_ar": ("multiple_choice", 3, " ", 230, 4, 216, 1),
+    "bigbench_cs_algorithms": ("language_modeling", 10, " ", 1320, 1, 40, 1),
+    "bigbench_operators": ("language_modeling", 10, " ", 210, 1, 35, 1),
+    "bigbench_repeat_copy_logic": ("language_modeling", 10, " ", 32, 1, 27, 16),
+    "squad": ("language_modeling", 10, " ", 10570, 1, 175, 4),  # est.
+    "coqa": ("language_modeling", 0, " ", 7983, 1, 400, 3),  # est.
+    "boolq": ("multiple_choice", 10, "\nAnswer: ", 3270, 2, 136, 1),
+    "bigbench_language_identification": ("multiple_choice", 10, " ", 10000, 4, 149, 1),
+}
+
+
+def core_tasks_of_shape(directory: Path, per_task: int) -> list:
+    """(eval.Task, its items after the shuffle, the real task's item count) for each task of CORE_SHAPE: its
+    examples and `per_task` items more of random one-token words, in jsonl files written to `directory`."""
+    import random
+    from data import get_tokenizer
+    from eval import Task, read_task
+    enc, rng = get_tokenizer(), random.Random(0)
+    words = [w for w in map(enc.decode, ([t] for t in range(enc.n_vocab))) if w[:1] == " " and w[1:].isalpha()]
+    text = lambda n: "".join(rng.choices(words, k=n)).strip()  # n tokens, give or take the first
+    tasks = []
+    for label, (kind, shots, delimiter, n, options, context, continuation) in CORE_SHAPE.items():
+        fields = {"multiple_choice": lambda: {"query": text(context), "gold": 0,
+                                              "choices": [text(continuation) for _ in range(options)]},
+                  "schema": lambda: {"context_options": [text(context) for _ in range(options)],
+                                     "continuation": text(continuation), "gold": 0},
+                  "language_modeling": lambda: {"context": text(context), "continuation": text(continuation)}}[kind]
+        path = directory / f"{label}.jsonl"
+        path.write_text("".join(json.dumps(fields()) + "\n" for _ in range(shots + per_task)))
+        task = Task(label, kind, path, shots, delimiter, 0.0)
+        tasks.append((task, read_task(task), n))
+    return tasks
+
+
+def bench_core(tiny: bool, device: torch.device, per_task: int = 3) -> dict:
+    """eval.py's CORE scoring of GPT-2 124M (random weights) on generated items of the real bundle's shape:
+    `per_task` items of each task timed (prompts built and tokenized, passes of 32 rows at most), in fp32 and
+    bf16 autocast; the whole CORE's time is each task's seconds per item times its items, summed."""
+    from data import get_tokenizer
+    from eval import batches, encode_options, option_scores
+    torch.manual_seed(0)
+    model = GPT(GPTConfig.from_preset("gpt2", **(TINY if tiny else {}))).to(device).eval()
+    report = {"device": device.type, "threads": torch.get_num_threads(), "items_per_task": per_task}
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = core_tasks_of_shape(Path(tmp), per_task)
+    enc = get_tokenizer()
+    for name, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        autocast = lambda: torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        seconds = tokens = scored = 0.0
+        for k, (task, items, n) in enumerate([tasks[0], *tasks]):  # the first once more, untimed: warm-up
+            t0 = time.perf_counter()
+            encoded = encode_options(enc, task, items, range(per_task), model.config.block_size)
+            for batch in batches(sorted(encoded, key=lambda o: -max(map(len, o.rows))), 32):
+                with autocast(), torch.no_grad():
+                    option_scores(model, batch, device)  # returns Python lists: waits for the device
+            if k:
+                elapsed = time.perf_counter() - t0
+                seconds, scored = seconds + elapsed / per_task * n, scored + elapsed
+                tokens += sum(len(row) for o in encoded for row in o.rows)
+        report[f"{name}_core_hours"], report[f"{name}_tokens_per_s"] = seconds / 3600, tokens / scored
+    print(f"CORE scoring, {'tiny model' if tiny else 'GPT-2 124M'} on {device.type} ({report['threads']} threads), "
+          f"{len(tasks)} tasks x {per_task} items: fp32 {report['fp32_tokens_per_s']:,.0f} tokens/s "
+          f"({report['fp32_core_hours']:.1f} h for the whole CORE), bf16 {report['bf16_tokens_per_s']:,.0f} "
+          f"tokens/s ({report['bf16_core_hours']:.1f} h)")
+    return report
+
+
 # ----------------------------------------------------------------------------------------------------
 # Recipes: how much model a number of steps buys, each recipe trained by train_gpt2.py itself
 
@@ -601,7 +770,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality_data", metavar="CACHE_DIR", default=None,
                    help="with --quality, also on the held-out text of this prepared data cache")
     p.add_argument("--tokenize", action="store_true", help="data.py's preparation against raw tiktoken")
+    p.add_argument("--update", action="store_true", help="the optimizer step at 124M on the CPU: operators "
+                   "dispatched, Newton-Schulz FLOPs, the loop's stall per save")
     p.add_argument("--hellaswag", action="store_true", help="eval.py's HellaSwag scoring speed, GPT-2 124M")
+    p.add_argument("--core", action="store_true", help="eval.py's CORE scoring speed, GPT-2 124M, and the whole CORE's time")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
                    "the same data, shape, batch and steps, and compare their validation loss")
@@ -654,8 +826,12 @@ def main(argv=None):
         report["quality"] = bench_quality(args.quality, args.quality_data)
     if args.tokenize:
         report["tokenize"] = bench_tokenize(tiny=args.tiny)
+    if args.update:
+        report["update"] = bench_update(tiny=args.tiny)
     if args.hellaswag:
         report["hellaswag"] = bench_hellaswag(args.tiny, device)
+    if args.core:
+        report["core"] = bench_core(args.tiny, device, per_task=1 if args.tiny else 3)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=str))
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import re
 import socket
+import subprocess
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -65,10 +67,16 @@ dropout_rate = arg_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
 # Devices
 
 
+class UnusableGPU(UserError):
+    """The machine has an NVIDIA GPU this torch cannot use: two lines, what is wrong and the fix."""
+
+
 def pick_device(name: str = "auto", index: int = 0):
     """The torch.device for `--device NAME`; "cpu" never queries CUDA, so it is never initialised.
 
-    "auto" takes CUDA, else Apple's MPS, else the CPU; `index` is the GPU of this process (LOCAL_RANK).
+    "auto" takes CUDA, else Apple's MPS, else the CPU; but where the machine has an NVIDIA GPU that torch
+    cannot use (a CPU-only build, or one for a newer CUDA than the driver's), UnusableGPU rather than a
+    quiet run on the CPU. `index` is the GPU of this process (LOCAL_RANK).
     """
     import torch
     if name == "cpu":
@@ -76,11 +84,59 @@ def pick_device(name: str = "auto", index: int = 0):
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
         name = next((kind for kind, ok in available.items() if ok), "cpu")
+        gpu = nvidia_gpu() if name == "cpu" else None
+        if gpu is not None:
+            raise UnusableGPU(unusable_gpu_message(gpu, torch.__version__, torch.version.cuda))
     elif not available[name]:
         hint = "check nvidia-smi, or that torch is a CUDA build" if name == "cuda" else "it needs Apple silicon"
         raise UserError(f"--device {name}: this machine has none visible to PyTorch ({hint}); "
                         "use --device cpu")
     return torch.device(f"cuda:{index}" if name == "cuda" else name)
+
+
+# PyTorch's CUDA wheel indexes (download.pytorch.org/whl/cuXXX), oldest first; aarch64 wheels are in cu128 and later.
+CUDA_WHEEL_INDEXES = ("11.8", "12.1", "12.4", "12.6", "12.8", "12.9", "13.0")
+
+
+def nvidia_gpu() -> str | None:
+    """The name of this machine's first NVIDIA GPU as `nvidia-smi -L` gives it ("an NVIDIA GPU" when only
+    the driver's /proc entry says there is one), or None; within seconds either way."""
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=5).stdout
+        match = re.search(r"^GPU \d+: (.+?)(?: \(UUID|$)", listing, re.MULTILINE)
+        if match:
+            return match.group(1)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "an NVIDIA GPU" if Path("/proc/driver/nvidia/version").exists() else None
+
+
+def driver_cuda_version() -> str | None:
+    """The newest CUDA the driver supports, from nvidia-smi's header ("CUDA Version: 12.4"), or None."""
+    try:
+        header = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    match = re.search(r"CUDA Version:\s*(\d+\.\d+)", header)
+    return match.group(1) if match else None
+
+
+def unusable_gpu_message(gpu: str, torch_version: str, torch_cuda: str | None) -> str:
+    """What is wrong and the fix, a line each: the wheel index for the driver's CUDA, on any platform."""
+    driver = driver_cuda_version()
+    as_number = lambda v: tuple(map(int, v.split(".")))
+    fitting = [v for v in CUDA_WHEEL_INDEXES if driver is None or as_number(v) <= as_number(driver)]
+    index = "cu" + (fitting[-1] if fitting and driver else "12.8").replace(".", "")
+    if torch_cuda is None:
+        why = "plain pip install torch gives one on aarch64" if platform.machine() == "aarch64" else "a +cpu wheel"
+        reason = f"it is a CPU-only build ({why})"
+    elif driver and as_number(torch_cuda) > as_number(driver):
+        reason = f"it is built for CUDA {torch_cuda} and the driver supports CUDA {driver} at most"
+    else:
+        reason = f"it is built for CUDA {torch_cuda} but sees no device (is the driver loaded? try nvidia-smi)"
+    return (f"this machine has {gpu} but torch {torch_version} cannot use it: {reason}\n"
+            f"fix: pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/{index} "
+            f"(CUDA wheels for {platform.machine()}); or pass --device cpu to run on the CPU on purpose")
 
 
 def cuda_has_bf16() -> bool:

@@ -459,6 +459,13 @@ def prepare(spec: DataSpec, *, shard_tokens: int = 100_000_000, split_seed: int 
     return cache_dir
 
 
+def prepared(spec: DataSpec, *, shard_tokens: int = 100_000_000, split_seed: int = 0) -> Path | None:
+    """The cache directory prepare() would return, if it is complete already (nothing is downloaded)."""
+    source = resolve_source(spec)
+    cache_dir = Path(spec.data_cache) / _cache_name(source, spec, _settings(source, spec, shard_tokens, split_seed))
+    return cache_dir if (cache_dir / "manifest.json").exists() else None
+
+
 def _settings(source: Source, spec: DataSpec, shard_tokens: int, split_seed: int) -> dict:
     """Everything that changes the prepared data; its hash names the cache directory."""
     return {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": spec.sample_size,
@@ -857,18 +864,20 @@ class BatchSource:
         return {**self.__dict__, "_permutation": None}  # workers recompute it rather than receive it
 
 
-def micro_batches(source: BatchSource, start_step: int, num_steps: int, *, num_workers: int,
+def micro_batches(source: BatchSource, start_step: int, num_steps: int | None, *, num_workers: int,
                   pin_memory: bool) -> Iterator:
-    """source[i] for the micro-batches of steps [start_step, start_step+num_steps), in order, read ahead
-    by num_workers processes (0: in this process).
+    """source[i] for the micro-batches of steps [start_step, start_step+num_steps) (None: with no end, for
+    a run whose length is planned as it goes), in order, read ahead by num_workers processes (0: in this
+    process).
 
     The DataLoader gets its own torch.Generator: otherwise starting it draws a seed from the global
     RNG, and a resumed run would no longer match an uninterrupted one.
     """
     import torch
     G = source.grad_accum
+    end = (start_step + num_steps) * G if num_steps is not None else 2**62
     loader = torch.utils.data.DataLoader(
-        source, batch_size=None, sampler=range(start_step * G, (start_step + num_steps) * G),
+        source, batch_size=None, sampler=range(start_step * G, end),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
         generator=torch.Generator())
     yield from loader

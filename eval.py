@@ -1,9 +1,11 @@
-"""Score a model: HellaSwag accuracy, and its loss on a training run's validation split.
+"""Score a model: HellaSwag accuracy, CORE (DCLM's 22 tasks), and its loss on a training run's validation split.
 
     python eval.py --checkpoint ./checkpoints/model_best_val.pt         # HellaSwag validation, 10,042 items
     python eval.py --checkpoint gpt2 --dataset PATH --sample_size N     # ...and the val loss of that run's data
     python eval.py --checkpoint CKPT --hellaswag FILE.jsonl --device cpu --json OUT.json
     python eval.py --checkpoint CKPT --limit 500                        # the first 500 items: a quick look
+    python eval.py --checkpoint CKPT --tasks core                       # CORE, the figure nanochat reports
+    python eval.py --checkpoint CKPT --tasks core --core eval_bundle/ --limit 100
     python eval.py --checkpoint CKPT --tasks val --dataset PATH --eval_tokens 1000000
     torchrun --standalone --nproc_per_node 8 eval.py --checkpoint CKPT  # items split over the GPUs
 
@@ -14,20 +16,30 @@ HellaSwag: the validation file of the original release (jsonl: ctx, endings, lab
 into --data_cache/hellaswag/; offline, download it elsewhere and pass --hellaswag FILE.jsonl. Scoring
 as llm.c and build-nanogpt: the tokens of ctx, then of " " + ending; the cross-entropy of the ending's
 tokens only; acc takes the ending with the lowest total loss, acc_norm the lowest mean loss.
+CORE: DCLM's eval bundle (core.yaml, eval_meta_data.csv, eval_data/) is downloaded once into
+--data_cache/core/; offline, unzip it elsewhere and pass --core DIR. Scored as nanochat's core_eval.py
+scores it (the same shuffle, few-shot examples, prompts and rules), so the figures compare with nanochat's;
+--limit N takes the first N items of each task after the shuffle.
 Validation loss: give the data flags of a run (data.py's); its prepared cache is reused and the same
 validation split scored, whole or its first --eval_tokens tokens, in windows of --block_size tokens.
+It is also given in bits per byte (bpb), which compares with models that use another tokenizer.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import http.client
 import json
 import math
 import os
+import random
 import shutil
+import statistics
 import sys
+import tempfile
 import urllib.request
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -38,8 +50,8 @@ from tqdm import tqdm
 
 import data
 import runtime
-from common import (ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line, pick_device,
-                    positive_int)
+from common import (EOT, ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line,
+                    pick_device, positive_int)
 from model import GPT, describe, load_model, token_losses
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
@@ -49,16 +61,24 @@ HELLASWAG_ITEMS = 10_042  # items in that file: a shorter download is a truncate
 PROBE_SECONDS = 5.0  # an unreachable host fails in milliseconds or hangs; nobody should wait longer
 READ_SECONDS = 60.0  # urllib's timeout for each read of the download
 HEAD_TOKENS = 4096  # positions put through the output layer at once: 4096 x 50257 fp32 logits = 0.8 GB
-TASKS = ("hellaswag", "val")
+TASKS = ("hellaswag", "val", "core")
 # With this scoring (llm.c, build-nanogpt); printed beside the result so it can be read at a glance.
 REFERENCE = "OpenAI GPT-2 124M: acc_norm 0.2955 (acc 0.2859); GPT-3 125M: 0.337"
+# DCLM's eval bundle as nanochat's scripts/base_eval.py downloads it; the environment variable CORE_URL
+# points elsewhere (a mirror, or in the tests an address that cannot answer).
+CORE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+CORE_KINDS = ("multiple_choice", "schema", "language_modeling")  # core.yaml's icl_task_type
+SHUFFLE_SEED, FEWSHOT_SEED = 1337, 1234  # nanochat's: the same items, order and examples, so figures compare
+CORE_ENCODE_ITEMS = 256  # items tokenized at once, then sorted by length into passes: little padding, little memory
+# nanochat's measurements with this scoring (OpenAI's GPT-2 cropped to its 1,024 positions, as here).
+CORE_REFERENCE = "OpenAI GPT-2 124M 0.1139, 355M 0.1849, 774M 0.2146, 1.5B 0.2565; nanochat d20 0.2219, d26 0.2602"
 
 
 Autocast = Callable[[], ContextManager]  # returns the precision context of a forward pass (runtime.Env.autocast)
 
 
 class EvalError(UserError):
-    """A HellaSwag file or download the user can fix."""
+    """A HellaSwag file, a CORE bundle or a download the user can fix."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,6 +133,12 @@ def hellaswag_url() -> str:
     return os.environ.get("HELLASWAG_URL", HELLASWAG_URL)
 
 
+def fetch(url: str, path: Path) -> None:
+    """The file at `url` written to `path`; OSError or HTTPException (refused, 404, cut mid-way)."""
+    with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(path, "wb") as f:
+        shutil.copyfileobj(response, f)
+
+
 def download(url: str, dest: Path) -> list[Item]:
     """The validation items from `url`, saved to `dest` once they are known whole and valid."""
     advice = "download it on a machine online and pass --hellaswag FILE.jsonl"
@@ -120,8 +146,7 @@ def download(url: str, dest: Path) -> list[Item]:
         check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
         dest.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(dest) as tmp:  # an interrupted or bad download leaves no file behind
-            with urllib.request.urlopen(url, timeout=READ_SECONDS) as response, open(tmp, "wb") as f:
-                shutil.copyfileobj(response, f)
+            fetch(url, tmp)
             try:
                 items = read_items(tmp)
             except EvalError as e:
@@ -142,6 +167,190 @@ def hellaswag_items(path: str | None, cache_dir) -> list[Item]:
     if cached.exists():
         return read_items(cached)
     return download(hellaswag_url(), cached)
+
+
+# ----------------------------------------------------------------------------------------------------
+# CORE: DCLM's eval bundle
+
+
+@dataclass(frozen=True)
+class Task:
+    """One of core.yaml's icl_tasks, with its random baseline from eval_meta_data.csv."""
+    label: str
+    kind: str  # one of CORE_KINDS
+    path: Path  # its items, one JSON object a line
+    shots: int  # few-shot examples before each item
+    delimiter: str  # between a context and its continuation
+    baseline: float  # the accuracy of guessing, in percent
+
+
+@dataclass(frozen=True)
+class CoreItem:
+    """One line of a task's file: its object (fields checked for the task's kind) and where it came from."""
+    record: dict
+    where: str  # FILE:LINE
+
+
+# The fields of an item of each kind, and which of them lists the options `gold` points into.
+CORE_FIELDS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+               "language_modeling": ("context", "continuation")}
+CORE_OPTIONS = {"multiple_choice": "choices", "schema": "context_options"}
+
+
+def parse_core_item(raw: bytes, kind: str, where: str) -> CoreItem:
+    """One jsonl line as a CoreItem; EvalError naming `where` when it is not an item of that kind."""
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise EvalError(f"{where}: not valid JSON ({e})") from None
+    fields = CORE_FIELDS[kind]
+    if not isinstance(record, dict):
+        raise EvalError(f"{where}: expected an object with {', '.join(fields)}, found {type(record).__name__}")
+    missing = [k for k in fields if k not in record]
+    if missing:
+        raise EvalError(f"{where}: no field {missing[0]!r} (a {kind} item has {', '.join(fields)})")
+    for name in fields:
+        value = record[name]
+        if name == "gold":
+            options = record[CORE_OPTIONS[kind]]
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(options):
+                raise EvalError(f"{where}: 'gold' must be the index of one of the {len(options)} "
+                                f"{CORE_OPTIONS[kind]}, found {value!r:.40}")
+        elif name == CORE_OPTIONS.get(kind):
+            if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+                raise EvalError(f"{where}: {name!r} must be a non-empty list of strings, found {value!r:.40}")
+        elif not isinstance(value, str):
+            raise EvalError(f"{where}: {name!r} must be text, found {value!r:.40}")
+    return CoreItem(record, where)
+
+
+def read_task(task: Task, limit: int | None = None) -> list[CoreItem]:
+    """A task's items, shuffled as nanochat shuffles them, then the first `limit`."""
+    try:
+        lines = task.path.read_bytes().splitlines()
+    except OSError as e:
+        raise EvalError(f"cannot read {task.path} ({e.strerror or e})") from None
+    items = [parse_core_item(raw, task.kind, f"{task.path}:{n}") for n, raw in enumerate(lines, 1) if raw.strip()]
+    random.Random(SHUFFLE_SEED).shuffle(items)  # before anything, so --limit takes the same items as nanochat
+    items = items[:limit]
+    if len(items) < task.shots + 1:  # each item's examples are other items of the same list
+        raise EvalError(f"{task.path}: {len(items)} items, but task {task.label} shows each item {task.shots} "
+                        f"others as examples: it needs {task.shots + 1} at least" +
+                        (" (raise --limit)" if limit else ""))
+    return items
+
+
+def read_yaml_tasks(path: Path) -> list[dict]:
+    """core.yaml's icl_tasks: a list of mappings."""
+    import yaml  # PyYAML, which datasets requires; only CORE needs it
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise EvalError(f"cannot read {path} ({e.strerror or e}); is --core the unzipped eval_bundle?") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise EvalError(f"{path}: not valid YAML ({first_line(e)})") from None
+    tasks = config.get("icl_tasks") if isinstance(config, dict) else None
+    if not isinstance(tasks, list) or not tasks or not all(isinstance(t, dict) for t in tasks):
+        raise EvalError(f"{path}: no 'icl_tasks' list of tasks in it")
+    return tasks
+
+
+def read_baselines(path: Path) -> dict[str, float]:
+    """eval_meta_data.csv's "Random baseline" (percent) of each "Eval Task"."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EvalError(f"cannot read {path} ({first_line(e)})") from None
+    if not rows or not {"Eval Task", "Random baseline"} <= set(rows[0]):
+        raise EvalError(f"{path}: no 'Eval Task' and 'Random baseline' columns")
+    baselines = {}
+    for n, row in enumerate(rows, 2):  # line 1 is the header
+        try:
+            baselines[row["Eval Task"]] = float(row["Random baseline"])
+        except (TypeError, ValueError):
+            raise EvalError(f"{path}:{n}: 'Random baseline' must be a number, found "
+                            f"{row['Random baseline']!r:.40}") from None
+    return baselines
+
+
+def make_task(spec: dict, directory: Path, baselines: dict[str, float]) -> Task:
+    """One icl_tasks entry as a Task, its file and baseline found; EvalError naming the task otherwise."""
+    label = spec.get("label")
+    where = f"{directory / 'core.yaml'}: task {label!r}"
+    if not isinstance(label, str) or not label:
+        raise EvalError(f"{where}: 'label' must be text")
+    if spec.get("icl_task_type") not in CORE_KINDS:
+        raise EvalError(f"{where}: 'icl_task_type' must be one of {', '.join(CORE_KINDS)}, "
+                        f"found {spec.get('icl_task_type')!r:.40}")
+    shots = spec.get("num_fewshot")
+    shots = shots[0] if isinstance(shots, list) and shots else shots  # DCLM lists them; nanochat takes the first
+    if isinstance(shots, bool) or not isinstance(shots, int) or shots < 0:
+        raise EvalError(f"{where}: 'num_fewshot' must be [N] with N >= 0, found {spec.get('num_fewshot')!r:.40}")
+    delimiter = spec.get("continuation_delimiter", " ")
+    if not isinstance(delimiter, str):
+        raise EvalError(f"{where}: 'continuation_delimiter' must be text, found {delimiter!r:.40}")
+    path = directory / "eval_data" / str(spec.get("dataset_uri"))
+    if not path.is_file():
+        raise EvalError(f"{where}: no file {path} ('dataset_uri' is under eval_data/)")
+    if label not in baselines:
+        raise EvalError(f"{directory / 'eval_meta_data.csv'}: no row for task {label!r} (its random baseline)")
+    if not 0 <= baselines[label] < 100:
+        raise EvalError(f"{directory / 'eval_meta_data.csv'}: task {label!r}: the random baseline must be a "
+                        f"percentage below 100, found {baselines[label]}")
+    return Task(label, spec["icl_task_type"], path, shots, delimiter, baselines[label])
+
+
+def read_bundle(directory: Path) -> list[Task]:
+    """The tasks of an unzipped eval bundle (core.yaml, eval_meta_data.csv, eval_data/); their items are read later."""
+    specs = read_yaml_tasks(directory / "core.yaml")
+    baselines = read_baselines(directory / "eval_meta_data.csv")
+    tasks = [make_task(spec, directory, baselines) for spec in specs]
+    labels = [task.label for task in tasks]
+    twice = next((label for label in labels if labels.count(label) > 1), None)
+    if twice:
+        raise EvalError(f"{directory / 'core.yaml'}: task {twice!r} appears twice")
+    return tasks
+
+
+def core_url() -> str:
+    return os.environ.get("CORE_URL", CORE_URL)
+
+
+def download_bundle(url: str, dest: Path) -> list[Task]:
+    """The bundle from `url` (a zip holding eval_bundle/), unzipped into `dest` once it is known whole and valid."""
+    advice = "download eval_bundle.zip on a machine online, unzip it and pass --core DIR"
+    try:
+        check_reachable(url, PROBE_SECONDS)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        # Unzipped beside dest and renamed into place whole: an interrupted or bad download leaves no dest.
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
+            archive, unzipped = Path(tmp) / "eval_bundle.zip", Path(tmp) / "unzipped"
+            fetch(url, archive)
+            with zipfile.ZipFile(archive) as z:
+                z.extractall(unzipped)  # extractall keeps every member inside `unzipped` (no "..", no absolute paths)
+            root = unzipped / "eval_bundle" if (unzipped / "eval_bundle").is_dir() else unzipped
+            try:
+                for task in read_bundle(root):
+                    read_task(task)
+            except EvalError as e:
+                raise EvalError(f"the download from {url} is not a CORE eval bundle ({e}); {advice}") from None
+            os.replace(root, dest)
+    except zipfile.BadZipFile as e:
+        raise EvalError(f"the download from {url} is not a whole zip file ({e}); {advice}") from None
+    except (OSError, http.client.HTTPException) as e:  # unreachable, refused, HTTP 404, cut mid-way
+        raise EvalError(f"cannot download CORE's eval bundle from {url} ({first_line(e)}); {advice}") from None
+    return read_bundle(dest)
+
+
+def core_bundle(directory: str | None, cache_dir) -> list[Task]:
+    """The tasks of --core DIR, or of the bundle downloaded into cache_dir on first use."""
+    if directory is not None:
+        return read_bundle(Path(directory).expanduser())
+    cached = Path(cache_dir) / "core" / "eval_bundle"
+    if cached.is_dir():
+        return read_bundle(cached)
+    return download_bundle(core_url(), cached)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -171,22 +380,29 @@ def encode_item(enc, item: Item, window: int) -> Encoded:
 
 
 def collate(items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x and targets y, both (4 * items, longest row - 1); y is -1 (not scored) outside the endings.
+    """Inputs x and targets y, both (4 * items, longest row - 1); y is -1 (not scored) outside the endings."""
+    return collate_rows([(row, item.start) for item in items for row in item.rows])
+
+
+def collate_rows(rows: list[tuple[tuple[int, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs x and targets y, both (rows, longest row - 1), from (tokens, start) pairs; y is -1 (not
+    scored) except at the tokens from `start` on.
 
     Shorter rows are padded on the right, where causal attention keeps the padding from the real positions.
     """
-    rows = [(row, item.start) for item in items for row in item.rows]
     x = torch.zeros(len(rows), max(len(row) for row, _ in rows) - 1, dtype=torch.long)
     y = torch.full_like(x, -1)
     for i, (row, start) in enumerate(rows):
         tokens = torch.tensor(row)
         x[i, :len(row) - 1] = tokens[:-1]
-        y[i, start - 1:len(row) - 1] = tokens[start:]  # position j predicts token j+1: the ending's tokens
+        y[i, start - 1:len(row) - 1] = tokens[start:]  # position j predicts token j+1: the scored tokens
     return x, y
 
 
-def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are.
+def scored_losses(model: GPT, x: torch.Tensor, y: torch.Tensor,
+                  argmax: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """At each position where y is not -1, in row-major order (N,): the cross-entropy of its target, and
+    with `argmax` whether the target was the most likely token.
 
     The network runs once over all positions; the output layer only over the scored ones (a HellaSwag
     context is not scored, and its logits would be most of the work), HEAD_TOKENS at a time. The loss
@@ -194,11 +410,20 @@ def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tens
     """
     scored = y != -1  # (B, T)
     hidden = model.hidden_states(x)[scored]  # (N, C), the scored positions of all rows
-    targets, row_of = y[scored], scored.nonzero()[:, 0]  # (N,) each, in the same order
-    c = model.config
-    losses = torch.cat([token_losses(model.lm_head(h), t, c.logit_softcap, c.vocab_size)
-                        for h, t in zip(hidden.split(HEAD_TOKENS), targets.split(HEAD_TOKENS))])  # (N,)
-    sums = torch.zeros(len(y), device=y.device).index_add_(0, row_of, losses)
+    c, losses, hits = model.config, [], []
+    for h, t in zip(hidden.split(HEAD_TOKENS), y[scored].split(HEAD_TOKENS)):
+        logits = model.lm_head(h)  # (n, padded vocab)
+        losses.append(token_losses(logits, t, c.logit_softcap, c.vocab_size))
+        if argmax:  # of the raw logits: the soft cap keeps their order; the padding ids are never predicted
+            hits.append(logits[:, :c.vocab_size].argmax(-1) == t)
+    return torch.cat(losses), torch.cat(hits) if argmax else None
+
+
+def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are."""
+    scored = y != -1
+    losses, _ = scored_losses(model, x, y)
+    sums = torch.zeros(len(y), device=y.device).index_add_(0, scored.nonzero()[:, 0], losses)
     return sums, scored.sum(1)
 
 
@@ -251,35 +476,236 @@ def hellaswag_accuracy(model: GPT, items: list[Item], device, autocast: Autocast
     return {"acc": right / n, "acc_norm": right_norm / n, "n": n}
 
 
+def token_bytes(enc) -> torch.Tensor:
+    """The UTF-8 length of each token of the vocabulary (n_vocab,); 0 for <|endoftext|>, which stands for no text."""
+    lengths = [len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
+    lengths[EOT] = 0
+    return torch.tensor(lengths)
+
+
 @torch.no_grad()
-def validation_loss(model: GPT, shards: data.TokenShards, window: int, device,
+def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
                     batch_size: int = 32, max_tokens: int | None = None, progress: bool = False) -> dict:
-    """{"loss", "tokens"}: the mean cross-entropy over the split's windows of window+1 tokens, all of them
-    or the first ceil(max_tokens / window); the tail shorter than a window is left out.
+    """{"loss", "tokens", "bpb"}: the mean cross-entropy over the split's windows of window+1 tokens, all of
+    them or the first ceil(max_tokens / window); the tail shorter than a window is left out.
 
-    The windows are those train_gpt2.py's validation reads, in the same order (BatchSource.eval_batch).
+    bpb, bits per byte: the summed loss over (ln 2 x the UTF-8 bytes of the scored tokens), which does not
+    depend on the tokenizer. As nanochat counts it, the text only: a target <|endoftext|> has no bytes,
+    and its loss is left out of the sum too. train_gpt2.py's evaluations are this function over the first
+    eval_iters batches, with its compiled (and DDP-wrapped) model: `model` is anything that runs GPT.forward.
     """
     source = data.BatchSource(shards, window, batch_size * world, seed=0, rank=rank, world_size=world,
                               shuffle=False)
     n = source.windows_per_epoch if max_tokens is None else min(source.windows_per_epoch, -(-max_tokens // window))
     passes = -(-n // (batch_size * world))
+    lengths = token_bytes(data.get_tokenizer()).to(device)
     was_training = model.training
     model.eval()
-    loss_sum, tokens = 0.0, 0  # Python floats and ints: exact however many tokens (fp32 is not past 2**24)
+    # [loss, tokens, loss of the text tokens, their bytes] in float64: exact counts however many tokens
+    # (fp32 is not past 2**24), and a sum of losses that does not drift.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for k in tqdm(range(passes), unit="pass", desc="val loss", disable=not progress, dynamic_ncols=True):
         x, y = source.eval_batch(k)
         first = k * batch_size * world + rank * batch_size
         y[torch.arange(first, first + batch_size) >= n] = -1  # windows past the n-th (wrapped around): not scored
+        x, y = x.to(device), y.to(device)
         with autocast():
-            losses, counts = row_losses(model, x.to(device), y.to(device))
-        loss_sum, tokens = loss_sum + losses.sum().item(), tokens + int(counts.sum())
+            _, losses = model(x, y, per_token=True)
+        scored = y.view(-1) != -1
+        losses, nbytes = losses[scored], lengths[y.view(-1)[scored]]  # (N,) each, in the same order
+        sums[0] += losses.sum()
+        sums[1] += len(losses)
+        sums[2] += losses[nbytes > 0].sum()
+        sums[3] += nbytes.sum()
     model.train(was_training)
     if world > 1:
-        sums = torch.tensor([loss_sum, tokens], dtype=torch.float64, device=device)
         dist.all_reduce(sums)
-        loss_sum, tokens = sums[0].item(), int(sums[1].item())
-    return {"loss": loss_sum / tokens, "tokens": tokens}
+    loss_sum, tokens, text_loss, nbytes = sums.tolist()
+    return {"loss": loss_sum / tokens, "tokens": int(tokens),
+            "bpb": text_loss / (math.log(2) * nbytes) if nbytes else float("nan")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# CORE scoring, as nanochat's nanochat/core_eval.py and scripts/base_eval.py score it
+
+
+def fewshot_examples(items: list[CoreItem], i: int, shots: int) -> list[dict]:
+    """Item i's examples: random.Random(1234 + i).sample of the other items' indices, as nanochat draws them.
+
+    sample() picks positions in its population by its length alone, so sampling range(n - 1) and stepping
+    over i picks what sampling the list of the other n - 1 indices picks, without building that list
+    for each item (20,321 items in a task make 400 million entries).
+    """
+    if not shots:
+        return []
+    picked = random.Random(FEWSHOT_SEED + i).sample(range(len(items) - 1), shots)
+    return [items[j + (j >= i)].record for j in picked]
+
+
+def render_prompts(task: Task, item: dict, shots: list[dict]) -> list[str]:
+    """The texts to score, each example followed by a blank line, byte for byte as nanochat's templates render them.
+
+    Multiple choice: the query, the delimiter and each choice (one text a choice). Schema: each context
+    option, the delimiter and the continuation (one a context option). Language modelling: contexts
+    stripped of surrounding whitespace; the prompt without the continuation, stripped, then with it.
+    """
+    d = task.delimiter
+    if task.kind == "multiple_choice":
+        head = "".join(f"{s['query']}{d}{s['choices'][s['gold']]}\n\n" for s in shots)
+        return [f"{head}{item['query']}{d}{choice}" for choice in item["choices"]]
+    if task.kind == "schema":
+        head = "".join(f"{s['context_options'][s['gold']]}{d}{s['continuation']}\n\n" for s in shots)
+        return [f"{head}{option}{d}{item['continuation']}" for option in item["context_options"]]
+    head = "".join(f"{s['context'].strip()}{d}{s['continuation']}\n\n" for s in shots)
+    prompt = f"{head}{item['context'].strip()}{d}"
+    # Stripped, or a trailing space (the delimiter) would be a token of its own here, but merge into the
+    # continuation's first token in the full text, and the one would not be a prefix of the other.
+    return [prompt.strip(), prompt + item["continuation"]]
+
+
+def common_prefix(rows: list[list[int]]) -> int:
+    """How many leading tokens all rows share."""
+    n = 0
+    for column in zip(*rows):
+        if any(token != column[0] for token in column):
+            break
+        n += 1
+    return n
+
+
+@dataclass(frozen=True)
+class Options:
+    """A CORE item as tokens: one row per option (<|endoftext|> first), where each row's scored
+    continuation starts, and the right row (multiple choice, schema; 0 for language modelling)."""
+    rows: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+    gold: int
+
+
+def encode_options(enc, task: Task, items: list[CoreItem], indices, window: int) -> list[Options]:
+    """Items `indices` of a task (after its shuffle) as rows of at most `window` tokens, cut from the left;
+    their prompts tokenized in one call, which tiktoken spreads over threads.
+
+    The continuation starts where the rows stop agreeing (multiple choice: the common prefix) or where
+    they start agreeing again (schema: the common suffix), or after the prompt (language modelling).
+    """
+    prompts = [render_prompts(task, items[i].record, fewshot_examples(items, i, task.shots)) for i in indices]
+    tokens = iter(enc.encode_ordinary_batch([p for item_prompts in prompts for p in item_prompts]))
+    # nanochat's BOS is GPT-2's <|endoftext|>
+    return [item_options(task, items[i], [[EOT, *next(tokens)] for _ in item_prompts], window)
+            for i, item_prompts in zip(indices, prompts)]
+
+
+def item_options(task: Task, item: CoreItem, rows: list[list[int]], window: int) -> Options:
+    """One item's Options from the tokens of its prompts."""
+    if task.kind == "multiple_choice":
+        starts = [common_prefix(rows)] * len(rows)
+    elif task.kind == "schema":
+        suffix = common_prefix([row[::-1] for row in rows])
+        starts = [len(row) - suffix for row in rows]
+    else:
+        without, rows = rows[0], rows[1:]
+        if len(without) >= len(rows[0]) or rows[0][:len(without)] != without:
+            raise EvalError(f"{item.where}: the context's tokens are not followed by the continuation's in "
+                            f"the whole text (nanochat refuses such an item too); change its text")
+        starts = [len(without)]
+    # Cut from the left to the model's window, as nanochat cuts for OpenAI's GPT-2. A continuation longer
+    # than the window on its own (a tiny model's) keeps all but its first token, which has no context left.
+    cuts = [max(0, len(row) - window) for row in rows]
+    return Options(tuple(tuple(row[cut:]) for row, cut in zip(rows, cuts)),
+                   tuple(max(1, start - cut) for start, cut in zip(starts, cuts)), item.record.get("gold", 0))
+
+
+def option_scores(model: GPT, batch: list[Options], device) -> tuple[list[float], list[bool]]:
+    """For every row of `batch`, in order: the mean loss of its continuation's tokens, and whether each of
+    them was the model's most likely token. One forward pass for all."""
+    x, y = collate_rows([(row, start) for options in batch for row, start in zip(options.rows, options.starts)])
+    x, y = x.to(device), y.to(device)
+    losses, hits = scored_losses(model, x, y, argmax=True)
+    row_of = (y != -1).nonzero()[:, 0]
+    sums = torch.zeros(len(y), device=device).index_add_(0, row_of, losses)
+    misses = torch.zeros(len(y), device=device).index_add_(0, row_of, (~hits).float())
+    return (sums / (y != -1).sum(1)).tolist(), (misses == 0).tolist()
+
+
+def count_right(kind: str, batch: list[Options], means: list[float], exact: list[bool]) -> int:
+    """How many items of `batch` the model gets right, from option_scores' figures."""
+    right, k = 0, 0
+    for options in batch:
+        rows = slice(k, k + len(options.rows))
+        if kind == "language_modeling":
+            right += exact[rows][0]  # every token of the continuation was the argmax
+        else:  # the option of lowest mean loss, the first of equals (nanochat: list.index(min(...)))
+            right += means[rows].index(min(means[rows])) == options.gold
+        k += len(options.rows)
+    return right
+
+
+def batches(encoded: list[Options], rows: int):
+    """Consecutive items in groups of at most `rows` rows; an item with more goes alone."""
+    batch: list[Options] = []
+    for options in encoded:
+        if batch and sum(len(o.rows) for o in batch) + len(options.rows) > rows:
+            yield batch
+            batch = []
+        batch.append(options)
+    if batch:
+        yield batch
+
+
+def task_right(model: GPT, task: Task, items: list[CoreItem], device, autocast: Autocast, rank: int, world: int,
+               batch_size: int, bar: tqdm) -> int:
+    """How many of this rank's items (rank, rank + world, ... as nanochat strides them) the model gets right."""
+    enc, mine = data.get_tokenizer(), range(rank, len(items), world)
+    right = 0
+    for a in range(0, len(mine), CORE_ENCODE_ITEMS):
+        encoded = encode_options(enc, task, items, mine[a:a + CORE_ENCODE_ITEMS], model.config.block_size)
+        encoded.sort(key=lambda o: max(map(len, o.rows)), reverse=True)  # like lengths share a pass: less padding
+        for batch in batches(encoded, batch_size):
+            with autocast():
+                means, exact = option_scores(model, batch, device)
+            right += count_right(task.kind, batch, means, exact)
+            bar.update(min(len(batch) * world, bar.total - bar.n))
+    return right
+
+
+def core_figures(tasks: list[tuple[Task, list[CoreItem]]], right: list[int]) -> dict:
+    """{"core", "tasks": {label: {"accuracy", "centered", "n"}}}: centered = (accuracy - baseline) /
+    (1 - baseline), 0 for guessing and 1 for all right; CORE is the mean over the tasks (DCLM's definition)."""
+    figures = {}
+    for (task, items), r in zip(tasks, right):
+        accuracy, baseline = r / len(items), task.baseline / 100
+        figures[task.label] = {"accuracy": accuracy, "centered": (accuracy - baseline) / (1 - baseline),
+                               "n": len(items)}
+    return {"core": statistics.fmean(f["centered"] for f in figures.values()), "tasks": figures}
+
+
+@torch.no_grad()
+def core_accuracy(model: GPT, tasks: list[tuple[Task, list[CoreItem]]], device,
+                  autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
+                  batch_size: int = 32, progress: bool = False) -> dict:
+    """CORE and each task's figures (core_figures) over `tasks`, each with its items as read_task gives them.
+
+    Every rank scores its share of each task and the counts are summed. An item's options share a forward
+    pass; batch_size is rows per pass. Under torchrun the passes hold other items than in one process, so
+    figures agree up to rounding.
+    """
+    was_training = model.training
+    model.eval()
+    right = torch.zeros(len(tasks), dtype=torch.long, device=device)
+    bar = tqdm(total=sum(len(items) for _, items in tasks), unit="item", desc="core", disable=not progress,
+               dynamic_ncols=True)
+    try:
+        for k, (task, items) in enumerate(tasks):
+            bar.set_description(f"core {task.label}")
+            right[k] = task_right(model, task, items, device, autocast, rank, world, batch_size, bar)
+    finally:
+        model.train(was_training)
+        bar.close()
+    if world > 1:
+        dist.all_reduce(right)
+    return core_figures(tasks, right.tolist())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,16 +722,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
                    help="our .pt checkpoint, a save_pretrained directory, or a Hub name (default %(default)s)")
     p.add_argument("--tasks", type=task_list, default=None,
-                   help="hellaswag, val or both (default: hellaswag, and val too when --dataset is given)")
+                   help="hellaswag, val, core, or several with commas "
+                        "(default: hellaswag, and val too when --dataset is given)")
     p.add_argument("--hellaswag", metavar="FILE.jsonl", default=None,
                    help="HellaSwag items in the original release's jsonl (default: download the validation set)")
-    p.add_argument("--limit", type=positive_int, default=None, help="score only the first N items")
+    p.add_argument("--core", metavar="DIR", default=None,
+                   help="core: DCLM's eval bundle unzipped (core.yaml, eval_meta_data.csv, eval_data/) "
+                        "(default: download it into --data_cache)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="score only the first N items (core: of each task, after its shuffle)")
     p.add_argument("--eval_tokens", type=positive_int, default=None,
                    help="val: score the first N tokens of the split (default: all of it)")
     p.add_argument("--block_size", type=positive_int, default=None,
                    help="val: tokens per window (default: the model's; give the run's to compare with another model)")
     p.add_argument("--batch_size", type=positive_int, default=32,
-                   help="sequences per forward pass (HellaSwag: 4 per item) (default %(default)s)")
+                   help="sequences per forward pass (HellaSwag: 4 per item; core: an item's options, "
+                        "which share a pass) (default %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA only; on a CPU, fast only with AVX-512 bf16 or AMX)")
@@ -321,12 +753,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv, namespace=argparse.Namespace(dataset=None))
     named_data, args.dataset = args.dataset is not None, args.dataset or p.get_default("dataset")
     args.tasks = args.tasks or ["hellaswag", *(["val"] if named_data else [])]
-    if "hellaswag" not in args.tasks and (args.hellaswag or args.limit):
-        p.error("--hellaswag and --limit belong to the hellaswag task, which --tasks leaves out")
+    if "hellaswag" not in args.tasks and args.hellaswag:
+        p.error("--hellaswag belongs to the hellaswag task, which --tasks leaves out")
+    if "core" not in args.tasks and args.core:
+        p.error("--core belongs to the core task, which --tasks leaves out")
+    if not {"hellaswag", "core"} & set(args.tasks) and args.limit:
+        p.error("--limit belongs to the hellaswag and core tasks, which --tasks leaves out")
     if "val" not in args.tasks and (args.eval_tokens or args.block_size):
         p.error("--eval_tokens and --block_size belong to the val task: add --tasks hellaswag,val and the data flags")
     if args.hellaswag and not Path(args.hellaswag).expanduser().is_file():
         p.error(f"--hellaswag {args.hellaswag}: no such file")
+    if args.core and not Path(args.core).expanduser().is_dir():
+        p.error(f"--core {args.core}: no such directory (give the unzipped eval_bundle)")
     if args.json and not Path(args.json).expanduser().absolute().parent.is_dir():
         p.error(f"--json {args.json}: its directory does not exist")
     try:
@@ -342,9 +780,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace, env: runtime.Env) -> dict:
     """The tasks asked for; the data is read (or fails) before the model, which takes longer, is loaded."""
-    items = shards = None
+    items = shards = core = None
     if "hellaswag" in args.tasks:
         items = runtime.local_rank0_first(env, lambda: hellaswag_items(args.hellaswag, args.data_cache))[:args.limit]
+    if "core" in args.tasks:
+        bundle = runtime.local_rank0_first(env, lambda: core_bundle(args.core, args.data_cache))
+        core = [(task, read_task(task, args.limit)) for task in bundle]
     if "val" in args.tasks:
         cache = runtime.local_rank0_first(env, lambda: data.prepare(data.DataSpec.from_args(args), progress=env.master))
         shards = data.TokenShards(cache, "val")
@@ -362,21 +803,36 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
         results["hellaswag"] = hellaswag_accuracy(model, items, **common)
     if shards is not None:
         results["val"] = validation_loss(model, shards, window, max_tokens=args.eval_tokens, **common)
+    if core is not None:
+        results["core"] = core_accuracy(model, core, **common)
     return results
 
 
 def table(results: dict) -> str:
     """The results as a few aligned lines for the terminal."""
-    lines = [f"{'task':<10} {'metric':<9} {'value':>7}  "]
+    lines = [f"{'task':<10} {'metric':<9} {'value':>7}  "] if {"hellaswag", "val"} & set(results) else []
     if "hellaswag" in results:
         h = results["hellaswag"]
         lines += [f"{'hellaswag':<10} {'acc':<9} {h['acc']:>7.4f}  {h['n']:,} items",
                   f"{'hellaswag':<10} {'acc_norm':<9} {h['acc_norm']:>7.4f}  for comparison, {REFERENCE}"]
     if "val" in results:
         v = results["val"]
-        lines.append(f"{'val':<10} {'loss':<9} {v['loss']:>7.4f}  {v['tokens']:,} tokens, "
-                     f"perplexity {math.exp(min(v['loss'], 50)):.1f}")
+        lines += [f"{'val':<10} {'loss':<9} {v['loss']:>7.4f}  {v['tokens']:,} tokens, "
+                  f"perplexity {math.exp(min(v['loss'], 50)):.1f}",
+                  f"{'val':<10} {'bpb':<9} {v['bpb']:>7.4f}  bits per byte of text, whatever the tokenizer"]
+    if "core" in results:
+        lines += [""] * bool(lines) + core_table(results["core"])
     return "\n".join(line.rstrip() for line in lines)
+
+
+def core_table(core: dict) -> list[str]:
+    """CORE's lines: each task's accuracy and centered accuracy, then CORE beside the reference figures."""
+    width = max(len("CORE task"), *map(len, core["tasks"]))
+    lines = [f"{'CORE task':<{width}} {'accuracy':>8} {'centered':>8}  items"]
+    lines += [f"{label:<{width}} {f['accuracy']:>8.4f} {f['centered']:>8.4f}  {f['n']:,}"
+              for label, f in core["tasks"].items()]
+    return lines + [f"{'CORE':<{width}} {'':>8} {core['core']:>8.4f}  mean centered accuracy of "
+                    f"{len(core['tasks'])} tasks; for comparison, {CORE_REFERENCE}"]
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import math
 import pickle
+import threading
+import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator
@@ -65,6 +67,9 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.pos_emb == "rope" and self.head_dim % 2:
+            raise ValueError(f"rotary positions turn pairs of channels: the head size (n_embd / n_head = "
+                             f"{self.n_embd} / {self.n_head}) must be even, not {self.head_dim}")
         for name, allowed in (("pos_emb", ("learned", "rope")), ("norm", ("layernorm", "rmsnorm")),
                               ("mlp", ("gelu", "swiglu", "relu2"))):
             if getattr(self, name) not in allowed:
@@ -147,7 +152,10 @@ LOSS_ROWS = 1024  # rows per fp32 chunk of the loss: 200 MB at GPT-2's vocabular
 
 def token_losses(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0, vocab: int | None = None) -> torch.Tensor:
     """The cross-entropy of each row (N,) in fp32, by cross_entropy's rule, 0 where the target is -1 (no gradient)."""
-    lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab or logits.size(-1))
+    vocab = vocab or logits.size(-1)
+    if torch.compiler.is_compiling():  # inductor fuses the upcast into its kernels, as in cross_entropy
+        return F.cross_entropy(softcap(logits[:, :vocab].float(), cap), targets, ignore_index=-1, reduction="none")
+    lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab)
     return (lse - target_logit) * (targets != -1)
 
 
@@ -209,9 +217,18 @@ def swiglu_width(n_embd: int) -> int:
     return -(-8 * n_embd // 3 // 64) * 64
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm with its gain in the input's dtype. Under autocast, queries and keys reach QK-norm in bf16;
+    with an fp32 gain PyTorch's fused kernel refuses the mixed call (with a warning) and takes a slower
+    path. In fp32 (and so in the exported model's arithmetic) nothing changes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+
+
 def make_norm(config: GPTConfig, dim: int) -> nn.Module:
     if config.norm == "rmsnorm":
-        return nn.RMSNorm(dim, eps=RMSNORM_EPS)
+        return RMSNorm(dim, eps=RMSNORM_EPS)
     return nn.LayerNorm(dim, bias=config.bias)
 
 
@@ -263,7 +280,10 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=query_mask(T, k.size(2), q.device),
                                            is_causal=T == k.size(2) and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
-        y = y.to(x.dtype).transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        if cache is not None:
+            y = y.to(x.dtype)  # the cache's dtype (fp32 on CPUs) back to the weights'; never under autocast,
+            # where x is fp32 (after a norm) and y bf16: a cast there would be a copy c_proj casts back
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -282,16 +302,16 @@ class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.kind = config.mlp
-        self.swiglu = config.mlp == "swiglu"
-        hidden = swiglu_width(config.n_embd) if self.swiglu else 4 * config.n_embd
-        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.swiglu else hidden, bias=config.bias)
+        hidden = swiglu_width(config.n_embd) if self.kind == "swiglu" else 4 * config.n_embd
+        # SwiGLU's gate and up projections side by side in one matrix: (2 * hidden, C)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.c_proj.residual_scale = True
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
         h = self.c_fc(x)
-        if self.swiglu:
+        if self.kind == "swiglu":
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
         elif self.kind == "relu2":
@@ -398,8 +418,9 @@ class GPT(nn.Module):
         """The output layer: logits over the padded vocabulary, soft-capped when the config says so."""
         return softcap(self.lm_head(hidden), self.config.logit_softcap)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        """(logits (B, T, padded vocab), None); or, given targets (B, T; -1 is ignored), (None, mean cross-entropy).
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, per_token: bool = False):
+        """(logits (B, T, padded vocab), None); or, given targets (B, T; -1 is ignored), (None, mean cross-entropy),
+        or with per_token (for evaluation: no gradient) (None, each position's cross-entropy (B*T,), 0 at -1).
 
         With targets the logits are not returned: a caller holding them would keep them alive through
         the backward pass, 6.6 GB in bf16 for a micro-batch of 64 x 1024.
@@ -407,8 +428,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(self.hidden_states(idx)), None
         logits = self.lm_head(self.hidden_states(idx))  # soft-capped inside the loss, chunk by chunk
-        return None, cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap,
-                                   self.config.vocab_size)
+        loss = token_losses if per_token else cross_entropy
+        return None, loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap,
+                          self.config.vocab_size)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str) -> "GPT":
@@ -484,15 +506,82 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
     return out
 
 
-def save_checkpoint(path, model: GPT, **fields) -> None:
-    """Write {"model": weights, "config": shape, **fields} atomically (a kill leaves the previous file whole).
+def checkpoint_state(model: GPT, **fields) -> dict:
+    """{"model": weights, "config": shape, **fields}: what a checkpoint holds (tensors still the model's own).
 
     Fields are plain values and tensors (step, val_loss, optimizer state, ...), never pickled objects,
     so load_checkpoint reads the file with weights_only=True.
     """
-    state = {"model": strip_wrapper_prefixes(model.state_dict()), "config": model.config.to_dict(), **fields}
+    return {"model": strip_wrapper_prefixes(model.state_dict()), "config": model.config.to_dict(), **fields}
+
+
+def save_checkpoint(path, model: GPT, **fields) -> None:
+    """checkpoint_state written atomically (a kill leaves the previous file whole)."""
+    write_checkpoint(path, checkpoint_state(model, **fields))
+
+
+def write_checkpoint(path, state: dict) -> None:
     with atomic_write(path) as tmp:
         torch.save(state, tmp)
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a thread of their own, so training goes on while they are serialised and fsynced.
+
+    save() costs the caller a copy of the state into CPU buffers reused from save to save (pinned, for a
+    GPU's state); the file is written atomically, as save_checkpoint writes it. A save waits for
+    the one before it; wait() before the process ends. A failed write is raised by the next save or wait.
+    """
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}  # file name -> how long its last write took
+        self._thread: threading.Thread | None = None
+        self._error: tuple[Path, BaseException] | None = None
+        self._buffers: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> CPU buffer
+
+    def save(self, path, state: dict) -> None:
+        self.wait()
+        path = Path(path)
+        copies: dict[tuple, torch.Tensor] = {}  # tensors sharing memory (a tied head) stay shared in the file
+        snapshot = self._copy(state, (path.name,), copies)
+        if any(t.is_pinned() for t in copies.values()):
+            torch.cuda.synchronize()  # the copies into pinned memory were queued without waiting
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name=f"writing {path.name}")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            (path, error), self._error = self._error, None
+            raise CheckpointError(f"could not write {path} ({type(error).__name__}: {first_line(error)})")
+
+    def _write(self, path: Path, snapshot: dict) -> None:
+        started = time.perf_counter()
+        try:
+            write_checkpoint(path, snapshot)
+            self.seconds[path.name] = time.perf_counter() - started
+        except BaseException as e:  # raised in the training thread by the next save or wait
+            self._error = (path, e)
+
+    def _copy(self, x, where: tuple, copies: dict):
+        if isinstance(x, dict):
+            return {k: self._copy(v, where + (k,), copies) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(self._copy(v, where + (i,), copies) for i, v in enumerate(x))
+        if not isinstance(x, torch.Tensor):
+            return x
+        same = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+        if same not in copies:
+            # Buffers are kept from save to save: fresh memory would cost a page fault every 4 KB, and
+            # pinned memory (for a GPU's copies, which then need not wait) is slow to allocate.
+            buffer = self._buffers.get(where)
+            if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
+                buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
+                self._buffers[where] = buffer
+            copies[same] = buffer.copy_(x.detach(), non_blocking=x.is_cuda)
+        return copies[same]
 
 
 def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
@@ -558,6 +647,13 @@ def describe(model: GPT, info: dict, device: torch.device, dtype: torch.dtype) -
 
 def model_from_checkpoint(ckpt: dict) -> GPT:
     return model_with_weights(GPTConfig.from_dict(ckpt["config"]), strip_wrapper_prefixes(ckpt["model"]))
+
+
+def parameter_counts(config: GPTConfig) -> tuple[int, int]:
+    """GPT(config).num_params() and num_params(non_embedding=True), without allocating or initialising it."""
+    with torch.device("meta"), _skip_init():
+        model = GPT(config)
+    return model.num_params(), model.num_params(non_embedding=True)
 
 
 def model_with_weights(config: GPTConfig, state_dict: dict) -> GPT:

@@ -83,7 +83,7 @@ def cleanup_env(env: Env):
         dist.destroy_process_group()
 
 
-def from_rank0(env: Env, make):
+def broadcast_from_rank0(env: Env, make):
     """What `make()` returns on rank 0, on every rank: one decision for all (machines need not share a disk)."""
     box = [make() if env.master else None]
     if env.world > 1:
@@ -91,7 +91,7 @@ def from_rank0(env: Env, make):
     return box[0]
 
 
-def on_rank0(env: Env, read):
+def only_on_rank0(env: Env, read):
     """read() on rank 0 only (None elsewhere); a UserError it raises is raised on every rank, so no rank
     is left waiting for one that failed."""
     result, problem = None, None
@@ -100,7 +100,7 @@ def on_rank0(env: Env, read):
             result = read()
         except UserError as e:
             problem = e
-    problem = from_rank0(env, lambda: problem)
+    problem = broadcast_from_rank0(env, lambda: problem)
     if problem is not None:
         raise problem
     return result
@@ -135,7 +135,7 @@ class _TensorSlot:
     dtype: torch.dtype
 
 
-def share_state_from_rank0(env: Env, state):
+def broadcast_state_from_rank0(env: Env, state):
     """A checkpoint dict that only rank 0 can read, on every rank (tensors on the broadcast's device).
 
     The plain values travel pickled, in one broadcast; the tensors one by one (with NCCL, on the GPU).
@@ -152,7 +152,7 @@ def share_state_from_rank0(env: Env, state):
             return {k: to_slots(v) for k, v in x.items()}
         return type(x)(map(to_slots, x)) if isinstance(x, (list, tuple)) else x
 
-    skeleton = from_rank0(env, lambda: to_slots(state))
+    skeleton = broadcast_from_rank0(env, lambda: to_slots(state))
     where = env.device if env.device.type == "cuda" else torch.device("cpu")
 
     def fill(x):

@@ -1,12 +1,23 @@
 """Train GPT-2 on one GPU, several (torchrun), or the CPU, keeping the best-validation checkpoint.
 
-    python train_gpt2.py --dataset PATH_OR_HUB_NAME ...
-    torchrun --standalone --nproc_per_node 8 train_gpt2.py ...
+    python train_gpt2.py                                      # GPT-2 124M's shape on FineWeb, the measured recipe
+    python train_gpt2.py --plan --price_per_hour 3            # what a run will take and cost; nothing is written
+    python train_gpt2.py --time 1h --sample_size 2000000      # the best model an hour buys, decay finished on time
+    python train_gpt2.py --dataset ./my_texts --n_layer 6 --n_head 6 --n_embd 384 --max_steps 2000
+    python train_gpt2.py ...the same flags... --resume        # after a stop, or a kill -9
+    torchrun --standalone --nproc_per_node 8 train_gpt2.py --batch_size 512
 
-A step: `train_step` runs the micro-batches (data.micro_batches) forward and backward, the optimizer
-updates, and `Trainer.after_step` decides what the step calls for (log, evaluate, save, stop).
+One optimizer step, in the order it runs: `Trainer.run` takes the step's micro-batches (data.micro_batches);
+`update` runs them forward and backward, clips, and updates (fused AdamW, and Muon from muon.py, at the
+schedule's share of their peak rates), all without waiting for the GPU; the loop then reads the step
+before's figures (StepFigures) and `Trainer.after_step` does what the step calls for (log, evaluate,
+save, stop).
 """
 from __future__ import annotations
+
+import time
+
+STARTED = time.monotonic()  # --time counts from here: importing torch, preparing data and compiling included
 
 import argparse
 import contextlib
@@ -16,9 +27,7 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,12 +37,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data
-from common import (EOT, ArgumentParser, UserError, atomic_write, clean_temporaries, dropout_rate, non_negative_float,
-                    non_negative_int, open_fraction, pick_device, positive_float, positive_int)
-from model import (ARCH_PRESETS, GPT, CheckpointError, GPTConfig, load_checkpoint, load_model, load_state,
-                   save_checkpoint)
-from runtime import (Env, all_ranks_agree, cleanup_env, from_rank0, local_rank0_first, on_rank0, setup_env,
-                     share_state_from_rank0)
+from common import (EOT, ArgumentParser, UnusableGPU, UserError, clean_temporaries, dropout_rate, first_line,
+                    non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
+from eval import validation_loss
+from metrics import Metrics, print_header, run_header
+from model import (ARCH_PRESETS, GPT, CheckpointError, CheckpointWriter, GPTConfig, checkpoint_state,
+                   load_checkpoint, load_model, load_state, parameter_counts)
+from muon import Muon
+from plan import (CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Outcome, Pace, Plan, estimated_data_tokens,
+                  parse_duration, peak_flops)
+from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
+                     local_rank0_first, only_on_rank0, setup_env)
 
 # The recipe that measured best here (BENCHMARKS.md, "Recipes"): the modern block trained by Muon with a
 # warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
@@ -43,21 +57,6 @@ SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 
-# Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
-# datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
-PEAK_BF16_TFLOPS = {
-    "NVIDIA H100 80GB HBM3": 989,  # H100 SXM5
-    "NVIDIA H100 PCIe": 756,
-    "NVIDIA H100 NVL": 835,
-    "NVIDIA H200": 989,  # H200 SXM
-    "NVIDIA H200 NVL": 835,
-    "NVIDIA GH200 480GB": 989,
-    "NVIDIA GH200 144G HBM3e": 989,
-    "NVIDIA A100-SXM4-80GB": 312,
-    "NVIDIA A100-SXM4-40GB": 312,
-    "NVIDIA A100 80GB PCIe": 312,
-    "NVIDIA A100-PCIE-40GB": 312,
-}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -75,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
                        "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
     data.add_data_args(p)
+    add_model_flags(p)
+    add_optimisation_flags(p)
+    add_budget_flags(p)
+    add_run_flags(p)
+    return p
+
+
+def add_model_flags(p: argparse.ArgumentParser) -> None:
     shape = GPTConfig()
     m = p.add_argument_group("model (defaults: GPT-2 124M; with --init_from, the weights' shape)")
     m.add_argument("--init_from", default="scratch", metavar="{scratch,gpt2,gpt2-medium,gpt2-large,gpt2-xl,PATH}",
@@ -90,11 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--n_head", type=positive_int, default=None, help=f"(default {shape.n_head})")
     m.add_argument("--n_embd", type=positive_int, default=None, help=f"(default {shape.n_embd})")
     m.add_argument("--dropout", type=dropout_rate, default=0.0)
+
+
+def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--batch_size", type=positive_int, default=64,
                    help="sequences per optimizer step, over all GPUs and accumulation micro-steps")
-    o.add_argument("--grad_accum", type=positive_int, default=1,
-                   help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at once)")
+    o.add_argument("--grad_accum", type=grad_accum, default="auto",
+                   help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at "
+                        "once); auto: the largest micro-batch that fits in GPU memory (1 on a CPU), kept on --resume")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
                         f"embeddings, the head, norm gains and biases (default {DEFAULT_OPTIMIZER}; with --init_from, "
@@ -122,6 +133,24 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight_decay", type=non_negative_float, default=0.1, help="AdamW's, on matrices only")
     o.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max gradient norm (0: no clipping)")
     o.add_argument("--seed", type=int, default=1337)
+
+
+def add_budget_flags(p: argparse.ArgumentParser) -> None:
+    b = p.add_argument_group("budget")
+    b.add_argument("--time", type=duration, default=None, metavar="DURATION",
+                   help="train for this long (45m, 2h, 1h30m, or seconds), from process start, data preparation, the "
+                        "last evaluation and save included; steps are planned from the measured pace, and wsd's "
+                        "decay ends with the budget. With --max_steps, the shorter wins. On --resume it is this "
+                        "process's own time, not the whole run's")
+    b.add_argument("--price_per_hour", type=non_negative_float, default=None, metavar="DOLLARS",
+                   help="what the whole machine costs an hour: the plan, the progress bar, metrics.jsonl and the "
+                        "summary then show the cost")
+    b.add_argument("--plan", action="store_true",
+                   help="print the plan (parameters, tokens, steps, data, time and cost from a few steps timed on "
+                        "random tokens) and stop: nothing is downloaded, trained or written")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
     r.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
@@ -142,7 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="steps between HellaSwag scorings (eval.py's), logged as hellaswag_acc_norm (0: never)")
     r.add_argument("--hellaswag", metavar="FILE.jsonl", default=None,
                    help="HellaSwag items (default: the validation set, downloaded once into --data_cache)")
-    return p
+    r.add_argument("--wandb", metavar="PROJECT", default=None,
+                   help="also log the flags and metrics.jsonl's rows to this Weights & Biases project (pip install wandb)")
+
+
+def grad_accum(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be auto or a positive integer, not {text!r}") from None
+
+
+def duration(text: str) -> float:
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a duration such as 45m, 2h, 1h30m or 5400 (seconds), "
+                                         f"not {text!r}") from None
 
 
 def arch_option(text: str) -> tuple[str, object]:
@@ -180,33 +227,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--arch_option: {e}")
     if args.n_embd and args.n_head and args.n_embd % args.n_head:
         p.error(f"--n_embd {args.n_embd} is not divisible by --n_head {args.n_head}")
-    if args.arch == "modern" and args.n_embd and args.n_head and (args.n_embd // args.n_head) % 2:
-        p.error(f"--arch modern needs an even head size for rotary embeddings, not {args.n_embd // args.n_head}")
+    if args.init_from == "scratch":
+        try:
+            model_config(args)  # GPTConfig checks the shape against the switches (rotary positions: an even head)
+        except ValueError as e:
+            p.error(str(e))
     if args.min_lr > args.lr:
         p.error(f"--min_lr {args.min_lr} is above --lr {args.lr}")
-    if args.optimizer == "muon" and not hasattr(torch.optim, "Muon"):
-        p.error(f"--optimizer muon needs torch 2.9 or later (this is {torch.__version__}): upgrade torch, "
-                "or use --optimizer adamw")
-    if args.batch_size % (world * args.grad_accum):
+    accum = 1 if args.grad_accum == "auto" else args.grad_accum
+    if args.batch_size % (world * accum):
         p.error(f"--batch_size {args.batch_size} is not divisible by GPUs × --grad_accum = "
-                f"{world} × {args.grad_accum} = {world * args.grad_accum}")
+                f"{world} × {accum} = {world * accum}")
     try:
         pick_device(args.device)
+    except UnusableGPU as e:  # what is wrong and the fix, before anything is downloaded or written
+        sys.exit(f"error: {e}")
     except UserError as e:
         p.error(str(e))
     return args
 
 
 def default_optimizer(init_from: str) -> str:
-    """DEFAULT_OPTIMIZER from scratch, where this torch has it; FINE_TUNE_OPTIMIZER from weights."""
-    if init_from != "scratch":
-        return FINE_TUNE_OPTIMIZER
-    if DEFAULT_OPTIMIZER == "muon" and not hasattr(torch.optim, "Muon"):
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"note: torch {torch.__version__} has no Muon (torch 2.9 and later do): training with AdamW",
-                  file=sys.stderr)
-        return "adamw"
-    return DEFAULT_OPTIMIZER
+    """DEFAULT_OPTIMIZER from scratch, FINE_TUNE_OPTIMIZER from weights."""
+    return DEFAULT_OPTIMIZER if init_from == "scratch" else FINE_TUNE_OPTIMIZER
 
 
 def model_config(args) -> GPTConfig:
@@ -238,28 +281,7 @@ def crop_context(state: dict, block_size: int) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Schedule, optimizer and the model being trained
-
-
-def lr_at(step: int, lr: float, min_lr: float, warmup: int, max_steps: int, schedule: str = "cosine",
-          cooldown_frac: float = 0.5) -> float:
-    """Linear warmup to lr over `warmup` steps, then a decay reaching min_lr at the last step: a cosine
-    over the rest of the run, or (wsd: warmup-stable-decay) lr held constant until the last
-    cooldown_frac of the run, then a straight line down."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    if schedule == "wsd":
-        decay_start = max(warmup, max_steps - round(cooldown_frac * max_steps))
-        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
-        return lr - min(1.0, progress) * (lr - min_lr)
-    progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
-
-
-def muon_momentum_at(step: int, momentum: float) -> float:
-    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
-    start = min(MUON_MOMENTUM_START, momentum)
-    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
+# The model being trained and what updates it
 
 
 @dataclass(frozen=True)
@@ -290,23 +312,43 @@ def split_parameters(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
     return groups
 
 
+def fused_blocks(model: GPT) -> dict[torch.nn.Parameter, int]:
+    """The matrices that hold several side by side, and how many: c_attn's Q, K and V; SwiGLU's gate and up.
+    Muon orthogonalises each block as a matrix of its own, as the FineWeb speedrun treats them."""
+    blocks = {}
+    for block in model.transformer.h:
+        blocks[block.attn.c_attn.weight] = 3
+        if block.mlp.kind == "swiglu":
+            blocks[block.mlp.c_fc.weight] = 2
+    return blocks
+
+
 def make_optimizers(model: GPT, s: OptimizerSettings, device: torch.device) -> list[torch.optim.Optimizer]:
     """AdamW for everything, or Muon for the block matrices and AdamW for the rest; weight decay on
     matrices only (GPT-3's recipe). Each group keeps its peak learning rate in group["peak_lr"]."""
     groups = split_parameters(model)
     decayed = groups["embeddings"] + ([] if s.optimizer == "muon" else groups["matrices"])
-    # The fused kernel does the whole update in a few launches (CUDA and, since torch 2.4, the CPU).
+    # The fused kernel does the whole update in a few launches, and skips it on the device when found_inf is set.
     adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": s.weight_decay},
                                {"params": groups["vectors"], "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
-                              eps=1e-8, fused=device.type in ("cuda", "cpu"))
+                              eps=1e-8, fused=device.type in fused_adamw_devices())
     optimizers = [adamw]
     if s.optimizer == "muon":
-        optimizers.append(torch.optim.Muon(groups["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
-                                           weight_decay=s.muon_weight_decay, nesterov=True))
+        optimizers.append(Muon(groups["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
+                               weight_decay=s.muon_weight_decay, blocks=fused_blocks(model)))
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["peak_lr"] = group["lr"]
     return optimizers
+
+
+def fused_adamw_devices() -> list[str]:
+    """Where this torch has fused AdamW: CUDA, and since 2.4 the CPU (MPS since 2.5)."""
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return _get_fused_kernels_supported_devices()
+    except ImportError:
+        return ["cuda"]
 
 
 @dataclass
@@ -316,6 +358,10 @@ class Training:
     model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler | None  # fp16 only
+
+    def without_compile(self, env: Env) -> "Training":
+        """The same weights and optimizers, run eagerly (after torch.compile failed)."""
+        return dataclasses.replace(self, model=wrap_for_ranks(self.raw_model, env))
 
 
 def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int,
@@ -328,10 +374,90 @@ def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int
         load_state(raw, init_state)
     optimizers = make_optimizers(raw, settings, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
-    model = torch.compile(raw) if env.compile else raw
-    if env.world > 1:
-        model = DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None)
-    return Training(raw, model, optimizers, scaler)
+    return Training(raw, wrap_for_ranks(torch.compile(raw) if env.compile else raw, env), optimizers, scaler)
+
+
+def wrap_for_ranks(model: torch.nn.Module, env: Env) -> torch.nn.Module:
+    """DDP around the model when there are several ranks. Gradients as views of DDP's buckets: no copy
+    into the buckets before the all-reduce, nor back out of them after."""
+    if env.world == 1:
+        return model
+    return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True)
+
+
+def probes_memory(device: torch.device) -> bool:
+    """Whether --grad_accum auto tries micro-batches against the device's memory (a GPU's); elsewhere it is 1."""
+    return device.type == "cuda"
+
+
+def micro_batch_sizes(per_rank: int) -> list[int]:
+    """The micro-batches --grad_accum auto tries, largest first: per_rank, then about half each time, each
+    dividing per_rank (24: 24, 12, 6, 3, 1)."""
+    sizes = [per_rank]
+    while sizes[-1] > 1:
+        sizes.append(max(d for d in range(1, sizes[-1] // 2 + 1) if per_rank % d == 0))
+    return sizes
+
+
+def fitting_grad_accum(t: Training, env: Env, batch_size: int, block_size: int) -> int:
+    """--grad_accum auto: the fewest micro-steps whose micro-batch fits on every rank, trying batch_size / GPUs
+    first and halving on out-of-memory. The global batch, and so the loss, stay the same."""
+    per_rank = batch_size // env.world
+    for micro in micro_batch_sizes(per_rank):
+        if all_ranks_agree(env, step_fits(t, env, micro, block_size)):
+            return per_rank // micro
+    raise UserError(f"out of GPU memory even with micro-batches of 1 × {block_size} tokens: lower --block_size, "
+                    "or train a smaller model")
+
+
+def step_fits(t: Training, env: Env, micro: int, block_size: int) -> bool:
+    """Whether a training step on `micro` sequences fits in this rank's memory: a forward and backward
+    (without DDP's all-reduce) and an optimizer step skipped through found_inf, which allocates the
+    optimizer's state and changes nothing else."""
+    x = torch.zeros((micro, block_size), dtype=torch.long, device=env.device)
+    try:
+        with t.model.no_sync() if isinstance(t.model, DDP) else contextlib.nullcontext():
+            with env.autocast():
+                _, loss = t.model(x, x)
+            loss.backward()
+        for optimizer in t.optimizers:
+            optimizer.found_inf = torch.ones((), device=env.device)
+            optimizer.step()
+        return True
+    except torch.cuda.OutOfMemoryError:
+        return False
+    finally:
+        loss = None
+        for optimizer in t.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+            vars(optimizer).pop("found_inf", None)
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
+# One optimizer step (bench.py times exactly `update`)
+
+
+def lr_scale(step: int, warmup: int, max_steps: int, schedule: str, cooldown_frac: float, floor: float) -> float:
+    """The schedule, as the share of its peak rate every group runs at: a linear warmup to 1 over `warmup`
+    steps, then a decay reaching `floor` (--min_lr / --lr) at the last step: a cosine over the rest of the
+    run, or (wsd: warmup-stable-decay) 1 held until the last cooldown_frac of the run, then a straight line."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = max(warmup, max_steps - round(cooldown_frac * max_steps))
+        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
+        return 1 - min(1.0, progress) * (1 - floor)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - floor)
+
+
+def muon_momentum_at(step: int, momentum: float) -> float:
+    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
+    start = min(MUON_MOMENTUM_START, momentum)
+    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
 
 
 def micro_seed(seed: int, step: int, micro_index: int) -> int:
@@ -343,116 +469,83 @@ def micro_seed(seed: int, step: int, micro_index: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + micro_index
 
 
-# ----------------------------------------------------------------------------------------------------
-# One optimizer step (bench.py times exactly this function)
+def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, grad_clip: float, lr_scale: float,
+           muon_momentum: float, stop: bool = False) -> torch.Tensor:
+    """One optimizer step over this rank's micro-batches: forward and backward, clip, update.
 
-
-def train_step(model, optimizers, batches, *, env: Env, step: int, seed: int, grad_accum: int,
-               grad_clip: float, scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward over grad_accum micro-batches, then clip; returns (mean loss, grad norm).
-
-    The optimizer step itself is left to the caller, which first checks that both are finite.
+    Returns [mean loss, gradient norm, stop asked] on the device, the same on every rank. The CPU does not
+    wait for the GPU here: a non-finite loss or norm sets found_inf, with which every optimizer skips its
+    update on the device, and the loop reads the figures one step later (StepFigures).
     """
-    loss_sum = torch.zeros((), device=env.device)
-    for micro in range(grad_accum):
-        x, y = next(batches)
+    loss = torch.zeros((), device=env.device)
+    for micro, (x, y) in enumerate(micro_batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        torch.manual_seed(micro_seed(seed, step, env.rank * grad_accum + micro))
+        torch.manual_seed(micro_seed(seed, step, env.rank * len(micro_batches) + micro))
         # DDP all-reduces gradients only on the last micro-step; the earlier ones just accumulate.
-        last = micro == grad_accum - 1
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
-        with sync:
+        last = micro == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not isinstance(t.model, DDP) else t.model.no_sync():
             with env.autocast():
-                _, loss = model(x, y)
+                _, micro_loss = t.model(x, y)
             # Gradients of the micro-steps add up; dividing by their number makes the sum a mean.
-            loss = loss / grad_accum
-            (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += loss.detach()
-    if scaler:
-        for optimizer in optimizers:
-            scaler.unscale_(optimizer)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    return loss_sum, norm
+            micro_loss = micro_loss / len(micro_batches)
+            (t.scaler.scale(micro_loss) if t.scaler else micro_loss).backward()
+        loss += micro_loss.detach()
+    for optimizer in t.optimizers if t.scaler else []:
+        t.scaler.unscale_(optimizer)
+    norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    # torch.full fills on the device: a tensor built from a host value would be a synchronous copy.
+    stats = torch.stack([loss, norm.float(), torch.full((), float(stop), device=env.device)])
+    if env.world > 1:
+        dist.all_reduce(stats)
+        stats[:2] /= env.world  # the norm is the same on every rank: its mean is itself
+    found_inf = (~stats[:2].isfinite().all()).float()
+    if not t.scaler and not all(map(skips_on_device, t.optimizers)) and found_inf.item():  # a host sync, there only
+        for optimizer in t.optimizers:
+            optimizer.zero_grad(set_to_none=True)
+        return stats
+    for optimizer in t.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * lr_scale
+            if isinstance(optimizer, Muon):
+                group["momentum"] = muon_momentum
+        if t.scaler:
+            t.scaler.step(optimizer)  # fp16: skips the update on the device when the gradients overflowed
+        else:
+            optimizer.found_inf = found_inf
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    if t.scaler:
+        t.scaler.update()
+    return stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# What the run reports and writes
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer skips its update on the device when found_inf is set (fused AdamW, our Muon)."""
+    return isinstance(optimizer, Muon) or bool(optimizer.defaults.get("fused"))
 
 
-@functools.lru_cache(maxsize=1)  # asked for the header printed and the one logged: run git once
-def git_revision() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=5).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return (rev + ("+uncommitted" if dirty else "")) if rev else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+class StepFigures:
+    """A step's loss, gradient norm and whether a rank asked to stop, copied to the host without waiting
+    for the GPU. read() waits for that step's work only: called once the loop has queued the next step,
+    it stalls nothing."""
 
+    def __init__(self, step: int, stats: torch.Tensor):
+        self.step = step
+        self.loss = self.grad_norm = None  # known once read
+        self.stop = False
+        self._host = stats.to("cpu", non_blocking=True)  # lands in pinned memory when it comes from CUDA
+        self._done = None
+        if stats.is_cuda:
+            self._done = torch.cuda.Event()
+            self._done.record()
 
-def run_header(env: Env, flags: dict) -> dict:
-    """Everything needed to trace a figure back to what produced it (llm.c and modded-nanogpt log the same)."""
-    device_name = torch.cuda.get_device_name(env.device) if env.device.type == "cuda" else env.device.type
-    return {"git": git_revision(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "device": device_name, "world_size": env.world,
-            "amp": str(env.amp_dtype).replace("torch.", "") if env.amp_dtype else "fp32",
-            "compile": env.compile, "args": flags}
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak in FLOP/s, or None for a CPU or a card not in PEAK_BF16_TFLOPS."""
-    if device.type != "cuda":
-        return None
-    tflops = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name(device))
-    return tflops * 1e12 if tflops else None
-
-
-class Metrics:
-    """metrics.jsonl (one JSON object a line) and loss.png in the save directory, written by rank 0."""
-
-    def __init__(self, save_dir: Path, resume_step: int | None):
-        self.path = save_dir / "metrics.jsonl"
-        self.plot_path = save_dir / "loss.png"
-        self.rows = []
-        if resume_step is not None and self.path.exists():
-            # Keep the curve continuous: drop what the interrupted run logged past the resumed step.
-            self.rows = [r for r in map(json.loads, self.path.read_text().splitlines())
-                         if r.get("step", 0) <= resume_step]
-        with atomic_write(self.path) as tmp:
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-
-    def log(self, **row):
-        self.rows.append(row)
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def plot(self):
-        try:
-            import matplotlib
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError:
-            return  # the picture is optional; metrics.jsonl has the numbers
-        hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in self.rows if "hellaswag_acc_norm" in r]
-        fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(14 if hellaswag else 8, 5), squeeze=False)
-        ax = axes[0][0]
-        for key, label in (("train_loss", "train"), ("val_loss", "validation")):
-            points = [(r["step"], r[key]) for r in self.rows if key in r]
-            if points:
-                ax.plot(*zip(*points), label=label, marker="o" if key == "val_loss" else None)
-        ax.set(xlabel="step", ylabel="loss")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        if hellaswag:
-            right = axes[0][1]
-            right.plot(*zip(*hellaswag), marker="o", color="tab:green")
-            right.set(xlabel="step", ylabel="HellaSwag acc_norm", title="HellaSwag (random guessing: 0.25)")
-            right.grid(alpha=0.3)
-        with atomic_write(self.plot_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+    def read(self) -> "StepFigures":
+        if self.loss is None:
+            if self._done is not None:
+                self._done.synchronize()
+            self.loss, self.grad_norm, stop = self._host.tolist()
+            self.stop = stop > 0
+        return self
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -488,72 +581,6 @@ class StopTraining(UserError):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Each step's figures, read one step late
-
-
-class PendingStats:
-    """One step's [loss, gradient norm, stop flag], copied to the host without waiting for the GPU."""
-
-    def __init__(self, step: int, stats: torch.Tensor):
-        self.step = step
-        self.host = stats.to("cpu", non_blocking=True)  # lands in pinned memory when it comes from CUDA
-        self.event = None
-        if stats.is_cuda:
-            self.event = torch.cuda.Event()
-            self.event.record()
-
-    def values(self) -> tuple[float, float, bool]:
-        if self.event is not None:
-            self.event.synchronize()  # waits for this step's work only, not for what was queued after it
-        loss, norm, stop = self.host.tolist()
-        return loss, norm, stop > 0
-
-
-@dataclass
-class Figures:
-    """A finished step's figures, read on the host and checked finite."""
-    step: int
-    loss: float
-    grad_norm: float
-
-
-class StepFigures:
-    """Reads each step's figures on the host one step late, so the CPU never waits for the GPU between
-    steps; `latest()` reads the newest at once, before anything that needs them (a log, a save).
-
-    Raises StopTraining for a non-finite step; `stop` becomes true once any rank has asked to stop.
-    """
-
-    def __init__(self, save_dir: Path, skipped_on_device: bool):
-        self.save_dir, self.skipped_on_device = save_dir, skipped_on_device
-        self.pending: PendingStats | None = None
-        self.last: Figures | None = None
-        self.stop = False
-
-    def add(self, step: int, stats: torch.Tensor):
-        self.pending = PendingStats(step, stats)
-
-    def previous(self) -> None:
-        """Reads and checks the step queued before this one (done by now: reading it stalls nothing)."""
-        if self.pending is not None:
-            self.latest()
-
-    def latest(self) -> Figures:
-        if self.pending is None:
-            return self.last
-        pending, self.pending = self.pending, None
-        loss, norm, stop = pending.values()
-        self.stop |= stop
-        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
-        if not math.isfinite(loss) or (not math.isfinite(norm) and not self.skipped_on_device):
-            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {pending.step}; "
-                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
-                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
-        self.last = Figures(pending.step, loss, norm)
-        return self.last
-
-
-# ----------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -586,6 +613,16 @@ class Due:
         return self.log or self.evaluate or self.hellaswag or self.save or self.stop
 
 
+def first_plan(config: GPTConfig, args) -> Plan:
+    """What can be known before any download: the model's size, the tokens of a step, and the data's size
+    estimated from --sample_size (exact once prepared)."""
+    params, non_embedding = parameter_counts(config)
+    estimate, basis = estimated_data_tokens(args.dataset, args.sample_size)
+    return Plan(params, non_embedding, args.batch_size * args.block_size, args.sample_size, steps=args.max_steps,
+                data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
+                data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
+
+
 class Trainer:
     def __init__(self, args, env: Env):
         self.args, self.env = args, env
@@ -597,58 +634,379 @@ class Trainer:
         for name in SHAPE_FLAGS:  # the flags as logged and saved say the shape actually trained
             setattr(args, name, getattr(self.config, name))
         args.arch = args.arch or self.config.arch
+        self.plan = first_plan(self.config, args)
+        self.say("\n".join([self.plan.model_line(), self.plan.data_line()]))  # before any download
         self.cache_dir = self._prepare_data()
-        world, accum = env.world, args.grad_accum
-        self.train = data.BatchSource(data.TokenShards(self.cache_dir, "train"), args.block_size, args.batch_size,
-                                      seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum)
-        self.val = data.BatchSource(data.TokenShards(self.cache_dir, "val"), args.block_size, args.batch_size,
-                                    seed=args.seed, rank=env.rank, world_size=world, grad_accum=accum, shuffle=False)
-        self.max_steps, self.warmup = self._plan()
-        self.t = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed, init_state=init_state)
-        self.flops_per_token = self.t.raw_model.flops_per_token(args.block_size)
+        self.training = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed,
+                              init_state=init_state)
+        self.compile_unproven = env.compile  # the first compiled step may fail (no C compiler, no Triton)
+        args.grad_accum = self._grad_accum(resumed)  # as logged and saved: --resume reuses it
+        self.train = self._batches()
+        self.val = self._validation_split()
+        self.budget = Budget(args.time, STARTED) if args.time else None
+        self.max_steps, self.warmup = self._steps()
+        self.flops_per_token = self.training.raw_model.flops_per_token(args.block_size)
         self.peak = peak_flops(env.device)
-        self.step, self.best_val, self.val_loss = 0, float("inf"), None
+        self.step, self.best_val, self.best_step, self.val_loss = 0, float("inf"), None, None
         if resumed:
             self._resume(resumed)
-        self.figures = StepFigures(self.save_dir, skipped_on_device=self.t.scaler is not None)
-        self.hellaswag_items = self._hellaswag_items() if args.hellaswag_interval else None
+        self.pending: StepFigures | None = None  # the newest step, its figures not read yet
+        self.last: StepFigures | None = None  # the newest step whose figures were read (and found finite)
+        self.stop_asked = False  # a signal reached some rank
+        self.hellaswag = self._load_hellaswag() if args.hellaswag_interval else None
+        self.hellaswag_acc_norm = None
+        self.costs = self._costs()
         self.save_dir.mkdir(parents=True, exist_ok=True)
         if env.master:
             clean_temporaries(self.save_dir)  # what a killed run was writing when it died
-        self.metrics = Metrics(self.save_dir, self.step if args.resume else None) if env.master else None
+        self.metrics = Metrics(self.save_dir, self.step if args.resume else None, args.wandb,
+                               vars(args)) if env.master else None
+        self.writer = CheckpointWriter()
+
+    def run(self) -> int:
+        """Trains to max_steps; returns the exit status: 0, or 128 + the signal that stopped the run."""
+        a, env = self.args, self.env
+        if env.master:
+            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
+        if self.step >= self.max_steps:
+            self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
+            return 0
+        signals = SignalStop()
+        batches = data.micro_batches(self.train, self.step, None, num_workers=a.num_workers,
+                                     pin_memory=env.device.type == "cuda")
+        planned = self.budget is None or self.max_steps < 2**62  # with --time, steps are known once timed
+        bar = tqdm(total=self.max_steps if planned else None, initial=self.step, disable=not env.master, unit="step",
+                   dynamic_ncols=True)
+        pace = Pace(self.step, a.batch_size * a.block_size)
+        if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
+            self.validate()  # and saved as the first best checkpoint
+            if self.hellaswag is not None:
+                self.score_hellaswag()
+        self.training.model.train()
+        while self.step < self.max_steps:
+            stats = self.optimizer_step([next(batches) for _ in range(a.grad_accum)], signals.received is not None)
+            previous, self.pending = self.pending, StepFigures(self.step, stats)
+            self.step += 1
+            bar.update(1)
+            if previous is not None:
+                self.accept(previous)  # the step before this one: done by now, so reading it stalls nothing
+            if pace.timed(self.step, self.latest_figures):  # the first steps after warming up, timed
+                if self.budget is not None and self.costs.evaluation is None:
+                    self.measure_evaluation(pace)  # what each one costs counts in the budget
+                self.replan(pace, bar, announce=True)
+            elif self.budget is not None and (self.step % a.log_interval == 0 or self.budget.passed()):
+                self.replan(pace, bar)
+            due = self.due()
+            if due:
+                self.after_step(due, pace, bar)
+            if due.stop:
+                return self.stopped(bar, signals.received)
+        bar.close()
+        self.writer.wait()  # the last checkpoints are on disk before the process ends
+        self.summarise("done")
+        return 0
+
+    def optimizer_step(self, micro_batches: list, stop: bool) -> torch.Tensor:
+        """`update` at this step's learning rate and momentum."""
+        a = self.args
+        step = functools.partial(update, micro_batches=micro_batches, env=self.env, step=self.step, seed=a.seed,
+                                 grad_clip=a.grad_clip, lr_scale=self.lr_scale_at(self.step),
+                                 muon_momentum=muon_momentum_at(self.step, a.muon_momentum), stop=stop)
+        return self.run_compiled(step)
+
+    def run_compiled(self, work):
+        """work(self.training); the first time with a compiled model, a failure of torch.compile (no C
+        compiler, no Triton) leaves a one-line note and the same work done eagerly, for the rest of the run."""
+        if not self.compile_unproven:
+            return work(self.training)
+        self.compile_unproven = False
+        try:
+            return work(self.training)
+        except (torch.cuda.OutOfMemoryError, UserError):
+            raise
+        except Exception as e:  # inductor and dynamo raise many types; an error that is not theirs recurs below
+            self.say(f"note: torch.compile failed ({type(e).__name__}: {first_line(e)}); training without it "
+                     "(--no-compile skips the attempt)")
+            for optimizer in self.training.optimizers:
+                optimizer.zero_grad(set_to_none=True)  # what the failed attempt left
+            self.training = self.training.without_compile(self.env)
+            return work(self.training)
+
+    def lr_scale_at(self, step: int) -> float:
+        a = self.args
+        return lr_scale(step, self.warmup, self.max_steps, a.schedule, a.cooldown_frac, a.min_lr / a.lr)
+
+    def accept(self, figures: StepFigures) -> None:
+        """Reads a finished step's figures; a non-finite step (whose update was skipped) ends the run."""
+        loss, norm = figures.read().loss, figures.grad_norm
+        self.stop_asked |= figures.stop
+        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
+        if not math.isfinite(loss) or (not math.isfinite(norm) and self.training.scaler is None):
+            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {figures.step}; "
+                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
+                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
+        self.last = figures
+
+    def latest_figures(self) -> StepFigures:
+        """The newest step's figures, read now: before anything that needs them (a log line, a save)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.accept(pending)
+        return self.last
+
+    def due(self) -> Due:
+        """What the step just finished calls for, from the flags' intervals and a stop asked for."""
+        a, s, end = self.args, self.step, self.step == self.max_steps
+        hellaswag = self.hellaswag is not None and (s % a.hellaswag_interval == 0 or end)
+        return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
+                   hellaswag=hellaswag, save=s % a.checkpoint_interval == 0 or end, stop=self.stop_asked)
+
+    def after_step(self, due: Due, pace: "Pace", bar) -> None:
+        """Log, score, evaluate and save as `due` says; the step's figures are read (and checked) first, so
+        a checkpoint or a log line only ever follows a finite step."""
+        figures = self.latest_figures()
+        if due.log:
+            self.log_step(figures, pace.lap(self.step), bar)
+        started = time.perf_counter()
+        if due.hellaswag:
+            self.score_hellaswag()
+        if due.evaluate:
+            self.validate()
+            if self.args.sample_during_training and self.env.master:
+                self.print_sample()
+        if due.save or due.stop:
+            self.save_latest()
+        pace.exclude(time.perf_counter() - started)  # the pace is the training's, without these
+        if due.log or due.evaluate or due.hellaswag or due.save:
+            pace.restart(self.step)
+
+    def measure_evaluation(self, pace: Pace) -> None:
+        """An evaluation now (logged, and the best weights so far saved), timed with its plot and save."""
+        self.latest_figures()
+        started = time.perf_counter()
+        self.validate()
+        pace.exclude(time.perf_counter() - started)
+        pace.restart(self.step)
+
+    def replan(self, pace: Pace, bar, announce: bool = False) -> None:
+        """The plan's time and cost from the measured pace; with --time, also the steps that fit in what is
+        left of it (re-planned at every log line, so wsd's decay ends with the budget). Before the pace is
+        known, a budget already spent ends the run at this step."""
+        a, c = self.args, self.costs
+        c.step = pace.step_seconds
+        c.write = self.writer.seconds.get("latest.pt", c.write)
+        if c.step is None:
+            if self.budget is not None and self.budget.passed():
+                self.max_steps = self.step
+            return
+        if self.budget is not None:
+            steps = self.budget.steps(self.step, time.monotonic(), c)
+            steps = max(self.step, min(steps, a.max_steps or steps))
+            if steps != self.max_steps:
+                self.max_steps, bar.total = steps, steps
+                bar.refresh()
+                self.warmup = self._fitting_warmup(quiet=not announce)
+        self.plan.steps, self.plan.step_seconds = self.max_steps, c.step
+        self.plan.seconds = time.monotonic() - STARTED + c.seconds(self.step, self.max_steps - self.step)
+        if announce:  # the steps and their warnings were said already, unless the budget has just set them
+            planned = [self.plan.steps_line(), *self.plan.warnings()] if self.budget is not None else []
+            self.say("\n".join([self.plan.time_line(self.env.device.type), *planned]))
+            if self.env.master:
+                self.metrics.log(**self.plan.row())
+
+    def stopped(self, bar, signum: int | None) -> int:
+        self.writer.wait()  # latest.pt, saved by after_step, is on disk before the process leaves
+        if self.env.world > 1:
+            dist.barrier()  # every rank leaves after rank 0 has saved
+        bar.close()
+        self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, continue with --resume")
+        self.summarise("stopped")
+        return 128 + (signum or signal.SIGTERM)
+
+    def summarise(self, how: str) -> None:
+        """The summary a run ends with: what it reached, its time and cost, and the way home."""
+        if not self.env.master:
+            return
+        seconds = time.monotonic() - STARTED
+        outcome = Outcome(steps=self.step, tokens=self.step * self.args.batch_size * self.args.block_size,
+                          seconds=seconds, best_val=self.best_val if self.best_step is not None else None,
+                          best_step=self.best_step, checkpoint=self.save_dir / "model_best_val.pt",
+                          price_per_hour=self.args.price_per_hour, hellaswag=self.hellaswag_acc_norm,
+                          planned_seconds=self.plan.seconds)
+        self.say("\n".join(outcome.lines()))
+        self.metrics.log(event=how, step=self.step, seconds=seconds, cost=self.cost_so_far(),
+                         best_val_loss=outcome.best_val, best_step=self.best_step)
+        self.metrics.close()
+
+    def cost_so_far(self) -> float | None:
+        price = self.args.price_per_hour
+        return None if price is None else (time.monotonic() - STARTED) / 3600 * price
+
+    def log_step(self, f: StepFigures, tokens_per_s: float, bar) -> None:
+        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
+        lr, cost = self.args.lr * self.lr_scale_at(f.step), self.cost_so_far()
+        row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
+                   elapsed_s=time.monotonic() - STARTED)
+        row |= {"mfu": mfu} if mfu is not None else {}
+        row |= {"cost": cost} if cost is not None else {}
+        if self.env.master:
+            self.metrics.log(**row)
+            bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
+                            **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
+
+    # ------------------------------------------------------------------------------------------------
+    # Evaluation, samples and checkpoints
+
+    def evaluate(self) -> dict:
+        """eval.py's validation loss (and bits per byte) over the split's first eval_iters batches, each rank
+        scoring its share with the model being trained (compiled and DDP-wrapped as it is)."""
+        a, env = self.args, self.env
+        return validation_loss(self.training.model, self.val, a.block_size, env.device, env.autocast, env.rank,
+                               env.world, batch_size=a.batch_size // (env.world * a.grad_accum),
+                               max_tokens=self.eval_iters() * a.batch_size * a.block_size)
+
+    def validate(self) -> None:
+        """The validation loss, logged; the weights saved as model_best_val.pt when it is the lowest yet."""
+        started = time.perf_counter()
+        result = self.evaluate()
+        self.val_loss = result["loss"]
+        improved = self.val_loss < self.best_val
+        if improved:
+            self.best_val, self.best_step = self.val_loss, self.step
+        if self.env.master:
+            self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
+                     f"{math.exp(min(self.val_loss, 50)):.1f}, {result['bpb']:.4f} bits per byte)"
+                     f"{' - best so far, saved' if improved else ''}")
+            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)),
+                             val_bpb=result["bpb"])
+            self.metrics.plot()
+        if improved:
+            self.save("model_best_val.pt", full=False)
+        self.costs.evaluation = time.perf_counter() - started  # with the plot and the save's stall
+
+    def score_hellaswag(self):
+        from eval import hellaswag_accuracy
+        # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
+        started = time.perf_counter()
+        result = hellaswag_accuracy(self.training.raw_model, self.hellaswag, self.env.device, self.env.autocast,
+                                    self.env.rank, self.env.world)
+        self.costs.hellaswag = time.perf_counter() - started
+        self.hellaswag_acc_norm = result["acc_norm"]
+        if self.env.master:
+            self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+                     f"{result['n']:,} items)")
+            self.metrics.log(step=self.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
+            self.metrics.plot()
+
+    def print_sample(self):
+        tok = data.get_tokenizer()
+        g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
+        raw = self.training.raw_model
+        raw.eval()
+        ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
+        raw.train()
+        self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
+
+    def save_latest(self) -> None:
+        self.save("latest.pt", full=True)
+
+    def save(self, name: str, full: bool) -> None:
+        """The weights (and with `full`, everything --resume needs), written by rank 0 in the background."""
+        if not self.env.master:
+            return
+        fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
+                  "init_from": self.args.init_from}
+        if full:  # the data position and every random draw follow from (seed, step): see micro_seed
+            t = self.training
+            fields |= {"optimizer": [optimizer.state_dict() for optimizer in t.optimizers],
+                       "scaler": t.scaler.state_dict() if t.scaler else None, "args": vars(self.args)}
+        self.writer.save(self.save_dir / name, checkpoint_state(self.training.raw_model, **fields))
+
+    # ------------------------------------------------------------------------------------------------
+    # Setting up: data, the starting point, resuming, HellaSwag
 
     def _refuse_overwriting(self):
         latest = self.save_dir / "latest.pt"
-        earlier = from_rank0(self.env, lambda: not self.args.resume and latest.exists())
+        earlier = broadcast_from_rank0(self.env, lambda: not self.args.resume and latest.exists())
         if earlier:
             raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
                                   "or choose another --save_dir (nothing was overwritten)")
 
     def _prepare_data(self) -> Path:
         spec = data.DataSpec.from_args(self.args)
-        return local_rank0_first(self.env, lambda: data.prepare(spec, progress=self.env.master))
+        cache = local_rank0_first(self.env, lambda: data.prepare(spec, progress=self.env.master))
+        self.plan.data_tokens, self.plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
+        self.say(self.plan.data_line())
+        return cache
 
-    def _plan(self) -> tuple[int, int]:
+    def _grad_accum(self, resumed: dict | None) -> int:
+        """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
+        fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
+        a, env = self.args, self.env
+        if a.grad_accum != "auto":
+            return a.grad_accum
+        saved = (resumed or {}).get("args", {}).get("grad_accum")
+        if isinstance(saved, int):
+            return saved
+        if not probes_memory(env.device):
+            return 1
+        accum = self.run_compiled(lambda t: fitting_grad_accum(t, env, a.batch_size, a.block_size))
+        self.say(f"--grad_accum auto: micro-batches of {a.batch_size // (env.world * accum)} × {a.block_size} tokens "
+                 f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
+        return accum
+
+    def _validation_split(self) -> data.TokenShards:
+        """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
+        shards = data.TokenShards(self.cache_dir, "val")
+        data.BatchSource(shards, self.args.block_size, self.args.batch_size, seed=self.args.seed, shuffle=False)
+        return shards
+
+    def _batches(self) -> data.BatchSource:
+        a, env = self.args, self.env
+        return data.BatchSource(data.TokenShards(self.cache_dir, "train"), a.block_size, a.batch_size, seed=a.seed,
+                                rank=env.rank, world_size=env.world, grad_accum=a.grad_accum)
+
+    def _steps(self) -> tuple[int, int]:
+        """The run's steps and warmup: --max_steps, or --epochs over the training split; with --time, until
+        a few steps are timed, --max_steps or as many as could be wanted (replan sets them)."""
         a = self.args
-        tokens_per_step = a.batch_size * a.block_size
-        max_steps = a.max_steps or max(1, round(a.epochs * self.train.steps_per_epoch))
-        warmup = a.warmup_steps
-        if warmup >= max_steps:
-            warmup = max_steps // 10
-            self.say(f"note: --warmup_steps {a.warmup_steps} does not fit in a run of {max_steps} steps; "
+        if self.budget is not None:
+            self.max_steps = a.max_steps or 2**62
+            return self.max_steps, a.warmup_steps
+        self.max_steps = a.max_steps or max(1, round(a.epochs * self.train.steps_per_epoch))
+        self.plan.steps = self.max_steps
+        self.say("\n".join([self.plan.steps_line(), *self.plan.warnings()]))
+        return self.max_steps, self._fitting_warmup()
+
+    def _costs(self) -> Costs:
+        a = self.args
+        # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
+        scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in self.hellaswag or []) // 4
+        return Costs(eval_batches=self.eval_iters(), eval_interval=a.eval_interval,
+                     hellaswag_interval=a.hellaswag_interval if self.hellaswag else 0, hellaswag_tokens=scored,
+                     tokens_per_step=a.batch_size * a.block_size,
+                     checkpoint_bytes=self.plan.params * CHECKPOINT_BYTES_PER_PARAMETER)
+
+    def eval_iters(self) -> int:
+        """Validation batches an evaluation reads: --eval_iters, but at most one pass over the split."""
+        windows = self.val.num_tokens // (self.args.block_size + 1)
+        return min(self.args.eval_iters, max(1, windows // self.args.batch_size))
+
+    def _fitting_warmup(self, quiet: bool = False) -> int:
+        a = self.args
+        if a.warmup_steps < self.max_steps:
+            return a.warmup_steps
+        warmup = self.max_steps // 10
+        if not quiet:
+            self.say(f"note: --warmup_steps {a.warmup_steps} does not fit in a run of {self.max_steps} steps; "
                      f"warming up over {warmup} steps (10%) instead")
-        self.say(f"plan: {self.train.shards.num_tokens:,} training tokens, {self.val.shards.num_tokens:,} validation "
-                 f"tokens; {tokens_per_step:,} tokens per step ({a.batch_size} × {a.block_size}, micro-batches of "
-                 f"{a.batch_size // (self.env.world * a.grad_accum)} on each of {self.env.world} process(es), "
-                 f"{a.grad_accum} accumulation step(s)); {max_steps:,} steps = "
-                 f"{max_steps / self.train.steps_per_epoch:.2f} epochs = {max_steps * tokens_per_step:,} tokens; "
-                 f"warmup {warmup} steps")
-        return max_steps, warmup
+        return warmup
 
     def _read_resume_state(self) -> dict:
         """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
-        ckpt = on_rank0(self.env, lambda: load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from))
-        return share_state_from_rank0(self.env, ckpt)
+        ckpt = only_on_rank0(self.env, lambda: load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from))
+        return broadcast_state_from_rank0(self.env, ckpt)
 
     def _starting_point(self, resumed: dict | None) -> tuple[GPTConfig, dict | None]:
         """The model's shape, and the weights it starts from (None: random): the flags' shape, or the
@@ -659,7 +1017,7 @@ class Trainer:
         elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
             config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), a, a.init_from), None
         else:
-            config, state = self._init_weights()
+            config, state = self._read_init_from()
         if resumed:
             diffs = config_differences(resumed["config"], config.to_dict())
             if diffs:
@@ -667,26 +1025,27 @@ class Trainer:
                                       "shape; " + "; ".join(diffs))
         return config, state
 
-    def _init_weights(self) -> tuple[GPTConfig, dict | None]:
+    def _read_init_from(self) -> tuple[GPTConfig, dict | None]:
         """--init_from's shape on every rank, its weights on rank 0 only: DDP gives them to the others."""
         def read():
             model, _ = load_model(self.args.init_from)
             config = fine_tune_config(model.config, self.args, self.args.init_from)
             return config, crop_context(model.state_dict(), config.block_size)
 
-        config, state = on_rank0(self.env, read) or (None, None)
-        config = GPTConfig.from_dict(from_rank0(self.env, lambda: config.to_dict()))
+        config, state = only_on_rank0(self.env, read) or (None, None)
+        config = GPTConfig.from_dict(broadcast_from_rank0(self.env, lambda: config.to_dict()))
         self.say(f"starting from the weights of {self.args.init_from}: {config.n_layer} layers, {config.n_head} heads, "
                  f"width {config.n_embd}, context {config.block_size}, {config.arch or 'custom'} preset")
         return config, state
 
     def _resume(self, ckpt: dict):
-        load_state(self.t.raw_model, ckpt["model"])
+        t = self.training
+        load_state(t.raw_model, ckpt["model"])
         states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
-        for optimizer, state in zip(self.t.optimizers, states, strict=True):
+        for optimizer, state in zip(t.optimizers, states, strict=True):
             optimizer.load_state_dict(state)
-        if self.t.scaler is not None and ckpt.get("scaler"):
-            self.t.scaler.load_state_dict(ckpt["scaler"])
+        if t.scaler is not None and ckpt.get("scaler"):
+            t.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.val_loss = ckpt["step"], ckpt.get("val_loss")
         self.best_val = ckpt.get("best_val_loss", float("inf"))
         saved_args = ckpt.get("args", {})
@@ -697,7 +1056,7 @@ class Trainer:
         self.say(f"resumed from {self.save_dir / 'latest.pt'} at step {self.step} "
                  f"(best validation loss {self.best_val:.4f})")
 
-    def _hellaswag_items(self) -> list | None:
+    def _load_hellaswag(self) -> list | None:
         """eval.py's HellaSwag items, or None (with one warning) where they cannot be had: the run goes on."""
         from eval import hellaswag_items  # only runs that score HellaSwag pay for importing the scorer
 
@@ -713,209 +1072,54 @@ class Trainer:
             return None
         return items
 
-    def score_hellaswag(self):
-        from eval import hellaswag_accuracy
-        # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
-        result = hellaswag_accuracy(self.t.raw_model, self.hellaswag_items, self.env.device, self.env.autocast,
-                                    self.env.rank, self.env.world)
-        if self.env.master:
-            self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
-                     f"{result['n']:,} items)")
-            self.metrics.log(step=self.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
-            self.metrics.plot()
 
-    def checkpoint(self, name: str, full: bool):
-        if not self.env.master:
-            return
-        fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                  "init_from": self.args.init_from,
-                  "tokens": self.step * self.args.batch_size * self.args.block_size}
-        if full:
-            fields |= {"optimizer": [optimizer.state_dict() for optimizer in self.t.optimizers],
-                       "scaler": self.t.scaler.state_dict() if self.t.scaler else None,
-                       "schedule": {"warmup_steps": self.warmup, "max_steps": self.max_steps},
-                       # The data position and every random draw follow from (seed, step): see micro_seed.
-                       "data": {"step": self.step, "cache": str(self.cache_dir)},
-                       "rng": {"seed": self.args.seed, "rule": "micro_seed(seed, step, micro-batch)"},
-                       "args": vars(self.args)}
-        save_checkpoint(self.save_dir / name, self.t.raw_model, **fields)
-
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean loss over the fixed validation batches, averaged over all ranks."""
-        model, a = self.t.model, self.args
-        model.eval()
-        # Cover the validation split at most once: more batches would only repeat windows.
-        iters = min(a.eval_iters, max(1, self.val.windows_per_epoch // a.batch_size))
-        total = torch.zeros((), device=self.env.device)
-        for k in range(iters):
-            x, y = self.val.eval_batch(k)
-            for xs, ys in zip(x.chunk(a.grad_accum), y.chunk(a.grad_accum)):  # micro-batches fit in memory
-                with self.env.autocast():
-                    _, loss = model(xs.to(self.env.device), ys.to(self.env.device))
-                total += loss.float() / (iters * a.grad_accum)
-        if self.env.world > 1:
-            dist.all_reduce(total)
-            total /= self.env.world
-        model.train()
-        return total.item()
-
-    def print_sample(self):
-        tok = data.get_tokenizer()
-        g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
-        raw = self.t.raw_model
-        raw.eval()
-        ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
-        raw.train()
-        self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
-
-    def after_eval(self):
-        self.val_loss = self.evaluate()
-        improved = self.val_loss < self.best_val
-        self.best_val = min(self.best_val, self.val_loss)
-        if self.env.master:
-            self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
-                     f"{math.exp(min(self.val_loss, 50)):.1f}){' - best so far, saved' if improved else ''}")
-            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)))
-            self.metrics.plot()
-        if improved:
-            self.checkpoint("model_best_val.pt", full=False)
-        self.checkpoint("latest.pt", full=True)
-        if self.args.sample_during_training and self.env.master:
-            self.print_sample()
-
-    def step_stats(self, loss, norm, stop: bool) -> torch.Tensor:
-        """[loss, gradient norm, stop flag] on the device, agreed over all ranks in one all-reduce."""
-        # torch.full fills on the device: a tensor built from a host value would be a synchronous copy.
-        stats = torch.stack([loss.float(), norm.float(), torch.full((), float(stop), device=loss.device)])
-        if self.env.world > 1:
-            dist.all_reduce(stats)
-            stats[:2] /= self.env.world  # the norm is the same on every rank: its mean is itself
-        return stats
-
-    def optimizer_step(self, lr: float, stats: torch.Tensor):
-        optimizers, scaler = self.t.optimizers, self.t.scaler
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * lr / self.args.lr  # every group follows the schedule
-                if isinstance(optimizer, getattr(torch.optim, "Muon", ())):
-                    group["momentum"] = muon_momentum_at(self.step, self.args.muon_momentum)
-        self.figures.add(self.step, stats)
-        if scaler:
-            for optimizer in optimizers:
-                scaler.step(optimizer)  # skips the update itself when fp16 gradients overflowed
-            scaler.update()
-        elif all(optimizer.defaults.get("fused") for optimizer in optimizers):
-            # Fused AdamW skips its whole update on the device when found_inf is 1 (GradScaler's mechanism),
-            # so a non-finite step changes nothing and the CPU need not wait for the GPU to know it.
-            for optimizer in optimizers:
-                optimizer.found_inf = (~stats[:2].isfinite().all()).float()
-                optimizer.step()
-        else:
-            self.figures.latest()  # Muon has no such flag: the figures are read (and checked) before it updates
-            for optimizer in optimizers:
-                optimizer.step()
-        for optimizer in optimizers:
-            optimizer.zero_grad(set_to_none=True)
-
-    def due(self) -> Due:
-        """What the step just finished calls for, from the flags' intervals and a stop asked for."""
-        a, s, end = self.args, self.step, self.step == self.max_steps
-        hellaswag = self.hellaswag_items is not None and (s % a.hellaswag_interval == 0 or end)
-        return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
-                   hellaswag=hellaswag, save=s % a.checkpoint_interval == 0, stop=self.figures.stop)
-
-    def after_step(self, due: Due, lr: float, speed: "Speed", bar) -> None:
-        """Log, evaluate and save as `due` says; figures are read (and checked) first, so a checkpoint
-        or a log line only ever follows a finite step."""
-        figures = self.figures.latest()
-        if due.log:
-            self.log_step(figures, lr, speed.tokens_per_s(self.step), bar)
-        if due.hellaswag:
-            self.score_hellaswag()
-        if due.evaluate:
-            self.after_eval()
-        elif due.save or due.stop:
-            self.checkpoint("latest.pt", full=True)
-        if due.log or due.evaluate or due.hellaswag or due.save:
-            speed.restart(self.step)  # tokens/s counts training time only, not evaluation or saving
-
-    def run(self) -> int:
-        """Trains to max_steps; returns the exit status: 0, or 128 + the signal that stopped the run."""
-        a, env, t = self.args, self.env, self.t
-        if env.master:
-            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
-        if self.step >= self.max_steps:
-            self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
-            return 0
-        signals = SignalStop()
-        batches = data.micro_batches(self.train, self.step, self.max_steps - self.step, num_workers=a.num_workers,
-                                     pin_memory=env.device.type == "cuda")
-        bar = tqdm(total=self.max_steps, initial=self.step, disable=not env.master, unit="step", dynamic_ncols=True)
-        speed = Speed(self.step, a.batch_size * a.block_size)
-        if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
-            self.after_eval()  # and saved as the first best checkpoint
-            if self.hellaswag_items is not None:
-                self.score_hellaswag()
-        t.model.train()
-        while self.step < self.max_steps:
-            lr = lr_at(self.step, a.lr, a.min_lr, self.warmup, self.max_steps, a.schedule, a.cooldown_frac)
-            loss, norm = train_step(t.model, t.optimizers, batches, env=env, step=self.step, seed=a.seed,
-                                    grad_accum=a.grad_accum, grad_clip=a.grad_clip, scaler=t.scaler)
-            self.figures.previous()
-            self.optimizer_step(lr, self.step_stats(loss, norm, signals.received is not None))
-            self.step += 1
-            bar.update(1)
-            due = self.due()
-            if due:
-                self.after_step(due, lr, speed, bar)
-            if due.stop:
-                if env.world > 1:
-                    dist.barrier()  # every rank leaves after rank 0 has saved
-                bar.close()
-                self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, "
-                         "continue with --resume")
-                return 128 + (signals.received or signal.SIGTERM)
-        bar.close()
-        self.say(f"done: {self.step} steps, best validation loss {self.best_val:.4f}; "
-                 f"best model in {self.save_dir / 'model_best_val.pt'}")
-        return 0
-
-    def log_step(self, f: Figures, lr: float, tokens_per_s: float, bar) -> None:
-        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
-        row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
-                   elapsed_s=bar.format_dict["elapsed"])
-        if mfu is not None:
-            row["mfu"] = mfu
-        if self.env.master:
-            self.metrics.log(**row)
-            bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}))
+def show_plan(args, env: Env) -> int:
+    """--plan: the plan, its time and cost from a few steps timed on random tokens; nothing downloaded or written."""
+    config = model_config(args) if args.init_from == "scratch" else \
+        fine_tune_config(load_model(args.init_from)[0].config, args, args.init_from)
+    plan = first_plan(config, args)
+    cache = data.prepared(data.DataSpec.from_args(args))
+    if cache is not None:
+        plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
+    print("\n".join([plan.model_line(), plan.data_line()]), flush=True)  # then a few steps are timed
+    t = build(config, env, OptimizerSettings.from_args(args), seed=args.seed)
+    accum = args.grad_accum if args.grad_accum != "auto" else (
+        fitting_grad_accum(t, env, args.batch_size, args.block_size) if probes_memory(env.device) else 1)
+    plan.step_seconds = time_random_steps(t, env, args.batch_size // (env.world * accum), accum, args.block_size)
+    per_epoch = None if plan.data_tokens is None else plan.data_tokens // ((args.block_size + 1) * args.batch_size)
+    costs = Costs(eval_batches=args.eval_iters, eval_interval=args.eval_interval, hellaswag_interval=0,
+                  hellaswag_tokens=0, tokens_per_step=plan.tokens_per_step,
+                  checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER, step=plan.step_seconds)
+    if args.time:
+        plan.steps = min(Budget(args.time, STARTED).steps(0, time.monotonic(), costs), args.max_steps or 2**62)
+    elif args.max_steps is None and per_epoch is not None:
+        plan.steps = max(1, round(args.epochs * max(1, per_epoch)))
+    if plan.steps is not None:
+        plan.seconds = time.monotonic() - STARTED + costs.seconds(0, plan.steps)
+    lines = [f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
+             f"{accum} accumulation step(s) on each of {env.world} process(es)"]
+    if plan.steps is None:
+        lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
+    else:
+        lines += [plan.steps_line(), plan.time_line(env.device.type)]
+        lines += [] if cache is not None else ["plan: ...plus downloading and tokenizing the data, not yet done"]
+    print("\n".join(lines + plan.warnings()), flush=True)
+    return 0
 
 
-class Speed:
-    """Training tokens per second over the steps since the last restart."""
-
-    def __init__(self, step: int, tokens_per_step: int):
-        self.tokens_per_step = tokens_per_step
-        self.restart(step)
-
-    def restart(self, step: int):
-        self.t0, self.step0 = time.perf_counter(), step
-
-    def tokens_per_s(self, step: int) -> float:
-        return (step - self.step0) * self.tokens_per_step / max(time.perf_counter() - self.t0, 1e-9)
-
-
-def print_header(env: Env, args, notes: list[str]):
-    header = run_header(env, vars(args))
-    tqdm.write(f"train_gpt2.py at git {header['git']}, torch {header['torch']} (CUDA {header['cuda']}), "
-               f"device {header['device']} × {env.world}, {header['amp']}, compile {env.compile}")
-    tqdm.write("config: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
-    for note in notes:
-        tqdm.write(f"note: {note}")
-    if env.device.type == "cuda" and peak_flops(env.device) is None:
-        tqdm.write(f"note: no bf16 peak is known for {header['device']}, so no MFU is shown")
+def time_random_steps(t: Training, env: Env, micro: int, accum: int, block_size: int) -> float:
+    """Seconds a step takes on random tokens, timed over Pace.TIMED_STEPS steps after Pace.WARMUP_STEPS."""
+    x = torch.randint(0, t.raw_model.config.vocab_size, (micro, block_size + 1), device=env.device,
+                      generator=torch.Generator(env.device).manual_seed(0))
+    batches = [(x[:, :-1], x[:, 1:])] * accum
+    run = lambda step: update(t, batches, env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)
+    for step in range(Pace.WARMUP_STEPS):
+        run(step).tolist()  # .tolist() waits for the device
+    started = time.perf_counter()
+    for step in range(Pace.TIMED_STEPS):
+        stats = run(Pace.WARMUP_STEPS + step)
+    stats.tolist()
+    return (time.perf_counter() - started) / Pace.TIMED_STEPS
 
 
 def main(argv=None) -> int:
@@ -923,7 +1127,12 @@ def main(argv=None) -> int:
     env, notes = setup_env(args.device, args.amp, args.compile)
     try:
         if env.master:
-            print_header(env, args, notes)
+            print_header(env, vars(args), notes)
+            if env.device.type == "cuda" and peak_flops(env.device) is None:
+                tqdm.write(f"note: no bf16 peak is known for {torch.cuda.get_device_name(env.device)}, so no MFU "
+                           "is shown")
+        if args.plan:
+            return show_plan(args, env)
         status = Trainer(args, env).run()
         if env.world > 1:
             dist.barrier()  # ranks leave together: tearing the group down while rank 0 still writes aborts gloo
@@ -933,9 +1142,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:  # before training starts (e.g. while preparing data); later, signals stop cleanly
         sys.exit("interrupted")
     except torch.cuda.OutOfMemoryError:
-        micro = args.batch_size // (env.world * args.grad_accum)
+        accum = args.grad_accum if args.grad_accum != "auto" else 1
+        micro = args.batch_size // (env.world * accum)
         sys.exit(f"error: out of GPU memory with micro-batches of {micro} × {args.block_size} tokens: lower "
-                 f"--batch_size, or raise --grad_accum (now {args.grad_accum}) to keep {args.batch_size} sequences "
+                 f"--batch_size, or raise --grad_accum (now {accum}) to keep {args.batch_size} sequences "
                  "per step in smaller micro-batches")
     finally:
         cleanup_env(env)

@@ -17,3 +17,15 @@ def corpus() -> list[str]:
 @pytest.fixture
 def text_dir(tmp_path, corpus) -> Path:
     return write_txt_dir(tmp_path / "text", corpus)
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory) -> Path:
+    """80 generated documents, one .txt each: the training runs' corpus (a file's runs share it)."""
+    return write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=3))
+
+
+@pytest.fixture(scope="module")
+def data_cache(tmp_path_factory) -> Path:
+    """Where a file's training runs prepare corpus_dir once and find it again."""
+    return tmp_path_factory.mktemp("data_cache")

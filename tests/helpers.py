@@ -110,3 +110,15 @@ def wait_for(predicate, proc: subprocess.Popen | None = None, timeout: float = 1
             return predicate()
         time.sleep(0.01)
     return False
+
+
+def train_args(corpus_dir, data_cache, save_dir, *extra) -> list[str]:
+    """train_gpt2.py's flags for the tiny model on a generated corpus, on the CPU, with `extra` last."""
+    return ["--dataset", str(corpus_dir), "--data_cache", str(data_cache), "--save_dir", str(save_dir),
+            *TINY_MODEL_ARGS, "--batch_size", "8", "--lr", "3e-3", "--min_lr", "3e-4", "--warmup_steps", "2",
+            "--val_split", "0.1", "--num_workers", "0", "--no-amp", "--no-compile", "--device", "cpu", *extra]
+
+
+def metrics(save_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]

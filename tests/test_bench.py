@@ -10,7 +10,7 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
     result = run_script("bench.py", "--tiny", "--device", "cpu", "--vary", "arch=gpt2", "--vary", "optimizer=adamw", "--loop",
-                        "--decode", "--tokenize", "--hellaswag", "--json", str(out), env={"OMP_NUM_THREADS": "2"})
+                        "--decode", "--tokenize", "--hellaswag", "--update", "--json", str(out), env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     # train_gpt2.py's defaults first, then each --vary applied to them
@@ -27,6 +27,11 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     assert report["tokenize"]["ratio"] > 0 and report["tokenize"]["tokens"] > 0
     assert report["hellaswag"]["fp32_items_per_s"] > 0 and report["hellaswag"]["bf16_items_per_s"] > 0
     assert "training" in result.stdout and "loop / table" in result.stdout
+    update = report["update"]
+    assert set(update["operators"]) == {"AdamW.step", "Muon.step"}
+    if "operators_torch_muon" in update:  # the batched Muon dispatches fewer operators than one matrix at a time
+        assert update["operators"]["Muon.step"] < update["operators_torch_muon"]
+    assert update["save"]["file_gb"] > 0 and update["newton_schulz_tflop"] > 0
 
 
 def test_recipes_train_on_the_same_data_and_are_held_to_the_baselines_final_loss(tmp_path):

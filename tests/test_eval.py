@@ -1,6 +1,8 @@
-"""eval.py on a tiny GPT-2 and generated HellaSwag items: scored as transformers scores them, over ranks, offline."""
+"""eval.py on a tiny GPT-2 and generated HellaSwag items: scored as transformers scores them, over ranks, offline.
+Also the generated CORE bundle that test_core.py checks and the torchrun test here scores."""
 import importlib.util
 import json
+import math
 import random
 import threading
 from functools import partial
@@ -12,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from helpers import make_corpus, make_document, make_items, run_script, write_items, write_txt_dir
+from common import EOT
 import data
 import eval as E
 import model as M
@@ -138,19 +141,127 @@ def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_mode
     assert first["tokens"] == 5 * T and first["loss"] == pytest.approx(losses[:5].mean().item(), rel=1e-5)
 
 
-def test_two_ranks_count_what_one_process_counts(hf_dir, items_file, corpus_args, tmp_path, capsys):
+def byte_lengths(tok, ids: torch.Tensor) -> torch.Tensor:
+    """Each token's UTF-8 length, from transformers' vocabulary (byte-level characters back to bytes)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    to_byte = {ch: b for b, ch in bytes_to_unicode().items()}
+    return torch.tensor([len(bytes(to_byte[ch] for ch in token)) for token in tok.convert_ids_to_tokens(ids.tolist())])
+
+
+def test_bits_per_byte_is_the_summed_loss_of_the_text_over_ln2_times_its_bytes(hf_model, ours, hf_tokenizer,
+                                                                                corpus_args):
+    args = E.parse_args(corpus_args)
+    shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
+    tokens = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
+    windows = tokens[:len(tokens) // (WINDOW + 1) * (WINDOW + 1)].view(-1, WINDOW + 1)  # (n, T+1)
+    with torch.no_grad():
+        losses = F.cross_entropy(hf_model(windows[:, :-1]).logits.transpose(1, 2), windows[:, 1:], reduction="none")
+    targets = windows[:, 1:].reshape(-1)
+    text = targets != EOT  # the documents' separators stand for no text: left out of both sums
+    assert 0 < (~text).sum() < len(targets)
+    expected = losses.reshape(-1)[text].sum().item() / (math.log(2) * byte_lengths(hf_tokenizer, targets[text]).sum().item())
+    result = E.validation_loss(ours, shards, WINDOW, "cpu", batch_size=5)
+    assert result["bpb"] == pytest.approx(expected, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A generated CORE bundle: DCLM's layout and formats, a task of each kind, with and without examples
+
+
+def greedy_word(hf_model, enc, context: str) -> str | None:
+    """The word the model would write next after `context` (a CORE prompt cut to the window), if it starts one."""
+    tokens = [EOT, *enc.encode_ordinary(context)][-(WINDOW - 1):]  # the row with one continuation token fits
+    with torch.no_grad():
+        token = hf_model(torch.tensor([tokens])).logits[0, -1].argmax().item()
+    text = enc.decode([token])
+    return text[1:] if text.startswith(" ") and text[1:].isalpha() else None
+
+
+def lm_item(rng: random.Random, hf_model, long: bool, delimiter: str) -> dict:
+    """A language modelling item: half of them the model's own next word (right), a quarter that word and
+    another (its first token right, not all), a quarter a random word (wrong). Contexts `long` past the
+    window, so examples before them are cut away and do not change that word; some with whitespace around."""
+    enc, words, outcome = data.get_tokenizer(), ["river", "garden", "signal", "market", "letter"], rng.random()
+    for _ in range(30):  # a context after which the model starts a word, where one is wanted
+        words_in = rng.randint(36, 50) if long or rng.random() < 0.5 else rng.randint(3, 20)
+        context = " ".join(make_document(rng, 8).split()[:words_in])  # cut mid-sentence: a word is likelier next
+        word = greedy_word(hf_model, enc, (context + delimiter).strip())  # the prompt, as eval.py strips it
+        if word or outcome >= 0.75:
+            break
+    continuation = rng.choice(words) if outcome >= 0.75 else word + (f" {rng.choice(words)}" if outcome >= 0.5 else "")
+    return {"context": rng.choice(["", " ", "\n"]) + context + rng.choice(["", "  ", "\n"]), "continuation": continuation}
+
+
+def core_items(kind: str, n: int, rng: random.Random, hf_model, long: bool, delimiter: str) -> list[dict]:
+    """n generated items of one kind."""
+    words, items = ["river", "garden", "signal", "market", "letter"], []
+    for _ in range(n):
+        if kind == "multiple_choice":
+            choices = [make_document(rng, 1)[:rng.randint(6, 30)] for _ in range(rng.randint(2, 5))]
+            items.append({"query": make_document(rng, rng.randint(1, 2)), "choices": choices,
+                          "gold": rng.randrange(len(choices))})
+        elif kind == "schema":
+            subject = make_document(rng, 1)[:-1]  # the options differ in their last word, the continuation is shared
+            options = [f"{subject} and the {word}" for word in rng.sample(words, rng.randint(2, 3))]
+            items.append({"context_options": options, "continuation": make_document(rng, 1).lower(),
+                          "gold": rng.randrange(len(options))})
+        else:
+            items.append(lm_item(rng, hf_model, long, delimiter))
+    return items
+
+
+CORE_TASKS = [  # label, kind, examples, delimiter (None: core.yaml leaves it out), items, random baseline
+    ("mc_plain", "multiple_choice", 0, None, 14, 25.0),
+    ("mc_answer", "multiple_choice", 3, "\nAnswer: ", 14, 30.5),
+    ("schema_pairs", "schema", 1, None, 12, 50.0),
+    ("lm_plain", "language_modeling", 0, None, 14, 0.0),
+    ("lm_examples", "language_modeling", 2, " ", 12, 0.0),
+]
+
+
+def write_core_bundle(directory: Path, hf_model) -> Path:
+    """An eval bundle as DCLM lays it out: core.yaml (with a comment and an escaped delimiter, as DCLM
+    writes them), eval_meta_data.csv (a quoted description with a comma; a row for a task not in core.yaml)."""
+    rng = random.Random(7)
+    yaml_lines, csv_lines = ["# generated", "icl_tasks:"], ['Eval Task,Task Type,Random baseline,Description',
+                                                             'unused_task,language modeling,0,"not scored, ignored"']
+    for label, kind, shots, delimiter, n, baseline in CORE_TASKS:
+        items = core_items(kind, n, rng, hf_model, long=shots > 0, delimiter=delimiter or " ")
+        path = directory / "eval_data" / "generated" / f"{label}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(json.dumps(item) + "\n" for item in items), encoding="utf-8")
+        yaml_lines += ["-", f"  label: {label}", f"  dataset_uri: generated/{label}.jsonl",
+                       f"  num_fewshot: [{shots}]", f"  icl_task_type: {kind}"]
+        if delimiter is not None:
+            yaml_lines.append(f"  continuation_delimiter: {json.dumps(delimiter)} # between context and continuation")
+        csv_lines.append(f'{label},{kind.replace("_", " ")},{baseline},"generated, {n} items"')
+    (directory / "core.yaml").write_text("\n".join(yaml_lines) + "\n", encoding="utf-8")
+    (directory / "eval_meta_data.csv").write_text("\n".join(csv_lines) + "\n", encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="module")
+def core_dir(tmp_path_factory, hf_model) -> Path:
+    return write_core_bundle(tmp_path_factory.mktemp("eval_bundle"), hf_model)
+
+
+def test_two_ranks_count_what_one_process_counts(hf_dir, items_file, corpus_args, core_dir, tmp_path, capsys):
     flags = ["--checkpoint", str(hf_dir), "--hellaswag", str(items_file), *corpus_args, "--batch_size", "4",
-             "--device", "cpu"]
+             "--device", "cpu", "--tasks", "hellaswag,val,core", "--core", str(core_dir)]
     assert E.main([*flags, "--json", str(tmp_path / "one.json")]) == 0
     table = capsys.readouterr().out
-    assert "acc_norm" in table and "22 items" in table and "perplexity" in table
+    assert "acc_norm" in table and "22 items" in table and "perplexity" in table and "bpb" in table
+    assert "mc_answer" in table and "mean centered accuracy of 5 tasks" in table
     two = run_script("eval.py", *flags, "--json", str(tmp_path / "two.json"), torchrun_ranks=2)
     assert two.returncode == 0, two.stderr[-3000:]
     one, two = (json.loads((tmp_path / name).read_text()) for name in ("one.json", "two.json"))
-    assert set(one) == {"checkpoint", "hellaswag", "val"}
+    assert set(one) == {"checkpoint", "hellaswag", "val", "core"}
     assert one["hellaswag"] == two["hellaswag"] and one["hellaswag"]["n"] == 22
     assert one["val"]["tokens"] == two["val"]["tokens"]
     assert one["val"]["loss"] == pytest.approx(two["val"]["loss"], rel=1e-6)
+    assert one["val"]["bpb"] == pytest.approx(two["val"]["bpb"], rel=1e-6)
+    assert set(one["core"]["tasks"]) == {label for label, *_ in CORE_TASKS}
+    assert one["core"] == two["core"]  # the same items right: the counts of each rank add up
 
 
 def bad(path: Path, lines: list[str]) -> Path:
@@ -225,9 +336,12 @@ def test_a_download_of_the_wrong_length_is_refused_and_not_kept(served, tmp_path
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--tasks", "val", "--limit", "5"], "--limit belong to the hellaswag task"),
+    (["--tasks", "val", "--limit", "5"], "--limit belongs to the hellaswag and core tasks"),
+    (["--tasks", "core", "--hellaswag", "items.jsonl"], "--hellaswag belongs to the hellaswag task"),
+    (["--core", "/tmp"], "--core belongs to the core task"),
+    (["--tasks", "core", "--core", "/nonexistent/eval_bundle"], "--core /nonexistent/eval_bundle: no such directory"),
     (["--tasks", "hellaswag", "--eval_tokens", "100"], "--eval_tokens and --block_size belong to the val task"),
-    (["--tasks", "hellaswag,mmlu"], "must be a comma-separated list of hellaswag, val"),
+    (["--tasks", "hellaswag,mmlu"], "must be a comma-separated list of hellaswag, val, core"),
     (["--hellaswag", "/nonexistent/items.jsonl"], "--hellaswag /nonexistent/items.jsonl: no such file"),
     (["--json", "/nonexistent/dir/out.json"], "--json /nonexistent/dir/out.json: its directory does not exist"),
 ])

@@ -1,5 +1,7 @@
 """model.py on tiny CPU models: the properties training and generation rely on."""
 
+import threading
+
 import pytest
 import torch
 
@@ -137,7 +139,7 @@ def test_presets_set_the_documented_switches():
     assert g.transformer.wpe is not None and isinstance(g.transformer.ln_f, torch.nn.LayerNorm)
     assert m.transformer.wpe is None and isinstance(m.transformer.ln_f, torch.nn.RMSNorm)
     assert all(p.ndim >= 2 or "ln" in n or "norm" in n for n, p in m.named_parameters())  # no biases
-    assert m.transformer.h[0].attn.q_norm is not None and m.transformer.h[0].mlp.swiglu
+    assert m.transformer.h[0].attn.q_norm is not None and m.transformer.h[0].mlp.kind == "swiglu"
     assert g.config.arch == "gpt2" and m.config.arch == "modern"
 
 
@@ -163,6 +165,48 @@ def test_a_saved_checkpoint_loads_back_with_weights_only(tmp_path):
     loaded, info = M.load_model(str(path))
     x = torch.randint(0, 100, (1, 8))
     assert torch.equal(loaded(x)[0], m(x)[0]) and info["step"] == 3 and info["val_loss"] == 1.5
+
+
+def test_a_background_save_holds_the_state_of_its_call_whatever_changes_after(tmp_path):
+    m = tiny("gpt2")  # a tied head: one tensor in the file, as torch.save of the model itself writes it
+    writer = M.CheckpointWriter()
+    writer.save(tmp_path / "c.pt", M.checkpoint_state(m, step=1, moments=[torch.ones(3)]))
+    expected = {k: v.clone() for k, v in m.state_dict().items()}
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)  # training goes on while the file is written
+    writer.wait()
+    saved = torch.load(tmp_path / "c.pt", weights_only=True)
+    assert all(torch.equal(saved["model"][k], v) for k, v in expected.items())
+    assert saved["step"] == 1 and torch.equal(saved["moments"][0], torch.ones(3))
+    head, table = saved["model"]["lm_head.weight"], saved["model"]["transformer.wte.weight"]
+    assert head.untyped_storage().data_ptr() == table.untyped_storage().data_ptr()
+
+
+def test_a_save_waits_for_the_one_before_and_a_failed_write_is_reported_in_one_line(tmp_path, monkeypatch):
+    release, written = threading.Event(), []
+    real_write = M.write_checkpoint
+
+    def slow_write(path, state):
+        release.wait(30)
+        written.append(path.name)
+        real_write(path, state)
+
+    monkeypatch.setattr(M, "write_checkpoint", slow_write)
+    writer, m = M.CheckpointWriter(), tiny("modern")
+    writer.save(tmp_path / "first.pt", M.checkpoint_state(m))  # returns while the write waits
+    second = threading.Thread(target=writer.save, args=(tmp_path / "second.pt", M.checkpoint_state(m)))
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and written == []  # the second save waits for the first write to finish
+    release.set()
+    second.join(30)
+    writer.wait()
+    assert written == ["first.pt", "second.pt"] and (tmp_path / "second.pt").is_file()
+    writer.save(tmp_path / "missing" / "third.pt", M.checkpoint_state(m))  # no such directory
+    with pytest.raises(M.CheckpointError, match=r"^could not write .*third\.pt \(RuntimeError: Parent directory .* does not exist"):
+        writer.wait()
+    assert not list(tmp_path.glob("*.tmp-*"))
 
 
 class Payload:

@@ -1,0 +1,330 @@
+"""The run plan: what a run will take and cost, how many steps a time budget buys, and the summary that
+ends a run with the way home.
+
+train_gpt2.py prints the plan as it learns more: what the flags and the model say (before any download),
+the data's exact size (once prepared), then time and cost from a few timed steps on this device. With
+--time, the steps come from the measured pace and are re-planned as it changes (`Budget`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shlex
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
+# datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
+PEAK_BF16_TFLOPS = {
+    "NVIDIA H100 80GB HBM3": 989,  # H100 SXM5
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H100 NVL": 835,
+    "NVIDIA H200": 989,  # H200 SXM
+    "NVIDIA H200 NVL": 835,
+    "NVIDIA GH200 480GB": 989,
+    "NVIDIA GH200 144G HBM3e": 989,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A100-SXM4-40GB": 312,
+    "NVIDIA A100 80GB PCIe": 312,
+    "NVIDIA A100-PCIE-40GB": 312,
+}
+# No table of prices: they differ by provider and change month to month, and a stale one would
+# mislead. The cost is shown when --price_per_hour gives the machine's price.
+
+# GPT-2 tokens per document, for the estimate made before the download: the issue that asked for the
+# plan measured 1,000 FineWeb documents at about 1 M tokens. Local text: about 4 bytes a token for
+# English prose (3.1 measured on the Python documentation, whose markup and code are denser).
+TOKENS_PER_DOCUMENT = {"HuggingFaceFW/fineweb": 1000}
+BYTES_PER_TOKEN = 4.0
+SHARD_BYTES_PER_TOKEN = 2  # uint16 tokens (data.py's shards)
+REPEATS_WARNED = 4  # passes over the same data beyond which fresh data is worth more (Muennighoff et al. 2023)
+# Compute-optimal tokens per parameter: Chinchilla's 20 counted every parameter, nanochat measured 10.5
+# counting the matrices and the head; well outside this range a run buys less model than it could.
+TOKENS_PER_PARAMETER = (10, 40)
+FORWARD_SHARE = 1 / 3  # a forward pass costs about a third of a training step (the backward, twice the forward)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak in FLOP/s, or None for a CPU or a card not in PEAK_BF16_TFLOPS."""
+    if device.type != "cuda":
+        return None
+    tflops = PEAK_BF16_TFLOPS.get(torch.cuda.get_device_name(device))
+    return tflops * 1e12 if tflops else None
+
+
+_DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in "45m", "2h", "1h30m", "90s" or "5400"; ValueError otherwise."""
+    text = text.strip().lower()
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        seconds = float(text)
+    else:
+        match = _DURATION.match(text)
+        if not text or not match or not any(match.groupdict().values()):
+            raise ValueError(text)
+        seconds = sum(float(v or 0) * unit for v, unit in zip(match.group("h", "m", "s"), (3600, 60, 1)))
+    if not 0 < seconds < float("inf"):
+        raise ValueError(text)
+    return seconds
+
+
+def human_duration(seconds: float) -> str:
+    seconds = round(seconds)
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h} h {m:02d} min" if h else f"{m} min {s:02d} s" if m else f"{s} s"
+
+
+def estimated_data_tokens(dataset: str, sample_size: int) -> tuple[int | None, str]:
+    """The text's tokens before it is prepared, and how they were estimated: by documents for a Hub
+    dataset whose average is known, by bytes for local files; (None, why) when nothing is known."""
+    if dataset in TOKENS_PER_DOCUMENT:
+        per_document = TOKENS_PER_DOCUMENT[dataset]
+        return sample_size * per_document, f"{sample_size:,} documents of about {per_document:,} tokens"
+    path = Path(dataset).expanduser()
+    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+    if not files:
+        return None, "a Hub dataset whose documents' length is not known here"
+    size = sum(f.stat().st_size for f in files[:sample_size])
+    return int(size / BYTES_PER_TOKEN), f"{human_bytes(size)} of text at about {BYTES_PER_TOKEN:g} bytes a token"
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f} {unit}"
+    return f"{n:,.0f} bytes"
+
+
+@dataclass
+class Plan:
+    """What a run will do; fields are None until known (steps with --time, seconds until steps are timed)."""
+    params: int
+    params_non_embedding: int
+    tokens_per_step: int
+    sample_size: int
+    steps: int | None = None
+    data_tokens: int | None = None  # the training split's
+    data_basis: str = ""  # how data_tokens was estimated; "" once it is the prepared split's exact count
+    seconds: float | None = None  # the whole run's wall time, from process start
+    step_seconds: float | None = None
+    price_per_hour: float | None = None
+
+    @property
+    def tokens(self) -> int | None:
+        return None if self.steps is None else self.steps * self.tokens_per_step
+
+    @property
+    def epochs(self) -> float | None:
+        return None if self.tokens is None or not self.data_tokens else self.tokens / self.data_tokens
+
+    @property
+    def cost(self) -> float | None:
+        return None if self.seconds is None or self.price_per_hour is None else self.seconds / 3600 * self.price_per_hour
+
+    def row(self) -> dict:
+        """The plan as metrics.jsonl records it."""
+        return {"plan": {"seconds": self.seconds, "steps": self.steps, "tokens": self.tokens,
+                         "data_tokens": self.data_tokens, "epochs": self.epochs, "cost": self.cost}}
+
+    def model_line(self) -> str:
+        without = (f" ({self.params_non_embedding / 1e6:,.1f} M without the position table)"
+                   if self.params_non_embedding != self.params else "")
+        return f"plan: {self.params / 1e6:,.1f} M parameters{without}, {self.tokens_per_step:,} tokens a step"
+
+    def data_line(self) -> str:
+        if self.data_tokens is None:
+            return f"plan: data: size unknown until prepared ({self.data_basis})"
+        size = f"{human_bytes(self.data_tokens * SHARD_BYTES_PER_TOKEN)} of shards on disk"
+        if not self.data_basis:
+            return f"plan: data: {self.data_tokens:,} training tokens, {size}"
+        return f"plan: data: about {self.data_tokens:,} training tokens ({self.data_basis}), {size}"
+
+    def steps_line(self) -> str:
+        epochs = f" = {self.epochs:.2f} epochs" if self.epochs is not None else ""
+        return f"plan: {self.steps:,} steps = {self.tokens:,} tokens{epochs}"
+
+    def time_line(self, device: str) -> str:
+        cost = f", ${self.cost:,.2f} at ${self.price_per_hour:,.2f} an hour" if self.cost is not None else ""
+        return (f"plan: {self.step_seconds:.3f} s a step (timed on this {device}): the run takes about "
+                f"{human_duration(self.seconds)}{cost}")
+
+    def warnings(self) -> list[str]:
+        """One line each: data seen too often, a model far from compute-optimal for its tokens."""
+        out = []
+        if self.epochs is not None and self.epochs > REPEATS_WARNED:
+            fresh = math.ceil(self.sample_size * self.epochs)
+            out.append(f"warning: the run sees its data {self.epochs:.1f} times; --sample_size {fresh:,} gives "
+                       "fresh data for the whole run")
+        if self.tokens is not None:
+            ratio = self.tokens / self.params_non_embedding
+            low, high = TOKENS_PER_PARAMETER
+            if not low <= ratio <= high:
+                advice = "a smaller model or a longer run" if ratio < low else "a larger model or a shorter run"
+                out.append(f"warning: {ratio:.2g} tokens a parameter, far from the compute-optimal {low}-{high} "
+                           f"(Chinchilla, nanochat): {advice} would learn more from this compute")
+        return out
+
+
+class Budget:
+    """--time: the steps that fit in what is left of it, at the measured costs, the evaluations due on the
+    way and the last evaluation and save included."""
+
+    MARGIN = 0.03  # of the time left, kept back for what the pace does not show (a slower step, the exit)
+
+    def __init__(self, seconds: float, started: float):
+        self.seconds, self.deadline = seconds, started + seconds
+
+    def passed(self) -> bool:
+        return time.monotonic() >= self.deadline
+
+    def steps(self, step: int, now: float, costs: "Costs") -> int:
+        """The run's last step: `step` plus the most steps whose costs.seconds end before the deadline."""
+        left = self.deadline - now
+        usable = left - max(1.0, self.MARGIN * left)
+        low, high = 0, max(1, int(usable / costs.step) + 1)  # costs.seconds grows with n: search it
+        while low < high:
+            n = (low + high + 1) // 2
+            low, high = (n, high) if costs.seconds(step, n) <= usable else (low, n - 1)
+        return step + low
+
+
+# ----------------------------------------------------------------------------------------------------
+# The way home
+
+
+def copy_home_commands(checkpoint: Path) -> list[str]:
+    """The two commands to run on the laptop: scp from this machine (its SSH address when this is an SSH
+    session, placeholders otherwise), then sample.py."""
+    user, host, port = os.environ.get("USER") or "USER", "HOST", None
+    connection = os.environ.get("SSH_CONNECTION", "").split()  # client_ip client_port server_ip server_port
+    if len(connection) == 4:
+        host = f"[{connection[2]}]" if ":" in connection[2] else connection[2]
+        port = connection[3] if connection[3] != "22" else None
+    source = f"{user}@{host}:{shlex.quote(str(checkpoint.resolve()))}"
+    scp = f"scp {'-P ' + port + ' ' if port else ''}{source} ./checkpoints/"
+    return [scp, "python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
+                 "--max_tokens 50"]
+
+
+@dataclass
+class Outcome:
+    """How a run ended, for its summary."""
+    steps: int
+    tokens: int
+    seconds: float
+    best_val: float | None
+    best_step: int | None
+    checkpoint: Path
+    price_per_hour: float | None = None
+    hellaswag: float | None = None
+    planned_seconds: float | None = None
+
+    def lines(self) -> list[str]:
+        cost = f", ${self.seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
+        planned = f" (planned {human_duration(self.planned_seconds)})" if self.planned_seconds else ""
+        best = (f"best validation loss {self.best_val:.4f} at step {self.best_step:,}" if self.best_val is not None
+                else "no validation yet")
+        hellaswag = f", HellaSwag acc_norm {self.hellaswag:.4f}" if self.hellaswag is not None else ""
+        lines = [f"summary: {self.steps:,} steps, {self.tokens:,} tokens in {human_duration(self.seconds)}{planned}"
+                 f"{cost}; {best}{hellaswag}"]
+        if self.checkpoint.exists():
+            lines += [f"best model: {self.checkpoint.resolve()}", "to talk to it on your laptop:"]
+            lines += [f"  {command}" for command in copy_home_commands(self.checkpoint)]
+        return lines
+
+
+# ----------------------------------------------------------------------------------------------------
+# What the plan counts with: the pace of training, and the seconds of what else a run does
+
+
+class Pace:
+    """Seconds a training step takes, without evaluation, saving and the first steps (compiling, warming
+    the allocator): over TIMED_STEPS steps after WARMUP_STEPS, then the median of the last windows between
+    log lines. Also the tokens/s of each such window, for the progress bar and metrics.jsonl."""
+
+    WARMUP_STEPS, TIMED_STEPS, WINDOWS = 2, 5, 5
+
+    def __init__(self, step: int, tokens_per_step: int):
+        self.tokens_per_step, self.first_step = tokens_per_step, step
+        self.step_seconds: float | None = None
+        self.windows: list[float] = []
+        self.excluded = 0.0  # seconds of evaluation and saving so far, which the timing leaves out
+        self._timing: tuple[int, float, float] | None = None  # (step, clock, excluded) where the timing began
+        self.restart(step)
+
+    def restart(self, step: int) -> None:
+        self.t0, self.step0 = time.perf_counter(), step
+
+    def exclude(self, seconds: float) -> None:
+        self.excluded += seconds
+
+    def timed(self, step: int, wait) -> bool:
+        """True once, at the step where the timed steps end; wait() lets the device finish, at both ends."""
+        if self.step_seconds is not None:
+            return False
+        if step == self.first_step + self.WARMUP_STEPS:
+            wait()
+            self._timing = (step, time.perf_counter(), self.excluded)
+        elif self._timing is not None and step == self._timing[0] + self.TIMED_STEPS:
+            wait()
+            _, clock, excluded = self._timing
+            self.step_seconds = (time.perf_counter() - clock - (self.excluded - excluded)) / self.TIMED_STEPS
+            return True
+        return False
+
+    def lap(self, step: int) -> float:
+        """Tokens/s since the last restart; once timed, the window also updates the seconds a step."""
+        seconds, steps = time.perf_counter() - self.t0, step - self.step0
+        if steps and self.step_seconds is not None and self.step0 >= self.first_step + self.WARMUP_STEPS:
+            self.windows = (self.windows + [seconds / steps])[-self.WINDOWS:]
+            self.step_seconds = statistics.median(self.windows)
+        return steps * self.tokens_per_step / max(seconds, 1e-9)
+
+
+WRITE_BYTES_PER_S = 300e6  # an assumed disk for the last save, until one is timed
+CHECKPOINT_BYTES_PER_PARAMETER = 16  # fp32 weights, AdamW's two moments or Muon's momentum, and room
+
+
+@dataclass
+class Costs:
+    """Seconds the plan counts with besides the steps: an evaluation, a HellaSwag scoring and the last save,
+    each estimated from the step until it has been measured."""
+    eval_batches: int  # of batch_size sequences each
+    eval_interval: int
+    hellaswag_interval: int  # 0: none
+    hellaswag_tokens: int
+    tokens_per_step: int
+    checkpoint_bytes: int
+    step: float | None = None
+    evaluation: float | None = None
+    hellaswag: float | None = None
+    write: float | None = None
+
+    def evaluation_s(self) -> float:
+        return self.evaluation if self.evaluation is not None else self.eval_batches * self.step * FORWARD_SHARE
+
+    def hellaswag_s(self) -> float:
+        if not self.hellaswag_interval:
+            return 0.0
+        if self.hellaswag is not None:
+            return self.hellaswag
+        return self.hellaswag_tokens / self.tokens_per_step * self.step * FORWARD_SHARE
+
+    def seconds(self, step: int, n: int) -> float:
+        """Seconds of what is left after step `step` (itself done, its evaluation not yet) and n more steps:
+        the steps, the evaluations and scorings due at `step` and on the way, and what follows the last
+        step (its evaluation and scoring, and the wait for the last save)."""
+        # Evaluations fall on multiples of the interval in [step, step + n - 1] (step 0 has none); the one
+        # at the last step is counted with what follows it.
+        due = lambda interval: (step + n - 1) // interval - (max(step, 1) - 1) // interval if interval and n else 0
+        write = self.write if self.write is not None else self.checkpoint_bytes / WRITE_BYTES_PER_S
+        return (n * self.step + due(self.eval_interval) * self.evaluation_s()
+                + due(self.hellaswag_interval) * self.hellaswag_s() + self.evaluation_s() + self.hellaswag_s() + write)

@@ -1,0 +1,174 @@
+"""The run plan (issue 19): a time budget kept with the decay finished, the plan printed and recorded,
+a micro-batch that fits, no silent CPU beside an unusable GPU, the summary's way home, Weights & Biases."""
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+import plan as P
+import train_gpt2 as T
+from helpers import metrics, train_args
+
+
+def train_in_process(argv: list[str], monkeypatch) -> int:
+    """train_gpt2.main as `python train_gpt2.py` would run it, its clock (--time) starting now."""
+    monkeypatch.setattr(T, "STARTED", time.monotonic())
+    return T.main(argv)
+
+
+@pytest.mark.parametrize("text, seconds", [("45m", 2700), ("2h", 7200), ("1h30m", 5400), ("5400", 5400),
+                                           ("90s", 90), ("1.5h", 5400)])
+def test_durations_are_read_as_people_write_them(text, seconds):
+    assert P.parse_duration(text) == seconds
+
+
+def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_best_model_saved(
+        corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
+    save = tmp_path / "run"
+    budget = 12.0
+    import matplotlib.pyplot  # noqa: F401  imports a run pays once (the optimizers' compiler stack, the plot):
+    import torch._dynamo  # noqa: F401  paid before the clock starts, so the test measures the plan, not them
+    status = train_in_process(train_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1",
+                                         "--eval_interval", "10", "--price_per_hour", "3.6"), monkeypatch)
+    assert status == 0
+    rows = metrics(save)
+    done = next(r for r in rows if r.get("event") == "done")
+    assert done["seconds"] <= budget  # by the run's own clock, its last evaluation and save included
+    steps = [r for r in rows if "train_loss" in r]
+    assert steps[-1]["step"] == done["step"] > P.Pace.WARMUP_STEPS + P.Pace.TIMED_STEPS  # planned past the timing
+    assert steps[-1]["lr"] == pytest.approx(3e-4)  # --min_lr: the decay ended with the budget
+    assert rows[-2]["step"] == done["step"] and "val_loss" in rows[-2]  # the last step was evaluated
+    assert (save / "model_best_val.pt").exists() and (save / "latest.pt").exists()
+    planned = next(r["plan"] for r in rows if "plan" in r)
+    assert set(planned) == {"seconds", "steps", "tokens", "data_tokens", "epochs", "cost"}
+    assert planned["data_tokens"] == T.data.TokenShards(next(data_cache.iterdir()), "train").num_tokens
+    assert planned["cost"] == pytest.approx(planned["seconds"] / 3600 * 3.6)
+    assert done["cost"] == pytest.approx(done["seconds"] / 3600 * 3.6, rel=0.05) and "cost" in steps[-1]
+    out = capsys.readouterr().out
+    assert "plan: " in out and " s a step (timed on this cpu)" in out and "$" in out
+    assert f"summary: {done['step']} steps" in out and "scp " in out and "python sample.py --interactive" in out
+
+
+def test_the_budget_counts_every_evaluation_due_before_the_deadline_and_the_last_one_after_it():
+    costs = P.Costs(eval_batches=1, eval_interval=10, hellaswag_interval=0, hellaswag_tokens=0, tokens_per_step=1,
+                    checkpoint_bytes=0, step=1.0, evaluation=100.0, write=5.0)
+    assert costs.seconds(0, 10) == 10 + 100 + 5  # ten steps, then the last evaluation and the save's wait
+    assert costs.seconds(0, 11) == 11 + 100 + 100 + 5  # ...and the evaluation due at step 10 on the way
+    assert costs.seconds(10, 0) == 100 + 5  # ending at step 10: its evaluation is the last one
+    budget = P.Budget(1000.0, started=0.0)  # at 1 s a step, 100 s an evaluation every 10 steps
+    last = budget.steps(0, now=0.0, costs=costs)
+    assert costs.seconds(0, last) <= 1000 - 30 < costs.seconds(0, last + 1)  # 3% kept back
+
+
+def test_max_steps_wins_over_a_longer_time_budget(corpus_dir, data_cache, tmp_path, monkeypatch):
+    save = tmp_path / "run"
+    assert train_in_process(train_args(corpus_dir, data_cache, save, "--time", "1h", "--max_steps", "4",
+                                       "--log_interval", "1", "--eval_interval", "100"), monkeypatch) == 0
+    steps = [r for r in metrics(save) if "train_loss" in r]
+    assert steps[-1]["step"] == 4 and steps[-1]["lr"] == pytest.approx(3e-4)
+
+
+def test_plan_prints_the_plan_and_downloads_trains_and_writes_nothing(corpus_dir, tmp_path, capsys):
+    cache, save = tmp_path / "cache", tmp_path / "run"
+    assert T.main(train_args(corpus_dir, cache, save, "--plan", "--max_steps", "50", "--price_per_hour", "2")) == 0
+    out = capsys.readouterr().out
+    assert not cache.exists() and not save.exists()
+    assert "plan: 1.6 M parameters" in out and "256 tokens a step" in out
+    assert "plan: data: about " in out and "bytes a token" in out  # estimated from the files, not prepared
+    assert "plan: 50 steps = 12,800 tokens" in out and " s a step (timed on this cpu)" in out and "$" in out
+    assert "tokens a parameter, far from the compute-optimal 10-40" in out
+
+
+def test_the_plan_warns_of_data_seen_too_often_and_says_what_gives_fresh_data():
+    plan = P.Plan(params=124_000_000, params_non_embedding=124_000_000, tokens_per_step=65_536, sample_size=1000,
+                  steps=1000, data_tokens=950_000)
+    warnings = plan.warnings()
+    assert warnings[0] == ("warning: the run sees its data 69.0 times; --sample_size 68,986 gives fresh data for the "
+                           "whole run")
+    assert "0.53 tokens a parameter" in warnings[1]
+    assert P.estimated_data_tokens("HuggingFaceFW/fineweb", 1000)[0] == 1_000_000  # 1,000 documents: about 1 M
+
+
+def test_auto_halves_the_micro_batch_until_it_fits_and_keeps_the_loss_of_the_same_accumulation(
+        corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
+    real_forward = T.GPT.forward
+
+    def small_memory(self, idx, *args, **kwargs):  # a "GPU" where more than 2 sequences at once run out of memory
+        if idx.size(0) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(self, idx, *args, **kwargs)
+
+    flags = ["--max_steps", "3", "--log_interval", "1", "--eval_interval", "3"]
+    assert T.main(train_args(corpus_dir, data_cache, tmp_path / "four", *flags, "--grad_accum", "4")) == 0
+    monkeypatch.setattr(T, "probes_memory", lambda device: True)
+    monkeypatch.setattr(T.GPT, "forward", small_memory)
+    capsys.readouterr()
+    assert T.main(train_args(corpus_dir, data_cache, tmp_path / "auto", *flags, "--grad_accum", "auto")) == 0
+    assert "--grad_accum auto: micro-batches of 2 × 32 tokens fit in cpu memory: 4 accumulation step(s)" in \
+        capsys.readouterr().out
+    losses = lambda run: [r["train_loss"] for r in metrics(tmp_path / run) if "train_loss" in r]
+    assert losses("auto") == losses("four")  # the global batch, and so the loss, unchanged
+    assert torch.load(tmp_path / "auto" / "latest.pt", weights_only=True)["args"]["grad_accum"] == 4
+    monkeypatch.setattr(T, "step_fits", lambda *a: pytest.fail("--resume must reuse the run's choice"))
+    more = train_args(corpus_dir, data_cache, tmp_path / "auto", "--max_steps", "4", "--resume", "--grad_accum", "auto")
+    assert T.main(more) == 0
+
+
+def test_micro_batches_tried_halve_through_the_divisors_of_the_batch():
+    assert T.micro_batch_sizes(64) == [64, 32, 16, 8, 4, 2, 1]
+    assert T.micro_batch_sizes(24) == [24, 12, 6, 3, 1]
+
+
+def test_a_gpu_torch_cannot_use_stops_the_run_in_two_lines_naming_the_build_and_the_fix(tmp_path, monkeypatch,
+                                                                                        capsys):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    smi = fake / "nvidia-smi"  # an H100 whose driver supports CUDA 12.4 (torch here has no usable CUDA device)
+    smi.write_text("#!/bin/sh\nif [ \"$1\" = \"-L\" ]; then echo 'GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)'; "
+                   "else echo '| NVIDIA-SMI 550.54   Driver Version: 550.54   CUDA Version: 12.4 |'; fi\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    args = ["--data_cache", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as stopped:  # in argument parsing: before any download or write
+        T.parse_args(args)
+    lines = str(stopped.value.code).splitlines()
+    assert len(lines) == 2 and capsys.readouterr().err == ""
+    assert lines[0].startswith(f"error: this machine has NVIDIA H100 80GB HBM3 but torch {torch.__version__} "
+                               "cannot use it")
+    expected_index = "cu124" if torch.version.cuda else "cu128"  # the newest index the driver's CUDA 12.4 runs
+    assert f"--index-url https://download.pytorch.org/whl/{expected_index}" in lines[1] and "--device cpu" in lines[1]
+    assert T.parse_args([*args, "--device", "cpu"]).device == "cpu"  # the CPU on purpose still trains
+
+
+def test_the_way_home_names_this_ssh_session_or_placeholders(tmp_path, monkeypatch):
+    checkpoint = tmp_path / "model_best_val.pt"
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("SSH_CONNECTION", "198.51.100.7 51234 203.0.113.5 2222")
+    scp, sample = P.copy_home_commands(checkpoint)
+    assert scp == f"scp -P 2222 alice@203.0.113.5:{checkpoint.resolve()} ./checkpoints/"
+    assert sample == ("python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
+                      "--max_tokens 50")
+    monkeypatch.setenv("SSH_CONNECTION", "198.51.100.7 51234 203.0.113.5 22")
+    assert P.copy_home_commands(checkpoint)[0].startswith("scp alice@203.0.113.5:/")
+    monkeypatch.delenv("SSH_CONNECTION")
+    monkeypatch.delenv("USER")
+    assert P.copy_home_commands(checkpoint)[0].startswith("scp USER@HOST:/")
+
+
+def test_wandb_gets_the_flags_and_the_rows_and_its_absence_is_one_line(corpus_dir, data_cache, tmp_path,
+                                                                     monkeypatch, capsys):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")  # files only: the tests never reach the network
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    save = tmp_path / "run"
+    assert T.main(train_args(corpus_dir, data_cache, save, "--max_steps", "2", "--eval_interval", "2",
+                             "--wandb", "tests")) == 0
+    records = b"".join(p.read_bytes() for p in (save / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert b"val_loss" in records and b"train_loss" in records and b"batch_size" in records
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed: the import fails
+    capsys.readouterr()
+    without = train_args(corpus_dir, data_cache, tmp_path / "plain", "--max_steps", "2", "--wandb", "tests")
+    assert T.main(without) == 0
+    assert capsys.readouterr().out.count("note: --wandb: wandb is not installed (pip install wandb)") == 1
