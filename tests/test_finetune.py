@@ -119,7 +119,7 @@ def test_contradictions_and_an_unreachable_hub_end_in_one_line(hf_dir, corpus_di
 
 
 def test_a_killed_fine_tune_resumes_to_the_model_of_an_uninterrupted_one(hf_dir, corpus_dir, cache, tmp_path):
-    common = ["--max_steps", "16", "--checkpoint_interval", "2", "--eval_interval", "1000", "--dropout", "0.1"]
+    common = ["--max_steps", "8", "--checkpoint_interval", "2", "--eval_interval", "1000", "--dropout", "0.1"]
     whole = run_script("train_gpt2.py", *tune_args(hf_dir, corpus_dir, cache, tmp_path / "whole", *common))
     assert whole.returncode == 0, whole.stderr[-2000:]
     save = tmp_path / "killed"
@@ -127,7 +127,7 @@ def test_a_killed_fine_tune_resumes_to_the_model_of_an_uninterrupted_one(hf_dir,
     assert wait_for(lambda: (save / "latest.pt").exists(), proc), proc.communicate()[1][-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert torch.load(save / "latest.pt", weights_only=True)["step"] < 16
+    assert torch.load(save / "latest.pt", weights_only=True)["step"] < 8
     resumed = run_script("train_gpt2.py", *tune_args(hf_dir, corpus_dir, cache, save, *common, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert val_losses(save)[16] == pytest.approx(val_losses(tmp_path / "whole")[16], abs=1e-4)
+    assert val_losses(save)[8] == pytest.approx(val_losses(tmp_path / "whole")[8], abs=1e-4)
