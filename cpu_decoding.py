@@ -39,8 +39,12 @@ INT4_GROUP = 32
 # because the int8 kernel's speed per weight varies with them (emulating AVX2, 0.09 ns on one 16384 x 1024
 # matrix, 0.15-0.22 on these); 20.6 M weights, so fp32's 82 MB are past laptops' last-level caches (8-36 MB).
 PROBE_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072)) * 2 + ((8384, 768),)
-PROBE_CALLS = 3  # the fastest of three calls: the first also pays for thread start-up and kernel choice
-PROBE_TIE = 1.1  # a layout within 10% of the fastest counts as tied (the probe's spread from run to run here)
+PROBE_CALLS = 5  # the fastest of five calls: the first also pays for thread start-up and kernel choice; with
+# three, 2 of 6 probes on a quiet machine here were unsteady (below), with five 1 of 6, for ~10 ms more
+# A layout within 5% of the fastest counts as tied, and the more precise one is taken. Emulating AVX2 on a
+# quiet machine here, 20 probes put int8/int4 at 1.06-1.53 while decoding ran int4 1.25x faster than int8;
+# at 10%, one probe in eight took int8. Every layout kept >= 97% agreement with fp32 (BENCHMARKS.md).
+PROBE_TIE = 1.05
 # A probe counts only if each layout's two fastest calls agree within 25%: on a busy machine a call can wait
 # milliseconds for a descheduled thread, and a probe taken so would mislead every later start.
 PROBE_STEADY = 1.25

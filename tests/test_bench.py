@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+import cpu_decoding
 from helpers import TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
 
 
@@ -22,7 +23,9 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     assert all(decode[f"{name}_tokens_per_s"] > 0 for name in ("hf_fp32", "ours_fp32", "ours_bf16", "ours_int8"))
     assert decode["bandwidth_gb_s"] > 0 and decode["ours_int8_weight_mb"] < decode["ours_bf16_weight_mb"]
     assert decode["int8_vs_fp32"]["positions"] == decode["n_tokens"] + decode["prompt_len"]
-    assert decode["auto_dtype"] in ("fp32", "bf16", "int8") and decode["startup_first_token_s"] > 0
+    names = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}  # bench.py's, then torch's
+    assert names[decode["auto_dtype"]] == cpu_decoding.choose(decode["probe_ns_per_weight"])  # the probe's pick
+    assert decode["startup_first_token_s"] > 0
     assert report["tokenize"]["ratio"] > 0 and report["tokenize"]["tokens"] > 0
     assert report["hellaswag"]["fp32_items_per_s"] > 0 and report["hellaswag"]["bf16_items_per_s"] > 0
     assert "training" in result.stdout and "loop / table" in result.stdout
