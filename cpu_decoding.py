@@ -10,6 +10,7 @@ instruction-set limit and thread count, and kept beside the tokenizer's cache.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -38,12 +39,15 @@ INT4_GROUP = 32
 # blocks (attention in, attention out, MLP in, MLP out) and a sixth of its output layer's rows. Its shapes,
 # because the int8 kernel's speed per weight varies with them (emulating AVX2, 0.09 ns on one 16384 x 1024
 # matrix, 0.15-0.22 on these); 20.6 M weights, so fp32's 82 MB are past laptops' last-level caches (8-36 MB).
+# The other layouts take these shapes in turn until they have read the same 82 MB (_probe_linears).
 PROBE_SHAPES = ((2304, 768), (768, 768), (3072, 768), (768, 3072)) * 2 + ((8384, 768),)
-PROBE_CALLS = 5  # the fastest of five calls: the first also pays for thread start-up and kernel choice; with
-# three, 2 of 6 probes on a quiet machine here were unsteady (below), with five 1 of 6, for ~10 ms more
+# The fastest of three calls: the first also pays for thread start-up and kernel choice. With every layout
+# streaming 82 MB, 12 of 12 probes on a quiet machine here were steady, and took 0.12 s (3 calls) or 0.2 s (5).
+PROBE_CALLS = 3
 # A layout within 5% of the fastest counts as tied, and the more precise one is taken. Emulating AVX2 on a
-# quiet machine here, 20 probes put int8/int4 at 1.06-1.53 while decoding ran int4 1.25x faster than int8;
-# at 10%, one probe in eight took int8. Every layout kept >= 97% agreement with fp32 (BENCHMARKS.md).
+# quiet machine here, 12 probes put int8/int4 at 1.21-1.36 while decoding ran int4 1.26x faster than int8
+# (before every layout streamed the same bytes, 1.06-1.53: at a 10% tie one probe in eight took int8).
+# Every layout kept >= 97% agreement with fp32 (BENCHMARKS.md).
 PROBE_TIE = 1.05
 # A probe counts only if each layout's two fastest calls agree within 25%: on a busy machine a call can wait
 # milliseconds for a descheduled thread, and a probe taken so would mislead every later start.
@@ -241,7 +245,7 @@ def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
 
 
 def fastest_layout(cache_dir: Path) -> torch.dtype:
-    """The layout decoding runs fastest in on this CPU: probed on first use (~0.1 s), then read from
+    """The layout decoding runs fastest in on this CPU: probed on first use (~0.12 s), then read from
     cache_dir/cpu_probe.json, keyed by what the kernels' speed depends on (probe_key).
 
     A machine too busy to measure gets fp32, the most precise, for this start, and no probe is kept:
@@ -293,14 +297,13 @@ def probe() -> tuple[dict[str, float | None], bool]:
     """Nanoseconds per weight of a pass over PROBE_SHAPES in each layout (None for a layout this torch
     cannot run here), and whether the machine held steady (PROBE_STEADY). The layouts take turns
     (A, B, C, A, ...), so a burst of other work slows each alike, and each keeps its fastest pass."""
-    weights = sum(n * k for n, k in PROBE_SHAPES)
-    # One buffer seen as each dtype: 0x3C3C3C3C as fp32 and 0x3C3C as bf16 are ~0.0115, 0x3C as int8 is 60,
-    # so no NaN or denormal slows a kernel, and filling it once costs a few ms.
-    raw = torch.full((weights * 4,), 0x3C, dtype=torch.uint8)
-    passes = {}
+    # One buffer, PROBE_SHAPES's fp32 bytes, seen as each dtype: 0x3C3C3C3C as fp32 and 0x3C3C as bf16 are
+    # ~0.0115, 0x3C as int8 is 60, so no NaN or denormal slows a kernel.
+    raw = torch.full((sum(n * k for n, k in PROBE_SHAPES) * 4,), 0x3C, dtype=torch.uint8)
+    passes, weights = {}, {}
     for dtype in LAYOUTS:
         with contextlib.suppress(RuntimeError):  # e.g. a oneDNN that cannot pack bf16 on this CPU after all
-            passes[dtype] = _probe_linears(dtype, raw)
+            passes[dtype], weights[dtype] = _probe_linears(dtype, raw)
     calls = {dtype: [] for dtype in passes}  # seconds a pass
     for _ in range(PROBE_CALLS):
         for dtype, linears in passes.items():
@@ -308,31 +311,39 @@ def probe() -> tuple[dict[str, float | None], bool]:
                 calls[dtype].append(_seconds(linears))
     fastest = {dtype: sorted(seconds)[:2] for dtype, seconds in calls.items() if seconds}
     steady = all(len(two) == 2 and two[1] <= PROBE_STEADY * two[0] for two in fastest.values())
-    ns = {_name(dtype): fastest[dtype][0] / weights * 1e9 if dtype in fastest else None for dtype in LAYOUTS}
+    ns = {_name(dtype): fastest[dtype][0] / weights[dtype] * 1e9 if dtype in fastest else None for dtype in LAYOUTS}
     return ns, steady
 
 
-def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> list[tuple]:
-    """(linear, input) for each of PROBE_SHAPES, its weights held in raw's bytes, computed as to_layout's
-    layout `dtype` computes it (for int4, the output layer's share in int8)."""
-    out, offset = [], 0  # offset: weights before this matrix
-    for i, (n, k) in enumerate(PROBE_SHAPES):
+def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> tuple[list[tuple], int]:
+    """(linear, input) for PROBE_SHAPES's matrices in turn, as many as raw's bytes hold in layout `dtype`
+    (for int4, the output layer's share in int8, as to_layout does), and the weights they hold.
+
+    Every layout streams the same bytes: with a sixth of the model each, int8's and int4's 20 and 10 MB
+    stayed in this machine's cache between passes, and the probe put int8 at half the time a weight it
+    took while decoding (emulating AVX2: 0.057 against 0.115 ns) and chose it over int4, which decoded
+    1.26x faster."""
+    out, start, weights = [], 0, 0
+    for i in itertools.cycle(range(len(PROBE_SHAPES))):
+        n, k = PROBE_SHAPES[i]
         kind = torch.int8 if dtype == INT4 and i == len(PROBE_SHAPES) - 1 else dtype
+        size = n * k // 2 if kind == INT4 else n * k * kind.itemsize
+        if start + size > raw.numel():
+            return out, weights
+        region, start, weights = raw[start:start + size], start + size, weights + n * k
         x = torch.ones(1, k, dtype=torch.float32 if kind == torch.float32 else torch.bfloat16)
         if kind == INT4:
             scales_and_zeros = torch.full((k // INT4_GROUP, n, 2), 1e-3, dtype=torch.bfloat16)
-            linear = Int4Linear(raw[offset // 2:(offset + n * k) // 2].view(n, k // 2), scales_and_zeros, None)
+            out.append((Int4Linear(region.view(n, k // 2), scales_and_zeros, None), x))
+            continue
+        weight = region.view(kind).view(n, k)
+        if kind == torch.int8:
+            linear = Int8Linear(weight, torch.full((n,), 1e-3, dtype=torch.bfloat16), None)
+        elif kind == torch.bfloat16 and cpu_has_fast_bf16():
+            linear = PackedLinear(weight, None)
         else:
-            weight = raw.view(kind)[offset:offset + n * k].view(n, k)
-            if kind == torch.int8:
-                linear = Int8Linear(weight, torch.full((n,), 1e-3, dtype=torch.bfloat16), None)
-            elif kind == torch.bfloat16 and cpu_has_fast_bf16():
-                linear = PackedLinear(weight, None)
-            else:
-                linear = partial(F.linear, weight=weight)
+            linear = partial(F.linear, weight=weight)
         out.append((linear, x))
-        offset += n * k
-    return out
 
 
 def _seconds(linears: list[tuple]) -> float:
