@@ -516,8 +516,8 @@ def _print_decode(r: dict) -> None:
     print(f"decoding {r['n_tokens']} tokens after {r['prompt_len']}, {r['shape']} shape ({r['params'] / 1e6:.0f}M, "
           f"random weights), CPU, {r['threads']} threads; tokens/s, median (best) of {r['rounds']} alternating rounds;"
           f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token; CPU: {r['cpu']}")
-    for name, label in (("hf_fp32", "transformers fp32"), ("ours_fp32", "ours fp32"), ("ours_bf16", "ours bf16"),
-                        ("ours_int8", "ours int8"), ("ours_int4", "ours int4 (head int8)")):
+    labels = {"fp32": "ours fp32", "bf16": "ours bf16", "int8": "ours int8", "int4": "ours int4 (head int8)"}
+    for name, label in [("hf_fp32", "transformers fp32")] + [("ours_" + n, labels[n]) for n in DECODE_DTYPES]:
         label += " = auto" if name == "ours_" + r["auto_dtype"] else ""
         print(f"  {label:28s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
               f"{r[name + '_speedup_vs_hf']:.2f}x  {r[name + '_weight_mb']:6.0f} MB/token, bound "

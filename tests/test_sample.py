@@ -216,12 +216,18 @@ def test_a_trained_models_greedy_tokens_are_fp32s_in_every_layout_auto_can_choos
     assert tokens == dict.fromkeys(tokens, fp32)
 
 
+def probe_figures(**ns_per_weight) -> dict:
+    """A probe's figures for the layouts this torch has (int4's kernel came in torch 2.6)."""
+    return {str(d).removeprefix("torch."): ns_per_weight[str(d).removeprefix("torch.")] for d in cpu_decoding.LAYOUTS}
+
+
 def test_auto_takes_the_most_precise_layout_within_a_twentieth_of_the_fastest():
-    choose = cpu_decoding.choose
-    assert choose({"float32": 1.0, "bfloat16": 0.5, "int8": 0.3, "int4": 0.27}) == "int4"
-    assert choose({"float32": 1.0, "bfloat16": 0.5, "int8": 0.3, "int4": 0.29}) == "int8"
-    assert choose({"float32": 0.5, "bfloat16": 0.51, "int8": 0.6, "int4": 0.7}) == "float32"
-    assert choose({"float32": 1.0, "bfloat16": None, "int8": 0.7, "int4": None}) == "int8"  # two failed to run
+    choose = lambda **ns: cpu_decoding.choose(probe_figures(**ns))
+    assert choose(float32=1.0, bfloat16=0.5, int8=0.3, int4=0.27) == ("int4" if cpu_decoding.HAS_INT4 else "int8")
+    assert choose(float32=1.0, bfloat16=0.5, int8=0.3, int4=0.29) == "int8"
+    assert choose(float32=1.0, bfloat16=0.5, int8=0.51, int4=0.52) == "bfloat16"
+    assert choose(float32=0.5, bfloat16=0.51, int8=0.6, int4=0.7) == "float32"
+    assert choose(float32=1.0, bfloat16=None, int8=0.7, int4=None) == "int8"  # two failed to run
 
 
 def test_auto_keeps_a_steady_probe_per_cpu_setting_and_int8_stays_on_the_cpu(tmp_path, monkeypatch):
@@ -232,10 +238,10 @@ def test_auto_keeps_a_steady_probe_per_cpu_setting_and_int8_stays_on_the_cpu(tmp
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_decoding, "_busy", lambda: False)
-    cpu, bf16_fastest = torch.device("cpu"), {"float32": 1.0, "bfloat16": 0.4, "int8": 0.6, "int4": 0.5}
+    cpu, bf16_fastest = torch.device("cpu"), probe_figures(float32=1.0, bfloat16=0.4, int8=0.6, int4=0.5)
     fake_probe(bf16_fastest)
     assert sample.pick_dtype("auto", cpu) == torch.bfloat16
-    fake_probe({"float32": 1.0, "bfloat16": 0.9, "int8": 0.5, "int4": 0.7})
+    fake_probe(probe_figures(float32=1.0, bfloat16=0.9, int8=0.5, int4=0.7))
     assert sample.pick_dtype("auto", cpu) == torch.bfloat16 and len(probes) == 1  # the same CPU: the cached probe
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "default")  # another instruction-set limit: probed afresh
     assert sample.pick_dtype("auto", cpu) == torch.int8 and len(probes) == 2
