@@ -158,14 +158,12 @@ def pack_bf16(model: GPT) -> GPT:
     return _replace_linears(model.to(torch.bfloat16), lambda linear: PackedLinear(linear.weight, linear.bias))
 
 
-def quantize_int8(model: GPT, dtype: torch.dtype = torch.bfloat16) -> GPT:
-    """The model with every Linear an Int8Linear, run in `dtype`.
+def quantize_int8(model: GPT) -> GPT:
+    """The model with every Linear an Int8Linear, run in bf16.
 
     Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
     """
-    linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
-    quantized = dict(zip(linears, _one_thread_each(quantize_rows, [m.weight for m in linears])))
-    return _replace_linears(model, lambda m: Int8Linear(*quantized[m], _bias(m))).to(dtype)
+    return _quantize(model, lambda m: False)
 
 
 def quantize_int4(model: GPT) -> GPT:
@@ -175,12 +173,17 @@ def quantize_int4(model: GPT) -> GPT:
     (a trained 6-layer model, BENCHMARKS.md). A Linear whose shape the kernel cannot take (outputs not a
     multiple of 16, inputs not of INT4_GROUP) stays int8 as well.
     """
-    linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
+    return _quantize(model, lambda m: m is not model.lm_head and m.out_features % 16 == 0
+                     and m.in_features % INT4_GROUP == 0)
 
+
+def _quantize(model: GPT, int4) -> GPT:
+    """Every Linear quantized, Int4Linear where int4(linear) says so and Int8Linear elsewhere, the largest
+    first on _one_thread_each's threads; then the rest of the model in bf16, the kernels' activations."""
     def quantize(m: nn.Linear):
-        int4 = m is not model.lm_head and m.out_features % 16 == 0 and m.in_features % INT4_GROUP == 0
-        return (Int4Linear if int4 else Int8Linear), (quantize_groups if int4 else quantize_rows)(m.weight)
+        return (Int4Linear, quantize_groups(m.weight)) if int4(m) else (Int8Linear, quantize_rows(m.weight))
 
+    linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
     quantized = dict(zip(linears, _one_thread_each(quantize, linears)))
     return _replace_linears(model, lambda m: quantized[m][0](*quantized[m][1], _bias(m))).to(torch.bfloat16)
 
