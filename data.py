@@ -790,6 +790,12 @@ class TokenShards:
 
 # ----------------------------------------------------------------------------- batches
 
+def batches_per_pass(num_tokens: int, block_size: int, batch_size: int) -> int:
+    """Whole batches of (block_size + 1)-token windows in one pass over num_tokens (at least 1): the steps of
+    an epoch, and the most validation batches worth reading."""
+    return max(1, num_tokens // (block_size + 1) // batch_size)
+
+
 class BatchSource:
     """The training (or validation) batches of one split: micro-batch i is `source[i]`.
 
@@ -825,7 +831,7 @@ class BatchSource:
             raise DataError(f"split {shards.split} has {self.windows_per_epoch:,} windows of {self.window} tokens, "
                             f"fewer than one batch of {batch_size}; use more documents (--sample_size), "
                             "a smaller batch or a smaller block size")
-        self.steps_per_epoch = max(1, self.windows_per_epoch // batch_size)
+        self.steps_per_epoch = batches_per_pass(shards.num_tokens, block_size, batch_size)
         self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), the last one used
 
     def __getitem__(self, index: int):

@@ -54,6 +54,8 @@ from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state
 DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 
+# With --time, the run's steps until a few have been timed and the budget can set them (Trainer.replan).
+UNPLANNED_STEPS = 2**62
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 
@@ -674,7 +676,7 @@ class Trainer:
         signals = SignalStop()
         batches = data.micro_batches(self.train, self.step, None, num_workers=a.num_workers,
                                      pin_memory=env.device.type == "cuda")
-        planned = self.budget is None or self.max_steps < 2**62  # with --time, steps are known once timed
+        planned = self.budget is None or self.max_steps < UNPLANNED_STEPS  # with --time, known once timed
         bar = tqdm(total=self.max_steps if planned else None, initial=self.step, disable=not env.master, unit="step",
                    dynamic_ncols=True)
         pace = Pace(self.step, a.batch_size * a.block_size)
@@ -972,7 +974,7 @@ class Trainer:
         a few steps are timed, --max_steps or as many as could be wanted (replan sets them)."""
         a = self.args
         if self.budget is not None:
-            self.max_steps = a.max_steps or 2**62
+            self.max_steps = a.max_steps or UNPLANNED_STEPS
             return self.max_steps, a.warmup_steps
         self.max_steps = a.max_steps or max(1, round(a.epochs * self.train.steps_per_epoch))
         self.plan.steps = self.max_steps
@@ -990,8 +992,8 @@ class Trainer:
 
     def eval_iters(self) -> int:
         """Validation batches an evaluation reads: --eval_iters, but at most one pass over the split."""
-        windows = self.val.num_tokens // (self.args.block_size + 1)
-        return min(self.args.eval_iters, max(1, windows // self.args.batch_size))
+        return min(self.args.eval_iters, data.batches_per_pass(self.val.num_tokens, self.args.block_size,
+                                                               self.args.batch_size))
 
     def _fitting_warmup(self, quiet: bool = False) -> int:
         a = self.args
@@ -1086,14 +1088,15 @@ def show_plan(args, env: Env) -> int:
     accum = args.grad_accum if args.grad_accum != "auto" else (
         fitting_grad_accum(t, env, args.batch_size, args.block_size) if probes_memory(env.device) else 1)
     plan.step_seconds = time_random_steps(t, env, args.batch_size // (env.world * accum), accum, args.block_size)
-    per_epoch = None if plan.data_tokens is None else plan.data_tokens // ((args.block_size + 1) * args.batch_size)
     costs = Costs(eval_batches=args.eval_iters, eval_interval=args.eval_interval, hellaswag_interval=0,
                   hellaswag_tokens=0, tokens_per_step=plan.tokens_per_step,
                   checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER, step=plan.step_seconds)
     if args.time:
-        plan.steps = min(Budget(args.time, STARTED).steps(0, time.monotonic(), costs), args.max_steps or 2**62)
-    elif args.max_steps is None and per_epoch is not None:
-        plan.steps = max(1, round(args.epochs * max(1, per_epoch)))
+        budgeted = Budget(args.time, STARTED).steps(0, time.monotonic(), costs)
+        plan.steps = min(budgeted, args.max_steps or UNPLANNED_STEPS)
+    elif args.max_steps is None and plan.data_tokens is not None:
+        plan.steps = max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, args.block_size,
+                                                                      args.batch_size)))
     if plan.steps is not None:
         plan.seconds = time.monotonic() - STARTED + costs.seconds(0, plan.steps)
     lines = [f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
