@@ -494,7 +494,8 @@ def _probe_figures() -> dict:
     t0 = time.perf_counter()
     ns_per_weight, steady = cpu_decoding.probe()
     seconds = time.perf_counter() - t0
-    auto = next(name for name, dtype in DECODE_DTYPES.items() if str(dtype) == f"torch.{cpu_decoding.choose(ns_per_weight)}")
+    chosen = getattr(torch, cpu_decoding.choose(ns_per_weight))
+    auto = next(name for name, dtype in DECODE_DTYPES.items() if dtype == chosen)
     return {"probe_ns_per_weight": ns_per_weight, "probe_steady": steady, "probe_s": seconds, "auto_dtype": auto}
 
 
