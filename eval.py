@@ -421,10 +421,13 @@ def scored_losses(model: GPT, x: torch.Tensor, y: torch.Tensor,
 
 def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are."""
-    scored = y != -1
     losses, _ = scored_losses(model, x, y)
-    sums = torch.zeros(len(y), device=y.device).index_add_(0, scored.nonzero()[:, 0], losses)
-    return sums, scored.sum(1)
+    return sum_by_row(y, losses), (y != -1).sum(1)
+
+
+def sum_by_row(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(rows,): values, one per scored position of y (not -1) in scored_losses' row-major order, summed per row."""
+    return torch.zeros(len(y), device=y.device).index_add_(0, (y != -1).nonzero()[:, 0], values)
 
 
 def ending_losses(model: GPT, items: list[Encoded], device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -623,10 +626,8 @@ def option_scores(model: GPT, batch: list[Options], device) -> tuple[list[float]
     x, y = collate_rows([(row, start) for options in batch for row, start in zip(options.rows, options.starts)])
     x, y = x.to(device), y.to(device)
     losses, hits = scored_losses(model, x, y, argmax=True)
-    row_of = (y != -1).nonzero()[:, 0]
-    sums = torch.zeros(len(y), device=device).index_add_(0, row_of, losses)
-    misses = torch.zeros(len(y), device=device).index_add_(0, row_of, (~hits).float())
-    return (sums / (y != -1).sum(1)).tolist(), (misses == 0).tolist()
+    means = sum_by_row(y, losses) / (y != -1).sum(1)
+    return means.tolist(), (sum_by_row(y, (~hits).float()) == 0).tolist()
 
 
 def count_right(kind: str, batch: list[Options], means: list[float], exact: list[bool]) -> int:
