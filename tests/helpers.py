@@ -1,11 +1,15 @@
 """What the tests share: generated corpora and HellaSwag items, the tiny model's flags, and how a test runs
 one of the repository's scripts as a user would (offline, one thread)."""
+import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
+import threading
 import time
+from functools import partial
+from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -122,3 +126,24 @@ def train_args(corpus_dir, data_cache, save_dir, *extra) -> list[str]:
 def metrics(save_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass  # no access log in the test output
+
+
+@contextlib.contextmanager
+def serving(directory: Path, name: str, monkeypatch, module, attribute: str):
+    """`directory` over HTTP on this machine, with module.attribute (a download's address) pointed at its
+    file `name`; the environment variable of that name and any proxy unset for the test."""
+    for variable in (attribute, "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(variable, raising=False)
+    server = HTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(directory)))
+    threading.Thread(target=partial(server.serve_forever, poll_interval=0.01), daemon=True).start()  # quick to shut down
+    monkeypatch.setattr(module, attribute, f"http://127.0.0.1:{server.server_port}/{name}")
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,14 +1,10 @@
 """eval.py's CORE on the generated bundle of test_eval.py: scored as an independent transformers scorer that
 follows nanochat's rules scores it, whole and with --limit; a bad bundle ends in one line; the bundle is
 downloaded once, and without a network the error names --core at once."""
-import contextlib
 import json
 import random
 import shutil
-import threading
 import zipfile
-from functools import partial
-from http.server import HTTPServer
 from pathlib import Path
 
 import pytest
@@ -20,7 +16,8 @@ from common import EOT
 import data
 import eval as E
 import test_eval
-from test_eval import WINDOW, QuietHandler
+from helpers import serving
+from test_eval import WINDOW
 
 # test_eval.py's fixtures, used here too: the tiny random GPT-2 (transformers' and ours), transformers'
 # tokenizer, the generated bundle, one thread.
@@ -210,21 +207,6 @@ def test_a_limit_too_small_for_a_tasks_examples_names_the_task_and_the_flag(core
 # The download
 
 
-@contextlib.contextmanager
-def serving(directory: Path, name: str, monkeypatch):
-    """`directory` over HTTP on this machine, with eval.py's bundle address pointed at its file `name`."""
-    for variable in ("CORE_URL", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(variable, raising=False)
-    server = HTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(directory)))
-    threading.Thread(target=partial(server.serve_forever, poll_interval=0.01), daemon=True).start()  # quick to shut down
-    monkeypatch.setattr(E, "CORE_URL", f"http://127.0.0.1:{server.server_port}/{name}")
-    try:
-        yield server
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
 def test_the_bundle_is_downloaded_once_then_read_from_the_cache(core_dir, tmp_path, monkeypatch):
     served = tmp_path / "served"
     served.mkdir()
@@ -232,7 +214,7 @@ def test_the_bundle_is_downloaded_once_then_read_from_the_cache(core_dir, tmp_pa
         for path in sorted(core_dir.rglob("*")):
             z.write(path, Path("eval_bundle") / path.relative_to(core_dir))
     cache = tmp_path / "cache"
-    with serving(served, "eval_bundle.zip", monkeypatch):
+    with serving(served, "eval_bundle.zip", monkeypatch, E, "CORE_URL"):
         tasks = E.core_bundle(None, cache)
     assert [t.label for t in tasks] == ["mc_plain", "mc_answer", "schema_pairs", "lm_plain", "lm_examples"]
     assert sorted(p.name for p in (cache / "core").iterdir()) == ["eval_bundle"]  # no temporary left
@@ -242,7 +224,7 @@ def test_the_bundle_is_downloaded_once_then_read_from_the_cache(core_dir, tmp_pa
 
 def test_a_download_that_is_not_a_zip_is_refused_and_not_kept(tmp_path, monkeypatch):
     (tmp_path / "page.html").write_text("<html>moved</html>")
-    with serving(tmp_path, "page.html", monkeypatch), pytest.raises(E.EvalError, match="not a whole zip file.*--core"):
+    with serving(tmp_path, "page.html", monkeypatch, E, "CORE_URL"), pytest.raises(E.EvalError, match="not a whole zip file.*--core"):
         E.core_bundle(None, tmp_path / "cache")
     assert list((tmp_path / "cache" / "core").iterdir()) == []
 

@@ -4,16 +4,13 @@ import importlib.util
 import json
 import math
 import random
-import threading
-from functools import partial
-from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_corpus, make_document, make_items, run_script, write_items, write_txt_dir
+from helpers import make_corpus, make_document, make_items, run_script, serving, write_items, write_txt_dir
 from common import EOT
 import data
 import eval as E
@@ -303,22 +300,11 @@ def test_unreachable_network_gets_one_line_naming_hellaswag(tmp_path):
     assert not (tmp_path / "hellaswag").exists()  # nothing half-downloaded left behind
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass  # no access log in the test output
-
-
 @pytest.fixture
 def served(items_file, monkeypatch):
     """items_file's directory over HTTP on this machine, with eval.py's URL pointed at it."""
-    for name in ("HELLASWAG_URL", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
-    server = HTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(items_file.parent)))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(E, "HELLASWAG_URL", f"http://127.0.0.1:{server.server_port}/{items_file.name}")
-    yield server
-    server.shutdown()
-    server.server_close()
+    with serving(items_file.parent, items_file.name, monkeypatch, E, "HELLASWAG_URL") as server:
+        yield server
 
 
 def test_the_validation_file_is_downloaded_once_then_read_from_the_cache(served, tmp_path, monkeypatch):
