@@ -123,6 +123,14 @@ def train_args(corpus_dir, data_cache, save_dir, *extra) -> list[str]:
             "--val_split", "0.1", "--num_workers", "0", "--no-amp", "--no-compile", "--device", "cpu", *extra]
 
 
+def prepared_data(argv: list[str]) -> Path:
+    """The prepared data a train_gpt2.py run with these flags used (a file's runs may share a data cache, each
+    with data of its own)."""
+    import data
+    import train_gpt2
+    return data.prepared(data.DataSpec.from_args(train_gpt2.parse_args(argv)))
+
+
 def metrics(save_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl."""
     return [json.loads(line) for line in (save_dir / "metrics.jsonl").read_text().splitlines()]

@@ -9,7 +9,7 @@ import torch
 
 import plan as P
 import train_gpt2 as T
-from helpers import metrics, train_args
+from helpers import metrics, prepared_data, train_args
 
 
 def train_in_process(argv: list[str], monkeypatch) -> int:
@@ -30,8 +30,9 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     budget = 12.0
     import matplotlib.pyplot  # noqa: F401  imports a run pays once (the optimizers' compiler stack, the plot):
     import torch._dynamo  # noqa: F401  paid before the clock starts, so the test measures the plan, not them
-    status = train_in_process(train_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1",
-                                         "--eval_interval", "10", "--price_per_hour", "3.6"), monkeypatch)
+    args = train_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1", "--eval_interval",
+                      "10", "--price_per_hour", "3.6")
+    status = train_in_process(args, monkeypatch)
     assert status == 0
     rows = metrics(save)
     done = next(r for r in rows if r.get("event") == "done")
@@ -43,7 +44,7 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     assert (save / "model_best_val.pt").exists() and (save / "latest.pt").exists()
     planned = next(r["plan"] for r in rows if "plan" in r)
     assert set(planned) == {"seconds", "steps", "tokens", "data_tokens", "epochs", "cost"}
-    assert planned["data_tokens"] == T.data.TokenShards(next(data_cache.iterdir()), "train").num_tokens
+    assert planned["data_tokens"] == T.data.TokenShards(prepared_data(args), "train").num_tokens
     assert planned["cost"] == pytest.approx(planned["seconds"] / 3600 * 3.6)
     assert done["cost"] == pytest.approx(done["seconds"] / 3600 * 3.6, rel=0.05) and "cost" in steps[-1]
     out = capsys.readouterr().out
