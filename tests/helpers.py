@@ -155,3 +155,16 @@ def serving(directory: Path, name: str, monkeypatch, module, attribute: str):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread inside the block: a tiny model's many small ops spend more time with two threads
+    waiting for each other (in OpenMP barriers) than computing, most of all on cores shared with other tests."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import make_corpus, make_document, make_items, run_script, serving, write_items, write_txt_dir
+from helpers import (make_corpus, make_document, make_items, one_torch_thread, run_script, serving, write_items,
+                     write_txt_dir)
 from common import EOT
 import data
 import eval as E
@@ -23,11 +24,8 @@ WINDOW = 32  # the tiny model's positions: some generated contexts and one endin
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # Tiny matmuls on a shared 2-core machine spend more time in OpenMP barriers than in arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import cpu_decoding
 import model as M
 import sample
 from common import EOT
-from helpers import REPO, child_env, run_script
+from helpers import REPO, child_env, one_torch_thread, run_script
 from data import get_tokenizer
 
 
@@ -183,12 +183,9 @@ def test_int8_decoding_runs_end_to_end_and_says_so(tiny_ckpt):
 
 @pytest.fixture
 def one_thread():
-    """Torch on one thread for a tiny model's many small ops: on cores shared with other tests, two threads
-    wait for each other at every op (the test below took 30 s so, 5 s on one thread, both on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """The test below took 30 s on two threads, 5 s on one, both on a busy machine."""
+    with one_torch_thread():
+        yield
 
 
 def test_a_trained_models_greedy_tokens_are_fp32s_in_every_layout_auto_can_choose(tmp_path, monkeypatch, one_thread):
