@@ -486,6 +486,13 @@ def token_bytes(enc) -> torch.Tensor:
     return torch.tensor(lengths)
 
 
+def queued_copy(t: torch.Tensor, device) -> torch.Tensor:
+    """t on `device`; to a GPU from pinned memory, queued behind its work (a pageable copy waits for it)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
@@ -502,26 +509,29 @@ def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: in
                               shuffle=False)
     n = source.windows_per_epoch if max_tokens is None else min(source.windows_per_epoch, -(-max_tokens // window))
     passes = -(-n // (batch_size * world))
-    lengths = token_bytes(data.get_tokenizer()).to(device)
+    lengths = queued_copy(token_bytes(data.get_tokenizer()), device)
     was_training = model.training
     model.eval()
     # [loss, tokens, loss of the text tokens, their bytes] in float64: exact counts however many tokens
     # (fp32 is not past 2**24), and a sum of losses that does not drift.
     sums = torch.zeros(4, dtype=torch.float64, device=device)
-    for k in tqdm(range(passes), unit="pass", desc="val loss", disable=not progress, dynamic_ncols=True):
-        x, y = source.eval_batch(k)
-        first = k * batch_size * world + rank * batch_size
-        y[torch.arange(first, first + batch_size) >= n] = -1  # windows past the n-th (wrapped around): not scored
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            _, losses = model(x, y, per_token=True)
-        scored = y.view(-1) != -1
-        losses, nbytes = losses[scored], lengths[y.view(-1)[scored]]  # (N,) each, in the same order
-        sums[0] += losses.sum()
-        sums[1] += len(losses)
-        sums[2] += losses[nbytes > 0].sum()
-        sums[3] += nbytes.sum()
-    model.train(was_training)
+    try:
+        for k in tqdm(range(passes), unit="pass", desc="val loss", disable=not progress, dynamic_ncols=True):
+            x, y = source.eval_batch(k)
+            first = k * batch_size * world + rank * batch_size
+            y[torch.arange(first, first + batch_size) >= n] = -1  # windows past the n-th (wrapped around): not scored
+            x, y = queued_copy(x, device), queued_copy(y, device)
+            with autocast():
+                _, losses = model(x, y, per_token=True)  # 0 where y is -1
+            # Masks multiplied in, not indexed with: a boolean index is a nonzero(), which waits for the GPU.
+            y = y.view(-1)
+            nbytes = lengths[y.clamp(min=0)] * (y != -1)
+            sums[0] += losses.sum()
+            sums[1] += (y != -1).sum()
+            sums[2] += (losses * (nbytes > 0)).sum()
+            sums[3] += nbytes.sum()
+    finally:
+        model.train(was_training)
     if world > 1:
         dist.all_reduce(sums)
     loss_sum, tokens, text_loss, nbytes = sums.tolist()

@@ -84,6 +84,8 @@ class Muon(torch.optim.Optimizer):
     """
 
     found_inf: torch.Tensor | None = None
+    # Off, a step runs no collective: for a step that some ranks may not reach (train_gpt2.py's memory probe).
+    shared: bool = True
     _step_supports_amp_scaling = True  # GradScaler.step: pass found_inf rather than read it on the host
 
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
@@ -127,7 +129,10 @@ class Muon(torch.optim.Optimizer):
         if any(p.grad is None for p in shape.params):
             raise RuntimeError("Muon.step: a parameter has no gradient (was backward run on the whole model?)")
         G = torch.cat([p.grad for p in shape.params])  # a copy: the Nesterov step below writes into it
-        buffers = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in shape.params]
+        for p in shape.params:  # not setdefault, whose zeros_like would be built (and thrown away) every step
+            if "momentum_buffer" not in self.state[p]:
+                self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        buffers = [self.state[p]["momentum_buffer"] for p in shape.params]
         M = torch.cat(buffers)
         if keep is None:
             M.lerp_(G, 1 - mu)
@@ -137,10 +142,10 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_copy_(buffers, M.split(shape.row_counts()))
         return G.lerp_(M, mu).view(-1, shape.rows, shape.cols)
 
-    @staticmethod
-    def _orthogonalised(stack: torch.Tensor, shape: _Shape) -> torch.Tensor:
-        """orthogonalise(stack), in the stack's dtype; under torch.distributed each rank does its share."""
-        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    def _orthogonalised(self, stack: torch.Tensor, shape: _Shape) -> torch.Tensor:
+        """orthogonalise(stack), in the stack's dtype; under torch.distributed each rank does its share
+        (unless `shared` is off: then each does all of it, with no collective)."""
+        world = dist.get_world_size() if self.shared and dist.is_available() and dist.is_initialized() else 1
         out = orthogonalise(stack) if world == 1 else _orthogonalise_shared(stack, world, dist.get_rank())
         return out.to(stack.dtype, memory_format=torch.contiguous_format)
 

@@ -407,35 +407,53 @@ def fitting_grad_accum(t: Training, env: Env, batch_size: int, block_size: int) 
     first and halving on out-of-memory. The global batch, and so the loss, stay the same."""
     per_rank = batch_size // env.world
     for micro in micro_batch_sizes(per_rank):
-        if all_ranks_agree(env, step_fits(t, env, micro, block_size)):
+        if step_fits(t, env, micro, block_size):
             return per_rank // micro
     raise UserError(f"out of GPU memory even with micro-batches of 1 × {block_size} tokens: lower --block_size, "
                     "or train a smaller model")
 
 
 def step_fits(t: Training, env: Env, micro: int, block_size: int) -> bool:
-    """Whether a training step on `micro` sequences fits in this rank's memory: a forward and backward
-    (without DDP's all-reduce) and an optimizer step skipped through found_inf, which allocates the
-    optimizer's state and changes nothing else."""
+    """Whether a training step on `micro` sequences fits in every rank's memory: the step's own forward and
+    backward (accumulate_gradients, the graph training runs), then each optimizer's step skipped through
+    found_inf, which allocates its state and changes nothing else.
+
+    The ranks agree after each half, and neither half runs a collective (DDP's all-reduce is off, Muon
+    shares no work), so a rank out of memory never leaves another waiting in a collective it will not
+    join. A failed try leaves no gradient and no optimizer state: AdamW sets its state up lazily, one
+    tensor at a time, and a partial state would break the next try."""
     x = torch.zeros((micro, block_size), dtype=torch.long, device=env.device)
-    try:
-        with t.model.no_sync() if isinstance(t.model, DDP) else contextlib.nullcontext():
-            with env.autocast():
-                _, loss = t.model(x, x)
-            loss.backward()
+    y = torch.zeros_like(x)  # its own tensor, as in training: model(x, x) compiles a graph guarded on `targets is idx`
+    fits = all_ranks_agree(env, _fits(lambda: accumulate_gradients(t, [(x, y)], env=env, step=0, seed=0,
+                                                                   all_reduce=False)))
+    fits = fits and all_ranks_agree(env, _fits(lambda: skipped_optimizer_step(t, env)))
+    zero_grads(t, release=True)
+    if not fits:
         for optimizer in t.optimizers:
-            optimizer.found_inf = torch.ones((), device=env.device)
-            optimizer.step()
+            optimizer.state.clear()
+    if env.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return fits
+
+
+def _fits(work) -> bool:
+    try:
+        work()
         return True
     except torch.cuda.OutOfMemoryError:
         return False
-    finally:
-        loss = None
+
+
+def skipped_optimizer_step(t: Training, env: Env) -> None:
+    """Each optimizer's step with found_inf set, on this rank alone (Muon not sharing its work)."""
+    try:
         for optimizer in t.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.found_inf, optimizer.shared = torch.ones((), device=env.device), False
+            optimizer.step()
+    finally:
+        for optimizer in t.optimizers:
             vars(optimizer).pop("found_inf", None)
-        if env.device.type == "cuda":
-            torch.cuda.empty_cache()
+            vars(optimizer).pop("shared", None)  # Muon's class default again
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -479,19 +497,35 @@ def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, 
     wait for the GPU here: a non-finite loss or norm sets found_inf, with which every optimizer skips its
     update on the device, and the loop reads the figures one step later (StepFigures).
     """
+    loss = accumulate_gradients(t, micro_batches, env=env, step=step, seed=seed)
+    return step_optimizers(t, loss, env=env, grad_clip=grad_clip, lr_scale=lr_scale, muon_momentum=muon_momentum,
+                           stop=stop)
+
+
+def accumulate_gradients(t: Training, micro_batches: list, *, env: Env, step: int, seed: int,
+                         all_reduce: bool = True) -> torch.Tensor:
+    """Forward and backward over the micro-batches, gradients summed into .grad; their mean loss, on the device.
+    Under DDP the last micro-step all-reduces the gradients (none does, with all_reduce off)."""
     loss = torch.zeros((), device=env.device)
     for micro, (x, y) in enumerate(micro_batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
         torch.manual_seed(micro_seed(seed, step, env.rank * len(micro_batches) + micro))
         # DDP all-reduces gradients only on the last micro-step; the earlier ones just accumulate.
-        last = micro == len(micro_batches) - 1
-        with contextlib.nullcontext() if last or not isinstance(t.model, DDP) else t.model.no_sync():
+        sync = all_reduce and micro == len(micro_batches) - 1
+        with contextlib.nullcontext() if sync or not isinstance(t.model, DDP) else t.model.no_sync():
             with env.autocast():
                 _, micro_loss = t.model(x, y)
             # Gradients of the micro-steps add up; dividing by their number makes the sum a mean.
             micro_loss = micro_loss / len(micro_batches)
             (t.scaler.scale(micro_loss) if t.scaler else micro_loss).backward()
         loss += micro_loss.detach()
+    return loss
+
+
+def step_optimizers(t: Training, loss: torch.Tensor, *, env: Env, grad_clip: float, lr_scale: float,
+                    muon_momentum: float, stop: bool = False) -> torch.Tensor:
+    """Clip the accumulated gradients and update, skipping the update on the device when the loss or the
+    norm is not finite; [loss, gradient norm, stop asked] on the device, averaged over the ranks."""
     for optimizer in t.optimizers if t.scaler else []:
         t.scaler.unscale_(optimizer)
     norm = torch.nn.utils.clip_grad_norm_(t.raw_model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
@@ -502,8 +536,7 @@ def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, 
         stats[:2] /= env.world  # the norm is the same on every rank: its mean is itself
     found_inf = (~stats[:2].isfinite().all()).float()
     if not t.scaler and not all(map(skips_on_device, t.optimizers)) and found_inf.item():  # a host sync, there only
-        for optimizer in t.optimizers:
-            optimizer.zero_grad(set_to_none=True)
+        zero_grads(t)
         return stats
     for optimizer in t.optimizers:
         for group in optimizer.param_groups:
@@ -515,10 +548,20 @@ def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, 
         else:
             optimizer.found_inf = found_inf
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    zero_grads(t)
     if t.scaler:
         t.scaler.update()
     return stats
+
+
+def zero_grads(t: Training, release: bool = False) -> None:
+    """Gradients to zero for the next step. Under DDP they are views of its all-reduce buckets
+    (gradient_as_bucket_view) only while they are kept: set to None, each backward would allocate them
+    anew and copy them into the buckets, an extra fp32 copy of them at peak memory. Alone, or to
+    `release` their memory, they are set to None."""
+    keep = isinstance(t.model, DDP) and not release
+    for optimizer in t.optimizers:
+        optimizer.zero_grad(set_to_none=not keep)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
@@ -729,8 +772,7 @@ class Trainer:
         except Exception as e:  # inductor and dynamo raise many types; an error that is not theirs recurs below
             self.say(f"note: torch.compile failed ({type(e).__name__}: {first_line(e)}); training without it "
                      "(--no-compile skips the attempt)")
-            for optimizer in self.training.optimizers:
-                optimizer.zero_grad(set_to_none=True)  # what the failed attempt left
+            zero_grads(self.training, release=True)  # what the failed attempt left
             self.training = self.training.without_compile(self.env)
             return work(self.training)
 
