@@ -2,7 +2,7 @@
 step, CPU decoding and tokenizing; and, apart from speed, the validation loss recipes reach per step.
 
     python bench.py                                   # GPT-2 124M, T=1024, on this machine's GPU
-    python bench.py --vary compile=on,off --vary batch_size=16,32,64 --vary arch=gpt2,modern
+    python bench.py --vary compile=on,off --vary batch_size=16,32,64 --also arch=gpt2,optimizer=adamw
     python bench.py --loop                            # train_gpt2.py end to end, against the table's figure
     python bench.py --decode --tokenize               # the CPU side: sample.py vs transformers, data.py vs tiktoken
     python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import resource
@@ -31,7 +32,7 @@ import torch
 import cpu_decoding
 import runtime
 import train_gpt2 as T
-from common import EOT, ArgumentParser, UserError, pick_device
+from common import EOT, ArgumentParser, UserError, atomic_write, pick_device
 from model import GPT, GPTConfig, save_checkpoint
 
 REPO = Path(__file__).resolve().parent
@@ -56,13 +57,24 @@ class Setting:
                 f"{'compile' if self.compile else 'eager'} {'bf16' if self.amp else 'fp32'}")
 
 
+SETTING_TYPES = {"int": int, "bool": lambda v: v.lower() in ("1", "on", "true", "yes"), "str": str}
+
+
 def parse_variant(text: str) -> tuple[str, list]:
     key, _, values = text.partition("=")
     fields = {f.name: f.type for f in dataclasses.fields(Setting)}
     if key not in fields or not values:
         raise argparse.ArgumentTypeError(f"--vary takes KEY=V1,V2 with KEY one of {', '.join(fields)}")
-    cast = {"int": int, "bool": lambda v: v.lower() in ("1", "on", "true", "yes"), "str": str}[fields[key]]
-    return key, [cast(v) for v in values.split(",")]
+    return key, [SETTING_TYPES[fields[key]](v) for v in values.split(",")]
+
+
+def parse_also(text: str) -> dict:
+    """--also KEY=V,KEY=V: one setting with each KEY changed from the base."""
+    fields = {f.name: f.type for f in dataclasses.fields(Setting)}
+    pairs = [part.partition("=") for part in text.split(",")]
+    if not all(sep and key in fields for key, sep, _ in pairs):
+        raise argparse.ArgumentTypeError(f"--also takes KEY=V,KEY=V with each KEY one of {', '.join(fields)}")
+    return {key: SETTING_TYPES[fields[key]](value) for key, _, value in pairs}
 
 
 def resident_bytes() -> int:
@@ -117,6 +129,13 @@ def time_training_alone(s: Setting, steps: int, warmup: int, device: torch.devic
     if run.returncode != 0:
         raise SystemExit(f"error: timing {s.label()} failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def write_report(path: Path | None, report: dict) -> None:
+    """--json, rewritten whole (atomically) each time a figure is added."""
+    if path is not None:
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(report, indent=2, default=str))
 
 
 def print_table(rows: list[dict], columns: list[tuple[str, str, str]]):
@@ -722,30 +741,43 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
     return results
 
 
-def training_speed(base: Setting, variants: list, steps: int, warmup: int, device: torch.device, *,
-                   table: bool, loop: bool) -> dict:
-    """The training table (the base setting and each --vary), and with `loop` train_gpt2.py's own figure."""
-    report = {}
+TRAIN_COLUMNS = [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
+                 ("mfu", "MFU", ".1%"), ("peak_memory_gib", "peak GiB", ".1f")]
+
+
+def training_speed(base: Setting, settings: list[Setting], steps: int, warmup: int, device: torch.device, *,
+                   report: dict, keep, table: bool, loop: bool) -> None:
+    """The training table (the base setting, then `settings`), and with `loop` train_gpt2.py's own figure.
+
+    Each figure is printed and kept (keep(report) writes --json) as soon as it is measured, so a run cut
+    short (a lent GPU's time running out) keeps what it measured."""
     if table:
-        report["train"] = [time_training_alone(s, steps, warmup, device) for s in settings_to_run(base, variants)]
-        print_table(report["train"], [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"),
-                                      ("ms_per_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"),
-                                      ("peak_memory_gib", "peak GiB", ".1f")])
+        report["train"] = []
+        for s in [base, *settings]:
+            report["train"].append(time_training_alone(s, steps, warmup, device))
+            keep(report)
+            print("measured: " + "  ".join(format_cell(report["train"][-1], key, f"{header} {{}}", f)
+                                           for key, header, f in TRAIN_COLUMNS[1:]) + f"  ({s.label()})", flush=True)
+        print_table(report["train"], TRAIN_COLUMNS)
     if loop:
         report["loop"] = time_loop(base, steps, warmup, device)
+        keep(report)
         print(f"{report['loop']['setting']}: {report['loop']['tokens_per_s']:,.0f} tokens/s "
               f"(median of {report['loop']['windows']} logged windows)")
         if table:
             print(f"loop / table: {report['loop']['tokens_per_s'] / report['train'][0]['tokens_per_s']:.1%}")
-    return report
 
 
-def settings_to_run(base: Setting, variants: list[tuple[str, list]]) -> list[Setting]:
-    """The base setting, then each --vary applied to it one key at a time."""
-    out = [base]
+def format_cell(row: dict, key: str, template: str, f: str) -> str:
+    return template.format("-" if row.get(key) is None else format(row[key], f))
+
+
+def settings_to_run(base: Setting, variants: list[tuple[str, list]], also: list[dict]) -> list[Setting]:
+    """Each --vary applied to the base setting one key at a time, then each --also (several keys at once)."""
+    out = []
     for key, values in variants:
         out += [dataclasses.replace(base, **{key: v}) for v in values if getattr(base, key) != v]
-    return out
+    return out + [dataclasses.replace(base, **changes) for changes in also]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -757,6 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help="micro-batch per step (default 16; 8 with --tiny)")
     p.add_argument("--vary", type=parse_variant, action="append", default=[], metavar="KEY=V1,V2",
                    help="also time the base setting with KEY changed to each value")
+    p.add_argument("--also", type=parse_also, action="append", default=[], metavar="KEY=V,KEY=V",
+                   help="also time one setting with these keys changed together, e.g. arch=gpt2,optimizer=adamw "
+                        "(nanoGPT's recipe, like for like)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 30; 5 with --tiny)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 10; 2 with --tiny)")
     p.add_argument("--no-train", dest="train", action="store_false", help="skip the training table")
@@ -810,12 +845,14 @@ def main(argv=None):
     base.arch = args.arch or base.arch
     steps, warmup = args.steps or (5 if args.tiny else 30), args.warmup or (2 if args.tiny else 10)
     report = {"machine": T.run_header(runtime.Env(device=device), vars(args))}
+    keep = functools.partial(write_report, args.json)
     print(f"bench.py on {report['machine']['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"git {report['machine']['git']}")
     if T.peak_flops(device):
         print(f"MFU against a dense bf16 peak of {T.peak_flops(device) / 1e12:.0f} TFLOP/s")
     if (args.train or args.loop) and not args.recipes:  # --recipes compares quality per step, not speed
-        report |= training_speed(base, args.vary, steps, warmup, device, table=args.train, loop=args.loop)
+        training_speed(base, settings_to_run(base, args.vary, args.also), steps, warmup, device, report=report,
+                       keep=keep, table=args.train, loop=args.loop)
     if args.recipes:
         recipes = RECIPES | dict(args.recipe)
         if args.only:
@@ -833,8 +870,7 @@ def main(argv=None):
         report["hellaswag"] = bench_hellaswag(args.tiny, device)
     if args.core:
         report["core"] = bench_core(args.tiny, device, per_task=1 if args.tiny else 3)
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2, default=str))
+    keep(report)
 
 
 if __name__ == "__main__":

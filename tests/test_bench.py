@@ -10,12 +10,13 @@ from helpers import TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
 def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "bench.json"
-    result = run_script("bench.py", "--tiny", "--device", "cpu", "--vary", "arch=gpt2", "--steps", "2", "--warmup", "1", "--loop",
+    result = run_script("bench.py", "--tiny", "--device", "cpu", "--also", "arch=gpt2,optimizer=adamw", "--steps", "2",
+                        "--warmup", "1", "--loop",
                         "--decode", "--tokenize", "--hellaswag", "--update", "--json", str(out), env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
-    # train_gpt2.py's defaults first, then each --vary applied to them
-    assert [(r["arch"], r["optimizer"]) for r in report["train"]] == [("modern", "muon"), ("gpt2", "muon")]
+    # train_gpt2.py's defaults first, then nanoGPT's recipe (--also changes both keys in one setting)
+    assert [(r["arch"], r["optimizer"]) for r in report["train"]] == [("modern", "muon"), ("gpt2", "adamw")]
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in report["train"])
     assert report["loop"]["tokens_per_s"] > 0
     assert report["decode"]["greedy_fp32_equals_hf"] is True
@@ -34,6 +35,15 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     if "operators_torch_muon" in update:  # the batched Muon dispatches fewer operators than one matrix at a time
         assert update["operators"]["Muon.step"] < update["operators_torch_muon"]
     assert update["save"]["file_gb"] > 0 and update["newton_schulz_tflop"] > 0
+
+
+def test_a_benchmark_cut_short_keeps_the_figures_it_measured(tmp_path):
+    out = tmp_path / "bench.json"
+    result = run_script("bench.py", "--tiny", "--device", "cpu", "--also", "arch=no_such_preset", "--steps", "1",
+                        "--warmup", "1", "--json", str(out))
+    assert result.returncode != 0  # the second setting cannot run
+    assert [r["arch"] for r in json.loads(out.read_text())["train"]] == ["modern"]
+    assert "measured: tokens/s" in result.stdout
 
 
 def test_recipes_train_on_the_same_data_and_are_held_to_the_baselines_final_loss(tmp_path):
