@@ -2,7 +2,7 @@
 step, CPU decoding and tokenizing; and, apart from speed, the validation loss recipes reach per step.
 
     python bench.py                                   # GPT-2 124M, T=1024, on this machine's GPU
-    python bench.py --vary compile=on,off --vary batch_size=16,32,64 --also arch=gpt2,optimizer=adamw
+    python bench.py --vary compile=on,off --vary micro_batch=16,32,64 --also arch=gpt2,optimizer=adamw
     python bench.py --loop                            # train_gpt2.py end to end, against the table's figure
     python bench.py --decode --tokenize               # the CPU side: sample.py vs transformers, data.py vs tiktoken
     python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
@@ -33,7 +33,10 @@ import cpu_decoding
 import runtime
 import train_gpt2 as T
 from common import EOT, ArgumentParser, UserError, atomic_write, pick_device
-from model import GPT, GPTConfig, save_checkpoint
+from checkpoint import save_checkpoint
+from metrics import run_header
+from model import GPT, GPTConfig
+from plan import peak_flops
 
 REPO = Path(__file__).resolve().parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
@@ -48,12 +51,12 @@ class Setting:
     n_head: int = 12
     n_embd: int = 768
     block_size: int = 1024
-    batch_size: int = 16  # micro-batch per step, per GPU
+    micro_batch: int = 16  # sequences per step, per GPU (train_gpt2.py's --batch_size over GPUs and accumulation)
     compile: bool = True
     amp: bool = True
 
     def label(self) -> str:
-        return (f"{self.arch} {self.optimizer} L{self.n_layer} C{self.n_embd} T{self.block_size} B{self.batch_size} "
+        return (f"{self.arch} {self.optimizer} L{self.n_layer} C{self.n_embd} T{self.block_size} B{self.micro_batch} "
                 f"{'compile' if self.compile else 'eager'} {'bf16' if self.amp else 'fp32'}")
 
 
@@ -83,7 +86,7 @@ def resident_bytes() -> int:
 
 
 def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> dict:
-    """Median time of an optimizer step, exactly as train_gpt2.py builds and runs it, on synthetic tokens.
+    """An optimizer step, exactly as train_gpt2.py builds and runs it (and as --plan times it), on random tokens.
 
     Peak memory: CUDA's allocator peak on a GPU; on the CPU, the process's peak resident memory above
     what it held before the model was built (meaningful because each setting runs in its own process).
@@ -95,22 +98,9 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
     env = runtime.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
     settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", s.optimizer]))  # the flags' defaults
     t = T.build(config, env, settings, seed=0)
-    x = torch.randint(0, config.vocab_size, (s.batch_size, s.block_size + 1), device=device)
-    times, previous = [], None
-    for step in range(warmup + steps):
-        t0 = time.perf_counter()
-        stats = T.update(t, [(x[:, :-1], x[:, 1:])], env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0,
-                         muon_momentum=settings.muon_momentum)
-        if previous is not None:
-            previous.read()  # as the loop does: the step before's figures, read once this one is queued
-        previous = T.StepFigures(step, stats)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= warmup:  # the first steps include compilation and allocator warm-up
-            times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times)
-    tokens_per_s = s.batch_size * s.block_size / step_s
-    peak = T.peak_flops(device)
+    step_s = T.time_random_steps(t, env, s.micro_batch, 1, s.block_size, steps=steps, warmup=warmup)
+    tokens_per_s = s.micro_batch * s.block_size / step_s
+    peak = peak_flops(device)
     if device.type == "cuda":
         peak_memory = torch.cuda.max_memory_allocated(device)
     else:
@@ -166,13 +156,13 @@ def time_loop(s: Setting, steps: int, warmup: int, device: torch.device) -> dict
         tmp = Path(tmp)
         # Random letter strings are several tokens a word, so words = tokens / 2 leaves room to spare;
         # at least 200 documents, so the 5% validation split has some.
-        needed = (warmup + steps + 4) * s.batch_size * (s.block_size + 1) // 2
+        needed = (warmup + steps + 4) * s.micro_batch * (s.block_size + 1) // 2
         write_random_corpus(tmp / "text", max(needed, 40_000))
         cmd = [sys.executable, str(REPO / "train_gpt2.py"), "--dataset", str(tmp / "text"),
                "--data_cache", str(tmp / "cache"), "--save_dir", str(tmp / "run"), "--arch", s.arch,
                "--optimizer", s.optimizer,
                "--n_layer", str(s.n_layer), "--n_head", str(s.n_head), "--n_embd", str(s.n_embd),
-               "--block_size", str(s.block_size), "--batch_size", str(s.batch_size), "--max_steps",
+               "--block_size", str(s.block_size), "--batch_size", str(s.micro_batch), "--max_steps",
                str(warmup + steps), "--warmup_steps", "10", "--log_interval", str(log_every),
                "--eval_interval", "1000000", "--checkpoint_interval", "1000000", "--eval_iters", "1",
                "--compile" if s.compile else "--no-compile", "--amp" if s.amp else "--no-amp",
@@ -185,7 +175,7 @@ def time_loop(s: Setting, steps: int, warmup: int, device: torch.device) -> dict
     if not timed:
         raise SystemExit("error: the loop benchmark logged no step after warm-up; raise --steps")
     return {"setting": "train_gpt2.py loop: " + s.label(), "tokens_per_s": statistics.median(timed),
-            "ms_per_step": s.batch_size * s.block_size / statistics.median(timed) * 1e3, "windows": len(timed)}
+            "ms_per_step": s.micro_batch * s.block_size / statistics.median(timed) * 1e3, "windows": len(timed)}
 
 
 def optimizer_step_operators(optimizers: list) -> dict[str, int]:
@@ -206,9 +196,8 @@ def newton_schulz_flops(muon) -> float:
     of the 5 iterations costs X X^T (2 r r c), b A + c A A (2 r r r) and B X (2 r r c)."""
     from muon import NS_STEPS
     total = 0
-    for shape in muon._shapes[0]:
-        r, c = sorted((shape.rows, shape.cols))
-        blocks = sum(p.size(0) // shape.rows for p in shape.params)
+    for rows, cols, blocks in muon.block_shapes():
+        r, c = sorted((rows, cols))
         total += blocks * NS_STEPS * (4 * r * r * c + 2 * r ** 3)
     return total
 
@@ -216,7 +205,7 @@ def newton_schulz_flops(muon) -> float:
 def save_stall(t, directory: Path) -> dict:
     """Seconds the training loop stops for one latest.pt: save_checkpoint written in the loop (before),
     against CheckpointWriter.save (after), which copies the state and writes it on a thread."""
-    from model import CheckpointWriter, checkpoint_state, save_checkpoint
+    from checkpoint import CheckpointWriter, checkpoint_state
     state = lambda: dict(step=1, optimizer=[o.state_dict() for o in t.optimizers], scaler=None)
     started = time.perf_counter()
     save_checkpoint(directory / "sync.pt", t.raw_model, **state())
@@ -786,7 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
     p.add_argument("--tiny", action="store_true", help=f"a tiny model ({TINY}) and few steps: a smoke test")
     p.add_argument("--arch", default=None)
-    p.add_argument("--batch_size", type=int, default=None, help="micro-batch per step (default 16; 8 with --tiny)")
+    p.add_argument("--micro_batch", type=int, default=None,
+                   help="sequences a step runs at once on each GPU (default 16; 8 with --tiny)")
     p.add_argument("--vary", type=parse_variant, action="append", default=[], metavar="KEY=V1,V2",
                    help="also time the base setting with KEY changed to each value")
     p.add_argument("--also", type=parse_also, action="append", default=[], metavar="KEY=V,KEY=V",
@@ -841,15 +831,15 @@ def main(argv=None):
         return
     on_gpu = device.type == "cuda"
     base = Setting(**(TINY if args.tiny else {}), compile=on_gpu, amp=on_gpu)
-    base.batch_size = args.batch_size or (8 if args.tiny else 16)
+    base.micro_batch = args.micro_batch or (8 if args.tiny else 16)
     base.arch = args.arch or base.arch
     steps, warmup = args.steps or (5 if args.tiny else 30), args.warmup or (2 if args.tiny else 10)
-    report = {"machine": T.run_header(runtime.Env(device=device), vars(args))}
+    report = {"machine": run_header(runtime.Env(device=device), vars(args))}
     keep = functools.partial(write_report, args.json)
     print(f"bench.py on {report['machine']['device']}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
           f"git {report['machine']['git']}")
-    if T.peak_flops(device):
-        print(f"MFU against a dense bf16 peak of {T.peak_flops(device) / 1e12:.0f} TFLOP/s")
+    if peak_flops(device):
+        print(f"MFU against a dense bf16 peak of {peak_flops(device) / 1e12:.0f} TFLOP/s")
     if (args.train or args.loop) and not args.recipes:  # --recipes compares quality per step, not speed
         training_speed(base, settings_to_run(base, args.vary, args.also), steps, warmup, device, report=report,
                        keep=keep, table=args.train, loop=args.loop)

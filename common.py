@@ -25,6 +25,10 @@ class UserError(Exception):
     """Something the user can fix (a path, a flag, a checkpoint, the network): printed as one line, exit 1."""
 
 
+class CheckpointError(UserError):
+    """A checkpoint or weights directory the user pointed at that cannot be used."""
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name when it has none), so every error stays one line."""
     lines = str(error).strip().splitlines()

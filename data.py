@@ -870,20 +870,16 @@ class BatchSource:
         return {**self.__dict__, "_permutation": None}  # workers recompute it rather than receive it
 
 
-def micro_batches(source: BatchSource, start_step: int, num_steps: int | None, *, num_workers: int,
-                  pin_memory: bool) -> Iterator:
-    """source[i] for the micro-batches of steps [start_step, start_step+num_steps) (None: with no end, for
-    a run whose length is planned as it goes), in order, read ahead by num_workers processes (0: in this
-    process).
+def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin_memory: bool) -> Iterator:
+    """source[i] for the micro-batches of the steps from start_step on, in order and without end (a run's
+    length may be planned as it goes), read ahead by num_workers processes (0: in this process).
 
     The DataLoader gets its own torch.Generator: otherwise starting it draws a seed from the global
     RNG, and a resumed run would no longer match an uninterrupted one.
     """
     import torch
-    G = source.grad_accum
-    end = (start_step + num_steps) * G if num_steps is not None else 2**62
     loader = torch.utils.data.DataLoader(
-        source, batch_size=None, sampler=range(start_step * G, end),
+        source, batch_size=None, sampler=range(start_step * source.grad_accum, 2**62),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
         generator=torch.Generator())
     yield from loader

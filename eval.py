@@ -30,6 +30,7 @@ import argparse
 import contextlib
 import csv
 import http.client
+import itertools
 import json
 import math
 import os
@@ -52,7 +53,8 @@ import data
 import runtime
 from common import (EOT, ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line,
                     pick_device, positive_int)
-from model import GPT, describe, load_model, token_losses
+from checkpoint import describe, load_model
+from model import GPT, token_losses
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
 # points elsewhere (a mirror, or in the tests an address that cannot answer).
@@ -141,22 +143,35 @@ def fetch(url: str, path: Path) -> None:
 
 def download(url: str, dest: Path) -> list[Item]:
     """The validation items from `url`, saved to `dest` once they are known whole and valid."""
-    advice = "download it on a machine online and pass --hellaswag FILE.jsonl"
+    def check(fetched: Path, _: Path) -> Path:
+        items = read_items(fetched)
+        if len(items) != HELLASWAG_ITEMS:
+            raise EvalError(f"it holds {len(items):,} items, not HellaSwag validation's {HELLASWAG_ITEMS:,} (cut short?)")
+        return fetched
+
+    fetch_into_place(url, dest, "HellaSwag", "download it on a machine online and pass --hellaswag FILE.jsonl", check)
+    return read_items(dest)
+
+
+def fetch_into_place(url: str, dest: Path, what: str, advice: str, check) -> None:
+    """The file at `url` into `dest` once check(file, temporary directory) accepts it (EvalError otherwise)
+    and returns what to put in place: a file or a directory, moved whole, so that an interrupted or bad
+    download leaves nothing behind. Errors are one line naming `what` and the `advice`."""
     try:
         check_reachable(url, PROBE_SECONDS)  # fails in seconds where urllib could hang much longer
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(dest) as tmp:  # an interrupted or bad download leaves no file behind
-            fetch(url, tmp)
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
+            fetched = Path(tmp) / "download"
+            fetch(url, fetched)
             try:
-                items = read_items(tmp)
+                ready = check(fetched, Path(tmp))
             except EvalError as e:
-                raise EvalError(f"the download from {url} is not HellaSwag ({e}); {advice}") from None
-            if len(items) != HELLASWAG_ITEMS:
-                raise EvalError(f"the download from {url} holds {len(items):,} items, not HellaSwag validation's "
-                                f"{HELLASWAG_ITEMS:,} (cut short?); {advice}")
+                raise EvalError(f"the download from {url} is not {what} ({e}); {advice}") from None
+            os.replace(ready, dest)
+    except zipfile.BadZipFile as e:
+        raise EvalError(f"the download from {url} is not a whole zip file ({e}); {advice}") from None
     except (OSError, http.client.HTTPException) as e:  # unreachable, refused, HTTP 404, cut mid-way
-        raise EvalError(f"cannot download HellaSwag from {url} ({first_line(e)}); {advice}") from None
-    return items
+        raise EvalError(f"cannot download {what} from {url} ({first_line(e)}); {advice}") from None
 
 
 def hellaswag_items(path: str | None, cache_dir) -> list[Item]:
@@ -319,27 +334,16 @@ def core_url() -> str:
 
 def download_bundle(url: str, dest: Path) -> list[Task]:
     """The bundle from `url` (a zip holding eval_bundle/), unzipped into `dest` once it is known whole and valid."""
-    advice = "download eval_bundle.zip on a machine online, unzip it and pass --core DIR"
-    try:
-        check_reachable(url, PROBE_SECONDS)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        # Unzipped beside dest and renamed into place whole: an interrupted or bad download leaves no dest.
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}-") as tmp:
-            archive, unzipped = Path(tmp) / "eval_bundle.zip", Path(tmp) / "unzipped"
-            fetch(url, archive)
-            with zipfile.ZipFile(archive) as z:
-                z.extractall(unzipped)  # extractall keeps every member inside `unzipped` (no "..", no absolute paths)
-            root = unzipped / "eval_bundle" if (unzipped / "eval_bundle").is_dir() else unzipped
-            try:
-                for task in read_bundle(root):
-                    read_task(task)
-            except EvalError as e:
-                raise EvalError(f"the download from {url} is not a CORE eval bundle ({e}); {advice}") from None
-            os.replace(root, dest)
-    except zipfile.BadZipFile as e:
-        raise EvalError(f"the download from {url} is not a whole zip file ({e}); {advice}") from None
-    except (OSError, http.client.HTTPException) as e:  # unreachable, refused, HTTP 404, cut mid-way
-        raise EvalError(f"cannot download CORE's eval bundle from {url} ({first_line(e)}); {advice}") from None
+    def check(archive: Path, tmp: Path) -> Path:
+        with zipfile.ZipFile(archive) as z:
+            z.extractall(tmp / "unzipped")  # extractall keeps every member inside it (no "..", no absolute paths)
+        root = tmp / "unzipped" / "eval_bundle" if (tmp / "unzipped" / "eval_bundle").is_dir() else tmp / "unzipped"
+        for task in read_bundle(root):
+            read_task(task)
+        return root
+
+    fetch_into_place(url, dest, "CORE's eval bundle", "download eval_bundle.zip on a machine online, unzip it and "
+                     "pass --core DIR", check)
     return read_bundle(dest)
 
 
@@ -358,15 +362,17 @@ def core_bundle(directory: str | None, cache_dir) -> list[Task]:
 
 
 @dataclass(frozen=True)
-class Encoded:
-    """An item as tokens: four rows of context then ending, and where the endings start in them."""
+class Options:
+    """A multiple-choice item as tokens (a HellaSwag item, or a CORE item of any kind): one row per option,
+    where each row's scored continuation starts, and the right row (0 for language modelling)."""
     rows: tuple[tuple[int, ...], ...]
-    start: int  # the index of every row's first ending token (the context's length)
-    label: int
+    starts: tuple[int, ...]
+    gold: int
 
 
-def encode_item(enc, item: Item, window: int) -> Encoded:
-    """The tokens of ctx, then of " " + ending, cut to fit a model that sees `window` positions.
+def encode_item(enc, item: Item, window: int) -> Options:
+    """A HellaSwag item as a multiple-choice item: rows of ctx's tokens, then " " + ending's, cut to fit a model
+    that sees `window` positions; each ending is scored.
 
     A row of n tokens is fed as its first n-1 and scored on its last n-1, so it may hold window+1.
     The context is cut from the left, once for all four endings, so that they all follow the same text.
@@ -376,12 +382,7 @@ def encode_item(enc, item: Item, window: int) -> Encoded:
     ctx = enc.encode_ordinary(item.ctx)
     endings = [enc.encode_ordinary(" " + ending) for ending in item.endings]
     ctx = ctx[-max(1, window + 1 - max(map(len, endings))):]
-    return Encoded(tuple(tuple(ctx + e)[:window + 1] for e in endings), len(ctx), item.label)
-
-
-def collate(items: list[Encoded]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs x and targets y, both (4 * items, longest row - 1); y is -1 (not scored) outside the endings."""
-    return collate_rows([(row, item.start) for item in items for row in item.rows])
+    return Options(tuple(tuple(ctx + e)[:window + 1] for e in endings), (len(ctx),) * len(endings), item.label)
 
 
 def collate_rows(rows: list[tuple[tuple[int, ...], int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -419,61 +420,44 @@ def scored_losses(model: GPT, x: torch.Tensor, y: torch.Tensor,
     return torch.cat(losses), torch.cat(hits) if argmax else None
 
 
-def row_losses(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each row, the summed cross-entropy of its targets y (-1: not scored), and how many there are."""
-    losses, _ = scored_losses(model, x, y)
-    return sum_by_row(y, losses), (y != -1).sum(1)
-
-
 def sum_by_row(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """(rows,): values, one per scored position of y (not -1) in scored_losses' row-major order, summed per row."""
     return torch.zeros(len(y), device=y.device).index_add_(0, (y != -1).nonzero()[:, 0], values)
 
 
-def ending_losses(model: GPT, items: list[Encoded], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Total and mean loss of each ending, both (items, 4), from one pass over all their rows."""
-    x, y = collate(items)
-    total, count = row_losses(model, x.to(device), y.to(device))
-    return total.view(-1, 4), (total / count).view(-1, 4)
-
-
-def count_correct(total: torch.Tensor, mean: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[right by lowest total loss (acc), right by lowest mean loss (acc_norm), items] as a tensor."""
-    return torch.stack([(total.argmin(1) == labels).sum(), (mean.argmin(1) == labels).sum(),
-                        torch.tensor(len(labels), device=labels.device)])
-
-
 @torch.no_grad()
 def hellaswag_accuracy(model: GPT, items: list[Item], device, autocast: Autocast = contextlib.nullcontext,
-                       rank: int = 0, world: int = 1, *, batch_size: int = 32, progress: bool = False) -> dict:
-    """{"acc", "acc_norm", "n"} over `items`; rank r scores items[r::world] and the counts are summed.
+                       rank: int = 0, world: int = 1, *, rows: int = 32, progress: bool = False) -> dict:
+    """{"acc", "acc_norm", "n"} over `items`, each a multiple-choice item scored as CORE's are (option_scores):
+    acc takes the ending of lowest total loss, acc_norm of lowest mean; rank r scores items[r::world] and the
+    counts are summed.
 
     Made to be called between training steps too, on the raw (uncompiled) model, by every rank: the
-    model's train/eval mode is restored. batch_size is rows per forward pass (4 per item).
+    model's train/eval mode is restored. `rows`: rows per forward pass (4 an item).
     """
     if not items:
         raise ValueError("no HellaSwag items to score")
     enc = data.get_tokenizer()
     mine = [encode_item(enc, item, model.config.block_size) for item in items[rank::world]]
-    # Rows of like length share a pass, so less of it is padding; the longest first, so a batch_size
+    # Rows of like length share a pass, so less of it is padding; the longest first, so a --batch_size
     # too large for memory fails at once rather than at the end.
     mine.sort(key=lambda e: max(map(len, e.rows)), reverse=True)
-    per_pass, counts = max(1, batch_size // 4), torch.zeros(3, dtype=torch.long, device=device)
+    counts = torch.zeros(3, dtype=torch.long)
     was_training = model.training
     model.eval()
     # The bar counts all ranks' items, assuming they keep pace with rank 0 (their shares are alike).
     bar = tqdm(total=len(items), unit="item", desc="hellaswag", disable=not progress, dynamic_ncols=True)
     try:
-        for i in range(0, len(mine), per_pass):
-            chunk = mine[i:i + per_pass]
+        for batch in batches(mine, rows):
             with autocast():
-                total, mean = ending_losses(model, chunk, device)
-            counts += count_correct(total, mean, torch.tensor([e.label for e in chunk], device=device))
-            bar.update(min(len(chunk) * world, bar.total - bar.n))
+                totals, means, _ = option_scores(model, batch, device)
+            counts += torch.tensor([right_by(batch, totals), right_by(batch, means), len(batch)])
+            bar.update(min(len(batch) * world, bar.total - bar.n))
     finally:
         model.train(was_training)
         bar.close()
     if world > 1:
+        counts = counts.to(device)
         dist.all_reduce(counts)
     right, right_norm, n = counts.tolist()
     return {"acc": right / n, "acc_norm": right_norm / n, "n": n}
@@ -496,7 +480,7 @@ def queued_copy(t: torch.Tensor, device) -> torch.Tensor:
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
-                    batch_size: int = 32, max_tokens: int | None = None, progress: bool = False) -> dict:
+                    rows: int = 32, max_tokens: int | None = None, progress: bool = False) -> dict:
     """{"loss", "tokens", "bpb"}: the mean cross-entropy over the split's windows of window+1 tokens, all of
     them or the first ceil(max_tokens / window); the tail shorter than a window is left out.
 
@@ -505,10 +489,10 @@ def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: in
     and its loss is left out of the sum too. train_gpt2.py's evaluations are this function over the first
     eval_iters batches, with its compiled (and DDP-wrapped) model: `model` is anything that runs GPT.forward.
     """
-    source = data.BatchSource(shards, window, batch_size * world, seed=0, rank=rank, world_size=world,
+    source = data.BatchSource(shards, window, rows * world, seed=0, rank=rank, world_size=world,
                               shuffle=False)
     n = source.windows_per_epoch if max_tokens is None else min(source.windows_per_epoch, -(-max_tokens // window))
-    passes = -(-n // (batch_size * world))
+    passes = -(-n // (rows * world))
     lengths = queued_copy(token_bytes(data.get_tokenizer()), device)
     was_training = model.training
     model.eval()
@@ -518,8 +502,8 @@ def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: in
     try:
         for k in tqdm(range(passes), unit="pass", desc="val loss", disable=not progress, dynamic_ncols=True):
             x, y = source.eval_batch(k)
-            first = k * batch_size * world + rank * batch_size
-            y[torch.arange(first, first + batch_size) >= n] = -1  # windows past the n-th (wrapped around): not scored
+            first = k * rows * world + rank * rows
+            y[torch.arange(first, first + rows) >= n] = -1  # windows past the n-th (wrapped around): not scored
             x, y = queued_copy(x, device), queued_copy(y, device)
             with autocast():
                 _, losses = model(x, y, per_token=True)  # 0 where y is -1
@@ -587,15 +571,6 @@ def common_prefix(rows: list[list[int]]) -> int:
     return n
 
 
-@dataclass(frozen=True)
-class Options:
-    """A CORE item as tokens: one row per option (<|endoftext|> first), where each row's scored
-    continuation starts, and the right row (multiple choice, schema; 0 for language modelling)."""
-    rows: tuple[tuple[int, ...], ...]
-    starts: tuple[int, ...]
-    gold: int
-
-
 def encode_options(enc, task: Task, items: list[CoreItem], indices, window: int) -> list[Options]:
     """Items `indices` of a task (after its shuffle) as rows of at most `window` tokens, cut from the left;
     their prompts tokenized in one call, which tiktoken spreads over threads.
@@ -630,27 +605,34 @@ def item_options(task: Task, item: CoreItem, rows: list[list[int]], window: int)
                    tuple(max(1, start - cut) for start, cut in zip(starts, cuts)), item.record.get("gold", 0))
 
 
-def option_scores(model: GPT, batch: list[Options], device) -> tuple[list[float], list[bool]]:
-    """For every row of `batch`, in order: the mean loss of its continuation's tokens, and whether each of
-    them was the model's most likely token. One forward pass for all."""
+def option_scores(model: GPT, batch: list[Options], device) -> tuple[list[float], list[float], list[bool]]:
+    """For every row of `batch`, in order: the total and the mean loss of its continuation's tokens, and
+    whether each of them was the model's most likely token. One forward pass for all."""
     x, y = collate_rows([(row, start) for options in batch for row, start in zip(options.rows, options.starts)])
     x, y = x.to(device), y.to(device)
     losses, hits = scored_losses(model, x, y, argmax=True)
-    means = sum_by_row(y, losses) / (y != -1).sum(1)
-    return means.tolist(), (sum_by_row(y, (~hits).float()) == 0).tolist()
+    totals = sum_by_row(y, losses)
+    return totals.tolist(), (totals / (y != -1).sum(1)).tolist(), (sum_by_row(y, (~hits).float()) == 0).tolist()
+
+
+def right_by(batch: list[Options], scores: list[float]) -> int:
+    """How many items of `batch` have their gold option scored lowest (the first of equals, as nanochat's
+    list.index(min(...)) and torch's argmin pick); `scores` has a row per option, in order."""
+    right, k = 0, 0
+    for options in batch:
+        mine = scores[k:k + len(options.rows)]
+        right += mine.index(min(mine)) == options.gold
+        k += len(options.rows)
+    return right
 
 
 def count_right(kind: str, batch: list[Options], means: list[float], exact: list[bool]) -> int:
-    """How many items of `batch` the model gets right, from option_scores' figures."""
-    right, k = 0, 0
-    for options in batch:
-        rows = slice(k, k + len(options.rows))
-        if kind == "language_modeling":
-            right += exact[rows][0]  # every token of the continuation was the argmax
-        else:  # the option of lowest mean loss, the first of equals (nanochat: list.index(min(...)))
-            right += means[rows].index(min(means[rows])) == options.gold
-        k += len(options.rows)
-    return right
+    """How many items of `batch` the model gets right, from option_scores' figures: multiple choice and
+    schema by the lowest mean loss, language modelling when every continuation token was the argmax."""
+    if kind != "language_modeling":
+        return right_by(batch, means)
+    starts = itertools.accumulate((len(o.rows) for o in batch), initial=0)
+    return sum(exact[k] for k in list(starts)[:-1])
 
 
 def batches(encoded: list[Options], rows: int):
@@ -666,16 +648,16 @@ def batches(encoded: list[Options], rows: int):
 
 
 def task_right(model: GPT, task: Task, items: list[CoreItem], device, autocast: Autocast, rank: int, world: int,
-               batch_size: int, bar: tqdm) -> int:
+               rows: int, bar: tqdm) -> int:
     """How many of this rank's items (rank, rank + world, ... as nanochat strides them) the model gets right."""
     enc, mine = data.get_tokenizer(), range(rank, len(items), world)
     right = 0
     for a in range(0, len(mine), CORE_ENCODE_ITEMS):
         encoded = encode_options(enc, task, items, mine[a:a + CORE_ENCODE_ITEMS], model.config.block_size)
         encoded.sort(key=lambda o: max(map(len, o.rows)), reverse=True)  # like lengths share a pass: less padding
-        for batch in batches(encoded, batch_size):
+        for batch in batches(encoded, rows):
             with autocast():
-                means, exact = option_scores(model, batch, device)
+                _, means, exact = option_scores(model, batch, device)
             right += count_right(task.kind, batch, means, exact)
             bar.update(min(len(batch) * world, bar.total - bar.n))
     return right
@@ -695,11 +677,11 @@ def core_figures(tasks: list[tuple[Task, list[CoreItem]]], right: list[int]) -> 
 @torch.no_grad()
 def core_accuracy(model: GPT, tasks: list[tuple[Task, list[CoreItem]]], device,
                   autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
-                  batch_size: int = 32, progress: bool = False) -> dict:
+                  rows: int = 32, progress: bool = False) -> dict:
     """CORE and each task's figures (core_figures) over `tasks`, each with its items as read_task gives them.
 
     Every rank scores its share of each task and the counts are summed. An item's options share a forward
-    pass; batch_size is rows per pass. Under torchrun the passes hold other items than in one process, so
+    pass; `rows` is rows per pass. Under torchrun the passes hold other items than in one process, so
     figures agree up to rounding.
     """
     was_training = model.training
@@ -710,7 +692,7 @@ def core_accuracy(model: GPT, tasks: list[tuple[Task, list[CoreItem]]], device,
     try:
         for k, (task, items) in enumerate(tasks):
             bar.set_description(f"core {task.label}")
-            right[k] = task_right(model, task, items, device, autocast, rank, world, batch_size, bar)
+            right[k] = task_right(model, task, items, device, autocast, rank, world, rows, bar)
     finally:
         model.train(was_training)
         bar.close()
@@ -809,7 +791,7 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
         tqdm.write(describe(model, info, env.device, env.amp_dtype or torch.float32), file=sys.stderr)
     results = {"checkpoint": args.checkpoint}
     common = dict(device=env.device, autocast=env.autocast, rank=env.rank, world=env.world,
-                  batch_size=args.batch_size, progress=env.master)
+                  rows=args.batch_size, progress=env.master)
     if items is not None:
         results["hellaswag"] = hellaswag_accuracy(model, items, **common)
     if shards is not None:

@@ -18,8 +18,8 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from common import ArgumentParser, UserError, atomic_write
+from checkpoint import load_model
 from hf import to_hf
-from model import load_model
 
 
 def export(checkpoint: str, out_dir: Path) -> Path:

@@ -1,8 +1,9 @@
 """Hugging Face weights in and out: OpenAI's GPT-2 and save_pretrained directories read into our GPT, and
 our GPT written as the transformers model that computes the same logits (GPT-2, Llama or Qwen3).
 
-Read and written directly (safetensors, config.json): transformers is not needed at run time. model.py
-imports this file lazily, only when a directory or a Hub name is loaded; export_hf.py calls `to_hf`.
+Read and written directly (safetensors, config.json): transformers is not needed at run time.
+checkpoint.py's load_model calls `from_pretrained` for a directory or a Hub name; export_hf.py calls `to_hf`.
+This file imports model.py, never the reverse.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import EOT, check_hub_reachable
-from model import RMSNORM_EPS, GPT, CheckpointError, GPTConfig, model_with_weights, strip_wrapper_prefixes, swiglu_width
+from common import EOT, CheckpointError, check_hub_reachable
+from model import RMSNORM_EPS, GPT, GPTConfig, model_with_weights, strip_wrapper_prefixes, swiglu_width
 
 HUB_PROBE_SECONDS = 10  # the Hub client retries for half a minute before giving up
 

@@ -54,10 +54,14 @@ class Metrics:
     every row with a step also goes to Weights & Biases (the flags as the run's config)."""
 
     def __init__(self, save_dir: Path, resume_step: int | None, wandb_project: str | None = None,
-                 config: dict | None = None):
+                 config: dict | None = None, enabled: bool = True):
+        """enabled=False (ranks other than 0): logs, plots and writes nothing."""
         self.path = save_dir / "metrics.jsonl"
         self.plot_path = save_dir / "loss.png"
         self.rows = []
+        self.enabled, self.wandb = enabled, None
+        if not enabled:
+            return
         if resume_step is not None and self.path.exists():
             # Keep the curve continuous: drop what the interrupted run logged past the resumed step.
             self.rows = [r for r in map(json.loads, self.path.read_text().splitlines())
@@ -67,6 +71,8 @@ class Metrics:
         self.wandb = start_wandb(wandb_project, save_dir, config or {}) if wandb_project else None
 
     def log(self, **row):
+        if not self.enabled:
+            return
         self.rows.append(row)
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -80,6 +86,8 @@ class Metrics:
             self.wandb = None
 
     def plot(self):
+        if not self.enabled:
+            return
         try:
             import matplotlib
             matplotlib.use("Agg")

@@ -1,31 +1,23 @@
-"""GPT-2 and the modern block: the network, KV-cached generation, and this repository's checkpoints.
+"""GPT-2 and the modern block: the network and KV-cached generation.
 
-train_gpt2.py, sample.py, eval.py and bench.py import this file; none holds a copy of any of it. The
-checkpoint format is written and read here only (save_checkpoint beside load_checkpoint). Hugging Face
-weights (OpenAI's GPT-2, save_pretrained directories, export) are hf.py's, imported only when needed.
+No file is read or written here: checkpoint.py reads and writes this repository's checkpoints, hf.py
+Hugging Face weights; both build the network with model_with_weights. Every script imports the network
+from here, and none holds a copy of any of it.
 """
 from __future__ import annotations
 
 import contextlib
 import math
-import pickle
-import threading
-import time
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Iterator
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import EOT, UserError, atomic_write, first_line
+from common import EOT, CheckpointError
 
 RMSNORM_EPS = 1e-6  # Llama's and Qwen3's, so the modern preset exports as they compute it
-
-
-class CheckpointError(UserError):
-    """A checkpoint or weights directory the user pointed at that cannot be used."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -440,12 +432,6 @@ class GPT(nn.Module):
         return None, loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), self.config.logit_softcap,
                           self.config.vocab_size)
 
-    @classmethod
-    def from_pretrained(cls, name_or_path: str) -> "GPT":
-        """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: from the Hub) or a save_pretrained directory."""
-        import hf  # the conversion code: only loading such weights pays for importing it
-        return hf.from_pretrained(name_or_path)
-
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
@@ -499,7 +485,7 @@ def sample_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | No
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints of this repository
+# A model holding given weights (checkpoint.py and hf.py read them from files)
 
 
 def strip_wrapper_prefixes(state_dict: dict) -> dict:
@@ -512,149 +498,6 @@ def strip_wrapper_prefixes(state_dict: dict) -> dict:
             k = k.split(".", 1)[1]
         out[k] = v
     return out
-
-
-def checkpoint_state(model: GPT, **fields) -> dict:
-    """{"model": weights, "config": shape, **fields}: what a checkpoint holds (tensors still the model's own).
-
-    Fields are plain values and tensors (step, val_loss, optimizer state, ...), never pickled objects,
-    so load_checkpoint reads the file with weights_only=True.
-    """
-    return {"model": strip_wrapper_prefixes(model.state_dict()), "config": model.config.to_dict(), **fields}
-
-
-def save_checkpoint(path, model: GPT, **fields) -> None:
-    """checkpoint_state written atomically (a kill leaves the previous file whole)."""
-    write_checkpoint(path, checkpoint_state(model, **fields))
-
-
-def write_checkpoint(path, state: dict) -> None:
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
-
-
-class CheckpointWriter:
-    """Writes checkpoints on a thread of their own, so training goes on while they are serialised and fsynced.
-
-    save() costs the caller a copy of the state into CPU buffers reused from save to save (pinned, for a
-    GPU's state); the file is written atomically, as save_checkpoint writes it. A save waits for
-    the one before it; wait() before the process ends. A failed write is raised by the next save or wait.
-    """
-
-    def __init__(self):
-        self.seconds: dict[str, float] = {}  # file name -> how long its last write took
-        self._thread: threading.Thread | None = None
-        self._error: tuple[Path, BaseException] | None = None
-        self._buffers: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> CPU buffer
-
-    def save(self, path, state: dict) -> None:
-        self.wait()
-        path = Path(path)
-        copies: dict[tuple, torch.Tensor] = {}  # tensors sharing memory (a tied head) stay shared in the file
-        snapshot = self._copy(state, (path.name,), copies)
-        if any(t.is_pinned() for t in copies.values()):
-            torch.cuda.synchronize()  # the copies into pinned memory were queued without waiting
-        self._thread = threading.Thread(target=self._write, args=(path, snapshot), name=f"writing {path.name}")
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            (path, error), self._error = self._error, None
-            raise CheckpointError(f"could not write {path} ({type(error).__name__}: {first_line(error)})")
-
-    def _write(self, path: Path, snapshot: dict) -> None:
-        started = time.perf_counter()
-        try:
-            write_checkpoint(path, snapshot)
-            self.seconds[path.name] = time.perf_counter() - started
-        except BaseException as e:  # raised in the training thread by the next save or wait
-            self._error = (path, e)
-
-    def _copy(self, x, where: tuple, copies: dict):
-        if isinstance(x, dict):
-            return {k: self._copy(v, where + (k,), copies) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return type(x)(self._copy(v, where + (i,), copies) for i, v in enumerate(x))
-        if not isinstance(x, torch.Tensor):
-            return x
-        same = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
-        if same not in copies:
-            # Buffers are kept from save to save: fresh memory would cost a page fault every 4 KB, and
-            # pinned memory (for a GPU's copies, which then need not wait) is slow to allocate.
-            buffer = self._buffers.get(where)
-            if buffer is None or buffer.shape != x.shape or buffer.dtype != x.dtype:
-                buffer = torch.empty(x.shape, dtype=x.dtype, pin_memory=x.is_cuda)
-                self._buffers[where] = buffer
-            copies[same] = buffer.copy_(x.detach(), non_blocking=x.is_cuda)
-        return copies[same]
-
-
-def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
-    """A checkpoint dict, loaded with weights_only=True so a file carrying pickled code never runs it.
-
-    mmap maps the file's tensors instead of reading them into fresh memory (copy-on-write).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path} is empty, not a checkpoint (an interrupted copy?)")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                                  f"({first_line(e, 120)})") from None
-        # weights_only refuses any global it does not know, before anything runs.
-        raise CheckpointError(f"refused {path}: it holds pickled Python objects that could run code; "
-                              "only plain checkpoints (tensors and Python values) are loaded") from None
-    except Exception as e:  # torch.load reports a truncated or foreign file with many exception types
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
-                              f"{type(e).__name__}: {first_line(e, 120)}") from None
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
-        raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this repository "
-                              "(it lacks 'model' and 'config')")
-    return ckpt
-
-
-def load_model(spec: str) -> tuple[GPT, dict]:
-    """A model from our .pt checkpoint, a save_pretrained directory, or a Hub name; plus what is known of it.
-
-    The returned dict has `source` and `params`, and for our checkpoints `step` and `val_loss`.
-    """
-    path = Path(spec).expanduser()
-    if path.is_file() or path.suffix == ".pt":
-        # Mapped: sample.py converts the weights to bf16 or int8 at once, reading each byte once from
-        # the page cache rather than first copying 500 MB (124M) into new memory (~0.3 s).
-        ckpt = load_checkpoint(path, mmap=True)
-        model = model_from_checkpoint(ckpt)
-        info = {"source": str(path), "step": ckpt.get("step"), "val_loss": ckpt.get("val_loss")}
-    else:
-        model, info = GPT.from_pretrained(spec), {"source": spec}
-    return model, info | {"params": model.num_params()}
-
-
-def human_count(n: int) -> str:
-    """12345678 -> "12M": a parameter or token count as people say it."""
-    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
-        if n >= size:
-            return f"{n / size:.0f}{unit}" if n >= 10 * size else f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def describe(model: GPT, info: dict, device: torch.device, dtype: torch.dtype) -> str:
-    """The one line sample.py and eval.py print at start: what load_model gave, how far it was trained, where it runs."""
-    step, val = info.get("step"), info.get("val_loss")
-    trained = f"step {'?' if step is None else step}, val loss {'?' if val is None else f'{val:.4f}'}"
-    return (f"{human_count(info['params'])} parameters, {model.config.arch or 'custom'} preset, "
-            f"{trained} ({info['source']}) on {device.type} in {str(dtype).removeprefix('torch.')}")
-
-
-def model_from_checkpoint(ckpt: dict) -> GPT:
-    return model_with_weights(GPTConfig.from_dict(ckpt["config"]), strip_wrapper_prefixes(ckpt["model"]))
 
 
 def parameter_counts(config: GPTConfig) -> tuple[int, int]:

@@ -103,6 +103,11 @@ class Muon(torch.optim.Optimizer):
                 by_shape.setdefault((rows, p.size(1)), _Shape(rows, p.size(1), [])).params.append(p)
             self._shapes.append(list(by_shape.values()))
 
+    def block_shapes(self) -> list[tuple[int, int, int]]:
+        """(rows, cols, blocks) of each stack of blocks orthogonalised together, in every param group."""
+        return [(shape.rows, shape.cols, sum(p.size(0) // shape.rows for p in shape.params))
+                for shapes in self._shapes for shape in shapes]
+
     @torch.no_grad()
     def step(self, closure=None):
         if closure is not None:

@@ -7,6 +7,7 @@ the data's exact size (once prepared), then time and cost from a few timed steps
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -180,7 +181,7 @@ class Budget:
     MARGIN = 0.03  # of the time left, kept back for what the pace does not show (a slower step, the exit)
 
     def __init__(self, seconds: float, started: float):
-        self.seconds, self.deadline = seconds, started + seconds
+        self.deadline = started + seconds
 
     def passed(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -245,6 +246,11 @@ class Outcome:
 # What the plan counts with: the pace of training, and the seconds of what else a run does
 
 
+@dataclass
+class Took:
+    seconds: float | None = None
+
+
 class Pace:
     """Seconds a training step takes, without evaluation, saving and the first steps (compiling, warming
     the allocator): over TIMED_STEPS steps after WARMUP_STEPS, then the median of the last windows between
@@ -265,6 +271,17 @@ class Pace:
 
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
+
+    @contextlib.contextmanager
+    def leave_out(self):
+        """Inside: work the pace leaves out (an evaluation, a save); yields its timing, `.seconds` once done."""
+        took = Took()
+        started = time.perf_counter()
+        try:
+            yield took
+        finally:
+            took.seconds = time.perf_counter() - started
+            self.exclude(took.seconds)
 
     def timed(self, step: int, wait) -> bool:
         """True once, at the step where the timed steps end; wait() lets the device finish, at both ends."""

@@ -24,7 +24,8 @@ import torch
 from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
 import cpu_decoding
 from data import get_tokenizer, user_cache_dir
-from model import GPT, describe, load_model
+from checkpoint import describe, load_model
+from model import GPT
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
 PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")

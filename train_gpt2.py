@@ -7,11 +7,13 @@
     python train_gpt2.py ...the same flags... --resume        # after a stop, or a kill -9
     torchrun --standalone --nproc_per_node 8 train_gpt2.py --batch_size 512
 
-One optimizer step, in the order it runs: `Trainer.run` takes the step's micro-batches (data.micro_batches);
-`update` runs them forward and backward, clips, and updates (fused AdamW, and Muon from muon.py, at the
-schedule's share of their peak rates), all without waiting for the GPU; the loop then reads the step
-before's figures (StepFigures) and `Trainer.after_step` does what the step calls for (log, evaluate,
-save, stop).
+The file reads in the order a run goes. The flags (`parse_args`: checked against each other, then never
+changed). `start`: what the run trains with, resolved once into `Settings` (the shape from the flags,
+--init_from's weights or latest.pt; the optimizer; grad_accum from the memory probe; the steps), and the
+model, its optimizers and the data built. `train`: the loop, a few "once in a while" sections (the plan
+and the time budget, a log line, HellaSwag, an evaluation, a save), each one call, then the step itself:
+`update` runs the micro-batches forward and backward, clips, and updates (fused AdamW, and muon.py's Muon),
+never waiting for the GPU. `--plan` is `start` without the download, then a few timed steps.
 """
 from __future__ import annotations
 
@@ -22,7 +24,6 @@ STARTED = time.monotonic()  # --time counts from here: importing torch, preparin
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -30,19 +31,21 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import checkpoint
 import data
-from common import (EOT, ArgumentParser, UnusableGPU, UserError, clean_temporaries, dropout_rate, first_line,
-                    non_negative_float, non_negative_int, open_fraction, pick_device, positive_float, positive_int)
+from common import (EOT, ArgumentParser, CheckpointError, UnusableGPU, UserError, clean_temporaries, dropout_rate,
+                    first_line, non_negative_float, non_negative_int, open_fraction, pick_device, positive_float,
+                    positive_int)
 from eval import validation_loss
 from metrics import Metrics, print_header, run_header
-from model import (ARCH_PRESETS, GPT, CheckpointError, CheckpointWriter, GPTConfig, checkpoint_state,
-                   load_checkpoint, load_model, load_state, parameter_counts)
+from model import ARCH_PRESETS, GPT, GPTConfig, load_state, parameter_counts
 from muon import Muon
 from plan import (CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Outcome, Pace, Plan, estimated_data_tokens,
                   parse_duration, peak_flops)
@@ -53,12 +56,10 @@ from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state
 # warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
 DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
-
-# With --time, the run's steps until a few have been timed and the budget can set them (Trainer.replan).
+# With --time, the run's steps until a few have been timed and the budget can set them (replan).
 UNPLANNED_STEPS = 2**62
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
-
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -212,15 +213,11 @@ def arch_option(text: str) -> tuple[str, object]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """Flags, checked against each other too, so a bad combination ends here before anything is written."""
+    """The flags, checked against each other too, so a bad combination ends here before anything is written.
+    They are never changed afterwards: what follows from them is `start`'s Settings."""
     p = build_parser()
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
-    args.optimizer = args.optimizer or default_optimizer(args.init_from)
-    if args.init_from == "scratch":  # otherwise the shape comes from the weights (Trainer._starting_point)
-        args.arch = args.arch or DEFAULT_ARCH
-        for name in SHAPE_FLAGS:
-            setattr(args, name, getattr(args, name) or getattr(GPTConfig, name))
     if args.arch_option and args.init_from != "scratch":
         p.error("--arch_option shapes a new model; with --init_from the architecture is the weights'")
     try:
@@ -255,8 +252,300 @@ def default_optimizer(init_from: str) -> str:
 
 
 def model_config(args) -> GPTConfig:
-    return GPTConfig.from_preset(args.arch, **dict(args.arch_option), block_size=args.block_size,
-                                 n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout)
+    """The shape the flags name for a model from scratch, GPTConfig's defaults (GPT-2 124M) where they are silent."""
+    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS}
+    return GPTConfig.from_preset(args.arch or DEFAULT_ARCH, **dict(args.arch_option), **shape, dropout=args.dropout)
+
+
+def shown_flags(args) -> dict:
+    """The flags as the run header prints them: as given, with a new model's default shape, preset and
+    optimizer filled in (what the flags mean, not yet what --init_from's weights or latest.pt say)."""
+    flags = vars(args) | {"optimizer": args.optimizer or default_optimizer(args.init_from)}
+    if args.init_from == "scratch":
+        config = model_config(args)
+        flags |= {name: getattr(config, name) for name in SHAPE_FLAGS} | {"arch": args.arch or DEFAULT_ARCH}
+    return flags
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a run trains with: resolved once, at start-up
+
+
+@dataclass(frozen=True)
+class OptimizerSettings:
+    """The optimizer flags (defaults in build_parser), the optimizer itself resolved from --init_from."""
+    optimizer: str
+    lr: float
+    weight_decay: float
+    muon_lr: float
+    muon_momentum: float
+    muon_weight_decay: float
+
+    @classmethod
+    def from_args(cls, args) -> "OptimizerSettings":
+        fields = {f: getattr(args, f) for f in cls.__dataclass_fields__}
+        return cls(**fields | {"optimizer": args.optimizer or default_optimizer(args.init_from)})
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each step as a share of its peak (lr_scale), for a run of max_steps."""
+    kind: str
+    warmup: int
+    max_steps: int
+    cooldown_frac: float
+    floor: float
+
+    def lr(self, step: int) -> float:
+        return lr_scale(step, self.warmup, self.max_steps, self.kind, self.cooldown_frac, self.floor)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a run trains with: the flags as given, and what `start` derived from them, --init_from's weights,
+    latest.pt, the data and the memory probe. The loop, --plan and the checkpoints all read this one object,
+    and nothing changes it."""
+    flags: argparse.Namespace
+    config: GPTConfig  # the shape trained: the flags', --init_from's weights' or latest.pt's
+    optimizer: OptimizerSettings
+    grad_accum: int  # micro-steps per optimizer step on each process
+    world: int  # processes
+    steps: int | None  # the run's optimizer steps; with --time at most this many (None: as the budget allows)
+    eval_batches: int  # validation batches an evaluation reads: --eval_iters, at most one pass over the split
+
+    @property
+    def micro_batch(self) -> int:
+        return self.flags.batch_size // (self.world * self.grad_accum)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.flags.batch_size * self.config.block_size
+
+    def schedule(self, max_steps: int) -> Schedule:
+        """The learning-rate schedule of a run of max_steps (the warmup cut to 10% if it does not fit)."""
+        a = self.flags
+        return Schedule(a.schedule, fitting_warmup(a.warmup_steps, max_steps), max_steps, a.cooldown_frac,
+                        a.min_lr / a.lr)
+
+    def to_dict(self) -> dict:
+        """As checkpoints and metrics.jsonl record it (the flags are recorded beside it, as `args`)."""
+        return {"config": self.config.to_dict(), "arch": self.config.arch, "optimizer": self.optimizer.optimizer,
+                "grad_accum": self.grad_accum, "world": self.world, "micro_batch": self.micro_batch,
+                "steps": self.steps, "eval_batches": self.eval_batches}
+
+
+def fitting_warmup(warmup_steps: int, max_steps: int) -> int:
+    """--warmup_steps, or 10% of a run too short for it."""
+    return warmup_steps if warmup_steps < max_steps else max_steps // 10
+
+
+def warmup_note(warmup_steps: int, max_steps: int) -> list[str]:
+    if warmup_steps < max_steps:
+        return []
+    return [f"note: --warmup_steps {warmup_steps} does not fit in a run of {max_steps} steps; warming up over "
+            f"{fitting_warmup(warmup_steps, max_steps)} steps (10%) instead"]
+
+
+@dataclass
+class Progress:
+    """Where the run is: saved in every checkpoint, put back by --resume."""
+    step: int = 0
+    val_loss: float | None = None
+    best_val: float = math.inf
+    best_step: int | None = None
+    hellaswag: float | None = None  # the last acc_norm scored
+
+    def fields(self, init_from: str) -> dict:
+        """As checkpoints record it (checkpoint.py's format)."""
+        return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
+                "best_step": self.best_step, "init_from": init_from}
+
+
+@dataclass
+class Run:
+    """What `start` resolved and built: the settings, the model being trained, where the run is, its data."""
+    settings: Settings
+    learner: "Learner"
+    progress: Progress
+    plan: Plan
+    batches: data.BatchSource | None  # the training split's; None under --plan, which prepares no data
+    val: data.TokenShards | None
+    hellaswag: list | None  # eval.py's items, when the run scores HellaSwag
+
+
+def start(args, env: Env, say: Callable, dry_run: bool = False) -> Run:
+    """Everything the run trains with, in the order it is known, each step said as it is: the starting point
+    (the shape and weights), the data (prepared unless dry_run, for --plan), the model and its optimizers,
+    the micro-batch that fits, the steps; then, on --resume, where the run was."""
+    if not dry_run:
+        refuse_overwriting(args, env)
+    resumed = read_resume(args, env) if args.resume else None
+    config, init_state = starting_point(args, env, resumed, say)
+    plan = first_plan(config, args)
+    say("\n".join([plan.model_line(), plan.data_line()]))  # before any download
+    cache = data.prepared(data.DataSpec.from_args(args)) if dry_run else prepare_data(args, env)
+    if cache is not None:
+        plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
+        if not dry_run:
+            say(plan.data_line())
+    optimizer = OptimizerSettings.from_args(args)
+    t = build(config, env, optimizer, seed=args.seed, init_state=init_state)
+    grad_accum = choose_grad_accum(args, env, t, resumed, config.block_size, say)
+    batches = val = None
+    if cache is not None:
+        batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, args.batch_size,
+                                   seed=args.seed, rank=env.rank, world_size=env.world, grad_accum=grad_accum)
+        val = validation_split(cache, config.block_size, args)
+    settings = Settings(args, config, optimizer, grad_accum, env.world, planned_steps(args, plan, config.block_size),
+                        eval_batches(args, plan, val, config.block_size))
+    plan.steps = settings.steps
+    if not dry_run and not args.time:
+        say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
+    progress = restore(resumed, t, args, say) if resumed else Progress()
+    hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
+    return Run(settings, t, progress, plan, batches, val, hellaswag)
+
+
+def refuse_overwriting(args, env: Env) -> None:
+    latest = Path(args.save_dir) / checkpoint.LATEST
+    if broadcast_from_rank0(env, lambda: not args.resume and latest.exists()):
+        raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
+                              "or choose another --save_dir (nothing was overwritten)")
+
+
+def read_resume(args, env: Env) -> dict:
+    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
+    optimizer = args.optimizer or default_optimizer(args.init_from)
+    ckpt = only_on_rank0(env, lambda: checkpoint.read_latest(Path(args.save_dir), optimizer, args.init_from))
+    return broadcast_state_from_rank0(env, ckpt)
+
+
+def starting_point(args, env: Env, resumed: dict | None, say: Callable) -> tuple[GPTConfig, dict | None]:
+    """The model's shape, and the weights it starts from (None: random): the flags' shape, or the shape of
+    --init_from's weights; a resumed run's checkpoint must have that same shape."""
+    if args.init_from == "scratch":
+        config, state = model_config(args), None
+    elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
+        config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), args, args.init_from), None
+    else:
+        config, state = read_init_from(args, env, say)
+    if resumed:
+        diffs = config_differences(resumed["config"], config.to_dict())
+        if diffs:
+            raise CheckpointError(f"--resume: {Path(args.save_dir) / checkpoint.LATEST} was trained with another "
+                                  "model shape; " + "; ".join(diffs))
+    return config, state
+
+
+def read_init_from(args, env: Env, say: Callable) -> tuple[GPTConfig, dict | None]:
+    """--init_from's shape on every rank, its weights on rank 0 only: DDP gives them to the others."""
+    def read():
+        weights, state = checkpoint.read_weights(args.init_from, args.block_size)
+        return fine_tune_config(weights, args, args.init_from), state
+
+    config, state = only_on_rank0(env, read) or (None, None)
+    config = GPTConfig.from_dict(broadcast_from_rank0(env, lambda: config.to_dict()))
+    say(f"starting from the weights of {args.init_from}: {config.n_layer} layers, {config.n_head} heads, "
+        f"width {config.n_embd}, context {config.block_size}, {config.arch or 'custom'} preset")
+    return config, state
+
+
+def config_differences(saved: dict, wanted: dict) -> list[str]:
+    return [f"{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
+            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
+
+
+def prepare_data(args, env: Env) -> Path:
+    """The data flags' shards, prepared (or found) by each machine's first process before its others."""
+    spec = data.DataSpec.from_args(args)
+    return local_rank0_first(env, lambda: data.prepare(spec, progress=env.master))
+
+
+def validation_split(cache: Path, block_size: int, args) -> data.TokenShards:
+    """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
+    shards = data.TokenShards(cache, "val")
+    data.BatchSource(shards, block_size, args.batch_size, seed=args.seed, shuffle=False)
+    return shards
+
+
+def planned_steps(args, plan: Plan, block_size: int) -> int | None:
+    """--max_steps, or --epochs over the training split (estimated before it is prepared); with --time,
+    --max_steps or None (the budget sets them once a few steps are timed)."""
+    if args.max_steps or args.time:
+        return args.max_steps
+    if plan.data_tokens is None:
+        return None  # --plan over a Hub dataset of unknown size
+    return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, args.batch_size)))
+
+
+def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int) -> int:
+    """Validation batches an evaluation reads: --eval_iters, but at most one pass over the validation split
+    (its size estimated from the training split's under --plan)."""
+    if val is not None:
+        tokens = val.num_tokens
+    elif plan.data_tokens is not None:
+        tokens = round(plan.data_tokens * args.val_split / (1 - args.val_split))
+    else:
+        return args.eval_iters
+    return min(args.eval_iters, data.batches_per_pass(tokens, block_size, args.batch_size))
+
+
+def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, block_size: int, say: Callable) -> int:
+    """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
+    fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
+    if args.grad_accum != "auto":
+        return args.grad_accum
+    saved = checkpoint.saved_run(resumed).get("grad_accum") if resumed else None
+    if isinstance(saved, int):
+        return saved
+    if not probes_memory(env.device):
+        return 1
+    accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, args.batch_size, block_size))
+    say(f"--grad_accum auto: micro-batches of {args.batch_size // (env.world * accum)} × {block_size} tokens "
+        f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
+    return accum
+
+
+def restore(resumed: dict, t: "Learner", args, say: Callable) -> Progress:
+    """latest.pt's weights and optimizer states put back; where the run was. A changed flag is noted."""
+    fields = checkpoint.restore(resumed, t.raw_model, t.optimizers, t.scaler)
+    best_val = fields["best_val_loss"] if fields["best_val_loss"] is not None else math.inf
+    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"])
+    saved_args = resumed.get("args", {})
+    changed = [k for k in ("batch_size", "seed", "dataset", "subset", "sample_size", "val_split", "lr")
+               if k in saved_args and saved_args[k] != getattr(args, k)]
+    if changed:
+        say(f"note: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
+    say(f"resumed from {Path(args.save_dir) / checkpoint.LATEST} at step {progress.step} "
+        f"(best validation loss {progress.best_val:.4f})")
+    return progress
+
+
+def load_hellaswag(args, env: Env, say: Callable) -> list | None:
+    """eval.py's HellaSwag items, or None (with one warning) where they cannot be had: the run goes on."""
+    from eval import hellaswag_items  # only runs that score HellaSwag pay for importing the scorer
+
+    def fetch():
+        try:
+            return hellaswag_items(args.hellaswag, args.data_cache), None
+        except UserError as e:
+            return None, str(e)
+
+    items, problem = local_rank0_first(env, fetch)
+    if not all_ranks_agree(env, items is not None):
+        say(f"warning: no HellaSwag scoring in this run ({problem or 'another rank could not read it'})")
+        return None
+    return items
+
+
+def first_plan(config: GPTConfig, args) -> Plan:
+    """What can be known before any download: the model's size, the tokens of a step, and the data's size
+    estimated from --sample_size (exact once prepared)."""
+    params, non_embedding = parameter_counts(config)
+    estimate, basis = estimated_data_tokens(args.dataset, args.sample_size)
+    return Plan(params, non_embedding, args.batch_size * config.block_size, args.sample_size, steps=args.max_steps,
+                data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
+                data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
 
 
 def fine_tune_config(weights: GPTConfig, args, source: str) -> GPTConfig:
@@ -275,30 +564,18 @@ def fine_tune_config(weights: GPTConfig, args, source: str) -> GPTConfig:
     return dataclasses.replace(weights, block_size=args.block_size or weights.block_size, dropout=args.dropout)
 
 
-def crop_context(state: dict, block_size: int) -> dict:
-    """Weights for a shorter context: the learned position table keeps its first block_size rows
-    (nanoGPT's crop_block_size); everything else is unchanged."""
-    wpe = "transformer.wpe.weight"
-    return state | ({wpe: state[wpe][:block_size]} if wpe in state else {})
-
-
 # ----------------------------------------------------------------------------------------------------
 # The model being trained and what updates it
 
 
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """The optimizer flags (defaults in build_parser)."""
-    optimizer: str
-    lr: float
-    weight_decay: float
-    muon_lr: float
-    muon_momentum: float
-    muon_weight_decay: float
-
-    @classmethod
-    def from_args(cls, args) -> "OptimizerSettings":
-        return cls(**{f: getattr(args, f) for f in cls.__dataclass_fields__})
+@dataclass
+class Learner:
+    """The model being trained and what updates it; built by `build`, for train_gpt2.py and bench.py alike."""
+    raw_model: GPT  # the plain module: its state_dict is what checkpoints hold
+    model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler | None  # fp16 only
+    compile_unproven: bool = False  # compiled, and not yet run: torch.compile may still fail (run_compiled)
 
 
 def split_parameters(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
@@ -353,21 +630,8 @@ def fused_adamw_devices() -> list[str]:
         return ["cuda"]
 
 
-@dataclass
-class Training:
-    """The model being trained and what updates it; built by `build`, for train_gpt2.py and bench.py alike."""
-    raw_model: GPT  # the plain module: its state_dict is what checkpoints hold
-    model: torch.nn.Module  # what the steps run: raw_model compiled and/or wrapped in DDP
-    optimizers: list[torch.optim.Optimizer]
-    scaler: torch.amp.GradScaler | None  # fp16 only
-
-    def without_compile(self, env: Env) -> "Training":
-        """The same weights and optimizers, run eagerly (after torch.compile failed)."""
-        return dataclasses.replace(self, model=wrap_for_ranks(self.raw_model, env))
-
-
 def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int,
-          init_state: dict | None = None) -> Training:
+          init_state: dict | None = None) -> Learner:
     """The model (random weights, or init_state's), its optimizers and loss scaler, compiled and
     wrapped for DDP as the flags say; DDP hands rank 0's weights to every other rank."""
     torch.manual_seed(seed)  # the same initial weights on every rank
@@ -376,7 +640,8 @@ def build(config: GPTConfig, env: Env, settings: OptimizerSettings, *, seed: int
         load_state(raw, init_state)
     optimizers = make_optimizers(raw, settings, env.device)
     scaler = torch.amp.GradScaler(env.device.type) if env.amp_dtype == torch.float16 else None
-    return Training(raw, wrap_for_ranks(torch.compile(raw) if env.compile else raw, env), optimizers, scaler)
+    return Learner(raw, wrap_for_ranks(torch.compile(raw) if env.compile else raw, env), optimizers, scaler,
+                    compile_unproven=env.compile)
 
 
 def wrap_for_ranks(model: torch.nn.Module, env: Env) -> torch.nn.Module:
@@ -386,6 +651,24 @@ def wrap_for_ranks(model: torch.nn.Module, env: Env) -> torch.nn.Module:
         return model
     return DDP(model, device_ids=[env.local_rank] if env.device.type == "cuda" else None,
                gradient_as_bucket_view=True)
+
+
+def run_compiled(t: Learner, env: Env, say: Callable, work):
+    """work(); the first time with a compiled model, a failure of torch.compile (no C compiler, no Triton)
+    leaves a one-line note and the same work done eagerly, for the rest of the run."""
+    if not t.compile_unproven:
+        return work()
+    t.compile_unproven = False
+    try:
+        return work()
+    except (torch.cuda.OutOfMemoryError, UserError):
+        raise
+    except Exception as e:  # inductor and dynamo raise many types; an error that is not theirs recurs below
+        say(f"note: torch.compile failed ({type(e).__name__}: {first_line(e)}); training without it "
+            "(--no-compile skips the attempt)")
+        zero_grads(t, release=True)  # what the failed attempt left
+        t.model = wrap_for_ranks(t.raw_model, env)
+        return work()
 
 
 def probes_memory(device: torch.device) -> bool:
@@ -402,7 +685,7 @@ def micro_batch_sizes(per_rank: int) -> list[int]:
     return sizes
 
 
-def fitting_grad_accum(t: Training, env: Env, batch_size: int, block_size: int) -> int:
+def fitting_grad_accum(t: Learner, env: Env, batch_size: int, block_size: int) -> int:
     """--grad_accum auto: the fewest micro-steps whose micro-batch fits on every rank, trying batch_size / GPUs
     first and halving on out-of-memory. The global batch, and so the loss, stay the same."""
     per_rank = batch_size // env.world
@@ -413,7 +696,7 @@ def fitting_grad_accum(t: Training, env: Env, batch_size: int, block_size: int) 
                     "or train a smaller model")
 
 
-def step_fits(t: Training, env: Env, micro: int, block_size: int) -> bool:
+def step_fits(t: Learner, env: Env, micro: int, block_size: int) -> bool:
     """Whether a training step on `micro` sequences fits in every rank's memory: the step's own forward and
     backward (accumulate_gradients, the graph training runs), then each optimizer's step skipped through
     found_inf, which allocates its state and changes nothing else.
@@ -444,7 +727,7 @@ def _fits(work) -> bool:
         return False
 
 
-def skipped_optimizer_step(t: Training, env: Env) -> None:
+def skipped_optimizer_step(t: Learner, env: Env) -> None:
     """Each optimizer's step with found_inf set, on this rank alone (Muon not sharing its work)."""
     try:
         for optimizer in t.optimizers:
@@ -457,7 +740,7 @@ def skipped_optimizer_step(t: Training, env: Env) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------
-# One optimizer step (bench.py times exactly `update`)
+# One optimizer step (the loop, --plan and bench.py all run `update`)
 
 
 def lr_scale(step: int, warmup: int, max_steps: int, schedule: str, cooldown_frac: float, floor: float) -> float:
@@ -489,7 +772,7 @@ def micro_seed(seed: int, step: int, micro_index: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + micro_index
 
 
-def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, grad_clip: float, lr_scale: float,
+def update(t: Learner, micro_batches: list, *, env: Env, step: int, seed: int, grad_clip: float, lr_scale: float,
            muon_momentum: float, stop: bool = False) -> torch.Tensor:
     """One optimizer step over this rank's micro-batches: forward and backward, clip, update.
 
@@ -502,7 +785,7 @@ def update(t: Training, micro_batches: list, *, env: Env, step: int, seed: int, 
                            stop=stop)
 
 
-def accumulate_gradients(t: Training, micro_batches: list, *, env: Env, step: int, seed: int,
+def accumulate_gradients(t: Learner, micro_batches: list, *, env: Env, step: int, seed: int,
                          all_reduce: bool = True) -> torch.Tensor:
     """Forward and backward over the micro-batches, gradients summed into .grad; their mean loss, on the device.
     Under DDP the last micro-step all-reduces the gradients (none does, with all_reduce off)."""
@@ -522,7 +805,7 @@ def accumulate_gradients(t: Training, micro_batches: list, *, env: Env, step: in
     return loss
 
 
-def step_optimizers(t: Training, loss: torch.Tensor, *, env: Env, grad_clip: float, lr_scale: float,
+def step_optimizers(t: Learner, loss: torch.Tensor, *, env: Env, grad_clip: float, lr_scale: float,
                     muon_momentum: float, stop: bool = False) -> torch.Tensor:
     """Clip the accumulated gradients and update, skipping the update on the device when the loss or the
     norm is not finite; [loss, gradient norm, stop asked] on the device, averaged over the ranks."""
@@ -554,7 +837,7 @@ def step_optimizers(t: Training, loss: torch.Tensor, *, env: Env, grad_clip: flo
     return stats
 
 
-def zero_grads(t: Training, release: bool = False) -> None:
+def zero_grads(t: Learner, release: bool = False) -> None:
     """Gradients to zero for the next step. Under DDP they are views of its all-reduce buckets
     (gradient_as_bucket_view) only while they are kept: set to None, each backward would allocate them
     anew and copy them into the buckets, an extra fp32 copy of them at peak memory. Alone, or to
@@ -594,39 +877,44 @@ class StepFigures:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def config_differences(saved: dict, wanted: dict) -> list[str]:
-    return [f"{k}: checkpoint {saved.get(k)!r}, flags {wanted.get(k)!r}"
-            for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
-
-
-def load_resume_state(save_dir: Path, optimizer: str, init_from: str) -> dict:
-    path = save_dir / "latest.pt"
-    if not path.exists():
-        raise CheckpointError(f"--resume: no checkpoint at {path} (start without --resume, or point --save_dir "
-                              "at the run to continue)")
-    ckpt = load_checkpoint(path)
-    if "optimizer" not in ckpt:
-        raise CheckpointError(f"--resume: {path} holds a model but not the optimizer state a resume needs")
-    started_from = ckpt.get("init_from", "scratch")
-    if started_from != init_from:
-        raise CheckpointError(f"--resume: {path} started from --init_from {started_from}, not {init_from}; "
-                              "resume it with the flags it started with")
-    trained_with = ckpt.get("args", {}).get("optimizer", "adamw")
-    if trained_with != optimizer:
-        raise CheckpointError(f"--resume: {path} was trained with --optimizer {trained_with}, not {optimizer}; "
-                              "resume it with the optimizer it started with")
-    return ckpt
+# The loop
 
 
 class StopTraining(UserError):
     """Training cannot go on (a non-finite loss); the message says what the checkpoints on disk hold."""
 
 
-# ----------------------------------------------------------------------------------------------------
-# The run
+class Figures:
+    """Each step's figures (StepFigures), read one step after the step was queued, when it is done and
+    reading stalls nothing, or at once when a section needs the newest; a non-finite step ends the run."""
+
+    def __init__(self, t: Learner, save_dir: Path):
+        self.fp16, self.save_dir = t.scaler is not None, save_dir
+        self.pending: StepFigures | None = None  # the newest step, its figures not read yet
+        self.last: StepFigures | None = None  # the newest step read (and found finite)
+        self.stop = False  # a signal reached some rank
+
+    def queued(self, step: int, stats: torch.Tensor) -> None:
+        previous, self.pending = self.pending, StepFigures(step, stats)
+        if previous is not None:
+            self._accept(previous)
+
+    def latest(self) -> StepFigures:
+        """The newest step's figures, read now: before anything that needs them (a log line, a save)."""
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self._accept(pending)
+        return self.last
+
+    def _accept(self, f: StepFigures) -> None:
+        f.read()
+        self.stop |= f.stop
+        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
+        if not math.isfinite(f.loss) or (not math.isfinite(f.grad_norm) and not self.fp16):
+            raise StopTraining(f"the loss ({f.loss}) or gradient norm ({f.grad_norm}) is not finite at step "
+                               f"{f.step}; stopped before its update. The checkpoints in {self.save_dir} are the "
+                               "last good ones: resume with --resume and a lower --lr (or --grad_clip)")
+        self.last = f
 
 
 class SignalStop:
@@ -646,539 +934,313 @@ class SignalStop:
 
 
 @dataclass
-class Due:
-    """What a finished step calls for."""
-    log: bool = False
-    evaluate: bool = False
-    hellaswag: bool = False
-    save: bool = False
-    stop: bool = False
+class Output:
+    """Where a run reports: lines (rank 0 prints them), metrics.jsonl and loss.png, the progress bar, and
+    the checkpoints, written in the background."""
+    env: Env
+    save_dir: Path
+    started: float  # the process's start, which --time counts from
+    price_per_hour: float | None
+    metrics: Metrics
+    bar: tqdm
+    writer: checkpoint.CheckpointWriter
 
-    def __bool__(self) -> bool:
-        return self.log or self.evaluate or self.hellaswag or self.save or self.stop
-
-
-def first_plan(config: GPTConfig, args) -> Plan:
-    """What can be known before any download: the model's size, the tokens of a step, and the data's size
-    estimated from --sample_size (exact once prepared)."""
-    params, non_embedding = parameter_counts(config)
-    estimate, basis = estimated_data_tokens(args.dataset, args.sample_size)
-    return Plan(params, non_embedding, args.batch_size * args.block_size, args.sample_size, steps=args.max_steps,
-                data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
-                data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
-
-
-class Trainer:
-    def __init__(self, args, env: Env):
-        self.args, self.env = args, env
-        self.save_dir = Path(args.save_dir)
-        self.say = tqdm.write if env.master else (lambda *a, **k: None)
-        self._refuse_overwriting()
-        resumed = self._read_resume_state() if args.resume else None
-        self.config, init_state = self._starting_point(resumed)
-        for name in SHAPE_FLAGS:  # the flags as logged and saved say the shape actually trained
-            setattr(args, name, getattr(self.config, name))
-        args.arch = args.arch or self.config.arch
-        self.plan = first_plan(self.config, args)
-        self.say("\n".join([self.plan.model_line(), self.plan.data_line()]))  # before any download
-        self.cache_dir = self._prepare_data()
-        self.training = build(self.config, env, OptimizerSettings.from_args(args), seed=args.seed,
-                              init_state=init_state)
-        self.compile_unproven = env.compile  # the first compiled step may fail (no C compiler, no Triton)
-        args.grad_accum = self._grad_accum(resumed)  # as logged and saved: --resume reuses it
-        self.train = self._batches()
-        self.val = self._validation_split()
-        self.budget = Budget(args.time, STARTED) if args.time else None
-        self.max_steps, self.warmup = self._steps()
-        self.flops_per_token = self.training.raw_model.flops_per_token(args.block_size)
-        self.peak = peak_flops(env.device)
-        self.step, self.best_val, self.best_step, self.val_loss = 0, float("inf"), None, None
-        if resumed:
-            self._resume(resumed)
-        self.pending: StepFigures | None = None  # the newest step, its figures not read yet
-        self.last: StepFigures | None = None  # the newest step whose figures were read (and found finite)
-        self.stop_asked = False  # a signal reached some rank
-        self.hellaswag = self._load_hellaswag() if args.hellaswag_interval else None
-        self.hellaswag_acc_norm = None
-        self.costs = self._costs()
-        self.save_dir.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def open(cls, run: Run, env: Env, started: float) -> "Output":
+        a, step = run.settings.flags, run.progress.step
+        save_dir = Path(a.save_dir)
+        save_dir.mkdir(parents=True, exist_ok=True)
         if env.master:
-            clean_temporaries(self.save_dir)  # what a killed run was writing when it died
-        self.metrics = Metrics(self.save_dir, self.step if args.resume else None, args.wandb,
-                               vars(args)) if env.master else None
-        self.writer = CheckpointWriter()
+            clean_temporaries(save_dir)  # what a killed run was writing when it died
+        metrics = Metrics(save_dir, step if a.resume else None, a.wandb, vars(a), enabled=env.master)
+        bar = tqdm(total=run.settings.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
+        return cls(env, save_dir, started, a.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
 
-    def run(self) -> int:
-        """Trains to max_steps; returns the exit status: 0, or 128 + the signal that stopped the run."""
-        a, env = self.args, self.env
-        if env.master:
-            self.metrics.log(event="start", step=self.step, **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
-        if self.step >= self.max_steps:
-            self.say(f"nothing to do: the run is at step {self.step} of {self.max_steps}")
-            return 0
-        signals = SignalStop()
-        batches = data.micro_batches(self.train, self.step, None, num_workers=a.num_workers,
-                                     pin_memory=env.device.type == "cuda")
-        planned = self.budget is None or self.max_steps < UNPLANNED_STEPS  # with --time, known once timed
-        bar = tqdm(total=self.max_steps if planned else None, initial=self.step, disable=not env.master, unit="step",
-                   dynamic_ncols=True)
-        pace = Pace(self.step, a.batch_size * a.block_size)
-        if self.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
-            self.validate()  # and saved as the first best checkpoint
-            if self.hellaswag is not None:
-                self.score_hellaswag()
-        self.training.model.train()
-        while self.step < self.max_steps:
-            stats = self.optimizer_step([next(batches) for _ in range(a.grad_accum)], signals.received is not None)
-            previous, self.pending = self.pending, StepFigures(self.step, stats)
-            self.step += 1
-            bar.update(1)
-            if previous is not None:
-                self.accept(previous)  # the step before this one: done by now, so reading it stalls nothing
-            if pace.timed(self.step, self.latest_figures):  # the first steps after warming up, timed
-                if self.budget is not None and self.costs.evaluation is None:
-                    self.measure_evaluation(pace)  # what each one costs counts in the budget
-                self.replan(pace, bar, announce=True)
-            elif self.budget is not None and (self.step % a.log_interval == 0 or self.budget.passed()):
-                self.replan(pace, bar)
-            due = self.due()
-            if due:
-                self.after_step(due, pace, bar)
-            if due.stop:
-                return self.stopped(bar, signals.received)
-        bar.close()
-        self.writer.wait()  # the last checkpoints are on disk before the process ends
-        self.summarise("done")
-        return 0
+    def say(self, text: str) -> None:
+        if self.env.master:
+            tqdm.write(text)
 
-    def optimizer_step(self, micro_batches: list, stop: bool) -> torch.Tensor:
-        """`update` at this step's learning rate and momentum."""
-        a = self.args
-        step = functools.partial(update, micro_batches=micro_batches, env=self.env, step=self.step, seed=a.seed,
-                                 grad_clip=a.grad_clip, lr_scale=self.lr_scale_at(self.step),
-                                 muon_momentum=muon_momentum_at(self.step, a.muon_momentum), stop=stop)
-        return self.run_compiled(step)
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
 
-    def run_compiled(self, work):
-        """work(self.training); the first time with a compiled model, a failure of torch.compile (no C
-        compiler, no Triton) leaves a one-line note and the same work done eagerly, for the rest of the run."""
-        if not self.compile_unproven:
-            return work(self.training)
-        self.compile_unproven = False
+    def cost(self) -> float | None:
+        return None if self.price_per_hour is None else self.elapsed() / 3600 * self.price_per_hour
+
+    def close(self) -> None:
+        """The last checkpoints on disk, and metrics.jsonl's wandb mirror closed, before the process ends."""
+        self.bar.close()
         try:
-            return work(self.training)
-        except (torch.cuda.OutOfMemoryError, UserError):
-            raise
-        except Exception as e:  # inductor and dynamo raise many types; an error that is not theirs recurs below
-            self.say(f"note: torch.compile failed ({type(e).__name__}: {first_line(e)}); training without it "
-                     "(--no-compile skips the attempt)")
-            zero_grads(self.training, release=True)  # what the failed attempt left
-            self.training = self.training.without_compile(self.env)
-            return work(self.training)
-
-    def lr_scale_at(self, step: int) -> float:
-        a = self.args
-        return lr_scale(step, self.warmup, self.max_steps, a.schedule, a.cooldown_frac, a.min_lr / a.lr)
-
-    def accept(self, figures: StepFigures) -> None:
-        """Reads a finished step's figures; a non-finite step (whose update was skipped) ends the run."""
-        loss, norm = figures.read().loss, figures.grad_norm
-        self.stop_asked |= figures.stop
-        # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
-        if not math.isfinite(loss) or (not math.isfinite(norm) and self.training.scaler is None):
-            raise StopTraining(f"the loss ({loss}) or gradient norm ({norm}) is not finite at step {figures.step}; "
-                               f"stopped before its update. The checkpoints in {self.save_dir} are the last good "
-                               "ones: resume with --resume and a lower --lr (or --grad_clip)")
-        self.last = figures
-
-    def latest_figures(self) -> StepFigures:
-        """The newest step's figures, read now: before anything that needs them (a log line, a save)."""
-        if self.pending is not None:
-            pending, self.pending = self.pending, None
-            self.accept(pending)
-        return self.last
-
-    def due(self) -> Due:
-        """What the step just finished calls for, from the flags' intervals and a stop asked for."""
-        a, s, end = self.args, self.step, self.step == self.max_steps
-        hellaswag = self.hellaswag is not None and (s % a.hellaswag_interval == 0 or end)
-        return Due(log=s % a.log_interval == 0 or end, evaluate=s % a.eval_interval == 0 or end,
-                   hellaswag=hellaswag, save=s % a.checkpoint_interval == 0 or end, stop=self.stop_asked)
-
-    def after_step(self, due: Due, pace: "Pace", bar) -> None:
-        """Log, score, evaluate and save as `due` says; the step's figures are read (and checked) first, so
-        a checkpoint or a log line only ever follows a finite step."""
-        figures = self.latest_figures()
-        if due.log:
-            self.log_step(figures, pace.lap(self.step), bar)
-        started = time.perf_counter()
-        if due.hellaswag:
-            self.score_hellaswag()
-        if due.evaluate:
-            self.validate()
-            if self.args.sample_during_training and self.env.master:
-                self.print_sample()
-        if due.save or due.stop:
-            self.save_latest()
-        pace.exclude(time.perf_counter() - started)  # the pace is the training's, without these
-        if due.log or due.evaluate or due.hellaswag or due.save:
-            pace.restart(self.step)
-
-    def measure_evaluation(self, pace: Pace) -> None:
-        """An evaluation now (logged, and the best weights so far saved), timed with its plot and save."""
-        self.latest_figures()
-        started = time.perf_counter()
-        self.validate()
-        pace.exclude(time.perf_counter() - started)
-        pace.restart(self.step)
-
-    def replan(self, pace: Pace, bar, announce: bool = False) -> None:
-        """The plan's time and cost from the measured pace; with --time, also the steps that fit in what is
-        left of it (re-planned at every log line, so wsd's decay ends with the budget). Before the pace is
-        known, a budget already spent ends the run at this step."""
-        a, c = self.args, self.costs
-        c.step = pace.step_seconds
-        c.write = self.writer.seconds.get("latest.pt", c.write)
-        if c.step is None:
-            if self.budget is not None and self.budget.passed():
-                self.max_steps = self.step
-            return
-        if self.budget is not None:
-            steps = self.budget.steps(self.step, time.monotonic(), c)
-            steps = max(self.step, min(steps, a.max_steps or steps))
-            if steps != self.max_steps:
-                self.max_steps, bar.total = steps, steps
-                bar.refresh()
-                self.warmup = self._fitting_warmup(quiet=not announce)
-        self.plan.steps, self.plan.step_seconds = self.max_steps, c.step
-        self.plan.seconds = time.monotonic() - STARTED + c.seconds(self.step, self.max_steps - self.step)
-        if announce:  # the steps and their warnings were said already, unless the budget has just set them
-            planned = [self.plan.steps_line(), *self.plan.warnings()] if self.budget is not None else []
-            self.say("\n".join([self.plan.time_line(self.env.device.type), *planned]))
-            if self.env.master:
-                self.metrics.log(**self.plan.row())
-
-    def stopped(self, bar, signum: int | None) -> int:
-        self.writer.wait()  # latest.pt, saved by after_step, is on disk before the process leaves
-        if self.env.world > 1:
-            dist.barrier()  # every rank leaves after rank 0 has saved
-        bar.close()
-        self.say(f"stopped by signal at step {self.step}; {self.save_dir / 'latest.pt'} saved, continue with --resume")
-        self.summarise("stopped")
-        return 128 + (signum or signal.SIGTERM)
-
-    def summarise(self, how: str) -> None:
-        """The summary a run ends with: what it reached, its time and cost, and the way home."""
-        if not self.env.master:
-            return
-        seconds = time.monotonic() - STARTED
-        outcome = Outcome(steps=self.step, tokens=self.step * self.args.batch_size * self.args.block_size,
-                          seconds=seconds, best_val=self.best_val if self.best_step is not None else None,
-                          best_step=self.best_step, checkpoint=self.save_dir / "model_best_val.pt",
-                          price_per_hour=self.args.price_per_hour, hellaswag=self.hellaswag_acc_norm,
-                          planned_seconds=self.plan.seconds)
-        self.say("\n".join(outcome.lines()))
-        self.metrics.log(event=how, step=self.step, seconds=seconds, cost=self.cost_so_far(),
-                         best_val_loss=outcome.best_val, best_step=self.best_step)
-        self.metrics.close()
-
-    def cost_so_far(self) -> float | None:
-        price = self.args.price_per_hour
-        return None if price is None else (time.monotonic() - STARTED) / 3600 * price
-
-    def log_step(self, f: StepFigures, tokens_per_s: float, bar) -> None:
-        mfu = tokens_per_s * self.flops_per_token / (self.peak * self.env.world) if self.peak else None
-        lr, cost = self.args.lr * self.lr_scale_at(f.step), self.cost_so_far()
-        row = dict(step=self.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
-                   elapsed_s=time.monotonic() - STARTED)
-        row |= {"mfu": mfu} if mfu is not None else {}
-        row |= {"cost": cost} if cost is not None else {}
-        if self.env.master:
-            self.metrics.log(**row)
-            bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
-                            **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
-                            **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
-
-    # ------------------------------------------------------------------------------------------------
-    # Evaluation, samples and checkpoints
-
-    def evaluate(self) -> dict:
-        """eval.py's validation loss (and bits per byte) over the split's first eval_iters batches, each rank
-        scoring its share with the model being trained (compiled and DDP-wrapped as it is)."""
-        a, env = self.args, self.env
-        return validation_loss(self.training.model, self.val, a.block_size, env.device, env.autocast, env.rank,
-                               env.world, batch_size=a.batch_size // (env.world * a.grad_accum),
-                               max_tokens=self.eval_iters() * a.batch_size * a.block_size)
-
-    def validate(self) -> None:
-        """The validation loss, logged; the weights saved as model_best_val.pt when it is the lowest yet."""
-        started = time.perf_counter()
-        result = self.evaluate()
-        self.val_loss = result["loss"]
-        improved = self.val_loss < self.best_val
-        if improved:
-            self.best_val, self.best_step = self.val_loss, self.step
-        if self.env.master:
-            self.say(f"step {self.step}: validation loss {self.val_loss:.4f} (perplexity "
-                     f"{math.exp(min(self.val_loss, 50)):.1f}, {result['bpb']:.4f} bits per byte)"
-                     f"{' - best so far, saved' if improved else ''}")
-            self.metrics.log(step=self.step, val_loss=self.val_loss, val_ppl=math.exp(min(self.val_loss, 50)),
-                             val_bpb=result["bpb"])
-            self.metrics.plot()
-        if improved:
-            self.save("model_best_val.pt", full=False)
-        self.costs.evaluation = time.perf_counter() - started  # with the plot and the save's stall
-
-    def score_hellaswag(self):
-        from eval import hellaswag_accuracy
-        # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
-        started = time.perf_counter()
-        result = hellaswag_accuracy(self.training.raw_model, self.hellaswag, self.env.device, self.env.autocast,
-                                    self.env.rank, self.env.world)
-        self.costs.hellaswag = time.perf_counter() - started
-        self.hellaswag_acc_norm = result["acc_norm"]
-        if self.env.master:
-            self.say(f"step {self.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
-                     f"{result['n']:,} items)")
-            self.metrics.log(step=self.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
-            self.metrics.plot()
-
-    def print_sample(self):
-        tok = data.get_tokenizer()
-        g = torch.Generator(device=self.env.device).manual_seed(self.args.seed + self.step)
-        raw = self.training.raw_model
-        raw.eval()
-        ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
-        raw.train()
-        self.say(f"sample at step {self.step}: {tok.decode(ids)!r}")
-
-    def save_latest(self) -> None:
-        self.save("latest.pt", full=True)
-
-    def save(self, name: str, full: bool) -> None:
-        """The weights (and with `full`, everything --resume needs), written by rank 0 in the background."""
-        if not self.env.master:
-            return
-        fields = {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                  "init_from": self.args.init_from}
-        if full:  # the data position and every random draw follow from (seed, step): see micro_seed
-            t = self.training
-            fields |= {"optimizer": [optimizer.state_dict() for optimizer in t.optimizers],
-                       "scaler": t.scaler.state_dict() if t.scaler else None, "args": vars(self.args)}
-        self.writer.save(self.save_dir / name, checkpoint_state(self.training.raw_model, **fields))
-
-    # ------------------------------------------------------------------------------------------------
-    # Setting up: data, the starting point, resuming, HellaSwag
-
-    def _refuse_overwriting(self):
-        latest = self.save_dir / "latest.pt"
-        earlier = broadcast_from_rank0(self.env, lambda: not self.args.resume and latest.exists())
-        if earlier:
-            raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
-                                  "or choose another --save_dir (nothing was overwritten)")
-
-    def _prepare_data(self) -> Path:
-        spec = data.DataSpec.from_args(self.args)
-        cache = local_rank0_first(self.env, lambda: data.prepare(spec, progress=self.env.master))
-        self.plan.data_tokens, self.plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
-        self.say(self.plan.data_line())
-        return cache
-
-    def _grad_accum(self, resumed: dict | None) -> int:
-        """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
-        fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
-        a, env = self.args, self.env
-        if a.grad_accum != "auto":
-            return a.grad_accum
-        saved = (resumed or {}).get("args", {}).get("grad_accum")
-        if isinstance(saved, int):
-            return saved
-        if not probes_memory(env.device):
-            return 1
-        accum = self.run_compiled(lambda t: fitting_grad_accum(t, env, a.batch_size, a.block_size))
-        self.say(f"--grad_accum auto: micro-batches of {a.batch_size // (env.world * accum)} × {a.block_size} tokens "
-                 f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
-        return accum
-
-    def _validation_split(self) -> data.TokenShards:
-        """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
-        shards = data.TokenShards(self.cache_dir, "val")
-        data.BatchSource(shards, self.args.block_size, self.args.batch_size, seed=self.args.seed, shuffle=False)
-        return shards
-
-    def _batches(self) -> data.BatchSource:
-        a, env = self.args, self.env
-        return data.BatchSource(data.TokenShards(self.cache_dir, "train"), a.block_size, a.batch_size, seed=a.seed,
-                                rank=env.rank, world_size=env.world, grad_accum=a.grad_accum)
-
-    def _steps(self) -> tuple[int, int]:
-        """The run's steps and warmup: --max_steps, or --epochs over the training split; with --time, until
-        a few steps are timed, --max_steps or as many as could be wanted (replan sets them)."""
-        a = self.args
-        if self.budget is not None:
-            self.max_steps = a.max_steps or UNPLANNED_STEPS
-            return self.max_steps, a.warmup_steps
-        self.max_steps = a.max_steps or max(1, round(a.epochs * self.train.steps_per_epoch))
-        self.plan.steps = self.max_steps
-        self.say("\n".join([self.plan.steps_line(), *self.plan.warnings()]))
-        return self.max_steps, self._fitting_warmup()
-
-    def _costs(self) -> Costs:
-        a = self.args
-        # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
-        scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in self.hellaswag or []) // 4
-        return Costs(eval_batches=self.eval_iters(), eval_interval=a.eval_interval,
-                     hellaswag_interval=a.hellaswag_interval if self.hellaswag else 0, hellaswag_tokens=scored,
-                     tokens_per_step=a.batch_size * a.block_size,
-                     checkpoint_bytes=self.plan.params * CHECKPOINT_BYTES_PER_PARAMETER)
-
-    def eval_iters(self) -> int:
-        """Validation batches an evaluation reads: --eval_iters, but at most one pass over the split."""
-        return min(self.args.eval_iters, data.batches_per_pass(self.val.num_tokens, self.args.block_size,
-                                                               self.args.batch_size))
-
-    def _fitting_warmup(self, quiet: bool = False) -> int:
-        a = self.args
-        if a.warmup_steps < self.max_steps:
-            return a.warmup_steps
-        warmup = self.max_steps // 10
-        if not quiet:
-            self.say(f"note: --warmup_steps {a.warmup_steps} does not fit in a run of {self.max_steps} steps; "
-                     f"warming up over {warmup} steps (10%) instead")
-        return warmup
-
-    def _read_resume_state(self) -> dict:
-        """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
-        ckpt = only_on_rank0(self.env, lambda: load_resume_state(self.save_dir, self.args.optimizer, self.args.init_from))
-        return broadcast_state_from_rank0(self.env, ckpt)
-
-    def _starting_point(self, resumed: dict | None) -> tuple[GPTConfig, dict | None]:
-        """The model's shape, and the weights it starts from (None: random): the flags' shape, or the
-        shape of --init_from's weights; a resumed run's checkpoint must have that same shape."""
-        a = self.args
-        if a.init_from == "scratch":
-            config, state = model_config(a), None
-        elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
-            config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), a, a.init_from), None
-        else:
-            config, state = self._read_init_from()
-        if resumed:
-            diffs = config_differences(resumed["config"], config.to_dict())
-            if diffs:
-                raise CheckpointError(f"--resume: {self.save_dir / 'latest.pt'} was trained with another model "
-                                      "shape; " + "; ".join(diffs))
-        return config, state
-
-    def _read_init_from(self) -> tuple[GPTConfig, dict | None]:
-        """--init_from's shape on every rank, its weights on rank 0 only: DDP gives them to the others."""
-        def read():
-            model, _ = load_model(self.args.init_from)
-            config = fine_tune_config(model.config, self.args, self.args.init_from)
-            return config, crop_context(model.state_dict(), config.block_size)
-
-        config, state = only_on_rank0(self.env, read) or (None, None)
-        config = GPTConfig.from_dict(broadcast_from_rank0(self.env, lambda: config.to_dict()))
-        self.say(f"starting from the weights of {self.args.init_from}: {config.n_layer} layers, {config.n_head} heads, "
-                 f"width {config.n_embd}, context {config.block_size}, {config.arch or 'custom'} preset")
-        return config, state
-
-    def _resume(self, ckpt: dict):
-        t = self.training
-        load_state(t.raw_model, ckpt["model"])
-        states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
-        for optimizer, state in zip(t.optimizers, states, strict=True):
-            optimizer.load_state_dict(state)
-        if t.scaler is not None and ckpt.get("scaler"):
-            t.scaler.load_state_dict(ckpt["scaler"])
-        self.step, self.val_loss = ckpt["step"], ckpt.get("val_loss")
-        self.best_val = ckpt.get("best_val_loss", float("inf"))
-        saved_args = ckpt.get("args", {})
-        changed = [k for k in ("batch_size", "seed", "dataset", "subset", "sample_size", "val_split", "lr")
-                   if k in saved_args and saved_args[k] != getattr(self.args, k)]
-        if changed:
-            self.say(f"note: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
-        self.say(f"resumed from {self.save_dir / 'latest.pt'} at step {self.step} "
-                 f"(best validation loss {self.best_val:.4f})")
-
-    def _load_hellaswag(self) -> list | None:
-        """eval.py's HellaSwag items, or None (with one warning) where they cannot be had: the run goes on."""
-        from eval import hellaswag_items  # only runs that score HellaSwag pay for importing the scorer
-
-        def fetch():
-            try:
-                return hellaswag_items(self.args.hellaswag, self.args.data_cache), None
-            except UserError as e:
-                return None, str(e)
-
-        items, problem = local_rank0_first(self.env, fetch)
-        if not all_ranks_agree(self.env, items is not None):
-            self.say(f"warning: no HellaSwag scoring in this run ({problem or 'another rank could not read it'})")
-            return None
-        return items
+            self.writer.wait()
+        finally:
+            self.metrics.close()
 
 
-def show_plan(args, env: Env) -> int:
-    """--plan: the plan, its time and cost from a few steps timed on random tokens; nothing downloaded or written."""
-    config = model_config(args) if args.init_from == "scratch" else \
-        fine_tune_config(load_model(args.init_from)[0].config, args, args.init_from)
-    plan = first_plan(config, args)
-    cache = data.prepared(data.DataSpec.from_args(args))
-    if cache is not None:
-        plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
-    print("\n".join([plan.model_line(), plan.data_line()]), flush=True)  # then a few steps are timed
-    t = build(config, env, OptimizerSettings.from_args(args), seed=args.seed)
-    accum = args.grad_accum if args.grad_accum != "auto" else (
-        fitting_grad_accum(t, env, args.batch_size, args.block_size) if probes_memory(env.device) else 1)
-    plan.step_seconds = time_random_steps(t, env, args.batch_size // (env.world * accum), accum, args.block_size)
-    costs = Costs(eval_batches=args.eval_iters, eval_interval=args.eval_interval, hellaswag_interval=0,
-                  hellaswag_tokens=0, tokens_per_step=plan.tokens_per_step,
-                  checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER, step=plan.step_seconds)
+def train(run: Run, env: Env, out: Output) -> int:
+    """The loop, from run.progress.step to the last step: a few "once in a while" sections, each one call,
+    then the step. Returns the exit status: 0, or 128 + the signal that stopped the run."""
+    s, t, progress, a = run.settings, run.learner, run.progress, run.settings.flags
+    schedule = s.schedule(s.steps or UNPLANNED_STEPS)  # with --time, replan sets the steps once some are timed
+    costs, budget = run_costs(run), Budget(a.time, out.started) if a.time else None
+    out.metrics.log(event="start", step=progress.step, run=s.to_dict(),
+                    **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
+    if progress.step >= schedule.max_steps:
+        out.say(f"nothing to do: the run is at step {progress.step} of {schedule.max_steps}")
+        return 0
+    signals, figures, pace = SignalStop(), Figures(t, out.save_dir), Pace(progress.step, s.tokens_per_step)
+    batches = data.micro_batches(run.batches, progress.step, num_workers=a.num_workers,
+                                 pin_memory=env.device.type == "cuda")
+    if progress.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
+        validate(run, env, out)  # and saved as the first best checkpoint
+        if run.hellaswag is not None:
+            score_hellaswag(run, env, out)
+    t.model.train()
+    while progress.step < schedule.max_steps:
+        # The step, queued on the device; its figures are read a step later, so the CPU never waits for it.
+        micro_batches = [next(batches) for _ in range(s.grad_accum)]
+        stats = run_compiled(t, env, out.say, lambda: update(
+            t, micro_batches, env=env, step=progress.step, seed=a.seed, grad_clip=a.grad_clip,
+            lr_scale=schedule.lr(progress.step), muon_momentum=muon_momentum_at(progress.step, a.muon_momentum),
+            stop=signals.received is not None))
+        figures.queued(progress.step, stats)
+        progress.step += 1
+        out.bar.update(1)
+        step = progress.step
+
+        # The plan's time and, with --time, the steps: once the first steps are timed, then at each log line.
+        if pace.timed(step, figures.latest):
+            if budget is not None and costs.evaluation is None:  # what an evaluation costs counts in the budget
+                with pace.leave_out() as took:
+                    validate(run, env, out)
+                costs.evaluation = took.seconds
+            schedule = replan(run, schedule, pace, costs, budget, out, announce=True)
+        elif budget is not None and (step % a.log_interval == 0 or budget.passed()):
+            schedule = replan(run, schedule, pace, costs, budget, out)
+
+        end, stop = step == schedule.max_steps, figures.stop
+        log = step % a.log_interval == 0 or end
+        hellaswag = run.hellaswag is not None and (step % a.hellaswag_interval == 0 or end)
+        evaluate = step % a.eval_interval == 0 or end
+        save = step % a.checkpoint_interval == 0 or end or stop
+        if not (log or hellaswag or evaluate or save):
+            continue
+        figures.latest()  # a log line, an evaluation or a checkpoint only ever follows a finite step
+        if log:
+            log_step(run, figures.last, pace.lap(step), schedule, out)
+        if hellaswag:
+            with pace.leave_out() as took:
+                score_hellaswag(run, env, out)
+            costs.hellaswag = took.seconds
+        if evaluate:
+            with pace.leave_out() as took:
+                validate(run, env, out)
+                if a.sample_during_training:
+                    print_sample(run, env, out)
+            costs.evaluation = took.seconds
+        if save:
+            with pace.leave_out():
+                save_latest(run, out)
+        pace.restart(step)  # the pace is the training's, without these
+        if stop:
+            return stopped(run, env, out, signals.received)
+    out.writer.wait()  # the last checkpoints are on disk before the summary says so
+    summarise(run, out, "done")
+    return 0
+
+
+def run_costs(run: Run) -> Costs:
+    """What the plan counts with besides the steps, estimated until measured."""
+    s = run.settings
+    # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
+    scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in run.hellaswag or []) // 4
+    return Costs(eval_batches=s.eval_batches, eval_interval=s.flags.eval_interval,
+                 hellaswag_interval=s.flags.hellaswag_interval if run.hellaswag else 0, hellaswag_tokens=scored,
+                 tokens_per_step=s.tokens_per_step, checkpoint_bytes=run.plan.params * CHECKPOINT_BYTES_PER_PARAMETER)
+
+
+def replan(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budget | None, out: Output,
+           announce: bool = False) -> Schedule:
+    """The plan's time and cost from the measured pace; with --time, also the steps that fit in what is left
+    of it (re-planned at every log line, so wsd's decay ends with the budget). Before the pace is known, a
+    budget already spent ends the run at this step. The schedule of the steps planned."""
+    step, plan = run.progress.step, run.plan
+    costs.step, costs.write = pace.step_seconds, out.writer.seconds.get(checkpoint.LATEST, costs.write)
+    if costs.step is None:
+        return run.settings.schedule(step) if budget is not None and budget.passed() else schedule
+    if budget is not None:
+        steps = budget.steps(step, time.monotonic(), costs)
+        steps = max(step, min(steps, run.settings.steps or steps))
+        if steps != schedule.max_steps:
+            schedule = run.settings.schedule(steps)
+            out.bar.total = steps
+            out.bar.refresh()
+    plan.steps, plan.step_seconds = schedule.max_steps, costs.step
+    plan.seconds = out.elapsed() + costs.seconds(step, schedule.max_steps - step)
+    if announce:  # the steps and their warnings were said already, unless the budget has just set them
+        a = run.settings.flags
+        planned = [plan.steps_line(), *plan.warnings(), *warmup_note(a.warmup_steps, schedule.max_steps)] \
+            if budget is not None else []
+        out.say("\n".join([plan.time_line(out.env.device.type), *planned]))
+        out.metrics.log(**plan.row())
+    return schedule
+
+
+def log_step(run: Run, f: StepFigures, tokens_per_s: float, schedule: Schedule, out: Output) -> None:
+    """A row of metrics.jsonl, and the progress bar's figures."""
+    peak = peak_flops(out.env.device)
+    flops = run.learner.raw_model.flops_per_token(run.settings.config.block_size)
+    mfu = tokens_per_s * flops / (peak * out.env.world) if peak else None
+    lr, cost = run.settings.flags.lr * schedule.lr(f.step), out.cost()
+    row = dict(step=run.progress.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
+               elapsed_s=out.elapsed())
+    row |= {"mfu": mfu} if mfu is not None else {}
+    row |= {"cost": cost} if cost is not None else {}
+    out.metrics.log(**row)
+    out.bar.set_postfix(loss=f"{f.loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}",
+                        **({"mfu": f"{mfu:.1%}"} if mfu is not None else {}),
+                        **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
+
+
+def validate(run: Run, env: Env, out: Output) -> None:
+    """eval.py's validation loss (and bits per byte) over the split's first eval_batches batches, each rank
+    scoring its share with the model being trained (compiled and DDP-wrapped as it is); logged, and the
+    weights saved as model_best_val.pt when it is the lowest yet."""
+    s, progress = run.settings, run.progress
+    result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
+                             env.world, rows=s.micro_batch,
+                             max_tokens=s.eval_batches * s.flags.batch_size * s.config.block_size)
+    progress.val_loss = result["loss"]
+    improved = progress.val_loss < progress.best_val
+    if improved:
+        progress.best_val, progress.best_step = progress.val_loss, progress.step
+    perplexity = math.exp(min(progress.val_loss, 50))
+    out.say(f"step {progress.step}: validation loss {progress.val_loss:.4f} (perplexity {perplexity:.1f}, "
+            f"{result['bpb']:.4f} bits per byte){' - best so far, saved' if improved else ''}")
+    out.metrics.log(step=progress.step, val_loss=progress.val_loss, val_ppl=perplexity, val_bpb=result["bpb"])
+    out.metrics.plot()
+    if improved and env.master:
+        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress.fields(s.flags.init_from))
+
+
+def score_hellaswag(run: Run, env: Env, out: Output) -> None:
+    from eval import hellaswag_accuracy
+    # The raw model: a compiled or DDP-wrapped one would recompile for, or synchronise, these shapes.
+    result = hellaswag_accuracy(run.learner.raw_model, run.hellaswag, env.device, env.autocast, env.rank, env.world)
+    run.progress.hellaswag = result["acc_norm"]
+    out.say(f"step {run.progress.step}: HellaSwag acc_norm {result['acc_norm']:.4f} (acc {result['acc']:.4f}, "
+            f"{result['n']:,} items)")
+    out.metrics.log(step=run.progress.step, hellaswag_acc_norm=result["acc_norm"], hellaswag_acc=result["acc"])
+    out.metrics.plot()
+
+
+def print_sample(run: Run, env: Env, out: Output) -> None:
+    if not env.master:
+        return
+    g = torch.Generator(device=env.device).manual_seed(run.settings.flags.seed + run.progress.step)
+    raw = run.learner.raw_model
+    raw.eval()
+    ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
+    raw.train()
+    out.say(f"sample at step {run.progress.step}: {data.get_tokenizer().decode(ids)!r}")
+
+
+def save_latest(run: Run, out: Output) -> None:
+    """latest.pt, written by rank 0 in the background."""
+    if out.env.master:
+        t, s = run.learner, run.settings
+        checkpoint.save_latest(out.writer, out.save_dir, t.raw_model, t.optimizers, t.scaler,
+                               run.progress.fields(s.flags.init_from), vars(s.flags), s.to_dict())
+
+
+def stopped(run: Run, env: Env, out: Output, signum: int | None) -> int:
+    out.writer.wait()  # latest.pt, saved by the loop, is on disk before the process leaves
+    if env.world > 1:
+        dist.barrier()  # every rank leaves after rank 0 has saved
+    out.bar.close()
+    out.say(f"stopped by signal at step {run.progress.step}; {out.save_dir / checkpoint.LATEST} saved, "
+            "continue with --resume")
+    summarise(run, out, "stopped")
+    return 128 + (signum or signal.SIGTERM)
+
+
+def summarise(run: Run, out: Output, how: str) -> None:
+    """The summary a run ends with: what it reached, its time and cost, and the way home."""
+    p, seconds = run.progress, out.elapsed()
+    outcome = Outcome(steps=p.step, tokens=p.step * run.settings.tokens_per_step, seconds=seconds,
+                      best_val=p.best_val if p.best_step is not None else None, best_step=p.best_step,
+                      checkpoint=out.save_dir / checkpoint.BEST, price_per_hour=out.price_per_hour,
+                      hellaswag=p.hellaswag, planned_seconds=run.plan.seconds)
+    out.bar.close()
+    out.say("\n".join(outcome.lines()))
+    out.metrics.log(event=how, step=p.step, seconds=seconds, cost=out.cost(), best_val_loss=outcome.best_val,
+                    best_step=p.best_step)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --plan, and main
+
+
+def show_plan(args, env: Env, started: float) -> int:
+    """--plan: `start` as the run does it, without preparing data, then a few steps timed on random tokens;
+    the plan's steps, time and cost. Nothing is downloaded or written."""
+    say = tqdm.write if env.master else (lambda text: None)
+    run = start(args, env, say, dry_run=True)
+    s, plan = run.settings, run.plan
+    plan.step_seconds = run_compiled(run.learner, env, say, lambda: time_random_steps(
+        run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size))
+    costs = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0)
     if args.time:
-        budgeted = Budget(args.time, STARTED).steps(0, time.monotonic(), costs)
-        plan.steps = min(budgeted, args.max_steps or UNPLANNED_STEPS)
-    elif args.max_steps is None and plan.data_tokens is not None:
-        plan.steps = max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, args.block_size,
-                                                                      args.batch_size)))
+        plan.steps = min(Budget(args.time, started).steps(0, time.monotonic(), costs), s.steps or UNPLANNED_STEPS)
     if plan.steps is not None:
-        plan.seconds = time.monotonic() - STARTED + costs.seconds(0, plan.steps)
-    lines = [f"plan: micro-batches of {args.batch_size // (env.world * accum)} × {args.block_size} tokens, "
-             f"{accum} accumulation step(s) on each of {env.world} process(es)"]
+        plan.seconds = time.monotonic() - started + costs.seconds(0, plan.steps)
+    lines = [f"plan: micro-batches of {s.micro_batch} × {s.config.block_size} tokens, {s.grad_accum} accumulation "
+             f"step(s) on each of {env.world} process(es)"]
     if plan.steps is None:
         lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
     else:
         lines += [plan.steps_line(), plan.time_line(env.device.type)]
-        lines += [] if cache is not None else ["plan: ...plus downloading and tokenizing the data, not yet done"]
-    print("\n".join(lines + plan.warnings()), flush=True)
+        if run.batches is None:
+            lines.append("plan: ...plus downloading and tokenizing the data, not yet done")
+    say("\n".join(lines + plan.warnings()))
     return 0
 
 
-def time_random_steps(t: Training, env: Env, micro: int, accum: int, block_size: int) -> float:
-    """Seconds a step takes on random tokens, timed over Pace.TIMED_STEPS steps after Pace.WARMUP_STEPS."""
+def time_random_steps(t: Learner, env: Env, micro: int, accum: int, block_size: int, *,
+                      steps: int = Pace.TIMED_STEPS, warmup: int = Pace.WARMUP_STEPS) -> float:
+    """Seconds a step of `accum` micro-batches of micro x block_size random tokens takes: `update` as the loop
+    runs it, the mean of `steps` after `warmup` (compiling and the allocator's warm-up). --plan and bench.py
+    both time this."""
     x = torch.randint(0, t.raw_model.config.vocab_size, (micro, block_size + 1), device=env.device,
                       generator=torch.Generator(env.device).manual_seed(0))
-    batches = [(x[:, :-1], x[:, 1:])] * accum
+    batches = [(x[:, :-1].contiguous(), x[:, 1:].contiguous())] * accum  # separate x and y, as the loop's
     run = lambda step: update(t, batches, env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)
-    for step in range(Pace.WARMUP_STEPS):
+    for step in range(warmup):
         run(step).tolist()  # .tolist() waits for the device
     started = time.perf_counter()
-    for step in range(Pace.TIMED_STEPS):
-        stats = run(Pace.WARMUP_STEPS + step)
+    for step in range(steps):
+        stats = run(warmup + step)
     stats.tolist()
-    return (time.perf_counter() - started) / Pace.TIMED_STEPS
+    return (time.perf_counter() - started) / steps
 
 
-def main(argv=None) -> int:
+def main(argv=None, started: float | None = None) -> int:
+    """`python train_gpt2.py`: the run (or --plan), its errors as one line. `started`: when the process
+    started (--time counts from it); by default, now."""
+    started = time.monotonic() if started is None else started
     args = parse_args(argv)
     env, notes = setup_env(args.device, args.amp, args.compile)
+    out = None
     try:
         if env.master:
-            print_header(env, vars(args), notes)
+            print_header(env, shown_flags(args), notes)
             if env.device.type == "cuda" and peak_flops(env.device) is None:
                 tqdm.write(f"note: no bf16 peak is known for {torch.cuda.get_device_name(env.device)}, so no MFU "
                            "is shown")
         if args.plan:
-            return show_plan(args, env)
-        status = Trainer(args, env).run()
+            return show_plan(args, env, started)
+        run = start(args, env, tqdm.write if env.master else (lambda text: None))
+        out = Output.open(run, env, started)
+        status = train(run, env, out)
+        out.close()
         if env.world > 1:
             dist.barrier()  # ranks leave together: tearing the group down while rank 0 still writes aborts gloo
         return status
@@ -1189,12 +1251,15 @@ def main(argv=None) -> int:
     except torch.cuda.OutOfMemoryError:
         accum = args.grad_accum if args.grad_accum != "auto" else 1
         micro = args.batch_size // (env.world * accum)
-        sys.exit(f"error: out of GPU memory with micro-batches of {micro} × {args.block_size} tokens: lower "
+        block = args.block_size or GPTConfig.block_size
+        sys.exit(f"error: out of GPU memory with micro-batches of {micro} × {block} tokens: lower "
                  f"--batch_size, or raise --grad_accum (now {accum}) to keep {args.batch_size} sequences "
                  "per step in smaller micro-batches")
     finally:
+        if out is not None:
+            out.close()  # a failed run's last checkpoints are on disk too
         cleanup_env(env)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(started=STARTED))

@@ -126,7 +126,7 @@ def test_every_items_tokens_and_option_scores_match_the_independent_scorer(ours,
         for i, expected in enumerate(per_task[task.label]):
             options, = E.encode_options(enc, task, items, [i], WINDOW)
             assert list(zip(map(list, options.rows), options.starts)) == expected["rows"], (task.label, i)
-            means, exact = E.option_scores(ours, [options], "cpu")
+            _, means, exact = E.option_scores(ours, [options], "cpu")
             assert means == pytest.approx(expected["means"], rel=1e-5, abs=1e-4) and exact == expected["exact"]
             cropped += any(len(row) == WINDOW for row in options.rows)
     assert cropped > 5  # prompts longer than the context were cut from the left, and still agree
@@ -136,7 +136,7 @@ def test_core_and_each_tasks_accuracy_match_the_independent_scorer(ours, core_di
     limit, per_task, expected = reference
     if limit is None:  # neither all right nor all wrong: the comparison can fail
         assert all(0 < sum(s["right"] for s in scored) < len(scored) for scored in per_task.values())
-    result = E.core_accuracy(ours, read_core(core_dir, limit), "cpu", batch_size=7)  # passes of several items
+    result = E.core_accuracy(ours, read_core(core_dir, limit), "cpu", rows=7)  # passes of several items
     assert result["tasks"] == expected["tasks"] and result["core"] == pytest.approx(expected["core"], rel=1e-12)
     assert limit is None or {f["n"] for f in result["tasks"].values()} == {limit}
 

@@ -1,5 +1,6 @@
 """data.py: text to shards (round trip, split, cache, resume, faults) and shards to batches."""
 import argparse
+import itertools
 import json
 import os
 import time
@@ -402,16 +403,7 @@ def test_loader_yields_micro_batches_in_order_and_leaves_the_global_rng_alone(pr
     source = data.BatchSource(data.TokenShards(prepared, "train"), 16, 8, seed=1, grad_accum=2)
     expected = [source.micro_batch(s, m) for s in range(3, 6) for m in range(2)]
     rng = torch.get_rng_state()
-    got = list(data.micro_batches(source, 3, 3, num_workers=num_workers, pin_memory=False))
+    got = list(itertools.islice(data.micro_batches(source, 3, num_workers=num_workers, pin_memory=False), 6))
     assert torch.equal(torch.get_rng_state(), rng)
     for (x, y), (ex, ey) in zip(got, expected, strict=True):
         assert torch.equal(x, ex) and torch.equal(y, ey)
-
-
-def test_data_flags_have_their_documented_defaults():
-    args = data_args("x", "y")
-    assert (args.subset, args.text_field, args.sample_size, args.val_split) == ("sample-10BT", "text", 1_000_000, 0.05)
-    parser = argparse.ArgumentParser()
-    data.add_data_args(parser)
-    assert parser.parse_args([]).dataset == "HuggingFaceFW/fineweb"
-    assert parser.parse_args([]).data_cache == "data_cache"

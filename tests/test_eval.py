@@ -15,7 +15,7 @@ from helpers import (make_corpus, make_document, make_items, one_torch_thread, r
 from common import EOT
 import data
 import eval as E
-import model as M
+import checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -51,7 +51,7 @@ def hf_model(hf_dir):
 
 @pytest.fixture(scope="module")
 def ours(hf_dir):
-    return M.load_model(str(hf_dir))[0].eval()
+    return checkpoint.load_model(str(hf_dir))[0].eval()
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,9 @@ def reference_losses(hf_model, tok, item: dict) -> tuple[list[float], list[float
 def test_ending_losses_and_accuracy_match_transformers_gpt2(hf_model, ours, hf_tokenizer, items_file):
     items = E.read_items(items_file)
     enc = data.get_tokenizer()
-    total, mean = E.ending_losses(ours, [E.encode_item(enc, item, WINDOW) for item in items], "cpu")
+    with torch.no_grad():  # the scorer HellaSwag shares with CORE: a row per ending, in order
+        totals, means, _ = E.option_scores(ours, [E.encode_item(enc, item, WINDOW) for item in items], "cpu")
+    total, mean = torch.tensor(totals).view(-1, 4), torch.tensor(means).view(-1, 4)
     raw = [json.loads(line) for line in items_file.read_text().splitlines()]
     expected = [reference_losses(hf_model, hf_tokenizer, item) for item in raw]
     torch.testing.assert_close(total, torch.tensor([t for t, _ in expected]), rtol=1e-5, atol=1e-4)
@@ -93,7 +95,7 @@ def test_ending_losses_and_accuracy_match_transformers_gpt2(hf_model, ours, hf_t
     labels = [item["label"] for item in raw]
     acc = sum(min(range(4), key=t.__getitem__) == y for (t, _), y in zip(expected, labels)) / len(raw)
     acc_norm = sum(min(range(4), key=m.__getitem__) == y for (_, m), y in zip(expected, labels)) / len(raw)
-    result = E.hellaswag_accuracy(ours, items, "cpu", batch_size=12)  # 3 items a pass, the last pass short
+    result = E.hellaswag_accuracy(ours, items, "cpu", rows=12)  # 3 items a pass, the last pass short
     assert result == {"acc": pytest.approx(acc), "acc_norm": pytest.approx(acc_norm), "n": len(raw)}
 
 
@@ -104,11 +106,11 @@ def test_a_long_context_is_cut_from_the_left_and_the_endings_kept_whole():
     assert len(ctx) > WINDOW
     encoded = E.encode_item(enc, item, WINDOW)
     kept = WINDOW + 1 - max(map(len, endings))
-    assert encoded.start == kept
+    assert encoded.starts == (kept,) * 4
     for row, ending in zip(encoded.rows, endings):
         assert list(row) == ctx[-kept:] + ending and len(row) <= WINDOW + 1
     too_long = E.encode_item(enc, E.Item("Context here", ("word " * 50, "a", "b", "c"), 0), WINDOW)
-    assert too_long.start == 1 and len(too_long.rows[0]) == WINDOW + 1 and too_long.rows[1][0] == too_long.rows[0][0]
+    assert too_long.starts[0] == 1 and len(too_long.rows[0]) == WINDOW + 1 and too_long.rows[1][0] == too_long.rows[0][0]
 
 
 @pytest.fixture(scope="module")
@@ -129,10 +131,10 @@ def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_mode
     assert len(windows) > 8
     with torch.no_grad():
         losses = F.cross_entropy(hf_model(windows[:, :-1]).logits.transpose(1, 2), windows[:, 1:], reduction="none")
-    whole = E.validation_loss(ours, shards, T, "cpu", batch_size=3)  # the last pass wraps: masked
+    whole = E.validation_loss(ours, shards, T, "cpu", rows=3)  # the last pass wraps: masked
     assert whole["tokens"] == windows.numel() - len(windows)
     assert whole["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
-    first = E.validation_loss(ours, shards, T, "cpu", batch_size=4, max_tokens=5 * T - 1)
+    first = E.validation_loss(ours, shards, T, "cpu", rows=4, max_tokens=5 * T - 1)
     assert first["tokens"] == 5 * T and first["loss"] == pytest.approx(losses[:5].mean().item(), rel=1e-5)
 
 
@@ -155,7 +157,7 @@ def test_bits_per_byte_is_the_summed_loss_of_the_text_over_ln2_times_its_bytes(h
     text = targets != EOT  # the documents' separators stand for no text: left out of both sums
     assert 0 < (~text).sum() < len(targets)
     expected = losses.reshape(-1)[text].sum().item() / (math.log(2) * byte_lengths(hf_tokenizer, targets[text]).sum().item())
-    result = E.validation_loss(ours, shards, WINDOW, "cpu", batch_size=5)
+    result = E.validation_loss(ours, shards, WINDOW, "cpu", rows=5)
     assert result["bpb"] == pytest.approx(expected, rel=1e-5)
 
 

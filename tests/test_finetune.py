@@ -6,7 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint
 import data
+from common import CheckpointError
+import hf
 import model as M
 import train_gpt2 as T
 from helpers import make_corpus, run_script, start_script, wait_for, write_txt_dir
@@ -88,10 +91,10 @@ def test_a_fine_tune_from_our_checkpoint_starts_at_its_saved_validation_loss(hf_
 
 
 def test_cropping_the_context_keeps_the_logits_of_the_first_positions(hf_dir):
-    whole = M.GPT.from_pretrained(str(hf_dir)).eval()
+    whole = hf.from_pretrained(str(hf_dir)).eval()
     args = T.parse_args(["--init_from", str(hf_dir), "--block_size", "16"])
-    config = T.fine_tune_config(whole.config, args, str(hf_dir))
-    cropped = M.model_with_weights(config, T.crop_context(whole.state_dict(), 16)).eval()
+    weights, state = checkpoint.read_weights(str(hf_dir), 16)  # as --init_from reads them
+    cropped = M.model_with_weights(T.fine_tune_config(weights, args, str(hf_dir)), state).eval()
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     assert cropped.config.block_size == 16 and cropped.transformer.wpe.weight.shape[0] == 16
     assert torch.equal(cropped(x)[0], whole(x)[0])
@@ -103,8 +106,8 @@ def test_cropping_the_context_keeps_the_logits_of_the_first_positions(hf_dir):
     (["--block_size", "128"], "--block_size 128 but the weights know 64 positions"),
 ])
 def test_shape_flags_that_contradict_the_weights_are_named_with_both_values(hf_dir, flags, message):
-    weights = M.GPT.from_pretrained(str(hf_dir)).config
-    with pytest.raises(M.CheckpointError, match=f"--init_from {hf_dir}: {message}"):
+    weights = hf.from_pretrained(str(hf_dir)).config
+    with pytest.raises(CheckpointError, match=f"--init_from {hf_dir}: {message}"):
         T.fine_tune_config(weights, T.parse_args(["--init_from", str(hf_dir), *flags]), str(hf_dir))
 
 

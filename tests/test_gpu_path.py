@@ -64,7 +64,7 @@ def test_the_chunked_losss_own_backward_waits_for_nothing(fake_model):
 def optimizer_steps(model, optimizer: str, steps: int = 2) -> list[HostWaits]:
     """step_optimizers `steps` times on synthetic gradients; what each step waited for (and dispatched)."""
     settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", optimizer, "--device", "cpu"]))
-    t = T.Training(model, model, T.make_optimizers(model, settings, torch.device("cuda")), None)
+    t = T.Learner(model, model, T.make_optimizers(model, settings, torch.device("cuda")), None)
     traces = []
     for _ in range(steps):
         for p in model.parameters():
@@ -118,8 +118,8 @@ def test_validation_reads_the_gpu_once_however_many_batches(tmp_path, fake_model
     for batches in (1, 6):
         waits = HostWaits()
         with frozen(fake_model), waits:
-            result = E.validation_loss(fake_model, shards, 32, torch.device("cuda"), Env(**CUDA_BF16).autocast,
-                                       batch_size=4, max_tokens=batches * 4 * 32)
+            E.validation_loss(fake_model, shards, 32, torch.device("cuda"), Env(**CUDA_BF16).autocast,
+                                       rows=4, max_tokens=batches * 4 * 32)
         counted.append(waits.waits)
     assert counted[0] == counted[1]  # no wait per batch
     assert set(counted[0]) == {"_local_scalar_dense"}  # only the sums', read at the end
@@ -129,7 +129,7 @@ def test_validation_reads_the_gpu_once_however_many_batches(tmp_path, fake_model
 # The memory probe
 
 
-def tiny_training(compile_backend: str | None = None, world: int = 1) -> tuple[T.Training, Env]:
+def tiny_learner(compile_backend: str | None = None, world: int = 1) -> tuple[T.Learner, Env]:
     env = Env(device=torch.device("cpu"), world=world, compile=compile_backend is not None)
     settings = T.OptimizerSettings.from_args(T.parse_args(["--device", "cpu"]))
     config = M.GPTConfig.from_preset(T.DEFAULT_ARCH, n_layer=1, n_head=2, n_embd=32, block_size=16)
@@ -153,7 +153,7 @@ def steps(t, env, accum: int, micro: int, n: int) -> list[float]:
 def test_the_probe_compiles_the_graph_training_runs(monkeypatch):
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
-    t, env = tiny_training(compile_backend="aot_eager")
+    t, env = tiny_learner(compile_backend="aot_eager")
     torch._dynamo.utils.counters.clear()
     assert T.fitting_grad_accum(t, env, batch_size=4, block_size=16) == 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
@@ -163,7 +163,7 @@ def test_the_probe_compiles_the_graph_training_runs(monkeypatch):
 
 
 def test_out_of_memory_inside_adamws_state_set_up_leaves_nothing_for_the_next_try(monkeypatch):
-    t, env = tiny_training()
+    t, env = tiny_learner()
     adamw = t.optimizers[0]
     init_group, tries = type(adamw)._init_group, []
 
@@ -184,9 +184,9 @@ TWO_RANK_PROBE = textwrap.dedent("""
     import json, sys, torch
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
     import model, runtime, train_gpt2 as T
-    from test_gpu_path import random_batch, steps, tiny_training
+    from test_gpu_path import random_batch, steps, tiny_learner
     env, _ = runtime.setup_env("cpu", None, False)
-    t, _ = tiny_training(world=2)
+    t, _ = tiny_learner(world=2)
     t.model, env = T.wrap_for_ranks(t.raw_model, env), env  # DDP (gloo) around the model
     seen = []
     forward, adamw_step = model.GPT.forward, type(t.optimizers[0]).step

@@ -4,6 +4,8 @@ import torch
 
 from helpers import run_script
 import hf
+import checkpoint
+from common import CheckpointError
 import model as M
 
 transformers = pytest.importorskip("transformers")
@@ -29,7 +31,7 @@ def assert_same_logits(ours: torch.Tensor, theirs: torch.Tensor):
 
 def test_hugging_face_gpt2_weights_give_the_reference_logits(tmp_path):
     hf, directory = hf_tiny(tmp_path)
-    ours = M.GPT.from_pretrained(str(directory)).eval()
+    ours = hf.from_pretrained(str(directory)).eval()
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert_same_logits(ours(idx)[0], hf(idx).logits)
@@ -39,7 +41,7 @@ def test_an_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_p
     torch.manual_seed(0)
     ours = M.GPT(M.GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32, block_size=24)).eval()
     ckpt = tmp_path / "model_best_val.pt"
-    M.save_checkpoint(ckpt, ours, step=1, val_loss=9.0)
+    checkpoint.save_checkpoint(ckpt, ours, step=1, val_loss=9.0)
     result = run_script("export_hf.py", str(ckpt), str(tmp_path / "exported"))
     assert result.returncode == 0, result.stderr
     hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "exported").eval()
@@ -54,14 +56,14 @@ def test_a_switch_with_no_transformers_counterpart_is_named_in_a_one_line_refusa
     config = M.GPTConfig.from_preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100,
                                      logit_softcap=15.0, mlp="relu2")
     ckpt = tmp_path / "m.pt"
-    M.save_checkpoint(ckpt, M.GPT(config))
+    checkpoint.save_checkpoint(ckpt, M.GPT(config))
     result = run_script("export_hf.py", str(ckpt), str(tmp_path / "out"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: no transformers model computes what this one does")
     assert "logit_softcap 15.0" in lines[0] and "a relu2 MLP" in lines[0]
     learned = M.GPTConfig.from_preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100, embed_norm=True)
-    with pytest.raises(M.CheckpointError, match="embed_norm with learned positions True"):
+    with pytest.raises(CheckpointError, match="embed_norm with learned positions True"):
         hf.to_hf(M.GPT(learned))
     assert not (tmp_path / "out").exists()
 
@@ -80,7 +82,7 @@ def test_the_modern_preset_exports_as_qwen3_or_llama_with_the_same_logits_and_re
             if p.dim() == 1:
                 p.normal_(1.0, 0.1)
     ckpt = tmp_path / "modern.pt"
-    M.save_checkpoint(ckpt, ours, step=1)
+    checkpoint.save_checkpoint(ckpt, ours, step=1)
     result = run_script("export_hf.py", str(ckpt), str(tmp_path / "exported"))
     assert result.returncode == 0, result.stderr
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
@@ -88,7 +90,7 @@ def test_the_modern_preset_exports_as_qwen3_or_llama_with_the_same_logits_and_re
     idx = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_same_logits(ours(idx)[0], hf(idx).logits)
-        again, _ = M.load_model(str(tmp_path / "exported"))
+        again, _ = checkpoint.load_model(str(tmp_path / "exported"))
         assert torch.allclose(again.eval()(idx)[0][..., :50257], ours(idx)[0][..., :50257], atol=1e-5)
     # A norm after the embedding is folded into the table, which then needs a head of its own.
     folded = dict(embed_norm=False, tie_embeddings=False) if embed_norm else {}

@@ -5,8 +5,9 @@ import threading
 import pytest
 import torch
 
+import checkpoint
 import model as M
-from common import EOT
+from common import CheckpointError, EOT
 from model import GPT, GPTConfig, KVCache, sample_token
 
 # Every architecture switch on at once (but zero_init, which would make every logit 0), beside the presets.
@@ -161,16 +162,16 @@ def test_generation_runs_in_bfloat16(arch):
 def test_a_saved_checkpoint_loads_back_with_weights_only(tmp_path):
     m = tiny("modern")
     path = tmp_path / "c.pt"
-    M.save_checkpoint(path, m, step=3, val_loss=1.5)
-    loaded, info = M.load_model(str(path))
+    checkpoint.save_checkpoint(path, m, step=3, val_loss=1.5)
+    loaded, info = checkpoint.load_model(str(path))
     x = torch.randint(0, 100, (1, 8))
     assert torch.equal(loaded(x)[0], m(x)[0]) and info["step"] == 3 and info["val_loss"] == 1.5
 
 
 def test_a_background_save_holds_the_state_of_its_call_whatever_changes_after(tmp_path):
     m = tiny("gpt2")  # a tied head: one tensor in the file, as torch.save of the model itself writes it
-    writer = M.CheckpointWriter()
-    writer.save(tmp_path / "c.pt", M.checkpoint_state(m, step=1, moments=[torch.ones(3)]))
+    writer = checkpoint.CheckpointWriter()
+    writer.save(tmp_path / "c.pt", checkpoint.checkpoint_state(m, step=1, moments=[torch.ones(3)]))
     expected = {k: v.clone() for k, v in m.state_dict().items()}
     with torch.no_grad():
         for p in m.parameters():
@@ -185,17 +186,17 @@ def test_a_background_save_holds_the_state_of_its_call_whatever_changes_after(tm
 
 def test_a_save_waits_for_the_one_before_and_a_failed_write_is_reported_in_one_line(tmp_path, monkeypatch):
     release, written = threading.Event(), []
-    real_write = M.write_checkpoint
+    real_write = checkpoint.write_checkpoint
 
     def slow_write(path, state):
         release.wait(30)
         written.append(path.name)
         real_write(path, state)
 
-    monkeypatch.setattr(M, "write_checkpoint", slow_write)
-    writer, m = M.CheckpointWriter(), tiny("modern")
-    writer.save(tmp_path / "first.pt", M.checkpoint_state(m))  # returns while the write waits
-    second = threading.Thread(target=writer.save, args=(tmp_path / "second.pt", M.checkpoint_state(m)))
+    monkeypatch.setattr(checkpoint, "write_checkpoint", slow_write)
+    writer, m = checkpoint.CheckpointWriter(), tiny("modern")
+    writer.save(tmp_path / "first.pt", checkpoint.checkpoint_state(m))  # returns while the write waits
+    second = threading.Thread(target=writer.save, args=(tmp_path / "second.pt", checkpoint.checkpoint_state(m)))
     second.start()
     second.join(0.5)
     assert second.is_alive() and written == []  # the second save waits for the first write to finish
@@ -203,8 +204,8 @@ def test_a_save_waits_for_the_one_before_and_a_failed_write_is_reported_in_one_l
     second.join(30)
     writer.wait()
     assert written == ["first.pt", "second.pt"] and (tmp_path / "second.pt").is_file()
-    writer.save(tmp_path / "missing" / "third.pt", M.checkpoint_state(m))  # no such directory
-    with pytest.raises(M.CheckpointError, match=r"^could not write .*third\.pt \(RuntimeError: Parent directory .* does not exist"):
+    writer.save(tmp_path / "missing" / "third.pt", checkpoint.checkpoint_state(m))  # no such directory
+    with pytest.raises(CheckpointError, match=r"^could not write .*third\.pt \(RuntimeError: Parent directory .* does not exist"):
         writer.wait()
     assert not list(tmp_path.glob("*.tmp-*"))
 
@@ -218,30 +219,30 @@ def test_checkpoints_that_would_run_code_or_are_not_checkpoints_are_refused(tmp_
     evil = tmp_path / "evil.pt"
     torch.save({"model": {}, "config": {}, "x": Payload()}, evil)
     capsys.readouterr()
-    with pytest.raises(M.CheckpointError, match="could run code"):
-        M.load_checkpoint(evil)
+    with pytest.raises(CheckpointError, match="could run code"):
+        checkpoint.load_checkpoint(evil)
     assert "must never run" not in capsys.readouterr().out
     (tmp_path / "empty.pt").write_bytes(b"")
-    with pytest.raises(M.CheckpointError, match="empty"):
-        M.load_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match="empty"):
+        checkpoint.load_checkpoint(tmp_path / "empty.pt")
     good = tmp_path / "good.pt"
     torch.save({"model": {}, "config": {}}, good)
     (tmp_path / "cut.pt").write_bytes(good.read_bytes()[:100])
-    with pytest.raises(M.CheckpointError, match="not a readable PyTorch checkpoint"):
-        M.load_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "cut.pt")
     (tmp_path / "text.pt").write_text("hello")
-    with pytest.raises(M.CheckpointError, match="not a readable PyTorch checkpoint"):
-        M.load_checkpoint(tmp_path / "text.pt")
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        checkpoint.load_checkpoint(tmp_path / "text.pt")
     torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
-    with pytest.raises(M.CheckpointError, match="not a checkpoint of this repository"):
-        M.load_checkpoint(tmp_path / "foreign.pt")
-    with pytest.raises(M.CheckpointError, match="no checkpoint at"):
-        M.load_model(str(tmp_path / "missing.pt"))
+    with pytest.raises(CheckpointError, match="not a checkpoint of this repository"):
+        checkpoint.load_checkpoint(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        checkpoint.load_model(str(tmp_path / "missing.pt"))
 
 
 def test_mismatched_weights_are_named_not_silently_skipped():
     a, b = tiny("gpt2"), tiny("modern")
-    with pytest.raises(M.CheckpointError, match="missing"):
+    with pytest.raises(CheckpointError, match="missing"):
         M.load_state(b, a.state_dict())
 
 

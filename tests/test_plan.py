@@ -14,8 +14,7 @@ from helpers import metrics, prepared_data, train_args
 
 def train_in_process(argv: list[str], monkeypatch) -> int:
     """train_gpt2.main as `python train_gpt2.py` would run it, its clock (--time) starting now."""
-    monkeypatch.setattr(T, "STARTED", time.monotonic())
-    return T.main(argv)
+    return T.main(argv, started=time.monotonic())
 
 
 @pytest.mark.parametrize("text, seconds", [("45m", 2700), ("2h", 7200), ("1h30m", 5400), ("5400", 5400),
@@ -111,7 +110,7 @@ def test_auto_halves_the_micro_batch_until_it_fits_and_keeps_the_loss_of_the_sam
         capsys.readouterr().out
     losses = lambda run: [r["train_loss"] for r in metrics(tmp_path / run) if "train_loss" in r]
     assert losses("auto") == losses("four")  # the global batch, and so the loss, unchanged
-    assert torch.load(tmp_path / "auto" / "latest.pt", weights_only=True)["args"]["grad_accum"] == 4
+    assert torch.load(tmp_path / "auto" / "latest.pt", weights_only=True)["run"]["grad_accum"] == 4
     monkeypatch.setattr(T, "step_fits", lambda *a: pytest.fail("--resume must reuse the run's choice"))
     more = train_args(corpus_dir, data_cache, tmp_path / "auto", "--max_steps", "4", "--resume", "--grad_accum", "auto")
     assert T.main(more) == 0

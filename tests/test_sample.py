@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import cpu_decoding
+import checkpoint
 import model as M
 import sample
 from common import EOT
@@ -30,7 +31,7 @@ def save_tiny(path, always_eot: bool = False):
             m.transformer.ln_f.weight.zero_()
             m.transformer.ln_f.bias.fill_(1.0)
             m.lm_head.weight[EOT] = 1.0
-    M.save_checkpoint(path, m, step=7, val_loss=2.5)
+    checkpoint.save_checkpoint(path, m, step=7, val_loss=2.5)
     return path
 
 
@@ -166,7 +167,7 @@ def test_int8_weights_keep_the_logits_within_2_percent_and_fp32s_next_token_9_ti
 def test_bf16_weights_packed_for_the_cpu_give_plain_bf16s_logits(tiny_ckpt):
     packed, _ = sample.load(tiny_ckpt, torch.device("cpu"), torch.bfloat16)
     assert isinstance(packed.lm_head, cpu_decoding.PackedLinear)
-    plain = M.model_from_checkpoint(torch.load(tiny_ckpt, weights_only=True)).to(torch.bfloat16).eval()
+    plain = checkpoint.model_from_checkpoint(torch.load(tiny_ckpt, weights_only=True)).to(torch.bfloat16).eval()
     tokens = torch.randint(0, 50257, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         torch.testing.assert_close(packed(tokens)[0], plain(tokens)[0])
@@ -199,7 +200,7 @@ def test_a_trained_models_greedy_tokens_are_fp32s_in_every_layout_auto_can_choos
         optimizer.zero_grad()
         model(text[:, :-1], text[:, 1:])[1].backward()
         optimizer.step()
-    M.save_checkpoint(tmp_path / "trained.pt", model, step=25, val_loss=None)
+    checkpoint.save_checkpoint(tmp_path / "trained.pt", model, step=25, val_loss=None)
     prompt, cpu = text[0, :4].tolist(), torch.device("cpu")
 
     def greedy(dtype):
