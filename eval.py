@@ -464,9 +464,11 @@ def hellaswag_accuracy(model: GPT, items: list[Item], device, autocast: Autocast
 
 
 def token_bytes(enc) -> torch.Tensor:
-    """The UTF-8 length of each token of the vocabulary (n_vocab,); 0 for <|endoftext|>, which stands for no text."""
+    """The UTF-8 length of each token of the vocabulary (n_vocab,); 0 for the special tokens (<|endoftext|>,
+    chat.py's turn tokens), which stand for no text."""
     lengths = [len(enc.decode_single_token_bytes(t)) for t in range(enc.n_vocab)]
-    lengths[EOT] = 0
+    for special in enc.special_tokens_set:
+        lengths[enc.encode_single_token(special)] = 0
     return torch.tensor(lengths)
 
 

@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import chat
 import checkpoint
 import data
 from common import (EOT, ArgumentParser, CheckpointError, UnusableGPU, UserError, clean_temporaries, dropout_rate,
@@ -396,6 +397,8 @@ def start(args, env: Env, say: Callable, dry_run: bool = False) -> Run:
         batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, args.batch_size,
                                    seed=args.seed, rank=env.rank, world_size=env.world, grad_accum=grad_accum)
         val = validation_split(cache, config.block_size, args)
+        if batches.packed is not None:
+            say(batches.packed.note())
     settings = Settings(args, config, optimizer, grad_accum, env.world, planned_steps(args, plan, config.block_size),
                         eval_batches(args, plan, val, config.block_size))
     plan.steps = settings.steps
@@ -429,6 +432,8 @@ def starting_point(args, env: Env, resumed: dict | None, say: Callable) -> tuple
         config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), args, args.init_from), None
     else:
         config, state = read_init_from(args, env, say)
+    if args.chat:  # conversations: the turn tokens join the vocabulary, in rows the weights already have
+        config = chat.with_turns(config)
     if resumed:
         diffs = config_differences(resumed["config"], config.to_dict())
         if diffs:

@@ -40,6 +40,39 @@ def make_corpus(n_docs: int = 60, seed: int = 0, sentences: tuple[int, int] = (5
     return [make_document(rng, rng.randint(*sentences)) for _ in range(n_docs)]
 
 
+_SYSTEMS = ["Answer in a few words.", "You name the last thing said.", "Be brief 🙂"]
+
+
+def make_exchange(rng: random.Random) -> tuple[str, str]:
+    """A user message of the tiny grammar and its reply: the sentence's last noun, which a small model learns."""
+    a1, a2, n1, n2 = rng.choice(_ADJECTIVES), rng.choice(_ADJECTIVES), rng.choice(_NOUNS), rng.choice(_NOUNS)
+    asked = f"The {a1} {n1} {rng.choice(_VERBS)} the {a2} {n2}." + (f" {rng.choice(_EXTRAS)}" if rng.random() < 0.1 else "")
+    return asked, f"The {n2}."
+
+
+def make_conversation(rng: random.Random, exchanges: int, system: bool = False) -> list[dict]:
+    """Messages in OpenAI's and Hugging Face's chat format: an optional system message, then user and assistant."""
+    messages = [{"role": "system", "content": rng.choice(_SYSTEMS)}] if system else []
+    for _ in range(exchanges):
+        asked, answer = make_exchange(rng)
+        messages += [{"role": "user", "content": asked}, {"role": "assistant", "content": answer}]
+    return messages
+
+
+def make_conversations(n: int = 200, seed: int = 0, exchanges: tuple[int, int] = (1, 2)) -> list[list[dict]]:
+    """Deterministic generated conversations, a third with a system message."""
+    rng = random.Random(seed)
+    return [make_conversation(rng, rng.randint(*exchanges), system=rng.random() < 1 / 3) for _ in range(n)]
+
+
+def write_conversations(path: Path, conversations: list[list[dict]]) -> Path:
+    """JSON lines with a `messages` field, as chat datasets ship."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations),
+                    encoding="utf-8")
+    return path
+
+
 def write_txt_dir(directory: Path, docs: list[str]) -> Path:
     """One .txt file per document, as users lay out their own text."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -54,7 +54,7 @@ def prepared(tmp_path_factory):
 
 def test_tokenizer_gives_gpt2s_known_encodings_offline():
     enc = data.get_tokenizer()
-    assert enc.n_vocab == 50257 and enc.eot_token == data.EOT
+    assert enc.n_vocab == 50257 + 6 and enc.eot_token == data.EOT  # GPT-2's tokens, then chat.py's 6 turn tokens
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary("hello world") == [31373, 995]
     assert enc.encode_ordinary("goodbye world") == [11274, 16390, 995]
