@@ -4,6 +4,7 @@
     python sample.py --prompt "The quiet river" --num_samples 3 --stream
     python sample.py --prompt story.txt --temperature 0          # a file's contents as the prompt, greedy
     printf 'first prompt\\nsecond prompt\\n' | python sample.py --interactive
+    python sample.py --chat --checkpoint checkpoints/chat/model_best_val.pt --system "Answer briefly."
 
 --checkpoint takes our .pt (best or latest), a save_pretrained directory (GPT-2, or our export) or, online,
 a Hub name such as gpt2. The model and its generation are model.py's, the weights' layouts for fast
@@ -21,6 +22,7 @@ from typing import Iterable, Iterator
 
 import torch
 
+import chat
 from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
 import cpu_decoding
 from data import get_tokenizer, user_cache_dir
@@ -50,6 +52,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="our .pt checkpoint, a save_pretrained directory, or a Hub name (default %(default)s)")
     p.add_argument("--interactive", action="store_true",
                    help="continue each line typed (or piped in) on its own, streamed; Ctrl-D, exit or quit ends")
+    p.add_argument("--chat", action="store_true",
+                   help="talk in turns to a model fine-tuned on conversations (train_gpt2.py --chat): each line typed "
+                        "(or piped in) is your turn, the reply streams and ends on its own; /reset forgets the "
+                        "conversation; Ctrl-D, exit or quit ends")
+    p.add_argument("--system", default=None, metavar="TEXT", help="with --chat: the system message the conversation opens with")
     p.add_argument("--stream", action="store_true", help="print --prompt's continuation token by token (--interactive always does)")
     p.add_argument("--prompt", default=None,
                    help="text to continue, or the path of a file holding it (default: unconditional samples)")
@@ -72,8 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.cpu and args.device not in ("auto", "cpu"):
         p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
-    if args.interactive and args.prompt is not None:
-        p.error("--interactive reads prompts from the terminal (or piped input); leave out --prompt")
+    if (args.interactive or args.chat) and args.prompt is not None:
+        p.error(f"--{'chat' if args.chat else 'interactive'} reads prompts from the terminal (or piped input); "
+                "leave out --prompt")
+    if args.system is not None and not args.chat:
+        p.error("--system opens a conversation: it needs --chat")
     return args
 
 
@@ -137,9 +147,10 @@ def read_prompt(value: str) -> str:
 def encode_prompt(enc, text: str) -> list[int]:
     """Token ids to continue; an empty prompt starts a new document from <|endoftext|>, as GPT-2 samples do.
 
-    A literal <|endoftext|> typed in a prompt is the separator token: the user wrote it on purpose.
+    A literal <|endoftext|> typed in a prompt is the separator token: the user wrote it on purpose. The chat
+    turns' spellings stay text: only a conversation's rendering (chat.py) puts those tokens.
     """
-    return enc.encode(text, allowed_special={"<|endoftext|>"}) or [EOT]
+    return enc.encode(text, allowed_special={"<|endoftext|>"}, disallowed_special=()) or [EOT]
 
 
 def decode_stream(enc, tokens: Iterable[int]) -> Iterator[str]:
@@ -222,6 +233,45 @@ def interactive(model: GPT, enc, how: Sampling) -> None:
             print("\n[stopped]", flush=True)
 
 
+RESET = "/reset"  # typed as a turn, forgets the conversation
+
+
+def talk(model: GPT, enc, how: Sampling, system: str | None) -> None:
+    """--chat: each line is the user's turn, the reply streams until the model ends its turn; the history is
+    kept, cropped from the front (whole exchanges first) to the model's context. On a terminal Ctrl-C stops a
+    reply (what was said of it stays in the history), not the program."""
+    terminal, context = sys.stdin.isatty(), model.config.block_size
+    try:
+        conversation = chat.Conversation(enc, context, system)
+    except ValueError as e:
+        raise SampleError(f"--system: {e}") from None
+    room = min(how.max_tokens, context // 2)  # tokens kept free for the reply when the history is cropped
+    for line in typed_lines(terminal):
+        if line.strip() == RESET:
+            conversation.reset()
+            print("[the conversation starts again]", flush=True)
+            continue
+        prompt, dropped = conversation.ask(line, room)
+        if dropped:
+            print(f"[{dropped} earlier exchange(s) no longer fit in the model's context of {context} tokens]",
+                  file=sys.stderr, flush=True)
+        limit = min(how.max_tokens, context - len(prompt))  # never past the context: the window never slides
+        reply = chat.Reply(model.generate(prompt, limit, temperature=how.temperature, top_k=how.top_k,
+                                          top_p=how.top_p, generator=how.generator, stop_at_eot=False))
+        try:
+            for piece in decode_stream(enc, reply):
+                print(piece, end="", flush=True)
+            print(flush=True)
+            if reply.end is None:
+                print(f"[the reply was cut at {limit} tokens (--max_tokens, or the context's end)]",
+                      file=sys.stderr, flush=True)
+        except KeyboardInterrupt:
+            if not terminal:
+                raise  # piped input: no one is at a prompt, so Ctrl-C ends the run
+            print("\n[stopped]", flush=True)
+        conversation.answered(reply.tokens)
+
+
 def samples(model: GPT, enc, how: Sampling, prompt: str, count: int, stream: bool) -> None:
     """The prompt (empty: unconditional) continued --num_samples times."""
     for i in range(count):
@@ -247,7 +297,13 @@ def run(args: argparse.Namespace) -> None:
     enc = get_tokenizer()
     print(describe(model, info, device, dtype), file=sys.stderr, flush=True)
     how = Sampling.from_args(args, make_generator(args.seed, device))
-    if args.interactive:
+    if args.chat:
+        if not chat.knows_turns(model.config):
+            raise SampleError(f"{args.checkpoint} was not fine-tuned on conversations (it has no turn tokens): "
+                              "fine-tune it with train_gpt2.py --chat --init_from (README, \"Chat\"), or talk to it "
+                              "without --chat")
+        talk(model, enc, how, args.system)
+    elif args.interactive:
         interactive(model, enc, how)
     else:
         samples(model, enc, how, prompt, args.num_samples, args.stream)
