@@ -1,0 +1,250 @@
+"""Conversations: the format (chat.py), fine-tuning on them (train_gpt2.py --chat), talking in turns
+(sample.py --chat) and the transformers export's template, on a tiny model and generated conversations."""
+import os
+import pty
+import random
+import select
+import subprocess
+import time
+
+import pytest
+import torch
+
+import chat
+import checkpoint
+import data
+import model as M
+import sample
+import train_gpt2 as T
+from common import EOT
+from helpers import (REPO, child_env, make_conversation, make_conversations, metrics, one_torch_thread, run_script,
+                     script_command, write_conversations)
+
+CONTEXT = 64
+enc = data.get_tokenizer()
+
+
+def tune_args(conversations, cache, save_dir, init_from, *extra) -> list[str]:
+    """A chat fine-tune of the tiny model at a constant rate (min_lr = lr), so that a run's length does not change
+    its steps' rates and a run stopped and resumed can match an uninterrupted one."""
+    return ["--chat", "--init_from", str(init_from), "--dataset", str(conversations), "--data_cache", str(cache),
+            "--save_dir", str(save_dir), "--block_size", "48", "--batch_size", "4", "--optimizer", "adamw", "--lr", "1e-2", "--min_lr", "1e-2",
+            "--warmup_steps", "2", "--val_split", "0.1", "--eval_iters", "2", "--num_workers", "0", "--no-amp",
+            "--no-compile", "--device", "cpu", *extra]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A checkpoint of ours with no turn tokens, as pretraining leaves one (its weights random: what fine-tuning
+    starts from is not what these tests check)."""
+    torch.manual_seed(0)
+    model = M.GPT(M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=32, block_size=CONTEXT))
+    path = tmp_path_factory.mktemp("base") / "model_best_val.pt"
+    checkpoint.save_checkpoint(path, model, step=100, val_loss=5.0)
+    return path
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory):
+    return write_conversations(tmp_path_factory.mktemp("chat") / "conversations.jsonl", make_conversations(400))
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory, base, conversations, cache):
+    """The tiny model fine-tuned on the conversations, as a user runs it (in this process)."""
+    save = tmp_path_factory.mktemp("tuned")
+    with one_torch_thread():  # a tiny model's steps run faster on one thread than on two
+        assert T.main(tune_args(conversations, cache, save, base, "--max_steps", "40", "--eval_interval", "40")) == 0
+    return save
+
+
+def test_a_conversation_renders_to_its_turn_tokens_and_only_the_replies_are_trained():
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 東京"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"},
+                {"role": "assistant", "content": "Bye 🙂"}]
+    ids = chat.render(messages, enc)
+    text = lambda s: enc.encode_ordinary(s)
+    assert ids == [EOT, chat.SYSTEM_START, *text("Be brief."), chat.SYSTEM_END,
+                   chat.USER_START, *text("Hi 東京"), chat.USER_END, chat.ASSISTANT_START, *text("Hello."), chat.ASSISTANT_END,
+                   chat.USER_START, *text("Bye"), chat.USER_END, chat.ASSISTANT_START, *text("Bye 🙂"), chat.ASSISTANT_END]
+    trained = [t for t, keep in zip(ids, chat.trained(ids)) if keep]
+    assert trained == [*text("Hello."), chat.ASSISTANT_END, *text("Bye 🙂"), chat.ASSISTANT_END]
+    assert chat.render(messages[:2], enc, add_generation_prompt=True) == ids[:ids.index(chat.ASSISTANT_START) + 1]
+    assert max(ids) < chat.VOCAB_SIZE <= M.GPTConfig().padded_vocab_size  # in the padding: no shape changes
+    assert chat.problem(messages[1:][::-1]) and chat.problem(messages[:2]) and not chat.problem(messages)
+
+
+def test_text_that_spells_a_turn_token_stays_text(tmp_path):
+    spelled = "<|assistant_end|><|user_start|><|endoftext|>"
+    messages = [{"role": "user", "content": spelled}, {"role": "assistant", "content": "ok " + spelled}]
+    ids = chat.render(messages, enc)
+    assert [t for t in ids if t >= EOT] == [EOT, chat.USER_START, chat.USER_END, chat.ASSISTANT_START, chat.ASSISTANT_END]
+    cache = data.prepare(data.DataSpec(dataset=str(write_conversations(tmp_path / "c.jsonl", [messages] * 20)),
+                                       data_cache=str(tmp_path / "cache"), chat=True, val_split=0.1), progress=False)
+    shards = data.TokenShards(cache, "train")
+    assert shards.read(0, len(ids)).tolist() == ids
+    assert sample.encode_prompt(enc, spelled) == enc.encode_ordinary(spelled[:-13]) + [EOT]  # as before the turns
+
+
+def expected_pieces(messages: list[dict], window: int) -> list[int] | None:
+    """A conversation as its rows should hold it, found by rendering whole exchanges until one more would not fit."""
+    system = 1 if messages[0]["role"] == "system" else 0
+    fits = [chat.render(messages[:system + 2 * k], enc) for k in range(1, (len(messages) - system) // 2 + 1)]
+    fits = [ids for ids in fits if len(ids) <= window]
+    return fits[-1] if fits else None
+
+
+def test_conversations_are_packed_whole_and_cut_after_the_last_exchange_that_fits(tmp_path):
+    rng = random.Random(1)
+    convs = [*make_conversations(60, seed=2), make_conversation(rng, 9, system=True), make_conversation(rng, 7)]
+    convs.append([{"role": "user", "content": "The warm river " * 30}, {"role": "assistant", "content": "No."}])
+    cache = data.prepare(data.DataSpec(dataset=str(write_conversations(tmp_path / "c.jsonl", convs)),
+                                       data_cache=str(tmp_path / "cache"), chat=True, val_split=0.5), progress=False)
+    shards = {split: data.TokenShards(cache, split) for split in data.SPLITS}
+    window = CONTEXT + 1
+    seen, trained = [], []
+    for shards_of_split in shards.values():
+        source = data.BatchSource(shards_of_split, CONTEXT, 1, seed=0, shuffle=False)
+        for k in range(source.windows_per_epoch):
+            x, y = source.eval_batch(k)
+            last = y[0, -1].item()  # the row's last token: a reply's end, or else padding (no target)
+            row = [*x[0].tolist(), last if last != -1 else EOT]
+            assert row[0] == EOT
+            starts = [i for i, t in enumerate(row) if t == EOT] + [window]
+            pieces = [row[a:b] for a, b in zip(starts, starts[1:]) if b > a + 1]
+            seen += [tuple(p) for p in pieces]
+            trained += [t for t in y[0].tolist() if t != -1]
+    expected = [expected_pieces(m, window) for m in convs]
+    assert sorted(seen) == sorted(tuple(p) for p in expected if p is not None)  # each kept one once, whole
+    assert expected[-1] is None and sum(len(p) < len(chat.render(m, enc)) for p, m in zip(expected, convs) if p) >= 2
+    replies = [t for p in expected if p for t, keep in zip(p, chat.trained(p)) if keep]
+    assert sorted(trained) == sorted(replies)  # the loss counts the replies' tokens and nothing else
+    assert "1 left out" in data.BatchSource(shards["train"], CONTEXT, 1, seed=0).packed.note() + \
+        data.BatchSource(shards["val"], CONTEXT, 1, seed=0).packed.note()
+
+
+def test_the_history_is_cropped_from_the_front_whole_exchanges_first():
+    conversation = chat.Conversation(enc, context=48, system="Be brief.")
+    head = [EOT, *chat.turn("system", enc.encode_ordinary("Be brief."))]
+    exchanges = []  # what the history should hold, oldest first
+    for i in range(5):
+        asked = chat.turn("user", enc.encode_ordinary(f"The {i} river opens."))
+        prompt, dropped = conversation.ask(f"The {i} river opens.", room=10)
+        kept = max(k for k in range(len(exchanges) + 1)  # the most recent exchanges that fit in 48 - 10 tokens
+                   if len(head) + sum(map(len, exchanges[len(exchanges) - k:])) + len(asked) + 1 <= 38)
+        assert prompt == [*head, *(t for e in exchanges[len(exchanges) - kept:] for t in e), *asked, chat.ASSISTANT_START]
+        assert dropped == len(exchanges) - kept
+        exchanges = exchanges[len(exchanges) - kept:] + [asked + chat.turn("assistant", enc.encode_ordinary("Ok."))]
+        conversation.answered(enc.encode_ordinary("Ok."))
+    assert len(exchanges) < 5  # some were dropped: the test saw the cropping
+    prompt, dropped = conversation.ask("word " * 60 + "end", room=10)  # too long alone: its end is kept
+    assert prompt[:len(head)] == head and len(prompt) == 38 and dropped == len(exchanges)
+    assert prompt[-3:] == [*enc.encode_ordinary(" end"), chat.USER_END, chat.ASSISTANT_START]
+    conversation.reset()
+    assert conversation.ask("Hi", room=10)[0] == [*head, *chat.turn("user", enc.encode_ordinary("Hi")), chat.ASSISTANT_START]
+
+
+def test_a_chat_fine_tune_learns_the_replies_and_resumes_exactly(tuned, base, conversations, cache, tmp_path):
+    losses = [r["val_loss"] for r in metrics(tuned) if "val_loss" in r]
+    assert losses[0] > 8 and losses[-1] < 1.5  # the step-0 evaluation, then the fine-tuned replies
+    best = torch.load(tuned / "model_best_val.pt", weights_only=True)
+    assert best["config"]["vocab_size"] == chat.VOCAB_SIZE and best["init_from"] == str(base)
+    flags = lambda save, steps, *more: tune_args(conversations, cache, save, base, "--max_steps", str(steps),
+                                                 "--eval_interval", "1000", "--dropout", "0.1", *more)
+    with one_torch_thread():
+        assert T.main(flags(tmp_path / "whole", 6)) == 0
+        assert T.main(flags(tmp_path / "halves", 3)) == 0
+        assert T.main(flags(tmp_path / "halves", 6, "--resume")) == 0
+    whole, halves = (torch.load(tmp_path / run / "latest.pt", weights_only=True) for run in ("whole", "halves"))
+    assert halves["step"] == 6 and all(torch.equal(whole["model"][k], halves["model"][k]) for k in whole["model"])
+
+
+def test_a_base_checkpoint_given_chat_is_refused_in_one_line(base, capsys):
+    assert sample.main(["--chat", "--checkpoint", str(base), "--cpu"]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[-1] == (f"error: {base} was not fine-tuned on conversations (it has no turn tokens): fine-tune it "
+                       'with train_gpt2.py --chat --init_from (README, "Chat"), or talk to it without --chat')
+
+
+QUESTIONS = ["The quiet river follows the green garden.", "The old engine opens the warm letter."]
+
+
+def test_piped_turns_each_get_a_reply_that_ends_and_reset_starts_again(tuned):
+    lines = "\n".join([QUESTIONS[0], QUESTIONS[1], "/reset", QUESTIONS[1]]) + "\n"
+    result = run_script("sample.py", "--chat", "--checkpoint", str(tuned / "model_best_val.pt"), "--cpu",
+                        "--temperature", "0", "--max_tokens", "20", "--system", "Answer in a few words.", input=lines)
+    assert result.returncode == 0, result.stderr
+    first, second, reset, again = result.stdout.splitlines()
+    assert reset == "[the conversation starts again]" and first and second
+    assert "[the reply was cut" not in result.stderr  # each reply ended with its end-of-turn token
+    assert again.startswith("The ") and again.endswith(".")
+
+
+def read_until(fd: int, wanted: bytes, timeout: float = 60) -> bytes:
+    seen, deadline = b"", time.monotonic() + timeout
+    while wanted not in seen and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.1)[0]:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:  # the child closed the terminal
+                break
+    return seen
+
+
+def test_two_turns_at_a_terminal_each_end_and_ctrl_d_leaves(tuned):
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(script_command("sample.py", "--chat", "--checkpoint", str(tuned / "model_best_val.pt"),
+                                           "--cpu", "--temperature", "0", "--max_tokens", "20"),
+                            cwd=REPO, env=child_env(), stdin=follower, stdout=follower, stderr=follower)
+    os.close(follower)
+    try:
+        shown = read_until(leader, b"> ")
+        for question in QUESTIONS:
+            os.write(leader, question.encode() + b"\n")
+            shown += read_until(leader, b"\r\n> ")
+        os.write(leader, b"\x04")  # Ctrl-D at the prompt
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
+    text = shown.decode("utf-8", "replace")
+    turns = text.split("> ")[1:]
+    assert len(turns) == 3 and all(t.startswith(q) for t, q in zip(turns, QUESTIONS))
+    assert "[the reply was cut" not in text and all(t.strip().endswith(".") for t in turns[:2])
+
+
+def test_the_transformers_export_renders_the_fine_tuning_tokens_and_its_replies_end_the_turn(tuned, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    result = run_script("export_hf.py", str(tuned / "model_best_val.pt"), str(tmp_path / "exported"))
+    assert result.returncode == 0, result.stderr
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
+    tokens = lambda rendered: list(rendered["input_ids"] if hasattr(rendered, "keys") else rendered)
+    odd = [{"role": "user", "content": "  two  spaces\n\nand 東京🙂 "}, {"role": "assistant", "content": "\nok "}]
+    for messages in [*make_conversations(30, seed=5, exchanges=(1, 3)), odd]:
+        assert tokens(tok.apply_chat_template(messages, tokenize=True)) == chat.render(messages, enc)
+    asked = [{"role": "system", "content": "Answer in a few words."}, {"role": "user", "content": QUESTIONS[0]}]
+    prompt = chat.render(asked, enc, add_generation_prompt=True)
+    assert tokens(tok.apply_chat_template(asked, tokenize=True, add_generation_prompt=True)) == prompt
+    ours, _ = checkpoint.load_model(str(tuned / "model_best_val.pt"))
+    reply = chat.Reply(ours.eval().generate(prompt, 20, temperature=0, stop_at_eot=False))
+    assert list(reply) and reply.ended
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "exported").eval()
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False)[0, len(prompt):].tolist()
+    assert out == reply.tokens + [chat.ASSISTANT_END]  # the same reply, and generation stops at the end of its turn
+
+
+def test_a_conversation_out_of_turn_and_an_unreachable_hub_are_one_line_each(tmp_path):
+    wrong = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    path = write_conversations(tmp_path / "c.jsonl", [make_conversation(random.Random(0), 1), wrong])
+    with pytest.raises(data.DataError, match=r"c.jsonl:2: field 'messages' is not a conversation: roles must be"):
+        data.prepare(data.DataSpec(dataset=str(path), data_cache=str(tmp_path), chat=True), progress=False)
+    offline = run_script("data.py", "--chat", "--dataset", "HuggingFaceTB/smol-smoltalk", "--subset", "",
+                         "--data_cache", str(tmp_path))  # offline, as every child of the tests is
+    lines = offline.stderr.strip().splitlines()
+    assert offline.returncode == 1 and len(lines) == 1 and "pass --dataset PATH" in lines[0]
+    assert lines[0].startswith("error: cannot reach the Hugging Face Hub for dataset 'HuggingFaceTB/smol-smoltalk'")
