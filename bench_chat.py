@@ -1,0 +1,190 @@
+"""What chat fine-tuning buys a small model (BENCHMARKS.md, "Chat"): pretrain it on generated text, fine-tune it
+with train_gpt2.py --chat on generated conversations whose answers can be checked, and score held-out questions
+before and after, as sample.py --chat asks them.
+
+    python bench_chat.py                          # about 15 minutes on a 2-core CPU
+    python bench_chat.py --pretrain_steps 100 --tune_steps 60 --questions 40    # a quick look
+
+The task is a lookup in a table the user gives: "Prices: fig 41, tea 17, corn 88. What does the tea cost?",
+to which the answer is "The tea costs 17."; half the conversations ask a second question about the same list
+("And the corn?"), which needs the history. Pretraining sees such lists followed by what some items cost, as
+plain text, never a question; the held-out questions ask about lists no run has seen. A reply is right
+when it is the answer exactly; it ends on its own when the model closes its turn (<|assistant_end|>) within
+--max_tokens. The base model, which has no turn tokens, is scored on the same prompts (an <|endoftext|> ends
+its reply) and also on the question as plain text, the way a base model is prompted. The runs are
+train_gpt2.py's, as a user starts them; the commands are printed. Figures are printed, and with --json written.
+"""
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import chat
+from checkpoint import load_model
+from common import EOT, ArgumentParser, atomic_write, positive_int
+from data import get_tokenizer
+
+REPO = Path(__file__).resolve().parent
+# Each one GPT-2 token with its leading space, as is every price from 2 to 99.
+ITEMS = ("apple pear fig plum lemon grape peach cherry onion bean corn nut rice egg cake bread milk tea salt cat dog "
+         "fish bird horse lamp chair table cup book pen hat shoe coat ring bell drum boat car key rope sock bowl "
+         "spoon").split()
+HELD_OUT = 13  # items whose price no fine-tuning conversation asks: the held-out questions ask only these
+# The model both runs train: small enough for a 2-core CPU (its 50,304-wide output layer is most of each step).
+SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--block_size", "128"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The generated task: a price list pretraining reads as plain text, and questions about it
+
+
+def world(seed: int = 0) -> dict[str, int]:
+    """The price of every item, from 2 to 99: what pretraining teaches and the questions ask."""
+    rng = random.Random(seed)
+    return {item: rng.randint(2, 99) for item in ITEMS}
+
+
+def answer(prices: dict[str, int], item: str) -> str:
+    return f"The {item} costs {prices[item]}."
+
+
+NAMES = ["Ann", "Bob", "Eve", "Sam", "Tom"]
+VERBS = ["found", "bought", "saw", "dropped"]
+STATES = ["was old", "was new", "was gone", "looked fine"]
+
+
+def make_document(rng: random.Random, prices: dict[str, int]) -> str:
+    """A pretraining document, a sentence a line and never a question: what some items cost, and short stories
+    that mention an item and refer back to it on the next line ("Eve found the cup at noon.\nThe cup was old.")."""
+    facts = [answer(prices, item) for item in rng.sample(ITEMS, rng.randint(4, 10))]
+    stories = [f"{rng.choice(NAMES)} {rng.choice(VERBS)} the {item} at noon.\nThe {item} {rng.choice(STATES)}."
+               for item in rng.sample(ITEMS, rng.randint(2, 4))]
+    return "\n".join(rng.sample(facts + stories, len(facts) + len(stories)))
+
+
+def make_questions(rng: random.Random, prices: dict[str, int], items: list[str]) -> list[tuple[str, str]]:
+    """One or two (question, answer) turns about what these items cost; a second refers back ("And the cup
+    now?"). Worded so that the item stands five tokens before the reply's "The", where a story's item stands
+    before its next line's "The": the reply refers back to the item as pretraining's stories do."""
+    first, second = rng.sample(items, 2)
+    turns = [(f"What is the price of the {first} now?", answer(prices, first))]
+    if rng.random() < 0.5:
+        turns.append((f"And the {second} now?", answer(prices, second)))
+    return turns
+
+
+def make_conversation(rng: random.Random, prices: dict[str, int], items: list[str]) -> list[dict]:
+    return [m for asked, said in make_questions(rng, prices, items)
+            for m in ({"role": "user", "content": asked}, {"role": "assistant", "content": said})]
+
+
+def write_data(folder: Path, prices: dict[str, int], documents: int, conversations: int) -> tuple[Path, Path]:
+    """The pretraining text and the fine-tuning conversations (about the items not held out), as JSON lines."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng, asked = random.Random(1), ITEMS[HELD_OUT:]
+    text, convs = folder / "pretraining.jsonl", folder / "conversations.jsonl"
+    for path, records in ((text, ({"text": make_document(rng, prices)} for _ in range(documents))),
+                          (convs, ({"messages": make_conversation(rng, prices, asked)} for _ in range(conversations)))):
+        with atomic_write(path) as tmp:
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return text, convs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Scoring, as sample.py --chat talks (greedy)
+
+
+def score(model, held_out: list, max_tokens: int, plain: bool = False) -> dict:
+    """The share of held-out questions answered exactly right, and of replies that ended on their own: with
+    <|assistant_end|> (`ended`), or with any end (`stopped`: also <|endoftext|>, or in plain text a new line)."""
+    enc, context = get_tokenizer(), model.config.block_size
+    right = ended = stopped = total = 0
+    for turns in held_out:
+        conversation, lines = chat.Conversation(enc, context), [EOT]
+        for asked, answer in turns:
+            if plain:  # a base model's way: the questions and its answers as plain text, a line each
+                lines += enc.encode_ordinary(asked + "\n")
+                prompt = lines[-(context - max_tokens):]
+            else:
+                prompt, _ = conversation.ask(asked, max_tokens)
+            reply = chat.Reply(model.generate(prompt, max_tokens, temperature=0, stop_at_eot=False))
+            text = enc.decode(list(reply))
+            if plain:
+                text, newline, _ = text.partition("\n")
+                lines += enc.encode_ordinary(text + "\n")
+            else:
+                conversation.answered(reply.tokens)
+            total += 1
+            right += text.strip() == answer
+            ended += reply.ended
+            stopped += reply.end is not None or (plain and newline == "\n")
+    return {"right": right / total, "ended": ended / total, "stopped": stopped / total, "questions": total}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The runs
+
+
+def train(save_dir: Path, flags: list[str]) -> float | None:
+    """train_gpt2.py with these flags, as a user runs it; its seconds (None: a finished run there is reused)."""
+    if (save_dir / "latest.pt").exists():
+        print(f"using the run in {save_dir} (delete it to train again)")
+        return None
+    command = [sys.executable, str(REPO / "train_gpt2.py"), *flags, "--save_dir", str(save_dir)]
+    print("$ python " + " ".join(command[1:]), flush=True)
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        sys.exit(f"error: the run failed:\n{result.stderr[-3000:]}")
+    print("\n".join(line for line in result.stdout.splitlines() if line.startswith(("conversations:", "summary:"))))
+    return time.monotonic() - started
+
+
+def main(argv=None) -> int:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--folder", type=Path, default=REPO / "runs" / "chat", help="data, runs and checkpoints")
+    p.add_argument("--pretrain_steps", type=positive_int, default=600)
+    p.add_argument("--tune_steps", type=positive_int, default=300)
+    p.add_argument("--documents", type=positive_int, default=4000, help="pretraining documents")
+    p.add_argument("--conversations", type=positive_int, default=4000, help="fine-tuning conversations")
+    p.add_argument("--questions", type=positive_int, default=200, help="held-out conversations scored")
+    p.add_argument("--max_tokens", type=positive_int, default=24, help="tokens a reply may take")
+    p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
+    args = p.parse_args(argv)
+    prices = world()
+    text, convs = write_data(args.folder / "data", prices, args.documents, args.conversations)
+    run = ["--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--eval_interval", "100",
+           "--eval_iters", "5", "--data_cache", str(args.folder / "cache")]
+    base, tuned = args.folder / "base", args.folder / f"tuned-{args.tune_steps}"
+    seconds = {"pretrain": train(base, ["--dataset", str(text), *SHAPE, "--max_steps", str(args.pretrain_steps),
+                                        "--warmup_steps", "50", *run]),
+               "tune": train(tuned, ["--chat", "--init_from", str(base / "model_best_val.pt"), "--dataset", str(convs),
+                                     "--max_steps", str(args.tune_steps), "--lr", "1e-3", "--min_lr", "1e-4",
+                                     "--warmup_steps", "20", *run])}
+    rng = random.Random(12345)
+    held_out = [make_questions(rng, prices, ITEMS[:HELD_OUT]) for _ in range(args.questions)]
+    models = {name: load_model(str(folder / "model_best_val.pt"))[0].eval() for name, folder in
+              (("base", base), ("tuned", tuned))}
+    with torch.inference_mode():
+        figures = {"base, chat prompt": score(models["base"], held_out, args.max_tokens),
+                   "base, plain text": score(models["base"], held_out, args.max_tokens, plain=True),
+                   "fine-tuned, chat prompt": score(models["tuned"], held_out, args.max_tokens)}
+    print(f"{'model':<26}{'right':>8}{'ended (<|assistant_end|>)':>28}{'stopped (any end)':>20}")
+    for name, f in figures.items():
+        print(f"{name:<26}{f['right']:>8.1%}{f['ended']:>28.1%}{f['stopped']:>20.1%}")
+    print(f"{figures['base, chat prompt']['questions']} held-out questions; seconds: {seconds}")
+    if args.json:
+        with atomic_write(args.json) as tmp:
+            tmp.write_text(json.dumps({"figures": figures, "seconds": seconds, "flags": vars(args)}, default=str,
+                                      indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
