@@ -210,8 +210,7 @@ def main(argv=None):
     p.add_argument("out", type=Path, help="the .gguf file to write; an Ollama Modelfile is written beside it")
     p.add_argument("--type", choices=TYPES, default="q8_0", dest="kind",
                    help="how matrices are stored: f16 or bf16 (half the bytes of f32), q8_0 (8 bits and a scale per "
-                        "32 numbers: fp32's logits within about 1%%), q4_0 (4 bits; the token table q8_0) "
-                        "(default %(default)s)")
+                        "32 numbers), q4_0 (4 bits and a scale per 32; the token table q8_0) (default %(default)s)")
     args = p.parse_args(argv)
     try:
         modelfile_path = export(args.checkpoint, args.out, args.kind)

@@ -12,6 +12,9 @@ from helpers import make_corpus, one_torch_thread, run_script
 
 gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package writes the files (pip install -r requirements-dev.txt)")
 
+# llama.cpp's three architectures: gpt2, qwen3 (the modern preset) and llama (the modern block without QK-norm,
+# whose rotary pairs llama.cpp takes in another order).
+PRESETS = {"gpt2": ("gpt2", {}), "modern": ("modern", {}), "modern-no-qk-norm": ("modern", dict(qk_norm=False))}
 SHAPE = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)  # rows of 64: whole blocks of 32 for q8_0 and q4_0
 PROMPT = "The quiet river follows the"
 TRICKY = "It's 2026:  café, 東京🙂\n\tdon't  stop"
@@ -31,9 +34,9 @@ def trained(tmp_path_factory):
     enc, out = get_tokenizer(), {}
     tokens = torch.tensor(enc.encode_ordinary(" ".join(make_corpus(n_docs=40, seed=5))))
     batches = tokens[:len(tokens) // 33 * 33].view(-1, 33)
-    for arch in ("gpt2", "modern"):
+    for name, (arch, switches) in PRESETS.items():
         torch.manual_seed(0)
-        model = M.GPT(M.GPTConfig.from_preset(arch, **SHAPE))
+        model = M.GPT(M.GPTConfig.from_preset(arch, **SHAPE, **switches))
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
         with one_torch_thread():
             for step in range(STEPS):
@@ -42,9 +45,9 @@ def trained(tmp_path_factory):
                 loss.backward()
                 optimizer.step()
                 optimizer.zero_grad()
-        path = tmp_path_factory.mktemp(arch) / "model_best_val.pt"
+        path = tmp_path_factory.mktemp(name) / "model_best_val.pt"
         M.save_checkpoint(path, model, step=STEPS, val_loss=loss.item())
-        out[arch] = (model.eval(), path)
+        out[name] = (model.eval(), path)
     return out
 
 
@@ -69,7 +72,7 @@ def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "modern"])
+@pytest.mark.parametrize("arch", PRESETS)
 def test_llama_cpp_gives_our_logits_and_greedy_tokens_at_each_type(trained, tmp_path, arch):
     model, checkpoint = trained[arch]
     enc = get_tokenizer()
