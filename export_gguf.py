@@ -204,14 +204,18 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
     return out.parent / "Modelfile"
 
 
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a .pt checkpoint of this repository (or a save_pretrained directory)")
     p.add_argument("out", type=Path, help="the .gguf file to write; an Ollama Modelfile is written beside it")
     p.add_argument("--type", choices=TYPES, default="q8_0", dest="kind",
                    help="how matrices are stored: f16 or bf16 (half the bytes of f32), q8_0 (8 bits and a scale per "
                         "32 numbers), q4_0 (4 bits and a scale per 32; the token table q8_0) (default %(default)s)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         modelfile_path = export(args.checkpoint, args.out, args.kind)
     except UserError as e:

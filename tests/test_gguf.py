@@ -8,7 +8,7 @@ import export_gguf
 import model as M
 from common import EOT
 from data import get_tokenizer
-from helpers import make_corpus, one_torch_thread, run_script
+from helpers import REPO, make_corpus, one_torch_thread, run_script
 
 gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package writes the files (pip install -r requirements-dev.txt)")
 
@@ -134,3 +134,11 @@ def test_what_llama_cpp_cannot_take_is_one_line_and_no_file(tmp_path):
             export_gguf.main([str(path), str(tmp_path / f"{name}.gguf"), "--type", kind])
         assert message in str(exit_.value.code) and "\n" not in str(exit_.value.code), name
     assert not list(tmp_path.glob("*.gguf")) and not (tmp_path / "Modelfile").exists()
+
+
+def test_the_readmes_gguf_command_parses_with_the_scripts_flags():
+    commands = [line.split() for line in (REPO / "README.md").read_text().splitlines()
+                if line.startswith("python export_gguf.py")]
+    assert commands
+    for words in commands:
+        export_gguf.build_parser().parse_args(words[2:])  # SystemExit on an unknown flag or type
