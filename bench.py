@@ -481,6 +481,8 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
         prompt, n_tokens, temperature=0, stop_at_eot=False))) for name, m in ours.items()}
     runs |= {name: (lambda llm=llm: llama_cpp_greedy(llm, prompt, n_tokens)) for name, llm in peers.items()}
     speeds, tokens = _alternate(runs, n_tokens, rounds)
+    for llm in peers.values():
+        llm.close()  # now, rather than in llama-cpp-python's __del__ as the interpreter shuts down (which fails noisily)
     report = {"shape": "tiny" if tiny else shape, "params": ours["fp32"].num_params(), "n_tokens": n_tokens,
               "prompt_len": prompt_len, "rounds": rounds, "threads": torch.get_num_threads(),
               "cpu": cpu_decoding.probe_key(), "load_avg": os.getloadavg(), "peers": list(peers),
