@@ -27,7 +27,7 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     assert names[decode["auto_dtype"]] == cpu_decoding.choose(decode["probe_ns_per_weight"])  # the probe's pick
     assert decode["startup_first_token_s"] > 0
     try:  # llama.cpp beside ours, on export_gguf.py's files of the same weights, when llama-cpp-python is installed
-        import llama_cpp  # noqa: F401
+        import gguf, llama_cpp  # noqa: F401
         assert decode["peers"] == ["llama_f16", "llama_q8_0", "llama_q4_0"]
     except ImportError:
         assert decode["peers"] == []
