@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
+from checkpoint import load_model
 from common import EOT, ArgumentParser, UserError, atomic_write
-from hf import _HF_TRANSPOSED, to_hf
-from model import load_model
+from hf import HF_TRANSPOSED, to_hf
 
 GPT2_VOCAB = 50257  # the tokenizer written into every file: a model over another vocabulary cannot use it
 # --type: how each matrix is stored. llama.cpp keeps norms, biases and GPT-2's position table in f32 whatever
@@ -87,7 +87,7 @@ def gguf_tensors(hf_config: dict, hf_state: dict, gguf) -> dict[str, torch.Tenso
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.get("n_layer", hf_config.get("num_hidden_layers")))
     out = {}
     for name, tensor in hf_state.items():
-        if arch == "gpt2" and name.endswith(_HF_TRANSPOSED):
+        if arch == "gpt2" and name.endswith(HF_TRANSPOSED):
             tensor = tensor.t()  # transformers' GPT-2 keeps these as Conv1D, (in, out)
         if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             tensor = interleave_rotary_pairs(tensor, hf_config["num_attention_heads"])

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import export_gguf
+import checkpoint
 import model as M
 from common import EOT
 from data import get_tokenizer
@@ -46,7 +47,7 @@ def trained(tmp_path_factory):
                 optimizer.step()
                 optimizer.zero_grad()
         path = tmp_path_factory.mktemp(name) / "model_best_val.pt"
-        M.save_checkpoint(path, model, step=STEPS, val_loss=loss.item())
+        checkpoint.save_checkpoint(path, model, step=STEPS, val_loss=loss.item())
         out[name] = (model.eval(), path)
     return out
 
@@ -120,7 +121,7 @@ def test_the_file_carries_gpt2s_tokenizer_and_the_modelfile_completes_plain_text
 
 def test_what_llama_cpp_cannot_take_is_one_line_and_no_file(tmp_path):
     capped = M.GPTConfig.from_preset("modern", n_layer=1, n_head=2, n_embd=64, block_size=8, logit_softcap=15.0)
-    M.save_checkpoint(tmp_path / "capped.pt", M.GPT(capped))
+    checkpoint.save_checkpoint(tmp_path / "capped.pt", M.GPT(capped))
     result = run_script("export_gguf.py", str(tmp_path / "capped.pt"), str(tmp_path / "capped.gguf"))
     assert result.returncode == 1 and result.stderr.count("\n") == 1 and "logit_softcap 15.0" in result.stderr
     cases = {"small vocabulary": (dict(vocab_size=100), "f16", "vocabulary has 100 tokens"),
@@ -129,7 +130,7 @@ def test_what_llama_cpp_cannot_take_is_one_line_and_no_file(tmp_path):
     for name, (fields, kind, message) in cases.items():
         path = tmp_path / f"{name}.pt"
         if fields is not None:
-            M.save_checkpoint(path, M.GPT(M.GPTConfig.from_preset("gpt2", **(SHAPE | fields))))
+            checkpoint.save_checkpoint(path, M.GPT(M.GPTConfig.from_preset("gpt2", **(SHAPE | fields))))
         with pytest.raises(SystemExit) as exit_:
             export_gguf.main([str(path), str(tmp_path / f"{name}.gguf"), "--type", kind])
         assert message in str(exit_.value.code) and "\n" not in str(exit_.value.code), name
