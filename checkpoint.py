@@ -236,7 +236,7 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler) -> dict:
         optimizer.load_state_dict(state)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    return {k: ckpt.get(k) for k in ("step", "val_loss", "best_val_loss", "best_step")}
+    return {k: ckpt.get(k) for k in ("step", "val_loss", "best_val_loss", "best_step", "max_steps")}
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

@@ -144,19 +144,23 @@ class DataSpec:
             raise DataError(f"--val_split must be strictly between 0 and 1, got {self.val_split}")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataSpec":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "DataSpec":
+        """The data flags (a flag left at None takes the default here), then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+        return cls(**given | {k: v for k, v in overrides.items() if v is not None})
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data flags, added to a script's parser; their defaults are DataSpec's."""
+def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None = None) -> None:
+    """The data flags, added to a script's parser; their defaults are DataSpec's. With sample_size_help,
+    --sample_size defaults to None (the script chooses, as that help says)."""
     d = DataSpec()
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
                    help="a Hugging Face Hub dataset, or a local .txt/.jsonl/.json/.parquet file, directory or glob")
     g.add_argument("--subset", default=d.subset, help="the Hub dataset's configuration (ignored for local paths)")
     g.add_argument("--text_field", default=d.text_field, help="the field holding the text (.jsonl/.json/.parquet/Hub)")
-    g.add_argument("--sample_size", type=positive_int, default=d.sample_size, help="documents to use")
+    g.add_argument("--sample_size", type=positive_int, default=None if sample_size_help else d.sample_size,
+                   help=sample_size_help or "documents to use")
     g.add_argument("--val_split", type=open_fraction, default=d.val_split, help="fraction of documents held out")
     g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
 

@@ -47,8 +47,10 @@ from eval import validation_loss
 from metrics import Metrics, print_header, run_header
 from model import ARCH_PRESETS, GPT, GPTConfig, load_state, parameter_counts
 from muon import Muon
-from plan import (CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Outcome, Pace, Plan, estimated_data_tokens,
-                  parse_duration, peak_flops)
+from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S, CHOOSING_SHARE, DEPTHS, FORWARD_SHARE,
+                  OPTIMAL_TOKENS_PER_PARAMETER, Budget, Candidate, Costs, Outcome, Pace, Plan, Sizing, budget_tokens,
+                  choose_depth, depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops,
+                  scaling_params, sized_batch, sized_lr)
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
                      local_rank0_first, only_on_rank0, setup_env)
 
@@ -58,6 +60,8 @@ DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 # With --time, the run's steps until a few have been timed and the budget can set them (replan).
 UNPLANNED_STEPS = 2**62
+# --plan times steps for at most this long, so that it answers within about a minute on any machine.
+PLAN_TIMING_S = 40.0
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 
@@ -76,7 +80,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
                        "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
-    data.add_data_args(p)
+    data.add_data_args(p, sample_size_help=f"documents to use (default {data.DataSpec.sample_size:,}; with --time "
+                       "sizing the model, about one pass over the tokens the budget buys)")
     add_model_flags(p)
     add_optimisation_flags(p)
     add_budget_flags(p)
@@ -251,17 +256,23 @@ def default_optimizer(init_from: str) -> str:
     return DEFAULT_OPTIMIZER if init_from == "scratch" else FINE_TUNE_OPTIMIZER
 
 
-def model_config(args) -> GPTConfig:
-    """The shape the flags name for a model from scratch, GPTConfig's defaults (GPT-2 124M) where they are silent."""
-    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS}
+def model_config(args, shape: dict | None = None) -> GPTConfig:
+    """The shape the flags (or `shape`, what --time chose) name for a model from scratch, GPTConfig's defaults
+    (GPT-2 124M) where they are silent."""
+    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS} | (shape or {})
     return GPTConfig.from_preset(args.arch or DEFAULT_ARCH, **dict(args.arch_option), **shape, dropout=args.dropout)
+
+
+def sizes_the_model(args) -> bool:
+    """--time with no shape flags chooses the model, its batch and its data; shape flags keep their meaning."""
+    return bool(args.time) and args.init_from == "scratch" and not any((args.n_layer, args.n_head, args.n_embd))
 
 
 def shown_flags(args) -> dict:
     """The flags as the run header prints them: as given, with a new model's default shape, preset and
     optimizer filled in (what the flags mean, not yet what --init_from's weights or latest.pt say)."""
     flags = vars(args) | {"optimizer": args.optimizer or default_optimizer(args.init_from)}
-    if args.init_from == "scratch":
+    if args.init_from == "scratch" and not sizes_the_model(args):  # else the budget chooses the shape
         config = model_config(args)
         flags |= {name: getattr(config, name) for name in SHAPE_FLAGS} | {"arch": args.arch or DEFAULT_ARCH}
     return flags
@@ -282,9 +293,10 @@ class OptimizerSettings:
     muon_weight_decay: float
 
     @classmethod
-    def from_args(cls, args) -> "OptimizerSettings":
+    def from_args(cls, args, lr: float | None = None) -> "OptimizerSettings":
+        """The flags' settings; `lr`, AdamW's rate where --time sized the batch."""
         fields = {f: getattr(args, f) for f in cls.__dataclass_fields__}
-        return cls(**fields | {"optimizer": args.optimizer or default_optimizer(args.init_from)})
+        return cls(**fields | {"optimizer": args.optimizer or default_optimizer(args.init_from), "lr": lr or args.lr})
 
 
 @dataclass(frozen=True)
@@ -306,20 +318,23 @@ class Settings:
     latest.pt, the data and the memory probe. The loop, --plan and the checkpoints all read this one object,
     and nothing changes it."""
     flags: argparse.Namespace
-    config: GPTConfig  # the shape trained: the flags', --init_from's weights' or latest.pt's
+    config: GPTConfig  # the shape trained: the flags', what --time chose, --init_from's weights' or latest.pt's
     optimizer: OptimizerSettings
+    batch_size: int  # sequences a step, over all processes and micro-steps: --batch_size, or what --time chose
     grad_accum: int  # micro-steps per optimizer step on each process
     world: int  # processes
     steps: int | None  # the run's optimizer steps; with --time at most this many (None: as the budget allows)
     eval_batches: int  # validation batches an evaluation reads: --eval_iters, at most one pass over the split
+    data: data.DataSpec  # the data flags, --sample_size as --time sized it
+    sizing: Sizing | None  # what --time chose, and why
 
     @property
     def micro_batch(self) -> int:
-        return self.flags.batch_size // (self.world * self.grad_accum)
+        return self.batch_size // (self.world * self.grad_accum)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.flags.batch_size * self.config.block_size
+        return self.batch_size * self.config.block_size
 
     def schedule(self, max_steps: int) -> Schedule:
         """The learning-rate schedule of a run of max_steps (the warmup cut to 10% if it does not fit)."""
@@ -330,8 +345,10 @@ class Settings:
     def to_dict(self) -> dict:
         """As checkpoints and metrics.jsonl record it (the flags are recorded beside it, as `args`)."""
         return {"config": self.config.to_dict(), "arch": self.config.arch, "optimizer": self.optimizer.optimizer,
-                "grad_accum": self.grad_accum, "world": self.world, "micro_batch": self.micro_batch,
-                "steps": self.steps, "eval_batches": self.eval_batches}
+                "lr": self.optimizer.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "world": self.world, "micro_batch": self.micro_batch, "steps": self.steps,
+                "eval_batches": self.eval_batches, "data": dataclasses.asdict(self.data),
+                "sizing": self.sizing.to_dict() if self.sizing else None}
 
 
 def fitting_warmup(warmup_steps: int, max_steps: int) -> int:
@@ -354,11 +371,12 @@ class Progress:
     best_val: float = math.inf
     best_step: int | None = None
     hellaswag: float | None = None  # the last acc_norm scored
+    max_steps: int | None = None  # the schedule's end as planned so far (with --time, once timed)
 
     def fields(self, init_from: str) -> dict:
         """As checkpoints record it (checkpoint.py's format)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                "best_step": self.best_step, "init_from": init_from}
+                "best_step": self.best_step, "max_steps": self.max_steps, "init_from": init_from}
 
 
 @dataclass
@@ -373,37 +391,120 @@ class Run:
     hellaswag: list | None  # eval.py's items, when the run scores HellaSwag
 
 
-def start(args, env: Env, say: Callable, dry_run: bool = False) -> Run:
+def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) -> Run:
     """Everything the run trains with, in the order it is known, each step said as it is: the starting point
-    (the shape and weights), the data (prepared unless dry_run, for --plan), the model and its optimizers,
-    the micro-batch that fits, the steps; then, on --resume, where the run was."""
+    (the shape and weights; with --time, the depth the budget buys), the data (prepared unless dry_run, for
+    --plan), the model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
     if not dry_run:
         refuse_overwriting(args, env)
     resumed = read_resume(args, env) if args.resume else None
-    config, init_state = starting_point(args, env, resumed, say)
-    plan = first_plan(config, args)
+    sizing = size_for_budget(args, env, say, started, resumed) if sizes_the_model(args) else None
+    config, init_state = starting_point(args, env, resumed, say, sizing)
+    batch_size = sizing.batch if sizing else args.batch_size
+    spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
+    plan = first_plan(config, args, batch_size, spec)
     say("\n".join([plan.model_line(), plan.data_line()]))  # before any download
-    cache = data.prepared(data.DataSpec.from_args(args)) if dry_run else prepare_data(args, env)
+    cache = data.prepared(spec) if dry_run else local_rank0_first(env, lambda: data.prepare(spec, progress=env.master))
     if cache is not None:
         plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
         if not dry_run:
-            say(plan.data_line())
-    optimizer = OptimizerSettings.from_args(args)
+            say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
+    optimizer = OptimizerSettings.from_args(args, lr=sizing.lr if sizing else None)
     t = build(config, env, optimizer, seed=args.seed, init_state=init_state)
-    grad_accum = choose_grad_accum(args, env, t, resumed, config.block_size, say)
+    grad_accum = choose_grad_accum(args, env, t, resumed, batch_size, config.block_size, say)
     batches = val = None
     if cache is not None:
-        batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, args.batch_size,
-                                   seed=args.seed, rank=env.rank, world_size=env.world, grad_accum=grad_accum)
-        val = validation_split(cache, config.block_size, args)
-    settings = Settings(args, config, optimizer, grad_accum, env.world, planned_steps(args, plan, config.block_size),
-                        eval_batches(args, plan, val, config.block_size))
+        batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, batch_size, seed=args.seed,
+                                   rank=env.rank, world_size=env.world, grad_accum=grad_accum)
+        val = validation_split(cache, config.block_size, batch_size, args.seed)
+    settings = Settings(args, config, optimizer, batch_size, grad_accum, env.world,
+                        planned_steps(args, plan, config.block_size, batch_size, resumed),
+                        eval_batches(args, plan, val, config.block_size, batch_size), spec, sizing)
     plan.steps = settings.steps
     if not dry_run and not args.time:
         say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
-    progress = restore(resumed, t, args, say) if resumed else Progress()
+    progress = restore(resumed, t, args, say) if resumed else Progress(max_steps=settings.steps)
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     return Run(settings, t, progress, plan, batches, val, hellaswag)
+
+
+def size_for_budget(args, env: Env, say: Callable, started: float, resumed: dict | None) -> Sizing:
+    """What --time buys: the family's depths timed here (timed_candidates), the one whose tokens in the budget
+    come closest to compute-optimal chosen, with its batch, AdamW rates and documents. A resumed run keeps
+    its own choice."""
+    saved = checkpoint.saved_run(resumed).get("sizing") if resumed else None
+    block = args.block_size or GPTConfig.block_size
+    if saved:
+        sizing = Sizing.from_dict(saved)
+    else:
+        began = time.monotonic()
+        limit = began + min(max(CHOOSING_SHARE * args.time, CHOOSING_MIN_S), CHOOSING_MAX_S)
+        # What the steps get of the budget: less the choosing, the margin kept back and the evaluations.
+        seconds = (args.time - (limit - started)) * (1 - Budget.MARGIN) * \
+            (1 - FORWARD_SHARE * args.eval_iters / args.eval_interval)
+        candidates = timed_candidates(args, env, block, limit, seconds)
+        chosen = choose_depth(candidates)
+        batch = sized_batch(chosen.depth, args.batch_size, block, chosen.tokens, env.world)
+        scale = sized_lr(1.0, batch, args.batch_size)
+        sizing = Sizing(chosen.depth, batch, args.lr * scale, args.min_lr * scale,
+                        args.sample_size or documents_for(args.dataset, chosen.tokens, args.val_split),
+                        candidates, time.monotonic() - began)
+    say("\n".join(sizing.lines(env.device.type, block, args.lr, args.muon_lr, args.batch_size)
+                  + (["plan: (the choice of the run in latest.pt, kept)"] if saved else [])))
+    return sizing
+
+
+def timed_candidates(args, env: Env, block: int, limit: float, seconds: float) -> list[Candidate]:
+    """The family's depths in turn, smallest first, each timed at its batch, with the tokens `seconds` of
+    training buy at its pace; until one falls below the compute-optimal tokens a parameter (deeper ones fall
+    further), one does not fit in memory, or the time for choosing ends at `limit`. Every rank times every
+    candidate (DDP's collectives in step), and rank 0's clock and pace decide."""
+    prepared = data.prepared(data.DataSpec.from_args(args)) is not None  # a local corpus prepared before
+    candidates = []
+    for depth in DEPTHS:
+        if candidates and broadcast_from_rank0(env, lambda: time.monotonic() > limit):
+            break
+        config, batch = model_config(args, depth_shape(depth)), sized_batch(depth, args.batch_size, block, None,
+                                                                            env.world)
+        pace = candidate_pace(config, env, args, batch, limit)
+        pace = broadcast_from_rank0(env, lambda: pace)
+        if pace is None:
+            break
+        candidates.append(Candidate(depth, scaling_params(config), batch, pace, budget_tokens(pace, seconds, prepared)))
+        if candidates[-1].tokens_per_parameter < OPTIMAL_TOKENS_PER_PARAMETER:
+            break
+    if not candidates:
+        raise UserError(f"--time: even depth {DEPTHS[0]} does not fit in this {env.device.type}'s memory at "
+                        f"context {block}: give a smaller --block_size, or the shape (--n_layer, --n_head, --n_embd)")
+    return candidates
+
+
+def candidate_pace(config: GPTConfig, env: Env, args, batch: int, limit: float) -> float | None:
+    """Tokens a second a step of `batch` sequences of this model trains at here (eager: compiling every
+    candidate would take longer than choosing may), timed in what is left before `limit`; None when it does
+    not fit in memory."""
+    eager = dataclasses.replace(env, compile=False)
+    try:
+        t = build(config, eager, OptimizerSettings.from_args(args), seed=args.seed)
+        accum = fitting_grad_accum(t, eager, batch, config.block_size) if probes_memory(env.device) else 1
+        seconds = step_seconds(t, eager, batch // (env.world * accum), accum, config.block_size,
+                               limit - time.monotonic())
+    except (torch.cuda.OutOfMemoryError, UserError):
+        return None
+    finally:
+        t = None
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return batch * config.block_size / seconds
+
+
+def data_note(sizing: Sizing | None, tokens: int) -> list[str]:
+    """The data prepared, checked against the tokens --time planned."""
+    if sizing is None or tokens >= 0.9 * sizing.chosen.tokens:
+        return []
+    return [f"note: the data holds {tokens:,} training tokens, so the {sizing.chosen.tokens:,.0f} tokens --time "
+            f"planned pass over it {sizing.chosen.tokens / tokens:.1f} times (the source has no more, or its "
+            "documents are shorter than estimated); --sample_size gives more"]
 
 
 def refuse_overwriting(args, env: Env) -> None:
@@ -420,11 +521,12 @@ def read_resume(args, env: Env) -> dict:
     return broadcast_state_from_rank0(env, ckpt)
 
 
-def starting_point(args, env: Env, resumed: dict | None, say: Callable) -> tuple[GPTConfig, dict | None]:
-    """The model's shape, and the weights it starts from (None: random): the flags' shape, or the shape of
-    --init_from's weights; a resumed run's checkpoint must have that same shape."""
+def starting_point(args, env: Env, resumed: dict | None, say: Callable,
+                   sizing: Sizing | None) -> tuple[GPTConfig, dict | None]:
+    """The model's shape, and the weights it starts from (None: random): the flags' shape (or the depth --time
+    chose), or the shape of --init_from's weights; a resumed run's checkpoint must have that same shape."""
     if args.init_from == "scratch":
-        config, state = model_config(args), None
+        config, state = model_config(args, depth_shape(sizing.depth) if sizing else None), None
     elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
         config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), args, args.init_from), None
     else:
@@ -455,30 +557,27 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def prepare_data(args, env: Env) -> Path:
-    """The data flags' shards, prepared (or found) by each machine's first process before its others."""
-    spec = data.DataSpec.from_args(args)
-    return local_rank0_first(env, lambda: data.prepare(spec, progress=env.master))
-
-
-def validation_split(cache: Path, block_size: int, args) -> data.TokenShards:
+def validation_split(cache: Path, block_size: int, batch_size: int, seed: int) -> data.TokenShards:
     """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
     shards = data.TokenShards(cache, "val")
-    data.BatchSource(shards, block_size, args.batch_size, seed=args.seed, shuffle=False)
+    data.BatchSource(shards, block_size, batch_size, seed=seed, shuffle=False)
     return shards
 
 
-def planned_steps(args, plan: Plan, block_size: int) -> int | None:
-    """--max_steps, or --epochs over the training split (estimated before it is prepared); with --time,
-    --max_steps or None (the budget sets them once a few steps are timed)."""
-    if args.max_steps or args.time:
-        return args.max_steps
+def planned_steps(args, plan: Plan, block_size: int, batch_size: int, resumed: dict | None) -> int | None:
+    """--max_steps; else on --resume, the schedule the run had planned (kept); else --epochs over the training
+    split (estimated before it is prepared), or with --time None (the budget sets them once steps are timed)."""
+    saved = resumed.get("max_steps") if resumed else None
+    if args.max_steps or (saved and not args.time):
+        return args.max_steps or saved
+    if args.time:
+        return saved  # at most the schedule a resumed run had planned; the budget may end it sooner
     if plan.data_tokens is None:
         return None  # --plan over a Hub dataset of unknown size
-    return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, args.batch_size)))
+    return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, batch_size)))
 
 
-def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int) -> int:
+def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int, batch_size: int) -> int:
     """Validation batches an evaluation reads: --eval_iters, but at most one pass over the validation split
     (its size estimated from the training split's under --plan)."""
     if val is not None:
@@ -487,10 +586,11 @@ def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int
         tokens = round(plan.data_tokens * args.val_split / (1 - args.val_split))
     else:
         return args.eval_iters
-    return min(args.eval_iters, data.batches_per_pass(tokens, block_size, args.batch_size))
+    return min(args.eval_iters, data.batches_per_pass(tokens, block_size, batch_size))
 
 
-def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, block_size: int, say: Callable) -> int:
+def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, batch_size: int, block_size: int,
+                      say: Callable) -> int:
     """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
     fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
     if args.grad_accum != "auto":
@@ -500,8 +600,8 @@ def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, block_
         return saved
     if not probes_memory(env.device):
         return 1
-    accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, args.batch_size, block_size))
-    say(f"--grad_accum auto: micro-batches of {args.batch_size // (env.world * accum)} × {block_size} tokens "
+    accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, batch_size, block_size))
+    say(f"--grad_accum auto: micro-batches of {batch_size // (env.world * accum)} × {block_size} tokens "
         f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
     return accum
 
@@ -510,7 +610,7 @@ def restore(resumed: dict, t: "Learner", args, say: Callable) -> Progress:
     """latest.pt's weights and optimizer states put back; where the run was. A changed flag is noted."""
     fields = checkpoint.restore(resumed, t.raw_model, t.optimizers, t.scaler)
     best_val = fields["best_val_loss"] if fields["best_val_loss"] is not None else math.inf
-    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"])
+    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"], max_steps=fields["max_steps"])
     saved_args = resumed.get("args", {})
     changed = [k for k in ("batch_size", "seed", "dataset", "subset", "sample_size", "val_split", "lr")
                if k in saved_args and saved_args[k] != getattr(args, k)]
@@ -538,12 +638,12 @@ def load_hellaswag(args, env: Env, say: Callable) -> list | None:
     return items
 
 
-def first_plan(config: GPTConfig, args) -> Plan:
+def first_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec) -> Plan:
     """What can be known before any download: the model's size, the tokens of a step, and the data's size
     estimated from --sample_size (exact once prepared)."""
     params, non_embedding = parameter_counts(config)
-    estimate, basis = estimated_data_tokens(args.dataset, args.sample_size)
-    return Plan(params, non_embedding, args.batch_size * config.block_size, args.sample_size, steps=args.max_steps,
+    estimate, basis = estimated_data_tokens(spec.dataset, spec.sample_size)
+    return Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
 
@@ -1074,13 +1174,15 @@ def replan(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budge
             out.bar.total = steps
             out.bar.refresh()
     plan.steps, plan.step_seconds = schedule.max_steps, costs.step
+    run.progress.max_steps = schedule.max_steps
     plan.seconds = out.elapsed() + costs.seconds(step, schedule.max_steps - step)
     if announce:  # the steps and their warnings were said already, unless the budget has just set them
         a = run.settings.flags
         planned = [plan.steps_line(), *plan.warnings(), *warmup_note(a.warmup_steps, schedule.max_steps)] \
             if budget is not None else []
         out.say("\n".join([plan.time_line(out.env.device.type), *planned]))
-        out.metrics.log(**plan.row())
+        sizing = run.settings.sizing
+        out.metrics.log(**plan.row(), **({"sizing": sizing.to_dict()} if sizing else {}))
     return schedule
 
 
@@ -1089,7 +1191,7 @@ def log_step(run: Run, f: StepFigures, tokens_per_s: float, schedule: Schedule, 
     peak = peak_flops(out.env.device)
     flops = run.learner.raw_model.flops_per_token(run.settings.config.block_size)
     mfu = tokens_per_s * flops / (peak * out.env.world) if peak else None
-    lr, cost = run.settings.flags.lr * schedule.lr(f.step), out.cost()
+    lr, cost = run.settings.optimizer.lr * schedule.lr(f.step), out.cost()
     row = dict(step=run.progress.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
                elapsed_s=out.elapsed())
     row |= {"mfu": mfu} if mfu is not None else {}
@@ -1107,7 +1209,7 @@ def validate(run: Run, env: Env, out: Output) -> None:
     s, progress = run.settings, run.progress
     result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
                              env.world, rows=s.micro_batch,
-                             max_tokens=s.eval_batches * s.flags.batch_size * s.config.block_size)
+                             max_tokens=s.eval_batches * s.tokens_per_step)
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
@@ -1183,10 +1285,10 @@ def show_plan(args, env: Env, started: float) -> int:
     """--plan: `start` as the run does it, without preparing data, then a few steps timed on random tokens;
     the plan's steps, time and cost. Nothing is downloaded or written."""
     say = tqdm.write if env.master else (lambda text: None)
-    run = start(args, env, say, dry_run=True)
+    run = start(args, env, say, started, dry_run=True)
     s, plan = run.settings, run.plan
-    plan.step_seconds = run_compiled(run.learner, env, say, lambda: time_random_steps(
-        run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size))
+    plan.step_seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
+        run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
     costs = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0)
     if args.time:
         plan.steps = min(Budget(args.time, started).steps(0, time.monotonic(), costs), s.steps or UNPLANNED_STEPS)
@@ -1202,6 +1304,24 @@ def show_plan(args, env: Env, started: float) -> int:
             lines.append("plan: ...plus downloading and tokenizing the data, not yet done")
     say("\n".join(lines + plan.warnings()))
     return 0
+
+
+def step_seconds(t: Learner, env: Env, micro: int, accum: int, block_size: int, limit: float) -> float:
+    """Seconds a step takes, timed as time_random_steps times it where its steps fit in `limit` seconds; where
+    they do not (a CPU given a large model: the seed's 124M at 128 x 128 tokens takes 84 s a step here),
+    a step of fewer sequences scaled up to the step's, since its time grows with them (at the least, one
+    sequence's). On a GPU a step is timed whole: another shape would compile again."""
+    if env.device.type == "cuda":
+        return time_random_steps(t, env, micro, accum, block_size)
+    started = time.perf_counter()
+    one = time_random_steps(t, env, 1, 1, block_size, steps=1, warmup=1)  # a sequence, after one to warm up
+    left, whole = limit - (time.perf_counter() - started), one * micro * accum
+    if whole * (Pace.WARMUP_STEPS + Pace.TIMED_STEPS) <= left:
+        return time_random_steps(t, env, micro, accum, block_size)
+    fewer = min(micro, int(left / 3 / one))  # sequences whose step takes about a third of what is left
+    if fewer <= 1:
+        return whole
+    return time_random_steps(t, env, fewer, 1, block_size, steps=1, warmup=1) * micro * accum / fewer
 
 
 def time_random_steps(t: Learner, env: Env, micro: int, accum: int, block_size: int, *,
@@ -1237,7 +1357,7 @@ def main(argv=None, started: float | None = None) -> int:
                            "is shown")
         if args.plan:
             return show_plan(args, env, started)
-        run = start(args, env, tqdm.write if env.master else (lambda text: None))
+        run = start(args, env, tqdm.write if env.master else (lambda text: None), started)
         out = Output.open(run, env, started)
         status = train(run, env, out)
         out.close()
