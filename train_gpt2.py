@@ -48,7 +48,7 @@ from metrics import Metrics, print_header, run_header
 from model import ARCH_PRESETS, GPT, GPTConfig, load_state, parameter_counts
 from muon import Muon
 from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S, CHOOSING_SHARE, DEPTHS, FORWARD_SHARE,
-                  OPTIMAL_TOKENS_PER_PARAMETER, Budget, Candidate, Costs, Outcome, Pace, Plan, Sizing, budget_tokens,
+                  HEAD_SIZE, OPTIMAL_TOKENS_PER_PARAMETER, WIDTH_PER_LAYER, Budget, Candidate, Costs, Outcome, Pace, Plan, Sizing, budget_tokens,
                   choose_depth, depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops,
                   scaling_params, sized_batch, sized_lr)
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
@@ -104,6 +104,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--n_layer", type=positive_int, default=None, help=f"(default {shape.n_layer})")
     m.add_argument("--n_head", type=positive_int, default=None, help=f"(default {shape.n_head})")
     m.add_argument("--n_embd", type=positive_int, default=None, help=f"(default {shape.n_embd})")
+    m.add_argument("--depth", type=positive_int, default=None,
+                   help=f"a depth of the family --time chooses from: {WIDTH_PER_LAYER} x DEPTH wide, heads of "
+                        f"{HEAD_SIZE} (12 is GPT-2 124M); with --time, the batch, rates and data sized for it")
     m.add_argument("--dropout", type=dropout_rate, default=0.0)
 
 
@@ -223,6 +226,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.depth and any((args.n_layer, args.n_head, args.n_embd)):
+        p.error("--depth names the whole shape: leave out --n_layer, --n_head and --n_embd")
+    if args.depth and args.init_from != "scratch":
+        p.error("--depth shapes a new model; with --init_from the shape is the weights'")
     if args.arch_option and args.init_from != "scratch":
         p.error("--arch_option shapes a new model; with --init_from the architecture is the weights'")
     try:
@@ -259,12 +266,14 @@ def default_optimizer(init_from: str) -> str:
 def model_config(args, shape: dict | None = None) -> GPTConfig:
     """The shape the flags (or `shape`, what --time chose) name for a model from scratch, GPTConfig's defaults
     (GPT-2 124M) where they are silent."""
-    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS} | (shape or {})
+    shape = shape or (depth_shape(args.depth) if args.depth else {})
+    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS} | shape
     return GPTConfig.from_preset(args.arch or DEFAULT_ARCH, **dict(args.arch_option), **shape, dropout=args.dropout)
 
 
 def sizes_the_model(args) -> bool:
-    """--time with no shape flags chooses the model, its batch and its data; shape flags keep their meaning."""
+    """--time with no shape flags chooses the model, its batch and its data (for --depth, only its batch and
+    data); shape flags keep their meaning."""
     return bool(args.time) and args.init_from == "scratch" and not any((args.n_layer, args.n_head, args.n_embd))
 
 
@@ -461,7 +470,7 @@ def timed_candidates(args, env: Env, block: int, limit: float, seconds: float) -
     candidate (DDP's collectives in step), and rank 0's clock and pace decide."""
     prepared = data.prepared(data.DataSpec.from_args(args)) is not None  # a local corpus prepared before
     candidates = []
-    for depth in DEPTHS:
+    for depth in [args.depth] if args.depth else DEPTHS:
         if candidates and broadcast_from_rank0(env, lambda: time.monotonic() > limit):
             break
         config, batch = model_config(args, depth_shape(depth)), sized_batch(depth, args.batch_size, block, None,
@@ -1307,21 +1316,23 @@ def show_plan(args, env: Env, started: float) -> int:
 
 
 def step_seconds(t: Learner, env: Env, micro: int, accum: int, block_size: int, limit: float) -> float:
-    """Seconds a step takes, timed as time_random_steps times it where its steps fit in `limit` seconds; where
-    they do not (a CPU given a large model: the seed's 124M at 128 x 128 tokens takes 84 s a step here),
-    a step of fewer sequences scaled up to the step's, since its time grows with them (at the least, one
-    sequence's). On a GPU a step is timed whole: another shape would compile again."""
+    """Seconds a step takes, timed as time_random_steps times it where its steps fit in `limit` seconds. Where
+    they do not (a CPU given a large model: the seed's 124M at 128 x 128 tokens takes 84 s a step here), steps
+    of one sequence and of a few are timed and the step's time drawn through them: what a step costs whatever
+    its size (the optimizers' update), plus what each sequence adds. On a GPU a step is timed whole: another
+    shape would compile again."""
     if env.device.type == "cuda":
         return time_random_steps(t, env, micro, accum, block_size)
     started = time.perf_counter()
     one = time_random_steps(t, env, 1, 1, block_size, steps=1, warmup=1)  # a sequence, after one to warm up
-    left, whole = limit - (time.perf_counter() - started), one * micro * accum
-    if whole * (Pace.WARMUP_STEPS + Pace.TIMED_STEPS) <= left:
+    left = limit - (time.perf_counter() - started)
+    if one * micro * accum * (Pace.WARMUP_STEPS + Pace.TIMED_STEPS) <= left:
         return time_random_steps(t, env, micro, accum, block_size)
-    fewer = min(micro, int(left / 3 / one))  # sequences whose step takes about a third of what is left
-    if fewer <= 1:
-        return whole
-    return time_random_steps(t, env, fewer, 1, block_size, steps=1, warmup=1) * micro * accum / fewer
+    few = min(micro * accum, int(left / 2 / one))  # sequences whose two steps take about what is left
+    if few < 2:
+        return one * micro * accum  # the most it can take: as if each sequence cost a whole step
+    per_sequence = max(0.0, (time_random_steps(t, env, few, 1, block_size, steps=1, warmup=0) - one) / (few - 1))
+    return one + per_sequence * (micro * accum - 1)
 
 
 def time_random_steps(t: Learner, env: Env, micro: int, accum: int, block_size: int, *,

@@ -208,15 +208,15 @@ def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamw
 def test_a_slow_step_is_timed_on_fewer_sequences_so_the_plan_answers_in_time(monkeypatch):
     timed = []
 
-    def fake_steps(t, env, micro, accum, block_size, steps=5, warmup=2):  # 2 s a sequence
+    def fake_steps(t, env, micro, accum, block_size, steps=5, warmup=2):  # 3 s a step, and 1 s a sequence
         timed.append(micro * accum)
-        return 2.0 * micro * accum
+        return 3.0 + 1.0 * micro * accum
 
     monkeypatch.setattr(T, "time_random_steps", fake_steps)
     env = T.Env(device=torch.device("cpu"))
-    assert T.step_seconds(None, env, micro=128, accum=1, block_size=128, limit=40.0) == pytest.approx(256.0)
-    assert timed == [1, 6]  # one sequence, then as many as a third of the time left holds: never 128
-    assert T.step_seconds(None, env, micro=2, accum=1, block_size=128, limit=40.0) == pytest.approx(4.0)
+    assert T.step_seconds(None, env, micro=128, accum=1, block_size=128, limit=41.0) == pytest.approx(131.0)
+    assert timed == [1, 5]  # one sequence, then as many as half the time left holds: never 128
+    assert T.step_seconds(None, env, micro=2, accum=1, block_size=128, limit=60.0) == pytest.approx(5.0)
     assert timed[-1] == 2  # a step that fits is timed whole
 
 
