@@ -885,8 +885,17 @@ def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin
     loader = torch.utils.data.DataLoader(
         source, batch_size=None, sampler=range(start_step * source.grad_accum, 2**62),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        generator=torch.Generator())
+        generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_trainer)
     yield from loader
+
+
+def _leave_signals_to_the_trainer(worker: int) -> None:
+    """In a reader process: ignore what the training process handles (Ctrl-C, kill, a hang-up), which reach
+    every process of the group at once; the training process saves and stops, and its readers with it
+    (torch ends them when it does). Killed by one, a reader would end the run before it saved."""
+    import signal
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- the script

@@ -323,6 +323,36 @@ class Sizing:
 
 
 # ----------------------------------------------------------------------------------------------------
+# What a step holds in a CPU's memory
+
+RAM_SHARE = 0.8  # of the memory free, what --grad_accum auto lets a CPU step take (the rest: the data, the OS)
+
+
+def step_bytes(c, micro: int, params: int, amp: bool) -> int:
+    """Bytes a training step of `micro` sequences holds at its peak on a CPU (eager): what autograd keeps of
+    each block (Korthikanti et al. 2022, "Reducing Activation Recomputation": 34 C + 5 heads T bytes a token
+    a layer in 16-bit, twice that in fp32), the logits and their gradient, and 16 bytes a parameter (weights,
+    gradients, two moments). For the seed's command (124M, 128 x 128 tokens, fp32) 21.9 GB: a CPU run of it
+    here held 22-23.7 GB before the kernel killed it."""
+    tokens, width = micro * c.block_size, 2 if amp else 4
+    blocks = tokens * c.n_layer * (34 * c.n_embd + 5 * c.n_head * c.block_size) * width // 2
+    logits = 2 * tokens * c.padded_vocab_size * width
+    return blocks + logits + 16 * params
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # The way home
 
 
@@ -338,6 +368,22 @@ def copy_home_commands(checkpoint: Path) -> list[str]:
     scp = f"scp {'-P ' + port + ' ' if port else ''}{source} ./checkpoints/"
     return [scp, "python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
                  "--max_tokens 50"]
+
+
+# Addresses a machine has behind NAT or in a container (RFC 1918, carrier-grade NAT, IPv6 unique local).
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+
+
+def ssh_address_is_private() -> bool:
+    """Whether the address this SSH session arrived at is one of PRIVATE_NETWORKS."""
+    import ipaddress
+    connection = os.environ.get("SSH_CONNECTION", "").split()
+    try:
+        address = ipaddress.ip_address(connection[2]) if len(connection) == 4 else None
+    except ValueError:
+        return False
+    return address is not None and any(address in ipaddress.ip_network(n) for n in PRIVATE_NETWORKS
+                                       if ipaddress.ip_network(n).version == address.version)
 
 
 @dataclass
@@ -364,6 +410,9 @@ class Outcome:
         if self.checkpoint.exists():
             lines += [f"best model: {self.checkpoint.resolve()}", "to talk to it on your laptop:"]
             lines += [f"  {command}" for command in copy_home_commands(self.checkpoint)]
+            if ssh_address_is_private():
+                lines.append("  (that address is this machine's own, private one, as SSH sees it behind NAT or "
+                             "in a container: from your laptop, use the address you connect to)")
         return lines
 
 

@@ -41,16 +41,17 @@ from tqdm import tqdm
 import checkpoint
 import data
 from common import (EOT, ArgumentParser, CheckpointError, UnusableGPU, UserError, clean_temporaries, dropout_rate,
-                    first_line, non_negative_float, non_negative_int, open_fraction, pick_device, positive_float,
-                    positive_int)
+                    first_line, forgive_gone_readers, non_negative_float, non_negative_int, open_fraction, pick_device,
+                    positive_float, positive_int)
 from eval import validation_loss
 from metrics import Metrics, print_header, run_header
 from model import ARCH_PRESETS, GPT, GPTConfig, load_state, parameter_counts
 from muon import Muon
-from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S, CHOOSING_SHARE, DEPTHS, FORWARD_SHARE,
-                  HEAD_SIZE, OPTIMAL_TOKENS_PER_PARAMETER, WIDTH_PER_LAYER, Budget, Candidate, Costs, Outcome, Pace, Plan, Sizing, budget_tokens,
-                  choose_depth, depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops,
-                  scaling_params, sized_batch, sized_lr)
+from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S, CHOOSING_SHARE, DEPTHS,
+                  FORWARD_SHARE, HEAD_SIZE, OPTIMAL_TOKENS_PER_PARAMETER, RAM_SHARE, WIDTH_PER_LAYER, Budget,
+                  Candidate, Costs, Outcome, Pace, Plan, Sizing, available_memory, budget_tokens, choose_depth,
+                  depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops, scaling_params,
+                  sized_batch, sized_lr, step_bytes)
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
                      local_rank0_first, only_on_rank0, setup_env)
 
@@ -60,6 +61,9 @@ DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 # With --time, the run's steps until a few have been timed and the budget can set them (replan).
 UNPLANNED_STEPS = 2**62
+# latest.pt is saved by the clock too, so that a kill -9 or the kernel's out-of-memory killer loses at most
+# this much: first this long after training starts, then at this interval (as well as --checkpoint_interval).
+FIRST_SAVE_S, SAVE_EVERY_S = 180.0, 600.0
 # --plan times steps for at most this long, so that it answers within about a minute on any machine.
 PLAN_TIMING_S = 40.0
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
@@ -137,7 +141,11 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--cooldown_frac", type=open_fraction, default=0.5, help="wsd: the decaying share of the run")
     o.add_argument("--warmup_steps", type=non_negative_int, default=700)
     o.add_argument("--max_steps", type=positive_int, default=None,
-                   help="optimizer steps in the run (default: --epochs over the training split)")
+                   help="optimizer steps in the run (default: --epochs over the training split; on --resume, the "
+                        "run's own plan)")
+    o.add_argument("--reschedule", action="store_true",
+                   help="on --resume with more --max_steps than planned: decay anew from the peak rate (by default "
+                        "a run extended after its decay began keeps the rate where the decay left it)")
     o.add_argument("--epochs", type=positive_float, default=4.0,
                    help="passes over the training split when --max_steps is not given; up to about 4 repeats cost "
                         "little against fresh data (Muennighoff et al. 2023)")
@@ -316,8 +324,11 @@ class Schedule:
     max_steps: int
     cooldown_frac: float
     floor: float
+    held: float | None = None  # a run extended after its decay began keeps this share (Settings.held_lr)
 
     def lr(self, step: int) -> float:
+        if self.held is not None:
+            return self.held
         return lr_scale(step, self.warmup, self.max_steps, self.kind, self.cooldown_frac, self.floor)
 
 
@@ -336,6 +347,7 @@ class Settings:
     eval_batches: int  # validation batches an evaluation reads: --eval_iters, at most one pass over the split
     data: data.DataSpec  # the data flags, --sample_size as --time sized it
     sizing: Sizing | None  # what --time chose, and why
+    held_lr: float | None = None  # a resumed run made longer after its decay began: the rate's share, held
 
     @property
     def micro_batch(self) -> int:
@@ -349,7 +361,7 @@ class Settings:
         """The learning-rate schedule of a run of max_steps (the warmup cut to 10% if it does not fit)."""
         a = self.flags
         return Schedule(a.schedule, fitting_warmup(a.warmup_steps, max_steps), max_steps, a.cooldown_frac,
-                        a.min_lr / a.lr)
+                        a.min_lr / a.lr, self.held_lr)
 
     def to_dict(self) -> dict:
         """As checkpoints and metrics.jsonl record it (the flags are recorded beside it, as `args`)."""
@@ -381,11 +393,13 @@ class Progress:
     best_step: int | None = None
     hellaswag: float | None = None  # the last acc_norm scored
     max_steps: int | None = None  # the schedule's end as planned so far (with --time, once timed)
+    tokens: int = 0  # trained, whatever batch each step had
 
     def fields(self, init_from: str) -> dict:
         """As checkpoints record it (checkpoint.py's format)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                "best_step": self.best_step, "max_steps": self.max_steps, "init_from": init_from}
+                "best_step": self.best_step, "max_steps": self.max_steps, "tokens": self.tokens,
+                "init_from": init_from}
 
 
 @dataclass
@@ -426,13 +440,14 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
         batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, batch_size, seed=args.seed,
                                    rank=env.rank, world_size=env.world, grad_accum=grad_accum)
         val = validation_split(cache, config.block_size, batch_size, args.seed)
-    settings = Settings(args, config, optimizer, batch_size, grad_accum, env.world,
-                        planned_steps(args, plan, config.block_size, batch_size, resumed),
-                        eval_batches(args, plan, val, config.block_size, batch_size), spec, sizing)
+    steps = planned_steps(args, plan, config.block_size, batch_size, resumed)
+    settings = Settings(args, config, optimizer, batch_size, grad_accum, env.world, steps,
+                        eval_batches(args, plan, val, config.block_size, batch_size), spec, sizing,
+                        held_lr(args, resumed, steps))
     plan.steps = settings.steps
     if not dry_run and not args.time:
         say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
-    progress = restore(resumed, t, args, say) if resumed else Progress(max_steps=settings.steps)
+    progress = restore(resumed, t, settings, say) if resumed else Progress(max_steps=settings.steps)
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     return Run(settings, t, progress, plan, batches, val, hellaswag)
 
@@ -517,9 +532,13 @@ def data_note(sizing: Sizing | None, tokens: int) -> list[str]:
 
 
 def refuse_overwriting(args, env: Env) -> None:
-    latest = Path(args.save_dir) / checkpoint.LATEST
-    if broadcast_from_rank0(env, lambda: not args.resume and latest.exists()):
-        raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
+    """A new run writes over nothing an earlier one left in --save_dir (its checkpoints, its metrics)."""
+    names = (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl")
+    earlier = broadcast_from_rank0(env, lambda: next((str(Path(args.save_dir) / name) for name in names
+                                                      if not args.resume and (Path(args.save_dir) / name).exists()),
+                                                     None))
+    if earlier:
+        raise CheckpointError(f"{earlier} is from an earlier run: continue it with --resume, "
                               "or choose another --save_dir (nothing was overwritten)")
 
 
@@ -601,33 +620,86 @@ def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int
 def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, batch_size: int, block_size: int,
                       say: Callable) -> int:
     """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
-    fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
-    if args.grad_accum != "auto":
-        return args.grad_accum
+    fewest micro-steps whose micro-batch fits in its memory (probed); on a CPU, the fewest whose step's
+    estimated memory fits in what is free (step_bytes). A CPU step that cannot fit is refused in one line."""
     saved = checkpoint.saved_run(resumed).get("grad_accum") if resumed else None
-    if isinstance(saved, int):
-        return saved
-    if not probes_memory(env.device):
-        return 1
-    accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, batch_size, block_size))
-    say(f"--grad_accum auto: micro-batches of {batch_size // (env.world * accum)} × {block_size} tokens "
-        f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
-    return accum
+    accum = args.grad_accum if args.grad_accum != "auto" else saved if isinstance(saved, int) else None
+    if accum is None and probes_memory(env.device):
+        accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, batch_size, block_size))
+        say(f"--grad_accum auto: micro-batches of {batch_size // (env.world * accum)} × {block_size} tokens "
+            f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
+    if env.device.type == "cpu":
+        return fitting_in_ram(t.raw_model, batch_size // env.world, accum, env, say)
+    return accum or 1
 
 
-def restore(resumed: dict, t: "Learner", args, say: Callable) -> Progress:
-    """latest.pt's weights and optimizer states put back; where the run was. A changed flag is noted."""
+def fitting_in_ram(model: GPT, per_rank: int, accum: int | None, env: Env, say: Callable) -> int:
+    """accum, or (None: auto) the fewest micro-steps whose step fits in RAM_SHARE of the memory free, by
+    step_bytes' estimate; UserError before the run starts where the step cannot fit (rather than the kernel
+    killing it an hour in)."""
+    free, c = available_memory(), model.config
+    if free is None:
+        return accum or 1
+    free //= env.world  # the processes of this machine share it
+    need = lambda micro: step_bytes(c, micro, model.num_params(), env.amp_dtype is not None)
+    gb = lambda n: f"{n / 1e9:,.1f} GB"
+    if accum is not None:
+        micro = per_rank // accum
+        if need(micro) > free:
+            fit = next((m for m in micro_batch_sizes(per_rank) if need(m) <= RAM_SHARE * free), None)
+            advice = f"--grad_accum {per_rank // fit} (micro-batches of {fit}) fits" if fit else "a smaller model"
+            raise UserError(f"a step of micro-batches of {micro} × {c.block_size} tokens needs about {gb(need(micro))} "
+                            f"of memory and {gb(free)} is free: {advice}, or lower --batch_size")
+        return accum
+    for micro in micro_batch_sizes(per_rank):
+        if need(micro) <= RAM_SHARE * free:
+            if micro < per_rank:
+                say(f"--grad_accum auto: micro-batches of {micro} × {c.block_size} tokens fit in cpu memory (about "
+                    f"{gb(need(micro))} of {gb(free)} free): {per_rank // micro} accumulation steps")
+            return per_rank // micro
+    raise UserError(f"even one sequence of {c.block_size} tokens needs about {gb(need(1))} of memory and {gb(free)} "
+                    "is free: train a smaller model, or lower --block_size")
+
+
+def restore(resumed: dict, t: "Learner", settings: Settings, say: Callable) -> Progress:
+    """latest.pt's weights and optimizer states put back; where the run was. Each setting that changed says
+    so in a line (shape, optimizer and starting point are refused earlier: no continuation with them)."""
     fields = checkpoint.restore(resumed, t.raw_model, t.optimizers, t.scaler)
     best_val = fields["best_val_loss"] if fields["best_val_loss"] is not None else math.inf
-    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"], max_steps=fields["max_steps"])
-    saved_args = resumed.get("args", {})
-    changed = [k for k in ("batch_size", "seed", "dataset", "subset", "sample_size", "val_split", "lr")
-               if k in saved_args and saved_args[k] != getattr(args, k)]
-    if changed:
-        say(f"note: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
-    say(f"resumed from {Path(args.save_dir) / checkpoint.LATEST} at step {progress.step} "
+    tokens = fields["tokens"] if fields["tokens"] is not None else fields["step"] * settings.tokens_per_step
+    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"],
+                        max_steps=fields["max_steps"], tokens=tokens)
+    say("\n".join(resume_notes(resumed, settings, progress)))
+    say(f"resumed from {Path(settings.flags.save_dir) / checkpoint.LATEST} at step {progress.step} "
         f"(best validation loss {progress.best_val:.4f})")
     return progress
+
+
+def resume_notes(resumed: dict, s: Settings, progress: Progress) -> list[str]:
+    """A line for each setting of the run latest.pt continues that is now another, old and new named."""
+    saved_run, saved_args, a = checkpoint.saved_run(resumed), resumed.get("args", {}), s.flags
+    now = {"batch_size": s.batch_size, "lr": s.optimizer.lr} | {
+        k: getattr(a, k) for k in ("seed", "schedule", "warmup_steps", "cooldown_frac", "min_lr", "muon_lr",
+                                   "weight_decay", "muon_weight_decay", "dropout")} | dataclasses.asdict(s.data)
+    was = saved_args | saved_run.get("data", {}) | {k: saved_run[k] for k in ("batch_size", "lr") if k in saved_run}
+    notes = [f"note: --resume: {k} {now[k]}, was {was[k]}: the run will not match an uninterrupted one"
+             for k in now if k in was and was[k] != now[k] and k != "data_cache"]
+    if progress.max_steps and s.steps and s.steps != progress.max_steps:
+        held = f"; the learning rate stays at {s.optimizer.lr * s.held_lr:.2e}, where the decay left it " \
+               "(--reschedule plans the decay anew)" if s.held_lr is not None else ""
+        notes.append(f"note: --resume: {s.steps:,} steps, the run had planned {progress.max_steps:,}{held}")
+    return notes
+
+
+def held_lr(args, resumed: dict | None, steps: int | None) -> float | None:
+    """On --resume with more steps than the run had planned, the share of the peak rate the decay had reached
+    at the step resumed, if it had begun (the rate then stays there); None: the schedule as planned."""
+    saved, step = (resumed.get("max_steps"), resumed.get("step", 0)) if resumed else (None, 0)
+    if not saved or not steps or steps <= saved or args.reschedule:
+        return None
+    warmup = fitting_warmup(args.warmup_steps, saved)
+    scale = lr_scale(step, warmup, saved, args.schedule, args.cooldown_frac, args.min_lr / args.lr)
+    return scale if scale < 1.0 and step >= warmup else None
 
 
 def load_hellaswag(args, env: Env, say: Callable) -> list | None:
@@ -1027,9 +1099,9 @@ class Figures:
 
 
 class SignalStop:
-    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step; a second one quits at once.
-
-    SIGHUP is what a dropped SSH connection sends: the run saves latest.pt rather than dying mid-step.
+    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step: it saves latest.pt and
+    stops. A second Ctrl-C quits at once; more SIGTERMs and SIGHUPs change nothing (a dropped SSH
+    connection can send the hang-up twice: to the shell's jobs, and to the terminal's process group).
     """
 
     def __init__(self):
@@ -1038,8 +1110,9 @@ class SignalStop:
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
-        self.received = signum
-        signal.signal(signum, signal.SIG_DFL)
+        self.received = self.received or signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 @dataclass
@@ -1103,6 +1176,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         if run.hellaswag is not None:
             score_hellaswag(run, env, out)
     t.model.train()
+    next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
     while progress.step < schedule.max_steps:
         # The step, queued on the device; its figures are read a step later, so the CPU never waits for it.
         micro_batches = [next(batches) for _ in range(s.grad_accum)]
@@ -1111,7 +1185,7 @@ def train(run: Run, env: Env, out: Output) -> int:
             lr_scale=schedule.lr(progress.step), muon_momentum=muon_momentum_at(progress.step, a.muon_momentum),
             stop=signals.received is not None))
         figures.queued(progress.step, stats)
-        progress.step += 1
+        progress.step, progress.tokens = progress.step + 1, progress.tokens + s.tokens_per_step
         out.bar.update(1)
         step = progress.step
 
@@ -1129,7 +1203,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         log = step % a.log_interval == 0 or end
         hellaswag = run.hellaswag is not None and (step % a.hellaswag_interval == 0 or end)
         evaluate = step % a.eval_interval == 0 or end
-        save = step % a.checkpoint_interval == 0 or end or stop
+        save = step % a.checkpoint_interval == 0 or end or stop or time.monotonic() >= next_save
         if not (log or hellaswag or evaluate or save):
             continue
         figures.latest()  # a log line, an evaluation or a checkpoint only ever follows a finite step
@@ -1148,6 +1222,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         if save:
             with pace.leave_out():
                 save_latest(run, out)
+            next_save = time.monotonic() + SAVE_EVERY_S
         pace.restart(step)  # the pace is the training's, without these
         if stop:
             return stopped(run, env, out, signals.received)
@@ -1219,17 +1294,22 @@ def validate(run: Run, env: Env, out: Output) -> None:
     result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
                              env.world, rows=s.micro_batch,
                              max_tokens=s.eval_batches * s.tokens_per_step)
+    first = progress.val_loss is None
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
         progress.best_val, progress.best_step = progress.val_loss, progress.step
     perplexity = math.exp(min(progress.val_loss, 50))
-    out.say(f"step {progress.step}: validation loss {progress.val_loss:.4f} (perplexity {perplexity:.1f}, "
+    out.say(f"step {progress.step}: validation loss {result['loss']:.4f} (perplexity {perplexity:.1f}, "
             f"{result['bpb']:.4f} bits per byte){' - best so far, saved' if improved else ''}")
+    if first and result["tokens"] < run.val.num_tokens - run.val.num_tokens // (s.config.block_size + 1):
+        out.say(f"note: the run's validation loss is over the first {result['tokens']:,} tokens of the validation "
+                "split (--eval_iters); eval.py --tasks val scores all of it, so its figure differs a little")
     out.metrics.log(step=progress.step, val_loss=progress.val_loss, val_ppl=perplexity, val_bpb=result["bpb"])
     out.metrics.plot()
     if improved and env.master:
-        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress.fields(s.flags.init_from))
+        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress.fields(s.flags.init_from),
+                             s.to_dict())
 
 
 def score_hellaswag(run: Run, env: Env, out: Output) -> None:
@@ -1276,7 +1356,7 @@ def stopped(run: Run, env: Env, out: Output, signum: int | None) -> int:
 def summarise(run: Run, out: Output, how: str) -> None:
     """The summary a run ends with: what it reached, its time and cost, and the way home."""
     p, seconds = run.progress, out.elapsed()
-    outcome = Outcome(steps=p.step, tokens=p.step * run.settings.tokens_per_step, seconds=seconds,
+    outcome = Outcome(steps=p.step, tokens=p.tokens, seconds=seconds,
                       best_val=p.best_val if p.best_step is not None else None, best_step=p.best_step,
                       checkpoint=out.save_dir / checkpoint.BEST, price_per_hour=out.price_per_hour,
                       hellaswag=p.hellaswag, planned_seconds=run.plan.seconds)
@@ -1357,6 +1437,7 @@ def main(argv=None, started: float | None = None) -> int:
     """`python train_gpt2.py`: the run (or --plan), its errors as one line. `started`: when the process
     started (--time counts from it); by default, now."""
     started = time.monotonic() if started is None else started
+    forgive_gone_readers()
     args = parse_args(argv)
     env, notes = setup_env(args.device, args.amp, args.compile)
     out = None
