@@ -8,6 +8,7 @@ step, CPU decoding and tokenizing; and, apart from speed, the validation loss re
     python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
     python bench.py --update                          # the optimizer step: operators, Newton-Schulz FLOPs, save stall
     python bench.py --recipes --train_flags "..."     # not speed: validation loss per step of whole runs
+    python bench.py --budgets 3m,10m --train_flags "..."  # what --time chooses, against a grid of depths
 
 Figures are printed (and with --json written as one JSON object); nothing here asserts a speed.
 """
@@ -770,8 +771,9 @@ def train_recipe(name: str, flags: str, common: list[str], runs: Path, threads: 
             f.write(json.dumps({"done": True, "seconds": time.perf_counter() - started}) + "\n")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    sizing = next((r["run"]["sizing"] for r in rows if r.get("event") == "start"), None)  # what --time chose
     return {"recipe": name, "flags": flags, "evals": evals, "final": evals[-1][1], "steps": evals[-1][0],
-            "seconds": rows[-1]["seconds"]}
+            "seconds": rows[-1]["seconds"], "sizing": sizing}
 
 
 def steps_to(target: float, evals: list[tuple[int, float]]) -> float | None:
@@ -811,6 +813,35 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
 
 TRAIN_COLUMNS = [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
                  ("mfu", "MFU", ".1%"), ("peak_memory_gib", "peak GiB", ".1f")]
+
+
+def compare_budgets(budgets: list[str], depths: list[int], common: list[str], runs: Path) -> list[dict]:
+    """--budgets: for each budget, train_gpt2.py --time T alone (it chooses the depth) and --time T --depth D for
+    each of `depths` (the same rule sizing only D's batch, rates and data), one after another on the whole
+    machine, on the same data: each run's final validation loss, its depth, and from outside, the process's
+    whole time against the budget."""
+    import data
+    data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before any run's clock starts
+    rows = []
+    for budget in budgets:
+        for name, flags in [("chosen", ""), *((f"depth {d}", f"--depth {d}") for d in depths)]:
+            r = train_recipe(f"{budget}-{name.replace(' ', '')}", f"--time {budget} {flags}", common, runs,
+                             os.cpu_count() or 1)
+            rows.append({"budget": budget, "run": name, "final": r["final"], "steps": r["steps"],
+                         "depth": r["sizing"]["depth"], "batch": r["sizing"]["batch"], "seconds": r["seconds"],
+                         "choosing_s": r["sizing"]["seconds"] if name == "chosen" else None})
+            print(f"measured: --time {budget} {flags or '(chooses)'}: depth {rows[-1]['depth']}, final validation "
+                  f"loss {r['final']:.4f}, {r['steps']} steps, {r['seconds']:.0f} s from launch to exit", flush=True)
+    print_table(rows, [("budget", "budget", "s"), ("run", "run", "s"), ("depth", "depth", "d"), ("batch", "batch", "d"),
+                       ("steps", "steps", "d"), ("final", "final val", ".4f"), ("seconds", "wall s", ".0f"),
+                       ("choosing_s", "choosing s", ".1f")])
+    for budget in budgets:
+        mine = [r for r in rows if r["budget"] == budget]
+        best = min((r for r in mine if r["run"] != "chosen"), key=lambda r: r["final"])
+        chosen = next(r for r in mine if r["run"] == "chosen")
+        print(f"--time {budget}: chose depth {chosen['depth']} at {chosen['final']:.4f}; the grid's best, depth "
+              f"{best['depth']}, {best['final']:.4f}: {chosen['final'] - best['final']:+.4f}")
+    return rows
 
 
 def training_speed(base: Setting, settings: list[Setting], steps: int, warmup: int, device: torch.device, *,
@@ -879,6 +910,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "dispatched, Newton-Schulz FLOPs, the loop's stall per save")
     p.add_argument("--hellaswag", action="store_true", help="eval.py's HellaSwag scoring speed, GPT-2 124M")
     p.add_argument("--core", action="store_true", help="eval.py's CORE scoring speed, GPT-2 124M, and the whole CORE's time")
+    b = p.add_argument_group("budgets: what --time chooses against a grid of depths (python bench.py --budgets ...)")
+    b.add_argument("--budgets", default=None, metavar="T1,T2",
+                   help="train --time T alone and with each of --depths, for each budget, on --train_flags' data")
+    b.add_argument("--depths", default="2,4,6,12", metavar="D1,D2", help="the grid of depths (default %(default)s)")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
                    "the same data, shape, batch and steps, and compare their validation loss")
@@ -919,9 +954,12 @@ def main(argv=None):
           f"git {report['machine']['git']}")
     if peak_flops(device):
         print(f"MFU against a dense bf16 peak of {peak_flops(device) / 1e12:.0f} TFLOP/s")
-    if (args.train or args.loop) and not args.recipes:  # --recipes compares quality per step, not speed
+    if (args.train or args.loop) and not (args.recipes or args.budgets):  # those compare quality, not speed
         training_speed(base, settings_to_run(base, args.vary, args.also), steps, warmup, device, report=report,
                        keep=keep, table=args.train, loop=args.loop)
+    if args.budgets:
+        report["budgets"] = compare_budgets(args.budgets.split(","), [int(d) for d in args.depths.split(",")],
+                                            args.train_flags.split(), args.runs)
     if args.recipes:
         recipes = RECIPES | dict(args.recipe)
         if args.only:

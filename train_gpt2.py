@@ -1396,23 +1396,36 @@ def show_plan(args, env: Env, started: float) -> int:
 
 
 def step_seconds(t: Learner, env: Env, micro: int, accum: int, block_size: int, limit: float) -> float:
-    """Seconds a step takes, timed as time_random_steps times it where its steps fit in `limit` seconds. Where
-    they do not (a CPU given a large model: the seed's 124M at 128 x 128 tokens takes 84 s a step here), steps
-    of one sequence and of a few are timed and the step's time drawn through them: what a step costs whatever
-    its size (the optimizers' update), plus what each sequence adds. On a GPU a step is timed whole: another
-    shape would compile again."""
+    """Seconds a step takes, timed as time_random_steps times it where its steps fit in `limit` seconds.
+    Where they do not (a CPU given a large model: the seed's 124M at 128 x 128 tokens took 84 s a step here,
+    27 of them Muon's update, whatever the batch), the step is drawn from its parts (time_parts): the update,
+    once a step, and forward and backward over one sequence and over as many as the time left allows,
+    for what a micro-step costs whatever its size and what each sequence adds. On a GPU a step is timed whole:
+    another shape would compile again."""
     if env.device.type == "cuda":
         return time_random_steps(t, env, micro, accum, block_size)
     started = time.perf_counter()
-    one = time_random_steps(t, env, 1, 1, block_size, steps=1, warmup=1)  # a sequence, after one to warm up
+    backward, update = time_parts(t, env, 1, block_size)
+    if backward + update < 1.0:  # quick: the first call's warm-up was in it, so again
+        backward, update = time_parts(t, env, 1, block_size)
     left = limit - (time.perf_counter() - started)
-    if one * micro * accum * (Pace.WARMUP_STEPS + Pace.TIMED_STEPS) <= left:
+    if (accum * micro * backward + update) * (Pace.WARMUP_STEPS + Pace.TIMED_STEPS) <= left:
         return time_random_steps(t, env, micro, accum, block_size)
-    few = min(micro * accum, int(left / 2 / one))  # sequences whose two steps take about what is left
-    if few < 2:
-        return one * micro * accum  # the most it can take: as if each sequence cost a whole step
-    per_sequence = max(0.0, (time_random_steps(t, env, few, 1, block_size, steps=1, warmup=0) - one) / (few - 1))
-    return one + per_sequence * (micro * accum - 1)
+    few = min(micro, int(left / 2 / backward))  # sequences whose forward and backward take half of what is left
+    per_sequence = backward
+    if few >= 2:
+        per_sequence = max(0.0, (time_parts(t, env, few, block_size)[0] - backward) / (few - 1))
+    return accum * (backward + per_sequence * (micro - 1)) + update
+
+
+def time_parts(t: Learner, env: Env, micro: int, block_size: int) -> tuple[float, float]:
+    """Seconds of a step's forward and backward over micro random sequences, and of its update (CPU: no wait)."""
+    x = torch.randint(0, t.raw_model.config.vocab_size, (micro, block_size + 1), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    loss = accumulate_gradients(t, [(x[:, :-1].contiguous(), x[:, 1:].contiguous())], env=env, step=0, seed=0)
+    middle = time.perf_counter()
+    step_optimizers(t, loss, env=env, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)
+    return middle - started, time.perf_counter() - middle
 
 
 def time_random_steps(t: Learner, env: Env, micro: int, accum: int, block_size: int, *,

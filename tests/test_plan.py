@@ -205,19 +205,20 @@ def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamw
     assert P.documents_for("./my_texts", 950_000, 0.05) is None  # local text: what there is
 
 
-def test_a_slow_step_is_timed_on_fewer_sequences_so_the_plan_answers_in_time(monkeypatch):
+def test_a_slow_step_is_drawn_from_its_parts_so_the_plan_answers_in_time(monkeypatch):
     timed = []
 
-    def fake_steps(t, env, micro, accum, block_size, steps=5, warmup=2):  # 3 s a step, and 1 s a sequence
-        timed.append(micro * accum)
-        return 3.0 + 1.0 * micro * accum
+    def parts(t, env, micro, block_size):  # forward and backward: 0.5 s, and 1 s a sequence; the update 20 s
+        timed.append(micro)
+        return 0.5 + 1.0 * micro, 20.0
 
-    monkeypatch.setattr(T, "time_random_steps", fake_steps)
+    monkeypatch.setattr(T, "time_parts", parts)
+    monkeypatch.setattr(T, "time_random_steps", lambda *a, **k: pytest.fail("too slow to be timed whole"))
     env = T.Env(device=torch.device("cpu"))
-    assert T.step_seconds(None, env, micro=128, accum=1, block_size=128, limit=41.0) == pytest.approx(131.0)
-    assert timed == [1, 5]  # one sequence, then as many as half the time left holds: never 128
-    assert T.step_seconds(None, env, micro=2, accum=1, block_size=128, limit=60.0) == pytest.approx(5.0)
-    assert timed[-1] == 2  # a step that fits is timed whole
+    assert T.step_seconds(None, env, micro=128, accum=2, block_size=128, limit=40.0) == pytest.approx(2 * 128.5 + 20)
+    assert timed == [1, 13]  # one sequence, then as many as half the time left holds: never 128
+    monkeypatch.setattr(T, "time_random_steps", lambda t, env, micro, accum, block_size: 7.0)
+    assert T.step_seconds(None, env, micro=1, accum=1, block_size=128, limit=1e4) == 7.0  # fits: timed whole
 
 
 def sized_args(corpus_dir, data_cache, save, *extra) -> list[str]:
