@@ -8,6 +8,7 @@ step, CPU decoding and tokenizing; and, apart from speed, the validation loss re
     python bench.py --tiny --loop --decode --tokenize # seconds on a CPU (the smoke test CI runs)
     python bench.py --update                          # the optimizer step: operators, Newton-Schulz FLOPs, save stall
     python bench.py --recipes --train_flags "..."     # not speed: validation loss per step of whole runs
+    python bench.py --budgets 3m,10m --train_flags "..."  # what --time chooses, against a grid of depths
 
 Figures are printed (and with --json written as one JSON object); nothing here asserts a speed.
 """
@@ -450,11 +451,12 @@ def _alternate(runs: dict, n_tokens: int, rounds: int) -> tuple[dict, dict]:
 
 def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, prompt_len: int = 5,
                  rounds: int = 3) -> dict:
-    """Greedy tokens/s of transformers (fp32) and of model.generate as sample.py runs it (fp32, bf16, int8).
+    """Greedy tokens/s of transformers (fp32), of model.generate as sample.py runs it (fp32, bf16, int8, int4) and,
+    where llama-cpp-python is installed, of llama.cpp on export_gguf.py's files of the same weights (f16, q8_0, q4_0).
 
-    The same random-init GPT-2 weights go through save_pretrained/from_pretrained on both sides; medians
+    The same random-init GPT-2 weights go through save_pretrained/from_pretrained on every side; medians
     and bests of alternating rounds, the agreement of each dtype with fp32, the memory-bandwidth bound,
-    which dtype --dtype auto's probe picks, and sample.py's start-up to its first token.
+    which dtype --dtype auto's probe picks, each side's load time, and sample.py's start-up to its first token.
     """
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
@@ -472,6 +474,9 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
         ours = {name: sample.load(tmp, cpu, dtype)[0] for name, dtype in DECODE_DTYPES.items()}
         checkpoint = Path(tmp) / "model.pt"
         save_checkpoint(checkpoint, ours["fp32"], step=0, val_loss=None)
+        load_s = {f"ours_{name}": _load_seconds(lambda d=dtype: sample.load(str(checkpoint), cpu, d)) for name, dtype
+                  in DECODE_DTYPES.items()}
+        peers, nbytes, peer_load_s = llama_cpp_peers(checkpoint, Path(tmp))
         startup = time_startup(checkpoint, runs=1 if tiny else 3)
     prompt = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
 
@@ -483,18 +488,81 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
 
     runs = {"hf_fp32": run_hf} | {f"ours_{name}": (lambda m=m: list(m.generate(
         prompt, n_tokens, temperature=0, stop_at_eot=False))) for name, m in ours.items()}
+    runs |= {name: (lambda llm=llm: llama_cpp_greedy(llm, prompt, n_tokens)) for name, llm in peers.items()}
     speeds, tokens = _alternate(runs, n_tokens, rounds)
+    for llm in peers.values():
+        llm.close()  # now, rather than in llama-cpp-python's __del__ as the interpreter shuts down (which fails noisily)
     report = {"shape": "tiny" if tiny else shape, "params": ours["fp32"].num_params(), "n_tokens": n_tokens,
               "prompt_len": prompt_len, "rounds": rounds, "threads": torch.get_num_threads(),
-              "cpu": cpu_decoding.probe_key(), "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"]}
+              "cpu": cpu_decoding.probe_key(), "load_avg": os.getloadavg(), "peers": list(peers),
+              "greedy_fp32_equals_hf": tokens["ours_fp32"] == tokens["hf_fp32"]}
     report |= _probe_figures()
-    report |= _speed_figures(speeds, ours, memory_bandwidth(tiny))
+    nbytes |= {name: weight_bytes_per_token(ours["fp32" if name == "hf_fp32" else name.removeprefix("ours_")])
+               for name in runs if not name.startswith("llama_")}
+    report |= _speed_figures(speeds, nbytes, memory_bandwidth(tiny))
     path = prompt + tokens["ours_fp32"]
     report |= {f"{name}_vs_fp32": argmax_agreement(ours["fp32"], ours[name], [path]) for name in DECODE_DTYPES
                if name != "fp32"}
+    report |= {f"{name}_greedy_same_as_fp32": _same_prefix(tokens[name], tokens["ours_fp32"]) for name in peers}
+    report |= {f"{name}_load_s": seconds for name, seconds in (load_s | peer_load_s).items()}
     report |= startup
     _print_decode(report)
     return report
+
+
+# llama.cpp's types the decoding benchmark runs, each beside sample.py's layout of the same bits (bf16, int8, int4).
+LLAMA_CPP_TYPES = ("f16", "q8_0", "q4_0")
+
+
+def llama_cpp_peers(checkpoint: Path, directory: Path) -> tuple[dict, dict, dict]:
+    """llama.cpp on export_gguf.py's files of the checkpoint, one per LLAMA_CPP_TYPES, on torch's thread count:
+    ({run name: Llama}, {run name: weight bytes a token reads}, {run name: seconds to load}); empty where
+    llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+        from gguf import GGUFReader
+    except ImportError:
+        print("llama-cpp-python or gguf is not installed: no llama.cpp peer (pip install -r requirements-dev.txt)")
+        return {}, {}, {}
+    import export_gguf
+    peers, nbytes, load_s = {}, {}, {}
+    for kind in LLAMA_CPP_TYPES:
+        path = directory / f"model-{kind}.gguf"
+        export_gguf.export(str(checkpoint), path, kind)
+        # Every tensor is read whole per token but the position table (one row); GPT-2's tied token table
+        # is read whole as the output layer.
+        nbytes[f"llama_{kind}"] = sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name != "position_embd.weight")
+        # In memory rather than mapped: the file goes with the temporary directory. Its threads as torch's, so
+        # both sides use the same cores (llama-cpp-python's default is half the cores); the context the model's.
+        load = lambda: llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=torch.get_num_threads(),
+                                       use_mmap=False, verbose=False)
+        load_s[f"llama_{kind}"] = _load_seconds(load)
+        peers[f"llama_{kind}"] = load()
+    return peers, nbytes, load_s
+
+
+def llama_cpp_greedy(llm, prompt: list[int], n_tokens: int) -> list[int]:
+    """n_tokens greedy tokens from llama.cpp as a Python user runs it (llama-cpp-python's generate, its sampler)."""
+    out = []
+    for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+        out.append(token)
+        if len(out) == n_tokens:
+            return out
+
+
+def _load_seconds(load, rounds: int = 3) -> float:
+    """The median of `rounds` loads (the file in the page cache after the first): weights to a model ready to decode."""
+    seconds = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        load()
+        seconds.append(time.perf_counter() - t0)
+    return statistics.median(seconds)
+
+
+def _same_prefix(a: list[int], b: list[int]) -> int:
+    """How many tokens two greedy continuations share before they part."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def _probe_figures() -> dict:
@@ -507,30 +575,42 @@ def _probe_figures() -> dict:
     return {"probe_ns_per_weight": ns_per_weight, "probe_steady": steady, "probe_s": seconds, "auto_dtype": auto}
 
 
-def _speed_figures(speeds: dict, ours: dict, bandwidth: float) -> dict:
+def _speed_figures(speeds: dict, nbytes: dict, bandwidth: float) -> dict:
     """Median and best tokens/s of each run, its speed-up over transformers, and its share of the
-    bandwidth bound (transformers reads the same bytes as ours in fp32)."""
+    bandwidth bound (nbytes: the weight bytes each run reads a token)."""
     out = {"bandwidth_gb_s": bandwidth / 1e9}
     hf = statistics.median(speeds["hf_fp32"])
     for name, values in speeds.items():
-        nbytes = weight_bytes_per_token(ours["fp32" if name == "hf_fp32" else name.removeprefix("ours_")])
         out |= {f"{name}_tokens_per_s": statistics.median(values), f"{name}_tokens_per_s_best": max(values),
-                f"{name}_speedup_vs_hf": statistics.median(values) / hf, f"{name}_weight_mb": nbytes / 1e6,
-                f"{name}_bound_tokens_per_s": bandwidth / nbytes,
-                f"{name}_share_of_bound": statistics.median(values) * nbytes / bandwidth}
+                f"{name}_speedup_vs_hf": statistics.median(values) / hf, f"{name}_weight_mb": nbytes[name] / 1e6,
+                f"{name}_bound_tokens_per_s": bandwidth / nbytes[name],
+                f"{name}_share_of_bound": statistics.median(values) * nbytes[name] / bandwidth}
     return out
+
+
+# Each of sample.py's layouts beside llama.cpp's type of the same bits, for the ratio _print_decode gives.
+LLAMA_CPP_PEER_OF = {"bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
 
 
 def _print_decode(r: dict) -> None:
     print(f"decoding {r['n_tokens']} tokens after {r['prompt_len']}, {r['shape']} shape ({r['params'] / 1e6:.0f}M, "
           f"random weights), CPU, {r['threads']} threads; tokens/s, median (best) of {r['rounds']} alternating rounds;"
-          f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token; CPU: {r['cpu']}")
+          f" bound = memory bandwidth {r['bandwidth_gb_s']:.1f} GB/s / weight bytes per token; CPU: {r['cpu']}; "
+          f"load average at the end {' '.join(f'{x:.2f}' for x in r['load_avg'])}")
     labels = {"fp32": "ours fp32", "bf16": "ours bf16", "int8": "ours int8", "int4": "ours int4 (head int8)"}
-    for name, label in [("hf_fp32", "transformers fp32")] + [("ours_" + n, labels[n]) for n in DECODE_DTYPES]:
+    rows = [("hf_fp32", "transformers fp32")] + [("ours_" + n, labels[n]) for n in DECODE_DTYPES]
+    rows += [(name, f"llama.cpp {name.removeprefix('llama_')}" + (" (head q8_0)" if name == "llama_q4_0" else ""))
+             for name in r["peers"]]
+    for name, label in rows:
         label += " = auto" if name == "ours_" + r["auto_dtype"] else ""
+        load = f", load {r[name + '_load_s']:.2f} s" if name + "_load_s" in r else ""
         print(f"  {label:28s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
               f"{r[name + '_speedup_vs_hf']:.2f}x  {r[name + '_weight_mb']:6.0f} MB/token, bound "
-              f"{r[name + '_bound_tokens_per_s']:.1f}, reached {r[name + '_share_of_bound']:.0%}")
+              f"{r[name + '_bound_tokens_per_s']:.1f}, reached {r[name + '_share_of_bound']:.0%}{load}")
+    for ours, theirs in LLAMA_CPP_PEER_OF.items():
+        if f"llama_{theirs}" in r["peers"] and f"ours_{ours}_tokens_per_s" in r:
+            print(f"  ours {ours} / llama.cpp {theirs}: {r[f'ours_{ours}_tokens_per_s'] / r[f'llama_{theirs}_tokens_per_s']:.2f}x; "
+                  f"llama.cpp's greedy tokens equal ours in fp32 for the first {r[f'llama_{theirs}_greedy_same_as_fp32']}")
     agree = ", ".join(f"{n} {r[n + '_vs_fp32']['agreement']:.1%} (fp32's top-2 margin where they differ at most "
                       f"{r[n + '_vs_fp32']['margin_where_differs_max'] or 0:.3f}, median margin "
                       f"{r[n + '_vs_fp32']['margin_median']:.3f})" for n in DECODE_DTYPES if n != "fp32")
@@ -691,8 +771,9 @@ def train_recipe(name: str, flags: str, common: list[str], runs: Path, threads: 
             f.write(json.dumps({"done": True, "seconds": time.perf_counter() - started}) + "\n")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    sizing = next((r["run"]["sizing"] for r in rows if r.get("event") == "start"), None)  # what --time chose
     return {"recipe": name, "flags": flags, "evals": evals, "final": evals[-1][1], "steps": evals[-1][0],
-            "seconds": rows[-1]["seconds"]}
+            "seconds": rows[-1]["seconds"], "sizing": sizing}
 
 
 def steps_to(target: float, evals: list[tuple[int, float]]) -> float | None:
@@ -732,6 +813,35 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
 
 TRAIN_COLUMNS = [("setting", "training", "s"), ("tokens_per_s", "tokens/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
                  ("mfu", "MFU", ".1%"), ("peak_memory_gib", "peak GiB", ".1f")]
+
+
+def compare_budgets(budgets: list[str], depths: list[int], common: list[str], runs: Path) -> list[dict]:
+    """--budgets: for each budget, train_gpt2.py --time T alone (it chooses the depth) and --time T --depth D for
+    each of `depths` (the same rule sizing only D's batch, rates and data), one after another on the whole
+    machine, on the same data: each run's final validation loss, its depth, and from outside, the process's
+    whole time against the budget."""
+    import data
+    data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before any run's clock starts
+    rows = []
+    for budget in budgets:
+        for name, flags in [("chosen", ""), *((f"depth {d}", f"--depth {d}") for d in depths)]:
+            r = train_recipe(f"{budget}-{name.replace(' ', '')}", f"--time {budget} {flags}", common, runs,
+                             os.cpu_count() or 1)
+            rows.append({"budget": budget, "run": name, "final": r["final"], "steps": r["steps"],
+                         "depth": r["sizing"]["depth"], "batch": r["sizing"]["batch"], "seconds": r["seconds"],
+                         "choosing_s": r["sizing"]["seconds"] if name == "chosen" else None})
+            print(f"measured: --time {budget} {flags or '(chooses)'}: depth {rows[-1]['depth']}, final validation "
+                  f"loss {r['final']:.4f}, {r['steps']} steps, {r['seconds']:.0f} s from launch to exit", flush=True)
+    print_table(rows, [("budget", "budget", "s"), ("run", "run", "s"), ("depth", "depth", "d"), ("batch", "batch", "d"),
+                       ("steps", "steps", "d"), ("final", "final val", ".4f"), ("seconds", "wall s", ".0f"),
+                       ("choosing_s", "choosing s", ".1f")])
+    for budget in budgets:
+        mine = [r for r in rows if r["budget"] == budget]
+        best = min((r for r in mine if r["run"] != "chosen"), key=lambda r: r["final"])
+        chosen = next(r for r in mine if r["run"] == "chosen")
+        print(f"--time {budget}: chose depth {chosen['depth']} at {chosen['final']:.4f}; the grid's best, depth "
+              f"{best['depth']}, {best['final']:.4f}: {chosen['final'] - best['final']:+.4f}")
+    return rows
 
 
 def training_speed(base: Setting, settings: list[Setting], steps: int, warmup: int, device: torch.device, *,
@@ -800,6 +910,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "dispatched, Newton-Schulz FLOPs, the loop's stall per save")
     p.add_argument("--hellaswag", action="store_true", help="eval.py's HellaSwag scoring speed, GPT-2 124M")
     p.add_argument("--core", action="store_true", help="eval.py's CORE scoring speed, GPT-2 124M, and the whole CORE's time")
+    b = p.add_argument_group("budgets: what --time chooses against a grid of depths (python bench.py --budgets ...)")
+    b.add_argument("--budgets", default=None, metavar="T1,T2",
+                   help="train --time T alone and with each of --depths, for each budget, on --train_flags' data")
+    b.add_argument("--depths", default="2,4,6,12", metavar="D1,D2", help="the grid of depths (default %(default)s)")
     r = p.add_argument_group("recipes: validation loss per step of whole runs (python bench.py --recipes ...)")
     r.add_argument("--recipes", action="store_true", help=f"train {', '.join(RECIPES)} and each --recipe on "
                    "the same data, shape, batch and steps, and compare their validation loss")
@@ -840,9 +954,12 @@ def main(argv=None):
           f"git {report['machine']['git']}")
     if peak_flops(device):
         print(f"MFU against a dense bf16 peak of {peak_flops(device) / 1e12:.0f} TFLOP/s")
-    if (args.train or args.loop) and not args.recipes:  # --recipes compares quality per step, not speed
+    if (args.train or args.loop) and not (args.recipes or args.budgets):  # those compare quality, not speed
         training_speed(base, settings_to_run(base, args.vary, args.also), steps, warmup, device, report=report,
                        keep=keep, table=args.train, loop=args.loop)
+    if args.budgets:
+        report["budgets"] = compare_budgets(args.budgets.split(","), [int(d) for d in args.depths.split(",")],
+                                            args.train_flags.split(), args.runs)
     if args.recipes:
         recipes = RECIPES | dict(args.recipe)
         if args.only:

@@ -6,12 +6,14 @@ A checkpoint is a dict of plain values and tensors, never pickled objects, so th
 it with weights_only=True:
     model       the weights, named as the plain module names them (no torch.compile or DDP prefix)
     config      model.GPTConfig as a dict
-    step, val_loss, best_val_loss, best_step, init_from    where the run was, and what it started from
+    step, val_loss, best_val_loss, best_step, max_steps, tokens, init_from
+                where the run was, its planned steps, the tokens trained, what it started from
+    run         what start-up derived from the flags (train_gpt2.Settings.to_dict): the batch, grad_accum,
+                the steps, the data flags, what --time chose
 latest.pt holds besides what --resume needs:
     optimizer   each optimizer's state_dict, in train_gpt2.make_optimizers' order (AdamW, then Muon)
     scaler      GradScaler's state (fp16), or None
     args        the flags as given
-    run         what start-up derived from them (train_gpt2.Run.to_dict): grad_accum, the steps, ...
 A latest.pt written before `run` existed holds the derived grad_accum in `args`; saved_run reads either.
 """
 from __future__ import annotations
@@ -185,9 +187,19 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
 # A training run's checkpoints
 
 
-def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: dict) -> None:
-    """model_best_val.pt: the weights and where the run was (progress: step, val_loss, ..., init_from)."""
-    writer.save(save_dir / BEST, checkpoint_state(model, **progress))
+def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: dict, run: dict) -> None:
+    """model_best_val.pt: the weights, where the run was (progress: step, val_loss, ..., init_from) and what it
+    trained with (`run`: eval.py finds the run's data in it)."""
+    writer.save(save_dir / BEST, checkpoint_state(model, **progress, run=run))
+
+
+def recorded_data(spec: str) -> dict | None:
+    """The data flags the run that wrote this .pt trained on (its `run`'s data), or None (another kind of
+    checkpoint, or one from before they were recorded)."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return None
+    return (load_checkpoint(path, mmap=True).get("run") or {}).get("data")
 
 
 def save_latest(writer: CheckpointWriter, save_dir: Path, model: GPT, optimizers: list, scaler, progress: dict,
@@ -236,7 +248,7 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler) -> dict:
         optimizer.load_state_dict(state)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    return {k: ckpt.get(k) for k in ("step", "val_loss", "best_val_loss", "best_step")}
+    return {k: ckpt.get(k) for k in ("step", "val_loss", "best_val_loss", "best_step", "max_steps", "tokens")}
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

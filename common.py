@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import io
 import os
 import platform
 import re
@@ -33,6 +34,55 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name when it has none), so every error stays one line."""
     lines = str(error).strip().splitlines()
     return lines[0][:limit] if lines else type(error).__name__
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output that outlives its reader
+
+
+class _Forgiving(io.TextIOBase):
+    """A text stream whose writes go on silently once its reader has gone (a closed pipe: EPIPE; the terminal
+    of a dropped SSH session: EIO). Its file descriptor then points at /dev/null, so that the interpreter's
+    own last flush at exit finds nothing to complain about either."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._forgiving(self._stream.write, text) or len(text)
+
+    def flush(self) -> None:
+        self._forgiving(self._stream.flush)
+
+    def _forgiving(self, call, *args):
+        try:
+            return call(*args)
+        except OSError:  # the reader has gone: nothing written from now on reaches anyone
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+            with contextlib.suppress(OSError, ValueError):
+                return call(*args)
+        return None
+
+    def isatty(self) -> bool:
+        return self._stream.isatty()
+
+    def fileno(self) -> int:
+        return self._stream.fileno()
+
+    def __getattr__(self, name):  # encoding, errors, buffer, ...: the stream's own
+        return getattr(self._stream, name)
+
+
+def forgive_gone_readers() -> None:
+    """sys.stdout and sys.stderr as _Forgiving streams: a run whose terminal or pipe went away (an SSH
+    connection dropped, `| tee log` stopped by the same Ctrl-C) goes on to save and stop, rather than dying
+    at its next line of output."""
+    import sys
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, _Forgiving):
+            setattr(sys, name, _Forgiving(stream))
 
 
 # ----------------------------------------------------------------------------------------------------

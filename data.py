@@ -157,12 +157,15 @@ class DataSpec:
         return self.text_field or ("messages" if self.chat else "text")
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "DataSpec":
-        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+    def from_args(cls, args: argparse.Namespace, **overrides) -> "DataSpec":
+        """The data flags (a flag left at None takes the default here), then `overrides`."""
+        given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name) is not None}
+        return cls(**given | {k: v for k, v in overrides.items() if v is not None})
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """The data flags, added to a script's parser; their defaults are DataSpec's."""
+def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None = None) -> None:
+    """The data flags, added to a script's parser; their defaults are DataSpec's. With sample_size_help,
+    --sample_size defaults to None (the script chooses, as that help says)."""
     d = DataSpec()
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
@@ -170,7 +173,8 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--subset", default=d.subset, help="the Hub dataset's configuration (ignored for local paths)")
     g.add_argument("--text_field", default=d.text_field,
                    help="the field holding the text (.jsonl/.json/.parquet/Hub); default text, or messages with --chat")
-    g.add_argument("--sample_size", type=positive_int, default=d.sample_size, help="documents to use")
+    g.add_argument("--sample_size", type=positive_int, default=None if sample_size_help else d.sample_size,
+                   help=sample_size_help or "documents to use")
     g.add_argument("--val_split", type=open_fraction, default=d.val_split, help="fraction of documents held out")
     g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
     g.add_argument("--chat", action="store_true",
@@ -1009,8 +1013,17 @@ def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin
     loader = torch.utils.data.DataLoader(
         source, batch_size=None, sampler=range(start_step * source.grad_accum, 2**62),
         num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        generator=torch.Generator())
+        generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_trainer)
     yield from loader
+
+
+def _leave_signals_to_the_trainer(worker: int) -> None:
+    """In a reader process: ignore what the training process handles (Ctrl-C, kill, a hang-up), which reach
+    every process of the group at once; the training process saves and stops, and its readers with it
+    (torch ends them when it does). Killed by one, a reader would end the run before it saved."""
+    import signal
+    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- the script

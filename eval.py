@@ -1,7 +1,7 @@
 """Score a model: HellaSwag accuracy, CORE (DCLM's 22 tasks), and its loss on a training run's validation split.
 
     python eval.py --checkpoint ./checkpoints/model_best_val.pt         # HellaSwag validation, 10,042 items
-    python eval.py --checkpoint gpt2 --dataset PATH --sample_size N     # ...and the val loss of that run's data
+    python eval.py --checkpoint gpt2 --dataset PATH --sample_size N     # ...and the val loss of that data
     python eval.py --checkpoint CKPT --hellaswag FILE.jsonl --device cpu --json OUT.json
     python eval.py --checkpoint CKPT --limit 500                        # the first 500 items: a quick look
     python eval.py --checkpoint CKPT --tasks core                       # CORE, the figure nanochat reports
@@ -20,8 +20,9 @@ CORE: DCLM's eval bundle (core.yaml, eval_meta_data.csv, eval_data/) is download
 --data_cache/core/; offline, unzip it elsewhere and pass --core DIR. Scored as nanochat's core_eval.py
 scores it (the same shuffle, few-shot examples, prompts and rules), so the figures compare with nanochat's;
 --limit N takes the first N items of each task after the shuffle.
-Validation loss: give the data flags of a run (data.py's); its prepared cache is reused and the same
-validation split scored, whole or its first --eval_tokens tokens, in windows of --block_size tokens.
+Validation loss: of the data the checkpoint's run trained on (train_gpt2.py records its data flags), or of
+the data flags given (data.py's); the prepared cache is reused and the same validation split scored, whole
+or its first --eval_tokens tokens, in windows of --block_size tokens.
 It is also given in bits per byte (bpb), which compares with models that use another tokenizer.
 """
 from __future__ import annotations
@@ -53,7 +54,7 @@ import data
 import runtime
 from common import (EOT, ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line,
                     pick_device, positive_int)
-from checkpoint import describe, load_model
+from checkpoint import describe, load_model, recorded_data
 from model import GPT, token_losses
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
@@ -718,7 +719,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="our .pt checkpoint, a save_pretrained directory, or a Hub name (default %(default)s)")
     p.add_argument("--tasks", type=task_list, default=None,
                    help="hellaswag, val, core, or several with commas "
-                        "(default: hellaswag, and val too when --dataset is given)")
+                        "(default: hellaswag, and val too when --dataset is given or the checkpoint records its "
+                        "run's data)")
     p.add_argument("--hellaswag", metavar="FILE.jsonl", default=None,
                    help="HellaSwag items in the original release's jsonl (default: download the validation set)")
     p.add_argument("--core", metavar="DIR", default=None,
@@ -741,13 +743,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def run_data(spec: str) -> dict | None:
+    """The data flags the checkpoint's run trained on (train_gpt2.py records them), or None."""
+    try:
+        return recorded_data(spec)
+    except UserError:  # not readable: load_model says so in one line later
+        return None
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """The flags, with args.tasks resolved to a list; contradictions end here, before any work."""
     p = build_parser()
     # Preset to None, --dataset stays None unless given: that tells "the data of my run" from data.py's default.
     args = p.parse_args(argv, namespace=argparse.Namespace(dataset=None))
-    named_data, args.dataset = args.dataset is not None, args.dataset or p.get_default("dataset")
-    args.tasks = args.tasks or ["hellaswag", *(["val"] if named_data else [])]
+    named_data = args.dataset is not None
+    recorded = None if named_data else run_data(args.checkpoint)
+    for name, value in (recorded or {}).items():  # the run's data, where no flag says otherwise
+        if getattr(args, name) in (None, p.get_default(name)):
+            setattr(args, name, value)
+    args.dataset = args.dataset or p.get_default("dataset")
+    args.tasks = args.tasks or ["hellaswag", *(["val"] if named_data or recorded else [])]
     if "hellaswag" not in args.tasks and args.hellaswag:
         p.error("--hellaswag belongs to the hellaswag task, which --tasks leaves out")
     if "core" not in args.tasks and args.core:

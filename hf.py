@@ -43,7 +43,7 @@ def from_pretrained(name_or_path: str) -> GPT:
 # Reading
 
 # Hugging Face's GPT-2 stores these as Conv1D, (in, out): the transpose of nn.Linear's (out, in).
-_HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+HF_TRANSPOSED = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 _HF_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 
 
@@ -82,7 +82,7 @@ def _from_hf_state(hf_state: dict, config: GPTConfig) -> dict:
         k = k if k.startswith(("transformer.", "lm_head.")) else "transformer." + k  # GPT2Model has no prefix
         if k.endswith((".attn.bias", ".attn.masked_bias")):
             continue  # causal-mask buffers of older transformers versions, not weights
-        state[k] = v.t() if k.endswith(_HF_TRANSPOSED) else v
+        state[k] = v.t() if k.endswith(HF_TRANSPOSED) else v
     state["transformer.wte.weight"] = _pad_vocab(state["transformer.wte.weight"], config)
     state["lm_head.weight"] = state["transformer.wte.weight"]
     return {k: v.float().contiguous() for k, v in state.items()}
@@ -187,7 +187,7 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
                            "n_ctx": c.block_size, "n_embd": c.n_embd, "n_layer": c.n_layer, "n_head": c.n_head,
                            "n_inner": None, "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5}
         # lm_head is tied to wte: safetensors refuses shared tensors and transformers ties them again on load.
-        state = {k: (v.t() if k.endswith(_HF_TRANSPOSED) else v) for k, v in weights.items() if k != "lm_head.weight"}
+        state = {k: (v.t() if k.endswith(HF_TRANSPOSED) else v) for k, v in weights.items() if k != "lm_head.weight"}
     else:
         config = common | {
             "architectures": ["Qwen3ForCausalLM" if family == "qwen3" else "LlamaForCausalLM"], "model_type": family,

@@ -59,7 +59,7 @@ class Metrics:
         self.path = save_dir / "metrics.jsonl"
         self.plot_path = save_dir / "loss.png"
         self.rows = []
-        self.enabled, self.wandb = enabled, None
+        self.enabled, self.wandb, self.said_no_plot = enabled, None, False
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
@@ -92,8 +92,12 @@ class Metrics:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-        except ImportError:
-            return  # the picture is optional; metrics.jsonl has the numbers
+        except ImportError:  # the picture is optional; metrics.jsonl has the numbers
+            if not self.said_no_plot:
+                tqdm.write(f"note: no {self.plot_path.name} without matplotlib (pip install matplotlib); "
+                           f"{self.path.name} has every figure")
+                self.said_no_plot = True
+            return
         hellaswag = [(r["step"], r["hellaswag_acc_norm"]) for r in self.rows if "hellaswag_acc_norm" in r]
         fig, axes = plt.subplots(1, 2 if hellaswag else 1, figsize=(14 if hellaswag else 8, 5), squeeze=False)
         ax = axes[0][0]

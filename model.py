@@ -237,19 +237,31 @@ def make_norm(config: GPTConfig, dim: int) -> nn.Module:
 
 
 class KVCache:
-    """Keys and values of every layer for positions [0, pos), preallocated for block_size positions."""
+    """Keys and values of every layer for positions [0, pos), preallocated for block_size positions, and the
+    rotary tables for all of them (rope models): what generation keeps from token to token."""
 
     def __init__(self, config: GPTConfig, batch_size: int, device, dtype):
         shape = (config.n_layer, 2, batch_size, config.n_head, config.block_size, config.head_dim)
         self.kv = torch.empty(shape, device=device, dtype=dtype)  # only positions written are ever read
+        # Each layer's keys and values as views made once: indexing kv[layer, 0] at every token was four more
+        # operators a layer, and at batch 1 each operator's dispatch costs about what its arithmetic does.
+        self.keys = [self.kv[i, 0] for i in range(config.n_layer)]
+        self.values = [self.kv[i, 1] for i in range(config.n_layer)]
+        # Once per cache, in fp32, rather than at every token for every position so far.
+        self.rope = rope_tables(config.head_dim, config.block_size, config.rope_base, device) \
+            if config.pos_emb == "rope" else None
         self.pos = 0  # positions filled so far (advanced by GPT after all layers have run)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's k, v (B, nh, T, hs) and return all keys and values so far."""
-        end = self.pos + k.size(2)
-        self.kv[layer, 0, :, :, self.pos:end] = k
-        self.kv[layer, 1, :, :, self.pos:end] = v
-        return self.kv[layer, 0, :, :, :end], self.kv[layer, 1, :, :, :end]
+        """Store this step's k, v (B, nh, T, hs) in place and return all keys and values so far."""
+        keys, values, T = self.keys[layer], self.values[layer], k.size(2)
+        keys.narrow(2, self.pos, T).copy_(k)
+        values.narrow(2, self.pos, T).copy_(v)
+        return keys.narrow(2, 0, self.pos + T), values.narrow(2, 0, self.pos + T)
+
+    def rope_at(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (T, hs/2) of the T positions after the cached ones."""
+        return self.rope[0].narrow(0, self.pos, T), self.rope[1].narrow(0, self.pos, T)
 
 
 class CausalSelfAttention(nn.Module):
@@ -265,6 +277,8 @@ class CausalSelfAttention(nn.Module):
         self.k_norm = make_norm(config, self.head_dim) if config.qk_norm else None
 
     def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0):
+        if cache is not None:
+            return self.cached(x, rope, cache, layer)
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
@@ -274,16 +288,26 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs), in the cache's dtype
-            q = q.to(k.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=query_mask(T, k.size(2), q.device),
-                                           is_causal=T == k.size(2) and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        if cache is not None:
-            y = y.to(x.dtype)  # the cache's dtype (fp32 on CPUs) back to the weights'; never under autocast,
-            # where x is fp32 (after a norm) and y bf16: a cast there would be a copy c_proj casts back
+        return self.resid_dropout(self.c_proj(y))
+
+    def cached(self, x, rope, cache: KVCache, layer: int):
+        """forward for T new positions after cache.pos cached ones (generation), the same arithmetic in fewer
+        operators: a 124M token ran about 600, each a few microseconds of dispatch (BENCHMARKS.md, "Decoding")."""
+        B, T, C = x.shape
+        nh = self.n_head
+        q, k, v = self.c_attn(x).view(B, T, 3 * nh, self.head_dim).transpose(1, 2).split(nh, dim=1)  # (B, nh, T, hs) each
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = apply_rope(torch.cat([q, k], dim=1), *rope).split(nh, dim=1)  # queries and keys turned at once
+        k, v = cache.update(layer, k, v)  # (B, nh, pos + T, hs), in the cache's dtype
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=query_mask(T, k.size(2), q.device),
+                                           is_causal=T == k.size(2) and T > 1)
+        # (B, T, C), back from the cache's dtype (fp32 on CPUs) to the weights' (under autocast, where x is fp32
+        # after a norm, a copy c_proj casts back: generation runs without autocast)
+        y = y.transpose(1, 2).reshape(B, T, C).to(x.dtype)
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -401,10 +425,11 @@ class GPT(nn.Module):
         rope = None
         if self.transformer.wpe is not None:
             x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        elif cache is not None:
+            rope = cache.rope_at(T)
         else:
             # Computed per call in fp32 rather than kept as buffers, which model.to(bfloat16) would round.
-            rope = rope_tables(self.config.head_dim, start + T, self.config.rope_base, idx.device)
-            rope = (rope[0][start:], rope[1][start:])
+            rope = rope_tables(self.config.head_dim, T, self.config.rope_base, idx.device)
         if self.transformer.ln_e is not None:
             x = self.transformer.ln_e(x)
         x = self.transformer.drop(x)

@@ -14,10 +14,13 @@ import re
 import shlex
 import statistics
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from model import swiglu_width
 
 # Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
 # datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
@@ -198,6 +201,158 @@ class Budget:
 
 
 # ----------------------------------------------------------------------------------------------------
+# The model a time budget buys (--time without shape flags)
+
+# The family --time chooses from: depth d is d layers of width 64 d in heads of 64, so depth 12 is GPT-2
+# 124M's shape (nanochat sizes the same way, width 64 x depth, with heads of 128).
+DEPTHS = (2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 32)  # from 2: a one-layer model composes no attention
+WIDTH_PER_LAYER, HEAD_SIZE = 64, 64
+# Compute-optimal tokens per parameter as nanochat measured it (10.5, on its depth family on 8 x H100),
+# counting as it counts: the matrices of the blocks and the output layer, neither the token table (which
+# does no matmul) nor norms and biases. Chinchilla's 20 counted every parameter.
+OPTIMAL_TOKENS_PER_PARAMETER = 10.5
+# nanochat's batch rule: tokens a step grow with depth as depth^0.383 from a reference (here the flags'
+# batch at depth 12, GPT-2's shape); AdamW's rates follow the square root of the batch (as Adam's should,
+# Malladi et al. 2022), Muon's stay (its update is orthogonalised: nanochat and the speedrun keep its rate).
+BATCH_DEPTH_EXPONENT, REFERENCE_DEPTH = 0.383, 12
+MIN_STEPS = 300  # a batch is cut so that a budget buys at least this many steps (warmup and decay need room)
+# Choosing takes 5% of the budget, at least enough to time the smallest depth and at most a minute.
+CHOOSING_SHARE, CHOOSING_MIN_S, CHOOSING_MAX_S = 0.05, 5.0, 60.0
+# What preparing data costs while the budget runs, for the choice (assumed, not measured: streaming
+# FineWeb and tokenizing it; tiktoken alone reached 4.7 M tokens/s on this project's 2 cores).
+DATA_TOKENS_PER_S = 1e6
+
+
+def depth_shape(depth: int) -> dict:
+    return {"n_layer": depth, "n_embd": WIDTH_PER_LAYER * depth, "n_head": WIDTH_PER_LAYER * depth // HEAD_SIZE}
+
+
+def scaling_params(config) -> int:
+    """The parameters OPTIMAL_TOKENS_PER_PARAMETER counts: the blocks' matrices and the output layer (the
+    tokenizer's rows of it; a tied head is the token table, counted once, as the head)."""
+    c = config
+    mlp = 3 * c.n_embd * swiglu_width(c.n_embd) if c.mlp == "swiglu" else 8 * c.n_embd ** 2
+    return c.n_layer * (4 * c.n_embd ** 2 + mlp) + c.vocab_size * c.n_embd
+
+
+@dataclass
+class Candidate:
+    """One depth of the family, as timed on this device."""
+    depth: int
+    params: int  # scaling_params
+    batch: int  # sequences a step (sized_batch)
+    tokens_per_s: float
+    tokens: float = 0.0  # what the budget buys at that pace (budget_tokens)
+
+    @property
+    def tokens_per_parameter(self) -> float:
+        return self.tokens / self.params
+
+
+def budget_tokens(tokens_per_s: float, seconds: float, prepared: bool) -> float:
+    """Tokens `seconds` of training buy at this pace; unless the data is prepared already, preparing those
+    tokens (at DATA_TOKENS_PER_S) takes its share of the seconds first."""
+    return tokens_per_s * seconds / (1 + (0 if prepared else tokens_per_s / DATA_TOKENS_PER_S))
+
+
+def choose_depth(candidates: list[Candidate]) -> Candidate:
+    """The candidate whose tokens in the budget come closest to OPTIMAL_TOKENS_PER_PARAMETER, in ratio
+    (twice too many tokens counts as far as half too few)."""
+    return min(candidates, key=lambda c: abs(math.log(c.tokens_per_parameter / OPTIMAL_TOKENS_PER_PARAMETER)))
+
+
+def sized_batch(depth: int, reference_batch: int, block_size: int, tokens: float | None, multiple: int) -> int:
+    """Sequences a step at this depth: reference_batch (the flags', at REFERENCE_DEPTH) times
+    (depth / REFERENCE_DEPTH)^BATCH_DEPTH_EXPONENT, at most what leaves MIN_STEPS steps in `tokens`,
+    rounded down to a power of two and to a multiple of `multiple` (the processes), at least one each."""
+    batch = reference_batch * (depth / REFERENCE_DEPTH) ** BATCH_DEPTH_EXPONENT
+    if tokens is not None:
+        batch = min(batch, tokens / MIN_STEPS / block_size)
+    batch = 2 ** max(0, math.floor(math.log2(max(1.0, batch))))
+    return max(multiple, batch - batch % multiple)
+
+
+def sized_lr(lr: float, batch: int, reference_batch: int) -> float:
+    """AdamW's rate for `batch` sequences, given `lr` for reference_batch: the square-root rule."""
+    return lr * math.sqrt(batch / reference_batch)
+
+
+def documents_for(dataset: str, tokens: float, val_split: float) -> int | None:
+    """Documents of a Hub dataset whose length is known that hold about one pass over `tokens` for
+    training, plus the validation split; None for local text (its files are what there is)."""
+    per_document = TOKENS_PER_DOCUMENT.get(dataset)
+    if per_document is None:
+        return None
+    return max(1, math.ceil(tokens / (1 - val_split) / per_document))
+
+
+@dataclass
+class Sizing:
+    """What --time chose: a depth of the family, its batch and AdamW rates, the documents, and why (the
+    candidates as timed, what the choice took)."""
+    depth: int
+    batch: int  # sequences a step
+    lr: float  # AdamW's peak, and where its decay ends
+    min_lr: float
+    sample_size: int | None  # documents for one pass (None: local text, all of it)
+    candidates: list[Candidate]
+    seconds: float  # what timing the candidates took, out of the budget
+
+    @property
+    def chosen(self) -> Candidate:
+        return next(c for c in self.candidates if c.depth == self.depth)
+
+    def lines(self, device: str, block_size: int, lr: float, muon_lr: float, reference_batch: int) -> list[str]:
+        shape, c = depth_shape(self.depth), self.chosen
+        timed = ", ".join(f"depth {k.depth}: {k.tokens_per_s:,.0f}" for k in self.candidates)
+        documents = f"{self.sample_size:,} documents (about one pass)" if self.sample_size else "all of the local text"
+        return [f"plan: --time sizes the model on this {device}: tokens/s timed {timed} ({self.seconds:.1f} s)",
+                f"plan: depth {self.depth} ({shape['n_layer']} layers, width {shape['n_embd']}, {shape['n_head']} "
+                f"heads): {c.params / 1e6:,.1f} M parameters in its matrices and head, {c.tokens:,.0f} tokens in "
+                f"the budget = {c.tokens_per_parameter:.2g} tokens a parameter (compute-optimal: "
+                f"{OPTIMAL_TOKENS_PER_PARAMETER:g}, nanochat's)",
+                f"plan: batch {self.batch} × {block_size} tokens, AdamW lr {self.lr:.2e} ({lr:g} × sqrt({self.batch} / "
+                f"{reference_batch})), Muon lr {muon_lr:g}; data: {documents}"]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Sizing":
+        return cls(**d | {"candidates": [Candidate(**c) for c in d["candidates"]]})
+
+
+# ----------------------------------------------------------------------------------------------------
+# What a step holds in a CPU's memory
+
+RAM_SHARE = 0.8  # of the memory free, what --grad_accum auto lets a CPU step take (the rest: the data, the OS)
+
+
+def step_bytes(c, micro: int, params: int, amp: bool) -> int:
+    """Bytes a training step of `micro` sequences holds at its peak on a CPU (eager): what autograd keeps of
+    each block (Korthikanti et al. 2022, "Reducing Activation Recomputation": 34 C + 5 heads T bytes a token
+    a layer in 16-bit, twice that in fp32), the logits and their gradient, and 16 bytes a parameter (weights,
+    gradients, two moments). For the seed's command (124M, 128 x 128 tokens, fp32) 21.9 GB: a CPU run of it
+    here held 22-23.7 GB before the kernel killed it."""
+    tokens, width = micro * c.block_size, 2 if amp else 4
+    blocks = tokens * c.n_layer * (34 * c.n_embd + 5 * c.n_head * c.block_size) * width // 2
+    logits = 2 * tokens * c.padded_vocab_size * width
+    return blocks + logits + 16 * params
+
+
+def available_memory() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------
 # The way home
 
 
@@ -213,6 +368,22 @@ def copy_home_commands(checkpoint: Path) -> list[str]:
     scp = f"scp {'-P ' + port + ' ' if port else ''}{source} ./checkpoints/"
     return [scp, "python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
                  "--max_tokens 50"]
+
+
+# Addresses a machine has behind NAT or in a container (RFC 1918, carrier-grade NAT, IPv6 unique local).
+PRIVATE_NETWORKS = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10", "fc00::/7")
+
+
+def ssh_address_is_private() -> bool:
+    """Whether the address this SSH session arrived at is one of PRIVATE_NETWORKS."""
+    import ipaddress
+    connection = os.environ.get("SSH_CONNECTION", "").split()
+    try:
+        address = ipaddress.ip_address(connection[2]) if len(connection) == 4 else None
+    except ValueError:
+        return False
+    return address is not None and any(address in ipaddress.ip_network(n) for n in PRIVATE_NETWORKS
+                                       if ipaddress.ip_network(n).version == address.version)
 
 
 @dataclass
@@ -239,6 +410,9 @@ class Outcome:
         if self.checkpoint.exists():
             lines += [f"best model: {self.checkpoint.resolve()}", "to talk to it on your laptop:"]
             lines += [f"  {command}" for command in copy_home_commands(self.checkpoint)]
+            if ssh_address_is_private():
+                lines.append("  (that address is this machine's own, private one, as SSH sees it behind NAT or "
+                             "in a container: from your laptop, use the address you connect to)")
         return lines
 
 

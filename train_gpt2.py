@@ -42,14 +42,17 @@ import chat
 import checkpoint
 import data
 from common import (EOT, ArgumentParser, CheckpointError, UnusableGPU, UserError, clean_temporaries, dropout_rate,
-                    first_line, non_negative_float, non_negative_int, open_fraction, pick_device, positive_float,
-                    positive_int)
+                    first_line, forgive_gone_readers, non_negative_float, non_negative_int, open_fraction, pick_device,
+                    positive_float, positive_int)
 from eval import validation_loss
 from metrics import Metrics, print_header, run_header
 from model import ARCH_PRESETS, GPT, GPTConfig, load_state, parameter_counts
 from muon import Muon
-from plan import (CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Outcome, Pace, Plan, estimated_data_tokens,
-                  parse_duration, peak_flops)
+from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S, CHOOSING_SHARE, DEPTHS,
+                  FORWARD_SHARE, HEAD_SIZE, OPTIMAL_TOKENS_PER_PARAMETER, RAM_SHARE, WIDTH_PER_LAYER, Budget,
+                  Candidate, Costs, Outcome, Pace, Plan, Sizing, available_memory, budget_tokens, choose_depth,
+                  depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops, scaling_params,
+                  sized_batch, sized_lr, step_bytes)
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
                      local_rank0_first, only_on_rank0, setup_env)
 
@@ -59,6 +62,11 @@ DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 # With --time, the run's steps until a few have been timed and the budget can set them (replan).
 UNPLANNED_STEPS = 2**62
+# latest.pt is saved by the clock too, so that a kill -9 or the kernel's out-of-memory killer loses at most
+# this much: first this long after training starts, then at this interval (as well as --checkpoint_interval).
+FIRST_SAVE_S, SAVE_EVERY_S = 180.0, 600.0
+# --plan times steps for at most this long, so that it answers within about a minute on any machine.
+PLAN_TIMING_S = 40.0
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 
@@ -77,7 +85,8 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
                        "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
-    data.add_data_args(p)
+    data.add_data_args(p, sample_size_help=f"documents to use (default {data.DataSpec.sample_size:,}; with --time "
+                       "sizing the model, about one pass over the tokens the budget buys)")
     add_model_flags(p)
     add_optimisation_flags(p)
     add_budget_flags(p)
@@ -100,6 +109,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--n_layer", type=positive_int, default=None, help=f"(default {shape.n_layer})")
     m.add_argument("--n_head", type=positive_int, default=None, help=f"(default {shape.n_head})")
     m.add_argument("--n_embd", type=positive_int, default=None, help=f"(default {shape.n_embd})")
+    m.add_argument("--depth", type=positive_int, default=None,
+                   help=f"a depth of the family --time chooses from: {WIDTH_PER_LAYER} x DEPTH wide, heads of "
+                        f"{HEAD_SIZE} (12 is GPT-2 124M); with --time, the batch, rates and data sized for it")
     m.add_argument("--dropout", type=dropout_rate, default=0.0)
 
 
@@ -130,7 +142,11 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--cooldown_frac", type=open_fraction, default=0.5, help="wsd: the decaying share of the run")
     o.add_argument("--warmup_steps", type=non_negative_int, default=700)
     o.add_argument("--max_steps", type=positive_int, default=None,
-                   help="optimizer steps in the run (default: --epochs over the training split)")
+                   help="optimizer steps in the run (default: --epochs over the training split; on --resume, the "
+                        "run's own plan)")
+    o.add_argument("--reschedule", action="store_true",
+                   help="on --resume with more --max_steps than planned: decay anew from the peak rate (by default "
+                        "a run extended after its decay began keeps the rate where the decay left it)")
     o.add_argument("--epochs", type=positive_float, default=4.0,
                    help="passes over the training split when --max_steps is not given; up to about 4 repeats cost "
                         "little against fresh data (Muennighoff et al. 2023)")
@@ -219,6 +235,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = build_parser()
     args = p.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.depth and any((args.n_layer, args.n_head, args.n_embd)):
+        p.error("--depth names the whole shape: leave out --n_layer, --n_head and --n_embd")
+    if args.depth and args.init_from != "scratch":
+        p.error("--depth shapes a new model; with --init_from the shape is the weights'")
     if args.arch_option and args.init_from != "scratch":
         p.error("--arch_option shapes a new model; with --init_from the architecture is the weights'")
     try:
@@ -252,17 +272,25 @@ def default_optimizer(init_from: str) -> str:
     return DEFAULT_OPTIMIZER if init_from == "scratch" else FINE_TUNE_OPTIMIZER
 
 
-def model_config(args) -> GPTConfig:
-    """The shape the flags name for a model from scratch, GPTConfig's defaults (GPT-2 124M) where they are silent."""
-    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS}
+def model_config(args, shape: dict | None = None) -> GPTConfig:
+    """The shape the flags (or `shape`, what --time chose) name for a model from scratch, GPTConfig's defaults
+    (GPT-2 124M) where they are silent."""
+    shape = shape or (depth_shape(args.depth) if args.depth else {})
+    shape = {name: getattr(args, name) or getattr(GPTConfig, name) for name in SHAPE_FLAGS} | shape
     return GPTConfig.from_preset(args.arch or DEFAULT_ARCH, **dict(args.arch_option), **shape, dropout=args.dropout)
+
+
+def sizes_the_model(args) -> bool:
+    """--time with no shape flags chooses the model, its batch and its data (for --depth, only its batch and
+    data); shape flags keep their meaning."""
+    return bool(args.time) and args.init_from == "scratch" and not any((args.n_layer, args.n_head, args.n_embd))
 
 
 def shown_flags(args) -> dict:
     """The flags as the run header prints them: as given, with a new model's default shape, preset and
     optimizer filled in (what the flags mean, not yet what --init_from's weights or latest.pt say)."""
     flags = vars(args) | {"optimizer": args.optimizer or default_optimizer(args.init_from)}
-    if args.init_from == "scratch":
+    if args.init_from == "scratch" and not sizes_the_model(args):  # else the budget chooses the shape
         config = model_config(args)
         flags |= {name: getattr(config, name) for name in SHAPE_FLAGS} | {"arch": args.arch or DEFAULT_ARCH}
     return flags
@@ -283,9 +311,10 @@ class OptimizerSettings:
     muon_weight_decay: float
 
     @classmethod
-    def from_args(cls, args) -> "OptimizerSettings":
+    def from_args(cls, args, lr: float | None = None) -> "OptimizerSettings":
+        """The flags' settings; `lr`, AdamW's rate where --time sized the batch."""
         fields = {f: getattr(args, f) for f in cls.__dataclass_fields__}
-        return cls(**fields | {"optimizer": args.optimizer or default_optimizer(args.init_from)})
+        return cls(**fields | {"optimizer": args.optimizer or default_optimizer(args.init_from), "lr": lr or args.lr})
 
 
 @dataclass(frozen=True)
@@ -296,8 +325,11 @@ class Schedule:
     max_steps: int
     cooldown_frac: float
     floor: float
+    held: float | None = None  # a run extended after its decay began keeps this share (Settings.held_lr)
 
     def lr(self, step: int) -> float:
+        if self.held is not None:
+            return self.held
         return lr_scale(step, self.warmup, self.max_steps, self.kind, self.cooldown_frac, self.floor)
 
 
@@ -307,32 +339,38 @@ class Settings:
     latest.pt, the data and the memory probe. The loop, --plan and the checkpoints all read this one object,
     and nothing changes it."""
     flags: argparse.Namespace
-    config: GPTConfig  # the shape trained: the flags', --init_from's weights' or latest.pt's
+    config: GPTConfig  # the shape trained: the flags', what --time chose, --init_from's weights' or latest.pt's
     optimizer: OptimizerSettings
+    batch_size: int  # sequences a step, over all processes and micro-steps: --batch_size, or what --time chose
     grad_accum: int  # micro-steps per optimizer step on each process
     world: int  # processes
     steps: int | None  # the run's optimizer steps; with --time at most this many (None: as the budget allows)
     eval_batches: int  # validation batches an evaluation reads: --eval_iters, at most one pass over the split
+    data: data.DataSpec  # the data flags, --sample_size as --time sized it
+    sizing: Sizing | None  # what --time chose, and why
+    held_lr: float | None = None  # a resumed run made longer after its decay began: the rate's share, held
 
     @property
     def micro_batch(self) -> int:
-        return self.flags.batch_size // (self.world * self.grad_accum)
+        return self.batch_size // (self.world * self.grad_accum)
 
     @property
     def tokens_per_step(self) -> int:
-        return self.flags.batch_size * self.config.block_size
+        return self.batch_size * self.config.block_size
 
     def schedule(self, max_steps: int) -> Schedule:
         """The learning-rate schedule of a run of max_steps (the warmup cut to 10% if it does not fit)."""
         a = self.flags
         return Schedule(a.schedule, fitting_warmup(a.warmup_steps, max_steps), max_steps, a.cooldown_frac,
-                        a.min_lr / a.lr)
+                        a.min_lr / a.lr, self.held_lr)
 
     def to_dict(self) -> dict:
         """As checkpoints and metrics.jsonl record it (the flags are recorded beside it, as `args`)."""
         return {"config": self.config.to_dict(), "arch": self.config.arch, "optimizer": self.optimizer.optimizer,
-                "grad_accum": self.grad_accum, "world": self.world, "micro_batch": self.micro_batch,
-                "steps": self.steps, "eval_batches": self.eval_batches}
+                "lr": self.optimizer.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+                "world": self.world, "micro_batch": self.micro_batch, "steps": self.steps,
+                "eval_batches": self.eval_batches, "data": dataclasses.asdict(self.data),
+                "sizing": self.sizing.to_dict() if self.sizing else None}
 
 
 def fitting_warmup(warmup_steps: int, max_steps: int) -> int:
@@ -355,11 +393,14 @@ class Progress:
     best_val: float = math.inf
     best_step: int | None = None
     hellaswag: float | None = None  # the last acc_norm scored
+    max_steps: int | None = None  # the schedule's end as planned so far (with --time, once timed)
+    tokens: int = 0  # trained, whatever batch each step had
 
     def fields(self, init_from: str) -> dict:
         """As checkpoints record it (checkpoint.py's format)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                "best_step": self.best_step, "init_from": init_from}
+                "best_step": self.best_step, "max_steps": self.max_steps, "tokens": self.tokens,
+                "init_from": init_from}
 
 
 @dataclass
@@ -374,45 +415,133 @@ class Run:
     hellaswag: list | None  # eval.py's items, when the run scores HellaSwag
 
 
-def start(args, env: Env, say: Callable, dry_run: bool = False) -> Run:
+def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) -> Run:
     """Everything the run trains with, in the order it is known, each step said as it is: the starting point
-    (the shape and weights), the data (prepared unless dry_run, for --plan), the model and its optimizers,
-    the micro-batch that fits, the steps; then, on --resume, where the run was."""
+    (the shape and weights; with --time, the depth the budget buys), the data (prepared unless dry_run, for
+    --plan), the model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
     if not dry_run:
         refuse_overwriting(args, env)
     resumed = read_resume(args, env) if args.resume else None
-    config, init_state = starting_point(args, env, resumed, say)
-    plan = first_plan(config, args)
+    sizing = size_for_budget(args, env, say, started, resumed) if sizes_the_model(args) else None
+    config, init_state = starting_point(args, env, resumed, say, sizing)
+    batch_size = sizing.batch if sizing else args.batch_size
+    spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
+    plan = first_plan(config, args, batch_size, spec)
     say("\n".join([plan.model_line(), plan.data_line()]))  # before any download
-    cache = data.prepared(data.DataSpec.from_args(args)) if dry_run else prepare_data(args, env)
+    cache = data.prepared(spec) if dry_run else local_rank0_first(env, lambda: data.prepare(spec, progress=env.master))
     if cache is not None:
         plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
         if not dry_run:
-            say(plan.data_line())
-    optimizer = OptimizerSettings.from_args(args)
+            say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
+    optimizer = OptimizerSettings.from_args(args, lr=sizing.lr if sizing else None)
     t = build(config, env, optimizer, seed=args.seed, init_state=init_state)
-    grad_accum = choose_grad_accum(args, env, t, resumed, config.block_size, say)
+    grad_accum = choose_grad_accum(args, env, t, resumed, batch_size, config.block_size, say)
     batches = val = None
     if cache is not None:
-        batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, args.batch_size,
-                                   seed=args.seed, rank=env.rank, world_size=env.world, grad_accum=grad_accum)
-        val = validation_split(cache, config.block_size, args)
+        batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, batch_size, seed=args.seed,
+                                   rank=env.rank, world_size=env.world, grad_accum=grad_accum)
+        val = validation_split(cache, config.block_size, batch_size, args.seed)
         if batches.packed is not None:
             say(batches.packed.note())
-    settings = Settings(args, config, optimizer, grad_accum, env.world, planned_steps(args, plan, config.block_size),
-                        eval_batches(args, plan, val, config.block_size))
+    steps = planned_steps(args, plan, config.block_size, batch_size, resumed)
+    settings = Settings(args, config, optimizer, batch_size, grad_accum, env.world, steps,
+                        eval_batches(args, plan, val, config.block_size, batch_size), spec, sizing,
+                        held_lr(args, resumed, steps))
     plan.steps = settings.steps
     if not dry_run and not args.time:
         say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
-    progress = restore(resumed, t, args, say) if resumed else Progress()
+    progress = restore(resumed, t, settings, say) if resumed else Progress(max_steps=settings.steps)
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     return Run(settings, t, progress, plan, batches, val, hellaswag)
 
 
+def size_for_budget(args, env: Env, say: Callable, started: float, resumed: dict | None) -> Sizing:
+    """What --time buys: the family's depths timed here (timed_candidates), the one whose tokens in the budget
+    come closest to compute-optimal chosen, with its batch, AdamW rates and documents. A resumed run keeps
+    its own choice."""
+    saved = checkpoint.saved_run(resumed).get("sizing") if resumed else None
+    block = args.block_size or GPTConfig.block_size
+    if saved:
+        sizing = Sizing.from_dict(saved)
+    else:
+        began = time.monotonic()
+        limit = began + min(max(CHOOSING_SHARE * args.time, CHOOSING_MIN_S), CHOOSING_MAX_S)
+        # What the steps get of the budget: less the choosing, the margin kept back and the evaluations.
+        seconds = (args.time - (limit - started)) * (1 - Budget.MARGIN) * \
+            (1 - FORWARD_SHARE * args.eval_iters / args.eval_interval)
+        candidates = timed_candidates(args, env, block, limit, seconds)
+        chosen = choose_depth(candidates)
+        batch = sized_batch(chosen.depth, args.batch_size, block, chosen.tokens, env.world)
+        scale = sized_lr(1.0, batch, args.batch_size)
+        sizing = Sizing(chosen.depth, batch, args.lr * scale, args.min_lr * scale,
+                        args.sample_size or documents_for(args.dataset, chosen.tokens, args.val_split),
+                        candidates, time.monotonic() - began)
+    say("\n".join(sizing.lines(env.device.type, block, args.lr, args.muon_lr, args.batch_size)
+                  + (["plan: (the choice of the run in latest.pt, kept)"] if saved else [])))
+    return sizing
+
+
+def timed_candidates(args, env: Env, block: int, limit: float, seconds: float) -> list[Candidate]:
+    """The family's depths in turn, smallest first, each timed at its batch, with the tokens `seconds` of
+    training buy at its pace; until one falls below the compute-optimal tokens a parameter (deeper ones fall
+    further), one does not fit in memory, or the time for choosing ends at `limit`. Every rank times every
+    candidate (DDP's collectives in step), and rank 0's clock and pace decide."""
+    prepared = data.prepared(data.DataSpec.from_args(args)) is not None  # a local corpus prepared before
+    candidates = []
+    for depth in [args.depth] if args.depth else DEPTHS:
+        if candidates and broadcast_from_rank0(env, lambda: time.monotonic() > limit):
+            break
+        config, batch = model_config(args, depth_shape(depth)), sized_batch(depth, args.batch_size, block, None,
+                                                                            env.world)
+        pace = candidate_pace(config, env, args, batch, limit)
+        pace = broadcast_from_rank0(env, lambda: pace)
+        if pace is None:
+            break
+        candidates.append(Candidate(depth, scaling_params(config), batch, pace, budget_tokens(pace, seconds, prepared)))
+        if candidates[-1].tokens_per_parameter < OPTIMAL_TOKENS_PER_PARAMETER:
+            break
+    if not candidates:
+        raise UserError(f"--time: even depth {DEPTHS[0]} does not fit in this {env.device.type}'s memory at "
+                        f"context {block}: give a smaller --block_size, or the shape (--n_layer, --n_head, --n_embd)")
+    return candidates
+
+
+def candidate_pace(config: GPTConfig, env: Env, args, batch: int, limit: float) -> float | None:
+    """Tokens a second a step of `batch` sequences of this model trains at here (eager: compiling every
+    candidate would take longer than choosing may), timed in what is left before `limit`; None when it does
+    not fit in memory."""
+    eager = dataclasses.replace(env, compile=False)
+    try:
+        t = build(config, eager, OptimizerSettings.from_args(args), seed=args.seed)
+        accum = fitting_grad_accum(t, eager, batch, config.block_size) if probes_memory(env.device) else 1
+        seconds = step_seconds(t, eager, batch // (env.world * accum), accum, config.block_size,
+                               limit - time.monotonic())
+    except (torch.cuda.OutOfMemoryError, UserError):
+        return None
+    finally:
+        t = None
+        if env.device.type == "cuda":
+            torch.cuda.empty_cache()
+    return batch * config.block_size / seconds
+
+
+def data_note(sizing: Sizing | None, tokens: int) -> list[str]:
+    """The data prepared, checked against the tokens --time planned."""
+    if sizing is None or tokens >= 0.9 * sizing.chosen.tokens:
+        return []
+    return [f"note: the data holds {tokens:,} training tokens, so the {sizing.chosen.tokens:,.0f} tokens --time "
+            f"planned pass over it {sizing.chosen.tokens / tokens:.1f} times (the source has no more, or its "
+            "documents are shorter than estimated); --sample_size gives more"]
+
+
 def refuse_overwriting(args, env: Env) -> None:
-    latest = Path(args.save_dir) / checkpoint.LATEST
-    if broadcast_from_rank0(env, lambda: not args.resume and latest.exists()):
-        raise CheckpointError(f"{latest} is from an earlier run: continue it with --resume, "
+    """A new run writes over nothing an earlier one left in --save_dir (its checkpoints, its metrics)."""
+    names = (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl")
+    earlier = broadcast_from_rank0(env, lambda: next((str(Path(args.save_dir) / name) for name in names
+                                                      if not args.resume and (Path(args.save_dir) / name).exists()),
+                                                     None))
+    if earlier:
+        raise CheckpointError(f"{earlier} is from an earlier run: continue it with --resume, "
                               "or choose another --save_dir (nothing was overwritten)")
 
 
@@ -423,11 +552,12 @@ def read_resume(args, env: Env) -> dict:
     return broadcast_state_from_rank0(env, ckpt)
 
 
-def starting_point(args, env: Env, resumed: dict | None, say: Callable) -> tuple[GPTConfig, dict | None]:
-    """The model's shape, and the weights it starts from (None: random): the flags' shape, or the shape of
-    --init_from's weights; a resumed run's checkpoint must have that same shape."""
+def starting_point(args, env: Env, resumed: dict | None, say: Callable,
+                   sizing: Sizing | None) -> tuple[GPTConfig, dict | None]:
+    """The model's shape, and the weights it starts from (None: random): the flags' shape (or the depth --time
+    chose), or the shape of --init_from's weights; a resumed run's checkpoint must have that same shape."""
     if args.init_from == "scratch":
-        config, state = model_config(args), None
+        config, state = model_config(args, depth_shape(sizing.depth) if sizing else None), None
     elif resumed:  # the weights it started from are in the checkpoint now; the source is not read again
         config, state = fine_tune_config(GPTConfig.from_dict(resumed["config"]), args, args.init_from), None
     else:
@@ -460,30 +590,27 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def prepare_data(args, env: Env) -> Path:
-    """The data flags' shards, prepared (or found) by each machine's first process before its others."""
-    spec = data.DataSpec.from_args(args)
-    return local_rank0_first(env, lambda: data.prepare(spec, progress=env.master))
-
-
-def validation_split(cache: Path, block_size: int, args) -> data.TokenShards:
+def validation_split(cache: Path, block_size: int, batch_size: int, seed: int) -> data.TokenShards:
     """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
     shards = data.TokenShards(cache, "val")
-    data.BatchSource(shards, block_size, args.batch_size, seed=args.seed, shuffle=False)
+    data.BatchSource(shards, block_size, batch_size, seed=seed, shuffle=False)
     return shards
 
 
-def planned_steps(args, plan: Plan, block_size: int) -> int | None:
-    """--max_steps, or --epochs over the training split (estimated before it is prepared); with --time,
-    --max_steps or None (the budget sets them once a few steps are timed)."""
-    if args.max_steps or args.time:
-        return args.max_steps
+def planned_steps(args, plan: Plan, block_size: int, batch_size: int, resumed: dict | None) -> int | None:
+    """--max_steps; else on --resume, the schedule the run had planned (kept); else --epochs over the training
+    split (estimated before it is prepared), or with --time None (the budget sets them once steps are timed)."""
+    saved = resumed.get("max_steps") if resumed else None
+    if args.max_steps or (saved and not args.time):
+        return args.max_steps or saved
+    if args.time:
+        return saved  # at most the schedule a resumed run had planned; the budget may end it sooner
     if plan.data_tokens is None:
         return None  # --plan over a Hub dataset of unknown size
-    return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, args.batch_size)))
+    return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, batch_size)))
 
 
-def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int) -> int:
+def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int, batch_size: int) -> int:
     """Validation batches an evaluation reads: --eval_iters, but at most one pass over the validation split
     (its size estimated from the training split's under --plan)."""
     if val is not None:
@@ -492,38 +619,92 @@ def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int
         tokens = round(plan.data_tokens * args.val_split / (1 - args.val_split))
     else:
         return args.eval_iters
-    return min(args.eval_iters, data.batches_per_pass(tokens, block_size, args.batch_size))
+    return min(args.eval_iters, data.batches_per_pass(tokens, block_size, batch_size))
 
 
-def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, block_size: int, say: Callable) -> int:
+def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, batch_size: int, block_size: int,
+                      say: Callable) -> int:
     """--grad_accum as a number: as given; `auto` on --resume, the run's own choice; else, on a GPU, the
-    fewest micro-steps whose micro-batch fits in its memory (1 elsewhere)."""
-    if args.grad_accum != "auto":
-        return args.grad_accum
+    fewest micro-steps whose micro-batch fits in its memory (probed); on a CPU, the fewest whose step's
+    estimated memory fits in what is free (step_bytes). A CPU step that cannot fit is refused in one line."""
     saved = checkpoint.saved_run(resumed).get("grad_accum") if resumed else None
-    if isinstance(saved, int):
-        return saved
-    if not probes_memory(env.device):
-        return 1
-    accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, args.batch_size, block_size))
-    say(f"--grad_accum auto: micro-batches of {args.batch_size // (env.world * accum)} × {block_size} tokens "
-        f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
-    return accum
+    accum = args.grad_accum if args.grad_accum != "auto" else saved if isinstance(saved, int) else None
+    if accum is None and probes_memory(env.device):
+        accum = run_compiled(t, env, say, lambda: fitting_grad_accum(t, env, batch_size, block_size))
+        say(f"--grad_accum auto: micro-batches of {batch_size // (env.world * accum)} × {block_size} tokens "
+            f"fit in {env.device.type} memory: {accum} accumulation step(s) of {env.world} process(es)")
+    if env.device.type == "cpu":
+        return fitting_in_ram(t.raw_model, batch_size // env.world, accum, env, say)
+    return accum or 1
 
 
-def restore(resumed: dict, t: "Learner", args, say: Callable) -> Progress:
-    """latest.pt's weights and optimizer states put back; where the run was. A changed flag is noted."""
+def fitting_in_ram(model: GPT, per_rank: int, accum: int | None, env: Env, say: Callable) -> int:
+    """accum, or (None: auto) the fewest micro-steps whose step fits in RAM_SHARE of the memory free, by
+    step_bytes' estimate; UserError before the run starts where the step cannot fit (rather than the kernel
+    killing it an hour in)."""
+    free, c = available_memory(), model.config
+    if free is None:
+        return accum or 1
+    free //= env.world  # the processes of this machine share it
+    need = lambda micro: step_bytes(c, micro, model.num_params(), env.amp_dtype is not None)
+    gb = lambda n: f"{n / 1e9:,.1f} GB"
+    if accum is not None:
+        micro = per_rank // accum
+        if need(micro) > free:
+            fit = next((m for m in micro_batch_sizes(per_rank) if need(m) <= RAM_SHARE * free), None)
+            advice = f"--grad_accum {per_rank // fit} (micro-batches of {fit}) fits" if fit else "a smaller model"
+            raise UserError(f"a step of micro-batches of {micro} × {c.block_size} tokens needs about {gb(need(micro))} "
+                            f"of memory and {gb(free)} is free: {advice}, or lower --batch_size")
+        return accum
+    for micro in micro_batch_sizes(per_rank):
+        if need(micro) <= RAM_SHARE * free:
+            if micro < per_rank:
+                say(f"--grad_accum auto: micro-batches of {micro} × {c.block_size} tokens fit in cpu memory (about "
+                    f"{gb(need(micro))} of {gb(free)} free): {per_rank // micro} accumulation steps")
+            return per_rank // micro
+    raise UserError(f"even one sequence of {c.block_size} tokens needs about {gb(need(1))} of memory and {gb(free)} "
+                    "is free: train a smaller model, or lower --block_size")
+
+
+def restore(resumed: dict, t: "Learner", settings: Settings, say: Callable) -> Progress:
+    """latest.pt's weights and optimizer states put back; where the run was. Each setting that changed says
+    so in a line (shape, optimizer and starting point are refused earlier: no continuation with them)."""
     fields = checkpoint.restore(resumed, t.raw_model, t.optimizers, t.scaler)
     best_val = fields["best_val_loss"] if fields["best_val_loss"] is not None else math.inf
-    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"])
-    saved_args = resumed.get("args", {})
-    changed = [k for k in ("batch_size", "seed", "dataset", "subset", "sample_size", "val_split", "lr")
-               if k in saved_args and saved_args[k] != getattr(args, k)]
-    if changed:
-        say(f"note: resuming with changed {', '.join(changed)}: the run will not match an uninterrupted one")
-    say(f"resumed from {Path(args.save_dir) / checkpoint.LATEST} at step {progress.step} "
+    tokens = fields["tokens"] if fields["tokens"] is not None else fields["step"] * settings.tokens_per_step
+    progress = Progress(fields["step"], fields["val_loss"], best_val, fields["best_step"],
+                        max_steps=fields["max_steps"], tokens=tokens)
+    say("\n".join(resume_notes(resumed, settings, progress)))
+    say(f"resumed from {Path(settings.flags.save_dir) / checkpoint.LATEST} at step {progress.step} "
         f"(best validation loss {progress.best_val:.4f})")
     return progress
+
+
+def resume_notes(resumed: dict, s: Settings, progress: Progress) -> list[str]:
+    """A line for each setting of the run latest.pt continues that is now another, old and new named."""
+    saved_run, saved_args, a = checkpoint.saved_run(resumed), resumed.get("args", {}), s.flags
+    now = {"batch_size": s.batch_size, "lr": s.optimizer.lr} | {
+        k: getattr(a, k) for k in ("seed", "schedule", "warmup_steps", "cooldown_frac", "min_lr", "muon_lr",
+                                   "weight_decay", "muon_weight_decay", "dropout")} | dataclasses.asdict(s.data)
+    was = saved_args | saved_run.get("data", {}) | {k: saved_run[k] for k in ("batch_size", "lr") if k in saved_run}
+    notes = [f"note: --resume: {k} {now[k]}, was {was[k]}: the run will not match an uninterrupted one"
+             for k in now if k in was and was[k] != now[k] and k != "data_cache"]
+    if progress.max_steps and s.steps and s.steps != progress.max_steps:
+        held = f"; the learning rate stays at {s.optimizer.lr * s.held_lr:.2e}, where the decay left it " \
+               "(--reschedule plans the decay anew)" if s.held_lr is not None else ""
+        notes.append(f"note: --resume: {s.steps:,} steps, the run had planned {progress.max_steps:,}{held}")
+    return notes
+
+
+def held_lr(args, resumed: dict | None, steps: int | None) -> float | None:
+    """On --resume with more steps than the run had planned, the share of the peak rate the decay had reached
+    at the step resumed, if it had begun (the rate then stays there); None: the schedule as planned."""
+    saved, step = (resumed.get("max_steps"), resumed.get("step", 0)) if resumed else (None, 0)
+    if not saved or not steps or steps <= saved or args.reschedule:
+        return None
+    warmup = fitting_warmup(args.warmup_steps, saved)
+    scale = lr_scale(step, warmup, saved, args.schedule, args.cooldown_frac, args.min_lr / args.lr)
+    return scale if scale < 1.0 and step >= warmup else None
 
 
 def load_hellaswag(args, env: Env, say: Callable) -> list | None:
@@ -543,12 +724,12 @@ def load_hellaswag(args, env: Env, say: Callable) -> list | None:
     return items
 
 
-def first_plan(config: GPTConfig, args) -> Plan:
+def first_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec) -> Plan:
     """What can be known before any download: the model's size, the tokens of a step, and the data's size
     estimated from --sample_size (exact once prepared)."""
     params, non_embedding = parameter_counts(config)
-    estimate, basis = estimated_data_tokens(args.dataset, args.sample_size)
-    return Plan(params, non_embedding, args.batch_size * config.block_size, args.sample_size, steps=args.max_steps,
+    estimate, basis = estimated_data_tokens(spec.dataset, spec.sample_size)
+    return Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
 
@@ -923,9 +1104,9 @@ class Figures:
 
 
 class SignalStop:
-    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step; a second one quits at once.
-
-    SIGHUP is what a dropped SSH connection sends: the run saves latest.pt rather than dying mid-step.
+    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step: it saves latest.pt and
+    stops. A second Ctrl-C quits at once; more SIGTERMs and SIGHUPs change nothing (a dropped SSH
+    connection can send the hang-up twice: to the shell's jobs, and to the terminal's process group).
     """
 
     def __init__(self):
@@ -934,8 +1115,9 @@ class SignalStop:
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
-        self.received = signum
-        signal.signal(signum, signal.SIG_DFL)
+        self.received = self.received or signum
+        if signum == signal.SIGINT:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 @dataclass
@@ -999,6 +1181,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         if run.hellaswag is not None:
             score_hellaswag(run, env, out)
     t.model.train()
+    next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
     while progress.step < schedule.max_steps:
         # The step, queued on the device; its figures are read a step later, so the CPU never waits for it.
         micro_batches = [next(batches) for _ in range(s.grad_accum)]
@@ -1007,7 +1190,7 @@ def train(run: Run, env: Env, out: Output) -> int:
             lr_scale=schedule.lr(progress.step), muon_momentum=muon_momentum_at(progress.step, a.muon_momentum),
             stop=signals.received is not None))
         figures.queued(progress.step, stats)
-        progress.step += 1
+        progress.step, progress.tokens = progress.step + 1, progress.tokens + s.tokens_per_step
         out.bar.update(1)
         step = progress.step
 
@@ -1025,7 +1208,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         log = step % a.log_interval == 0 or end
         hellaswag = run.hellaswag is not None and (step % a.hellaswag_interval == 0 or end)
         evaluate = step % a.eval_interval == 0 or end
-        save = step % a.checkpoint_interval == 0 or end or stop
+        save = step % a.checkpoint_interval == 0 or end or stop or time.monotonic() >= next_save
         if not (log or hellaswag or evaluate or save):
             continue
         figures.latest()  # a log line, an evaluation or a checkpoint only ever follows a finite step
@@ -1044,6 +1227,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         if save:
             with pace.leave_out():
                 save_latest(run, out)
+            next_save = time.monotonic() + SAVE_EVERY_S
         pace.restart(step)  # the pace is the training's, without these
         if stop:
             return stopped(run, env, out, signals.received)
@@ -1079,13 +1263,15 @@ def replan(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budge
             out.bar.total = steps
             out.bar.refresh()
     plan.steps, plan.step_seconds = schedule.max_steps, costs.step
+    run.progress.max_steps = schedule.max_steps
     plan.seconds = out.elapsed() + costs.seconds(step, schedule.max_steps - step)
     if announce:  # the steps and their warnings were said already, unless the budget has just set them
         a = run.settings.flags
         planned = [plan.steps_line(), *plan.warnings(), *warmup_note(a.warmup_steps, schedule.max_steps)] \
             if budget is not None else []
         out.say("\n".join([plan.time_line(out.env.device.type), *planned]))
-        out.metrics.log(**plan.row())
+        sizing = run.settings.sizing
+        out.metrics.log(**plan.row(), **({"sizing": sizing.to_dict()} if sizing else {}))
     return schedule
 
 
@@ -1094,7 +1280,7 @@ def log_step(run: Run, f: StepFigures, tokens_per_s: float, schedule: Schedule, 
     peak = peak_flops(out.env.device)
     flops = run.learner.raw_model.flops_per_token(run.settings.config.block_size)
     mfu = tokens_per_s * flops / (peak * out.env.world) if peak else None
-    lr, cost = run.settings.flags.lr * schedule.lr(f.step), out.cost()
+    lr, cost = run.settings.optimizer.lr * schedule.lr(f.step), out.cost()
     row = dict(step=run.progress.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
                elapsed_s=out.elapsed())
     row |= {"mfu": mfu} if mfu is not None else {}
@@ -1112,18 +1298,23 @@ def validate(run: Run, env: Env, out: Output) -> None:
     s, progress = run.settings, run.progress
     result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
                              env.world, rows=s.micro_batch,
-                             max_tokens=s.eval_batches * s.flags.batch_size * s.config.block_size)
+                             max_tokens=s.eval_batches * s.tokens_per_step)
+    first = progress.val_loss is None
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
         progress.best_val, progress.best_step = progress.val_loss, progress.step
     perplexity = math.exp(min(progress.val_loss, 50))
-    out.say(f"step {progress.step}: validation loss {progress.val_loss:.4f} (perplexity {perplexity:.1f}, "
+    out.say(f"step {progress.step}: validation loss {result['loss']:.4f} (perplexity {perplexity:.1f}, "
             f"{result['bpb']:.4f} bits per byte){' - best so far, saved' if improved else ''}")
+    if first and result["tokens"] < run.val.num_tokens - run.val.num_tokens // (s.config.block_size + 1):
+        out.say(f"note: the run's validation loss is over the first {result['tokens']:,} tokens of the validation "
+                "split (--eval_iters); eval.py --tasks val scores all of it, so its figure differs a little")
     out.metrics.log(step=progress.step, val_loss=progress.val_loss, val_ppl=perplexity, val_bpb=result["bpb"])
     out.metrics.plot()
     if improved and env.master:
-        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress.fields(s.flags.init_from))
+        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress.fields(s.flags.init_from),
+                             s.to_dict())
 
 
 def score_hellaswag(run: Run, env: Env, out: Output) -> None:
@@ -1170,7 +1361,7 @@ def stopped(run: Run, env: Env, out: Output, signum: int | None) -> int:
 def summarise(run: Run, out: Output, how: str) -> None:
     """The summary a run ends with: what it reached, its time and cost, and the way home."""
     p, seconds = run.progress, out.elapsed()
-    outcome = Outcome(steps=p.step, tokens=p.step * run.settings.tokens_per_step, seconds=seconds,
+    outcome = Outcome(steps=p.step, tokens=p.tokens, seconds=seconds,
                       best_val=p.best_val if p.best_step is not None else None, best_step=p.best_step,
                       checkpoint=out.save_dir / checkpoint.BEST, price_per_hour=out.price_per_hour,
                       hellaswag=p.hellaswag, planned_seconds=run.plan.seconds)
@@ -1188,10 +1379,10 @@ def show_plan(args, env: Env, started: float) -> int:
     """--plan: `start` as the run does it, without preparing data, then a few steps timed on random tokens;
     the plan's steps, time and cost. Nothing is downloaded or written."""
     say = tqdm.write if env.master else (lambda text: None)
-    run = start(args, env, say, dry_run=True)
+    run = start(args, env, say, started, dry_run=True)
     s, plan = run.settings, run.plan
-    plan.step_seconds = run_compiled(run.learner, env, say, lambda: time_random_steps(
-        run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size))
+    plan.step_seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
+        run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
     costs = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0)
     if args.time:
         plan.steps = min(Budget(args.time, started).steps(0, time.monotonic(), costs), s.steps or UNPLANNED_STEPS)
@@ -1207,6 +1398,39 @@ def show_plan(args, env: Env, started: float) -> int:
             lines.append("plan: ...plus downloading and tokenizing the data, not yet done")
     say("\n".join(lines + plan.warnings()))
     return 0
+
+
+def step_seconds(t: Learner, env: Env, micro: int, accum: int, block_size: int, limit: float) -> float:
+    """Seconds a step takes, timed as time_random_steps times it where its steps fit in `limit` seconds.
+    Where they do not (a CPU given a large model: the seed's 124M at 128 x 128 tokens took 84 s a step here,
+    27 of them Muon's update, whatever the batch), the step is drawn from its parts (time_parts): the update,
+    once a step, and forward and backward over one sequence and over as many as the time left allows,
+    for what a micro-step costs whatever its size and what each sequence adds. On a GPU a step is timed whole:
+    another shape would compile again."""
+    if env.device.type == "cuda":
+        return time_random_steps(t, env, micro, accum, block_size)
+    started = time.perf_counter()
+    backward, update = time_parts(t, env, 1, block_size)
+    if backward + update < 1.0:  # quick: the first call's warm-up was in it, so again
+        backward, update = time_parts(t, env, 1, block_size)
+    left = limit - (time.perf_counter() - started)
+    if (accum * micro * backward + update) * (Pace.WARMUP_STEPS + Pace.TIMED_STEPS) <= left:
+        return time_random_steps(t, env, micro, accum, block_size)
+    few = min(micro, int(left / 2 / backward))  # sequences whose forward and backward take half of what is left
+    per_sequence = backward
+    if few >= 2:
+        per_sequence = max(0.0, (time_parts(t, env, few, block_size)[0] - backward) / (few - 1))
+    return accum * (backward + per_sequence * (micro - 1)) + update
+
+
+def time_parts(t: Learner, env: Env, micro: int, block_size: int) -> tuple[float, float]:
+    """Seconds of a step's forward and backward over micro random sequences, and of its update (CPU: no wait)."""
+    x = torch.randint(0, t.raw_model.config.vocab_size, (micro, block_size + 1), generator=torch.Generator().manual_seed(0))
+    started = time.perf_counter()
+    loss = accumulate_gradients(t, [(x[:, :-1].contiguous(), x[:, 1:].contiguous())], env=env, step=0, seed=0)
+    middle = time.perf_counter()
+    step_optimizers(t, loss, env=env, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)
+    return middle - started, time.perf_counter() - middle
 
 
 def time_random_steps(t: Learner, env: Env, micro: int, accum: int, block_size: int, *,
@@ -1231,6 +1455,7 @@ def main(argv=None, started: float | None = None) -> int:
     """`python train_gpt2.py`: the run (or --plan), its errors as one line. `started`: when the process
     started (--time counts from it); by default, now."""
     started = time.monotonic() if started is None else started
+    forgive_gone_readers()
     args = parse_args(argv)
     env, notes = setup_env(args.device, args.amp, args.compile)
     out = None
@@ -1242,7 +1467,7 @@ def main(argv=None, started: float | None = None) -> int:
                            "is shown")
         if args.plan:
             return show_plan(args, env, started)
-        run = start(args, env, tqdm.write if env.master else (lambda text: None))
+        run = start(args, env, tqdm.write if env.master else (lambda text: None), started)
         out = Output.open(run, env, started)
         status = train(run, env, out)
         out.close()

@@ -27,6 +27,12 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     names = {"fp32": "float32", "bf16": "bfloat16", "int8": "int8", "int4": "int4"}  # bench.py's, then torch's
     assert names[decode["auto_dtype"]] == cpu_decoding.choose(decode["probe_ns_per_weight"])  # the probe's pick
     assert decode["startup_first_token_s"] > 0
+    try:  # llama.cpp beside ours, on export_gguf.py's files of the same weights, when llama-cpp-python is installed
+        import gguf, llama_cpp  # noqa: F401
+        assert decode["peers"] == ["llama_f16", "llama_q8_0", "llama_q4_0"]
+    except ImportError:
+        assert decode["peers"] == []
+    assert all(decode[f"{name}_tokens_per_s"] > 0 and decode[f"{name}_load_s"] > 0 for name in decode["peers"])
     assert report["tokenize"]["ratio"] > 0 and report["tokenize"]["tokens"] > 0
     assert report["hellaswag"]["fp32_items_per_s"] > 0 and report["hellaswag"]["bf16_items_per_s"] > 0
     assert "training" in result.stdout and "loop / table" in result.stdout

