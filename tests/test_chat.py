@@ -3,6 +3,7 @@
 import os
 import pty
 import random
+import re
 import select
 import subprocess
 import time
@@ -13,6 +14,7 @@ import torch
 import chat
 import checkpoint
 import data
+import export_gguf
 import model as M
 import sample
 import train_gpt2 as T
@@ -248,3 +250,68 @@ def test_a_conversation_out_of_turn_and_an_unreachable_hub_are_one_line_each(tmp
     lines = offline.stderr.strip().splitlines()
     assert offline.returncode == 1 and len(lines) == 1 and "pass --dataset PATH" in lines[0]
     assert lines[0].startswith("error: cannot reach the Hugging Face Hub for dataset 'HuggingFaceTB/smol-smoltalk'")
+
+
+def test_the_gguf_export_carries_the_turns_and_llama_cpp_renders_and_ends_the_reply(tuned, tmp_path):
+    """As llama.cpp and LM Studio take it: the turn tokens as control tokens, the Jinja template in the file
+    rendering (through jinja2, as they render it) to the text llama.cpp tokenizes to the fine-tuning's ids, and
+    its greedy reply ours, ending at <|assistant_end|>, the file's end of generation."""
+    gguf = pytest.importorskip("gguf")
+    llama_cpp = pytest.importorskip("llama_cpp")
+    jinja2 = pytest.importorskip("jinja2")
+    out = tmp_path / "gguf" / "chat.gguf"
+    result = run_script("export_gguf.py", str(tuned / "model_best_val.pt"), str(out), "--type", "f32")
+    assert result.returncode == 0, result.stderr
+    reader = gguf.GGUFReader(out)
+    field = lambda key: reader.fields[key].contents()
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    assert len(tokens) == chat.VOCAB_SIZE and {tokens[i]: i for i in chat.TURN_IDS} == chat.SPECIAL_TOKENS
+    assert all(types[i] == gguf.TokenType.CONTROL for i in [EOT, *chat.TURN_IDS]) and types[EOT - 1] == gguf.TokenType.NORMAL
+    assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == chat.ASSISTANT_END
+    assert field("tokenizer.chat_template") == chat.JINJA_TEMPLATE
+    asked = [{"role": "system", "content": "Answer in a few words."}, {"role": "user", "content": QUESTIONS[0]}]
+    prompt = chat.render(asked, enc, add_generation_prompt=True)
+    text = jinja2.Environment().from_string(field("tokenizer.chat_template")).render(messages=asked,
+                                                                                     add_generation_prompt=True)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=CONTEXT, n_threads=1, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
+    assert llm.tokenize(b"<|user_end|>", add_bos=False, special=False) == enc.encode_ordinary("<|user_end|>")
+    ours, _ = checkpoint.load_model(str(tuned / "model_best_val.pt"))
+    reply = chat.Reply(ours.eval().generate(prompt, 20, temperature=0, stop_at_eot=False))
+    assert list(reply) and reply.ended
+    said = [t for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True)][:len(reply.tokens) + 1]
+    assert said == reply.tokens + [chat.ASSISTANT_END] and llm.token_eos() == chat.ASSISTANT_END
+    del llm
+    modelfile = (out.parent / "Modelfile").read_text()
+    assert export_gguf.OLLAMA_CHAT_TEMPLATE in modelfile and 'PARAMETER stop "<|assistant_end|>"' in modelfile
+
+
+class Oracle:
+    """A stand-in model for bench_chat's scoring that does the task: finds the item the last question asks about
+    and its price in the last list of the prompt, says it, then ends its turn (or, `ends=False`, runs on)."""
+
+    def __init__(self, ends: bool):
+        self.ends, self.config = ends, M.GPTConfig(block_size=256)
+
+    def generate(self, prompt, max_tokens, **_):
+        text = enc.decode([t for t in prompt if t < chat.GPT2_VOCAB])
+        item = re.findall(r"(?:What does the|And the) (\w+)", text)[-1]
+        price = re.search(rf"\b{item} (\d+)", text.rsplit("Prices: ", 1)[1]).group(1)
+        tail = [chat.ASSISTANT_END] if self.ends else enc.encode_ordinary(" And so on.") * max_tokens
+        yield from (enc.encode_ordinary(f"The {item} costs {price}.") + tail)[:max_tokens]
+
+
+def test_bench_chats_questions_have_their_answer_in_the_list_and_its_scoring_counts_right_and_ended():
+    import bench_chat
+    rng = random.Random(0)
+    held_out = [bench_chat.make_questions(rng) for _ in range(30)]
+    for turns in held_out:
+        listing = turns[0][0]
+        for asked, said in turns:
+            item, price = said.removeprefix("The ").removesuffix(".").split(" costs ")
+            assert f" {item} {price}" in listing and item in asked
+    assert all(chat.problem(bench_chat.make_conversation(rng)) is None for _ in range(30))
+    scored = bench_chat.score(Oracle(ends=True), held_out, max_tokens=12)
+    assert scored["right"] == scored["ended"] == 1.0 and scored["questions"] == sum(map(len, held_out)) > 30
+    running_on = bench_chat.score(Oracle(ends=False), held_out, max_tokens=12)
+    assert running_on["ended"] == 0.0 and running_on["right"] == 0.0  # "The tea costs 17. And so on." is not it
