@@ -821,27 +821,45 @@ def compare_budgets(budgets: list[str], depths: list[int], common: list[str], ru
     machine, on the same data: each run's final validation loss, its depth, and from outside, the process's
     whole time against the budget."""
     import data
-    data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before any run's clock starts
+    cache = data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before any run's clock starts
     rows = []
     for budget in budgets:
         for name, flags in [("chosen", ""), *((f"depth {d}", f"--depth {d}") for d in depths)]:
-            r = train_recipe(f"{budget}-{name.replace(' ', '')}", f"--time {budget} {flags}", common, runs,
-                             os.cpu_count() or 1)
+            label = f"{budget}-{name.replace(' ', '')}"
+            r = train_recipe(label, f"--time {budget} {flags}", common, runs, os.cpu_count() or 1)
             rows.append({"budget": budget, "run": name, "final": r["final"], "steps": r["steps"],
                          "depth": r["sizing"]["depth"], "batch": r["sizing"]["batch"], "seconds": r["seconds"],
-                         "choosing_s": r["sizing"]["seconds"] if name == "chosen" else None})
-            print(f"measured: --time {budget} {flags or '(chooses)'}: depth {rows[-1]['depth']}, final validation "
-                  f"loss {r['final']:.4f}, {r['steps']} steps, {r['seconds']:.0f} s from launch to exit", flush=True)
+                         "choosing_s": r["sizing"]["seconds"] if name == "chosen" else None,
+                         "same_val": same_validation_loss(runs / label / "model_best_val.pt", cache)})
+            print(f"measured: --time {budget} {flags or '(chooses)'}: depth {rows[-1]['depth']}, validation loss "
+                  f"{rows[-1]['same_val']:.4f} on the first {SAME_VAL_TOKENS:,} held-out tokens (in the run: "
+                  f"{r['final']:.4f}), {r['steps']} steps, {r['seconds']:.0f} s from launch to exit", flush=True)
     print_table(rows, [("budget", "budget", "s"), ("run", "run", "s"), ("depth", "depth", "d"), ("batch", "batch", "d"),
-                       ("steps", "steps", "d"), ("final", "final val", ".4f"), ("seconds", "wall s", ".0f"),
-                       ("choosing_s", "choosing s", ".1f")])
+                       ("steps", "steps", "d"), ("same_val", "val loss", ".4f"), ("final", "in the run", ".4f"),
+                       ("seconds", "wall s", ".0f"), ("choosing_s", "choosing s", ".1f")])
     for budget in budgets:
         mine = [r for r in rows if r["budget"] == budget]
-        best = min((r for r in mine if r["run"] != "chosen"), key=lambda r: r["final"])
+        best = min((r for r in mine if r["run"] != "chosen"), key=lambda r: r["same_val"])
         chosen = next(r for r in mine if r["run"] == "chosen")
-        print(f"--time {budget}: chose depth {chosen['depth']} at {chosen['final']:.4f}; the grid's best, depth "
-              f"{best['depth']}, {best['final']:.4f}: {chosen['final'] - best['final']:+.4f}")
+        print(f"--time {budget}: chose depth {chosen['depth']} at {chosen['same_val']:.4f}; the grid's best, depth "
+              f"{best['depth']}, {best['same_val']:.4f}: {chosen['same_val'] - best['same_val']:+.4f}")
     return rows
+
+
+# The held-out tokens every --budgets run is scored on at the end: a run's own evaluations read --eval_iters
+# batches of its own batch, so runs of different batches would be compared on different text.
+SAME_VAL_TOKENS = 40_960
+
+
+def same_validation_loss(checkpoint_path: Path, cache: Path) -> float:
+    """A run's best checkpoint scored on the first SAME_VAL_TOKENS tokens of the validation split, on the CPU."""
+    import data
+    import eval as scoring
+    from checkpoint import load_model
+    model, _ = load_model(str(checkpoint_path))
+    with torch.inference_mode():
+        return scoring.validation_loss(model, data.TokenShards(cache, "val"), model.config.block_size,
+                                       torch.device("cpu"), max_tokens=SAME_VAL_TOKENS)["loss"]
 
 
 def training_speed(base: Setting, settings: list[Setting], steps: int, warmup: int, device: torch.device, *,

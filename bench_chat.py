@@ -133,7 +133,7 @@ def train(save_dir: Path, flags: list[str]) -> float | None:
         print(f"using the run in {save_dir} (delete it to train again)")
         return None
     command = [sys.executable, str(REPO / "train_gpt2.py"), *flags, "--save_dir", str(save_dir)]
-    print("$ python " + " ".join(command[1:]), flush=True)
+    print("$ python train_gpt2.py " + " ".join(command[2:]), flush=True)  # as typed in the repository
     started = time.monotonic()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:

@@ -1,5 +1,6 @@
 """Conversations: the format (chat.py), fine-tuning on them (train_gpt2.py --chat), talking in turns
 (sample.py --chat) and the transformers export's template, on a tiny model and generated conversations."""
+import itertools
 import os
 import pty
 import random
@@ -279,7 +280,7 @@ def test_the_gguf_export_carries_the_turns_and_llama_cpp_renders_and_ends_the_re
     ours, _ = checkpoint.load_model(str(tuned / "model_best_val.pt"))
     reply = chat.Reply(ours.eval().generate(prompt, 20, temperature=0, stop_at_eot=False))
     assert list(reply) and reply.ended
-    said = [t for t in llm.generate(prompt, temp=0.0, top_k=1, reset=True)][:len(reply.tokens) + 1]
+    said = list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, reset=True), len(reply.tokens) + 1))
     assert said == reply.tokens + [chat.ASSISTANT_END] and llm.token_eos() == chat.ASSISTANT_END
     del llm
     modelfile = (out.parent / "Modelfile").read_text()
