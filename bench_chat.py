@@ -2,7 +2,7 @@
 with train_gpt2.py --chat on generated conversations whose answers can be checked, and score held-out questions
 before and after, as sample.py --chat asks them.
 
-    python bench_chat.py                          # about 15 minutes on a 2-core CPU
+    python bench_chat.py                          # 31 minutes on a shared 2-core CPU (BENCHMARKS.md)
     python bench_chat.py --pretrain_steps 100 --tune_steps 60 --questions 40    # a quick look
 
 The task is a lookup in a list the user gives: "Prices: fig 41, tea 17, corn 88. What does the tea cost?",
