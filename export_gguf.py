@@ -243,8 +243,11 @@ def main(argv=None):
         modelfile_path = export(args.checkpoint, args.out, args.kind)
     except UserError as e:
         sys.exit(f"error: {e}")
+    talking = OLLAMA_CHAT_TEMPLATE in modelfile_path.read_text(encoding="utf-8")
+    llama_cpp = (f"llama-cli -m {args.out}  (a conversation, in the file's chat template)" if talking else
+                 f"llama-completion -m {args.out} -no-cnv -p \"Once upon a time\" -n 50")
     print(f"exported {args.checkpoint} to {args.out} ({args.kind}) and {modelfile_path}\n"
-          f"  llama.cpp: llama-completion -m {args.out} -no-cnv -p \"Once upon a time\" -n 50\n"
+          f"  llama.cpp: {llama_cpp}\n"
           f"  Ollama:    ollama create NAME -f {modelfile_path} && ollama run NAME")
 
 
