@@ -62,11 +62,6 @@ OLLAMA_CHAT_TEMPLATE = (
     "{{ end }}")
 
 
-def talks(hf_config: dict) -> bool:
-    """Whether the model was fine-tuned on conversations: its vocabulary holds chat.py's turn tokens."""
-    return hf_config["vocab_size"] == chat.VOCAB_SIZE
-
-
 # ----------------------------------------------------------------------------------------------------
 # Weights
 
@@ -196,8 +191,9 @@ def modelfile(gguf_name: str, block_size: int, chat_model: bool) -> str:
 # The file
 
 
-def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
-    """Write `out` (a .gguf) and a Modelfile beside it; both atomically. Returns the Modelfile's path."""
+def export(checkpoint: str, out: Path, kind: str = "q8_0") -> tuple[Path, bool]:
+    """Write `out` (a .gguf) and a Modelfile beside it; both atomically. Returns the Modelfile's path, and
+    whether the model talks in turns (fine-tuned with --chat)."""
     gguf = import_gguf()
     if out.suffix != ".gguf":
         raise ExportError(f"{out} does not end in .gguf: name the file to write, e.g. exported/model.gguf")
@@ -205,7 +201,7 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
     hf_config, hf_state = to_hf(model)  # refuses, in one line, a switch llama.cpp has no counterpart for either
     tensors = gguf_tensors(hf_config, hf_state, gguf)
     check_shape(hf_config, tensors, kind)
-    chat_model = talks(hf_config)
+    chat_model = chat.knows_turns(model.config)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch(hf_config))
@@ -224,7 +220,7 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Path:
     block_size = hf_config.get("n_positions", hf_config.get("max_position_embeddings"))
     with atomic_write(out.parent / "Modelfile") as tmp:
         tmp.write_text(modelfile(out.name, block_size, chat_model), encoding="utf-8")
-    return out.parent / "Modelfile"
+    return out.parent / "Modelfile", chat_model
 
 
 def build_parser() -> ArgumentParser:
@@ -240,11 +236,10 @@ def build_parser() -> ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        modelfile_path = export(args.checkpoint, args.out, args.kind)
+        modelfile_path, chat_model = export(args.checkpoint, args.out, args.kind)
     except UserError as e:
         sys.exit(f"error: {e}")
-    talking = OLLAMA_CHAT_TEMPLATE in modelfile_path.read_text(encoding="utf-8")
-    llama_cpp = (f"llama-cli -m {args.out}  (a conversation, in the file's chat template)" if talking else
+    llama_cpp = (f"llama-cli -m {args.out}  (a conversation, in the file's chat template)" if chat_model else
                  f"llama-completion -m {args.out} -no-cnv -p \"Once upon a time\" -n 50")
     print(f"exported {args.checkpoint} to {args.out} ({args.kind}) and {modelfile_path}\n"
           f"  llama.cpp: {llama_cpp}\n"

@@ -8,13 +8,13 @@ the data's exact size (once prepared), then time and cost from a few timed steps
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import re
 import shlex
 import statistics
 import time
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import contextlib
 import os
 import sys
 from dataclasses import dataclass
@@ -221,16 +222,24 @@ def typed_lines(terminal: bool) -> Iterator[str]:
             yield line
 
 
+@contextlib.contextmanager
+def stoppable(terminal: bool):
+    """On a terminal, Ctrl-C stops what is being generated, not the program; with piped input no one is at a
+    prompt, so Ctrl-C ends the run."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not terminal:
+            raise
+        print("\n[stopped]", flush=True)
+
+
 def interactive(model: GPT, enc, how: Sampling) -> None:
     """Continue each line typed, streamed; on a terminal Ctrl-C stops a continuation, not the program."""
     terminal = sys.stdin.isatty()
     for line in typed_lines(terminal):
-        try:
+        with stoppable(terminal):
             continue_text(model, enc, line, how, stream=True)
-        except KeyboardInterrupt:
-            if not terminal:
-                raise  # piped input: no one is at a prompt, so Ctrl-C ends the run
-            print("\n[stopped]", flush=True)
 
 
 RESET = "/reset"  # typed as a turn, forgets the conversation
@@ -258,17 +267,13 @@ def talk(model: GPT, enc, how: Sampling, system: str | None) -> None:
         limit = min(how.max_tokens, context - len(prompt))  # never past the context: the window never slides
         reply = chat.Reply(model.generate(prompt, limit, temperature=how.temperature, top_k=how.top_k,
                                           top_p=how.top_p, generator=how.generator, stop_at_eot=False))
-        try:
+        with stoppable(terminal):
             for piece in decode_stream(enc, reply):
                 print(piece, end="", flush=True)
             print(flush=True)
             if reply.end is None:
                 print(f"[the reply was cut at {limit} tokens (--max_tokens, or the context's end)]",
                       file=sys.stderr, flush=True)
-        except KeyboardInterrupt:
-            if not terminal:
-                raise  # piped input: no one is at a prompt, so Ctrl-C ends the run
-            print("\n[stopped]", flush=True)
         conversation.answered(reply.tokens)
 
 

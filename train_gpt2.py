@@ -601,10 +601,10 @@ def planned_steps(args, plan: Plan, block_size: int, batch_size: int, resumed: d
     """--max_steps; else on --resume, the schedule the run had planned (kept); else --epochs over the training
     split (estimated before it is prepared), or with --time None (the budget sets them once steps are timed)."""
     saved = resumed.get("max_steps") if resumed else None
-    if args.max_steps or (saved and not args.time):
-        return args.max_steps or saved
-    if args.time:
-        return saved  # at most the schedule a resumed run had planned; the budget may end it sooner
+    if args.max_steps:
+        return args.max_steps
+    if saved or args.time:
+        return saved  # with --time, at most what the resumed run had planned; the budget may end it sooner
     if plan.data_tokens is None:
         return None  # --plan over a Hub dataset of unknown size
     return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, batch_size)))
@@ -648,22 +648,21 @@ def fitting_in_ram(model: GPT, per_rank: int, accum: int | None, env: Env, say: 
     free //= env.world  # the processes of this machine share it
     need = lambda micro: step_bytes(c, micro, model.num_params(), env.amp_dtype is not None)
     gb = lambda n: f"{n / 1e9:,.1f} GB"
+    fit = next((m for m in micro_batch_sizes(per_rank) if need(m) <= RAM_SHARE * free), None)  # the largest
     if accum is not None:
         micro = per_rank // accum
         if need(micro) > free:
-            fit = next((m for m in micro_batch_sizes(per_rank) if need(m) <= RAM_SHARE * free), None)
             advice = f"--grad_accum {per_rank // fit} (micro-batches of {fit}) fits" if fit else "a smaller model"
             raise UserError(f"a step of micro-batches of {micro} × {c.block_size} tokens needs about {gb(need(micro))} "
                             f"of memory and {gb(free)} is free: {advice}, or lower --batch_size")
         return accum
-    for micro in micro_batch_sizes(per_rank):
-        if need(micro) <= RAM_SHARE * free:
-            if micro < per_rank:
-                say(f"--grad_accum auto: micro-batches of {micro} × {c.block_size} tokens fit in cpu memory (about "
-                    f"{gb(need(micro))} of {gb(free)} free): {per_rank // micro} accumulation steps")
-            return per_rank // micro
-    raise UserError(f"even one sequence of {c.block_size} tokens needs about {gb(need(1))} of memory and {gb(free)} "
-                    "is free: train a smaller model, or lower --block_size")
+    if fit is None:
+        raise UserError(f"even one sequence of {c.block_size} tokens needs about {gb(need(1))} of memory and "
+                        f"{gb(free)} is free: train a smaller model, or lower --block_size")
+    if fit < per_rank:
+        say(f"--grad_accum auto: micro-batches of {fit} × {c.block_size} tokens fit in cpu memory (about "
+            f"{gb(need(fit))} of {gb(free)} free): {per_rank // fit} accumulation steps")
+    return per_rank // fit
 
 
 def restore(resumed: dict, t: "Learner", settings: Settings, say: Callable) -> Progress:
