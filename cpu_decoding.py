@@ -53,6 +53,9 @@ PROBE_TIE = 1.05
 # milliseconds for a descheduled thread, and a probe taken so would mislead every later start.
 PROBE_STEADY = 1.25
 PROBE_FILE = "cpu_probe.json"
+# Rows packed at a time into int4 planes: a multiple of the 64 rows aten's int4 packing lays out together (packed
+# apart in blocks of 16 or 32 rows, they differ from the whole packed at once; in 64, 128 or 256, they do not).
+PLANE_ROWS = 256
 QUANTIZE_BLOCK = 2**18  # weights quantized at a time: 1 MB of fp32, so its temporaries stay in the L2 cache
 # Variables that limit the instruction sets torch's kernels use (BENCHMARKS.md emulates an AVX2 laptop with
 # them): a probe taken under other limits says nothing about these.
@@ -104,17 +107,26 @@ class Int8Linear(nn.Module):
     (aten/src/ATen/native/cpu/int8mm_kernel.cpp: AVX-512 and AVX2 code for bf16, a scalar loop for fp32):
     48 GEMVs of GPT-2 124M's shapes took 30 ms with fp32 activations, 7 with bf16, emulating AVX2 here.
     So activations are bf16 (Arm's NEON kernel takes either).
+
+    Where aten's kernels use AVX-512, the same int8 weights are multiplied faster as two int4 planes (see
+    int8_planes_group): `group` is then the planes' group and `weight`, `scale` are as to_planes gives them.
     """
 
-    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
-        """weight: int8 (out, in), as quantize_rows gives it with its scale."""
+    def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int = 0):
+        """weight: int8 (out, in) with its scale (out,), as quantize_rows gives them; or with group, to_planes's."""
         super().__init__()
-        self.register_buffer("weight", weight)  # int8 buffers stay int8 under model.to(dtype)
-        self.register_buffer("scale", scale)  # (out,), floating: follows model.to(dtype), as the kernel wants
+        self.group = group
+        self.register_buffer("weight", weight)  # int8 or packed uint8 buffers stay so under model.to(dtype)
+        self.register_buffer("scale", scale)  # floating: follows model.to(dtype), as the kernels want
         self.register_buffer("bias", bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.size(-1)), self.weight, self.scale)
+        x2 = x.reshape(-1, x.size(-1))
+        if self.group:  # high plane times x plus low plane times x: one call over [x, x]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(torch.cat([x2, x2], 1), self.weight, self.group,
+                                                           self.scale)
+        else:
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scale)
         y = y.view(*x.shape[:-1], y.size(-1))
         return y if self.bias is None else y + self.bias
 
@@ -180,12 +192,17 @@ def quantize_int4(model: GPT) -> GPT:
 def _quantize(model: GPT, int4) -> GPT:
     """Every Linear quantized, Int4Linear where int4(linear) says so and Int8Linear elsewhere, the largest
     first on _one_thread_each's threads; then the rest of the model in bf16, the kernels' activations."""
-    def quantize(m: nn.Linear):
-        return (Int4Linear, quantize_groups(m.weight)) if int4(m) else (Int8Linear, quantize_rows(m.weight))
+    def quantize(m: nn.Linear) -> nn.Module:
+        if int4(m):
+            return Int4Linear(*quantize_groups(m.weight), _bias(m))
+        weight, scale = quantize_rows(m.weight)
+        group = int8_planes_group(weight.shape)
+        return Int8Linear(*to_planes(weight, scale, group), _bias(m), group) if group else \
+            Int8Linear(weight, scale, _bias(m))
 
     linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
     quantized = dict(zip(linears, _one_thread_each(quantize, linears)))
-    return _replace_linears(model, lambda m: quantized[m][0](*quantized[m][1], _bias(m))).to(torch.bfloat16)
+    return _replace_linears(model, quantized.get).to(torch.bfloat16)
 
 
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +233,35 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         scale[i:i + step] = block_scale
         q[i:i + step] = torch.div(block, block_scale[:, None]).round_()
     return q, scale
+
+
+def int8_planes_group(shape: torch.Size) -> int:
+    """The group size for multiplying int8 weights of this (out, in) shape as two int4 planes, or 0 for
+    aten's int8 kernel.
+
+    Each int8 weight q is 16 * hi + lo, hi in -8..7 and lo in 0..15, so W x = 16 (Hi x) + (Lo x): aten's
+    int4 kernel computes both in one call over [x, x], the same products as the int8 kernel's, from the same
+    bytes. Streaming GPT-2 124M's matrices on one thread of this project's AMD EPYC, that took 0.60x the
+    int8 kernel's time with AVX-512 and 1.40x limited to AVX2 (BENCHMARKS.md), so only where aten's kernels
+    use AVX-512; on Arm it was not measured, and its NEON int8 kernel stays. The kernel wants outputs in
+    multiples of 16 and groups of 32 to 256 inputs that keep to one plane; the largest group was fastest.
+    """
+    if not HAS_INT4 or torch.backends.cpu.get_cpu_capability() != "AVX512" or shape[0] % 16:
+        return 0
+    return next((g for g in (256, 128, 64, 32) if shape[1] % g == 0), 0)
+
+
+def to_planes(q: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 weights q (out, in) with their scale (out,) as the int4 kernel's packed [Hi | Lo] (out, 2 in) and
+    its scales and offsets: (hi_q - 8) * 16 scale + 0 is 16 hi scale, (lo - 8) * scale + 8 scale is lo scale.
+    Packed PLANE_ROWS rows at a time, so the int32 the packing wants stays small."""
+    packed = torch.cat([torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        torch.cat([(rows >> 4) + 8, rows & 15], dim=1).to(torch.int32), 1)  # q >> 4 is floor(q / 16)
+        for rows in q.split(PLANE_ROWS)])
+    s = scale.float()[:, None].expand(-1, q.size(1) // group)
+    scales = torch.cat([16 * s, s], dim=1)
+    offsets = torch.cat([torch.zeros_like(s), 8 * s], dim=1)
+    return packed, torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()
 
 
 def _one_thread_each(fn, tensors: list) -> list:
@@ -340,7 +386,10 @@ def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> tuple[list[tuple], 
             out.append((Int4Linear(region.view(n, k // 2), scales_and_zeros, None), x))
             continue
         weight = region.view(kind).view(n, k)
-        if kind == torch.int8:
+        if kind == torch.int8 and (group := int8_planes_group(weight.shape)):  # its bytes seen as the planes
+            planes_scales = torch.full((2 * k // group, n, 2), 1e-3, dtype=torch.bfloat16)
+            linear = Int8Linear(region.view(n, k), planes_scales, None, group)
+        elif kind == torch.int8:
             linear = Int8Linear(weight, torch.full((n,), 1e-3, dtype=torch.bfloat16), None)
         elif kind == torch.bfloat16 and cpu_has_fast_bf16():
             linear = PackedLinear(weight, None)

@@ -163,6 +163,26 @@ def test_int8_weights_keep_the_logits_within_2_percent_and_fp32s_next_token_9_ti
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
+@pytest.mark.skipif(not cpu_decoding.HAS_INT4, reason="int4's kernel came in torch 2.6")
+def test_int8_weights_as_two_int4_planes_multiply_as_the_int8_kernel_does():
+    # 336 rows: more than one block of PLANE_ROWS, and a last block that is not a whole 64 rows of the packing.
+    q = torch.randint(-128, 128, (336, 128), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    scale, x = torch.rand(336) / 100, torch.randn(3, 128).bfloat16()
+    int8 = cpu_decoding.Int8Linear(q, scale.bfloat16(), None)
+    for group in (32, 128):
+        packed, scales = cpu_decoding.to_planes(q, scale.bfloat16().float(), group)
+        planes = cpu_decoding.Int8Linear(packed, scales.bfloat16(), None, group)
+        torch.testing.assert_close(planes(x).float(), int8(x).float(), rtol=1e-2, atol=1e-2)
+
+
+def test_int8_takes_the_planes_only_where_aten_uses_avx512_and_the_shape_fits(monkeypatch):
+    for capability, shape, group in (("AVX512", (3072, 768), 256), ("AVX512", (50304, 64), 64),
+                                     ("AVX512", (50257, 768), 0), ("AVX512", (768, 48), 0),
+                                     ("AVX2", (3072, 768), 0), ("DEFAULT", (3072, 768), 0)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        assert cpu_decoding.int8_planes_group(torch.Size(shape)) == (group if cpu_decoding.HAS_INT4 else 0)
+
+
 @pytest.mark.skipif(not cpu_decoding.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
 def test_bf16_weights_packed_for_the_cpu_give_plain_bf16s_logits(tiny_ckpt):
     packed, _ = sample.load(tiny_ckpt, torch.device("cpu"), torch.bfloat16)
