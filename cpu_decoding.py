@@ -56,6 +56,9 @@ PROBE_FILE = "cpu_probe.json"
 # Rows packed at a time into int4 planes: a multiple of the 64 rows aten's int4 packing lays out together (packed
 # apart in blocks of 16 or 32 rows, they differ from the whole packed at once; in 64, 128 or 256, they do not).
 PLANE_ROWS = 256
+# Rows of a matrix quantized as one task (a multiple of PLANE_ROWS and of the int4 packing's 64): GPT-2's output
+# layer, a third of its weights, then spreads over every core instead of holding one while the others wait.
+QUANTIZE_ROWS = 4096
 QUANTIZE_BLOCK = 2**18  # weights quantized at a time: 1 MB of fp32, so its temporaries stay in the L2 cache
 # Variables that limit the instruction sets torch's kernels use (BENCHMARKS.md emulates an AVX2 laptop with
 # them): a probe taken under other limits says nothing about these.
@@ -108,8 +111,8 @@ class Int8Linear(nn.Module):
     48 GEMVs of GPT-2 124M's shapes took 30 ms with fp32 activations, 7 with bf16, emulating AVX2 here.
     So activations are bf16 (Arm's NEON kernel takes either).
 
-    Where aten's kernels use AVX-512, the same int8 weights are multiplied faster as two int4 planes (see
-    int8_planes_group): `group` is then the planes' group and `weight`, `scale` are as to_planes gives them.
+    The output layer's int8 weights are multiplied faster as two int4 planes where aten's kernels use
+    AVX-512 (int8_planes_group): `group` is then the planes' group and `weight`, `scale` are to_planes's.
     """
 
     def __init__(self, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, group: int = 0):
@@ -171,7 +174,7 @@ def pack_bf16(model: GPT) -> GPT:
 
 
 def quantize_int8(model: GPT) -> GPT:
-    """The model with every Linear an Int8Linear, run in bf16.
+    """The model with every Linear an Int8Linear (the output layer as int8_planes_group says), run in bf16.
 
     Weights are quantized from what the model holds (fp32 from a checkpoint), not from a bf16 copy.
     """
@@ -190,19 +193,32 @@ def quantize_int4(model: GPT) -> GPT:
 
 
 def _quantize(model: GPT, int4) -> GPT:
-    """Every Linear quantized, Int4Linear where int4(linear) says so and Int8Linear elsewhere, the largest
-    first on _one_thread_each's threads; then the rest of the model in bf16, the kernels' activations."""
-    def quantize(m: nn.Linear) -> nn.Module:
-        if int4(m):
-            return Int4Linear(*quantize_groups(m.weight), _bias(m))
-        weight, scale = quantize_rows(m.weight)
-        group = int8_planes_group(weight.shape)
-        return Int8Linear(*to_planes(weight, scale, group), _bias(m), group) if group else \
-            Int8Linear(weight, scale, _bias(m))
+    """Every Linear quantized, Int4Linear where int4(linear) says so and Int8Linear elsewhere, in pieces of
+    QUANTIZE_ROWS rows, the largest first, on _one_thread_each's threads; then the rest of the model in bf16,
+    the kernels' activations."""
+    def layout(m: nn.Linear) -> tuple[bool, int]:  # int4?, and for int8 the planes' group (0: the int8 kernel)
+        return int4(m), int8_planes_group(m.weight.shape) if m is model.lm_head and not int4(m) else 0
+
+    def quantize(piece: tuple[nn.Linear, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        (is_int4, group), rows = layouts[piece[0]], piece[1]
+        if is_int4:
+            return quantize_groups(rows)
+        return to_planes(*quantize_rows(rows), group) if group else quantize_rows(rows)
 
     linears = sorted((m for m in model.modules() if isinstance(m, nn.Linear)), key=lambda m: -m.weight.numel())
-    quantized = dict(zip(linears, _one_thread_each(quantize, linears)))
-    return _replace_linears(model, quantized.get).to(torch.bfloat16)
+    layouts = {m: layout(m) for m in linears}
+    pieces = [(m, rows) for m in linears for rows in m.weight.detach().split(QUANTIZE_ROWS)]
+    parts = {m: [] for m in linears}
+    for (m, _), part in zip(pieces, _one_thread_each(quantize, pieces)):
+        parts[m].append(part)
+
+    def whole(m: nn.Linear) -> nn.Module:
+        (is_int4, group), weights, scales = layouts[m], *zip(*parts[m])
+        # The int4 kernel's scales are (groups, out, 2), int8's (out,): joined along the outputs either way.
+        weight, scale = torch.cat(weights), torch.cat(scales, dim=1 if is_int4 or group else 0)
+        return Int4Linear(weight, scale, _bias(m)) if is_int4 else Int8Linear(weight, scale, _bias(m), group)
+
+    return _replace_linears(model, whole).to(torch.bfloat16)
 
 
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -241,10 +257,13 @@ def int8_planes_group(shape: torch.Size) -> int:
 
     Each int8 weight q is 16 * hi + lo, hi in -8..7 and lo in 0..15, so W x = 16 (Hi x) + (Lo x): aten's
     int4 kernel computes both in one call over [x, x], the same products as the int8 kernel's, from the same
-    bytes. Streaming GPT-2 124M's matrices on one thread of this project's AMD EPYC, that took 0.60x the
-    int8 kernel's time with AVX-512 and 1.40x limited to AVX2 (BENCHMARKS.md), so only where aten's kernels
-    use AVX-512; on Arm it was not measured, and its NEON int8 kernel stays. The kernel wants outputs in
-    multiples of 16 and groups of 32 to 256 inputs that keep to one plane; the largest group was fastest.
+    bytes. For one token, on one thread of this project's AMD EPYC, GPT-2 124M's output layer took 0.59x
+    the int8 kernel's time with AVX-512 and 1.37x limited to AVX2 (BENCHMARKS.md), so only where aten's
+    kernels use AVX-512; on Arm it was not measured, and its NEON int8 kernel stays. Only for the output
+    layer, which generate() multiplies by the last position alone: the blocks' Linears also take whole
+    prompts, where the planes' double arithmetic made a 768-token prompt 1.6x slower (3.5 s against 2.2).
+    The kernel wants outputs in multiples of 16 and groups of 32 to 256 inputs that keep to one plane; the
+    largest group was fastest.
     """
     if not HAS_INT4 or torch.backends.cpu.get_cpu_capability() != "AVX512" or shape[0] % 16:
         return 0
@@ -264,15 +283,15 @@ def to_planes(q: torch.Tensor, scale: torch.Tensor, group: int) -> tuple[torch.T
     return packed, torch.stack([scales, offsets], dim=-1).transpose(0, 1).contiguous()
 
 
-def _one_thread_each(fn, tensors: list) -> list:
-    """[fn(t) for t in tensors] on a Python thread per core, torch itself on one thread: quantizing is
+def _one_thread_each(fn, items: list) -> list:
+    """[fn(item) for item in items] on a Python thread per core, torch itself on one thread: quantizing is
     hundreds of small ops, after each of which torch's own threads would wait for one another, longest
     where other work shares the cores (GPT-2 124M, two cores shared: 0.6 s this way, 1.85 s that way)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(threads) as pool:
-            return list(pool.map(fn, tensors))
+            return list(pool.map(fn, items))
     finally:
         torch.set_num_threads(threads)
 
@@ -374,8 +393,8 @@ def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> tuple[list[tuple], 
     1.26x faster."""
     out, start, weights = [], 0, 0
     for i in itertools.cycle(range(len(PROBE_SHAPES))):
-        n, k = PROBE_SHAPES[i]
-        kind = torch.int8 if dtype == INT4 and i == len(PROBE_SHAPES) - 1 else dtype
+        (n, k), head = PROBE_SHAPES[i], i == len(PROBE_SHAPES) - 1  # the last: the output layer's share
+        kind = torch.int8 if dtype == INT4 and head else dtype
         size = n * k // 2 if kind == INT4 else n * k * kind.itemsize
         if start + size > raw.numel():
             return out, weights
@@ -386,7 +405,7 @@ def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> tuple[list[tuple], 
             out.append((Int4Linear(region.view(n, k // 2), scales_and_zeros, None), x))
             continue
         weight = region.view(kind).view(n, k)
-        if kind == torch.int8 and (group := int8_planes_group(weight.shape)):  # its bytes seen as the planes
+        if kind == torch.int8 and head and (group := int8_planes_group(weight.shape)):  # bytes seen as planes
             planes_scales = torch.full((2 * k // group, n, 2), 1e-3, dtype=torch.bfloat16)
             linear = Int8Linear(region.view(n, k), planes_scales, None, group)
         elif kind == torch.int8:

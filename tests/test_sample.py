@@ -175,6 +175,22 @@ def test_int8_weights_as_two_int4_planes_multiply_as_the_int8_kernel_does():
         torch.testing.assert_close(planes(x).float(), int8(x).float(), rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("layout", ["int8", "int4"])
+def test_quantizing_in_pieces_of_rows_on_threads_gives_the_model_quantized_whole(layout, monkeypatch):
+    # In pieces of 64 rows (the packing's block), the blocks' matrices of 192 and 256 rows span 3 and 4, the
+    # output layer's 50304 rows 786: each piece quantized apart, then joined (at 4096 rows a piece, GPT-2's
+    # own blocks are whole pieces; its output layer is not).
+    torch.manual_seed(0)
+    config = M.GPTConfig.from_preset("gpt2", n_layer=1, n_head=2, n_embd=64, block_size=32)
+    weights = M.GPT(config).state_dict()
+    quantize = cpu_decoding.quantize_int8 if layout == "int8" else cpu_decoding.quantize_int4
+    whole = quantize(M.model_with_weights(config, weights))
+    monkeypatch.setattr(cpu_decoding, "QUANTIZE_ROWS", 64)
+    pieces = quantize(M.model_with_weights(config, weights))
+    for a, b in zip(whole.state_dict().values(), pieces.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_int8_takes_the_planes_only_where_aten_uses_avx512_and_the_shape_fits(monkeypatch):
     for capability, shape, group in (("AVX512", (3072, 768), 256), ("AVX512", (50304, 64), 64),
                                      ("AVX512", (50257, 768), 0), ("AVX512", (768, 48), 0),
