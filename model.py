@@ -264,6 +264,28 @@ class KVCache:
         return self.rope[0].narrow(0, self.pos, T), self.rope[1].narrow(0, self.pos, T)
 
 
+class PromptCache:
+    """What generate() leaves for its next call, for a caller whose next prompt repeats this one's start (a
+    conversation: the history, then a new turn): the KV cache and the tokens it holds. A prompt sharing n of
+    them feeds only the rest, as llama.cpp reuses its cached prompt: a turn costs its own tokens, not the
+    whole history's again."""
+
+    def __init__(self):
+        self.cache: KVCache | None = None
+        self.tokens: list[int] = []  # what the cache holds, position by position
+
+    def reusable(self, prompt: list[int]) -> KVCache | None:
+        """The cache cut back to the start it shares with prompt, leaving at least one token of it to feed
+        (for its logits); None when nothing is shared."""
+        shared = next((i for i, (a, b) in enumerate(zip(self.tokens, prompt)) if a != b),
+                      min(len(self.tokens), len(prompt)))
+        shared = min(shared, len(prompt) - 1)
+        if self.cache is None or shared == 0:
+            return None
+        self.cache.pos = shared  # the positions after it are written over as they are fed again
+        return self.cache
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -460,12 +482,15 @@ class GPT(nn.Module):
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None,
-                 generator: torch.Generator | None = None, stop_at_eot: bool = True) -> Iterator[int]:
+                 generator: torch.Generator | None = None, stop_at_eot: bool = True,
+                 reuse: PromptCache | None = None) -> Iterator[int]:
         """Yield up to max_new_tokens token ids continuing `prompt`, one at a time as they are chosen.
 
         The prompt is run once to fill a KV cache; each new token then costs one position. When the
         context would pass block_size, the window slides: the cache is rebuilt from the last half block
-        (so the rebuild cost is spread over block_size/2 new tokens, not paid at every token).
+        (so the rebuild cost is spread over block_size/2 new tokens, not paid at every token). With `reuse`,
+        the start of the prompt that the previous call's tokens share is not run again, and the cache is
+        left there for the next call, however far the caller reads.
         """
         if not prompt:
             raise ValueError("generation needs at least one prompt token (e.g. <|endoftext|>)")
@@ -474,15 +499,19 @@ class GPT(nn.Module):
         # 200 keys: 0.7 against 0.05 ms a layer), and the cache is small: it stays in fp32 there.
         cache_dtype = torch.float32 if device.type == "cpu" else self.transformer.wte.weight.dtype
         tokens = list(prompt)
-        cache, fed = None, 0  # fed: how many of `tokens` the cache holds
+        cache = reuse.reusable(tokens) if reuse is not None and len(tokens) <= block else None
+        fed = cache.pos if cache is not None else 0  # fed: how many of `tokens` the cache holds
         for _ in range(max_new_tokens):
             if cache is None or cache.pos + len(tokens) - fed > block:
                 keep = min(len(tokens), block) if cache is None else max(1, block // 2)
                 cache = KVCache(self.config, 1, device, cache_dtype)
                 fed = len(tokens) - keep
             new = torch.tensor([tokens[fed:]], dtype=torch.long, device=device)
+            hidden = self.hidden_states(new, cache)[:, -1]
             fed = len(tokens)
-            logits = self.head(self.hidden_states(new, cache)[:, -1]).float()[0, :self.config.vocab_size]
+            if reuse is not None:  # after the layers: a reply stopped inside them leaves the cache as it was
+                reuse.cache, reuse.tokens = cache, tokens[fed - cache.pos:fed]
+            logits = self.head(hidden).float()[0, :self.config.vocab_size]
             token = sample_token(logits, temperature, top_k, top_p, generator)
             if stop_at_eot and token == EOT:
                 return

@@ -28,7 +28,7 @@ from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick
 import cpu_decoding
 from data import get_tokenizer, user_cache_dir
 from checkpoint import describe, load_model
-from model import GPT
+from model import GPT, PromptCache
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
 PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")
@@ -255,6 +255,7 @@ def talk(model: GPT, enc, how: Sampling, system: str | None) -> None:
     except ValueError as e:
         raise SampleError(f"--system: {e}") from None
     room = min(how.max_tokens, context // 2)  # tokens kept free for the reply when the history is cropped
+    kept = PromptCache()  # the history already run: each turn feeds only what follows it
     for line in typed_lines(terminal):
         if line.strip() == RESET:
             conversation.reset()
@@ -266,7 +267,8 @@ def talk(model: GPT, enc, how: Sampling, system: str | None) -> None:
                   file=sys.stderr, flush=True)
         limit = min(how.max_tokens, context - len(prompt))  # never past the context: the window never slides
         reply = chat.Reply(model.generate(prompt, limit, temperature=how.temperature, top_k=how.top_k,
-                                          top_p=how.top_p, generator=how.generator, stop_at_eot=False))
+                                          top_p=how.top_p, generator=how.generator, stop_at_eot=False,
+                                          reuse=kept))
         with stoppable(terminal):
             for piece in decode_stream(enc, reply):
                 print(piece, end="", flush=True)

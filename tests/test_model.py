@@ -73,6 +73,31 @@ def test_cached_greedy_generation_equals_uncached_across_the_block_boundary(arch
     assert got == reference_greedy(m, prompt, n)
 
 
+@pytest.mark.parametrize("arch", PRESETS)
+def test_a_kept_prompt_cache_feeds_only_what_follows_the_shared_start_and_generates_the_same(arch, monkeypatch):
+    m = tiny(arch, block_size=32)
+    fed = []  # the positions each forward pass was given
+    run = m.hidden_states
+    monkeypatch.setattr(m, "hidden_states", lambda idx, cache=None: fed.append(idx.size(1)) or run(idx, cache))
+    kept, history = M.PromptCache(), [5, 17, 3, 42, 8]
+    greedy = lambda prompt, n, **kw: list(m.generate(prompt, n, temperature=0, stop_at_eot=False, **kw))
+    first = greedy(history, 6, reuse=kept)
+    # A conversation's next turn: the history, the reply (its last token never fed), then the new turn.
+    turn = history + first + [9, 9, 4]
+    fed.clear()
+    assert greedy(turn, 6, reuse=kept) == greedy(turn, 6)
+    assert fed[0] == 1 + 3  # the reply's last token and the new turn: the 10 before it were not run again
+    for prompt, feeds in ((turn[:3] + [1, 2, 3], 3),  # shares only its first 3 tokens: cut back to them
+                          (turn[:3], 1),  # all of it held already: the last is fed again, for its logits
+                          ([7, 7, 7], 3)):  # shares nothing: a fresh cache
+        fed.clear()
+        assert greedy(prompt, 5, reuse=kept) == greedy(prompt, 5)
+        assert fed[0] == feeds
+    long = list(range(40))  # past the block: the window slides as without a kept cache
+    assert greedy(long, 30, reuse=kept) == greedy(long, 30)
+    assert greedy(long[:20], 5, reuse=kept) == greedy(long[:20], 5)
+
+
 def test_padded_vocabulary_ids_are_never_generated():
     m = tiny(vocab_size=100)  # padded to 128 rows
     with torch.no_grad():
