@@ -519,8 +519,8 @@ def llama_cpp_peers(checkpoint: Path, directory: Path) -> tuple[dict, dict, dict
     ({run name: Llama}, {run name: weight bytes a token reads}, {run name: seconds to load}); empty where
     llama-cpp-python is not installed."""
     try:
+        import gguf  # noqa: F401 (export_gguf's)
         import llama_cpp
-        from gguf import GGUFReader
     except ImportError:
         print("llama-cpp-python or gguf is not installed: no llama.cpp peer (pip install -r requirements-dev.txt)")
         return {}, {}, {}
@@ -528,10 +528,10 @@ def llama_cpp_peers(checkpoint: Path, directory: Path) -> tuple[dict, dict, dict
     peers, nbytes, load_s = {}, {}, {}
     for kind in LLAMA_CPP_TYPES:
         path = directory / f"model-{kind}.gguf"
-        export_gguf.export(str(checkpoint), path, kind)
+        tensor_bytes = export_gguf.export(str(checkpoint), path, kind).tensor_bytes
         # Every tensor is read whole per token but the position table (one row); GPT-2's tied token table
         # is read whole as the output layer.
-        nbytes[f"llama_{kind}"] = sum(int(t.n_bytes) for t in GGUFReader(path).tensors if t.name != "position_embd.weight")
+        nbytes[f"llama_{kind}"] = sum(n for name, n in tensor_bytes.items() if name != "position_embd.weight")
         # In memory rather than mapped: the file goes with the temporary directory. Its threads as torch's, so
         # both sides use the same cores (llama-cpp-python's default is half the cores); the context the model's.
         load = lambda: llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=torch.get_num_threads(),

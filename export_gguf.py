@@ -19,6 +19,7 @@ import json
 import sys
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -191,9 +192,14 @@ def modelfile(gguf_name: str, block_size: int, chat_model: bool) -> str:
 # The file
 
 
-def export(checkpoint: str, out: Path, kind: str = "q8_0") -> tuple[Path, bool]:
-    """Write `out` (a .gguf) and a Modelfile beside it; both atomically. Returns the Modelfile's path, and
-    whether the model talks in turns (fine-tuned with --chat)."""
+class Exported(NamedTuple):
+    modelfile: Path
+    chat_model: bool  # the model talks in turns (fine-tuned with --chat)
+    tensor_bytes: dict[str, int]  # each tensor's bytes in the file, by its GGUF name
+
+
+def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Exported:
+    """Write `out` (a .gguf) and a Modelfile beside it; both atomically."""
     gguf = import_gguf()
     if out.suffix != ".gguf":
         raise ExportError(f"{out} does not end in .gguf: name the file to write, e.g. exported/model.gguf")
@@ -203,6 +209,7 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> tuple[Path, bool]:
     check_shape(hf_config, tensors, kind)
     chat_model = chat.knows_turns(model.config)
     out.parent.mkdir(parents=True, exist_ok=True)
+    tensor_bytes = {}
     with atomic_write(out) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch(hf_config))
         writer.add_name(Path(checkpoint).stem)
@@ -212,7 +219,9 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> tuple[Path, bool]:
         add_gpt2_tokenizer(writer, gguf, chat_model)
         for name, tensor in tensors.items():
             qtype = gguf.GGMLQuantizationType[stored_type(name, tensor, kind).upper()]
-            writer.add_tensor(name, gguf.quants.quantize(tensor.numpy(), qtype), raw_dtype=qtype)
+            stored = gguf.quants.quantize(tensor.numpy(), qtype)
+            writer.add_tensor(name, stored, raw_dtype=qtype)
+            tensor_bytes[name] = stored.nbytes
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -220,7 +229,7 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> tuple[Path, bool]:
     block_size = hf_config.get("n_positions", hf_config.get("max_position_embeddings"))
     with atomic_write(out.parent / "Modelfile") as tmp:
         tmp.write_text(modelfile(out.name, block_size, chat_model), encoding="utf-8")
-    return out.parent / "Modelfile", chat_model
+    return Exported(out.parent / "Modelfile", chat_model, tensor_bytes)
 
 
 def build_parser() -> ArgumentParser:
@@ -236,7 +245,7 @@ def build_parser() -> ArgumentParser:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        modelfile_path, chat_model = export(args.checkpoint, args.out, args.kind)
+        modelfile_path, chat_model, _ = export(args.checkpoint, args.out, args.kind)
     except UserError as e:
         sys.exit(f"error: {e}")
     llama_cpp = (f"llama-cli -m {args.out}  (a conversation, in the file's chat template)" if chat_model else
