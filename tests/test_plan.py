@@ -165,6 +165,9 @@ def test_wandb_gets_the_flags_and_the_rows_and_its_absence_is_one_line(corpus_di
     save = tmp_path / "run"
     assert T.main(train_args(corpus_dir, data_cache, save, "--max_steps", "2", "--eval_interval", "2",
                              "--wandb", "tests")) == 0
+    # The run has finished, but wandb's service may still hold the records in its buffer (the file then had
+    # only its 7-byte header on a loaded machine); a process's exit stops it, here teardown does.
+    sys.modules["wandb"].teardown()
     records = b"".join(p.read_bytes() for p in (save / "wandb").glob("offline-run-*/run-*.wandb"))
     assert b"val_loss" in records and b"train_loss" in records and b"batch_size" in records
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if it were not installed: the import fails
