@@ -197,7 +197,8 @@ def _quantize(model: GPT, int4) -> GPT:
     QUANTIZE_ROWS rows, the largest first, on _one_thread_each's threads; then the rest of the model in bf16,
     the kernels' activations."""
     def layout(m: nn.Linear) -> tuple[bool, int]:  # int4?, and for int8 the planes' group (0: the int8 kernel)
-        return int4(m), int8_planes_group(m.weight.shape) if m is model.lm_head and not int4(m) else 0
+        is_int4 = int4(m)
+        return is_int4, 0 if is_int4 else int8_planes_group(m.weight.shape, output_layer=m is model.lm_head)
 
     def quantize(piece: tuple[nn.Linear, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         (is_int4, group), rows = layouts[piece[0]], piece[1]
@@ -251,7 +252,7 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
-def int8_planes_group(shape: torch.Size) -> int:
+def int8_planes_group(shape: torch.Size, output_layer: bool) -> int:
     """The group size for multiplying int8 weights of this (out, in) shape as two int4 planes, or 0 for
     aten's int8 kernel.
 
@@ -265,7 +266,7 @@ def int8_planes_group(shape: torch.Size) -> int:
     The kernel wants outputs in multiples of 16 and groups of 32 to 256 inputs that keep to one plane; the
     largest group was fastest.
     """
-    if not HAS_INT4 or torch.backends.cpu.get_cpu_capability() != "AVX512" or shape[0] % 16:
+    if not output_layer or not HAS_INT4 or torch.backends.cpu.get_cpu_capability() != "AVX512" or shape[0] % 16:
         return 0
     return next((g for g in (256, 128, 64, 32) if shape[1] % g == 0), 0)
 
@@ -405,7 +406,7 @@ def _probe_linears(dtype: torch.dtype, raw: torch.Tensor) -> tuple[list[tuple], 
             out.append((Int4Linear(region.view(n, k // 2), scales_and_zeros, None), x))
             continue
         weight = region.view(kind).view(n, k)
-        if kind == torch.int8 and head and (group := int8_planes_group(weight.shape)):  # bytes seen as planes
+        if kind == torch.int8 and (group := int8_planes_group(weight.shape, output_layer=head)):  # bytes as planes
             planes_scales = torch.full((2 * k // group, n, 2), 1e-3, dtype=torch.bfloat16)
             linear = Int8Linear(region.view(n, k), planes_scales, None, group)
         elif kind == torch.int8:

@@ -191,12 +191,14 @@ def test_quantizing_in_pieces_of_rows_on_threads_gives_the_model_quantized_whole
         assert torch.equal(a, b)
 
 
-def test_int8_takes_the_planes_only_where_aten_uses_avx512_and_the_shape_fits(monkeypatch):
-    for capability, shape, group in (("AVX512", (3072, 768), 256), ("AVX512", (50304, 64), 64),
-                                     ("AVX512", (50257, 768), 0), ("AVX512", (768, 48), 0),
-                                     ("AVX2", (3072, 768), 0), ("DEFAULT", (3072, 768), 0)):
+def test_int8_takes_the_planes_only_in_the_output_layer_where_aten_uses_avx512_and_the_shape_fits(monkeypatch):
+    for capability, shape, output_layer, group in (
+            ("AVX512", (3072, 768), True, 256), ("AVX512", (50304, 64), True, 64),
+            ("AVX512", (50257, 768), True, 0), ("AVX512", (768, 48), True, 0), ("AVX512", (3072, 768), False, 0),
+            ("AVX2", (3072, 768), True, 0), ("DEFAULT", (3072, 768), True, 0)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
-        assert cpu_decoding.int8_planes_group(torch.Size(shape)) == (group if cpu_decoding.HAS_INT4 else 0)
+        expected = group if cpu_decoding.HAS_INT4 else 0
+        assert cpu_decoding.int8_planes_group(torch.Size(shape), output_layer) == expected
 
 
 @pytest.mark.skipif(not cpu_decoding.cpu_has_fast_bf16(), reason="bf16 weights are packed only where oneDNN has fast bf16")
