@@ -69,6 +69,10 @@ FIRST_SAVE_S, SAVE_EVERY_S = 180.0, 600.0
 PLAN_TIMING_S = 40.0
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
+# GPT-2 124M's warmup in llm.c (700 of its 19,073 steps). A default of a fixed count would take most of a
+# short run: a 10-minute --time run of 836 steps spent 700 of them warming up, and ended 0.3 above a run of
+# the next depth that warmed up over a tenth of its steps (BENCHMARKS.md, issue 26).
+DEFAULT_WARMUP_STEPS = 700
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,7 +144,8 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         "--min_lr over the last --cooldown_frac of the run (a run can be extended from its "
                         "constant phase)")
     o.add_argument("--cooldown_frac", type=open_fraction, default=0.5, help="wsd: the decaying share of the run")
-    o.add_argument("--warmup_steps", type=non_negative_int, default=700)
+    o.add_argument("--warmup_steps", type=non_negative_int, default=None,
+                   help=f"steps of linear warmup (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
     o.add_argument("--max_steps", type=positive_int, default=None,
                    help="optimizer steps in the run (default: --epochs over the training split; on --resume, the "
                         "run's own plan)")
@@ -373,13 +378,16 @@ class Settings:
                 "sizing": self.sizing.to_dict() if self.sizing else None}
 
 
-def fitting_warmup(warmup_steps: int, max_steps: int) -> int:
-    """--warmup_steps, or 10% of a run too short for it."""
+def fitting_warmup(warmup_steps: int | None, max_steps: int) -> int:
+    """--warmup_steps, or 10% of a run too short for it; by default DEFAULT_WARMUP_STEPS or 10% of the run,
+    whichever is fewer."""
+    if warmup_steps is None:
+        return min(DEFAULT_WARMUP_STEPS, max_steps // 10)
     return warmup_steps if warmup_steps < max_steps else max_steps // 10
 
 
-def warmup_note(warmup_steps: int, max_steps: int) -> list[str]:
-    if warmup_steps < max_steps:
+def warmup_note(warmup_steps: int | None, max_steps: int) -> list[str]:
+    if warmup_steps is None or warmup_steps < max_steps:
         return []
     return [f"note: --warmup_steps {warmup_steps} does not fit in a run of {max_steps} steps; warming up over "
             f"{fitting_warmup(warmup_steps, max_steps)} steps (10%) instead"]
@@ -472,7 +480,7 @@ def size_for_budget(args, env: Env, say: Callable, started: float, resumed: dict
         candidates = timed_candidates(args, env, block, limit, seconds)
         chosen = choose_depth(candidates)
         batch = sized_batch(chosen.depth, args.batch_size, block, chosen.tokens, env.world)
-        scale = sized_lr(1.0, batch, args.batch_size)
+        scale = sized_lr(1.0, batch, args.batch_size, depth_shape(chosen.depth)["n_embd"])
         sizing = Sizing(chosen.depth, batch, args.lr * scale, args.min_lr * scale,
                         args.sample_size or documents_for(args.dataset, chosen.tokens, args.val_split),
                         candidates, time.monotonic() - began)

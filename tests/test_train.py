@@ -28,6 +28,13 @@ def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step(
     assert T.lr_scale(0, warmup=0, max_steps=1, schedule="cosine", cooldown_frac=0.5, floor=0.1) == pytest.approx(1.0)
 
 
+def test_the_default_warmup_is_700_steps_or_a_tenth_of_a_shorter_run_and_a_given_one_is_kept_where_it_fits():
+    assert T.fitting_warmup(None, 19_073) == 700 and T.fitting_warmup(None, 836) == 83  # not 700 of 836
+    assert T.fitting_warmup(500, 836) == 500 and T.fitting_warmup(500, 6) == 0  # given: kept, or 10% of a short run
+    assert T.warmup_note(None, 6) == [] and T.warmup_note(500, 836) == []
+    assert "does not fit in a run of 6 steps" in T.warmup_note(500, 6)[0]
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--n_embd", "100", "--n_head", "12"], "--n_embd 100 is not divisible by --n_head 12"),
     (["--lr", "-1"], "must be a positive number, not -1"),
