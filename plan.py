@@ -212,9 +212,12 @@ WIDTH_PER_LAYER, HEAD_SIZE = 64, 64
 # does no matmul) nor norms and biases. Chinchilla's 20 counted every parameter.
 OPTIMAL_TOKENS_PER_PARAMETER = 10.5
 # nanochat's batch rule: tokens a step grow with depth as depth^0.383 from a reference (here the flags'
-# batch at depth 12, GPT-2's shape); AdamW's rates follow the square root of the batch (as Adam's should,
-# Malladi et al. 2022), Muon's stay (its update is orthogonalised: nanochat and the speedrun keep its rate).
+# batch at depth 12, GPT-2's shape). AdamW's rates follow the square root of the batch (as Adam's should,
+# Malladi et al. 2022) and, as nanochat's do, the inverse square root of the width from 768 (its
+# scripts/base_train.py and gpt.py's setup_optimizer); Muon's stay (its update is orthogonalised and scaled
+# to the matrix's shape: the speedrun keeps its rate).
 BATCH_DEPTH_EXPONENT, REFERENCE_DEPTH = 0.383, 12
+REFERENCE_WIDTH = WIDTH_PER_LAYER * REFERENCE_DEPTH  # 768
 MIN_STEPS = 300  # a batch is cut so that a budget buys at least this many steps (warmup and decay need room)
 # Choosing takes 5% of the budget, at least enough to time the smallest depth and at most a minute.
 CHOOSING_SHARE, CHOOSING_MIN_S, CHOOSING_MAX_S = 0.05, 5.0, 60.0
@@ -272,9 +275,10 @@ def sized_batch(depth: int, reference_batch: int, block_size: int, tokens: float
     return max(multiple, batch - batch % multiple)
 
 
-def sized_lr(lr: float, batch: int, reference_batch: int) -> float:
-    """AdamW's rate for `batch` sequences, given `lr` for reference_batch: the square-root rule."""
-    return lr * math.sqrt(batch / reference_batch)
+def sized_lr(lr: float, batch: int, reference_batch: int, width: int) -> float:
+    """AdamW's rate for `batch` sequences of a model `width` wide, given `lr` for reference_batch at GPT-2's
+    width: the square root of the batch, over the square root of the width."""
+    return lr * math.sqrt(batch / reference_batch) * math.sqrt(REFERENCE_WIDTH / width)
 
 
 def documents_for(dataset: str, tokens: float, val_split: float) -> int | None:
@@ -312,7 +316,8 @@ class Sizing:
                 f"the budget = {c.tokens_per_parameter:.2g} tokens a parameter (compute-optimal: "
                 f"{OPTIMAL_TOKENS_PER_PARAMETER:g}, nanochat's)",
                 f"plan: batch {self.batch} × {block_size} tokens, AdamW lr {self.lr:.2e} ({lr:g} × sqrt({self.batch} / "
-                f"{reference_batch})), Muon lr {muon_lr:g}; data: {documents}"]
+                f"{reference_batch}) × sqrt({REFERENCE_WIDTH} / {shape['n_embd']})), Muon lr {muon_lr:g}; data: "
+                f"{documents}"]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -197,13 +197,14 @@ def test_the_depth_chosen_is_the_one_whose_tokens_come_closest_to_compute_optima
     assert params[12] == 123_532_032  # GPT-2 124M's shape: the matrices of its blocks and its head
 
 
-def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamws_rate_follows_its_root():
+def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamws_rate_follows_batch_and_width():
     assert P.sized_batch(12, 64, 1024, None, 1) == 64  # the flags' batch at GPT-2's depth
     assert P.sized_batch(24, 64, 1024, None, 1) == 64  # 64 x 2^0.383 = 83, down to a power of two
     assert P.sized_batch(2, 64, 1024, None, 1) == 32  # 64 x (1/6)^0.383 = 32.3
     assert P.sized_batch(12, 64, 1024, tokens=P.MIN_STEPS * 1024 * 5, multiple=1) == 4  # 5 fit: 300 steps of 4
     assert P.sized_batch(12, 64, 1024, tokens=1.0, multiple=8) == 8  # at least one sequence for each of 8 ranks
-    assert P.sized_lr(2e-3, 16, 64) == pytest.approx(1e-3)
+    assert P.sized_lr(2e-3, 16, 64, 768) == pytest.approx(1e-3)  # GPT-2's width: the batch's root alone
+    assert P.sized_lr(2e-3, 64, 64, 192) == pytest.approx(4e-3)  # a quarter of the width: twice the rate
     assert P.documents_for("HuggingFaceFW/fineweb", 950_000, 0.05) == 1000  # 1,000 tokens a document
     assert P.documents_for("./my_texts", 950_000, 0.05) is None  # local text: what there is
 
