@@ -479,9 +479,8 @@ def size_for_budget(args, env: Env, say: Callable, started: float, resumed: dict
             (1 - FORWARD_SHARE * args.eval_iters / args.eval_interval)
         candidates = timed_candidates(args, env, block, limit, seconds)
         chosen = choose_depth(candidates)
-        batch = sized_batch(chosen.depth, args.batch_size, block, chosen.tokens, env.world)
-        scale = sized_lr(1.0, batch, args.batch_size, depth_shape(chosen.depth)["n_embd"])
-        sizing = Sizing(chosen.depth, batch, args.lr * scale, args.min_lr * scale,
+        scale = sized_lr(1.0, chosen.batch, args.batch_size, depth_shape(chosen.depth)["n_embd"])
+        sizing = Sizing(chosen.depth, chosen.batch, args.lr * scale, args.min_lr * scale,
                         args.sample_size or documents_for(args.dataset, chosen.tokens, args.val_split),
                         candidates, time.monotonic() - began)
     say("\n".join(sizing.lines(env.device.type, block, args.lr, args.muon_lr, args.batch_size)
@@ -499,19 +498,37 @@ def timed_candidates(args, env: Env, block: int, limit: float, seconds: float) -
     for depth in [args.depth] if args.depth else DEPTHS:
         if candidates and broadcast_from_rank0(env, lambda: time.monotonic() > limit):
             break
-        config, batch = model_config(args, depth_shape(depth)), sized_batch(depth, args.batch_size, block, None,
-                                                                            env.world)
-        pace = candidate_pace(config, env, args, batch, limit)
-        pace = broadcast_from_rank0(env, lambda: pace)
-        if pace is None:
+        candidate = timed_candidate(model_config(args, depth_shape(depth)), depth, env, args, block, limit,
+                                    lambda pace: budget_tokens(pace, seconds, prepared))
+        if candidate is None:
             break
-        candidates.append(Candidate(depth, scaling_params(config), batch, pace, budget_tokens(pace, seconds, prepared)))
-        if candidates[-1].tokens_per_parameter < OPTIMAL_TOKENS_PER_PARAMETER:
+        candidates.append(candidate)
+        if candidate.tokens_per_parameter < OPTIMAL_TOKENS_PER_PARAMETER:
             break
     if not candidates:
         raise UserError(f"--time: even depth {DEPTHS[0]} does not fit in this {env.device.type}'s memory at "
                         f"context {block}: give a smaller --block_size, or the shape (--n_layer, --n_head, --n_embd)")
     return candidates
+
+
+def timed_candidate(config: GPTConfig, depth: int, env: Env, args, block: int, limit: float,
+                    tokens: Callable[[float], float]) -> Candidate | None:
+    """One depth timed at its batch, and again at the smaller batch its tokens in the budget leave it
+    (sized_batch keeps MIN_STEPS steps), the batch it would train at: for --time 1h on this project's CPU,
+    depth 2 timed at 469 tokens/s over 32 x 1,024-token steps, then 1,059 over the 4 x 1,024 it was given,
+    so the documents planned for one pass were 2.2 passes. None when it does not fit in memory."""
+    def timed(batch: int, until: float) -> float | None:  # every rank times (DDP's collectives in step);
+        pace = candidate_pace(config, env, args, batch, until)  # rank 0's pace decides
+        return broadcast_from_rank0(env, lambda: pace)
+
+    batch = sized_batch(depth, args.batch_size, block, None, env.world)
+    pace = timed(batch, time.monotonic() + (limit - time.monotonic()) / 2)  # half: room to time the cut
+    if pace is None:
+        return None
+    cut = sized_batch(depth, args.batch_size, block, tokens(pace), env.world)
+    if cut < batch:
+        batch, pace = cut, timed(cut, limit) or pace
+    return Candidate(depth, scaling_params(config), batch, pace, tokens(pace))
 
 
 def candidate_pace(config: GPTConfig, env: Env, args, batch: int, limit: float) -> float | None:
@@ -1388,8 +1405,11 @@ def show_plan(args, env: Env, started: float) -> int:
     say = tqdm.write if env.master else (lambda text: None)
     run = start(args, env, say, started, dry_run=True)
     s, plan = run.settings, run.plan
-    plan.step_seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
-        run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
+    if s.sizing and not args.resume and not env.compile:  # --time just timed this model at this batch, eagerly
+        plan.step_seconds = s.tokens_per_step / s.sizing.chosen.tokens_per_s
+    else:
+        plan.step_seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
+            run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
     costs = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0)
     if args.time:
         plan.steps = min(Budget(args.time, started).steps(0, time.monotonic(), costs), s.steps or UNPLANNED_STEPS)
