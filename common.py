@@ -264,6 +264,7 @@ def atomic_write(path) -> Iterator[Path]:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    _WRITING.add(tmp)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -275,6 +276,22 @@ def atomic_write(path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    finally:
+        _WRITING.discard(tmp)
+
+
+_WRITING: set[Path] = set()  # the temporaries atomic_write has open in this process (any thread)
+
+
+def remove_own_temporaries() -> list[str]:
+    """Removes the temporaries this process is writing, for an exit that will not finish them (a second
+    Ctrl-C); their names, as removed."""
+    removed = []
+    for tmp in list(_WRITING):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(str(tmp))
+    return removed
 
 
 def clean_temporaries(directory) -> int:

@@ -38,12 +38,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+import batches
 import chat
 import checkpoint
 import data
 from common import (EOT, ArgumentParser, CheckpointError, UnusableGPU, UserError, clean_temporaries, dropout_rate,
                     first_line, forgive_gone_readers, non_negative_float, non_negative_int, open_fraction, pick_device,
-                    positive_float, positive_int)
+                    positive_float, positive_int, remove_own_temporaries)
 from eval import validation_loss
 from metrics import Metrics, print_header, run_header
 from model import ARCH_PRESETS, GPT, GPTConfig, load_state, parameter_counts
@@ -53,6 +54,7 @@ from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S
                   Candidate, Costs, Outcome, Pace, Plan, Sizing, available_memory, budget_tokens, choose_depth,
                   depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops, scaling_params,
                   sized_batch, sized_lr, step_bytes)
+from shards import TokenShards
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
                      local_rank0_first, only_on_rank0, setup_env)
 
@@ -324,18 +326,34 @@ class OptimizerSettings:
 
 @dataclass(frozen=True)
 class Schedule:
-    """The learning rate of each step as a share of its peak (lr_scale), for a run of max_steps."""
+    """The learning rate of each step as a share of its peak (lr_scale), for a run of max_steps. Where the run's
+    length is not known yet (its --epochs over data still arriving: None), a step's rate is known only where no
+    length from `at_least` steps on would change it; elsewhere lr() is None and the run waits for the data."""
     kind: str
-    warmup: int
-    max_steps: int
+    warmup_steps: int | None  # the flag: fitting_warmup makes it fit the run
+    max_steps: int | None
     cooldown_frac: float
     floor: float
     held: float | None = None  # a run extended after its decay began keeps this share (Settings.held_lr)
+    at_least: int = 1  # with max_steps None: the run is at least this long
 
-    def lr(self, step: int) -> float:
+    def lr(self, step: int) -> float | None:
         if self.held is not None:
             return self.held
-        return lr_scale(step, self.warmup, self.max_steps, self.kind, self.cooldown_frac, self.floor)
+        length = self.max_steps or max(self.at_least, step + 1)
+        if self.max_steps is None and not self._known(step, length):
+            return None
+        warmup = fitting_warmup(self.warmup_steps, length)
+        return lr_scale(step, warmup, length, self.kind, self.cooldown_frac, self.floor)
+
+    def _known(self, step: int, length: int) -> bool:
+        """Whether every run length from `length` on gives this step the same rate: the warmup, and where the
+        decay starts, only grow with the length, so it is when the warmup is the same at `length` as without
+        end, and the step is in it, or (wsd) in the constant phase before the decay of a run of `length`."""
+        warmup = fitting_warmup(self.warmup_steps, length)
+        if warmup != fitting_warmup(self.warmup_steps, UNPLANNED_STEPS):
+            return False
+        return step < warmup or (self.kind == "wsd" and step < wsd_decay_start(warmup, length, self.cooldown_frac))
 
 
 @dataclass(frozen=True)
@@ -363,11 +381,11 @@ class Settings:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.config.block_size
 
-    def schedule(self, max_steps: int) -> Schedule:
-        """The learning-rate schedule of a run of max_steps (the warmup cut to 10% if it does not fit)."""
+    def schedule(self, max_steps: int | None, at_least: int = 1) -> Schedule:
+        """The learning-rate schedule of a run of max_steps (None: not known yet, at least at_least)."""
         a = self.flags
-        return Schedule(a.schedule, fitting_warmup(a.warmup_steps, max_steps), max_steps, a.cooldown_frac,
-                        a.min_lr / a.lr, self.held_lr)
+        return Schedule(a.schedule, a.warmup_steps, max_steps, a.cooldown_frac, a.min_lr / a.lr, self.held_lr,
+                        at_least)
 
     def to_dict(self) -> dict:
         """As checkpoints and metrics.jsonl record it (the flags are recorded beside it, as `args`)."""
@@ -418,49 +436,71 @@ class Run:
     learner: "Learner"
     progress: Progress
     plan: Plan
-    batches: data.BatchSource | None  # the training split's; None under --plan, which prepares no data
-    val: data.TokenShards | None
+    batches: batches.BatchSource | None  # the training split's; None under --plan, which prepares no data
+    val: TokenShards | None  # complete before the first step
     hellaswag: list | None  # eval.py's items, when the run scores HellaSwag
+    data_failed: Callable[[], BaseException | None] = lambda: None  # what stopped the data arriving behind the run
 
 
 def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) -> Run:
     """Everything the run trains with, in the order it is known, each step said as it is: the starting point
-    (the shape and weights; with --time, the depth the budget buys), the data (prepared unless dry_run, for
-    --plan), the model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
+    (the shape and weights; with --time, the depth the budget buys), the data (begun behind the training unless
+    dry_run, for --plan: the first step needs only the validation split and the first training shard), the
+    model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
     if not dry_run:
         refuse_overwriting(args, env)
-    resumed = read_resume(args, env) if args.resume else None
+    resumed = read_resume(args, env, say) if args.resume else None
+    early = None if dry_run or sizes_documents(args) else open_data(data.DataSpec.from_args(args), env, say)
     sizing = size_for_budget(args, env, say, started, resumed) if sizes_the_model(args) else None
     config, init_state = starting_point(args, env, resumed, say, sizing)
     batch_size = sizing.batch if sizing else args.batch_size
     spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
     plan = first_plan(config, args, batch_size, spec)
     say("\n".join([plan.model_line(), plan.data_line()]))  # before any download
-    cache = data.prepared(spec) if dry_run else local_rank0_first(env, lambda: data.prepare(spec, progress=env.master))
-    if cache is not None:
-        plan.data_tokens, plan.data_basis = data.TokenShards(cache, "train").num_tokens, ""
-        if not dry_run:
-            say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
+    train, val, failed = early or ((None, None, None) if dry_run else open_data(spec, env, say))
+    if train is not None and train.complete:
+        plan.data_tokens, plan.data_basis = train.num_tokens, ""
+        say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
     optimizer = OptimizerSettings.from_args(args, lr=sizing.lr if sizing else None)
     t = build(config, env, optimizer, seed=args.seed, init_state=init_state)
     grad_accum = choose_grad_accum(args, env, t, resumed, batch_size, config.block_size, say)
-    batches = val = None
-    if cache is not None:
-        batches = data.BatchSource(data.TokenShards(cache, "train"), config.block_size, batch_size, seed=args.seed,
-                                   rank=env.rank, world_size=env.world, grad_accum=grad_accum)
-        val = validation_split(cache, config.block_size, batch_size, args.seed)
-        if batches.packed is not None:
-            say(batches.packed.note())
-    steps = planned_steps(args, plan, config.block_size, batch_size, resumed)
+    source = None
+    if train is not None:
+        source = batches.BatchSource(train, config.block_size, batch_size, seed=args.seed, rank=env.rank,
+                                     world_size=env.world, grad_accum=grad_accum)
+        check_validation(val, config.block_size)
+        if source.packed is not None:
+            say(source.packed.note())
+    steps = planned_steps(args, plan, source, resumed, config.block_size, batch_size)
     settings = Settings(args, config, optimizer, batch_size, grad_accum, env.world, steps,
                         eval_batches(args, plan, val, config.block_size, batch_size), spec, sizing,
                         held_lr(args, resumed, steps))
     plan.steps = settings.steps
-    if not dry_run and not args.time:
+    if not dry_run and not args.time and settings.steps is not None:
         say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
     progress = restore(resumed, t, settings, say) if resumed else Progress(max_steps=settings.steps)
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
-    return Run(settings, t, progress, plan, batches, val, hellaswag)
+    return Run(settings, t, progress, plan, source, val, hellaswag, failed or (lambda: None))
+
+
+def sizes_documents(args) -> bool:
+    """Whether --time chooses the documents (so the data is known only once the model is chosen)."""
+    return sizes_the_model(args) and not args.sample_size and data.is_hub(args.dataset)
+
+
+def open_data(spec: data.DataSpec, env: Env, say: Callable) -> tuple[TokenShards, TokenShards, Callable]:
+    """The run's data, begun behind the training by each machine's first process (the others read what it
+    writes), from where rank 0 decided it comes; once its validation split is complete: the training split as
+    it arrives, the validation split, and what stopped the preparation (on this process)."""
+    r = only_on_rank0(env, lambda: data.route(spec))  # asks the Hub once, for every rank
+    r = broadcast_from_rank0(env, lambda: r)
+    if r.note:
+        say(r.note)
+    preparation = data.Preparation(r, spec, say=say if env.master else None) if env.local_rank == 0 else None
+    failed = preparation.failed if preparation else (lambda: None)
+    val = TokenShards(r.cache_dir, "val", failed=failed, arriving=True)
+    val.wait()
+    return TokenShards(r.cache_dir, "train", failed=failed, arriving=True), val, failed
 
 
 def size_for_budget(args, env: Env, say: Callable, started: float, resumed: dict | None) -> Sizing:
@@ -493,13 +533,12 @@ def timed_candidates(args, env: Env, block: int, limit: float, seconds: float) -
     training buy at its pace; until one falls below the compute-optimal tokens a parameter (deeper ones fall
     further), one does not fit in memory, or the time for choosing ends at `limit`. Every rank times every
     candidate (DDP's collectives in step), and rank 0's clock and pace decide."""
-    prepared = data.prepared(data.DataSpec.from_args(args)) is not None  # a local corpus prepared before
     candidates = []
     for depth in [args.depth] if args.depth else DEPTHS:
         if candidates and broadcast_from_rank0(env, lambda: time.monotonic() > limit):
             break
         candidate = timed_candidate(model_config(args, depth_shape(depth)), depth, env, args, block, limit,
-                                    lambda pace: budget_tokens(pace, seconds, prepared))
+                                    lambda pace: budget_tokens(pace, seconds))
         if candidate is None:
             break
         candidates.append(candidate)
@@ -559,19 +598,34 @@ def data_note(sizing: Sizing | None, tokens: int) -> list[str]:
             "documents are shorter than estimated); --sample_size gives more"]
 
 
+def earlier_run(save_dir: str) -> list[str]:
+    """What an earlier run left in --save_dir: its checkpoints and metrics, by name."""
+    return [name for name in (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl") if (Path(save_dir) / name).exists()]
+
+
 def refuse_overwriting(args, env: Env) -> None:
-    """A new run writes over nothing an earlier one left in --save_dir (its checkpoints, its metrics)."""
-    names = (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl")
-    earlier = broadcast_from_rank0(env, lambda: next((str(Path(args.save_dir) / name) for name in names
-                                                      if not args.resume and (Path(args.save_dir) / name).exists()),
-                                                     None))
-    if earlier:
-        raise CheckpointError(f"{earlier} is from an earlier run: continue it with --resume, "
-                              "or choose another --save_dir (nothing was overwritten)")
+    """A new run writes over nothing an earlier one left in --save_dir (its checkpoints, its metrics); the one
+    line names the way on, whatever a kill left there."""
+    if args.resume:
+        return
+    left = broadcast_from_rank0(env, lambda: earlier_run(args.save_dir))
+    if checkpoint.LATEST in left:
+        raise CheckpointError(f"{args.save_dir} holds an earlier run: continue it with --resume, or choose another "
+                              "--save_dir (nothing was overwritten)")
+    if left:
+        raise CheckpointError(f"{args.save_dir} holds an earlier run ({', '.join(left)}) that stopped before it "
+                              "saved latest.pt: --resume starts it again from step 0 there, or choose another "
+                              "--save_dir (nothing was overwritten)")
 
 
-def read_resume(args, env: Env) -> dict:
-    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk)."""
+def read_resume(args, env: Env, say: Callable) -> dict | None:
+    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk); None where the
+    run stopped before it saved one (it starts again from step 0)."""
+    left = broadcast_from_rank0(env, lambda: earlier_run(args.save_dir))
+    if left and checkpoint.LATEST not in left:
+        say(f"note: --resume: {args.save_dir} has no latest.pt (the run stopped before its first save): starting "
+            "it again from step 0")
+        return None
     optimizer = args.optimizer or default_optimizer(args.init_from)
     ckpt = only_on_rank0(env, lambda: checkpoint.read_latest(Path(args.save_dir), optimizer, args.init_from))
     return broadcast_state_from_rank0(env, ckpt)
@@ -615,27 +669,36 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
-def validation_split(cache: Path, block_size: int, batch_size: int, seed: int) -> data.TokenShards:
+def check_validation(val: TokenShards, block_size: int) -> None:
     """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
-    shards = data.TokenShards(cache, "val")
-    data.BatchSource(shards, block_size, batch_size, seed=seed, shuffle=False)
-    return shards
+    if batches.Windows(val, block_size).available() == 0:
+        raise data.DataError(f"the validation split ({val.num_tokens:,} tokens) cannot fill one window of "
+                             f"block_size+1 = {block_size + 1} tokens: use a larger --val_split, more documents "
+                             "(--sample_size) or a smaller --block_size")
 
 
-def planned_steps(args, plan: Plan, block_size: int, batch_size: int, resumed: dict | None) -> int | None:
+def planned_steps(args, plan: Plan, source: batches.BatchSource | None, resumed: dict | None, block_size: int,
+                  batch_size: int) -> int | None:
     """--max_steps; else on --resume, the schedule the run had planned (kept); else --epochs over the training
-    split (estimated before it is prepared), or with --time None (the budget sets them once steps are timed)."""
+    split, once it is all there; None until then, or with --time (the budget sets them once steps are timed)."""
     saved = resumed.get("max_steps") if resumed else None
     if args.max_steps:
         return args.max_steps
     if saved or args.time:
         return saved  # with --time, at most what the resumed run had planned; the budget may end it sooner
+    if source is not None:
+        return epoch_steps(args.epochs, source) if source.shards.complete else None
     if plan.data_tokens is None:
         return None  # --plan over a Hub dataset of unknown size
-    return max(1, round(args.epochs * data.batches_per_pass(plan.data_tokens, block_size, batch_size)))
+    return max(1, round(args.epochs * batches.batches_per_pass(plan.data_tokens, block_size, batch_size)))
 
 
-def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int, batch_size: int) -> int:
+def epoch_steps(epochs: float, source: batches.BatchSource, at_least: bool = False) -> int:
+    """--epochs passes over the training split; at_least: over what of it is there now (a lower bound)."""
+    return max(1, round(epochs * (source.steps_at_least() if at_least else source.steps_per_epoch)))
+
+
+def eval_batches(args, plan: Plan, val: TokenShards | None, block_size: int, batch_size: int) -> int:
     """Validation batches an evaluation reads: --eval_iters, but at most one pass over the validation split
     (its size estimated from the training split's under --plan)."""
     if val is not None:
@@ -644,7 +707,7 @@ def eval_batches(args, plan: Plan, val: data.TokenShards | None, block_size: int
         tokens = round(plan.data_tokens * args.val_split / (1 - args.val_split))
     else:
         return args.eval_iters
-    return min(args.eval_iters, data.batches_per_pass(tokens, block_size, batch_size))
+    return min(args.eval_iters, batches.batches_per_pass(tokens, block_size, batch_size))
 
 
 def choose_grad_accum(args, env: Env, t: "Learner", resumed: dict | None, batch_size: int, block_size: int,
@@ -960,11 +1023,15 @@ def lr_scale(step: int, warmup: int, max_steps: int, schedule: str, cooldown_fra
     if step < warmup:
         return (step + 1) / warmup
     if schedule == "wsd":
-        decay_start = max(warmup, max_steps - round(cooldown_frac * max_steps))
+        decay_start = wsd_decay_start(warmup, max_steps, cooldown_frac)
         progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
         return 1 - min(1.0, progress) * (1 - floor)
     progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - floor)
+
+
+def wsd_decay_start(warmup: int, max_steps: int, cooldown_frac: float) -> int:
+    return max(warmup, max_steps - round(cooldown_frac * max_steps))
 
 
 def muon_momentum_at(step: int, momentum: float) -> float:
@@ -1129,7 +1196,7 @@ class Figures:
 
 class SignalStop:
     """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step: it saves latest.pt and
-    stops. A second Ctrl-C quits at once; more SIGTERMs and SIGHUPs change nothing (a dropped SSH
+    stops. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs change nothing (a dropped SSH
     connection can send the hang-up twice: to the shell's jobs, and to the terminal's process group).
     """
 
@@ -1139,9 +1206,12 @@ class SignalStop:
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
+        if signum == signal.SIGINT and self.received == signal.SIGINT:  # the second Ctrl-C: out at once
+            left = remove_own_temporaries()
+            print(f"\nquit at once: latest.pt not saved{'; removed ' + ', '.join(left) if left else ''}",
+                  file=sys.stderr)
+            os._exit(128 + signal.SIGINT)
         self.received = self.received or signum
-        if signum == signal.SIGINT:
-            signal.signal(signum, signal.SIG_DFL)
 
 
 @dataclass
@@ -1161,8 +1231,8 @@ class Output:
         a, step = run.settings.flags, run.progress.step
         save_dir = Path(a.save_dir)
         save_dir.mkdir(parents=True, exist_ok=True)
-        if env.master:
-            clean_temporaries(save_dir)  # what a killed run was writing when it died
+        if env.master and clean_temporaries(save_dir):  # what a killed run was writing when it died
+            tqdm.write(f"note: removed the unfinished files a killed run left in {save_dir}")
         metrics = Metrics(save_dir, step if a.resume else None, a.wandb, vars(a), enabled=env.master)
         bar = tqdm(total=run.settings.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
         return cls(env, save_dir, started, a.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
@@ -1190,29 +1260,42 @@ def train(run: Run, env: Env, out: Output) -> int:
     """The loop, from run.progress.step to the last step: a few "once in a while" sections, each one call,
     then the step. Returns the exit status: 0, or 128 + the signal that stopped the run."""
     s, t, progress, a = run.settings, run.learner, run.progress, run.settings.flags
-    schedule = s.schedule(s.steps or UNPLANNED_STEPS)  # with --time, replan sets the steps once some are timed
+    # With --time, replan sets the steps once some are timed; with --epochs over data still arriving, they are
+    # known once it is all there (the schedule says where it cannot do without them).
+    schedule = s.schedule(s.steps or (UNPLANNED_STEPS if a.time else None))
     costs, budget = run_costs(run), Budget(a.time, out.started) if a.time else None
     out.metrics.log(event="start", step=progress.step, run=s.to_dict(),
                     **json.loads(json.dumps(run_header(env, vars(a)), default=str)))
-    if progress.step >= schedule.max_steps:
+    if schedule.max_steps is not None and progress.step >= schedule.max_steps:
         out.say(f"nothing to do: the run is at step {progress.step} of {schedule.max_steps}")
         return 0
     signals, figures, pace = SignalStop(), Figures(t, out.save_dir), Pace(progress.step, s.tokens_per_step)
-    batches = data.micro_batches(run.batches, progress.step, num_workers=a.num_workers,
-                                 pin_memory=env.device.type == "cuda")
+    run.batches.on_wait = lambda held: out.bar.set_postfix_str(f"waiting for data ({held:,} training tokens so far)")
+    reader = batches.micro_batches(run.batches, progress.step, num_workers=a.num_workers,
+                                   pin_memory=env.device.type == "cuda")
     if progress.step == 0 and a.init_from != "scratch":  # where a fine-tune starts, logged as step 0
-        validate(run, env, out)  # and saved as the first best checkpoint
+        validate(run, env, out, share=1.0)  # over the whole split, as its last; saved as the first best checkpoint
         if run.hellaswag is not None:
             score_hellaswag(run, env, out)
     t.model.train()
     next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
-    while progress.step < schedule.max_steps:
+    while progress.step < (schedule.max_steps or UNPLANNED_STEPS):
+        try:
+            if schedule.lr(progress.step) is None:  # this step's rate depends on how long the data makes the run
+                schedule = with_run_length(run, schedule, out, wait=True)
+                if progress.step >= schedule.max_steps:
+                    break
+            micro_batches = [next(reader) for _ in range(s.grad_accum)]
+        except data.DataError as e:  # the data stopped arriving, and this step needs more of it
+            figures.latest()
+            save_latest(run, out)
+            return stopped(run, env, out, None, failure=e)
+        lr = schedule.lr(progress.step)
         # The step, queued on the device; its figures are read a step later, so the CPU never waits for it.
-        micro_batches = [next(batches) for _ in range(s.grad_accum)]
+        stop = signals.received is not None or run.data_failed() is not None
         stats = run_compiled(t, env, out.say, lambda: update(
-            t, micro_batches, env=env, step=progress.step, seed=a.seed, grad_clip=a.grad_clip,
-            lr_scale=schedule.lr(progress.step), muon_momentum=muon_momentum_at(progress.step, a.muon_momentum),
-            stop=signals.received is not None))
+            t, micro_batches, env=env, step=progress.step, seed=a.seed, grad_clip=a.grad_clip, lr_scale=lr,
+            muon_momentum=muon_momentum_at(progress.step, a.muon_momentum), stop=stop))
         figures.queued(progress.step, stats)
         progress.step, progress.tokens = progress.step + 1, progress.tokens + s.tokens_per_step
         out.bar.update(1)
@@ -1227,6 +1310,8 @@ def train(run: Run, env: Env, out: Output) -> int:
             schedule = replan(run, schedule, pace, costs, budget, out, announce=True)
         elif budget is not None and (step % a.log_interval == 0 or budget.passed()):
             schedule = replan(run, schedule, pace, costs, budget, out)
+        if schedule.max_steps is None and step % a.log_interval == 0:
+            schedule = with_run_length(run, schedule, out, wait=False)
 
         end, stop = step == schedule.max_steps, figures.stop
         log = step % a.log_interval == 0 or end
@@ -1244,30 +1329,60 @@ def train(run: Run, env: Env, out: Output) -> int:
             costs.hellaswag = took.seconds
         if evaluate:
             with pace.leave_out() as took:
-                validate(run, env, out)
+                validate(run, env, out, share=costs.final_share() if end and costs.step else 1.0 if end else None)
                 if a.sample_during_training:
                     print_sample(run, env, out)
-            costs.evaluation = took.seconds
+            if not end:
+                costs.evaluation = took.seconds
         if save:
             with pace.leave_out():
                 save_latest(run, out)
             next_save = time.monotonic() + SAVE_EVERY_S
         pace.restart(step)  # the pace is the training's, without these
         if stop:
-            return stopped(run, env, out, signals.received)
+            return stopped(run, env, out, signals.received, failure=run.data_failed())
     out.writer.wait()  # the last checkpoints are on disk before the summary says so
     summarise(run, out, "done")
     return 0
 
 
+def with_run_length(run: Run, schedule: Schedule, out: Output, wait: bool) -> Schedule:
+    """The schedule of a run whose --epochs are over data still arriving: its length, once the data is all there
+    (said with the data's exact size), else (wait) once enough of it is there for this step's rate, waiting for
+    it with the progress bar saying so."""
+    s, source, step = run.settings, run.batches, run.progress.step
+    while True:
+        source.shards.refresh()
+        if source.shards.complete:
+            steps = epoch_steps(s.flags.epochs, source)
+            run.plan.steps, run.plan.data_tokens, run.plan.data_basis = steps, source.shards.num_tokens, ""
+            run.progress.max_steps = steps
+            out.bar.total = steps
+            out.bar.refresh()
+            out.say("\n".join([run.plan.data_line(), run.plan.steps_line(), *run.plan.warnings(),
+                               *warmup_note(s.flags.warmup_steps, steps)]))
+            return s.schedule(steps)
+        schedule = s.schedule(None, epoch_steps(s.flags.epochs, source, at_least=True))
+        if not wait or schedule.lr(step) is not None:
+            return schedule
+        if run.data_failed() is not None:
+            source.shards.wait()  # raises it
+        out.bar.set_postfix_str(f"waiting for data: the rate of step {step} depends on the run's length "
+                                f"({source.shards.num_tokens:,} training tokens so far)")
+        time.sleep(1.0)
+
+
 def run_costs(run: Run) -> Costs:
     """What the plan counts with besides the steps, estimated until measured."""
-    s = run.settings
+    s, a = run.settings, run.settings.flags
     # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
     scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in run.hellaswag or []) // 4
-    return Costs(eval_batches=s.eval_batches, eval_interval=s.flags.eval_interval,
-                 hellaswag_interval=s.flags.hellaswag_interval if run.hellaswag else 0, hellaswag_tokens=scored,
-                 tokens_per_step=s.tokens_per_step, checkpoint_bytes=run.plan.params * CHECKPOINT_BYTES_PER_PARAMETER)
+    windows = batches.Windows(run.val, s.config.block_size).available() if run.val is not None else 0
+    return Costs(eval_batches=s.eval_batches, eval_interval=a.eval_interval,
+                 hellaswag_interval=a.hellaswag_interval if run.hellaswag else 0, hellaswag_tokens=scored,
+                 tokens_per_step=s.tokens_per_step, checkpoint_bytes=run.plan.params * CHECKPOINT_BYTES_PER_PARAMETER,
+                 final_windows=max(1.0, windows / (s.eval_batches * s.batch_size)),
+                 final_limit=Budget.FINAL_EVAL_SHARE * a.time if a.time else None)
 
 
 def replan(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budget | None, out: Output,
@@ -1315,26 +1430,28 @@ def log_step(run: Run, f: StepFigures, tokens_per_s: float, schedule: Schedule, 
                         **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
 
 
-def validate(run: Run, env: Env, out: Output) -> None:
-    """eval.py's validation loss (and bits per byte) over the split's first eval_batches batches, each rank
-    scoring its share with the model being trained (compiled and DDP-wrapped as it is); logged, and the
-    weights saved as model_best_val.pt when it is the lowest yet."""
+def validate(run: Run, env: Env, out: Output, share: float | None = None) -> None:
+    """eval.py's validation loss (and bits per byte), each rank scoring its share with the model being trained
+    (compiled and DDP-wrapped as it is): over a fixed sample of windows spread over the whole split, eval_batches
+    batches of them; or, at the run's end, `share` of all of them (1: the whole split); logged, and the weights
+    saved as model_best_val.pt when it is the lowest yet."""
     s, progress = run.settings, run.progress
+    windows = batches.Windows(run.val, s.config.block_size).available()
+    sample = s.eval_batches * s.batch_size if share is None else None if share >= 1 else max(1, int(share * windows))
     result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
-                             env.world, rows=s.micro_batch,
-                             max_tokens=s.eval_batches * s.tokens_per_step)
-    first = progress.val_loss is None
+                             env.world, rows=s.micro_batch, sample=sample)
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
         progress.best_val, progress.best_step = progress.val_loss, progress.step
     perplexity = math.exp(min(progress.val_loss, 50))
+    whole = windows * s.config.block_size  # predictions in the whole split
+    read = "all" if result["tokens"] >= whole else f"{result['tokens']:,} of the"
     out.say(f"step {progress.step}: validation loss {result['loss']:.4f} (perplexity {perplexity:.1f}, "
-            f"{result['bpb']:.4f} bits per byte){' - best so far, saved' if improved else ''}")
-    if first and result["tokens"] < run.val.num_tokens - run.val.num_tokens // (s.config.block_size + 1):
-        out.say(f"note: the run's validation loss is over the first {result['tokens']:,} tokens of the validation "
-                "split (--eval_iters); eval.py --tasks val scores all of it, so its figure differs a little")
-    out.metrics.log(step=progress.step, val_loss=progress.val_loss, val_ppl=perplexity, val_bpb=result["bpb"])
+            f"{result['bpb']:.4f} bits per byte; {read} {whole:,} validation tokens)"
+            f"{' - best so far, saved' if improved else ''}")
+    out.metrics.log(step=progress.step, val_loss=progress.val_loss, val_ppl=perplexity, val_bpb=result["bpb"],
+                    val_tokens=result["tokens"])
     out.metrics.plot()
     if improved and env.master:
         checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress.fields(s.flags.init_from),
@@ -1371,13 +1488,20 @@ def save_latest(run: Run, out: Output) -> None:
                                run.progress.fields(s.flags.init_from), vars(s.flags), s.to_dict())
 
 
-def stopped(run: Run, env: Env, out: Output, signum: int | None) -> int:
+def stopped(run: Run, env: Env, out: Output, signum: int | None, failure: BaseException | None = None) -> int:
+    """After the loop saved latest.pt on a signal, or on a failure of the data arriving behind it (raised here as
+    one line, once the summary is out): the exit status."""
     out.writer.wait()  # latest.pt, saved by the loop, is on disk before the process leaves
     if env.world > 1:
         dist.barrier()  # every rank leaves after rank 0 has saved
     out.bar.close()
-    out.say(f"stopped by signal at step {run.progress.step}; {out.save_dir / checkpoint.LATEST} saved, "
-            "continue with --resume")
+    latest = out.save_dir / checkpoint.LATEST
+    if signum is None and failure is not None:
+        summarise(run, out, "failed")
+        why = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {first_line(failure)}"
+        raise data.DataError(f"the data stopped arriving ({why}); {latest} is saved at step {run.progress.step}: "
+                             "once that is fixed, continue with --resume")
+    out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume")
     summarise(run, out, "stopped")
     return 128 + (signum or signal.SIGTERM)
 
@@ -1503,19 +1627,34 @@ def main(argv=None, started: float | None = None) -> int:
         return status
     except UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # before training starts (e.g. while preparing data); later, signals stop cleanly
-        sys.exit("interrupted")
-    except torch.cuda.OutOfMemoryError:
-        accum = args.grad_accum if args.grad_accum != "auto" else 1
-        micro = args.batch_size // (env.world * accum)
-        block = args.block_size or GPTConfig.block_size
-        sys.exit(f"error: out of GPU memory with micro-batches of {micro} × {block} tokens: lower "
-                 f"--batch_size, or raise --grad_accum (now {accum}) to keep {args.batch_size} sequences "
-                 "per step in smaller micro-batches")
+    except KeyboardInterrupt:  # before training starts (e.g. while sizing); later, signals stop cleanly
+        print("interrupted before training began", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:
+        sys.exit(out_of_memory(args, env, "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "CPU"))
+    except RuntimeError as e:
+        if not cpu_out_of_memory(e):
+            raise  # a bug: its traceback, and the process exits (no reader process is left to wait for)
+        sys.exit(out_of_memory(args, env, "CPU"))
     finally:
         if out is not None:
             out.close()  # a failed run's last checkpoints are on disk too
         cleanup_env(env)
+
+
+def cpu_out_of_memory(error: RuntimeError) -> bool:
+    """Whether a RuntimeError is the CPU allocator's out-of-memory (torch raises no type of its own for it)."""
+    return "DefaultCPUAllocator: can't allocate memory" in str(error) or "not enough memory" in str(error)
+
+
+def out_of_memory(args, env: Env, where: str) -> str:
+    """The one line an out-of-memory ends with, on a GPU or a CPU: what to lower."""
+    accum = args.grad_accum if args.grad_accum != "auto" else 1
+    micro = args.batch_size // (env.world * accum)
+    block = args.block_size or GPTConfig.block_size
+    return (f"error: out of {where} memory with micro-batches of {micro} × {block} tokens: lower --batch_size, "
+            f"or raise --grad_accum (now {accum}) to keep {args.batch_size} sequences per step in smaller "
+            "micro-batches")
 
 
 if __name__ == "__main__":

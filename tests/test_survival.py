@@ -86,7 +86,8 @@ def test_a_new_run_refuses_an_earlier_runs_best_model_and_metrics_before_writing
     with pytest.raises(SystemExit) as refused:
         T.main(train_args(corpus_dir, tmp_path / "cache", save, "--max_steps", "2"))
     message = str(refused.value.code)
-    assert "model_best_val.pt is from an earlier run: continue it with --resume, or choose another --save_dir" in message
+    assert ("holds an earlier run (model_best_val.pt, metrics.jsonl) that stopped before it saved latest.pt: "
+            "--resume starts it again from step 0 there, or choose another --save_dir") in message
     assert (save / "model_best_val.pt").read_bytes() == b"17 minutes of work"
     assert sorted(p.name for p in save.iterdir()) == ["metrics.jsonl", "model_best_val.pt"]
     assert not (tmp_path / "cache").exists()  # nothing downloaded or prepared either

@@ -235,7 +235,7 @@ def test_resume_refuses_another_shape_another_optimizer_and_a_missing_checkpoint
     assert "trained with --optimizer muon, not adamw" in refusal(  # muon: the default
         *train_args(corpus_dir, data_cache, save, "--max_steps", "4", "--resume", "--optimizer", "adamw"))
     assert "--resume: no checkpoint at" in refusal(*train_args(corpus_dir, data_cache, tmp_path / "none", "--resume"))
-    assert "from an earlier run: continue it with --resume" in refusal(
+    assert "holds an earlier run: continue it with --resume" in refusal(
         *train_args(corpus_dir, data_cache, save, "--max_steps", "2"))
     # A latest.pt as this repository wrote it before Settings existed (its args held the derived values) resumes.
     old = torch.load(save / "latest.pt", weights_only=True)
@@ -319,7 +319,7 @@ def test_two_machines_without_a_shared_disk_resume_from_rank_0s_checkpoint(corpu
 
     again = finish(start_nodes(nodes, args))  # a new run over rank 0's checkpoint: refused on both machines
     assert [code for code, _ in again] == [1, 1]
-    assert all("from an earlier run: continue it with --resume" in err for _, err in again)
+    assert all("holds an earlier run: continue it with --resume" in err for _, err in again)
 
 
 def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_last_step():
