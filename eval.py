@@ -46,16 +46,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, ContextManager
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import batches
 import data
 import runtime
 from common import (EOT, ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line,
                     pick_device, positive_int)
 from checkpoint import describe, load_model, recorded_data
 from model import GPT, token_losses
+from shards import TokenShards
 
 # The original release's validation file (rowanz/hellaswag); the environment variable HELLASWAG_URL
 # points elsewhere (a mirror, or in the tests an address that cannot answer).
@@ -449,7 +452,7 @@ def hellaswag_accuracy(model: GPT, items: list[Item], device, autocast: Autocast
     # The bar counts all ranks' items, assuming they keep pace with rank 0 (their shares are alike).
     bar = tqdm(total=len(items), unit="item", desc="hellaswag", disable=not progress, dynamic_ncols=True)
     try:
-        for batch in batches(mine, rows):
+        for batch in option_groups(mine, rows):
             with autocast():
                 totals, means, _ = option_scores(model, batch, device)
             counts += torch.tensor([right_by(batch, totals), right_by(batch, means), len(batch)])
@@ -481,21 +484,21 @@ def queued_copy(t: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: int, device,
+def validation_loss(model: torch.nn.Module, shards: TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
-                    rows: int = 32, max_tokens: int | None = None, progress: bool = False) -> dict:
+                    rows: int = 32, sample: int | None = None, progress: bool = False) -> dict:
     """{"loss", "tokens", "bpb"}: the mean cross-entropy over the split's windows of window+1 tokens, all of
-    them or the first ceil(max_tokens / window); the tail shorter than a window is left out.
+    them, or `sample` of them spread evenly over the split (batches.Windows.spread: the same ones every time);
+    the tail shorter than a window is left out.
 
     bpb, bits per byte: the summed loss over (ln 2 x the UTF-8 bytes of the scored tokens), which does not
     depend on the tokenizer. As nanochat counts it, the text only: a target <|endoftext|> has no bytes,
-    and its loss is left out of the sum too. train_gpt2.py's evaluations are this function over the first
-    eval_iters batches, with its compiled (and DDP-wrapped) model: `model` is anything that runs GPT.forward.
+    and its loss is left out of the sum too. train_gpt2.py's evaluations are this function with its compiled
+    (and DDP-wrapped) model: `model` is anything that runs GPT.forward.
     """
-    source = data.BatchSource(shards, window, rows * world, seed=0, rank=rank, world_size=world,
-                              shuffle=False)
-    n = source.windows_per_epoch if max_tokens is None else min(source.windows_per_epoch, -(-max_tokens // window))
-    passes = -(-n // (rows * world))
+    windows = batches.Windows(shards, window)
+    chosen = windows.spread(sample)
+    step = rows * world  # windows a pass scores, over all ranks: every rank runs every pass
     lengths = queued_copy(token_bytes(data.get_tokenizer()), device)
     was_training = model.training
     model.eval()
@@ -503,10 +506,11 @@ def validation_loss(model: torch.nn.Module, shards: data.TokenShards, window: in
     # (fp32 is not past 2**24), and a sum of losses that does not drift.
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     try:
-        for k in tqdm(range(passes), unit="pass", desc="val loss", disable=not progress, dynamic_ncols=True):
-            x, y = source.eval_batch(k)
-            first = k * rows * world + rank * rows
-            y[torch.arange(first, first + rows) >= n] = -1  # windows past the n-th (wrapped around): not scored
+        for k in tqdm(range(-(-len(chosen) // step)), unit="pass", desc="val loss", disable=not progress,
+                      dynamic_ncols=True):
+            mine = chosen[k * step + rank * rows:k * step + (rank + 1) * rows]
+            x, y = windows.read(np.concatenate((mine, np.zeros(rows - len(mine), dtype=mine.dtype))))
+            y[len(mine):] = -1  # rows past the sample fill the last pass: not scored
             x, y = queued_copy(x, device), queued_copy(y, device)
             with autocast():
                 _, losses = model(x, y, per_token=True)  # 0 where y is -1
@@ -638,7 +642,7 @@ def count_right(kind: str, batch: list[Options], means: list[float], exact: list
     return sum(exact[k] for k in list(starts)[:-1])
 
 
-def batches(encoded: list[Options], rows: int):
+def option_groups(encoded: list[Options], rows: int):
     """Consecutive items in groups of at most `rows` rows; an item with more goes alone."""
     batch: list[Options] = []
     for options in encoded:
@@ -658,7 +662,7 @@ def task_right(model: GPT, task: Task, items: list[CoreItem], device, autocast: 
     for a in range(0, len(mine), CORE_ENCODE_ITEMS):
         encoded = encode_options(enc, task, items, mine[a:a + CORE_ENCODE_ITEMS], model.config.block_size)
         encoded.sort(key=lambda o: max(map(len, o.rows)), reverse=True)  # like lengths share a pass: less padding
-        for batch in batches(encoded, rows):
+        for batch in option_groups(encoded, rows):
             with autocast():
                 _, means, exact = option_scores(model, batch, device)
             right += count_right(task.kind, batch, means, exact)
@@ -729,7 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, default=None,
                    help="score only the first N items (core: of each task, after its shuffle)")
     p.add_argument("--eval_tokens", type=positive_int, default=None,
-                   help="val: score the first N tokens of the split (default: all of it)")
+                   help="val: score about N tokens, in windows spread evenly over the split, as a run's own "
+                        "evaluations do (default: all of it)")
     p.add_argument("--block_size", type=positive_int, default=None,
                    help="val: tokens per window (default: the model's; give the run's to compare with another model)")
     p.add_argument("--batch_size", type=positive_int, default=32,
@@ -796,9 +801,9 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
     if "core" in args.tasks:
         bundle = runtime.local_rank0_first(env, lambda: core_bundle(args.core, args.data_cache))
         core = [(task, read_task(task, args.limit)) for task in bundle]
-    if "val" in args.tasks:
-        cache = runtime.local_rank0_first(env, lambda: data.prepare(data.DataSpec.from_args(args), progress=env.master))
-        shards = data.TokenShards(cache, "val")
+    if "val" in args.tasks:  # the training split goes on arriving behind the scoring, for a later run
+        say = (lambda line: tqdm.write(line, file=sys.stderr)) if env.master else None
+        shards = data.validation_split(data.DataSpec.from_args(args), prepare=env.local_rank == 0, say=say)
     model, info = load_model(args.checkpoint)
     model.to(env.device).eval()
     window = args.block_size or model.config.block_size
@@ -812,7 +817,8 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
     if items is not None:
         results["hellaswag"] = hellaswag_accuracy(model, items, **common)
     if shards is not None:
-        results["val"] = validation_loss(model, shards, window, max_tokens=args.eval_tokens, **common)
+        sample = None if args.eval_tokens is None else max(1, args.eval_tokens // (window + 1))
+        results["val"] = validation_loss(model, shards, window, sample=sample, **common)
     if core is not None:
         results["core"] = core_accuracy(model, core, **common)
     return results

@@ -182,9 +182,10 @@ class Budget:
     way and the last evaluation and save included."""
 
     MARGIN = 0.03  # of the time left, kept back for what the pace does not show (a slower step, the exit)
+    FINAL_EVAL_SHARE = 0.1  # of the budget, the most the last evaluation may take (it then reads a sample)
 
     def __init__(self, seconds: float, started: float):
-        self.deadline = started + seconds
+        self.seconds, self.deadline = seconds, started + seconds
 
     def passed(self) -> bool:
         return time.monotonic() >= self.deadline
@@ -221,9 +222,6 @@ REFERENCE_WIDTH = WIDTH_PER_LAYER * REFERENCE_DEPTH  # 768
 MIN_STEPS = 300  # a batch is cut so that a budget buys at least this many steps (warmup and decay need room)
 # Choosing takes 5% of the budget, at least enough to time the smallest depth and at most a minute.
 CHOOSING_SHARE, CHOOSING_MIN_S, CHOOSING_MAX_S = 0.05, 5.0, 60.0
-# What preparing data costs while the budget runs, for the choice (assumed, not measured: streaming
-# FineWeb and tokenizing it; tiktoken alone reached 4.7 M tokens/s on this project's 2 cores).
-DATA_TOKENS_PER_S = 1e6
 
 
 def depth_shape(depth: int) -> dict:
@@ -252,10 +250,9 @@ class Candidate:
         return self.tokens / self.params
 
 
-def budget_tokens(tokens_per_s: float, seconds: float, prepared: bool) -> float:
-    """Tokens `seconds` of training buy at this pace; unless the data is prepared already, preparing those
-    tokens (at DATA_TOKENS_PER_S) takes its share of the seconds first."""
-    return tokens_per_s * seconds / (1 + (0 if prepared else tokens_per_s / DATA_TOKENS_PER_S))
+def budget_tokens(tokens_per_s: float, seconds: float) -> float:
+    """Tokens `seconds` of training buy at this pace (the data arrives behind the training, off the budget)."""
+    return tokens_per_s * seconds
 
 
 def choose_depth(candidates: list[Candidate]) -> Candidate:
@@ -499,6 +496,8 @@ class Costs:
     hellaswag_tokens: int
     tokens_per_step: int
     checkpoint_bytes: int
+    final_windows: float = 1.0  # the last evaluation reads all of validation: this many times an evaluation's windows
+    final_limit: float | None = None  # seconds the last evaluation may take (FINAL_EVAL_SHARE of --time)
     step: float | None = None
     evaluation: float | None = None
     hellaswag: float | None = None
@@ -506,6 +505,14 @@ class Costs:
 
     def evaluation_s(self) -> float:
         return self.evaluation if self.evaluation is not None else self.eval_batches * self.step * FORWARD_SHARE
+
+    def final_evaluation_s(self) -> float:
+        whole = self.final_windows * self.evaluation_s()
+        return whole if self.final_limit is None else min(whole, self.final_limit)
+
+    def final_share(self) -> float:
+        """The share of the validation split the last evaluation reads (1: all of it)."""
+        return min(1.0, self.final_evaluation_s() / (self.final_windows * self.evaluation_s()))
 
     def hellaswag_s(self) -> float:
         if not self.hellaswag_interval:
@@ -523,4 +530,5 @@ class Costs:
         due = lambda interval: (step + n - 1) // interval - (max(step, 1) - 1) // interval if interval and n else 0
         write = self.write if self.write is not None else self.checkpoint_bytes / WRITE_BYTES_PER_S
         return (n * self.step + due(self.eval_interval) * self.evaluation_s()
-                + due(self.hellaswag_interval) * self.hellaswag_s() + self.evaluation_s() + self.hellaswag_s() + write)
+                + due(self.hellaswag_interval) * self.hellaswag_s() + self.final_evaluation_s() + self.hellaswag_s()
+                + write)

@@ -9,9 +9,11 @@ import select
 import subprocess
 import time
 
+import numpy as np
 import pytest
 import torch
 
+import batches
 import chat
 import checkpoint
 import data
@@ -112,9 +114,9 @@ def test_conversations_are_packed_whole_and_cut_after_the_last_exchange_that_fit
     window = CONTEXT + 1
     seen, trained = [], []
     for shards_of_split in shards.values():
-        source = data.BatchSource(shards_of_split, CONTEXT, 1, seed=0, shuffle=False)
-        for k in range(source.windows_per_epoch):
-            x, y = source.eval_batch(k)
+        rows = batches.Windows(shards_of_split, CONTEXT)
+        for k in range(rows.available()):
+            x, y = rows.read(np.array([k]))
             last = y[0, -1].item()  # the row's last token: a reply's end, or else padding (no target)
             row = [*x[0].tolist(), last if last != -1 else EOT]
             assert row[0] == EOT
@@ -127,8 +129,8 @@ def test_conversations_are_packed_whole_and_cut_after_the_last_exchange_that_fit
     assert expected[-1] is None and sum(len(p) < len(chat.render(m, enc)) for p, m in zip(expected, convs) if p) >= 2
     replies = [t for p in expected if p for t, keep in zip(p, chat.trained(p)) if keep]
     assert sorted(trained) == sorted(replies)  # the loss counts the replies' tokens and nothing else
-    assert "1 left out" in data.BatchSource(shards["train"], CONTEXT, 1, seed=0).packed.note() + \
-        data.BatchSource(shards["val"], CONTEXT, 1, seed=0).packed.note()
+    assert "1 left out" in batches.BatchSource(shards["train"], CONTEXT, 1, seed=0).packed.note() + \
+        batches.BatchSource(shards["val"], CONTEXT, 1, seed=0).packed.note()
 
 
 def test_the_history_is_cropped_from_the_front_whole_exchanges_first():
@@ -245,7 +247,8 @@ def test_a_conversation_out_of_turn_and_an_unreachable_hub_are_one_line_each(tmp
     wrong = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     path = write_conversations(tmp_path / "c.jsonl", [make_conversation(random.Random(0), 1), wrong])
     with pytest.raises(data.DataError, match=r"c.jsonl:2: field 'messages' is not a conversation: roles must be"):
-        data.prepare(data.DataSpec(dataset=str(path), data_cache=str(tmp_path), chat=True), progress=False)
+        data.prepare(data.DataSpec(dataset=str(path), data_cache=str(tmp_path), chat=True, val_split=0.5),
+                     progress=False)
     offline = run_script("data.py", "--chat", "--dataset", "HuggingFaceTB/smol-smoltalk", "--subset", "",
                          "--data_cache", str(tmp_path))  # offline, as every child of the tests is
     lines = offline.stderr.strip().splitlines()

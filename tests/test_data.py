@@ -97,17 +97,25 @@ def test_batched_encoding_equals_encoding_each_document_alone():
 
 # ----------------------------------------------------------------------------- preparing
 
+def source_order(dataset, corpus: list[str], seed: int = 0) -> list[str]:
+    """The generated documents in the order data.py reads their files (seeded, not by name)."""
+    spec = data.DataSpec(dataset=str(dataset))
+    by_name = {f"doc_{i:05d}.txt": doc for i, doc in enumerate(corpus)}
+    return [by_name[Path(f).name] for f in data.resolve_source(spec, seed).files]
+
+
 def test_shards_decode_back_to_the_documents_with_separators(prepared):
     manifest = json.loads((prepared / "manifest.json").read_text())
     train, val = documents_in(split_tokens(prepared, "train")), documents_in(split_tokens(prepared, "val"))
     corpus = make_corpus()
-    assert sorted(train + val) == sorted(corpus)
-    assert train == [d for d in corpus if d in train]  # in source order
+    assert val + train == source_order(prepared.parent.parent / "text", corpus)  # validation first, in order
+    assert source_order(prepared.parent.parent / "text", corpus) != corpus  # files are read in a seeded order
     assert len(manifest["splits"]["train"]["shards"]) >= 3
     for name in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
         shard = np.fromfile(prepared / name, dtype=np.uint16, offset=data.HEADER_BYTES)
         assert shard[-1] == data.EOT  # shards hold whole documents
     assert manifest["splits"]["val"]["documents"] == len(val) == round(0.05 * len(corpus))
+    assert manifest["splits"]["val"]["shards"] == ["val_000000.bin"]  # written first, alone
 
 
 def test_split_is_deterministic_and_changes_with_the_seed(tmp_path, text_dir):
@@ -122,11 +130,15 @@ def test_split_is_deterministic_and_changes_with_the_seed(tmp_path, text_dir):
     assert len(first) == 12  # exactly 0.2 of the 60 documents
 
 
-def test_validation_share_stays_within_one_document_of_the_fraction():
-    for fraction in (0.05, 0.1, 0.3, 0.5, 0.77):
-        mask = data.val_mask(0, 1000, fraction, seed=7)
-        assert abs(mask.sum() - fraction * 1000) <= 1, fraction
-        assert np.array_equal(mask[400:], data.val_mask(400, 600, fraction, seed=7))  # same rule when resumed
+def test_validation_stops_at_its_token_cap_and_the_rest_trains(tmp_path, text_dir, corpus, monkeypatch):
+    monkeypatch.setattr(data, "VAL_TOKENS", 400)
+    cache_dir = data.prepare(data_args(text_dir, tmp_path / "cache", "--val_split", "0.5"), shard_tokens=SHARD,
+                             progress=False)
+    val = split_tokens(cache_dir, "val")
+    docs = documents_in(val)
+    last = len(val) - len(data.get_tokenizer().encode_ordinary(docs[-1])) - 1
+    assert last < 400 <= len(val)  # the document that reached the cap is the last one
+    assert len(docs) < 30 and docs + documents_in(split_tokens(cache_dir, "train")) == source_order(text_dir, corpus)
 
 
 def test_second_prepare_reuses_the_cache_without_reading_the_source(tmp_path, text_dir, monkeypatch):
@@ -222,6 +234,7 @@ def test_a_corrupt_shard_is_reported_with_its_path(tmp_path, text_dir, damage):
 def test_jsonl_json_and_parquet_sources_give_the_txt_shards(tmp_path, text_dir, corpus):
     import pyarrow as pa
     import pyarrow.parquet as pq
+    corpus = source_order(text_dir, corpus)  # one file's records are read in their order, a directory's files not
     write_jsonl(tmp_path / "docs.jsonl", corpus)
     (tmp_path / "docs.json").write_text(json.dumps([{"text": d, "n": 1} for d in corpus]), encoding="utf-8")
     pq.write_table(pa.table({"body": corpus}), tmp_path / "docs.parquet")
@@ -341,69 +354,7 @@ def test_a_missing_text_field_names_the_fields_found(tmp_path, corpus, kind):
 
 def test_a_corpus_with_no_validation_document_is_refused(tmp_path, corpus):
     text = write_txt_dir(tmp_path / "text", corpus[:2])
-    with pytest.raises(data.DataError, match="the val split is empty: 2 documents"):
+    with pytest.raises(data.DataError, match="--val_split 0.05 of 2 documents holds out none for validation"):
         data.prepare(data_args(text, tmp_path / "cache"), progress=False)
 
 
-def test_data_too_small_for_one_window_is_refused(prepared):
-    val = data.TokenShards(prepared, "val")
-    with pytest.raises(data.DataError, match=f"data too small for one window of block_size\\+1 = 100001 tokens: "
-                                             f"{val.num_tokens:,} tokens in split val"):
-        data.BatchSource(val, block_size=100_000, batch_size=1, seed=0)
-    with pytest.raises(data.DataError, match="fewer than one batch of 4096"):
-        data.BatchSource(val, block_size=16, batch_size=4096, seed=0)
-
-
-# ----------------------------------------------------------------------------- batches
-
-def global_batch(source: data.BatchSource, step: int) -> torch.Tensor:
-    return torch.cat([source.micro_batch(step, m)[0] for m in range(source.grad_accum)])
-
-
-def test_global_batch_is_the_same_for_any_ranks_and_micro_steps(prepared):
-    train = data.TokenShards(prepared, "train")
-
-    def source(rank=0, world_size=1, grad_accum=1):
-        return data.BatchSource(train, 16, 8, seed=5, rank=rank, world_size=world_size, grad_accum=grad_accum)
-    one = source()
-    for step in (0, 1, one.steps_per_epoch - 1, one.steps_per_epoch, 3 * one.steps_per_epoch + 2):
-        whole = one.micro_batch(step, 0)[0]
-        two_ranks = torch.cat([global_batch(source(rank=r, world_size=2), step) for r in range(2)])
-        two_micro = global_batch(source(grad_accum=2), step)
-        four = torch.cat([global_batch(source(rank=r, world_size=2, grad_accum=2), step) for r in range(2)])
-        assert whole.shape == (8, 16) and whole.dtype == torch.int64
-        assert torch.equal(whole, two_ranks) and torch.equal(whole, two_micro) and torch.equal(whole, four)
-
-
-def test_batches_depend_only_on_seed_and_step(prepared):
-    train = data.TokenShards(prepared, "train")
-    a, b = (data.BatchSource(train, 16, 8, seed=5) for _ in range(2))
-    other = data.BatchSource(train, 16, 8, seed=6)
-    x, y = a.micro_batch(7, 0)
-    assert torch.equal(x, b.micro_batch(7, 0)[0]) and torch.equal(y, b.micro_batch(7, 0)[1])
-    assert not torch.equal(x, other.micro_batch(7, 0)[0])
-    assert torch.equal(x[:, 1:], y[:, :-1])  # y is x shifted by one token
-    epoch = [a.global_windows(s) for s in range(a.steps_per_epoch)]
-    assert len(np.unique(np.concatenate(epoch))) == a.steps_per_epoch * 8  # no window twice in an epoch
-    assert not np.array_equal(a.global_windows(0), a.global_windows(a.steps_per_epoch))  # a new order
-
-
-def test_eval_batches_are_the_same_every_call_and_split_across_ranks(prepared):
-    val = data.TokenShards(prepared, "val")
-    one = data.BatchSource(val, 16, 4, seed=0, shuffle=False)
-    ranks = [data.BatchSource(val, 16, 4, seed=0, world_size=2, rank=r, shuffle=False) for r in range(2)]
-    for k in range(3):
-        x, y = one.eval_batch(k)
-        assert torch.equal(x, one.eval_batch(k)[0]) and torch.equal(y, one.eval_batch(k)[1])
-        assert torch.equal(x, torch.cat([r.eval_batch(k)[0] for r in ranks]))
-
-
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_loader_yields_micro_batches_in_order_and_leaves_the_global_rng_alone(prepared, num_workers):
-    source = data.BatchSource(data.TokenShards(prepared, "train"), 16, 8, seed=1, grad_accum=2)
-    expected = [source.micro_batch(s, m) for s in range(3, 6) for m in range(2)]
-    rng = torch.get_rng_state()
-    got = list(itertools.islice(data.micro_batches(source, 3, num_workers=num_workers, pin_memory=False), 6))
-    assert torch.equal(torch.get_rng_state(), rng)
-    for (x, y), (ex, ey) in zip(got, expected, strict=True):
-        assert torch.equal(x, ex) and torch.equal(y, ey)
