@@ -345,16 +345,64 @@ def step_bytes(c, micro: int, params: int, amp: bool) -> int:
     return blocks + logits + 16 * params
 
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux), or None where it cannot be read."""
+def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still take (Linux), the least of what limits it, or None where nothing says:
+    - the machine's MemAvailable (proc/meminfo);
+    - what the memory cgroup of a container or a systemd unit leaves, at each level from the process's own
+      (proc/self/cgroup names it) up to the root: cgroup v2's memory.max less memory.current, v1's
+      memory/memory.limit_in_bytes less memory.usage_in_bytes, the page cache the kernel reclaims under the
+      limit (inactive_file in memory.stat) counted free, as `docker stats` counts it;
+    - RLIMIT_AS, which `ulimit -v` sets, less this process's virtual size (proc/self/statm)."""
+    room = [kb * 1024 for kb in [_kernel_number(proc / "meminfo", "MemAvailable:")] if kb is not None]
+    room += _cgroup_room(proc / "self" / "cgroup", cgroups)
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource  # Unix only
+        limit, pages = resource.getrlimit(resource.RLIMIT_AS)[0], _kernel_number(proc / "self" / "statm")
+        if limit != resource.RLIM_INFINITY and pages is not None:
+            room.append(limit - pages * os.sysconf("SC_PAGE_SIZE"))
+    return max(0, min(room)) if room else None
+
+
+def _cgroup_room(membership: Path, cgroups: Path) -> list[int]:
+    """Limit less usage of each memory cgroup above this process, as available_memory counts them."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        lines = membership.read_text(encoding="ascii").splitlines()
+    except OSError:
+        return []
+    room = []
+    for parts in (line.split(":", 2) for line in lines):  # "0::/PATH" (v2), "4:memory:/PATH" (v1)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":
+            root, limit, usage, cache = cgroups, "memory.max", "memory.current", "inactive_file"
+        elif "memory" in parts[1].split(","):
+            root, limit, usage, cache = (cgroups / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                         "total_inactive_file")
+        else:
+            continue
+        # From the process's own group up, since a parent's limit binds it too. In a container, PATH may name a
+        # group of the host that is not mounted there: its levels are then missing, and the root is the container's.
+        level = root / parts[2].strip("/")
+        while True:
+            cap, used = _kernel_number(level / limit), _kernel_number(level / usage)
+            if cap is not None and used is not None:
+                room.append(cap - used + (_kernel_number(level / "memory.stat", cache + " ") or 0))
+            if level == root or root not in level.parents:
+                break
+            level = level.parent
+    return room
+
+
+def _kernel_number(path: Path, key: str | None = None) -> int | None:
+    """The first number in a kernel file, or on its line that starts with `key`; None where the file or the
+    line is missing, or it says "max" (no limit)."""
+    try:
+        text = path.read_text(encoding="ascii")
+        if key is not None:
+            text = next(line[len(key):] for line in text.splitlines() if line.startswith(key))
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------

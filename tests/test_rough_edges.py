@@ -1,0 +1,70 @@
+"""The rough edges of issue 37, seen the way a user meets them: the memory a container leaves, durations as
+people type them, a mistyped flag, the laptop's install, the modes of exported files, the plan's CPU advice."""
+import importlib.metadata
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import checkpoint
+import common
+import model as M
+import plan as P
+import train_gpt2 as T
+from helpers import REPO, child_env, run_script
+
+GB = 10 ** 9
+
+
+# ----------------------------------------------------------------------------------------------------
+# The memory a container leaves
+
+
+def fake_machine(tmp_path: Path, membership: str, files: dict[str, str], available_gb: float = 14.2):
+    """A /proc and a /sys/fs/cgroup: MemAvailable, the process's cgroup lines, and the cgroup files given."""
+    proc, cgroups = tmp_path / "proc", tmp_path / "cgroup"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text(f"MemTotal: 23000000 kB\nMemAvailable: {int(available_gb * GB / 1024)} kB\n")
+    (proc / "self" / "cgroup").write_text(membership)
+    for name, text in files.items():
+        (cgroups / name).parent.mkdir(parents=True, exist_ok=True)
+        (cgroups / name).write_text(text)
+    return proc, cgroups
+
+
+def test_free_memory_in_a_container_is_its_cgroup_v2_limit_less_what_it_uses_but_not_its_cache(tmp_path):
+    proc, cgroups = fake_machine(tmp_path, "0::/docker/abc\n", {
+        "docker/abc/memory.max": f"{8 * GB}\n", "docker/abc/memory.current": f"{3 * GB}\n",
+        "docker/abc/memory.stat": f"anon {2 * GB}\nactive_file 1\ninactive_file {GB}\n"})
+    assert P.available_memory(proc, cgroups) == 6 * GB  # 8 - 3, of which 1 is cache the kernel gives back
+
+
+def test_free_memory_under_cgroup_v1_is_its_limit_less_its_usage(tmp_path):
+    proc, cgroups = fake_machine(tmp_path, "12:pids:/x\n4:memory:/docker/abc\n0::/\n", {
+        "memory/docker/abc/memory.limit_in_bytes": f"{8 * GB}\n",
+        "memory/docker/abc/memory.usage_in_bytes": f"{5 * GB}\n"})
+    assert P.available_memory(proc, cgroups) == 3 * GB
+
+
+def test_a_parents_cgroup_limit_binds_and_without_limits_memavailable_stands(tmp_path):
+    proc, cgroups = fake_machine(tmp_path, "0::/user.slice/run.scope\n", {
+        "user.slice/memory.max": f"{4 * GB}\n", "user.slice/memory.current": f"{GB}\n",
+        "user.slice/run.scope/memory.max": "max\n", "user.slice/run.scope/memory.current": f"{GB}\n"})
+    assert P.available_memory(proc, cgroups) == 3 * GB
+    (cgroups / "user.slice" / "memory.max").write_text("max\n")
+    assert P.available_memory(proc, cgroups) == int(14.2 * GB / 1024) * 1024
+
+
+def test_free_memory_under_ulimit_v_is_the_address_space_left():
+    # In a child: the limit is set on the process that reads it, as `ulimit -v` sets it on a shell's children.
+    code = ("import os, resource, plan; size = int(open('/proc/self/statm').read().split()[0]) * os.sysconf("
+            "'SC_PAGE_SIZE'); resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY)); "
+            "print(plan.available_memory())")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert 0.5 * 2 ** 30 < int(result.stdout) <= 2 ** 30
