@@ -61,19 +61,29 @@ def peak_flops(device: torch.device) -> float | None:
     return tflops * 1e12 if tflops else None
 
 
-_DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+# The spellings people type, largest unit first: "1h30m", "1h 30m", "4 min", "90 seconds".
+_UNIT_SECONDS = {name: seconds for names, seconds in ((("h", "hr", "hrs", "hour", "hours"), 3600),
+                                                     (("m", "min", "mins", "minute", "minutes"), 60),
+                                                     (("s", "sec", "secs", "second", "seconds"), 1)) for name in names}
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION = re.compile(rf"(?:\s*{_NUMBER}\s*[a-z]+)+\s*")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in "45m", "2h", "1h30m", "90s" or "5400"; ValueError otherwise."""
+    """Seconds in "45m", "2h", "1h30m", "1h 30m", "4 min", "90 seconds" (h, hr, hour(s); m, min(s), minute(s);
+    s, sec(s), second(s); each unit once, largest first) or a bare number of seconds; ValueError otherwise."""
     text = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(_NUMBER, text):
         seconds = float(text)
+    elif _DURATION.fullmatch(text):
+        seconds, last = 0.0, math.inf
+        for number, unit in re.findall(rf"({_NUMBER})\s*([a-z]+)", text):
+            if _UNIT_SECONDS.get(unit, last) >= last:  # unknown, repeated or out of order
+                raise ValueError(text)
+            last = _UNIT_SECONDS[unit]
+            seconds += float(number) * last
     else:
-        match = _DURATION.match(text)
-        if not text or not match or not any(match.groupdict().values()):
-            raise ValueError(text)
-        seconds = sum(float(v or 0) * unit for v, unit in zip(match.group("h", "m", "s"), (3600, 60, 1)))
+        raise ValueError(text)
     if not 0 < seconds < float("inf"):
         raise ValueError(text)
     return seconds

@@ -68,3 +68,24 @@ def test_free_memory_under_ulimit_v_is_the_address_space_left():
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert 0.5 * 2 ** 30 < int(result.stdout) <= 2 ** 30
+
+
+# ----------------------------------------------------------------------------------------------------
+# Durations and flags as people type them
+
+
+@pytest.mark.parametrize("text, seconds", [("4min", 240), ("4 min", 240), ("4 mins", 240), ("10 minutes", 600),
+                                           ("1h 30m", 5400), ("1 hr 30 min", 5400), ("2 hours", 7200), ("1 hour", 3600),
+                                           ("90 sec", 90), ("90 seconds", 90), ("1h 30m 15s", 5415), ("45M", 2700)])
+def test_durations_take_the_spellings_people_type(text, seconds):
+    assert P.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "abc", "4 minz", "30m 1h", "1h 1h", "1h 30", "min", "0m", "-5m", "5 m s"])
+def test_a_duration_that_is_not_one_is_refused(text):
+    with pytest.raises(ValueError):
+        P.parse_duration(text)
+
+
+def test_the_issues_time_budget_is_accepted_by_the_training_script():
+    assert T.parse_args(["--time", "4min", "--device", "cpu"]).time == 240
