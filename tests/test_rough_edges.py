@@ -89,3 +89,19 @@ def test_a_duration_that_is_not_one_is_refused(text):
 
 def test_the_issues_time_budget_is_accepted_by_the_training_script():
     assert T.parse_args(["--time", "4min", "--device", "cpu"]).time == 240
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("train_gpt2.py", ["--batchsize", "8"], "unrecognized arguments: --batchsize 8 (did you mean --batch_size?)"),
+    ("train_gpt2.py", ["--batch-size=8", "--lrr", "1"],
+     "unrecognized arguments: --batch-size=8 --lrr 1 (did you mean --batch_size for --batch-size, --lr for --lrr?)"),
+    ("eval.py", ["--taks", "val"], "unrecognized arguments: --taks val (did you mean --tasks?)"),
+    ("sample.py", ["--dtype", "bfloat"], "argument --dtype: invalid choice: 'bfloat' (choose from 'auto', 'float32', "
+                                         "'bfloat16', 'int8', 'int4') (did you mean bfloat16?)"),
+    ("train_gpt2.py", ["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from 'auto', 'cuda', "
+                                           "'cpu', 'mps')"),  # a GPU is no typo of the CPU
+])
+def test_a_mistyped_flag_or_choice_gets_the_closest_in_its_one_line_error(script, flags, message):
+    result = run_script(script, *flags)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"{script}: error: {message}", f"{script}: see --help for the flags"]
