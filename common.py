@@ -297,6 +297,9 @@ def atomic_write(path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        # The mode a new file gets: a library that writes through a temporary of its own (safetensors does)
+        # leaves its 0600 on the file
+        os.chmod(tmp, 0o666 & ~umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data must be on disk before the rename makes it visible
@@ -306,6 +309,17 @@ def atomic_write(path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def umask() -> int:
+    """This process's umask: from /proc (Linux) where it can be read without changing it, which setting it to
+    read it would do for a moment, for every thread."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def clean_temporaries(directory) -> int:

@@ -105,3 +105,39 @@ def test_a_mistyped_flag_or_choice_gets_the_closest_in_its_one_line_error(script
     result = run_script(script, *flags)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [f"{script}: error: {message}", f"{script}: see --help for the flags"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# The files the exports write
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("tiny") / "model_best_val.pt"
+    checkpoint.save_checkpoint(path, M.GPT(M.GPTConfig.from_preset("gpt2", n_layer=2, n_head=2, n_embd=32,
+                                                                   block_size=32)), step=1, val_loss=9.0)
+    return path
+
+
+def test_every_exported_file_gets_the_mode_of_the_umask(tiny_checkpoint, tmp_path):
+    previous = os.umask(0o022)  # the child inherits it
+    try:
+        result = run_script("export_hf.py", str(tiny_checkpoint), str(tmp_path / "exported"))
+    finally:
+        os.umask(previous)
+    assert result.returncode == 0, result.stderr
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in (tmp_path / "exported").iterdir()}
+    assert set(modes) >= {"model.safetensors", "config.json", "vocab.json"} and set(modes.values()) == {"0o644"}
+
+
+def test_a_file_written_atomically_gets_the_umasks_mode_whoever_created_it(tmp_path):
+    with common.atomic_write(tmp_path / "weights.bin") as tmp:  # as a library with a private temporary of its own
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o600))
+    assert (tmp_path / "weights.bin").stat().st_mode & 0o777 == 0o666 & ~common.umask()
+
+
+def test_exported_directories_are_not_offered_to_git():
+    for directory in ("exported", "exported-chat"):
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"{directory}/model.safetensors"], cwd=REPO)
+        assert ignored.returncode == 0, directory
