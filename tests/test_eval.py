@@ -297,7 +297,22 @@ def test_unreachable_network_gets_one_line_naming_hellaswag(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert lines[-1].startswith("error: cannot download HellaSwag from http://127.0.0.1:9/") and "--hellaswag" in lines[-1]
+    assert "--tasks val" in lines[-1]  # what can be scored with no download
     assert not (tmp_path / "hellaswag").exists()  # nothing half-downloaded left behind
+
+
+def test_offline_the_validation_loss_is_still_scored_and_one_line_names_hellaswag_and_its_flag(hf_dir, corpus_args,
+                                                                                                tmp_path):
+    out = tmp_path / "results.json"
+    result = run_script("eval.py", "--checkpoint", str(hf_dir), *corpus_args, "--device", "cpu", "--json", str(out),
+                        timeout=120, env={"HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity" in result.stdout and "acc_norm" not in result.stdout
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: not scored")]
+    assert len(notes) == 1 and notes[0].startswith("note: not scored: cannot download HellaSwag from http://127.0.0.1:9/")
+    assert "pass --hellaswag FILE.jsonl" in notes[0]
+    results = json.loads(out.read_text())
+    assert set(results) == {"checkpoint", "val", "not_scored"} and list(results["not_scored"]) == ["hellaswag"]
 
 
 @pytest.fixture
