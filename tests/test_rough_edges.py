@@ -141,3 +141,60 @@ def test_exported_directories_are_not_offered_to_git():
     for directory in ("exported", "exported-chat"):
         ignored = subprocess.run(["git", "check-ignore", "-q", f"{directory}/model.safetensors"], cwd=REPO)
         assert ignored.returncode == 0, directory
+
+
+# ----------------------------------------------------------------------------------------------------
+# The laptop's install
+
+
+TRAINING_ONLY = ("datasets", "pandas", "pyarrow", "matplotlib")
+
+
+def test_sampling_on_a_laptop_imports_nothing_of_training(tiny_checkpoint, tmp_path):
+    result = run_script("sample.py", "--checkpoint", str(tiny_checkpoint), "--prompt", "hi", "--max_tokens", "5",
+                        "--cpu", env={"PYTHONPROFILEIMPORTTIME": "1", "XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    imported = set(re.findall(r"^import time:.*\|\s+(\w+)$", result.stderr, flags=re.M))  # top-level modules
+    assert "torch" in imported and not imported & set(TRAINING_ONLY)
+
+
+def requirement_names(path: Path) -> set[str]:
+    """The distributions a requirements file names, its -r files followed."""
+    names = set()
+    for line in path.read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line.startswith("-r "):
+            names |= requirement_names(path.parent / line[3:].strip())
+        elif line:
+            names.add(canonical(re.match(r"[A-Za-z0-9_.-]+", line)[0]))
+    return names
+
+
+def canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+# What the repository's own files import (not what torch tries and does without), sampling and exporting.
+DIRECT_IMPORTS = """
+import builtins, os, sys
+real, seen = builtins.__import__, set()
+def spy(name, globals=None, locals=None, fromlist=(), level=0):
+    if level == 0 and str((globals or {}).get("__file__", "")).startswith(os.getcwd() + os.sep):
+        seen.add(name.split(".")[0])
+    return real(name, globals, locals, fromlist, level)
+builtins.__import__ = spy
+import sample, chat, export_hf, export_gguf
+export_gguf.import_gguf()
+print(" ".join(seen))
+"""
+
+
+def test_the_laptop_requirements_name_what_sampling_and_the_exports_import_and_nothing_of_training():
+    result = subprocess.run([sys.executable, "-c", DIRECT_IMPORTS], cwd=REPO, env=child_env(), capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    owners = importlib.metadata.packages_distributions()  # module -> the distributions that install it
+    imported = {canonical(d) for module in result.stdout.split() for d in owners.get(module, [])}
+    laptop = requirement_names(REPO / "requirements-laptop.txt")
+    assert "torch" in imported and imported <= laptop, imported - laptop
+    assert not laptop & set(TRAINING_ONLY) and laptop <= requirement_names(REPO / "requirements.txt")
