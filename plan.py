@@ -110,6 +110,11 @@ def estimated_data_tokens(dataset: str, sample_size: int) -> tuple[int | None, s
     return int(size / BYTES_PER_TOKEN), f"{human_bytes(size)} of text at about {BYTES_PER_TOKEN:g} bytes a token"
 
 
+def short_float(x: float) -> str:
+    """Two significant figures, a small number in scientific notation without padding: 6.1e-4."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:.1e}") if x and abs(x) < 1e-2 else f"{x:.2g}"
+
+
 def human_bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -317,17 +322,20 @@ class Sizing:
         return next(c for c in self.candidates if c.depth == self.depth)
 
     def lines(self, device: str, block_size: int, lr: float, muon_lr: float, reference_batch: int) -> list[str]:
+        """What was chosen and why, in plain words: the paces timed, the depth chosen and the tokens it gets,
+        the batch, the learning rates and the data. reference_batch: the sequences `lr` is given for (at
+        REFERENCE_WIDTH), which sized_lr scales from."""
         shape, c = depth_shape(self.depth), self.chosen
-        timed = ", ".join(f"depth {k.depth}: {k.tokens_per_s:,.0f}" for k in self.candidates)
+        timed = ", ".join(f"depth {k.depth} at {k.tokens_per_s:,.0f} tokens/s" for k in self.candidates)
         documents = f"{self.sample_size:,} documents (about one pass)" if self.sample_size else "all of the local text"
-        return [f"plan: --time sizes the model on this {device}: tokens/s timed {timed} ({self.seconds:.1f} s)",
-                f"plan: depth {self.depth} ({shape['n_layer']} layers, width {shape['n_embd']}, {shape['n_head']} "
-                f"heads): {c.params / 1e6:,.1f} M parameters in its matrices and head, {c.tokens:,.0f} tokens in "
-                f"the budget = {c.tokens_per_parameter:.2g} tokens a parameter (compute-optimal: "
-                f"{OPTIMAL_TOKENS_PER_PARAMETER:g}, nanochat's)",
-                f"plan: batch {self.batch} × {block_size} tokens, AdamW lr {self.lr:.2e} ({lr:g} × sqrt({self.batch} / "
-                f"{reference_batch}) × sqrt({REFERENCE_WIDTH} / {shape['n_embd']})), Muon lr {muon_lr:g}; data: "
-                f"{documents}"]
+        return [f"plan: --time chooses the model by timing its family on this {device} ({self.seconds:.1f} s): {timed}",
+                f"plan: chosen: depth {self.depth} ({shape['n_layer']} layers, width {shape['n_embd']}, "
+                f"{shape['n_head']} heads), {c.params / 1e6:,.1f} M parameters in its matrices and head; the budget "
+                f"buys it {c.tokens:,.0f} tokens, {c.tokens_per_parameter:.2g} a parameter (about "
+                f"{OPTIMAL_TOKENS_PER_PARAMETER:g} learns the most from the compute, as nanochat measured)",
+                f"plan: batch: {self.batch} sequences of {block_size} tokens; learning rates: AdamW "
+                f"{short_float(self.lr)} (--lr {lr:g} is for {reference_batch} sequences at width {REFERENCE_WIDTH}: "
+                f"scaled to this batch and width), Muon {muon_lr:g}; data: {documents}"]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
