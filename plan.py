@@ -135,6 +135,7 @@ class Plan:
     seconds: float | None = None  # the whole run's wall time, from process start
     step_seconds: float | None = None
     price_per_hour: float | None = None
+    depth: int | None = None  # the family's depth --time chose (DEPTHS); None for a shape the flags give
 
     @property
     def tokens(self) -> int | None:
@@ -186,10 +187,33 @@ class Plan:
             ratio = self.tokens / self.params_non_embedding
             low, high = TOKENS_PER_PARAMETER
             if not low <= ratio <= high:
-                advice = "a smaller model or a longer run" if ratio < low else "a larger model or a shorter run"
                 out.append(f"warning: {ratio:.2g} tokens a parameter, far from the compute-optimal {low}-{high} "
-                           f"(Chinchilla, nanochat): {advice} would learn more from this compute")
+                           f"(Chinchilla, nanochat): {self._ratio_advice(ratio < low)}")
         return out
+
+    def _ratio_advice(self, too_few_tokens: bool) -> str:
+        if not too_few_tokens:
+            return "a larger model or a shorter run would learn more from this compute"
+        if self.depth == DEPTHS[0]:  # no smaller model to suggest
+            return (f"depth {self.depth} is the smallest of the family --time chooses from, so the budget is short "
+                    "for any of them: more time, or a GPU, would learn more")
+        return "a smaller model or a longer run would learn more from this compute"
+
+
+LONG_CPU_RUN_S = 3600  # a CPU run planned longer than this is told how to get somewhere sooner
+CPU_ADVICE_BUDGET, CPU_ADVICE_DEPTH = "10m", 4  # what it is told: a budget, or a smaller shape of the family
+
+
+def cpu_advice(device: str, seconds: float | None) -> list[str]:
+    """The line(s) that tell a run whose shape the flags give what to do when it would take a CPU more than
+    LONG_CPU_RUN_S: let --time choose the model, or give a smaller shape; nothing on a GPU or for a short run."""
+    if device != "cpu" or seconds is None or seconds <= LONG_CPU_RUN_S:
+        return []
+    shape = depth_shape(CPU_ADVICE_DEPTH)
+    return [f"warning: {human_duration(seconds)} is long for a CPU: --time {CPU_ADVICE_BUDGET} without the shape "
+            "flags lets the budget choose a model that learns in that time, or a smaller shape such as "
+            f"--n_layer {shape['n_layer']} --n_head {shape['n_head']} --n_embd {shape['n_embd']} trains faster; "
+            "or run it on a GPU"]
 
 
 class Budget:

@@ -198,3 +198,25 @@ def test_the_laptop_requirements_name_what_sampling_and_the_exports_import_and_n
     laptop = requirement_names(REPO / "requirements-laptop.txt")
     assert "torch" in imported and imported <= laptop, imported - laptop
     assert not laptop & set(TRAINING_ONLY) and laptop <= requirement_names(REPO / "requirements.txt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan on a CPU
+
+
+def test_a_cpu_run_of_hours_is_told_to_let_the_budget_choose_or_to_take_a_smaller_shape():
+    advice = P.cpu_advice("cpu", 32 * 3600 + 20 * 60)
+    assert len(advice) == 1 and advice[0].startswith("warning: 32 h 20 min is long for a CPU: --time 10m")
+    assert "--n_layer 4 --n_head 4 --n_embd 256" in advice[0]
+    T.parse_args(["--time", "10m", "--n_layer", "4", "--n_head", "4", "--n_embd", "256"])  # the flags it names exist
+    assert P.cpu_advice("cpu", 50 * 60) == [] and P.cpu_advice("cuda", 32 * 3600) == []
+
+
+def test_the_familys_smallest_model_is_not_told_to_be_smaller():
+    plan = P.Plan(params=7_000_000, params_non_embedding=6_900_000, tokens_per_step=512, sample_size=0, steps=400,
+                  depth=P.DEPTHS[0])
+    (warning,) = plan.warnings()
+    assert "0.03 tokens a parameter" in warning and "smaller model" not in warning
+    assert "the budget is short for any of them: more time, or a GPU, would learn more" in warning
+    plan.depth = None  # a shape the flags gave: a smaller one is still advice
+    assert "a smaller model or a longer run would learn more" in plan.warnings()[0]
