@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import io
 import os
 import platform
@@ -90,10 +91,40 @@ def forgive_gone_readers() -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse with its errors as one line and a pointer to --help, instead of the whole usage block."""
+    """argparse with its errors as one line and a pointer to --help, instead of the whole usage block, and the
+    closest flag or choice suggested for a mistyped one."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n{self.prog}: see --help for the flags\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse's own, with the suggestion added to its message
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._closest_flags(unknown)}")
+        return parsed
+
+    def _closest_flags(self, words: list[str]) -> str:
+        """ (did you mean --batch_size?) for the unknown flags among `words` that resemble known ones."""
+        known = [flag for action in self._actions for flag in action.option_strings]
+        close = {}
+        for flag in (word.split("=", 1)[0] for word in words if word.startswith("-")):
+            close.update({flag: match for match in difflib.get_close_matches(flag, known, n=1)})
+        if len(close) == 1:
+            return f" (did you mean {next(iter(close.values()))}?)"
+        return f" (did you mean {', '.join(f'{m} for {flag}' for flag, m in close.items())}?)" if close else ""
+
+    def _check_value(self, action, value):
+        # argparse's check of `choices` (it has no public hook), with the closest choice added; Python 3.14's
+        # suggest_on_error says "maybe you meant", and then this adds nothing. The cutoff is above difflib's 0.6
+        # so that "gpu" (0.67 like "cpu") is not taken for a typo of "cpu"; "cdua" (0.75) is one of "cuda".
+        try:
+            super()._check_value(action, value)
+        except argparse.ArgumentError as e:
+            matches = difflib.get_close_matches(str(value), [str(c) for c in action.choices or ()], n=1, cutoff=0.7)
+            if not matches or "maybe you meant" in e.message:
+                raise
+            raise argparse.ArgumentError(action, f"{e.message} (did you mean {matches[0]}?)") from None
 
 
 def arg_type(cast, check, what: str):
@@ -267,6 +298,9 @@ def atomic_write(path) -> Iterator[Path]:
     _WRITING.add(tmp)
     try:
         yield tmp
+        # The mode a new file gets: a library that writes through a temporary of its own (safetensors does)
+        # leaves its 0600 on the file
+        os.chmod(tmp, 0o666 & ~umask())
         fd = os.open(tmp, os.O_RDONLY)
         try:
             os.fsync(fd)  # the data must be on disk before the rename makes it visible
@@ -292,6 +326,17 @@ def remove_own_temporaries() -> list[str]:
             tmp.unlink()
             removed.append(str(tmp))
     return removed
+
+
+def umask() -> int:
+    """This process's umask: from /proc (Linux) where it can be read without changing it, which setting it to
+    read it would do for a moment, for every thread."""
+    with contextlib.suppress(OSError, StopIteration, ValueError):
+        with open("/proc/self/status", encoding="ascii") as f:
+            return int(next(line for line in f if line.startswith("Umask:")).split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def clean_temporaries(directory) -> int:

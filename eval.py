@@ -87,6 +87,10 @@ class EvalError(UserError):
     """A HellaSwag file, a CORE bundle or a download the user can fix."""
 
 
+class DownloadError(EvalError):
+    """A task's data could not be downloaded (offline, refused, cut short): the other tasks are still scored."""
+
+
 # ----------------------------------------------------------------------------------------------------
 # HellaSwag items
 
@@ -170,12 +174,12 @@ def fetch_into_place(url: str, dest: Path, what: str, advice: str, check) -> Non
             try:
                 ready = check(fetched, Path(tmp))
             except EvalError as e:
-                raise EvalError(f"the download from {url} is not {what} ({e}); {advice}") from None
+                raise DownloadError(f"the download from {url} is not {what} ({e}); {advice}") from None
             os.replace(ready, dest)
     except zipfile.BadZipFile as e:
-        raise EvalError(f"the download from {url} is not a whole zip file ({e}); {advice}") from None
+        raise DownloadError(f"the download from {url} is not a whole zip file ({e}); {advice}") from None
     except (OSError, http.client.HTTPException) as e:  # unreachable, refused, HTTP 404, cut mid-way
-        raise EvalError(f"cannot download {what} from {url} ({first_line(e)}); {advice}") from None
+        raise DownloadError(f"cannot download {what} from {url} ({first_line(e)}); {advice}") from None
 
 
 def hellaswag_items(path: str | None, cache_dir) -> list[Item]:
@@ -794,16 +798,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace, env: runtime.Env) -> dict:
-    """The tasks asked for; the data is read (or fails) before the model, which takes longer, is loaded."""
+    """The tasks asked for; the data is read (or fails) before the model, which takes longer, is loaded. A task
+    whose data cannot be downloaded is left out, and said so in results["not_scored"]; EvalError when that
+    leaves nothing to score."""
     items = shards = core = None
+    not_scored = {}
     if "hellaswag" in args.tasks:
-        items = runtime.local_rank0_first(env, lambda: hellaswag_items(args.hellaswag, args.data_cache))[:args.limit]
+        items = downloaded(env, lambda: hellaswag_items(args.hellaswag, args.data_cache)[:args.limit], "hellaswag",
+                           not_scored)
     if "core" in args.tasks:
-        bundle = runtime.local_rank0_first(env, lambda: core_bundle(args.core, args.data_cache))
-        core = [(task, read_task(task, args.limit)) for task in bundle]
+        bundle = downloaded(env, lambda: core_bundle(args.core, args.data_cache), "core", not_scored)
+        core = None if bundle is None else [(task, read_task(task, args.limit)) for task in bundle]
     if "val" in args.tasks:  # the training split goes on arriving behind the scoring, for a later run
         say = (lambda line: tqdm.write(line, file=sys.stderr)) if env.master else None
         shards = data.validation_split(data.DataSpec.from_args(args), prepare=env.local_rank == 0, say=say)
+    if len(not_scored) == len(args.tasks):  # nothing left to score (val was not asked for): an error, status 1
+        raise EvalError("; ".join([*not_scored.values(), "or score the validation loss alone: --tasks val with "
+                                   "the data flags of your text or run (--dataset PATH ...)"]))
     model, info = load_model(args.checkpoint)
     model.to(env.device).eval()
     window = args.block_size or model.config.block_size
@@ -821,7 +832,21 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
         results["val"] = validation_loss(model, shards, window, sample=sample, **common)
     if core is not None:
         results["core"] = core_accuracy(model, core, **common)
+    if not_scored:
+        results["not_scored"] = not_scored
     return results
+
+
+def downloaded(env: runtime.Env, read: Callable, task: str, not_scored: dict):
+    """read() on each machine's first process first; None where the download it makes fails, with why in
+    not_scored[task] (its message says how to give the data instead)."""
+    def attempt():
+        try:
+            return read()
+        except DownloadError as e:
+            not_scored[task] = str(e)
+            return None
+    return runtime.local_rank0_first(env, attempt)
 
 
 def table(results: dict) -> str:
@@ -860,6 +885,8 @@ def main(argv=None) -> int:
         results = run(args, env)
         if env.master:
             print(table(results), flush=True)
+            if results.get("not_scored"):
+                print(f"note: not scored: {'; '.join(results['not_scored'].values())}", file=sys.stderr)
             if args.json:
                 with atomic_write(Path(args.json).expanduser()) as tmp:
                     tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")

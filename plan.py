@@ -61,19 +61,29 @@ def peak_flops(device: torch.device) -> float | None:
     return tflops * 1e12 if tflops else None
 
 
-_DURATION = re.compile(r"^(?:(?P<h>\d+(?:\.\d+)?)h)?(?:(?P<m>\d+(?:\.\d+)?)m)?(?:(?P<s>\d+(?:\.\d+)?)s)?$")
+# The spellings people type, largest unit first: "1h30m", "1h 30m", "4 min", "90 seconds".
+_UNIT_SECONDS = {name: seconds for names, seconds in ((("h", "hr", "hrs", "hour", "hours"), 3600),
+                                                     (("m", "min", "mins", "minute", "minutes"), 60),
+                                                     (("s", "sec", "secs", "second", "seconds"), 1)) for name in names}
+_NUMBER = r"\d+(?:\.\d+)?"
+_DURATION = re.compile(rf"(?:\s*{_NUMBER}\s*[a-z]+)+\s*")
 
 
 def parse_duration(text: str) -> float:
-    """Seconds in "45m", "2h", "1h30m", "90s" or "5400"; ValueError otherwise."""
+    """Seconds in "45m", "2h", "1h30m", "1h 30m", "4 min", "90 seconds" (h, hr, hour(s); m, min(s), minute(s);
+    s, sec(s), second(s); each unit once, largest first) or a bare number of seconds; ValueError otherwise."""
     text = text.strip().lower()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(_NUMBER, text):
         seconds = float(text)
+    elif _DURATION.fullmatch(text):
+        seconds, last = 0.0, math.inf
+        for number, unit in re.findall(rf"({_NUMBER})\s*([a-z]+)", text):
+            if _UNIT_SECONDS.get(unit, last) >= last:  # unknown, repeated or out of order
+                raise ValueError(text)
+            last = _UNIT_SECONDS[unit]
+            seconds += float(number) * last
     else:
-        match = _DURATION.match(text)
-        if not text or not match or not any(match.groupdict().values()):
-            raise ValueError(text)
-        seconds = sum(float(v or 0) * unit for v, unit in zip(match.group("h", "m", "s"), (3600, 60, 1)))
+        raise ValueError(text)
     if not 0 < seconds < float("inf"):
         raise ValueError(text)
     return seconds
@@ -100,6 +110,11 @@ def estimated_data_tokens(dataset: str, sample_size: int) -> tuple[int | None, s
     return int(size / BYTES_PER_TOKEN), f"{human_bytes(size)} of text at about {BYTES_PER_TOKEN:g} bytes a token"
 
 
+def short_float(x: float) -> str:
+    """Two significant figures, a small number in scientific notation without padding: 6.1e-4."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:.1e}") if x and abs(x) < 1e-2 else f"{x:.2g}"
+
+
 def human_bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if n >= size:
@@ -120,6 +135,7 @@ class Plan:
     seconds: float | None = None  # the whole run's wall time, from process start
     step_seconds: float | None = None
     price_per_hour: float | None = None
+    depth: int | None = None  # the family's depth --time chose (DEPTHS); None for a shape the flags give
 
     @property
     def tokens(self) -> int | None:
@@ -171,10 +187,33 @@ class Plan:
             ratio = self.tokens / self.params_non_embedding
             low, high = TOKENS_PER_PARAMETER
             if not low <= ratio <= high:
-                advice = "a smaller model or a longer run" if ratio < low else "a larger model or a shorter run"
                 out.append(f"warning: {ratio:.2g} tokens a parameter, far from the compute-optimal {low}-{high} "
-                           f"(Chinchilla, nanochat): {advice} would learn more from this compute")
+                           f"(Chinchilla, nanochat): {self._ratio_advice(ratio < low)}")
         return out
+
+    def _ratio_advice(self, too_few_tokens: bool) -> str:
+        if not too_few_tokens:
+            return "a larger model or a shorter run would learn more from this compute"
+        if self.depth == DEPTHS[0]:  # no smaller model to suggest
+            return (f"depth {self.depth} is the smallest of the family --time chooses from, so the budget is short "
+                    "for any of them: more time, or a GPU, would learn more")
+        return "a smaller model or a longer run would learn more from this compute"
+
+
+LONG_CPU_RUN_S = 3600  # a CPU run planned longer than this is told how to get somewhere sooner
+CPU_ADVICE_BUDGET, CPU_ADVICE_DEPTH = "10m", 4  # what it is told: a budget, or a smaller shape of the family
+
+
+def cpu_advice(device: str, seconds: float | None) -> list[str]:
+    """The line(s) that tell a run whose shape the flags give what to do when it would take a CPU more than
+    LONG_CPU_RUN_S: let --time choose the model, or give a smaller shape; nothing on a GPU or for a short run."""
+    if device != "cpu" or seconds is None or seconds <= LONG_CPU_RUN_S:
+        return []
+    shape = depth_shape(CPU_ADVICE_DEPTH)
+    return [f"warning: {human_duration(seconds)} is long for a CPU: --time {CPU_ADVICE_BUDGET} without the shape "
+            "flags lets the budget choose a model that learns in that time, or a smaller shape such as "
+            f"--n_layer {shape['n_layer']} --n_head {shape['n_head']} --n_embd {shape['n_embd']} trains faster; "
+            "or run it on a GPU"]
 
 
 class Budget:
@@ -304,17 +343,20 @@ class Sizing:
         return next(c for c in self.candidates if c.depth == self.depth)
 
     def lines(self, device: str, block_size: int, lr: float, muon_lr: float, reference_batch: int) -> list[str]:
+        """What was chosen and why, in plain words: the paces timed, the depth chosen and the tokens it gets,
+        the batch, the learning rates and the data. reference_batch: the sequences `lr` is given for (at
+        REFERENCE_WIDTH), which sized_lr scales from."""
         shape, c = depth_shape(self.depth), self.chosen
-        timed = ", ".join(f"depth {k.depth}: {k.tokens_per_s:,.0f}" for k in self.candidates)
+        timed = ", ".join(f"depth {k.depth} at {k.tokens_per_s:,.0f} tokens/s" for k in self.candidates)
         documents = f"{self.sample_size:,} documents (about one pass)" if self.sample_size else "all of the local text"
-        return [f"plan: --time sizes the model on this {device}: tokens/s timed {timed} ({self.seconds:.1f} s)",
-                f"plan: depth {self.depth} ({shape['n_layer']} layers, width {shape['n_embd']}, {shape['n_head']} "
-                f"heads): {c.params / 1e6:,.1f} M parameters in its matrices and head, {c.tokens:,.0f} tokens in "
-                f"the budget = {c.tokens_per_parameter:.2g} tokens a parameter (compute-optimal: "
-                f"{OPTIMAL_TOKENS_PER_PARAMETER:g}, nanochat's)",
-                f"plan: batch {self.batch} × {block_size} tokens, AdamW lr {self.lr:.2e} ({lr:g} × sqrt({self.batch} / "
-                f"{reference_batch}) × sqrt({REFERENCE_WIDTH} / {shape['n_embd']})), Muon lr {muon_lr:g}; data: "
-                f"{documents}"]
+        return [f"plan: --time chooses the model by timing its family on this {device} ({self.seconds:.1f} s): {timed}",
+                f"plan: chosen: depth {self.depth} ({shape['n_layer']} layers, width {shape['n_embd']}, "
+                f"{shape['n_head']} heads), {c.params / 1e6:,.1f} M parameters in its matrices and head; the budget "
+                f"buys it {c.tokens:,.0f} tokens, {c.tokens_per_parameter:.2g} a parameter (about "
+                f"{OPTIMAL_TOKENS_PER_PARAMETER:g} learns the most from the compute, as nanochat measured)",
+                f"plan: batch: {self.batch} sequences of {block_size} tokens; learning rates: AdamW "
+                f"{short_float(self.lr)} (--lr {lr:g} is for {reference_batch} sequences at width {REFERENCE_WIDTH}: "
+                f"scaled to this batch and width), Muon {muon_lr:g}; data: {documents}"]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -342,16 +384,64 @@ def step_bytes(c, micro: int, params: int, amp: bool) -> int:
     return blocks + logits + 16 * params
 
 
-def available_memory() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (Linux), or None where it cannot be read."""
+def available_memory(proc: Path = Path("/proc"), cgroups: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """Bytes this process can still take (Linux), the least of what limits it, or None where nothing says:
+    - the machine's MemAvailable (proc/meminfo);
+    - what the memory cgroup of a container or a systemd unit leaves, at each level from the process's own
+      (proc/self/cgroup names it) up to the root: cgroup v2's memory.max less memory.current, v1's
+      memory/memory.limit_in_bytes less memory.usage_in_bytes, the page cache the kernel reclaims under the
+      limit (inactive_file in memory.stat) counted free, as `docker stats` counts it;
+    - RLIMIT_AS, which `ulimit -v` sets, less this process's virtual size (proc/self/statm)."""
+    room = [kb * 1024 for kb in [_kernel_number(proc / "meminfo", "MemAvailable:")] if kb is not None]
+    room += _cgroup_room(proc / "self" / "cgroup", cgroups)
+    with contextlib.suppress(ImportError, OSError, ValueError):
+        import resource  # Unix only
+        limit, pages = resource.getrlimit(resource.RLIMIT_AS)[0], _kernel_number(proc / "self" / "statm")
+        if limit != resource.RLIM_INFINITY and pages is not None:
+            room.append(limit - pages * os.sysconf("SC_PAGE_SIZE"))
+    return max(0, min(room)) if room else None
+
+
+def _cgroup_room(membership: Path, cgroups: Path) -> list[int]:
+    """Limit less usage of each memory cgroup above this process, as available_memory counts them."""
     try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+        lines = membership.read_text(encoding="ascii").splitlines()
+    except OSError:
+        return []
+    room = []
+    for parts in (line.split(":", 2) for line in lines):  # "0::/PATH" (v2), "4:memory:/PATH" (v1)
+        if len(parts) != 3:
+            continue
+        if parts[1] == "":
+            root, limit, usage, cache = cgroups, "memory.max", "memory.current", "inactive_file"
+        elif "memory" in parts[1].split(","):
+            root, limit, usage, cache = (cgroups / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+                                         "total_inactive_file")
+        else:
+            continue
+        # From the process's own group up, since a parent's limit binds it too. In a container, PATH may name a
+        # group of the host that is not mounted there: its levels are then missing, and the root is the container's.
+        level = root / parts[2].strip("/")
+        while True:
+            cap, used = _kernel_number(level / limit), _kernel_number(level / usage)
+            if cap is not None and used is not None:
+                room.append(cap - used + (_kernel_number(level / "memory.stat", cache + " ") or 0))
+            if level == root or root not in level.parents:
+                break
+            level = level.parent
+    return room
+
+
+def _kernel_number(path: Path, key: str | None = None) -> int | None:
+    """The first number in a kernel file, or on its line that starts with `key`; None where the file or the
+    line is missing, or it says "max" (no limit)."""
+    try:
+        text = path.read_text(encoding="ascii")
+        if key is not None:
+            text = next(line[len(key):] for line in text.splitlines() if line.startswith(key))
+        return int(text.split()[0])
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 # ----------------------------------------------------------------------------------------------------

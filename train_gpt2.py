@@ -52,7 +52,7 @@ from muon import Muon
 from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S, CHOOSING_SHARE, DEPTHS,
                   FORWARD_SHARE, HEAD_SIZE, OPTIMAL_TOKENS_PER_PARAMETER, RAM_SHARE, WIDTH_PER_LAYER, Budget,
                   Candidate, Costs, Outcome, Pace, Plan, Sizing, available_memory, budget_tokens, choose_depth,
-                  depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops, scaling_params,
+                  cpu_advice, depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops, scaling_params,
                   sized_batch, sized_lr, step_bytes)
 from shards import TokenShards
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
@@ -456,6 +456,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     batch_size = sizing.batch if sizing else args.batch_size
     spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
     plan = first_plan(config, args, batch_size, spec)
+    plan.depth = sizing.depth if sizing else None
     say("\n".join([plan.model_line(), plan.data_line()]))  # before any download
     train, val, failed = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
@@ -1545,6 +1546,7 @@ def show_plan(args, env: Env, started: float) -> int:
         lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
     else:
         lines += [plan.steps_line(), plan.time_line(env.device.type)]
+        lines += [] if args.time else cpu_advice(env.device.type, plan.seconds)
         if run.batches is None:
             lines.append("plan: ...plus downloading and tokenizing the data, not yet done")
     say("\n".join(lines + plan.warnings()))

@@ -134,8 +134,9 @@ def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_mode
     whole = E.validation_loss(ours, shards, T, "cpu", rows=3)  # the last pass wraps: masked
     assert whole["tokens"] == windows.numel() - len(windows)
     assert whole["loss"] == pytest.approx(losses.mean().item(), rel=1e-5)
-    first = E.validation_loss(ours, shards, T, "cpu", rows=4, max_tokens=5 * T - 1)
-    assert first["tokens"] == 5 * T and first["loss"] == pytest.approx(losses[:5].mean().item(), rel=1e-5)
+    spread = torch.arange(5) * len(windows) // 5  # a sample of 5 windows spread over the split, as a run evaluates
+    sample = E.validation_loss(ours, shards, T, "cpu", rows=4, sample=5)
+    assert sample["tokens"] == 5 * T and sample["loss"] == pytest.approx(losses[spread].mean().item(), rel=1e-5)
 
 
 def byte_lengths(tok, ids: torch.Tensor) -> torch.Tensor:
@@ -297,7 +298,22 @@ def test_unreachable_network_gets_one_line_naming_hellaswag(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert lines[-1].startswith("error: cannot download HellaSwag from http://127.0.0.1:9/") and "--hellaswag" in lines[-1]
+    assert "--tasks val" in lines[-1]  # what can be scored with no download
     assert not (tmp_path / "hellaswag").exists()  # nothing half-downloaded left behind
+
+
+def test_offline_the_validation_loss_is_still_scored_and_one_line_names_hellaswag_and_its_flag(hf_dir, corpus_args,
+                                                                                                tmp_path):
+    out = tmp_path / "results.json"
+    result = run_script("eval.py", "--checkpoint", str(hf_dir), *corpus_args, "--device", "cpu", "--json", str(out),
+                        timeout=120, env={"HELLASWAG_URL": "http://127.0.0.1:9/hellaswag_val.jsonl"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "perplexity" in result.stdout and "acc_norm" not in result.stdout
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: not scored")]
+    assert len(notes) == 1 and notes[0].startswith("note: not scored: cannot download HellaSwag from http://127.0.0.1:9/")
+    assert "pass --hellaswag FILE.jsonl" in notes[0]
+    results = json.loads(out.read_text())
+    assert set(results) == {"checkpoint", "val", "not_scored"} and list(results["not_scored"]) == ["hellaswag"]
 
 
 @pytest.fixture

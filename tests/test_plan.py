@@ -262,11 +262,11 @@ def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_res
                       "--eval_interval", "1000")
     assert T.main(args, started=time.monotonic()) == 0
     out = capsys.readouterr().out
-    assert "plan: --time sizes the model on this cpu: tokens/s timed depth 2: " in out
+    assert "plan: --time chooses the model by timing its family on this cpu (" in out and "): depth 2 at " in out
     rows = metrics(save)
     sizing = next(r["sizing"] for r in rows if "plan" in r)
     depth = sizing["depth"]
-    assert f"plan: depth {depth} ({depth} layers, width {64 * depth}, {depth} heads)" in out
+    assert f"plan: chosen: depth {depth} ({depth} layers, width {64 * depth}, {depth} heads)" in out
     assert sizing["seconds"] <= max(P.CHOOSING_SHARE * budget, P.CHOOSING_MIN_S) + 5  # the choice's share, and
     done = next(r for r in rows if r.get("event") == "done")  # the whole run, inside the budget (as the
     assert done["seconds"] <= budget + 1.5  # 12-second test above allows, beside other tests on 2 cores)
@@ -279,13 +279,24 @@ def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_res
     assert "plan: (the choice of the run in latest.pt, kept)" in capsys.readouterr().out
     assert T.main([*args, "--plan", "--save_dir", str(tmp_path / "plan")]) == 0  # --plan's step: the choice's pace
     out = capsys.readouterr().out
-    pace = float(re.search(r"tokens/s timed depth \d+: ([\d,]+)", out)[1].replace(",", ""))
+    pace = float(re.search(rf"depth {depth} at ([\d,]+) tokens/s", out)[1].replace(",", ""))
     step = float(re.search(r"plan: ([\d.]+) s a step", out)[1])
-    batch, block = (int(n) for n in re.search(r"plan: batch (\d+) × (\d+) tokens", out).groups())
+    batch, block = (int(n) for n in re.search(r"plan: batch: (\d+) sequences of (\d+) tokens", out).groups())
     assert step == pytest.approx(batch * block / pace, rel=0.01)
 
 
 def test_explicit_shape_flags_keep_their_meaning_under_a_budget(corpus_dir, data_cache, tmp_path, capsys):
     assert T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--plan", "--time", "1h")) == 0
     out = capsys.readouterr().out
-    assert "sizes the model" not in out and "plan: 1.6 M parameters" in out  # the tiny shape the flags name
+    assert "chooses the model" not in out and "plan: 1.6 M parameters" in out  # the tiny shape the flags name
+
+
+def test_what_the_budget_chose_is_said_in_plain_words_with_its_figures():
+    sizing = P.Sizing(depth=2, batch=2, lr=8.66e-4, min_lr=8.66e-5, sample_size=None, seconds=6.7,
+                      candidates=[P.Candidate(2, 6_900_000, 2, 1272.0, 203_710.0)])
+    assert sizing.lines("cpu", block_size=256, lr=0.002, muon_lr=0.02, reference_batch=64) == [
+        "plan: --time chooses the model by timing its family on this cpu (6.7 s): depth 2 at 1,272 tokens/s",
+        "plan: chosen: depth 2 (2 layers, width 128, 2 heads), 6.9 M parameters in its matrices and head; the budget "
+        "buys it 203,710 tokens, 0.03 a parameter (about 10.5 learns the most from the compute, as nanochat measured)",
+        "plan: batch: 2 sequences of 256 tokens; learning rates: AdamW 8.7e-4 (--lr 0.002 is for 64 sequences at width "
+        "768: scaled to this batch and width), Muon 0.02; data: all of the local text"]
