@@ -42,6 +42,7 @@ import batches
 import chat
 import checkpoint
 import data
+import fineweb
 from common import (EOT, ArgumentParser, CheckpointError, UnusableGPU, UserError, clean_temporaries, dropout_rate,
                     first_line, forgive_gone_readers, non_negative_float, non_negative_int, open_fraction, pick_device,
                     positive_float, positive_int, remove_own_temporaries)
@@ -53,7 +54,7 @@ from plan import (CHECKPOINT_BYTES_PER_PARAMETER, CHOOSING_MAX_S, CHOOSING_MIN_S
                   FORWARD_SHARE, HEAD_SIZE, OPTIMAL_TOKENS_PER_PARAMETER, RAM_SHARE, WIDTH_PER_LAYER, Budget,
                   Candidate, Costs, Outcome, Pace, Plan, Sizing, available_memory, budget_tokens, choose_depth,
                   cpu_advice, depth_shape, documents_for, estimated_data_tokens, parse_duration, peak_flops, scaling_params,
-                  sized_batch, sized_lr, step_bytes)
+                  sized_batch, sized_lr, step_bytes, TOKENS_PER_DOCUMENT)
 from shards import TokenShards
 from runtime import (Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, cleanup_env,
                      local_rank0_first, only_on_rank0, setup_env)
@@ -457,7 +458,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
     plan = first_plan(config, args, batch_size, spec)
     plan.depth = sizing.depth if sizing else None
-    say("\n".join([plan.model_line(), plan.data_line()]))  # before any download
+    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec)]))  # before any download
     train, val, failed = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
         plan.data_tokens, plan.data_basis = train.num_tokens, ""
@@ -817,9 +818,17 @@ def first_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec) ->
     estimated from --sample_size (exact once prepared)."""
     params, non_embedding = parameter_counts(config)
     estimate, basis = estimated_data_tokens(spec.dataset, spec.sample_size)
+    held = 0.0 if data.route(spec, probe=False).repo else args.val_split  # FineWeb's validation is a shard of its own
     return Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
-                data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
-                data_basis=f"{basis}, {1 - args.val_split:.0%} for training", price_per_hour=args.price_per_hour)
+                data_tokens=None if estimate is None else round(estimate * (1 - held)),
+                data_basis=f"{basis}, {1 - held:.0%} for training", price_per_hour=args.price_per_hour)
+
+
+def fetched(spec: data.DataSpec) -> list[str]:
+    """What the run will download instead of tokenizing, if anything: FineWeb's shards (fineweb.py)."""
+    repo = data.route(spec, probe=False).repo
+    per_document = TOKENS_PER_DOCUMENT.get(spec.dataset, TOKENS_PER_DOCUMENT["HuggingFaceFW/fineweb"])
+    return [f"plan: data: {fineweb.describe(repo, spec.sample_size, per_document)}"] if repo else []
 
 
 def fine_tune_config(weights: GPTConfig, args, source: str) -> GPTConfig:

@@ -201,3 +201,91 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+class HubStandIn:
+    """A stand-in for the Hugging Face Hub on 127.0.0.1 (huggingface_hub follows HF_ENDPOINT there): each
+    repository's files under `/datasets/{repo}/resolve/{revision}/{file}`, answered as the Hub answers
+    hf_hub_download (a commit and an ETag; 404 with the Hub's error codes; byte ranges, for a resumed download).
+    `delay(name)` holds a file back that many seconds; `served` records (name, time.monotonic()) as each ends."""
+
+    def __init__(self, repos: dict[str, Path], delay=lambda name: 0.0):
+        import hashlib
+        import re
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+        stand_in = self
+        self.served: list[tuple[str, float]] = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _file(self) -> Path | None:
+                match = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/[^/]+/(.+)$", self.path)
+                repo = repos.get(match[1]) if match else None
+                path = repo / match[2] if repo else None
+                if path is None or not path.is_file():
+                    self.send_response(404)
+                    self.send_header("X-Error-Code", "EntryNotFound" if repo else "RepoNotFound")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return None
+                return path
+
+            def _head(self, path: Path, start: int) -> None:
+                size = path.stat().st_size
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"')
+                self.send_header("Content-Length", str(size - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
+                self.end_headers()
+
+            def do_HEAD(self):
+                path = self._file()
+                if path is not None:
+                    self.send_response(200)
+                    self._head(path, 0)
+
+            def do_GET(self):
+                path = self._file()
+                if path is None:
+                    return
+                time.sleep(delay(path.name))
+                ranged = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                start = int(ranged[1]) if ranged else 0
+                self.send_response(206 if start else 200)
+                self._head(path, start)
+                self.wfile.write(path.read_bytes()[start:])
+                stand_in.served.append((path.name, time.monotonic()))
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+        threading.Thread(target=partial(self.server.serve_forever, poll_interval=0.01), daemon=True).start()
+
+    def env(self) -> dict:
+        """A child's environment that reaches this stand-in, and nothing else, as the Hub."""
+        return {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
+                "HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "", "http_proxy": ""}
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def write_pretokenized(directory: Path, prefix: str, documents: list[str], shard_tokens: int,
+                       val_documents: int) -> list[list[int]]:
+    """llm.c's FineWeb layout from generated documents: `{prefix}_val_000000.bin` holds the first val_documents,
+    then `{prefix}_train_000001.bin` ... shard_tokens each (documents cross shards), an <|endoftext|> before every
+    document. The training documents' tokens, each with its <|endoftext|>."""
+    import numpy as np
+    import data
+    from shards import write_shard
+    enc = data.get_tokenizer()
+    docs = [[data.EOT, *enc.encode_ordinary(text)] for text in documents]
+    directory.mkdir(parents=True, exist_ok=True)
+    write_shard(directory / f"{prefix}_val_000000.bin", [np.array([t for d in docs[:val_documents] for t in d])])
+    stream = np.array([t for d in docs[val_documents:] for t in d])
+    for i, start in enumerate(range(0, len(stream), shard_tokens)):
+        write_shard(directory / f"{prefix}_train_{i + 1:06d}.bin", [stream[start:start + shard_tokens]])
+    return docs[val_documents:]

@@ -159,3 +159,46 @@ def test_without_matplotlib_the_run_says_once_that_it_draws_no_picture(tmp_path,
     m.plot(), m.plot()
     assert capsys.readouterr().out.count("note: no loss.png without matplotlib (pip install matplotlib)") == 1
     assert json.loads((tmp_path / "metrics.jsonl").read_text())["train_loss"] == 1.0
+
+
+# A step that raises after the first one: a bug (its traceback), or the CPU allocator out of memory (one line).
+FAILING_STEP = """import sys, train_gpt2 as T
+real, calls, message = T.step_optimizers, [], sys.argv.pop()
+def failing(*args, **kwargs):
+    calls.append(1)
+    if len(calls) > 1:
+        raise RuntimeError(message)
+    return real(*args, **kwargs)
+T.step_optimizers = failing
+sys.exit(T.main(sys.argv[1:]))"""
+
+
+@pytest.mark.parametrize("error, expected", [
+    ("a bug in the step", "RuntimeError: a bug in the step"),
+    ("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB",
+     "error: out of CPU memory with micro-batches of 8 × 32 tokens: lower --batch_size"),
+])
+def test_an_error_after_the_first_step_ends_the_run_at_once_with_its_readers(corpus_dir, data_cache, tmp_path,
+                                                                              error, expected):
+    args = train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "50", "--num_workers", "2")
+    result = subprocess.run([sys.executable, "-c", FAILING_STEP, *args, error], cwd=REPO, env=child_env(),
+                            capture_output=True, text=True, timeout=120)  # a run that hangs fails here
+    assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
+    if error.startswith("DefaultCPUAllocator"):
+        assert "Traceback" not in result.stderr
+
+
+def test_resume_starts_again_a_run_killed_before_its_first_save(corpus_dir, data_cache, tmp_path, uninterrupted):
+    save = tmp_path / "run"
+    save.mkdir()
+    (save / "model_best_val.pt").write_bytes(b"killed before latest.pt")
+    (save / "metrics.jsonl").write_text('{"event": "start", "step": 0}\n')
+    dead_pid = 2**22 + 1  # above Linux's pid_max: the process that wrote it is gone
+    (save / f".latest.pt.tmp-{dead_pid}").write_bytes(b"half a checkpoint")
+    result = subprocess.run(script_command("train_gpt2.py", *train_args(corpus_dir, data_cache, save, *STEPS,
+                                                                        "--resume")),
+                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "has no latest.pt (the run stopped before its first save): starting it again from step 0" in result.stdout
+    assert "removed the unfinished files a killed run left" in result.stdout
+    assert not list(save.glob(".*.tmp-*")) and final_val_loss(save) == pytest.approx(uninterrupted, abs=1e-4)

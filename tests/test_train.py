@@ -330,6 +330,22 @@ def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_l
     assert all(lr(s) > lr(s + 1) for s in range(60, 99))
 
 
+def test_a_run_whose_length_the_data_has_not_settled_takes_each_rate_only_where_no_length_changes_it():
+    for kind, warmup in (("wsd", None), ("wsd", 50), ("cosine", 50)):
+        unknown = T.Schedule(kind, warmup, None, 0.5, 0.1, at_least=4000)
+        for step in (0, 10, 49, 50, 700, 1500, 1999, 2000, 3999):
+            rate = unknown.lr(step)
+            lengths = [T.Schedule(kind, warmup, n, 0.5, 0.1).lr(step) for n in (4000, 4001, 9000, 10**6)]
+            if rate is not None:  # known: what every longer run would give
+                assert lengths == [rate] * 4, (kind, warmup, step)
+        assert unknown.lr(10) is not None or warmup is None  # a given warmup that fits is known at once
+    assert T.Schedule("wsd", None, None, 0.5, 0.1, at_least=4000).lr(0) is None  # 700, or a tenth of a shorter run
+    assert T.Schedule("wsd", None, None, 0.5, 0.1, at_least=20_000).lr(5000) == 1.0  # constant before any decay
+    assert T.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(1999) == 1.0
+    assert T.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(2000) is None  # the decay may start here
+    assert T.Schedule("cosine", 50, None, 0.5, 0.1, at_least=4000).lr(60) is None
+
+
 def test_muon_momentum_warms_up_to_the_flag_value():
     assert T.muon_momentum_at(0, 0.95) == pytest.approx(0.85)
     assert T.muon_momentum_at(T.MUON_MOMENTUM_WARMUP // 2, 0.95) == pytest.approx(0.90)
