@@ -12,6 +12,8 @@ from functools import partial
 from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 _ADJECTIVES = ["quiet", "bright", "small", "heavy", "green", "early", "clever", "warm", "old", "round"]
@@ -201,3 +203,17 @@ def one_torch_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def llama_cpp_process():
+    """llama.cpp in a child process for a test (export_gguf.LlamaCppProcess): a crash in it fails the test in one
+    line naming the signal and the file, rather than taking pytest-xdist's worker with it."""
+    import export_gguf
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -r requirements-dev.txt)")
+    with export_gguf.LlamaCppProcess() as llama:
+        llama.start()  # its seconds of start-up beside the test's own work
+        try:
+            yield llama
+        except export_gguf.LlamaCppCrashed as e:
+            pytest.fail(str(e), pytrace=False)
