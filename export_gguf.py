@@ -400,6 +400,11 @@ def main(argv=None):
     print(f"exported {args.checkpoint} to {args.out} ({args.kind}) and {modelfile_path}\n"
           f"  llama.cpp: {llama_cpp}\n"
           f"  Ollama:    ollama create NAME -f {modelfile_path} && ollama run NAME")
+    if args.kind in ("q8_0", "q4_0"):
+        print("  On an Intel CPU with AMX (amx_int8 in lscpu), llama.cpp can crash on q8_0 and q4_0 files with its\n"
+              "  repacked weights (ggml-org/llama.cpp#20824): give llama-completion, llama-cli or llama-server\n"
+              "  --no-repack (or set LLAMA_ARG_REPACK=0); in llama-cpp-python, the model parameter use_extra_bufts=False\n"
+              "  (export_gguf.load_llama_cpp). Whether Ollama's own llama.cpp crashes there too is not known.")
 
 
 if __name__ == "__main__":

@@ -133,6 +133,7 @@ def test_the_file_carries_gpt2s_tokenizer_and_the_modelfile_completes_plain_text
     _, checkpoint = trained["modern"]
     result = run_script("export_gguf.py", str(checkpoint), str(tmp_path / "out" / "m.gguf"), "--type", "q4_0")
     assert result.returncode == 0, result.stderr
+    assert "--no-repack" in result.stdout and "use_extra_bufts=False" in result.stdout  # what a CPU with AMX needs
     reader = gguf.GGUFReader(tmp_path / "out" / "m.gguf")
     field = lambda key: reader.fields[key].contents()
     assert field("general.architecture") == "qwen3"  # the modern preset has QK-norm
