@@ -526,6 +526,7 @@ def llama_cpp_peers(checkpoint: Path, directory: Path, llama) -> tuple[dict, dic
         print("llama-cpp-python or gguf is not installed: no llama.cpp peer (pip install -r requirements-dev.txt)")
         return {}, {}, {}
     import export_gguf
+    llama.start()  # its start-up (seconds) beside the exports, not inside the first load's time
     peers, nbytes, figures = {}, {}, {}
     for kind in LLAMA_CPP_TYPES:
         path = directory / f"model-{kind}.gguf"
