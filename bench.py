@@ -461,6 +461,7 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging as hf_logging
     import sample
+    from export_gguf import LlamaCppProcess
 
     hf_logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -468,7 +469,7 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
                    n_positions=TINY["block_size"]) if tiny else DECODE_SHAPES[shape])
     n_tokens, rounds = (min(n_tokens, 32), 1) if tiny else (n_tokens, rounds)
     cpu = torch.device("cpu")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, LlamaCppProcess() as llama:  # llama.cpp's child starts if it is used
         GPT2LMHeadModel(GPT2Config(**config)).save_pretrained(tmp)
         hf = GPT2LMHeadModel.from_pretrained(tmp).eval()
         ours = {name: sample.load(tmp, cpu, dtype)[0] for name, dtype in DECODE_DTYPES.items()}
@@ -476,22 +477,21 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
         save_checkpoint(checkpoint, ours["fp32"], step=0, val_loss=None)
         load_s = {f"ours_{name}": _load_seconds(lambda d=dtype: sample.load(str(checkpoint), cpu, d)) for name, dtype
                   in DECODE_DTYPES.items()}
-        peers, nbytes, peer_load_s = llama_cpp_peers(checkpoint, Path(tmp))
+        peers, nbytes, peer_figures = llama_cpp_peers(checkpoint, Path(tmp), llama)
         startup = time_startup(checkpoint, runs=1 if tiny else 3)
-    prompt = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+        prompt = torch.randint(0, 50257, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
 
-    def run_hf():
-        with torch.inference_mode():
-            out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
-                              do_sample=False, pad_token_id=EOT)
-        return out[0, prompt_len:].tolist()
+        def run_hf():
+            with torch.inference_mode():
+                out = hf.generate(torch.tensor([prompt]), max_new_tokens=n_tokens, min_new_tokens=n_tokens,
+                                  do_sample=False, pad_token_id=EOT)
+            return out[0, prompt_len:].tolist()
 
-    runs = {"hf_fp32": run_hf} | {f"ours_{name}": (lambda m=m: list(m.generate(
-        prompt, n_tokens, temperature=0, stop_at_eot=False))) for name, m in ours.items()}
-    runs |= {name: (lambda llm=llm: llama_cpp_greedy(llm, prompt, n_tokens)) for name, llm in peers.items()}
-    speeds, tokens = _alternate(runs, n_tokens, rounds)
-    for llm in peers.values():
-        llm.close()  # now, rather than in llama-cpp-python's __del__ as the interpreter shuts down (which fails noisily)
+        runs = {"hf_fp32": run_hf} | {f"ours_{name}": (lambda m=m: list(m.generate(
+            prompt, n_tokens, temperature=0, stop_at_eot=False))) for name, m in ours.items()}
+        runs |= {name: (lambda path=path: llama.run(path, llama_cpp_greedy, prompt, n_tokens))
+                 for name, path in peers.items()}
+        speeds, tokens = _alternate(runs, n_tokens, rounds)
     report = {"shape": "tiny" if tiny else shape, "params": ours["fp32"].num_params(), "n_tokens": n_tokens,
               "prompt_len": prompt_len, "rounds": rounds, "threads": torch.get_num_threads(),
               "cpu": cpu_decoding.probe_key(), "load_avg": os.getloadavg(), "peers": list(peers),
@@ -504,7 +504,7 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
     report |= {f"{name}_vs_fp32": argmax_agreement(ours["fp32"], ours[name], [path]) for name in DECODE_DTYPES
                if name != "fp32"}
     report |= {f"{name}_greedy_same_as_fp32": _same_prefix(tokens[name], tokens["ours_fp32"]) for name in peers}
-    report |= {f"{name}_load_s": seconds for name, seconds in (load_s | peer_load_s).items()}
+    report |= {f"{name}_load_s": seconds for name, seconds in load_s.items()} | peer_figures
     report |= startup
     _print_decode(report)
     return report
@@ -514,31 +514,33 @@ def bench_decode(tiny: bool = False, shape: str = "gpt2", n_tokens: int = 200, p
 LLAMA_CPP_TYPES = ("f16", "q8_0", "q4_0")
 
 
-def llama_cpp_peers(checkpoint: Path, directory: Path) -> tuple[dict, dict, dict]:
-    """llama.cpp on export_gguf.py's files of the checkpoint, one per LLAMA_CPP_TYPES, on torch's thread count:
-    ({run name: Llama}, {run name: weight bytes a token reads}, {run name: seconds to load}); empty where
-    llama-cpp-python is not installed."""
+def llama_cpp_peers(checkpoint: Path, directory: Path, llama) -> tuple[dict, dict, dict]:
+    """llama.cpp on export_gguf.py's files of the checkpoint, one per LLAMA_CPP_TYPES, loaded in `llama`'s process
+    (export_gguf.LlamaCppProcess) on torch's thread count: ({run name: file}, {run name: weight bytes a token reads},
+    {run name + "_load_s": seconds to load, run name + "_weight_buffers": where llama.cpp put its weights}); empty
+    where llama-cpp-python is not installed."""
     try:
         import gguf  # noqa: F401 (export_gguf's)
-        import llama_cpp
+        import llama_cpp  # noqa: F401 (run in export_gguf.LlamaCppProcess's child)
     except ImportError:
         print("llama-cpp-python or gguf is not installed: no llama.cpp peer (pip install -r requirements-dev.txt)")
         return {}, {}, {}
     import export_gguf
-    peers, nbytes, load_s = {}, {}, {}
+    llama.start()  # its start-up (seconds) beside the exports, not inside the first load's time
+    peers, nbytes, figures = {}, {}, {}
     for kind in LLAMA_CPP_TYPES:
         path = directory / f"model-{kind}.gguf"
         tensor_bytes = export_gguf.export(str(checkpoint), path, kind).tensor_bytes
         # Every tensor is read whole per token but the position table (one row); GPT-2's tied token table
         # is read whole as the output layer.
         nbytes[f"llama_{kind}"] = sum(n for name, n in tensor_bytes.items() if name != "position_embd.weight")
-        # In memory rather than mapped: the file goes with the temporary directory. Its threads as torch's, so
-        # both sides use the same cores (llama-cpp-python's default is half the cores); the context the model's.
-        load = lambda: llama_cpp.Llama(model_path=str(path), n_ctx=0, n_threads=torch.get_num_threads(),
-                                       use_mmap=False, verbose=False)
-        load_s[f"llama_{kind}"] = _load_seconds(load)
-        peers[f"llama_{kind}"] = load()
-    return peers, nbytes, load_s
+        # Read into memory rather than mapped: a load time with the weights read. Its threads as torch's, so both
+        # sides use the same cores (llama-cpp-python's default is half the cores); the context the model's.
+        load = lambda: llama.load(path, n_ctx=0, n_threads=torch.get_num_threads(), use_mmap=False)
+        figures[f"llama_{kind}_load_s"] = _load_seconds(load)
+        figures[f"llama_{kind}_weight_buffers"] = load()["weight_buffers"]
+        peers[f"llama_{kind}"] = path
+    return peers, nbytes, figures
 
 
 def llama_cpp_greedy(llm, prompt: list[int], n_tokens: int) -> list[int]:
@@ -607,6 +609,9 @@ def _print_decode(r: dict) -> None:
         print(f"  {label:28s} {r[name + '_tokens_per_s']:7.1f} ({r[name + '_tokens_per_s_best']:.1f})  "
               f"{r[name + '_speedup_vs_hf']:.2f}x  {r[name + '_weight_mb']:6.0f} MB/token, bound "
               f"{r[name + '_bound_tokens_per_s']:.1f}, reached {r[name + '_share_of_bound']:.0%}{load}")
+    if r["peers"]:
+        where = ", ".join(f"{n.removeprefix('llama_')} {'+'.join(r[n + '_weight_buffers'])}" for n in r["peers"])
+        print(f"  llama.cpp without extra buffer types (use_extra_bufts=False, as --no-repack); weights in {where}")
     for ours, theirs in LLAMA_CPP_PEER_OF.items():
         if f"llama_{theirs}" in r["peers"] and f"ours_{ours}_tokens_per_s" in r:
             print(f"  ours {ours} / llama.cpp {theirs}: {r[f'ours_{ours}_tokens_per_s'] / r[f'llama_{theirs}_tokens_per_s']:.2f}x; "
@@ -984,7 +989,11 @@ def main(argv=None):
             recipes = {k: v for k, v in recipes.items() if k in args.only.split(",")}
         report["recipes"] = compare_recipes(recipes, args.train_flags.split(), args.runs, args.parallel)
     if args.decode:
-        report["decode"] = bench_decode(tiny=args.tiny, shape=args.decode_shape)
+        try:
+            report["decode"] = bench_decode(tiny=args.tiny, shape=args.decode_shape)
+        except UserError as e:  # llama.cpp crashed in its process (export_gguf.LlamaCppCrashed)
+            keep(report)
+            sys.exit(f"error: {e}")
     if args.quality:
         report["quality"] = bench_quality(args.quality, args.quality_data)
     if args.tokenize:

@@ -12,11 +12,22 @@ already has offline. A model fine-tuned on conversations (train_gpt2.py --chat) 
 tokens, its chat template (llama.cpp and LM Studio render the Jinja one in the file; Ollama reads the
 Modelfile's, the same turns in Go's template language) and <|assistant_end|> as the end of a reply.
 Written with `gguf`, the reader and writer llama.cpp maintains on PyPI.
+
+The tests and bench.py load the files in llama.cpp through here (load_llama_cpp, LlamaCppProcess): without ggml's
+extra buffer types, which crash on Intel CPUs with AMX, and in a child process, so a crash is an error naming it.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import multiprocessing
+import os
+import re
+import signal
 import sys
+import threading
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import NamedTuple
@@ -232,6 +243,142 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Exported:
     return Exported(out.parent / "Modelfile", chat_model, tensor_bytes)
 
 
+# ----------------------------------------------------------------------------------------------------
+# Loading a file in llama.cpp (llama-cpp-python)
+
+# On an Intel CPU with AMX, llama.cpp with ggml's extra buffer types (AMX tiles, weights repacked for the CPU's
+# kernels; on by default) crashes at the first matrix product of a q8_0 or q4_0 file (ggml-org/llama.cpp#20824).
+# llama.cpp's tools turn them off with --no-repack (-nr, or LLAMA_ARG_REPACK=0), llama-cpp-python with the model
+# parameter use_extra_bufts=False.
+_SWAPPING_DEFAULTS = threading.Lock()
+
+
+class LlamaCppCrashed(UserError):
+    """llama.cpp died of a signal while loading or running a file: its kernels crash rather than raise."""
+
+
+def load_llama_cpp(path, **kwargs):
+    """llama-cpp-python's Llama on a GGUF file without ggml's extra buffer types (use_extra_bufts=False, as
+    llama.cpp's --no-repack): the same tokens, and no crash on CPUs with AMX. Llama() has no keyword for it, so
+    the defaults it builds its model parameters from (llama_cpp.llama_cpp.llama_model_default_params) are ours
+    while it loads."""
+    import llama_cpp.llama_cpp as bindings  # the module Llama() reads llama_model_default_params from
+    from llama_cpp import Llama
+
+    defaults = bindings.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    with _SWAPPING_DEFAULTS:  # the swap is process-wide: one of our loads at a time, restored after each
+        bindings.llama_model_default_params = without_extra_buffers
+        try:
+            llm = Llama(model_path=str(path), **kwargs)
+        finally:
+            bindings.llama_model_default_params = defaults
+    if llm.model_params.use_extra_bufts:  # a llama-cpp-python that builds its parameters some other way
+        raise RuntimeError("llama-cpp-python's Llama() no longer takes its model parameters from "
+                           "llama_model_default_params: set use_extra_bufts=False another way")
+    return llm
+
+
+class LlamaCppProcess:
+    """llama.cpp in a child process, with the files it loaded: a crash there (a signal) is a LlamaCppCrashed here
+    naming the signal and what llama.cpp was doing, rather than the end of this process (a benchmark, a test
+    worker). The child starts at the first call, or at `start`. What `run` sends is pickled by name, so its
+    functions are module-level ones."""
+
+    def __init__(self):
+        self._process = self._conn = None  # the child and our end of its pipe, once started
+
+    def start(self) -> None:
+        """Starts the child now rather than at the first call: its start-up (seconds: it imports torch) then runs
+        beside the caller's own work."""
+        if self._process is None:
+            # Spawned, not forked: llama.cpp's OpenMP is torch's libgomp (both load libgomp.so.1), whose thread
+            # pool a forked child would not have.
+            spawn = multiprocessing.get_context("spawn")
+            self._conn, child = spawn.Pipe()
+            self._process = spawn.Process(target=_serve, args=(child,), daemon=True)
+            self._process.start()
+            child.close()
+
+    def load(self, path, **kwargs) -> dict:
+        """Loads `path` in the child (load_llama_cpp) in place of any earlier load of it; what llama.cpp was given
+        and did: use_extra_bufts, and the buffers its load log names for the weights (CPU_Mapped, or CPU when read
+        into memory; CPU_REPACK or AMX would be extra buffer types)."""
+        return self._call(f"loading {Path(path).name}", _load, str(path), kwargs)
+
+    def run(self, path, fn, *args, **kwargs):
+        """fn(the Llama of `path`, *args, **kwargs), run in the child: its result."""
+        return self._call(f"in {fn.__name__} on {Path(path).name}", _run, str(path), fn, args, kwargs)
+
+    def _call(self, what: str, fn, *args):
+        self.start()
+        self._conn.send((fn, args))
+        try:
+            failed, result = self._conn.recv()
+        except EOFError:  # the child is gone
+            self._process.join()
+            raise LlamaCppCrashed(f"llama.cpp {_death(self._process.exitcode)} {what}") from None
+        if failed:
+            raise RuntimeError(f"llama.cpp's process, {what}: {result}")
+        return result
+
+    def close(self) -> None:
+        if self._process is not None:
+            self._conn.close()  # the child's next read ends its loop
+            self._process.join()
+            self._process = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _death(exitcode: int) -> str:
+    if exitcode >= 0:
+        return f"exited with code {exitcode}"
+    try:
+        return f"crashed with {signal.Signals(-exitcode).name}"
+    except ValueError:
+        return f"crashed with signal {-exitcode}"
+
+
+def _serve(conn) -> None:
+    """The child's loop: each (fn, args) the parent sends run on the child's loaded files, (failed, result) sent
+    back, until the parent closes the pipe."""
+    loaded = {}
+    while True:
+        try:
+            fn, args = conn.recv()
+        except EOFError:  # the parent is done: leave without the interpreter's teardown (a second, with torch)
+            os._exit(0)
+        try:
+            conn.send((False, fn(loaded, *args)))
+        except Exception:
+            conn.send((True, traceback.format_exc()))
+
+
+def _load(loaded: dict, path: str, kwargs: dict) -> dict:
+    from llama_cpp._logger import set_verbose  # what Llama(verbose=) sets: the level of llama.cpp's log, process-wide
+
+    with contextlib.redirect_stderr(io.StringIO()) as log:  # llama-cpp-python prints llama.cpp's log to sys.stderr
+        llm = loaded[path] = load_llama_cpp(path, verbose=True, **kwargs)
+    llm.verbose = False
+    set_verbose(False)
+    return {"use_extra_bufts": llm.model_params.use_extra_bufts,
+            "weight_buffers": re.findall(r"(\S+) model buffer size", log.getvalue())}
+
+
+def _run(loaded: dict, path: str, fn, args: tuple, kwargs: dict):
+    return fn(loaded[path], *args, **kwargs)
+
+
 def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a .pt checkpoint of this repository (or a save_pretrained directory)")
@@ -253,6 +400,11 @@ def main(argv=None):
     print(f"exported {args.checkpoint} to {args.out} ({args.kind}) and {modelfile_path}\n"
           f"  llama.cpp: {llama_cpp}\n"
           f"  Ollama:    ollama create NAME -f {modelfile_path} && ollama run NAME")
+    if args.kind in ("q8_0", "q4_0"):
+        print("  On an Intel CPU with AMX (amx_int8 in lscpu), llama.cpp can crash on q8_0 and q4_0 files with its\n"
+              "  repacked weights (ggml-org/llama.cpp#20824): give llama-completion, llama-cli or llama-server\n"
+              "  --no-repack (or set LLAMA_ARG_REPACK=0); in llama-cpp-python, the model parameter use_extra_bufts=False\n"
+              "  (export_gguf.load_llama_cpp). Whether Ollama's own llama.cpp crashes there too is not known.")
 
 
 if __name__ == "__main__":

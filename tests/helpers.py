@@ -12,6 +12,8 @@ from functools import partial
 from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 _ADJECTIVES = ["quiet", "bright", "small", "heavy", "green", "early", "clever", "warm", "old", "round"]
@@ -289,3 +291,17 @@ def write_pretokenized(directory: Path, prefix: str, documents: list[str], shard
     for i, start in enumerate(range(0, len(stream), shard_tokens)):
         write_shard(directory / f"{prefix}_train_{i + 1:06d}.bin", [stream[start:start + shard_tokens]])
     return docs[val_documents:]
+
+
+@contextlib.contextmanager
+def llama_cpp_process():
+    """llama.cpp in a child process for a test (export_gguf.LlamaCppProcess): a crash in it fails the test in one
+    line naming the signal and the file, rather than taking pytest-xdist's worker with it."""
+    import export_gguf
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -r requirements-dev.txt)")
+    with export_gguf.LlamaCppProcess() as llama:
+        llama.start()  # its seconds of start-up beside the test's own work
+        try:
+            yield llama
+        except export_gguf.LlamaCppCrashed as e:
+            pytest.fail(str(e), pytrace=False)

@@ -1,5 +1,6 @@
 """bench.py's smoke test: every benchmark runs on a tiny model and reports its figures (no speed is asserted)."""
 import json
+import signal
 
 import pytest
 
@@ -13,7 +14,7 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     result = run_script("bench.py", "--tiny", "--device", "cpu", "--also", "arch=gpt2,optimizer=adamw", "--steps", "2",
                         "--warmup", "1", "--loop",
                         "--decode", "--tokenize", "--hellaswag", "--update", "--json", str(out), env={"OMP_NUM_THREADS": "2"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, f"{how_it_ended(result)}\n{result.stderr[-3000:]}"
     report = json.loads(out.read_text())
     # train_gpt2.py's defaults first, then nanoGPT's recipe (--also changes both keys in one setting)
     assert [(r["arch"], r["optimizer"]) for r in report["train"]] == [("modern", "muon"), ("gpt2", "adamw")]
@@ -41,6 +42,14 @@ def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
     if "operators_torch_muon" in update:  # the batched Muon dispatches fewer operators than one matrix at a time
         assert update["operators"]["Muon.step"] < update["operators_torch_muon"]
     assert update["save"]["file_gb"] > 0 and update["newton_schulz_tflop"] > 0
+
+
+def how_it_ended(result) -> str:
+    """A script's crash in one line: the signal that killed it, or its last line (bench.py's one-line error, such
+    as "error: llama.cpp crashed with SIGSEGV loading model-q8_0.gguf")."""
+    if result.returncode < 0:
+        return f"killed by {signal.Signals(-result.returncode).name}"
+    return (result.stderr.strip().splitlines() or [f"exit code {result.returncode}"])[-1]
 
 
 def test_a_benchmark_cut_short_keeps_the_figures_it_measured(tmp_path):

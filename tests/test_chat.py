@@ -22,8 +22,8 @@ import model as M
 import sample
 import train_gpt2 as T
 from common import EOT
-from helpers import (REPO, child_env, make_conversation, make_conversations, metrics, one_torch_thread, run_script,
-                     script_command, write_conversations)
+from helpers import (REPO, child_env, llama_cpp_process, make_conversation, make_conversations, metrics,
+                     one_torch_thread, run_script, script_command, write_conversations)
 
 CONTEXT = 64
 enc = data.get_tokenizer()
@@ -256,36 +256,44 @@ def test_a_conversation_out_of_turn_and_an_unreachable_hub_are_one_line_each(tmp
     assert lines[0].startswith("error: cannot reach the Hugging Face Hub for dataset 'HuggingFaceTB/smol-smoltalk'")
 
 
+def llama_cpp_chat(llm, text: str, prompt: list[int], n_tokens: int) -> tuple:
+    """Run in llama.cpp's process (helpers.llama_cpp_process): its tokens for a rendered conversation and for a turn
+    token typed as text, its first greedy tokens after `prompt`, and its end of generation."""
+    return (llm.tokenize(text.encode(), add_bos=False, special=True),
+            llm.tokenize(b"<|user_end|>", add_bos=False, special=False),
+            list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, reset=True), n_tokens)), llm.token_eos())
+
+
 def test_the_gguf_export_carries_the_turns_and_llama_cpp_renders_and_ends_the_reply(tuned, tmp_path):
     """As llama.cpp and LM Studio take it: the turn tokens as control tokens, the Jinja template in the file
     rendering (through jinja2, as they render it) to the text llama.cpp tokenizes to the fine-tuning's ids, and
     its greedy reply ours, ending at <|assistant_end|>, the file's end of generation."""
     gguf = pytest.importorskip("gguf")
-    llama_cpp = pytest.importorskip("llama_cpp")
     jinja2 = pytest.importorskip("jinja2")
     out = tmp_path / "gguf" / "chat.gguf"
-    result = run_script("export_gguf.py", str(tuned / "model_best_val.pt"), str(out), "--type", "f32")
-    assert result.returncode == 0, result.stderr
-    reader = gguf.GGUFReader(out)
-    field = lambda key: reader.fields[key].contents()
-    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
-    assert len(tokens) == chat.VOCAB_SIZE and {tokens[i]: i for i in chat.TURN_IDS} == chat.SPECIAL_TOKENS
-    assert all(types[i] == gguf.TokenType.CONTROL for i in [EOT, *chat.TURN_IDS]) and types[EOT - 1] == gguf.TokenType.NORMAL
-    assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == chat.ASSISTANT_END
-    assert field("tokenizer.chat_template") == chat.JINJA_TEMPLATE
-    asked = [{"role": "system", "content": "Answer in a few words."}, {"role": "user", "content": QUESTIONS[0]}]
-    prompt = chat.render(asked, enc, add_generation_prompt=True)
-    text = jinja2.Environment().from_string(field("tokenizer.chat_template")).render(messages=asked,
-                                                                                     add_generation_prompt=True)
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=CONTEXT, n_threads=1, verbose=False)
-    assert llm.tokenize(text.encode(), add_bos=False, special=True) == prompt
-    assert llm.tokenize(b"<|user_end|>", add_bos=False, special=False) == enc.encode_ordinary("<|user_end|>")
-    ours, _ = checkpoint.load_model(str(tuned / "model_best_val.pt"))
-    reply = chat.Reply(ours.eval().generate(prompt, 20, temperature=0, stop_at_eot=False))
-    assert list(reply) and reply.ended
-    said = list(itertools.islice(llm.generate(prompt, temp=0.0, top_k=1, reset=True), len(reply.tokens) + 1))
-    assert said == reply.tokens + [chat.ASSISTANT_END] and llm.token_eos() == chat.ASSISTANT_END
-    del llm
+    with llama_cpp_process() as llama:  # started first: its start-up beside the export's
+        result = run_script("export_gguf.py", str(tuned / "model_best_val.pt"), str(out), "--type", "f32")
+        assert result.returncode == 0, result.stderr
+        reader = gguf.GGUFReader(out)
+        field = lambda key: reader.fields[key].contents()
+        tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+        assert len(tokens) == chat.VOCAB_SIZE and {tokens[i]: i for i in chat.TURN_IDS} == chat.SPECIAL_TOKENS
+        assert all(types[i] == gguf.TokenType.CONTROL for i in [EOT, *chat.TURN_IDS])
+        assert types[EOT - 1] == gguf.TokenType.NORMAL
+        assert field("tokenizer.ggml.eos_token_id") == field("tokenizer.ggml.eot_token_id") == chat.ASSISTANT_END
+        assert field("tokenizer.chat_template") == chat.JINJA_TEMPLATE
+        asked = [{"role": "system", "content": "Answer in a few words."}, {"role": "user", "content": QUESTIONS[0]}]
+        prompt = chat.render(asked, enc, add_generation_prompt=True)
+        text = jinja2.Environment().from_string(field("tokenizer.chat_template")).render(messages=asked,
+                                                                                         add_generation_prompt=True)
+        ours, _ = checkpoint.load_model(str(tuned / "model_best_val.pt"))
+        reply = chat.Reply(ours.eval().generate(prompt, 20, temperature=0, stop_at_eot=False))
+        assert list(reply) and reply.ended
+        loaded = llama.load(out, n_ctx=CONTEXT, n_threads=1)
+        assert loaded == {"use_extra_bufts": False, "weight_buffers": ["CPU_Mapped"]}  # no AMX or repacked buffers
+        rendered, typed, said, eos = llama.run(out, llama_cpp_chat, text, prompt, len(reply.tokens) + 1)
+    assert rendered == prompt and typed == enc.encode_ordinary("<|user_end|>")
+    assert said == reply.tokens + [chat.ASSISTANT_END] and eos == chat.ASSISTANT_END
     modelfile = (out.parent / "Modelfile").read_text()
     assert export_gguf.OLLAMA_CHAT_TEMPLATE in modelfile and 'PARAMETER stop "<|assistant_end|>"' in modelfile
 

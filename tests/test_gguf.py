@@ -1,5 +1,8 @@
 """export_gguf.py checked by its real consumer: each exported file loaded in llama.cpp (llama-cpp-python) gives
 our logits and our greedy tokens, for a tiny trained model of each preset; and what cannot be exported says so."""
+import os
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +12,7 @@ import checkpoint
 import model as M
 from common import EOT
 from data import get_tokenizer
-from helpers import REPO, make_corpus, one_torch_thread, run_script
+from helpers import REPO, llama_cpp_process, make_corpus, one_torch_thread, run_script
 
 gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package writes the files (pip install -r requirements-dev.txt)")
 
@@ -57,9 +60,17 @@ def our_logits(model: M.GPT, ids: list[int]) -> np.ndarray:
         return model(torch.tensor([ids]))[0][0, :, :EOT + 1].numpy()
 
 
-def llama_cpp_model(path):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install -r requirements-dev.txt)")
-    return llama_cpp.Llama(model_path=str(path), n_ctx=SHAPE["block_size"], logits_all=True, n_threads=1, verbose=False)
+# Functions llama.cpp's process runs (helpers.llama_cpp_process), each given the Llama of one file.
+
+def llama_cpp_logits(llm, ids: list[int]) -> tuple[list[int], np.ndarray]:
+    """How llama.cpp tokenizes the prompt, and its logits at each of our ids."""
+    llm.eval(ids)
+    return llm.tokenize(PROMPT.encode(), add_bos=False), llm.scores[:len(ids)]
+
+
+def llama_cpp_tokenizer(llm, text: str, ids: list[int]) -> tuple[list[int], str]:
+    """llama.cpp's tokens for `text`, and its text for our tokens of it."""
+    return llm.tokenize(text.encode(), add_bos=False), llm.detokenize(ids).decode()
 
 
 def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
@@ -77,33 +88,52 @@ def llama_cpp_greedy(llm, ids: list[int], steps: int) -> list[int]:
 def test_llama_cpp_gives_our_logits_and_greedy_tokens_at_each_type(trained, tmp_path, arch):
     model, checkpoint = trained[arch]
     enc = get_tokenizer()
-    ids = enc.encode_ordinary(PROMPT)
-    ours = our_logits(model, ids)
-    blocks, model.transformer.h = model.transformer.h, torch.nn.ModuleList()
-    without_blocks = our_logits(model, ids)
-    model.transformer.h = blocks
-    # The test means something: a block llama.cpp got wrong would move the logits far past every tolerance.
-    assert np.abs(ours - without_blocks).max() / np.abs(ours).max() > 0.1
-    for kind, tolerance in TOLERANCE.items():
-        path = tmp_path / f"model-{kind}.gguf"
-        export_gguf.export(str(checkpoint), path, kind)
-        llm = llama_cpp_model(path)
-        assert llm.tokenize(PROMPT.encode(), add_bos=False) == ids  # the tokenizer went in as GPT-2's
-        llm.eval(ids)
-        error = np.abs(llm.scores[:len(ids)] - ours).max() / np.abs(ours).max()
-        assert error <= tolerance, f"{arch} {kind}: llama.cpp's logits differ from ours by {error:.2e} of the largest"
-        if kind == "f16":  # GPT-2's split pattern too: spaces, digits, contractions, bytes of characters
-            assert llm.tokenize(TRICKY.encode(), add_bos=False) == enc.encode_ordinary(TRICKY)
-            assert llm.detokenize(enc.encode_ordinary(TRICKY)).decode() == TRICKY
-            greedy = list(model.generate(ids, GREEDY_STEPS, temperature=0, stop_at_eot=False))
-            assert llama_cpp_greedy(llm, ids, GREEDY_STEPS) == greedy
-        del llm  # frees llama.cpp's context before the next file
+    ids, tricky = enc.encode_ordinary(PROMPT), enc.encode_ordinary(TRICKY)
+    with llama_cpp_process() as llama:  # one child for the four files, started first: seconds to start, ms a load
+        ours = our_logits(model, ids)
+        blocks, model.transformer.h = model.transformer.h, torch.nn.ModuleList()
+        without_blocks = our_logits(model, ids)
+        model.transformer.h = blocks
+        # The test means something: a block llama.cpp got wrong would move the logits far past every tolerance.
+        assert np.abs(ours - without_blocks).max() / np.abs(ours).max() > 0.1
+        greedy = list(model.generate(ids, GREEDY_STEPS, temperature=0, stop_at_eot=False))
+        for kind, tolerance in TOLERANCE.items():
+            path = tmp_path / f"model-{kind}.gguf"
+            export_gguf.export(str(checkpoint), path, kind)
+            loaded = llama.load(path, n_ctx=SHAPE["block_size"], logits_all=True, n_threads=1)
+            # No AMX or repacked weights (they crash on CPUs with AMX); with them an AVX2 CPU's q4_0 is CPU_REPACK.
+            assert loaded == {"use_extra_bufts": False, "weight_buffers": ["CPU_Mapped"]}, f"{kind}: {loaded}"
+            tokens, logits = llama.run(path, llama_cpp_logits, ids)
+            assert tokens == ids  # the tokenizer went in as GPT-2's
+            error = np.abs(logits - ours).max() / np.abs(ours).max()
+            assert error <= tolerance, \
+                f"{arch} {kind}: llama.cpp's logits differ from ours by {error:.2e} of the largest"
+            if kind == "f16":  # GPT-2's split pattern too: spaces, digits, contractions, bytes of characters
+                assert llama.run(path, llama_cpp_tokenizer, TRICKY, tricky) == (tricky, TRICKY)
+                assert llama.run(path, llama_cpp_greedy, ids, GREEDY_STEPS) == greedy
+
+
+def segfault(llm) -> None:
+    """Dies as llama.cpp does where its kernels crash (ggml-org/llama.cpp#20824 on CPUs with AMX)."""
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_llama_cpp_crash_fails_the_test_in_one_line_naming_the_signal_and_the_file(tmp_path):
+    path = tmp_path / "m.gguf"
+    with pytest.raises(pytest.fail.Exception) as failed:
+        with llama_cpp_process() as llama:
+            checkpoint.save_checkpoint(tmp_path / "m.pt", M.GPT(M.GPTConfig.from_preset("gpt2", **SHAPE)))
+            export_gguf.export(str(tmp_path / "m.pt"), path, "q8_0")
+            llama.load(path, n_ctx=SHAPE["block_size"], n_threads=1)
+            llama.run(path, segfault)
+    assert str(failed.value) == "llama.cpp crashed with SIGSEGV in segfault on m.gguf"
 
 
 def test_the_file_carries_gpt2s_tokenizer_and_the_modelfile_completes_plain_text(trained, tmp_path):
     _, checkpoint = trained["modern"]
     result = run_script("export_gguf.py", str(checkpoint), str(tmp_path / "out" / "m.gguf"), "--type", "q4_0")
     assert result.returncode == 0, result.stderr
+    assert "--no-repack" in result.stdout and "use_extra_bufts=False" in result.stdout  # what a CPU with AMX needs
     reader = gguf.GGUFReader(tmp_path / "out" / "m.gguf")
     field = lambda key: reader.fields[key].contents()
     assert field("general.architecture") == "qwen3"  # the modern preset has QK-norm
