@@ -11,7 +11,8 @@ import torch
 
 import batches
 import data
-from helpers import make_corpus, write_txt_dir
+import shards as shard_files
+from helpers import make_corpus, wait_for, write_txt_dir
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 
@@ -77,7 +78,7 @@ def growing_copy(prepared, into, pause: float, stop: threading.Event):
     """The cache at `prepared` written again into `into` a shard at a time, as a preparation would, `pause`
     seconds apart: progress.json lists the shards so far, manifest.json comes last."""
     manifest = (prepared / "manifest.json").read_text()
-    record = data._read_json(prepared / "manifest.json")
+    record = shard_files.read_json(prepared / "manifest.json")
     into.mkdir()
     shards = {split: [] for split in data.SPLITS}
     for split in ("val", "train"):
@@ -86,7 +87,7 @@ def growing_copy(prepared, into, pause: float, stop: threading.Event):
                 return
             shutil.copy(prepared / name, into / name)
             shards[split].append(name)
-            data._write_json(into / "progress.json", {"shards": shards, "val_complete": True})
+            shard_files.write_json(into / "progress.json", {"shards": shards, "val_complete": True})
             time.sleep(pause)
     (into / "manifest.json").write_text(manifest)
 
@@ -98,8 +99,7 @@ def test_batches_do_not_depend_on_how_fast_the_data_arrives(prepared, small_bloc
     writer = threading.Thread(target=growing_copy, args=(prepared, tmp_path / "growing", 0.02, stop))
     writer.start()
     try:
-        while not (tmp_path / "growing" / "progress.json").exists():
-            time.sleep(0.01)
+        assert wait_for(lambda: (tmp_path / "growing" / "progress.json").exists(), timeout=30)
         growing = source(tmp_path / "growing")
         assert not growing.shards.complete  # it starts while the data still arrives
         waited = []
@@ -114,7 +114,7 @@ def test_batches_do_not_depend_on_how_fast_the_data_arrives(prepared, small_bloc
 
 def test_a_failed_preparation_is_raised_where_a_step_waits_for_its_data(prepared, tmp_path):
     (tmp_path / "partial").mkdir()
-    data._write_json(tmp_path / "partial" / "progress.json", {"shards": {"train": [], "val": []}})
+    shard_files.write_json(tmp_path / "partial" / "progress.json", {"shards": {"train": [], "val": []}})
     failure = data.DataError("cannot reach the Hub")
     shards = data.TokenShards(tmp_path / "partial", "train", failed=lambda: failure)
     reader = batches.micro_batches(batches.BatchSource(shards, 16, 8, seed=0), 0, num_workers=1, pin_memory=False)
