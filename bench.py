@@ -31,13 +31,16 @@ from pathlib import Path
 import torch
 
 import cpu_decoding
+import flags as F
 import runtime
-import train_gpt2 as T
-from common import EOT, ArgumentParser, UserError, atomic_write, pick_device
+import step as S
 from checkpoint import save_checkpoint
+from common import EOT, ArgumentParser, UserError, atomic_write, pick_device
 from metrics import run_header
 from model import GPT, GPTConfig
+from optim import split_parameters
 from plan import peak_flops
+from startup import optimizer_settings
 
 REPO = Path(__file__).resolve().parent
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
@@ -46,8 +49,8 @@ TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=64)
 @dataclasses.dataclass
 class Setting:
     """One training configuration to time."""
-    arch: str = T.DEFAULT_ARCH  # train_gpt2.py's defaults
-    optimizer: str = T.DEFAULT_OPTIMIZER
+    arch: str = F.DEFAULT_ARCH  # train_gpt2.py's defaults
+    optimizer: str = F.DEFAULT_OPTIMIZER
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
@@ -97,9 +100,9 @@ def time_training(s: Setting, steps: int, warmup: int, device: torch.device) -> 
                                    block_size=s.block_size)
     amp, _ = runtime.choose_amp(s.amp, device.type)
     env = runtime.Env(device=device, amp_dtype=amp if s.amp else None, compile=s.compile)
-    settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", s.optimizer]))  # the flags' defaults
-    t = T.build(config, env, settings, seed=0)
-    step_s = T.time_random_steps(t, env, s.micro_batch, 1, s.block_size, steps=steps, warmup=warmup)
+    settings = optimizer_settings(F.parse_args(["--optimizer", s.optimizer]), None)  # the flags' defaults
+    t = S.build(config, env, settings, seed=0)
+    step_s = S.time_random_steps(t, env, s.micro_batch, 1, s.block_size, steps=steps, warmup=warmup)
     tokens_per_s = s.micro_batch * s.block_size / step_s
     peak = peak_flops(device)
     if device.type == "cuda":
@@ -227,18 +230,18 @@ def bench_update(tiny: bool) -> dict:
     step (ours, and torch.optim.Muon's where this torch has it), Newton-Schulz FLOPs against the step's
     forward and backward (arithmetic), and the loop's stall per save of latest.pt."""
     shape = TINY if tiny else dict(n_layer=12, n_head=12, n_embd=768)
-    config = GPTConfig.from_preset(T.DEFAULT_ARCH, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd")},
+    config = GPTConfig.from_preset(F.DEFAULT_ARCH, **{k: shape[k] for k in ("n_layer", "n_head", "n_embd")},
                                    block_size=64)
     env = runtime.Env(device=torch.device("cpu"))
-    t = T.build(config, env, T.OptimizerSettings.from_args(T.parse_args([])), seed=0)
+    t = S.build(config, env, optimizer_settings(F.parse_args([]), None), seed=0)
     x = torch.randint(0, config.vocab_size, (1, 65))
     batch = [(x[:, :-1], x[:, 1:])]
-    T.update(t, batch, env=env, step=0, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)  # state exists
+    S.train_step(t, batch, env, step=0, seed=0, grad_clip=1.0)  # state exists
     _, loss = t.model(*batch[0])
     loss.backward()
     report = {"layers": config.n_layer, "width": config.n_embd, "operators": optimizer_step_operators(t.optimizers)}
     if hasattr(torch.optim, "Muon"):  # what train_gpt2.py used before muon.py, on the same matrices
-        reference = torch.optim.Muon(T.split_parameters(t.raw_model)["matrices"], lr=0.02, weight_decay=0.05)
+        reference = torch.optim.Muon(split_parameters(t.raw_model)["matrices"], lr=0.02, weight_decay=0.05)
         reference.step()  # its state exists too
         report["operators_torch_muon"] = optimizer_step_operators([reference])["Muon.step"]
     muon = t.optimizers[1]
@@ -250,7 +253,7 @@ def bench_update(tiny: bool) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-save-", dir=REPO) as tmp:
         report["save"] = save_stall(t, Path(tmp))
     ops = report["operators"]
-    print(f"optimizer step, {config.n_layer} layers x {config.n_embd} ({T.DEFAULT_ARCH}, Muon + AdamW), CPU: "
+    print(f"optimizer step, {config.n_layer} layers x {config.n_embd} ({F.DEFAULT_ARCH}, Muon + AdamW), CPU: "
           f"operators dispatched {sum(ops.values())} ({', '.join(f'{k} {v}' for k, v in ops.items())})"
           + (f"; torch.optim.Muon alone {report['operators_torch_muon']}" if "operators_torch_muon" in report else ""))
     print(f"Newton-Schulz: {report['newton_schulz_tflop']:.2f} TFLOP a step, {report['share_of_step_64x1024']:.1%} of "
@@ -798,7 +801,7 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
     final validation loss: the steps each takes to reach it, and the ratio to the baseline's steps."""
     from concurrent.futures import ThreadPoolExecutor
     import data
-    data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before runs in parallel would race to it
+    data.prepare(data.DataSpec.from_args(F.parse_args(common)))  # once, before runs in parallel would race to it
     threads = max(1, (os.cpu_count() or 1) // parallel)
     with ThreadPoolExecutor(parallel) as pool:
         results = list(pool.map(lambda item: train_recipe(*item, common, runs, threads), recipes.items()))
@@ -826,7 +829,7 @@ def compare_budgets(budgets: list[str], depths: list[int], common: list[str], ru
     machine, on the same data: each run's final validation loss, its depth, and from outside, the process's
     whole time against the budget."""
     import data
-    cache = data.prepare(data.DataSpec.from_args(T.parse_args(common)))  # once, before any run's clock starts
+    cache = data.prepare(data.DataSpec.from_args(F.parse_args(common)))  # once, before any run's clock starts
     rows = []
     for budget in budgets:
         for name, flags in [("chosen", ""), *((f"depth {d}", f"--depth {d}") for d in depths)]:

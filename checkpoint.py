@@ -27,7 +27,8 @@ import torch
 
 import hf
 from common import CheckpointError, atomic_write, first_line
-from model import GPT, GPTConfig, load_state, model_with_weights, strip_wrapper_prefixes
+from model import GPT, GPTConfig
+from weights import load_state, model_with_weights, strip_wrapper_prefixes
 
 BEST, LATEST = "model_best_val.pt", "latest.pt"  # in --save_dir
 

@@ -3,9 +3,8 @@ oneDNN, int8, int4), and a probe that finds which layout is fastest on this CPU 
 
 Decoding one token reads every weight once, so it is bound by memory, or by the arithmetic that turns
 fewer bytes back into numbers. Which layout wins depends on the CPU, not on one feature flag
-(BENCHMARKS.md, "Decoding"): on an AVX2-only AMD EPYC bf16 beat int8 (issue 21); emulating AVX2 here
-int4 beat int8, and plain bf16 was barely faster than fp32. So it is measured, once per CPU, torch,
-instruction-set limit and thread count, and kept beside the tokenizer's cache.
+(BENCHMARKS.md, "Decoding": on one AVX2-only CPU bf16 beat int8, on another int4 did). So it is measured,
+once per CPU, torch, instruction-set limit and thread count, and kept beside the tokenizer's cache.
 """
 from __future__ import annotations
 
@@ -104,11 +103,10 @@ class Int8Linear(nn.Module):
 
     Written here rather than taken from torchao: torchao 0.18's int8 linears, run eagerly, turn the whole
     weight back into the activation dtype at every call (they count on torch.compile to fuse that away),
-    which made them about 10x slower than bf16 on this project's CPU. aten's _weight_int8pack_mm (the
+    which makes them slower than bf16 (BENCHMARKS.md). aten's _weight_int8pack_mm (the
     kernel gpt-fast uses, and torch.compile's CPU lowering of int8 weight-only linears) reads the int8
     weight as it multiplies. It takes fp32 activations too, but on x86 only its bf16 path is vectorized
-    (aten/src/ATen/native/cpu/int8mm_kernel.cpp: AVX-512 and AVX2 code for bf16, a scalar loop for fp32):
-    48 GEMVs of GPT-2 124M's shapes took 30 ms with fp32 activations, 7 with bf16, emulating AVX2 here.
+    (aten/src/ATen/native/cpu/int8mm_kernel.cpp: AVX-512 and AVX2 code for bf16, a scalar loop for fp32).
     So activations are bf16 (Arm's NEON kernel takes either).
 
     The output layer's int8 weights are multiplied faster as two int4 planes where aten's kernels use
@@ -258,11 +256,10 @@ def int8_planes_group(shape: torch.Size, output_layer: bool) -> int:
 
     Each int8 weight q is 16 * hi + lo, hi in -8..7 and lo in 0..15, so W x = 16 (Hi x) + (Lo x): aten's
     int4 kernel computes both in one call over [x, x], the same products as the int8 kernel's, from the same
-    bytes. For one token, on one thread of this project's AMD EPYC, GPT-2 124M's output layer took 0.59x
-    the int8 kernel's time with AVX-512 and 1.37x limited to AVX2 (BENCHMARKS.md), so only where aten's
-    kernels use AVX-512; on Arm it was not measured, and its NEON int8 kernel stays. Only for the output
-    layer, which generate() multiplies by the last position alone: the blocks' Linears also take whole
-    prompts, where the planes' double arithmetic made a 768-token prompt 1.6x slower (3.5 s against 2.2).
+    bytes. The planes are faster than the int8 kernel with AVX-512 and slower with AVX2 only (BENCHMARKS.md),
+    so only where aten's kernels use AVX-512; Arm keeps its NEON int8 kernel. Only for the output layer,
+    which generate() multiplies by the last position alone: the blocks' Linears also take whole prompts,
+    where the planes' double arithmetic is slower.
     The kernel wants outputs in multiples of 16 and groups of 32 to 256 inputs that keep to one plane; the
     largest group was fastest.
     """

@@ -512,7 +512,7 @@ def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
         check_hub_reachable(HUB_PROBE_SECONDS)
     except OSError as e:
         raise _unreachable(Source(spec.dataset, spec.subset, spec.field, None), e) from None
-    if fineweb.available(repo):
+    if fineweb.available(repo, spec.dataset):
         return Route(folder, repo)
     return Route(target(spec, **tokenizing).cache_dir,
                  note=f"note: {repo.repo_id} (FineWeb in GPT-2 tokens) is not on the Hub; streaming {spec.dataset} "

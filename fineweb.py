@@ -62,9 +62,9 @@ def run_folder(data_cache: str, repo: Repo, sample_size: int) -> Path:
     return Path(data_cache) / f"{repo.folder}-n{sample_size}-{key}"
 
 
-def available(repo: Repo) -> bool:
+def available(repo: Repo, dataset: str) -> bool:
     """Whether the Hub holds the repository's validation shard: False when it answers that it does not (the
-    caller then streams and tokenizes the text instead); DataError when it cannot be asked."""
+    caller then streams and tokenizes `dataset` instead); DataError when it cannot be asked."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
     try:
@@ -73,8 +73,8 @@ def available(repo: Repo) -> bool:
     except (RepositoryNotFoundError, EntryNotFoundError):
         return False
     except (HfHubHTTPError, OSError) as e:
-        raise DataError(f"cannot reach the Hugging Face Hub for {repo.repo_id} ({first_line(e)}); {_HINT_LOCAL}") \
-            from None
+        raise DataError(f"cannot reach the Hugging Face Hub for dataset {dataset!r} (its GPT-2 tokens, "
+                        f"{repo.repo_id}: {first_line(e)}); {_HINT_LOCAL}") from None
 
 
 def prepare(data_cache: str, repo: Repo, sample_size: int, say=None) -> Path:

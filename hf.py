@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from common import EOT, CheckpointError, check_hub_reachable
-from model import RMSNORM_EPS, GPT, GPTConfig, model_with_weights, strip_wrapper_prefixes, swiglu_width
+from model import RMSNORM_EPS, GPT, GPTConfig, swiglu_width
+from weights import model_with_weights, strip_wrapper_prefixes
 
 HUB_PROBE_SECONDS = 10  # the Hub client retries for half a minute before giving up
 

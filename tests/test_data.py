@@ -1,6 +1,5 @@
 """data.py: text to shards (round trip, split, cache, resume, faults) and shards to batches."""
 import argparse
-import itertools
 import json
 import os
 import time
@@ -8,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import common
 import data

@@ -9,10 +9,11 @@ import torch.nn.functional as F
 import batches
 import checkpoint
 import data
-from common import CheckpointError
+import flags as train_flags
 import hf
-import model as M
-import train_gpt2 as T
+from weights import model_with_weights
+import startup as U
+from common import CheckpointError
 from helpers import make_corpus, run_script, start_script, wait_for, write_txt_dir
 
 transformers = pytest.importorskip("transformers")
@@ -57,7 +58,7 @@ def val_losses(save_dir) -> dict[int, float]:
 
 def transformers_val_loss(hf_dir, corpus_dir, cache) -> float:
     """transformers' own loss on the whole validation split, which a fine-tune's first evaluation reads."""
-    args = T.parse_args(tune_args(hf_dir, corpus_dir, cache, "unused"))
+    args = train_flags.parse_args(tune_args(hf_dir, corpus_dir, cache, "unused"))
     shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
     windows = batches.Windows(shards, 32)
     x, y = windows.read(windows.spread(None))
@@ -93,9 +94,9 @@ def test_a_fine_tune_from_our_checkpoint_starts_at_its_saved_validation_loss(hf_
 
 def test_cropping_the_context_keeps_the_logits_of_the_first_positions(hf_dir):
     whole = hf.from_pretrained(str(hf_dir)).eval()
-    args = T.parse_args(["--init_from", str(hf_dir), "--block_size", "16"])
+    args = train_flags.parse_args(["--init_from", str(hf_dir), "--block_size", "16"])
     weights, state = checkpoint.read_weights(str(hf_dir), 16)  # as --init_from reads them
-    cropped = M.model_with_weights(T.fine_tune_config(weights, args, str(hf_dir)), state).eval()
+    cropped = model_with_weights(U.fine_tune_config(weights, args, str(hf_dir)), state).eval()
     x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
     assert cropped.config.block_size == 16 and cropped.transformer.wpe.weight.shape[0] == 16
     assert torch.equal(cropped(x)[0], whole(x)[0])
@@ -109,7 +110,7 @@ def test_cropping_the_context_keeps_the_logits_of_the_first_positions(hf_dir):
 def test_shape_flags_that_contradict_the_weights_are_named_with_both_values(hf_dir, flags, message):
     weights = hf.from_pretrained(str(hf_dir)).config
     with pytest.raises(CheckpointError, match=f"--init_from {hf_dir}: {message}"):
-        T.fine_tune_config(weights, T.parse_args(["--init_from", str(hf_dir), *flags]), str(hf_dir))
+        U.fine_tune_config(weights, train_flags.parse_args(["--init_from", str(hf_dir), *flags]), str(hf_dir))
 
 
 def test_contradictions_and_an_unreachable_hub_end_in_one_line(hf_dir, corpus_dir, cache, tmp_path):

@@ -13,10 +13,14 @@ import data
 import eval as E
 import model as M
 import muon
-import train_gpt2 as T
 from fake_cuda import AttentionInputs, HostWaits, fake_cuda, frozen, on_fake_cuda
 from helpers import REPO, child_env, script_command
 from runtime import Env
+import flags as F
+import optim as O
+import step as S
+import memory as Mem
+import startup as U
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 CUDA_BF16 = dict(device=torch.device("cuda:0"), amp_dtype=torch.bfloat16)
@@ -28,7 +32,7 @@ def fake_model(monkeypatch):
     monkeypatch.setattr(muon, "_compiled_newton_schulz", muon.newton_schulz)
     with fake_cuda():
         with torch.device("meta"):
-            model = M.GPT(M.GPTConfig.from_preset(T.DEFAULT_ARCH, **TINY))
+            model = M.GPT(M.GPTConfig.from_preset(F.DEFAULT_ARCH, **TINY))
         yield on_fake_cuda(model)
 
 
@@ -63,16 +67,15 @@ def test_the_chunked_losss_own_backward_waits_for_nothing(fake_model):
 
 def optimizer_steps(model, optimizer: str, steps: int = 2) -> list[HostWaits]:
     """step_optimizers `steps` times on synthetic gradients; what each step waited for (and dispatched)."""
-    settings = T.OptimizerSettings.from_args(T.parse_args(["--optimizer", optimizer, "--device", "cpu"]))
-    t = T.Learner(model, model, T.make_optimizers(model, settings, torch.device("cuda")), None)
+    settings = U.optimizer_settings(F.parse_args(["--optimizer", optimizer, "--device", "cpu"]), None)
+    t = S.Learner(model, model, O.make_optimizers(model, settings, torch.device("cuda")), None)
     traces = []
     for _ in range(steps):
         for p in model.parameters():
             p.grad = torch.zeros_like(p)
         traces.append(HostWaits())
         with traces[-1], zeros_like_count() as made:
-            T.step_optimizers(t, torch.zeros((), device="cuda"), env=Env(**CUDA_BF16), grad_clip=1.0, lr_scale=1.0,
-                              muon_momentum=0.95)
+            S.step_optimizers(t, torch.zeros((), device="cuda"), Env(**CUDA_BF16), grad_clip=1.0)
         traces[-1].zeros_like = made
     return traces
 
@@ -92,14 +95,14 @@ class zeros_like_count(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 def test_the_default_recipes_optimizer_step_waits_for_nothing_and_builds_no_buffer_once_set_up(fake_model):
-    first, steady = optimizer_steps(fake_model, T.DEFAULT_OPTIMIZER)
+    first, steady = optimizer_steps(fake_model, F.DEFAULT_OPTIMIZER)
     assert first.waits == [] and steady.waits == []
     assert first.zeros_like[0] > 0  # the state set up at the first step: AdamW's moments, Muon's momentum
     assert steady.zeros_like == [0]  # and nothing built afresh after it
 
 
 def test_unfused_adamw_reads_the_loss_on_the_host_which_the_trace_sees(fake_model, monkeypatch):
-    monkeypatch.setattr(T, "fused_adamw_devices", lambda: [])  # AdamW's for-each path: no found_inf
+    monkeypatch.setattr(O, "fused_adamw_devices", lambda: [])  # AdamW's for-each path: no found_inf
     first, steady = optimizer_steps(fake_model, "adamw")
     assert "_local_scalar_dense" in steady.waits  # found_inf.item(): it must know before updating
 
@@ -119,7 +122,7 @@ def test_validation_reads_the_gpu_once_however_many_batches(tmp_path, fake_model
         waits = HostWaits()
         with frozen(fake_model), waits:
             E.validation_loss(fake_model, shards, 32, torch.device("cuda"), Env(**CUDA_BF16).autocast,
-                                       rows=4, max_tokens=batches * 4 * 32)
+                              rows=4, sample=batches * 4)
         counted.append(waits.waits)
     assert counted[0] == counted[1]  # no wait per batch
     assert set(counted[0]) == {"_local_scalar_dense"}  # only the sums', read at the end
@@ -129,11 +132,11 @@ def test_validation_reads_the_gpu_once_however_many_batches(tmp_path, fake_model
 # The memory probe
 
 
-def tiny_learner(compile_backend: str | None = None, world: int = 1) -> tuple[T.Learner, Env]:
+def tiny_learner(compile_backend: str | None = None, world: int = 1) -> tuple[S.Learner, Env]:
     env = Env(device=torch.device("cpu"), world=world, compile=compile_backend is not None)
-    settings = T.OptimizerSettings.from_args(T.parse_args(["--device", "cpu"]))
-    config = M.GPTConfig.from_preset(T.DEFAULT_ARCH, n_layer=1, n_head=2, n_embd=32, block_size=16)
-    return T.build(config, env, settings, seed=0), env
+    settings = U.optimizer_settings(F.parse_args(["--device", "cpu"]), None)
+    config = M.GPTConfig.from_preset(F.DEFAULT_ARCH, n_layer=1, n_head=2, n_embd=32, block_size=16)
+    return S.build(config, env, settings, seed=0), env
 
 
 def random_batch(micro: int, block: int = 16, seed: int = 0):
@@ -145,7 +148,7 @@ def steps(t, env, accum: int, micro: int, n: int) -> list[float]:
     losses = []
     for step in range(n):
         batches = [random_batch(micro, seed=step * accum + k) for k in range(accum)]
-        stats = T.update(t, batches, env=env, step=step, seed=0, grad_clip=1.0, lr_scale=1.0, muon_momentum=0.95)
+        stats = S.train_step(t, batches, env, step=step, seed=0, grad_clip=1.0)
         losses.append(stats[0].item())
     return losses
 
@@ -155,7 +158,7 @@ def test_the_probe_compiles_the_graph_training_runs(monkeypatch):
     monkeypatch.setattr(torch, "compile", partial(torch.compile, backend="aot_eager"))
     t, env = tiny_learner(compile_backend="aot_eager")
     torch._dynamo.utils.counters.clear()
-    assert T.fitting_grad_accum(t, env, batch_size=4, block_size=16) == 1
+    assert Mem.fitting_grad_accum(t, env, batch_size=4, block_size=16) == 1
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     steps(t, env, accum=1, micro=4, n=3)
     assert graphs >= 1 and torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # no recompile
@@ -176,7 +179,7 @@ def test_out_of_memory_inside_adamws_state_set_up_leaves_nothing_for_the_next_tr
         return init_group(self, group, *args)
 
     monkeypatch.setattr(type(adamw), "_init_group", out_of_memory_once)
-    assert T.fitting_grad_accum(t, env, batch_size=4, block_size=16) == 2  # 4 failed, 2 fitted
+    assert Mem.fitting_grad_accum(t, env, batch_size=4, block_size=16) == 2  # 4 failed, 2 fitted
     assert all(np.isfinite(steps(t, env, accum=2, micro=2, n=2)))
 
 
@@ -187,7 +190,7 @@ TWO_RANK_PROBE = textwrap.dedent("""
     from test_gpu_path import random_batch, steps, tiny_learner
     env, _ = runtime.setup_env("cpu", None, False)
     t, _ = tiny_learner(world=2)
-    t.model, env = T.wrap_for_ranks(t.raw_model, env), env  # DDP (gloo) around the model
+    t.model, env = S.wrap_for_ranks(t.raw_model, env), env  # DDP (gloo) around the model
     seen = []
     forward, adamw_step = model.GPT.forward, type(t.optimizers[0]).step
     def forward_oom(self, idx, *a, **k):  # rank 1 cannot hold 4 sequences' activations
@@ -200,7 +203,7 @@ TWO_RANK_PROBE = textwrap.dedent("""
             raise torch.cuda.OutOfMemoryError("simulated")
         return adamw_step(self, *a, **k)
     model.GPT.forward, type(t.optimizers[0]).step = forward_oom, step_oom
-    accum = T.fitting_grad_accum(t, env, batch_size=8, block_size=16)
+    accum = Mem.fitting_grad_accum(t, env, batch_size=8, block_size=16)
     model.GPT.forward, type(t.optimizers[0]).step = forward, adamw_step
     losses = steps(t, env, accum=accum, micro=8 // 2 // accum, n=3)
     pointers = lambda: [None if p.grad is None else p.grad.data_ptr() for p in t.raw_model.parameters()]

@@ -7,6 +7,7 @@ import torch
 
 import checkpoint
 import model as M
+import weights
 from common import CheckpointError, EOT
 from model import GPT, GPTConfig, KVCache, sample_token
 
@@ -268,13 +269,13 @@ def test_checkpoints_that_would_run_code_or_are_not_checkpoints_are_refused(tmp_
 def test_mismatched_weights_are_named_not_silently_skipped():
     a, b = tiny("gpt2"), tiny("modern")
     with pytest.raises(CheckpointError, match="missing"):
-        M.load_state(b, a.state_dict())
+        weights.load_state(b, a.state_dict())
 
 
 def test_compile_and_ddp_prefixes_are_stripped_in_any_nesting():
     w = torch.zeros(1)
     keys = {"module._orig_mod.lm_head.weight": w, "_orig_mod.module.x": w, "module.module.y": w, "z": w}
-    assert set(M.strip_wrapper_prefixes(keys)) == {"lm_head.weight", "x", "y", "z"}
+    assert set(weights.strip_wrapper_prefixes(keys)) == {"lm_head.weight", "x", "y", "z"}
 
 
 @pytest.mark.parametrize("cap", [0.0, 15.0])

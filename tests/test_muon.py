@@ -3,8 +3,11 @@ import pytest
 import torch
 
 import model as M
-import train_gpt2 as T
+
 from muon import Muon, newton_schulz
+import flags as F
+import optim as O
+import startup as U
 
 needs_torch_muon = pytest.mark.skipif(not hasattr(torch.optim, "Muon"),
                                       reason="torch.optim.Muon, the reference, is in torch 2.9 and later")
@@ -74,16 +77,16 @@ def test_a_checkpoint_of_torch_muon_resumes_into_ours_with_its_momentum():
 
 def test_the_state_round_trips_so_a_resumed_step_equals_an_uninterrupted_one():
     config = M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=32, block_size=16)
-    settings = T.OptimizerSettings.from_args(T.parse_args([]))
+    settings = U.optimizer_settings(F.parse_args([]), None)
     runs = []
     for interrupted in (False, True):
         torch.manual_seed(0)
         model = M.GPT(config)
-        optimizer = T.make_optimizers(model, settings, torch.device("cpu"))[1]
+        optimizer = O.make_optimizers(model, settings, torch.device("cpu"))[1]
         for step in range(3):
             if interrupted and step == 2:  # a new optimizer, from what a checkpoint keeps
                 state = optimizer.state_dict()
-                optimizer = T.make_optimizers(model, settings, torch.device("cpu"))[1]
+                optimizer = O.make_optimizers(model, settings, torch.device("cpu"))[1]
                 optimizer.load_state_dict(state)
             torch.manual_seed(step)
             for p in optimizer.param_groups[0]["params"]:
@@ -96,7 +99,7 @@ def test_the_state_round_trips_so_a_resumed_step_equals_an_uninterrupted_one():
 def test_the_default_recipe_orthogonalises_q_k_v_and_gate_up_as_separate_matrices():
     config = M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=64, block_size=16)
     model = M.GPT(config)
-    muon = T.make_optimizers(model, T.OptimizerSettings.from_args(T.parse_args([])), torch.device("cpu"))[1]
+    muon = O.make_optimizers(model, U.optimizer_settings(F.parse_args([]), None), torch.device("cpu"))[1]
     shapes = sorted((s.rows, s.cols, len(s.params)) for s in muon._shapes[0])
     hidden = M.swiglu_width(64)
     # (64, 64): c_attn's three blocks and attn.c_proj; (hidden, 64): gate and up; (64, hidden): mlp.c_proj

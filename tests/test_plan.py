@@ -8,7 +8,14 @@ import time
 import pytest
 import torch
 
+import budget as B
+import data
+import flags as F
+import memory as Mem
+import model as M
 import plan as P
+import startup as U
+import step as S
 import train_gpt2 as T
 from helpers import metrics, prepared_data, train_args
 from runtime import Env
@@ -43,13 +50,13 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     # budget, 3% of it, covers such steps: test_the_budget_counts_every_evaluation_...).
     assert done["seconds"] <= budget + 1.5
     steps = [r for r in rows if "train_loss" in r]
-    assert steps[-1]["step"] == done["step"] > P.Pace.WARMUP_STEPS + P.Pace.TIMED_STEPS  # planned past the timing
+    assert steps[-1]["step"] == done["step"] > B.Pace.WARMUP_STEPS + B.Pace.TIMED_STEPS  # planned past the timing
     assert steps[-1]["lr"] == pytest.approx(3e-4)  # --min_lr: the decay ended with the budget
     assert rows[-2]["step"] == done["step"] and "val_loss" in rows[-2]  # the last step was evaluated
     assert (save / "model_best_val.pt").exists() and (save / "latest.pt").exists()
     planned = next(r["plan"] for r in rows if "plan" in r)
     assert set(planned) == {"seconds", "steps", "tokens", "data_tokens", "epochs", "cost"}
-    assert planned["data_tokens"] == T.data.TokenShards(prepared_data(args), "train").num_tokens
+    assert planned["data_tokens"] == data.TokenShards(prepared_data(args), "train").num_tokens
     assert planned["cost"] == pytest.approx(planned["seconds"] / 3600 * 3.6)
     assert done["cost"] == pytest.approx(done["seconds"] / 3600 * 3.6, rel=0.05) and "cost" in steps[-1]
     out = capsys.readouterr().out
@@ -58,12 +65,12 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
 
 
 def test_the_budget_counts_every_evaluation_due_before_the_deadline_and_the_last_one_after_it():
-    costs = P.Costs(eval_batches=1, eval_interval=10, hellaswag_interval=0, hellaswag_tokens=0, tokens_per_step=1,
+    costs = B.Costs(eval_batches=1, eval_interval=10, hellaswag_interval=0, hellaswag_tokens=0, tokens_per_step=1,
                     checkpoint_bytes=0, step=1.0, evaluation=100.0, write=5.0)
     assert costs.seconds(0, 10) == 10 + 100 + 5  # ten steps, then the last evaluation and the save's wait
     assert costs.seconds(0, 11) == 11 + 100 + 100 + 5  # ...and the evaluation due at step 10 on the way
     assert costs.seconds(10, 0) == 100 + 5  # ending at step 10: its evaluation is the last one
-    budget = P.Budget(1000.0, started=0.0)  # at 1 s a step, 100 s an evaluation every 10 steps
+    budget = B.Budget(1000.0, started=0.0)  # at 1 s a step, 100 s an evaluation every 10 steps
     last = budget.steps(0, now=0.0, costs=costs)
     assert costs.seconds(0, last) <= 1000 - 30 < costs.seconds(0, last + 1)  # 3% kept back
 
@@ -99,7 +106,7 @@ def test_the_plan_warns_of_data_seen_too_often_and_says_what_gives_fresh_data():
 
 def test_auto_halves_the_micro_batch_until_it_fits_and_keeps_the_loss_of_the_same_accumulation(
         corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
-    real_forward = T.GPT.forward
+    real_forward = M.GPT.forward
 
     def small_memory(self, idx, *args, **kwargs):  # a "GPU" where more than 2 sequences at once run out of memory
         if idx.size(0) > 2:
@@ -108,8 +115,8 @@ def test_auto_halves_the_micro_batch_until_it_fits_and_keeps_the_loss_of_the_sam
 
     flags = ["--max_steps", "3", "--log_interval", "1", "--eval_interval", "3"]
     assert T.main(train_args(corpus_dir, data_cache, tmp_path / "four", *flags, "--grad_accum", "4")) == 0
-    monkeypatch.setattr(T, "probes_memory", lambda device: True)
-    monkeypatch.setattr(T.GPT, "forward", small_memory)
+    monkeypatch.setattr(Mem, "probes_memory", lambda device: True)
+    monkeypatch.setattr(M.GPT, "forward", small_memory)
     capsys.readouterr()
     assert T.main(train_args(corpus_dir, data_cache, tmp_path / "auto", *flags, "--grad_accum", "auto")) == 0
     assert "--grad_accum auto: micro-batches of 2 × 32 tokens fit in cpu memory: 4 accumulation step(s)" in \
@@ -117,14 +124,14 @@ def test_auto_halves_the_micro_batch_until_it_fits_and_keeps_the_loss_of_the_sam
     losses = lambda run: [r["train_loss"] for r in metrics(tmp_path / run) if "train_loss" in r]
     assert losses("auto") == losses("four")  # the global batch, and so the loss, unchanged
     assert torch.load(tmp_path / "auto" / "latest.pt", weights_only=True)["run"]["grad_accum"] == 4
-    monkeypatch.setattr(T, "step_fits", lambda *a: pytest.fail("--resume must reuse the run's choice"))
+    monkeypatch.setattr(Mem, "step_fits", lambda *a: pytest.fail("--resume must reuse the run's choice"))
     more = train_args(corpus_dir, data_cache, tmp_path / "auto", "--max_steps", "4", "--resume", "--grad_accum", "auto")
     assert T.main(more) == 0
 
 
 def test_micro_batches_tried_halve_through_the_divisors_of_the_batch():
-    assert T.micro_batch_sizes(64) == [64, 32, 16, 8, 4, 2, 1]
-    assert T.micro_batch_sizes(24) == [24, 12, 6, 3, 1]
+    assert Mem.micro_batch_sizes(64) == [64, 32, 16, 8, 4, 2, 1]
+    assert Mem.micro_batch_sizes(24) == [24, 12, 6, 3, 1]
 
 
 def test_a_gpu_torch_cannot_use_stops_the_run_in_two_lines_naming_the_build_and_the_fix(tmp_path, monkeypatch,
@@ -138,14 +145,14 @@ def test_a_gpu_torch_cannot_use_stops_the_run_in_two_lines_naming_the_build_and_
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     args = ["--data_cache", str(tmp_path / "cache"), "--save_dir", str(tmp_path / "run")]
     with pytest.raises(SystemExit) as stopped:  # in argument parsing: before any download or write
-        T.parse_args(args)
+        F.parse_args(args)
     lines = str(stopped.value.code).splitlines()
     assert len(lines) == 2 and capsys.readouterr().err == ""
     assert lines[0].startswith(f"error: this machine has NVIDIA H100 80GB HBM3 but torch {torch.__version__} "
                                "cannot use it")
     expected_index = "cu124" if torch.version.cuda else "cu128"  # the newest index the driver's CUDA 12.4 runs
     assert f"--index-url https://download.pytorch.org/whl/{expected_index}" in lines[1] and "--device cpu" in lines[1]
-    assert T.parse_args([*args, "--device", "cpu"]).device == "cpu"  # the CPU on purpose still trains
+    assert F.parse_args([*args, "--device", "cpu"]).device == "cpu"  # the CPU on purpose still trains
 
 
 def test_the_way_home_names_this_ssh_session_or_placeholders(tmp_path, monkeypatch):
@@ -187,47 +194,47 @@ def test_wandb_gets_the_flags_and_the_rows_and_its_absence_is_one_line(corpus_di
 # A budget that sizes the model (issue 26)
 
 
-def candidate(depth: int, tokens_per_s: float, seconds: float = 3600.0) -> P.Candidate:
-    config = T.model_config(T.parse_args([]), P.depth_shape(depth))
-    return P.Candidate(depth, P.scaling_params(config), 64, tokens_per_s, tokens_per_s * seconds)
+def candidate(depth: int, tokens_per_s: float, seconds: float = 3600.0) -> B.Candidate:
+    config = F.model_config(F.parse_args([]), B.depth_shape(depth))
+    return B.Candidate(depth, B.scaling_params(config), 64, tokens_per_s, tokens_per_s * seconds)
 
 
 def test_the_depth_chosen_is_the_one_whose_tokens_come_closest_to_compute_optimal():
     # An hour at a pace that falls with depth: depth 12 buys 1.3 B tokens for its 124 M parameters (10.5 a
     # parameter); depth 8 four times too many a parameter, depth 16 half too few.
     params = {d: candidate(d, 1.0).params for d in (8, 12, 16)}
-    paces = {d: 10.5 * params[d] / 3600 * ratio for d, ratio in ((8, 4.0), (12, 1.05), (16, 0.5))}
-    chosen = P.choose_depth([candidate(d, pace) for d, pace in paces.items()])
-    assert chosen.depth == 12 and chosen.tokens_per_parameter == pytest.approx(10.5 * 1.05)
-    assert P.choose_depth([candidate(8, paces[8]), candidate(16, paces[16])]).depth == 16  # 2x below beats 4x above
+    optimal = B.OPTIMAL_TOKENS_PER_PARAMETER
+    paces = {d: optimal * params[d] / 3600 * ratio for d, ratio in ((8, 4.0), (12, 1.05), (16, 0.5))}
+    chosen = B.choose_depth([candidate(d, pace) for d, pace in paces.items()])
+    assert chosen.depth == 12 and chosen.tokens_per_parameter == pytest.approx(optimal * 1.05)
+    assert B.choose_depth([candidate(8, paces[8]), candidate(16, paces[16])]).depth == 16  # 2x below beats 4x above
     assert params[12] == 123_532_032  # GPT-2 124M's shape: the matrices of its blocks and its head
 
 
 def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamws_rate_follows_batch_and_width():
-    assert P.sized_batch(12, 64, 1024, None, 1) == 64  # the flags' batch at GPT-2's depth
-    assert P.sized_batch(24, 64, 1024, None, 1) == 64  # 64 x 2^0.383 = 83, down to a power of two
-    assert P.sized_batch(2, 64, 1024, None, 1) == 32  # 64 x (1/6)^0.383 = 32.3
-    assert P.sized_batch(12, 64, 1024, tokens=P.MIN_STEPS * 1024 * 5, multiple=1) == 4  # 5 fit: 300 steps of 4
-    assert P.sized_batch(12, 64, 1024, tokens=1.0, multiple=8) == 8  # at least one sequence for each of 8 ranks
-    assert P.sized_lr(2e-3, 16, 64, 768) == pytest.approx(1e-3)  # GPT-2's width: the batch's root alone
-    assert P.sized_lr(2e-3, 64, 64, 192) == pytest.approx(4e-3)  # a quarter of the width: twice the rate
-    assert P.documents_for("HuggingFaceFW/fineweb", 950_000, 0.05) == 1000  # 1,000 tokens a document
-    assert P.documents_for("./my_texts", 950_000, 0.05) is None  # local text: what there is
+    assert B.sized_batch(12, 64, 1024, None, 1) == 64  # the flags' batch at GPT-2's depth
+    assert B.sized_batch(24, 64, 1024, None, 1) == 64  # 64 x 2^0.383 = 83, down to a power of two
+    assert B.sized_batch(2, 64, 1024, None, 1) == 32  # 64 x (1/6)^0.383 = 32.3
+    assert B.sized_batch(12, 64, 1024, tokens=B.MIN_STEPS * 1024 * 5, multiple=1) == 4  # 5 fit: 300 steps of 4
+    assert B.sized_batch(12, 64, 1024, tokens=1.0, multiple=8) == 8  # at least one sequence for each of 8 ranks
+    assert B.sized_lr(2e-3, 16, 64, 768) == pytest.approx(1e-3)  # GPT-2's width: the batch's root alone
+    assert B.sized_lr(2e-3, 64, 64, 192) == pytest.approx(4e-3)  # a quarter of the width: twice the rate
+    assert B.documents_for("HuggingFaceFW/fineweb", 950_000, 0.05) == 1000  # 1,000 tokens a document
+    assert B.documents_for("./my_texts", 950_000, 0.05) is None  # local text: what there is
 
 
 def test_a_depth_whose_budget_cuts_its_batch_is_timed_again_at_the_batch_it_will_train_at(monkeypatch):
     # A CPU's pace per token falls with the batch (here 500 tokens/s at 32 sequences, 1,000 at fewer): the
     # hour at 32 sequences buys too few tokens for 300 steps of them, so the depth is timed again at its cut.
     timed = []
-    monkeypatch.setattr(T, "candidate_pace", lambda config, env, args, batch, until: timed.append(batch) or
+    monkeypatch.setattr(B, "candidate_pace", lambda config, env, request, batch, until: timed.append(batch) or
                         (500.0 if batch == 32 else 1000.0))
-    args, env = T.parse_args(["--block_size", "1024"]), Env(torch.device("cpu"))
-    config = T.model_config(args, P.depth_shape(2))
-    c = T.timed_candidate(config, 2, env, args, 1024, time.monotonic() + 60, lambda pace: pace * 3600)
+    request, env = U.budget_request(F.parse_args(["--block_size", "1024", "--time", "1h"])), Env(torch.device("cpu"))
+    c = B.timed_candidate(request, 2, env, time.monotonic() + 60, lambda pace: pace * 3600)
     assert timed == [32, 4]  # 1.8 M tokens / 300 steps / 1,024 = 5.9 sequences: 4
     assert (c.batch, c.tokens_per_s, c.tokens) == (4, 1000.0, 3.6e6)
     timed.clear()
-    c = T.timed_candidate(config, 2, env, args, 1024, time.monotonic() + 60, lambda pace: pace * 36_000)
+    c = B.timed_candidate(request, 2, env, time.monotonic() + 60, lambda pace: pace * 36_000)
     assert timed == [32] and c.batch == 32  # ten hours leave the batch whole: timed once
 
 
@@ -238,13 +245,13 @@ def test_a_slow_step_is_drawn_from_its_parts_so_the_plan_answers_in_time(monkeyp
         timed.append(micro)
         return 0.5 + 1.0 * micro, 20.0
 
-    monkeypatch.setattr(T, "time_parts", parts)
-    monkeypatch.setattr(T, "time_random_steps", lambda *a, **k: pytest.fail("too slow to be timed whole"))
-    env = T.Env(device=torch.device("cpu"))
-    assert T.step_seconds(None, env, micro=128, accum=2, block_size=128, limit=40.0) == pytest.approx(2 * 128.5 + 20)
+    monkeypatch.setattr(S, "time_parts", parts)
+    monkeypatch.setattr(S, "time_random_steps", lambda *a, **k: pytest.fail("too slow to be timed whole"))
+    env = Env(device=torch.device("cpu"))
+    assert S.step_seconds(None, env, micro=128, accum=2, block_size=128, limit=40.0) == pytest.approx(2 * 128.5 + 20)
     assert timed == [1, 13]  # one sequence, then as many as half the time left holds: never 128
-    monkeypatch.setattr(T, "time_random_steps", lambda t, env, micro, accum, block_size: 7.0)
-    assert T.step_seconds(None, env, micro=1, accum=1, block_size=128, limit=1e4) == 7.0  # fits: timed whole
+    monkeypatch.setattr(S, "time_random_steps", lambda learner, env, micro, accum, block_size: 7.0)
+    assert S.step_seconds(None, env, micro=1, accum=1, block_size=128, limit=1e4) == 7.0  # fits: timed whole
 
 
 def sized_args(corpus_dir, data_cache, save, *extra) -> list[str]:
@@ -267,7 +274,7 @@ def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_res
     sizing = next(r["sizing"] for r in rows if "plan" in r)
     depth = sizing["depth"]
     assert f"plan: chosen: depth {depth} ({depth} layers, width {64 * depth}, {depth} heads)" in out
-    assert sizing["seconds"] <= max(P.CHOOSING_SHARE * budget, P.CHOOSING_MIN_S) + 5  # the choice's share, and
+    assert sizing["seconds"] <= max(B.CHOOSING_SHARE * budget, B.CHOOSING_MIN_S) + 5  # the choice's share, and
     done = next(r for r in rows if r.get("event") == "done")  # the whole run, inside the budget (as the
     assert done["seconds"] <= budget + 1.5  # 12-second test above allows, beside other tests on 2 cores)
     last = [r for r in rows if "train_loss" in r][-1]
@@ -292,8 +299,8 @@ def test_explicit_shape_flags_keep_their_meaning_under_a_budget(corpus_dir, data
 
 
 def test_what_the_budget_chose_is_said_in_plain_words_with_its_figures():
-    sizing = P.Sizing(depth=2, batch=2, lr=8.66e-4, min_lr=8.66e-5, sample_size=None, seconds=6.7,
-                      candidates=[P.Candidate(2, 6_900_000, 2, 1272.0, 203_710.0)])
+    sizing = B.Sizing(depth=2, batch=2, lr=8.66e-4, min_lr=8.66e-5, sample_size=None, seconds=6.7,
+                      candidates=[B.Candidate(2, 6_900_000, 2, 1272.0, 203_710.0)])
     assert sizing.lines("cpu", block_size=256, lr=0.002, muon_lr=0.02, reference_batch=64) == [
         "plan: --time chooses the model by timing its family on this cpu (6.7 s): depth 2 at 1,272 tokens/s",
         "plan: chosen: depth 2 (2 layers, width 128, 2 heads), 6.9 M parameters in its matrices and head; the budget "

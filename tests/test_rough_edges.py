@@ -10,11 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+import budget as B
 import checkpoint
 import common
+import flags as F
+import memory as Mem
 import model as M
 import plan as P
-import train_gpt2 as T
+
 from helpers import REPO, child_env, run_script
 
 GB = 10 ** 9
@@ -40,23 +43,23 @@ def test_free_memory_in_a_container_is_its_cgroup_v2_limit_less_what_it_uses_but
     proc, cgroups = fake_machine(tmp_path, "0::/docker/abc\n", {
         "docker/abc/memory.max": f"{8 * GB}\n", "docker/abc/memory.current": f"{3 * GB}\n",
         "docker/abc/memory.stat": f"anon {2 * GB}\nactive_file 1\ninactive_file {GB}\n"})
-    assert P.available_memory(proc, cgroups) == 6 * GB  # 8 - 3, of which 1 is cache the kernel gives back
+    assert Mem.available_memory(proc, cgroups) == 6 * GB  # 8 - 3, of which 1 is cache the kernel gives back
 
 
 def test_free_memory_under_cgroup_v1_is_its_limit_less_its_usage(tmp_path):
     proc, cgroups = fake_machine(tmp_path, "12:pids:/x\n4:memory:/docker/abc\n0::/\n", {
         "memory/docker/abc/memory.limit_in_bytes": f"{8 * GB}\n",
         "memory/docker/abc/memory.usage_in_bytes": f"{5 * GB}\n"})
-    assert P.available_memory(proc, cgroups) == 3 * GB
+    assert Mem.available_memory(proc, cgroups) == 3 * GB
 
 
 def test_a_parents_cgroup_limit_binds_and_without_limits_memavailable_stands(tmp_path):
     proc, cgroups = fake_machine(tmp_path, "0::/user.slice/run.scope\n", {
         "user.slice/memory.max": f"{4 * GB}\n", "user.slice/memory.current": f"{GB}\n",
         "user.slice/run.scope/memory.max": "max\n", "user.slice/run.scope/memory.current": f"{GB}\n"})
-    assert P.available_memory(proc, cgroups) == 3 * GB
+    assert Mem.available_memory(proc, cgroups) == 3 * GB
     (cgroups / "user.slice" / "memory.max").write_text("max\n")
-    assert P.available_memory(proc, cgroups) == int(14.2 * GB / 1024) * 1024
+    assert Mem.available_memory(proc, cgroups) == int(14.2 * GB / 1024) * 1024
 
 
 def test_free_memory_under_ulimit_v_is_the_address_space_left():
@@ -88,7 +91,7 @@ def test_a_duration_that_is_not_one_is_refused(text):
 
 
 def test_the_issues_time_budget_is_accepted_by_the_training_script():
-    assert T.parse_args(["--time", "4min", "--device", "cpu"]).time == 240
+    assert F.parse_args(["--time", "4min", "--device", "cpu"]).time == 240
 
 
 @pytest.mark.parametrize("script, flags, message", [
@@ -205,16 +208,16 @@ def test_the_laptop_requirements_name_what_sampling_and_the_exports_import_and_n
 
 
 def test_a_cpu_run_of_hours_is_told_to_let_the_budget_choose_or_to_take_a_smaller_shape():
-    advice = P.cpu_advice("cpu", 32 * 3600 + 20 * 60)
+    advice = B.cpu_advice("cpu", 32 * 3600 + 20 * 60)
     assert len(advice) == 1 and advice[0].startswith("warning: 32 h 20 min is long for a CPU: --time 10m")
     assert "--n_layer 4 --n_head 4 --n_embd 256" in advice[0]
-    T.parse_args(["--time", "10m", "--n_layer", "4", "--n_head", "4", "--n_embd", "256"])  # the flags it names exist
-    assert P.cpu_advice("cpu", 50 * 60) == [] and P.cpu_advice("cuda", 32 * 3600) == []
+    F.parse_args(["--time", "10m", "--n_layer", "4", "--n_head", "4", "--n_embd", "256"])  # the flags it names exist
+    assert B.cpu_advice("cpu", 50 * 60) == [] and B.cpu_advice("cuda", 32 * 3600) == []
 
 
 def test_the_familys_smallest_model_is_not_told_to_be_smaller():
     plan = P.Plan(params=7_000_000, params_non_embedding=6_900_000, tokens_per_step=512, sample_size=0, steps=400,
-                  depth=P.DEPTHS[0])
+                  depth=B.DEPTHS[0])
     (warning,) = plan.warnings()
     assert "0.03 tokens a parameter" in warning and "smaller model" not in warning
     assert "the budget is short for any of them: more time, or a GPU, would learn more" in warning

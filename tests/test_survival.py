@@ -16,6 +16,8 @@ import eval as E
 import plan as P
 import train_gpt2 as T
 from helpers import REPO, child_env, metrics, script_command, train_args, wait_for
+import flags as F
+import memory as Mem
 
 STEPS = ["--max_steps", "16", "--eval_interval", "1000", "--checkpoint_interval", "1000", "--dropout", "0.1"]
 
@@ -128,9 +130,9 @@ def test_resume_names_each_changed_setting_keeps_the_decayed_rate_and_counts_the
 
 def test_a_cpu_step_too_large_for_memory_is_refused_before_the_run_or_accumulated(
         corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
-    per_sequence = P.step_bytes(T.model_config(T.parse_args(train_args(corpus_dir, data_cache, tmp_path))), 2, 0,
+    per_sequence = Mem.step_bytes(F.model_config(F.parse_args(train_args(corpus_dir, data_cache, tmp_path))), 2, 0,
                                 False)
-    monkeypatch.setattr(T, "available_memory", lambda: int(2.6 * per_sequence))  # 2 sequences' step fits, 8 do not
+    monkeypatch.setattr(Mem, "available_memory", lambda: int(2.6 * per_sequence))  # 2 sequences' step fits, 8 do not
     with pytest.raises(SystemExit) as refused:
         T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "2", "--grad_accum", "1"))
     message = str(refused.value.code)
@@ -162,14 +164,14 @@ def test_without_matplotlib_the_run_says_once_that_it_draws_no_picture(tmp_path,
 
 
 # A step that raises after the first one: a bug (its traceback), or the CPU allocator out of memory (one line).
-FAILING_STEP = """import sys, train_gpt2 as T
-real, calls, message = T.step_optimizers, [], sys.argv.pop()
+FAILING_STEP = """import sys, step, train_gpt2 as T
+real, calls, message = step.step_optimizers, [], sys.argv.pop()
 def failing(*args, **kwargs):
     calls.append(1)
     if len(calls) > 1:
         raise RuntimeError(message)
     return real(*args, **kwargs)
-T.step_optimizers = failing
+step.step_optimizers = failing
 sys.exit(T.main(sys.argv[1:]))"""
 
 

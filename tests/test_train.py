@@ -14,6 +14,11 @@ import model as M
 import plan as P
 import runtime
 import train_gpt2 as T
+import flags as F
+import optim as O
+import step as S
+import startup as U
+import data
 
 
 def final_val_loss(save_dir: Path) -> float:
@@ -21,18 +26,20 @@ def final_val_loss(save_dir: Path) -> float:
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
-    lr = lambda s: T.lr_scale(s, warmup=10, max_steps=100, schedule="cosine", cooldown_frac=0.5, floor=0.1)
+    lr = lambda s: O.lr_scale(s, warmup=10, max_steps=100, schedule="cosine", cooldown_frac=0.5, floor=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)
     assert lr(99) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(10, 99))
-    assert T.lr_scale(0, warmup=0, max_steps=1, schedule="cosine", cooldown_frac=0.5, floor=0.1) == pytest.approx(1.0)
+    assert O.lr_scale(0, warmup=0, max_steps=1, schedule="cosine", cooldown_frac=0.5, floor=0.1) == pytest.approx(1.0)
 
 
-def test_the_default_warmup_is_700_steps_or_a_tenth_of_a_shorter_run_and_a_given_one_is_kept_where_it_fits():
-    assert T.fitting_warmup(None, 19_073) == 700 and T.fitting_warmup(None, 836) == 83  # not 700 of 836
-    assert T.fitting_warmup(500, 836) == 500 and T.fitting_warmup(500, 6) == 0  # given: kept, or 10% of a short run
-    assert T.warmup_note(None, 6) == [] and T.warmup_note(500, 836) == []
-    assert "does not fit in a run of 6 steps" in T.warmup_note(500, 6)[0]
+def test_the_default_warmup_is_llm_cs_or_a_tenth_of_a_shorter_run_and_a_given_one_is_kept_where_it_fits():
+    default = O.DEFAULT_WARMUP_STEPS
+    assert O.fitting_warmup(None, 100 * default) == default
+    assert O.fitting_warmup(None, default + 136) == (default + 136) // 10  # not most of the run
+    assert O.fitting_warmup(500, 836) == 500 and O.fitting_warmup(500, 6) == 0  # given: kept, or 10% of a short run
+    assert O.warmup_note(None, 6) == [] and O.warmup_note(500, 836) == []
+    assert "does not fit in a run of 6 steps" in O.warmup_note(500, 6)[0]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -56,7 +63,7 @@ def test_the_default_warmup_is_700_steps_or_a_tenth_of_a_shorter_run_and_a_given
 ])
 def test_invalid_flags_end_in_argument_parsing_with_one_line(flags, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        T.parse_args(flags)
+        F.parse_args(flags)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and ": error: " in err[0] and message in err[0]
@@ -129,14 +136,13 @@ def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(co
 def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(optimizer, monkeypatch):
     config = M.GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=32, block_size=16)
     env = runtime.Env(device=torch.device("cpu"))
-    t = T.build(config, env, T.OptimizerSettings.from_args(T.parse_args(["--optimizer", optimizer])), seed=0)
+    t = S.build(config, env, U.optimizer_settings(F.parse_args(["--optimizer", optimizer]), None), seed=0)
     x = torch.randint(0, 1000, (4, 17))
-    step = lambda s: T.update(t, [(x[:, :-1], x[:, 1:])], env=env, step=s, seed=0, grad_clip=1.0, lr_scale=1.0,
-                              muon_momentum=0.9)
+    step = lambda s: S.train_step(t, [(x[:, :-1], x[:, 1:])], env, step=s, seed=0, grad_clip=1.0)
     step(0)  # optimizer state exists from here on
     before = copy.deepcopy(([p.detach() for p in t.raw_model.parameters()], [o.state_dict() for o in t.optimizers]))
-    real_forward = T.GPT.forward
-    monkeypatch.setattr(T.GPT, "forward", lambda self, *a, **k: (lambda out: (out[0], out[1] * float("inf")))(
+    real_forward = M.GPT.forward
+    monkeypatch.setattr(M.GPT, "forward", lambda self, *a, **k: (lambda out: (out[0], out[1] * float("inf")))(
         real_forward(self, *a, **k)))  # an infinite loss: every gradient is inf or nan
     stats = step(1)
     assert not torch.isfinite(stats[:2]).all()
@@ -147,7 +153,7 @@ def test_a_non_finite_step_changes_no_weight_and_no_optimizer_state(optimizer, m
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoints_before_it(corpus_dir, data_cache, tmp_path,
                                                                             monkeypatch, optimizer):
-    real_forward, steps = T.GPT.forward, []
+    real_forward, steps = M.GPT.forward, []
 
     def poisoned(self, idx, targets=None, **kwargs):  # step 3's loss is nan (its update is skipped: the test above)
         logits, loss = real_forward(self, idx, targets, **kwargs)
@@ -155,7 +161,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_checkpoints_before_it(cor
             steps.append(len(steps))
         return logits, (loss * float("nan") if self.training and steps[-1] == 3 else loss)
 
-    monkeypatch.setattr(T.GPT, "forward", poisoned)
+    monkeypatch.setattr(M.GPT, "forward", poisoned)
     # latest.pt holds 3 finished steps; the poisoned one that follows is caught while the next one runs
     # (the check is deferred a step so the CPU never waits for the GPU), before any log or save.
     with pytest.raises(SystemExit, match="not finite at step 3; stopped before its update"):
@@ -192,7 +198,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, 
     def oom(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(T, "update", oom)
+    monkeypatch.setattr(T, "train_step", oom)
     with pytest.raises(SystemExit) as exit_info:
         T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "2"))
     message = str(exit_info.value.code)
@@ -323,7 +329,7 @@ def test_two_machines_without_a_shared_disk_resume_from_rank_0s_checkpoint(corpu
 
 
 def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_last_step():
-    lr = lambda s: T.lr_scale(s, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4, floor=0.1)
+    lr = lambda s: O.lr_scale(s, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4, floor=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
     assert all(lr(s) == 1.0 for s in range(10, 61))  # stable until the last 40% (steps 60..99)
     assert lr(99) == pytest.approx(0.1) and lr(80) == pytest.approx(1.0 - 0.9 * 20 / 39)
@@ -332,24 +338,24 @@ def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_l
 
 def test_a_run_whose_length_the_data_has_not_settled_takes_each_rate_only_where_no_length_changes_it():
     for kind, warmup in (("wsd", None), ("wsd", 50), ("cosine", 50)):
-        unknown = T.Schedule(kind, warmup, None, 0.5, 0.1, at_least=4000)
+        unknown = O.Schedule(kind, warmup, None, 0.5, 0.1, at_least=4000)
         for step in (0, 10, 49, 50, 700, 1500, 1999, 2000, 3999):
             rate = unknown.lr(step)
-            lengths = [T.Schedule(kind, warmup, n, 0.5, 0.1).lr(step) for n in (4000, 4001, 9000, 10**6)]
+            lengths = [O.Schedule(kind, warmup, n, 0.5, 0.1).lr(step) for n in (4000, 4001, 9000, 10**6)]
             if rate is not None:  # known: what every longer run would give
                 assert lengths == [rate] * 4, (kind, warmup, step)
         assert unknown.lr(10) is not None or warmup is None  # a given warmup that fits is known at once
-    assert T.Schedule("wsd", None, None, 0.5, 0.1, at_least=4000).lr(0) is None  # 700, or a tenth of a shorter run
-    assert T.Schedule("wsd", None, None, 0.5, 0.1, at_least=20_000).lr(5000) == 1.0  # constant before any decay
-    assert T.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(1999) == 1.0
-    assert T.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(2000) is None  # the decay may start here
-    assert T.Schedule("cosine", 50, None, 0.5, 0.1, at_least=4000).lr(60) is None
+    assert O.Schedule("wsd", None, None, 0.5, 0.1, at_least=4000).lr(0) is None  # 700, or a tenth of a shorter run
+    assert O.Schedule("wsd", None, None, 0.5, 0.1, at_least=20_000).lr(5000) == 1.0  # constant before any decay
+    assert O.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(1999) == 1.0
+    assert O.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(2000) is None  # the decay may start here
+    assert O.Schedule("cosine", 50, None, 0.5, 0.1, at_least=4000).lr(60) is None
 
 
 def test_muon_momentum_warms_up_to_the_flag_value():
-    assert T.muon_momentum_at(0, 0.95) == pytest.approx(0.85)
-    assert T.muon_momentum_at(T.MUON_MOMENTUM_WARMUP // 2, 0.95) == pytest.approx(0.90)
-    assert T.muon_momentum_at(10 * T.MUON_MOMENTUM_WARMUP, 0.95) == pytest.approx(0.95)
+    assert O.muon_momentum_at(0, 0.95) == pytest.approx(0.85)
+    assert O.muon_momentum_at(O.MUON_MOMENTUM_WARMUP // 2, 0.95) == pytest.approx(0.90)
+    assert O.muon_momentum_at(10 * O.MUON_MOMENTUM_WARMUP, 0.95) == pytest.approx(0.95)
 
 
 @pytest.mark.parametrize("arch, untie", [("gpt2", False), ("modern", True)])
@@ -357,8 +363,8 @@ def test_muon_momentum_warms_up_to_the_flag_value():
 def test_every_parameter_is_updated_by_exactly_one_optimizer_group(arch, untie, optimizer):
     config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=16, tie_embeddings=not untie)
     model = M.GPT(config)
-    args = T.parse_args(["--optimizer", optimizer])
-    optimizers = T.make_optimizers(model, T.OptimizerSettings.from_args(args), torch.device("cpu"))
+    args = F.parse_args(["--optimizer", optimizer])
+    optimizers = O.make_optimizers(model, U.optimizer_settings(args, None), torch.device("cpu"))
     grouped = [id(p) for o in optimizers for g in o.param_groups for p in g["params"]]
     assert sorted(grouped) == sorted(id(p) for p in model.parameters())  # each once, none left out
     if optimizer == "muon":
@@ -367,13 +373,13 @@ def test_every_parameter_is_updated_by_exactly_one_optimizer_group(arch, untie, 
 
 
 def test_the_default_recipe_is_the_measured_one_and_fine_tuning_defaults_to_adamw():
-    args = T.parse_args([])
-    optimizer = lambda *flags: T.OptimizerSettings.from_args(T.parse_args(list(flags))).optimizer
-    assert (T.model_config(args).arch, optimizer(), args.schedule) == (T.DEFAULT_ARCH, "muon", "wsd") == \
+    args = F.parse_args([])
+    optimizer = lambda *flags: U.optimizer_settings(F.parse_args(list(flags)), None).optimizer
+    assert (F.model_config(args).arch, optimizer(), args.schedule) == (F.DEFAULT_ARCH, "muon", "wsd") == \
         ("modern", "muon", "wsd")
     assert optimizer("--init_from", "gpt2") == "adamw"
     assert optimizer("--init_from", "gpt2", "--optimizer", "muon") == "muon"
-    assert vars(args) == vars(T.parse_args([]))  # nothing after parsing changes the flags
+    assert vars(args) == vars(F.parse_args([]))  # nothing after parsing changes the flags
 
 
 def png_width(path: Path) -> int:
@@ -395,7 +401,7 @@ def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(cor
     assert (rows[-1]["hellaswag_acc_norm"], rows[-1]["hellaswag_acc"]) == (expected["acc_norm"], expected["acc"])
     # ...and so is the validation loss: eval.py's, over the same windows (here the whole split)
     logged = [r for r in metrics(save) if "val_loss" in r][-1]
-    val = E.validation_loss(final, T.data.TokenShards(prepared_data(args), "val"), 32, torch.device("cpu"))
+    val = E.validation_loss(final, data.TokenShards(prepared_data(args), "val"), 32, torch.device("cpu"))
     assert (logged["val_loss"], logged["val_bpb"]) == pytest.approx((val["loss"], val["bpb"]), rel=1e-5)
     assert png_width(save / "loss.png") == 1400  # a second panel beside the losses
     offline = run_script("train_gpt2.py", *train_args(corpus_dir, tmp_path / "cache", tmp_path / "offline",
@@ -408,7 +414,7 @@ def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(cor
 
 
 def test_arch_options_change_single_switches_of_the_preset():
-    args = T.parse_args(["--arch", "modern", "--arch_option", "mlp=relu2", "--arch_option", "tie_embeddings=false",
+    args = F.parse_args(["--arch", "modern", "--arch_option", "mlp=relu2", "--arch_option", "tie_embeddings=false",
                          "--arch_option", "logit_softcap=15"])
-    config = T.model_config(args)
+    config = F.model_config(args)
     assert (config.mlp, config.tie_embeddings, config.logit_softcap, config.qk_norm) == ("relu2", False, 15.0, True)
