@@ -8,19 +8,21 @@ it with weights_only=True:
     config      model.GPTConfig as a dict
     step, val_loss, best_val_loss, best_step, max_steps, tokens, init_from
                 where the run was, its planned steps, the tokens trained, what it started from
-    run         what start-up derived from the flags (train_gpt2.Settings.to_dict): the batch, grad_accum,
+    run         what start-up derived from the flags (startup.Settings.to_dict): the batch, grad_accum,
                 the steps, the data flags, what --time chose
 latest.pt holds besides what --resume needs:
-    optimizer   each optimizer's state_dict, in train_gpt2.make_optimizers' order (AdamW, then Muon)
+    optimizer   each optimizer's state_dict, in optim.make_optimizers' order (AdamW, then Muon)
     scaler      GradScaler's state (fp16), or None
     args        the flags as given
 A latest.pt written before `run` existed holds the derived grad_accum in `args`; saved_run reads either.
 """
 from __future__ import annotations
 
+import math
 import pickle
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -188,10 +190,28 @@ def model_from_checkpoint(ckpt: dict) -> GPT:
 # A training run's checkpoints
 
 
-def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: dict, run: dict) -> None:
-    """model_best_val.pt: the weights, where the run was (progress: step, val_loss, ..., init_from) and what it
-    trained with (`run`: eval.py finds the run's data in it)."""
-    writer.save(save_dir / BEST, checkpoint_state(model, **progress, run=run))
+@dataclass
+class Progress:
+    """Where a run is: saved in every checkpoint of it (these fields), put back by --resume."""
+    step: int = 0
+    val_loss: float | None = None
+    best_val: float = math.inf
+    best_step: int | None = None
+    hellaswag: float | None = None  # the last acc_norm scored
+    max_steps: int | None = None  # the schedule's end as planned so far (with --time, once timed)
+    tokens: int = 0  # trained, whatever batch each step had
+
+    def fields(self, init_from: str) -> dict:
+        return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
+                "best_step": self.best_step, "max_steps": self.max_steps, "tokens": self.tokens,
+                "init_from": init_from}
+
+
+def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: Progress, init_from: str,
+              run: dict) -> None:
+    """model_best_val.pt: the weights, where the run was and what it started from, and what it trained with
+    (`run`: eval.py finds the run's data in it)."""
+    writer.save(save_dir / BEST, checkpoint_state(model, **progress.fields(init_from), run=run))
 
 
 def recorded_data(spec: str) -> dict | None:
@@ -203,12 +223,12 @@ def recorded_data(spec: str) -> dict | None:
     return (load_checkpoint(path, mmap=True).get("run") or {}).get("data")
 
 
-def save_latest(writer: CheckpointWriter, save_dir: Path, model: GPT, optimizers: list, scaler, progress: dict,
-                flags: dict, run: dict) -> None:
+def save_latest(writer: CheckpointWriter, save_dir: Path, model: GPT, optimizers: list, scaler, progress: Progress,
+                init_from: str, flags: dict, run: dict) -> None:
     """latest.pt: model_best_val.pt's fields and everything --resume needs. The data position and every
-    random draw follow from (seed, step) (train_gpt2.micro_seed), so no generator state is saved."""
+    random draw follow from (seed, step) (step.micro_seed), so no generator state is saved."""
     writer.save(save_dir / LATEST, checkpoint_state(
-        model, **progress, optimizer=[optimizer.state_dict() for optimizer in optimizers],
+        model, **progress.fields(init_from), optimizer=[optimizer.state_dict() for optimizer in optimizers],
         scaler=scaler.state_dict() if scaler is not None else None, args=flags, run=run))
 
 
@@ -233,7 +253,7 @@ def read_latest(save_dir: Path, optimizer: str, init_from: str) -> dict:
 
 
 def saved_run(ckpt: dict) -> dict:
-    """What start-up derived for the run latest.pt continues (train_gpt2.Run.to_dict); for a checkpoint of
+    """What start-up derived for the run latest.pt continues (startup.Settings.to_dict); for a checkpoint of
     before `run` existed, the part its `args` held (they were the derived values then)."""
     if "run" in ckpt:
         return ckpt["run"]
@@ -241,15 +261,18 @@ def saved_run(ckpt: dict) -> dict:
     return {k: args[k] for k in ("grad_accum", "optimizer") if isinstance(args.get(k), (int, str))}
 
 
-def restore(ckpt: dict, model: GPT, optimizers: list, scaler) -> dict:
-    """latest.pt's weights and optimizer states put back; its progress fields returned."""
+def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: int) -> Progress:
+    """latest.pt's weights and optimizer states put back; where the run was (a checkpoint that does not count
+    its tokens trained them at tokens_per_step)."""
     load_state(model, ckpt["model"])
     states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
     for optimizer, state in zip(optimizers, states, strict=True):
         optimizer.load_state_dict(state)
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
-    return {k: ckpt.get(k) for k in ("step", "val_loss", "best_val_loss", "best_step", "max_steps", "tokens")}
+    best, tokens = ckpt.get("best_val_loss"), ckpt.get("tokens")
+    return Progress(ckpt["step"], ckpt.get("val_loss"), math.inf if best is None else best, ckpt.get("best_step"),
+                    max_steps=ckpt.get("max_steps"), tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens)
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

@@ -1,17 +1,14 @@
-"""Text to GPT-2 token shards, and shards to training batches.
+"""Where the text comes from and how it becomes GPT-2 token shards, prepared behind the training.
 
-As a script, `python data.py [--dataset ...]` prepares the data and prints a one-line summary, so the
-data can be ready before a GPU is rented. As a module, train_gpt2.py calls `add_data_args`, `prepare`,
-`TokenShards`, `BatchSource` and `micro_batches`: a training batch goes from a shard file to the model
-in three hops, micro_batches -> BatchSource.__getitem__ -> TokenShards.read (BatchSource's docstring
-is the contract).
+Sources: FineWeb's and FineWeb-Edu's sample-10BT arrive already in GPT-2 tokens (fineweb.py); any other Hub
+dataset is streamed with `datasets` (only about --sample_size documents are fetched) and tokenized; local text
+is a file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet. With --chat the records
+are conversations (lists of messages), rendered by chat.py. `route` decides which, `Preparation` runs it on a
+thread while training reads the shards as they appear (shards.TokenShards), validation's first: the first
+documents of the source, --val_split of them up to shards.VAL_TOKENS. batches.py makes batches of the shards.
 
-Sources: a Hugging Face Hub dataset streamed with `datasets` (only about --sample_size documents are
-fetched), or a local file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet.
-With --chat the records are conversations (lists of messages), rendered by chat.py; their batches are
-whole conversations packed into rows (PackedConversations), the loss on the assistant's tokens only.
-Shards use llm.c's layout (a 256 x int32 header: magic, version, token count; then uint16 tokens), so
-they interchange with llm.c. A cache directory is complete only once its manifest.json exists.
+As a script, `python data.py [--dataset ...]` prepares all of it in the foreground and prints a one-line summary,
+so the data can be ready before a GPU is rented.
 """
 import argparse
 import base64
@@ -153,7 +150,9 @@ def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None 
                    help="the field holding the text (.jsonl/.json/.parquet/Hub); default text, or messages with --chat")
     g.add_argument("--sample_size", type=positive_int, default=None if sample_size_help else d.sample_size,
                    help=sample_size_help or "documents to use")
-    g.add_argument("--val_split", type=open_fraction, default=d.val_split, help="fraction of documents held out")
+    g.add_argument("--val_split", type=open_fraction, default=d.val_split,
+                   help="the share of documents held out for validation: the source's first ones, at most "
+                        f"{VAL_TOKENS:,} tokens (FineWeb's pre-tokenized validation is the speedrun's: this is ignored)")
     g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
     g.add_argument("--chat", action="store_true",
                    help="the records are conversations, lists of {role: system|user|assistant, content} messages; "

@@ -256,9 +256,12 @@ class HubStandIn:
                 time.sleep(delay(path.name))
                 ranged = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
                 start = int(ranged[1]) if ranged else 0
-                self.send_response(206 if start else 200)
-                self._head(path, start)
-                self.wfile.write(path.read_bytes()[start:])
+                try:
+                    self.send_response(206 if start else 200)
+                    self._head(path, start)
+                    self.wfile.write(path.read_bytes()[start:])
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed while it waited
+                    return
                 stand_in.served.append((path.name, time.monotonic()))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)

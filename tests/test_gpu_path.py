@@ -186,7 +186,7 @@ def test_out_of_memory_inside_adamws_state_set_up_leaves_nothing_for_the_next_tr
 TWO_RANK_PROBE = textwrap.dedent("""
     import json, sys, torch
     sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
-    import model, runtime, train_gpt2 as T
+    import memory as Mem, model, runtime, step as S
     from test_gpu_path import random_batch, steps, tiny_learner
     env, _ = runtime.setup_env("cpu", None, False)
     t, _ = tiny_learner(world=2)

@@ -50,7 +50,7 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     # budget, 3% of it, covers such steps: test_the_budget_counts_every_evaluation_...).
     assert done["seconds"] <= budget + 1.5
     steps = [r for r in rows if "train_loss" in r]
-    assert steps[-1]["step"] == done["step"] > B.Pace.WARMUP_STEPS + B.Pace.TIMED_STEPS  # planned past the timing
+    assert steps[-1]["step"] == done["step"] > S.WARMUP_STEPS + S.TIMED_STEPS  # planned past the timing
     assert steps[-1]["lr"] == pytest.approx(3e-4)  # --min_lr: the decay ended with the budget
     assert rows[-2]["step"] == done["step"] and "val_loss" in rows[-2]  # the last step was evaluated
     assert (save / "model_best_val.pt").exists() and (save / "latest.pt").exists()

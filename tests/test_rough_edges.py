@@ -64,9 +64,9 @@ def test_a_parents_cgroup_limit_binds_and_without_limits_memavailable_stands(tmp
 
 def test_free_memory_under_ulimit_v_is_the_address_space_left():
     # In a child: the limit is set on the process that reads it, as `ulimit -v` sets it on a shell's children.
-    code = ("import os, resource, plan; size = int(open('/proc/self/statm').read().split()[0]) * os.sysconf("
+    code = ("import os, resource, memory; size = int(open('/proc/self/statm').read().split()[0]) * os.sysconf("
             "'SC_PAGE_SIZE'); resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY)); "
-            "print(plan.available_memory())")
+            "print(memory.available_memory())")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
@@ -217,9 +217,9 @@ def test_a_cpu_run_of_hours_is_told_to_let_the_budget_choose_or_to_take_a_smalle
 
 def test_the_familys_smallest_model_is_not_told_to_be_smaller():
     plan = P.Plan(params=7_000_000, params_non_embedding=6_900_000, tokens_per_step=512, sample_size=0, steps=400,
-                  depth=B.DEPTHS[0])
+                  smallest=True)
     (warning,) = plan.warnings()
     assert "0.03 tokens a parameter" in warning and "smaller model" not in warning
     assert "the budget is short for any of them: more time, or a GPU, would learn more" in warning
-    plan.depth = None  # a shape the flags gave: a smaller one is still advice
+    plan.smallest = False  # a shape the flags gave, or a larger depth: a smaller one is still advice
     assert "a smaller model or a longer run would learn more" in plan.warnings()[0]

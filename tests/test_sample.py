@@ -10,7 +10,7 @@ import torch
 import cpu_decoding
 import checkpoint
 import model as M
-import weights
+from weights import model_with_weights
 import sample
 from common import EOT
 from helpers import REPO, child_env, one_torch_thread, run_script
@@ -155,7 +155,7 @@ def test_int8_weights_keep_the_logits_within_2_percent_and_fp32s_next_token_9_ti
     torch.manual_seed(0)
     config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64)
     fp32 = M.GPT(config).eval()
-    int8 = cpu_decoding.quantize_int8(weights.model_with_weights(config, fp32.state_dict()))
+    int8 = cpu_decoding.quantize_int8(model_with_weights(config, fp32.state_dict()))
     assert isinstance(int8.lm_head, cpu_decoding.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16
     tokens = torch.randint(0, config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -185,9 +185,9 @@ def test_quantizing_in_pieces_of_rows_on_threads_gives_the_model_quantized_whole
     config = M.GPTConfig.from_preset("gpt2", n_layer=1, n_head=2, n_embd=64, block_size=32)
     weights = M.GPT(config).state_dict()
     quantize = cpu_decoding.quantize_int8 if layout == "int8" else cpu_decoding.quantize_int4
-    whole = quantize(weights.model_with_weights(config, weights))
+    whole = quantize(model_with_weights(config, weights))
     monkeypatch.setattr(cpu_decoding, "QUANTIZE_ROWS", 64)
-    pieces = quantize(weights.model_with_weights(config, weights))
+    pieces = quantize(model_with_weights(config, weights))
     for a, b in zip(whole.state_dict().values(), pieces.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 

@@ -98,7 +98,7 @@ def test_a_new_run_refuses_an_earlier_runs_best_model_and_metrics_before_writing
 def test_latest_is_saved_by_the_clock_as_well_as_by_steps(corpus_dir, data_cache, tmp_path, monkeypatch):
     saved = []
     real_save = checkpoint.save_latest
-    monkeypatch.setattr(checkpoint, "save_latest", lambda *a: saved.append(a[5]["step"]) or real_save(*a))
+    monkeypatch.setattr(checkpoint, "save_latest", lambda *a: saved.append(a[5].step) or real_save(*a))
     monkeypatch.setattr(T, "FIRST_SAVE_S", 0.0)  # the first save by the clock falls due at once, the next never
     monkeypatch.setattr(T, "SAVE_EVERY_S", 1e9)
     assert T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "5",

@@ -374,7 +374,7 @@ def test_every_parameter_is_updated_by_exactly_one_optimizer_group(arch, untie, 
 
 def test_the_default_recipe_is_the_measured_one_and_fine_tuning_defaults_to_adamw():
     args = F.parse_args([])
-    optimizer = lambda *flags: U.optimizer_settings(F.parse_args(list(flags)), None).optimizer
+    optimizer = lambda *flags: U.optimizer_settings(F.parse_args(list(flags)), None).kind
     assert (F.model_config(args).arch, optimizer(), args.schedule) == (F.DEFAULT_ARCH, "muon", "wsd") == \
         ("modern", "muon", "wsd")
     assert optimizer("--init_from", "gpt2") == "adamw"
