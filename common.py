@@ -224,6 +224,19 @@ def unusable_gpu_message(gpu: str, torch_version: str, torch_cuda: str | None) -
             f"(CUDA wheels for {platform.machine()}); or pass --device cpu to run on the CPU on purpose")
 
 
+def cpu_has_fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 bf16 or AMX on x86, the BF16 ISA on Arm).
+
+    Only then can bf16 weights be packed for it; elsewhere bf16 runs on aten's own kernels.
+    ONEDNN_MAX_CPU_ISA=AVX2 turns it off (checked on torch 2.14.1).
+    """
+    import torch
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a private probe: absent in builds without oneDNN
+        return False
+
+
 def cuda_has_bf16() -> bool:
     """Native bf16 only: older GPUs (V100, T4) emulate it, slower than fp16 with loss scaling."""
     import torch

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_write
+from common import atomic_write, cpu_has_fast_bf16
 from model import GPT
 
 # int4's kernel and its packing came in torch 2.6 (pytorch PR 139611); requirements.txt allows 2.4.
@@ -63,18 +63,6 @@ QUANTIZE_BLOCK = 2**18  # weights quantized at a time: 1 MB of fp32, so its temp
 # them): a probe taken under other limits says nothing about these.
 ISA_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS",
                  "FBGEMM_ENABLE_INSTRUCTIONS")
-
-
-def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 matmuls natively on this CPU (AVX-512 bf16 or AMX on x86, the BF16 ISA on Arm).
-
-    Only then can bf16 weights be packed for it; elsewhere bf16 runs on aten's own kernels.
-    ONEDNN_MAX_CPU_ISA=AVX2 turns it off (checked on torch 2.14.1).
-    """
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a private probe: absent in builds without oneDNN
-        return False
 
 
 # ----------------------------------------------------------------------------------------------------

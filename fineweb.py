@@ -214,10 +214,17 @@ def _quiet_progress_bars() -> None:
     disable_progress_bars()
 
 
+SHARD_TOKENS = 100_000_000  # a training shard's tokens in these repositories
+SHARD_BYTES = 2 * SHARD_TOKENS + HEADER_BYTES
+
+
+def shards_for(tokens: float) -> int:
+    """Training shards that hold about `tokens` tokens."""
+    return max(1, -(-int(tokens) // SHARD_TOKENS))
+
+
 def describe(repo: Repo, sample_size: int, tokens_per_document: float) -> str:
     """What a run will fetch, for --plan: the shards that hold sample_size documents, at an estimate."""
-    shards = max(1, -(-int(sample_size * tokens_per_document) // 100_000_000))
-    return (f"{repo.repo_id}, already in GPT-2 tokens: about {shards:,} training shard(s) of 100 M tokens "
-            f"(200 MB each) for {sample_size:,} documents, and the validation shard; training starts once the "
-            "validation shard and the first training shard are in")
-
+    return (f"{repo.repo_id}, already in GPT-2 tokens: about {shards_for(sample_size * tokens_per_document):,} "
+            f"training shard(s) of 100 M tokens (200 MB each) for {sample_size:,} documents, and the validation "
+            "shard; training starts once the validation shard and the first training shard are in")

@@ -127,7 +127,7 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model; default on CUDA")
     r.add_argument("--num_workers", type=non_negative_int, default=2,
-                   help="processes that read and pin batches ahead of the GPU (0: the training process itself)")
+                   help="threads that read batches ahead of the model (0: the training thread itself)")
     r.add_argument("--eval_interval", type=positive_int, default=250, help="steps between validation runs")
     r.add_argument("--eval_iters", type=positive_int, default=20,
                    help="validation batches per evaluation (at most one pass over the validation split)")

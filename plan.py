@@ -128,6 +128,7 @@ class Plan:
     step_seconds: float | None = None
     price_per_hour: float | None = None
     smallest: bool = False  # the smallest model --time chooses from (budget.DEPTHS[0])
+    disk_bytes: int | None = None  # what the data takes on disk, where not its tokens' (whole downloaded shards)
 
     @property
     def tokens(self) -> int | None:
@@ -154,7 +155,7 @@ class Plan:
     def data_line(self) -> str:
         if self.data_tokens is None:
             return f"plan: data: size unknown until prepared ({self.data_basis})"
-        size = f"{human_bytes(self.data_tokens * SHARD_BYTES_PER_TOKEN)} of shards on disk"
+        size = f"{human_bytes(self.disk_bytes or self.data_tokens * SHARD_BYTES_PER_TOKEN)} of shards on disk"
         if not self.data_basis:
             return f"plan: data: {self.data_tokens:,} training tokens, {size}"
         return f"plan: data: about {self.data_tokens:,} training tokens ({self.data_basis}), {size}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from common import UserError, cuda_has_bf16, pick_device
+from common import UserError, cpu_has_fast_bf16, cuda_has_bf16, pick_device
 
 
 @dataclass
@@ -61,7 +61,10 @@ def choose_amp(requested: bool | None, kind: str) -> tuple[torch.dtype | None, s
             return torch.bfloat16, None
         return torch.float16, "--amp: this GPU lacks bf16, so fp16 with loss scaling"
     if kind == "cpu" and requested:
-        return torch.bfloat16, "--amp on the CPU: bf16 autocast (fast only on CPUs with AVX-512 bf16 or AMX)"
+        if cpu_has_fast_bf16():
+            return torch.bfloat16, "--amp on the CPU: bf16 autocast"
+        # Without native bf16, torch emulates it: many times slower than fp32 (BENCHMARKS.md, "Memory").
+        return None, "--amp: this CPU has no native bf16 (AVX-512 bf16 or AMX), where bf16 is far slower: fp32"
     if requested:
         return None, f"--amp: not used on {kind}; training in fp32"
     return None, None

@@ -27,7 +27,7 @@ from optim import OptimizerSettings, Schedule, fitting_warmup, warmup_note
 from plan import TOKENS_PER_DOCUMENT, Plan, estimated_data_tokens
 from runtime import Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, local_rank0_first, \
     only_on_rank0
-from shards import TokenShards
+from shards import VAL_TOKENS, TokenShards
 from step import Learner, build
 from weights import parameter_counts
 
@@ -363,13 +363,18 @@ def load_hellaswag(args, env: Env, say: Callable) -> list | None:
 
 def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec) -> Plan:
     """What can be known before any download: the model's size, the tokens of a step, and the data's size
-    estimated from --sample_size (exact once prepared)."""
+    estimated from --sample_size (exact once it has all arrived)."""
     params, non_embedding = parameter_counts(config)
     estimate, basis = estimated_data_tokens(spec.dataset, spec.sample_size)
-    held = 0.0 if data.route(spec, probe=False).repo else args.val_split  # FineWeb's validation is a shard of its own
-    return Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
-                data_tokens=None if estimate is None else round(estimate * (1 - held)),
-                data_basis=f"{basis}, {1 - held:.0%} for training", price_per_hour=args.price_per_hour)
+    plan = Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
+                price_per_hour=args.price_per_hour,
+                data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
+                data_basis=f"{basis}, {1 - args.val_split:.0%} for training")
+    if data.route(spec, probe=False).repo and estimate is not None:  # FineWeb's validation is a shard of its own
+        plan.data_tokens = estimate
+        plan.data_basis = f"{basis}; validation: the FineWeb speedrun's {VAL_TOKENS:,} tokens"
+        plan.disk_bytes = (fineweb.shards_for(estimate) + 1) * fineweb.SHARD_BYTES
+    return plan
 
 
 def fetched(spec: data.DataSpec) -> list[str]:

@@ -260,6 +260,14 @@ def test_a_checkpoint_that_needs_pickled_code_is_refused_on_resume(corpus_dir, d
     assert result.returncode == 1 and "could run code" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_amp_on_a_cpu_without_native_bf16_trains_in_fp32_and_says_so(monkeypatch):
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: False)
+    dtype, note = runtime.choose_amp(True, "cpu")
+    assert dtype is None and "no native bf16" in note and "fp32" in note
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: True)
+    assert runtime.choose_amp(True, "cpu")[0] == torch.bfloat16 and runtime.choose_amp(None, "cpu") == (None, None)
+
+
 def test_emulated_bf16_is_not_taken_for_real_bf16(monkeypatch):
     # V100 and T4 report bf16 as supported only through emulation: fp16 with loss scaling is faster there.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
