@@ -7,6 +7,7 @@ what an uninterrupted single-process run reads.
 """
 from __future__ import annotations
 
+import atexit
 import itertools
 import threading
 from typing import Iterator
@@ -235,7 +236,7 @@ def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin
     readers = _Readers(source, first, num_workers, pin_memory)
     try:
         yield from readers
-    finally:
+    finally:  # on close(): the threads joined
         readers.close()
 
 
@@ -253,8 +254,11 @@ class _Readers:
         self.ahead = 2 * threads
         self.done: dict[int, tuple] = {}  # index -> (batch, None) or (None, exception)
         self.cond, self.stop = threading.Condition(), threading.Event()
-        for k in range(threads):
-            threading.Thread(target=self._read, daemon=True, name=f"batch reader {k}").start()
+        self.threads = [threading.Thread(target=self._read, daemon=True, name=f"batch reader {k}")
+                        for k in range(threads)]
+        for thread in self.threads:
+            thread.start()
+        atexit.register(self.close)  # whatever ends the process
 
     def _read(self) -> None:
         while True:
@@ -283,6 +287,11 @@ class _Readers:
             yield batch
 
     def close(self) -> None:
+        """The threads stopped, and gone once the batch each is reading is read: a thread still inside torch when
+        the process exits can abort it ("terminate called without an active exception")."""
         with self.cond:
             self.stop.set()
             self.cond.notify_all()
+        for thread in self.threads:
+            thread.join(timeout=10)
+        atexit.unregister(self.close)

@@ -11,6 +11,7 @@ As a script, `python data.py [--dataset ...]` prepares all of it in the foregrou
 so the data can be ready before a GPU is rented.
 """
 import argparse
+import atexit
 import base64
 import contextlib
 import functools
@@ -37,7 +38,8 @@ import chat
 import fineweb
 from common import (EOT, ArgumentParser, atomic_write, check_hub_reachable, clean_temporaries, first_line,
                     open_fraction, positive_int)
-from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, TokenShards,  # noqa: F401
+from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, Stopped,  # noqa: F401
+                    TokenShards,
                     read_json, write_json, write_shard)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
@@ -489,11 +491,12 @@ class Route:
     repo: fineweb.Repo | None = None  # the pre-tokenized shards, or None: tokenize
     note: str | None = None  # why the text is tokenized though a pre-tokenized copy exists
 
-    def run(self, spec: DataSpec, *, progress: bool = True, say=None, **tokenizing) -> Path:
+    def run(self, spec: DataSpec, *, progress: bool = True, say=None, stop: threading.Event | None = None,
+            **tokenizing) -> Path:
         say = say or (print if progress else None)
         if self.repo is not None:
-            return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say)
-        return tokenize(spec, progress=progress, say=say, **tokenizing)
+            return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop)
+        return tokenize(spec, progress=progress, say=say, stop=stop, **tokenizing)
 
 
 def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
@@ -527,7 +530,7 @@ def prepare(spec: DataSpec, *, progress: bool = True, say=None, **tokenizing) ->
 
 
 def tokenize(spec: DataSpec, *, shard_tokens: int = SHARD_TOKENS, split_seed: int = 0, progress: bool = True,
-             say=None) -> Path:
+             say=None, stop: threading.Event | None = None) -> Path:
     """Text to token shards, in this thread; returns the cache directory holding manifest.json and the shards.
 
     A complete cache made with the same settings is reused at once; an interrupted one resumes from its
@@ -549,7 +552,7 @@ def tokenize(spec: DataSpec, *, shard_tokens: int = SHARD_TOKENS, split_seed: in
     clean_temporaries(t.cache_dir)
     state = _load_progress(t.cache_dir)
     state.chat = t.source.chat
-    _tokenize_source(t.source, spec, t.cache_dir, state, shard_tokens, val_docs, documents, progress)
+    _tokenize_source(t.source, spec, t.cache_dir, state, shard_tokens, val_docs, documents, progress, stop)
     _check_split_sizes(spec, state)
     manifest = _manifest(t, spec, state, val_docs)
     write_json(t.cache_dir / "manifest.json", manifest)  # written last: it marks the cache complete
@@ -575,18 +578,6 @@ def validation_documents(spec: DataSpec, documents: int) -> int:
     return held
 
 
-def validation_split(spec: DataSpec, *, prepare: bool = True, say=None) -> TokenShards:
-    """The spec's validation split, complete, without waiting for training's: that one goes on arriving behind
-    (prepare=False: another process of this machine prepares it)."""
-    r = route(spec)
-    if r.note and say:
-        say(r.note)
-    preparation = Preparation(r, spec, say=say) if prepare else None
-    val = TokenShards(r.cache_dir, "val", failed=preparation.failed if preparation else None, arriving=True)
-    val.wait()
-    return val
-
-
 class Preparation:
     """A Route's preparation on a thread of its own, so that training begins on the first shards while the rest
     arrive (TokenShards waits where it needs more). `failed()` is what stopped it: a DataError, or any other
@@ -595,22 +586,45 @@ class Preparation:
     def __init__(self, r: Route, spec: DataSpec, say=None, **tokenizing):
         self.cache_dir = r.cache_dir
         self._error: BaseException | None = None
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(r, spec, say, tokenizing), daemon=True,
                                         name="preparing data")
         self._thread.start()
+        atexit.register(self.close)  # whatever ends the process: an error in start-up, --plan, eval.py
 
     def _run(self, r: Route, spec: DataSpec, say, tokenizing: dict) -> None:
         try:
-            r.run(spec, progress=False, say=say, **tokenizing)
+            r.run(spec, progress=False, say=say, stop=self._stop, **tokenizing)
+        except Stopped:
+            pass
         except BaseException as e:  # raised where training reads (TokenShards.wait)
             self._error = e
 
     def failed(self) -> BaseException | None:
         return self._error
 
+    def close(self) -> None:
+        """Stops it after the piece it is on (what it finished stays, for the next run to continue from), and
+        waits for that: a thread inside a C++ library when the process exits can abort it."""
+        self._stop.set()
+        self._thread.join(timeout=30)
+        atexit.unregister(self.close)
+
     def split(self, name: str) -> TokenShards:
         """One of the splits being prepared, as TokenShards reads it while it grows."""
         return TokenShards(self.cache_dir, name, failed=self.failed)
+
+
+def validation_split(spec: DataSpec, *, prepare: bool = True, say=None) -> tuple[TokenShards, Preparation | None]:
+    """The spec's validation split, complete, without waiting for training's: that one goes on arriving behind
+    (prepare=False: another process of this machine prepares it); and the preparation, to close when done."""
+    r = route(spec)
+    if r.note and say:
+        say(r.note)
+    preparation = Preparation(r, spec, say=say) if prepare else None
+    val = TokenShards(r.cache_dir, "val", failed=preparation.failed if preparation else None, arriving=True)
+    val.wait()
+    return val, preparation
 
 
 def _cache_name(source: Source, spec: DataSpec, settings: dict) -> str:
@@ -625,7 +639,7 @@ def _load_progress(cache_dir: Path) -> _Progress:
 
 
 def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Progress, shard_tokens: int,
-                     val_docs: int, documents: int, show: bool) -> None:
+                     val_docs: int, documents: int, show: bool, stop: threading.Event | None) -> None:
     """Reads (in a thread), tokenizes (on all cores) and writes shards, from where `state` says."""
     enc = get_tokenizer()
     writer = _ShardWriter(cache_dir, state, shard_tokens, val_docs)
@@ -636,6 +650,9 @@ def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Pr
     bar, started, tokens = None, time.time(), 0
     with contextlib.closing(_background(chunks)) as prefetched, ThreadPoolExecutor(THREADS) as pool:
         for chunk in prefetched:
+            if stop is not None and stop.is_set():
+                writer.flush()  # what is tokenized is kept: the next run continues after it
+                raise Stopped
             # Shown from the first chunk on, so a source that fails at once prints its error alone.
             if bar is None:
                 bar = tqdm(total=documents, initial=state.documents, unit="doc", unit_scale=True, desc="tokenizing",

@@ -801,7 +801,7 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
     """The tasks asked for; the data is read (or fails) before the model, which takes longer, is loaded. A task
     whose data cannot be downloaded is left out, and said so in results["not_scored"]; EvalError when that
     leaves nothing to score."""
-    items = shards = core = None
+    items = shards = core = preparation = None
     not_scored = {}
     if "hellaswag" in args.tasks:
         items = downloaded(env, lambda: hellaswag_items(args.hellaswag, args.data_cache)[:args.limit], "hellaswag",
@@ -811,7 +811,16 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
         core = None if bundle is None else [(task, read_task(task, args.limit)) for task in bundle]
     if "val" in args.tasks:  # the training split goes on arriving behind the scoring, for a later run
         say = (lambda line: tqdm.write(line, file=sys.stderr)) if env.master else None
-        shards = data.validation_split(data.DataSpec.from_args(args), prepare=env.local_rank == 0, say=say)
+        shards, preparation = data.validation_split(data.DataSpec.from_args(args), prepare=env.local_rank == 0,
+                                                    say=say)
+    try:
+        return score(args, env, items, shards, core, not_scored)
+    finally:
+        if preparation is not None:
+            preparation.close()
+
+
+def score(args: argparse.Namespace, env: runtime.Env, items, shards, core, not_scored: dict) -> dict:
     if len(not_scored) == len(args.tasks):  # nothing left to score (val was not asked for): an error, status 1
         raise EvalError("; ".join([*not_scored.values(), "or score the validation loss alone: --tasks val with "
                                    "the data flags of your text or run (--dataset PATH ...)"]))

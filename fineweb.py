@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common import EOT, first_line
-from shards import HEADER_BYTES, VAL_TOKENS, DataError, check_shard, write_json
+from shards import HEADER_BYTES, VAL_TOKENS, DataError, Stopped, check_shard, write_json
 
 RETRIES = 3  # a shard's download tried again after a network error (huggingface_hub resumes it), 5, 10 and 20 s apart
 _HINT_LOCAL = "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
@@ -77,9 +77,10 @@ def available(repo: Repo, dataset: str) -> bool:
                         f"{repo.repo_id}: {first_line(e)}); {_HINT_LOCAL}") from None
 
 
-def prepare(data_cache: str, repo: Repo, sample_size: int, say=None) -> Path:
+def prepare(data_cache: str, repo: Repo, sample_size: int, say=None, stop=None) -> Path:
     """The validation shard and the training shards that hold sample_size documents, downloaded in order (two at
-    a time where more are surely needed); the run's folder, its manifest.json written once all are there."""
+    a time where more are surely needed); the run's folder, its manifest.json written once all are there. `stop`,
+    an Event: set, it stops between shards (data.Stopped)."""
     folder = run_folder(data_cache, repo, sample_size)
     if (folder / "manifest.json").exists():
         return folder
@@ -94,6 +95,8 @@ def prepare(data_cache: str, repo: Repo, sample_size: int, say=None) -> Path:
     _list(folder, listed)
     index = 1
     while not reached.done:
+        if stop is not None and stop.is_set():  # what is downloaded stays: the next run takes it from there
+            raise Stopped
         path = upcoming.pop(0).result()
         if path is None:  # no such shard: the repository holds fewer documents than asked for
             reached.exhausted = True

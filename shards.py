@@ -31,6 +31,10 @@ class DataError(UserError):
     """A problem with the data the user can fix (a path, a flag, the network)."""
 
 
+class Stopped(Exception):
+    """A preparation stopped by its owner before its end (data.Preparation.close): what it wrote is kept."""
+
+
 def write_json(path: Path, obj) -> None:
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")

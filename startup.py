@@ -99,7 +99,11 @@ class Run:
     val: TokenShards | None  # complete before the first step
     hellaswag: list | None  # eval.py's items, when the run scores HellaSwag
     flags: dict  # as given, recorded with the run (its header, metrics.jsonl, latest.pt), never read to decide
-    data_failed: Callable[[], BaseException | None] = lambda: None  # what stopped the data arriving behind it
+    preparation: data.Preparation | None = None  # the data arriving behind the training, prepared here
+
+    def data_failed(self) -> BaseException | None:
+        """What stopped the data arriving behind the training, if it did (on the machine's first process)."""
+        return self.preparation.failed() if self.preparation is not None else None
 
 
 def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) -> Run:
@@ -120,7 +124,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     plan = estimated_plan(config, args, batch_size, spec)
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
     say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec)]))  # before any download
-    train, val, failed = early or ((None, None, None) if dry_run else open_data(spec, env, say))
+    train, val, preparation = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
         plan.data_tokens, plan.data_basis = train.num_tokens, ""
         say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
@@ -152,7 +156,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     progress = resume_progress(resumed, learner, settings, args, say) if resumed else \
         checkpoint.Progress(max_steps=settings.steps)
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
-    return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), failed or (lambda: None))
+    return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), preparation)
 
 
 def optimizer_settings(args, sizing: Sizing | None) -> OptimizerSettings:
@@ -180,19 +184,20 @@ def sizes_documents(args) -> bool:
     return sizes_the_model(args) and not args.sample_size and data.is_hub(args.dataset)
 
 
-def open_data(spec: data.DataSpec, env: Env, say: Callable) -> tuple[TokenShards, TokenShards, Callable]:
+def open_data(spec: data.DataSpec, env: Env, say: Callable) -> tuple[TokenShards, TokenShards,
+                                                                     data.Preparation | None]:
     """The run's data, begun behind the training by each machine's first process (the others read what it
     writes), from where rank 0 decided it comes; once its validation split is complete: the training split as
-    it arrives, the validation split, and what stopped the preparation (on this process)."""
+    it arrives, the validation split, and the preparation (this process's, or None)."""
     r = only_on_rank0(env, lambda: data.route(spec))  # asks the Hub once, for every rank
     r = broadcast_from_rank0(env, lambda: r)
     if r.note:
         say(r.note)
     preparation = data.Preparation(r, spec, say=say if env.master else None) if env.local_rank == 0 else None
-    failed = preparation.failed if preparation else (lambda: None)
+    failed = preparation.failed if preparation else None
     val = TokenShards(r.cache_dir, "val", failed=failed, arriving=True)
     val.wait()
-    return TokenShards(r.cache_dir, "train", failed=failed, arriving=True), val, failed
+    return TokenShards(r.cache_dir, "train", failed=failed, arriving=True), val, preparation
 
 
 def earlier_run(save_dir: str) -> list[str]:

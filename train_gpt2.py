@@ -156,6 +156,7 @@ class Output:
     metrics: Metrics
     bar: tqdm
     writer: checkpoint.CheckpointWriter
+    closed_with_it: list = dataclasses.field(default_factory=list)  # what runs on threads: stopped with the run
 
     @classmethod
     def open(cls, run: Run, env: Env, started: float) -> Output:
@@ -166,7 +167,16 @@ class Output:
         # A resumed run's rows past its step are dropped (a new run's folder holds no metrics.jsonl).
         metrics = Metrics(s.save_dir, step, s.wandb, run.flags, enabled=env.master)
         bar = tqdm(total=s.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
-        return cls(env, s.save_dir, started, s.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
+        out = cls(env, s.save_dir, started, s.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
+        if run.preparation is not None:
+            out.closing(run.preparation)
+        return out
+
+    def closing(self, thing):
+        """thing, whose close() stops its threads, closed with the output: a thread still inside torch or a C++
+        library when the process exits can abort it ("terminate called without an active exception")."""
+        self.closed_with_it.append(thing)
+        return thing
 
     def say(self, text: str) -> None:
         if self.env.master:
@@ -179,12 +189,15 @@ class Output:
         return None if self.price_per_hour is None else self.elapsed() / 3600 * self.price_per_hour
 
     def close(self) -> None:
-        """The last checkpoints on disk, and metrics.jsonl's wandb mirror closed, before the process ends."""
+        """The last checkpoints on disk, metrics.jsonl's wandb mirror closed and the threads stopped, before the
+        process ends."""
         self.bar.close()
         try:
             self.writer.wait()
         finally:
             self.metrics.close()
+            while self.closed_with_it:
+                self.closed_with_it.pop().close()
 
 
 def train(run: Run, env: Env, out: Output) -> int:
@@ -203,8 +216,8 @@ def train(run: Run, env: Env, out: Output) -> int:
     signals, stats, pace = SignalStop(), StatsReader(learner.scaler is not None, s.save_dir), \
         Pace(progress.step, s.tokens_per_step)
     run.batches.on_wait = lambda held: out.bar.set_postfix_str(f"waiting for data ({held:,} training tokens so far)")
-    reader = batches.micro_batches(run.batches, progress.step, num_workers=s.num_workers,
-                                   pin_memory=env.device.type == "cuda")
+    reader = out.closing(batches.micro_batches(run.batches, progress.step, num_workers=s.num_workers,
+                                               pin_memory=env.device.type == "cuda"))
     if progress.step == 0 and s.init_from != "scratch":  # where a fine-tune starts, logged as step 0
         validate(run, env, out, share=1.0)  # over the whole split, as its last; saved as the first best checkpoint
         if run.hellaswag is not None:
