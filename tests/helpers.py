@@ -6,6 +6,7 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from functools import partial
@@ -127,9 +128,54 @@ def script_command(script: str, *args: str, torchrun_ranks: int = 0) -> list[str
 
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
                input: str | None = None, cwd: Path = REPO, torchrun_ranks: int = 0) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts as a user would, offline, and capture its output."""
-    return subprocess.run(script_command(script, *args, torchrun_ranks=torchrun_ranks), cwd=cwd,
-                          env=child_env(**(env or {})), capture_output=True, text=True, timeout=timeout, input=input)
+    """Run one of the repository's scripts as a user would, offline, and capture its output: in a process of its
+    own, forked from a zygote that has imported torch (tests/zygote.py) unless the run needs a fresh interpreter
+    (torchrun, or an environment that torch or Python read as they start)."""
+    return run_command(script_command(script, *args, torchrun_ranks=torchrun_ranks), timeout, env, input, cwd,
+                       fresh=bool(torchrun_ranks))
+
+
+def run_command(command: list[str], timeout: float = 300, env: dict | None = None, input: str | None = None,
+                cwd: Path = REPO, fresh: bool = False) -> subprocess.CompletedProcess:
+    """run_script's way for a command line of this interpreter (a script, or -c CODE), `fresh` for one that
+    must start a new interpreter."""
+    if fresh or any(name.startswith(FRESH_INTERPRETER) for name in env or {}):
+        return subprocess.run(command, cwd=cwd, env=child_env(**(env or {})), capture_output=True, text=True,
+                              timeout=timeout, input=input)
+    return _ZYGOTE.run(command, cwd, child_env(**(env or {})), input, timeout)
+
+
+# Variables read when the interpreter or torch starts, which a zygote's child would not see.
+FRESH_INTERPRETER = ("PYTHON", "OMP_", "MKL_", "KMP_", "TORCH", "PYTORCH", "CUDA", "LD_")
+
+
+class Zygote:
+    """tests/zygote.py, started at this test process's first script run and asked for one run at a time."""
+
+    def __init__(self):
+        self.proc, self.lock = None, threading.Lock()
+
+    def run(self, command: list[str], cwd, env: dict, input: str | None, timeout: float) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory() as folder:
+            if self.proc is None or self.proc.poll() is not None:
+                self.proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "zygote.py")], cwd=REPO,
+                                             env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            files = {name: Path(folder) / name for name in ("stdin", "stdout", "stderr")}
+            files["stdin"].write_text(input or "", encoding="utf-8")
+            for name in ("stdout", "stderr"):
+                files[name].touch()
+            request = {"argv": command[1:], "env": env, "cwd": str(cwd), "timeout": timeout,
+                       **{name: str(path) for name, path in files.items()}}
+            self.proc.stdin.write(json.dumps(request) + "\n")
+            self.proc.stdin.flush()
+            code = json.loads(self.proc.stdout.readline())["returncode"]
+            out, err = (files[name].read_text(encoding="utf-8", errors="replace") for name in ("stdout", "stderr"))
+        if code is None:
+            raise subprocess.TimeoutExpired(command, timeout, out, err)
+        return subprocess.CompletedProcess(command, code, out, err)
+
+
+_ZYGOTE = Zygote()
 
 
 def start_script(script: str, *args: str, env: dict | None = None, cwd: Path = REPO, **popen) -> subprocess.Popen:

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import fineweb
-from helpers import (REPO as HERE, TINY_MODEL_ARGS, HubStandIn, child_env, make_corpus, metrics, run_script,
-                     wait_for, write_pretokenized)
+from helpers import (REPO as HERE, TINY_MODEL_ARGS, HubStandIn, child_env, make_corpus, metrics, run_command,
+                     run_script, wait_for, write_pretokenized)
 from shards import TokenShards
 
 REPO = fineweb.PRETOKENIZED[("HuggingFaceFW/fineweb", "sample-10BT")]
@@ -64,7 +64,7 @@ SMALL_BLOCKS = "import sys, batches, train_gpt2; batches.BLOCK_TOKENS = 2 * 8 * 
 def trainer(*flags: str, env: dict, wait: bool = True):
     command = [sys.executable, "-c", SMALL_BLOCKS, *flags]
     if wait:
-        return subprocess.run(command, cwd=HERE, env=child_env(**env), capture_output=True, text=True, timeout=300)
+        return run_command(command, env=env)
     return subprocess.Popen(command, cwd=HERE, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
@@ -77,12 +77,12 @@ def test_the_first_step_comes_before_the_last_shard_and_a_kill_while_they_arrive
     last = REPO.file("train", needed)
     hub = HubStandIn({REPO.repo_id: folder}, delay=lambda name: held.wait(120) and 0.0 if name == last else 0.0)
     flags = [*fineweb_flags(tmp_path / "cache", "--sample_size", str(wanted)), *TINY_MODEL_ARGS, "--batch_size", "8",
-             "--max_steps", "24", "--warmup_steps", "2", "--log_interval", "1", "--checkpoint_interval", "2",
-             "--eval_interval", "12", "--num_workers", "2", "--no-amp", "--no-compile", "--device", "cpu"]
+             "--max_steps", "12", "--warmup_steps", "2", "--log_interval", "1", "--checkpoint_interval", "2",
+             "--eval_interval", "6", "--num_workers", "2", "--no-amp", "--no-compile", "--device", "cpu"]
     save = tmp_path / "run"
     try:
         proc = trainer(*flags, "--save_dir", str(save), env=hub.env(), wait=False)
-        # Its 24 steps read fewer shards than its 80 documents fill: the run trains, and saves, while the last
+        # Its 12 steps read fewer shards than its 80 documents fill: the run trains, and saves, while the last
         # shard has not arrived.
         assert wait_for(lambda: (save / "latest.pt").exists(), proc, timeout=120), proc.communicate()[1][-2000:]
         proc.send_signal(signal.SIGKILL)
@@ -98,7 +98,7 @@ def test_the_first_step_comes_before_the_last_shard_and_a_kill_while_they_arrive
         hub.close()
     final = lambda d: [r["val_loss"] for r in metrics(d) if "val_loss" in r][-1]
     assert final(save) == pytest.approx(final(tmp_path / "whole"), abs=1e-5)
-    assert torch.load(save / "latest.pt", weights_only=True)["step"] == 24
+    assert torch.load(save / "latest.pt", weights_only=True)["step"] == 12
     assert "; all " in whole.stdout  # the last evaluation read all of validation
 
 

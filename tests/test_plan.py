@@ -40,6 +40,7 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     import torch._dynamo  # noqa: F401  paid before the clock starts, so the test measures the plan, not them
     args = train_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1", "--eval_interval",
                       "10", "--price_per_hour", "3.6")
+    data.prepare(data.DataSpec.from_args(T.parse_args(args)), progress=False)  # all there: the plan counts it exactly
     status = train_in_process(args, monkeypatch)
     assert status == 0
     rows = metrics(save)
