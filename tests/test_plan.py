@@ -287,7 +287,8 @@ def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_res
     assert "plan: (the choice of the run in latest.pt, kept)" in capsys.readouterr().out
     assert T.main([*args, "--plan", "--save_dir", str(tmp_path / "plan")]) == 0  # --plan's step: the choice's pace
     out = capsys.readouterr().out
-    pace = float(re.search(rf"depth {depth} at ([\d,]+) tokens/s", out)[1].replace(",", ""))
+    chosen = re.search(r"plan: chosen: depth (\d+)", out)[1]  # --plan times the family again: maybe another depth
+    pace = float(re.search(rf"depth {chosen} at ([\d,]+) tokens/s", out)[1].replace(",", ""))
     step = float(re.search(r"plan: ([\d.]+) s a step", out)[1])
     batch, block = (int(n) for n in re.search(r"plan: batch: (\d+) sequences of (\d+) tokens", out).groups())
     assert step == pytest.approx(batch * block / pace, rel=0.01)
