@@ -2,8 +2,8 @@
 with train_gpt2.py --chat on generated conversations whose answers can be checked, and score held-out questions
 before and after, as sample.py --chat asks them.
 
-    python bench_chat.py                          # 31 minutes on a shared 2-core CPU (BENCHMARKS.md)
-    python bench_chat.py --pretrain_steps 100 --tune_steps 60 --questions 40    # a quick look
+    python bench_chat.py                          # about half an hour on a 2-core CPU
+    python bench_chat.py --variant adamw="--optimizer adamw --lr 3e-4" --variant muon=""   # rates side by side
 
 The task is a lookup in a list the user gives: "Prices: fig 41, tea 17, corn 88. What does the tea cost?",
 to which the answer is "The tea costs 17."; half the conversations ask a second question about the same list
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import shlex
 import subprocess
 import sys
 import time
@@ -142,37 +143,49 @@ def train(save_dir: Path, flags: list[str]) -> float | None:
     return time.monotonic() - started
 
 
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, flags = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"must be NAME=FLAGS, not {text!r}")
+    return name, shlex.split(flags)
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=REPO / "runs" / "chat", help="data, runs and checkpoints")
     p.add_argument("--pretrain_steps", type=positive_int, default=600)
-    p.add_argument("--tune_steps", type=positive_int, default=300)
     p.add_argument("--documents", type=positive_int, default=4000, help="pretraining documents")
     p.add_argument("--conversations", type=positive_int, default=4000, help="fine-tuning conversations")
     p.add_argument("--questions", type=positive_int, default=200, help="held-out conversations scored")
     p.add_argument("--max_tokens", type=positive_int, default=24, help="tokens a reply may take")
+    p.add_argument("--variant", type=parse_variant, action="append", default=[], metavar="NAME=FLAGS",
+                   help="a fine-tune with these flags besides --chat's defaults, repeatable (default: one, the "
+                        "defaults alone); each is trained from the same base and scored on the same questions")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     text, convs = write_data(args.folder / "data", args.documents, args.conversations)
     run = ["--batch_size", "8", "--num_workers", "0", "--device", "cpu", "--eval_interval", "100",
            "--eval_iters", "5", "--data_cache", str(args.folder / "cache")]
-    base, tuned = args.folder / "base", args.folder / f"tuned-{args.tune_steps}"
+    base = args.folder / "base"
     seconds = {"pretrain": train(base, ["--dataset", str(text), *SHAPE, "--max_steps", str(args.pretrain_steps),
-                                        "--warmup_steps", "50", *run]),
-               "tune": train(tuned, ["--chat", "--init_from", str(base / "model_best_val.pt"), "--dataset", str(convs),
-                                     "--max_steps", str(args.tune_steps), "--lr", "1e-3", "--min_lr", "1e-4",
-                                     "--warmup_steps", "20", *run])}
+                                        "--warmup_steps", "50", *run])}
+    variants = dict(args.variant) or {"defaults": []}
+    for name, flags in variants.items():
+        seconds[name] = train(args.folder / f"tuned-{name}", ["--chat", "--init_from", str(base / "model_best_val.pt"),
+                                                               "--dataset", str(convs), *run, *flags])
     rng = random.Random(12345)
     held_out = [make_questions(rng) for _ in range(args.questions)]
-    models = {name: load_model(str(folder / "model_best_val.pt"))[0].eval() for name, folder in
-              (("base", base), ("tuned", tuned))}
     with torch.inference_mode():
-        figures = {"base, chat prompt": score(models["base"], held_out, args.max_tokens),
-                   "base, plain text": score(models["base"], held_out, args.max_tokens, plain=True),
-                   "fine-tuned, chat prompt": score(models["tuned"], held_out, args.max_tokens)}
-    print(f"{'model':<26}{'right':>8}{'ended (<|assistant_end|>)':>28}{'stopped (any end)':>20}")
+        base_model = load_model(str(base / "model_best_val.pt"))[0].eval()
+        figures = {"base, chat prompt": score(base_model, held_out, args.max_tokens),
+                   "base, plain text": score(base_model, held_out, args.max_tokens, plain=True)}
+        for name in variants:
+            tuned, info = load_model(str(args.folder / f"tuned-{name}" / "model_best_val.pt"))
+            figures[f"fine-tuned {name}"] = score(tuned.eval(), held_out, args.max_tokens) | {"val_loss": info["val_loss"]}
+    print(f"{'model':<32}{'right':>8}{'ended (<|assistant_end|>)':>28}{'stopped (any end)':>20}{'val loss':>10}")
     for name, f in figures.items():
-        print(f"{name:<26}{f['right']:>8.1%}{f['ended']:>28.1%}{f['stopped']:>20.1%}")
+        loss = f"{f['val_loss']:>10.4f}" if "val_loss" in f else ""
+        print(f"{name:<32}{f['right']:>8.1%}{f['ended']:>28.1%}{f['stopped']:>20.1%}{loss}")
     print(f"{figures['base, chat prompt']['questions']} held-out questions; seconds: {seconds}")
     if args.json:
         with atomic_write(args.json) as tmp:

@@ -181,3 +181,67 @@ class Reply:
 
 
 TURN_IDS = frozenset(SPECIAL_TOKENS.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# What fine-tuning taught: greedy replies to held-out conversations
+
+# A reply this short is an answer that can be checked: right when the model says exactly it (longer replies,
+# free text, are scored by the loss alone).
+CHECKABLE_TOKENS = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Exchange:
+    """A held-out conversation's last exchange: the conversation up to the reply (its <|assistant_start|>
+    last), and the reply it holds."""
+    prompt: list[int]
+    reply: list[int]  # without its <|assistant_end|>
+
+    @property
+    def checkable(self) -> bool:
+        return len(self.reply) <= CHECKABLE_TOKENS
+
+
+def last_exchange(ids: np.ndarray) -> Exchange | None:
+    """The last exchange of one rendered conversation (None if its last reply is unfinished)."""
+    ids = np.asarray(ids).tolist()
+    if ASSISTANT_START not in ids:
+        return None
+    start = len(ids) - 1 - ids[::-1].index(ASSISTANT_START)
+    if ASSISTANT_END not in ids[start:]:
+        return None
+    return Exchange(ids[:start + 1], ids[start + 1:ids.index(ASSISTANT_END, start)])
+
+
+def held_out(conversations: Iterable[np.ndarray], context: int, room: int, n: int) -> list[Exchange]:
+    """Up to n last exchanges whose prompt leaves `room` tokens for the reply in the model's context."""
+    out = []
+    for ids in conversations:
+        exchange = last_exchange(ids)
+        if exchange is not None and len(exchange.prompt) + room <= context:
+            out.append(exchange)
+        if len(out) == n:
+            break
+    return out
+
+
+def score_replies(model, exchanges: list[Exchange], room: int) -> dict:
+    """The model's greedy replies to the exchanges, as sample.py --chat would give them: the share that end
+    their turn (<|assistant_end|> within `room` tokens), and of the checkable ones the share said exactly."""
+    ended = right = checkable = 0
+    was_training = model.training
+    model.eval()
+    try:
+        for exchange in exchanges:
+            reply = Reply(model.generate(exchange.prompt, room, temperature=0, stop_at_eot=False))
+            said = list(reply)
+            ended += reply.ended
+            if exchange.checkable:
+                checkable += 1
+                right += reply.ended and said == exchange.reply
+    finally:
+        model.train(was_training)
+    n = max(1, len(exchanges))
+    return {"replies": len(exchanges), "ended": ended / n, "checkable": checkable,
+            "right": right / checkable if checkable else None}

@@ -140,9 +140,9 @@ class DataSpec:
         return cls(**given | {k: v for k, v in overrides.items() if v is not None})
 
 
-def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None = None) -> None:
+def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None = None, chat_help: str = "") -> None:
     """The data flags, added to a script's parser; their defaults are DataSpec's. With sample_size_help,
-    --sample_size defaults to None (the script chooses, as that help says)."""
+    --sample_size defaults to None (the script chooses, as that help says); chat_help ends --chat's help."""
     d = DataSpec()
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
@@ -158,7 +158,7 @@ def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None 
     g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
     g.add_argument("--chat", action="store_true",
                    help="the records are conversations, lists of {role: system|user|assistant, content} messages; "
-                        "rendered with chat.py's turn tokens, and the loss counts only the assistant's tokens")
+                        "rendered with chat.py's turn tokens, and the loss counts only the assistant's tokens" + chat_help)
 
 
 # ----------------------------------------------------------------------------- sources

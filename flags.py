@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import data
 from budget import HEAD_SIZE, WIDTH_PER_LAYER, depth_shape
@@ -20,6 +21,14 @@ from plan import parse_duration
 # The recipe that measured best (BENCHMARKS.md, "Recipes"): the modern block trained by Muon with a
 # warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
 DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
+# --chat alone: the default run's best checkpoint fine-tuned on SmolTalk (the conversations nanochat fine-tunes
+# on), one pass, into a folder of its own so the base model stays. The rates are pretraining's own (Muon, --lr and
+# --muon_lr's defaults) with no warmup and wsd's decay to 0 over the last half: they fine-tuned better than AdamW
+# and than lower Muon rates (BENCHMARKS.md, "Chat fine-tuning"). Twice them did better still on the small model
+# measured; the default stays at the rates the base model was trained at.
+CHAT_DEFAULTS = {"init_from": "checkpoints/model_best_val.pt", "dataset": "HuggingFaceTB/smol-smoltalk", "subset": "",
+                 "save_dir": "checkpoints/chat", "epochs": 1.0, "optimizer": DEFAULT_OPTIMIZER, "min_lr": 0.0,
+                 "warmup_steps": 0}
 SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 
 
@@ -34,7 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
                        "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
     data.add_data_args(p, sample_size_help=f"documents to use (default {data.DataSpec.sample_size:,}; with --time "
-                       "sizing the model, about one pass over the tokens the budget buys)")
+                       "sizing the model, about one pass over the tokens the budget buys)",
+                       chat_help=". Alone, it fine-tunes checkpoints/model_best_val.pt on SmolTalk for one pass into "
+                                 "checkpoints/chat/, with Muon at pretraining's --lr and --muon_lr, no warmup and a "
+                                 "decay to 0; each of these is a flag that wins: "
+                                 + ", ".join(f"--{name}" for name in CHAT_DEFAULTS))
     add_model_flags(p)
     add_optimisation_flags(p)
     add_budget_flags(p)
@@ -73,7 +86,7 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
                         f"embeddings, the head, norm gains and biases (default {DEFAULT_OPTIMIZER}; with --init_from, "
-                        f"{FINE_TUNE_OPTIMIZER})")
+                        f"{FINE_TUNE_OPTIMIZER}, but with --chat {CHAT_DEFAULTS['optimizer']})")
     o.add_argument("--lr", type=positive_float, default=2e-3, help="AdamW's peak learning rate")
     o.add_argument("--min_lr", type=non_negative_float, default=2e-4,
                    help="AdamW's learning rate at the end of the decay (Muon's decays in proportion)")
@@ -179,10 +192,13 @@ def arch_option_flag(text: str) -> tuple[str, object]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    """The flags, checked against each other too, so a bad combination ends here before anything is written.
-    They are never changed afterwards: what follows from them is `start`'s Settings."""
+    """The flags, checked against each other too, so a bad combination ends here before anything is written;
+    with --chat, the flags not given take CHAT_DEFAULTS. They are never changed afterwards: what follows from
+    them is `start`'s Settings."""
     p = build_parser()
     args = p.parse_args(argv)
+    if args.chat:
+        apply_chat_defaults(p, argv, args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.depth and any((args.n_layer, args.n_head, args.n_embd)):
         p.error("--depth names the whole shape: leave out --n_layer, --n_head and --n_embd")
@@ -214,6 +230,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     except UserError as e:
         p.error(str(e))
     return args
+
+
+def apply_chat_defaults(p: argparse.ArgumentParser, argv, args: argparse.Namespace) -> None:
+    """--chat alone fine-tunes the best checkpoint of the default run on SmolTalk, one pass, into a folder of its
+    own: each of CHAT_DEFAULTS that the command line does not give; --init_from's checkpoint must be there."""
+    given = given_flags(build_parser(), argv, CHAT_DEFAULTS)
+    for name, value in CHAT_DEFAULTS.items():
+        if name not in given:
+            setattr(args, name, value)
+    if "init_from" not in given and not Path(args.init_from).is_file():
+        p.error(f"--chat fine-tunes a trained model, and {args.init_from} is not there: train one first "
+                "(python train_gpt2.py), or give --init_from (a .pt of this repository, a transformers directory "
+                "or gpt2)")
+
+
+def given_flags(p: argparse.ArgumentParser, argv, names) -> set[str]:
+    """Which of `names` (dests) the command line gives, however it spells them: parsed once more with their
+    defaults unset."""
+    unset = object()
+    p.set_defaults(**{name: unset for name in names})
+    parsed = p.parse_args(argv)
+    return {name for name in names if getattr(parsed, name) is not unset}
 
 
 def default_optimizer(init_from: str) -> str:

@@ -129,6 +129,8 @@ class Plan:
     price_per_hour: float | None = None
     smallest: bool = False  # the smallest model --time chooses from (budget.DEPTHS[0])
     disk_bytes: int | None = None  # what the data takes on disk, where not its tokens' (whole downloaded shards)
+    fine_tune: bool = False  # from trained weights (--init_from)
+    steps_per_pass: int | None = None  # conversations: a pass's steps (their rows' padding is not data)
 
     @property
     def tokens(self) -> int | None:
@@ -136,6 +138,8 @@ class Plan:
 
     @property
     def epochs(self) -> float | None:
+        if self.steps is not None and self.steps_per_pass:
+            return self.steps / self.steps_per_pass
         return None if self.tokens is None or not self.data_tokens else self.tokens / self.data_tokens
 
     @property
@@ -172,6 +176,8 @@ class Plan:
     def warnings(self) -> list[str]:
         """One line each: data seen too often, a model far from compute-optimal for its tokens."""
         out = []
+        if self.fine_tune:  # a few small steps from trained weights: pretraining's rules of thumb do not apply
+            return out
         if self.epochs is not None and self.epochs > REPEATS_WARNED:
             fresh = math.ceil(self.sample_size * self.epochs)
             out.append(f"warning: the run sees its data {self.epochs:.1f} times; --sample_size {fresh:,} gives "
@@ -197,18 +203,25 @@ class Plan:
 # The way home
 
 
-def copy_home_commands(checkpoint: Path) -> list[str]:
-    """The two commands to run on the laptop: scp from this machine (its SSH address when this is an SSH
-    session, placeholders otherwise), then sample.py."""
+def copy_home_commands(checkpoint: Path, chat: bool = False) -> list[str]:
+    """The commands to run on the laptop: scp from this machine (its SSH address when this is an SSH session,
+    placeholders otherwise), then sample.py; a chat model goes to a folder of its own (beside the base model, not
+    over it), talked to with --chat, and exported for llama.cpp and Ollama."""
     user, host, port = os.environ.get("USER") or "USER", "HOST", None
     connection = os.environ.get("SSH_CONNECTION", "").split()  # client_ip client_port server_ip server_port
     if len(connection) == 4:
         host = f"[{connection[2]}]" if ":" in connection[2] else connection[2]
         port = connection[3] if connection[3] != "22" else None
     source = f"{user}@{host}:{shlex.quote(str(checkpoint.resolve()))}"
-    scp = f"scp {'-P ' + port + ' ' if port else ''}{source} ./checkpoints/"
-    return [scp, "python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
-                 "--max_tokens 50"]
+    folder = "./checkpoints/chat/" if chat else "./checkpoints/"
+    scp = f"scp {'-P ' + port + ' ' if port else ''}{source} {folder}"
+    if not chat:
+        return [scp, "python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
+                     "--max_tokens 50"]
+    home = f"{folder}model_best_val.pt"
+    return [f"mkdir -p {folder} && {scp}", f"python sample.py --chat --checkpoint {home} --cpu",
+            f"python export_gguf.py {home} exported-chat/model.gguf",
+            "ollama create mychat -f exported-chat/Modelfile && ollama run mychat"]
 
 
 # Addresses a machine has behind NAT or in a container (RFC 1918, carrier-grade NAT, IPv6 unique local).
@@ -239,6 +252,7 @@ class Outcome:
     price_per_hour: float | None = None
     hellaswag: float | None = None
     planned_seconds: float | None = None
+    chat: bool = False  # fine-tuned on conversations: talked to with sample.py --chat
 
     def lines(self) -> list[str]:
         cost = f", ${self.seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
@@ -250,7 +264,7 @@ class Outcome:
                  f"{cost}; {best}{hellaswag}"]
         if self.checkpoint.exists():
             lines += [f"best model: {self.checkpoint.resolve()}", "to talk to it on your laptop:"]
-            lines += [f"  {command}" for command in copy_home_commands(self.checkpoint)]
+            lines += [f"  {command}" for command in copy_home_commands(self.checkpoint, self.chat)]
             if ssh_address_is_private():
                 lines.append("  (that address is this machine's own, private one, as SSH sees it behind NAT or "
                              "in a container: from your laptop, use the address you connect to)")

@@ -257,9 +257,13 @@ def talk(model: GPT, enc, how: Sampling, system: str | None) -> None:
     room = min(how.max_tokens, context // 2)  # tokens kept free for the reply when the history is cropped
     kept = PromptCache()  # the history already run: each turn feeds only what follows it
     for line in typed_lines(terminal):
+        if not terminal:  # piped: the user's turns in the output too, so that it reads as a transcript
+            print(f"> {line}", flush=True)
         if line.strip() == RESET:
             conversation.reset()
             print("[the conversation starts again]", flush=True)
+            if not terminal:
+                print(flush=True)
             continue
         prompt, dropped = conversation.ask(line, room)
         if dropped:
@@ -276,6 +280,8 @@ def talk(model: GPT, enc, how: Sampling, system: str | None) -> None:
             if reply.end is None:
                 print(f"[the reply was cut at {limit} tokens (--max_tokens, or the context's end)]",
                       file=sys.stderr, flush=True)
+        if not terminal:
+            print(flush=True)  # an empty line between exchanges
         conversation.answered(reply.tokens)
 
 
@@ -310,7 +316,12 @@ def run(args: argparse.Namespace) -> None:
                               "fine-tune it with train_gpt2.py --chat --init_from (README, \"Chat\"), or talk to it "
                               "without --chat")
         talk(model, enc, how, args.system)
-    elif args.interactive:
+        return
+    if chat.knows_turns(model.config):
+        print(f"note: {args.checkpoint} was fine-tuned on conversations: sample.py --chat talks to it in turns "
+              "(plain sampling prints its turn tokens, <|user_start|> and the like, as text)", file=sys.stderr,
+              flush=True)
+    if args.interactive:
         interactive(model, enc, how)
     else:
         samples(model, enc, how, prompt, args.num_samples, args.stream)

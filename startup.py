@@ -13,13 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 import batches
 import chat
 import checkpoint
 import data
 import fineweb
 from budget import DEPTHS, FORWARD_SHARE, Request, Sizing, data_note, depth_shape, size_for_budget
-from common import CheckpointError, UserError
+from common import EOT, CheckpointError, UserError
 from flags import default_optimizer, model_config, sizes_the_model
 from memory import choose_grad_accum
 from model import GPTConfig
@@ -31,6 +33,10 @@ from shards import VAL_TOKENS, TokenShards
 from step import Learner, build
 from weights import parameter_counts
 
+
+# With --chat, each evaluation also scores the model's greedy replies to this many held-out conversations, each
+# reply at most this many tokens: enough to see whether replies end their turn, a few seconds on a GPU.
+CHAT_REPLIES, CHAT_REPLY_TOKENS = 16, 64
 
 @dataclass(frozen=True)
 class Intervals:
@@ -99,6 +105,7 @@ class Run:
     val: TokenShards | None  # complete before the first step
     hellaswag: list | None  # eval.py's items, when the run scores HellaSwag
     flags: dict  # as given, recorded with the run (its header, metrics.jsonl, latest.pt), never read to decide
+    exchanges: list[chat.Exchange] | None = None  # with --chat: held-out exchanges whose replies evaluations score
     preparation: data.Preparation | None = None  # the data arriving behind the training, prepared here
 
     def data_failed(self) -> BaseException | None:
@@ -123,6 +130,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
     plan = estimated_plan(config, args, batch_size, spec)
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
+    plan.fine_tune = args.init_from != "scratch"
     say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec)]))  # before any download
     train, val, preparation = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
@@ -140,6 +148,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
         check_validation(val, config.block_size)
         if source.packed is not None:
             say(source.packed.note())
+            plan.steps_per_pass = source.steps_per_epoch if train.complete else None
     steps = steps_for_run(args, plan, source, resumed, config.block_size, batch_size)
     settings = Settings(config=config, optimizer=optimizer, batch_size=batch_size, grad_accum=grad_accum,
                         world=env.world, steps=steps, epochs=args.epochs, time=args.time,
@@ -156,7 +165,23 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     progress = resume_progress(resumed, learner, settings, args, say) if resumed else \
         checkpoint.Progress(max_steps=settings.steps)
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
-    return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), preparation)
+    exchanges = held_out_exchanges(val, config.block_size) if args.chat and val is not None else None
+    return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), exchanges, preparation)
+
+
+def held_out_exchanges(val: TokenShards, context: int) -> list[chat.Exchange]:
+    """The last exchanges of CHAT_REPLIES conversations spread over the validation split, for the greedy replies
+    an evaluation scores (chat.score_replies)."""
+    starts = val.positions(EOT)
+    ends = np.append(starts[1:], val.num_tokens)
+    order = np.argsort(np.arange(len(starts)) % max(1, len(starts) // CHAT_REPLIES), kind="stable")  # spread first
+    conversations = (val.read(int(starts[i]), int(ends[i] - starts[i])) for i in order)
+    return chat.held_out(conversations, context, reply_room(context), CHAT_REPLIES)
+
+
+def reply_room(context: int) -> int:
+    """Tokens a held-out reply may take before it counts as not ending its turn."""
+    return min(CHAT_REPLY_TOKENS, context // 4)
 
 
 def optimizer_settings(args, sizing: Sizing | None) -> OptimizerSettings:

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import batches
+import chat
 import checkpoint
 import data
 from budget import CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Pace, cpu_advice
@@ -45,7 +46,7 @@ from muon import Muon
 from optim import UNPLANNED_STEPS, Schedule, muon_momentum_at, warmup_note
 from plan import Outcome, peak_flops
 from runtime import Env, cleanup_env, setup_env
-from startup import Run, epoch_steps, start
+from startup import Run, epoch_steps, reply_room, start
 from step import StatsReader, StepStats, run_compiled, step_seconds, train_step
 
 # latest.pt is saved by the clock too, so that a kill -9 or the kernel's out-of-memory killer loses at most
@@ -312,6 +313,7 @@ def with_run_length(run: Run, schedule: Schedule, out: Output, wait: bool) -> Sc
         if source.shards.complete:
             steps = epoch_steps(s.epochs, source)
             run.plan.steps, run.plan.data_tokens, run.plan.data_basis = steps, source.shards.num_tokens, ""
+            run.plan.steps_per_pass = source.steps_per_epoch if source.packed is not None else None
             run.progress.max_steps = steps
             out.bar.total = steps
             out.bar.refresh()
@@ -408,9 +410,22 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> Non
             f"{' - best so far, saved' if improved else ''}")
     out.metrics.log(step=progress.step, val_loss=progress.val_loss, val_ppl=perplexity, val_bpb=result["bpb"],
                     val_tokens=result["tokens"])
+    if run.exchanges and env.master:
+        score_replies(run, out)
     out.metrics.plot()
     if improved and env.master:
         checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, s.init_from, s.to_dict())
+
+
+def score_replies(run: Run, out: Output) -> None:
+    """With --chat: the share of greedy replies to held-out conversations that end their turn, and of the short
+    ones, whose answer can be checked, the share said exactly."""
+    scores = chat.score_replies(run.learner.raw_model, run.exchanges, reply_room(run.settings.config.block_size))
+    right = f", {scores['right']:.0%} of the {scores['checkable']} short ones word for word" \
+        if scores["checkable"] else ""
+    out.say(f"step {run.progress.step}: replies to {scores['replies']} held-out conversations: {scores['ended']:.0%} "
+            f"end their turn{right}")
+    out.metrics.log(step=run.progress.step, chat_ended=scores["ended"], chat_right=scores["right"])
 
 
 def score_hellaswag(run: Run, env: Env, out: Output) -> None:
@@ -467,7 +482,7 @@ def summarise(run: Run, out: Output, how: str) -> None:
     outcome = Outcome(steps=p.step, tokens=p.tokens, seconds=seconds,
                       best_val=p.best_val if p.best_step is not None else None, best_step=p.best_step,
                       checkpoint=out.save_dir / checkpoint.BEST, price_per_hour=out.price_per_hour,
-                      hellaswag=p.hellaswag, planned_seconds=run.plan.seconds)
+                      hellaswag=p.hellaswag, planned_seconds=run.plan.seconds, chat=run.settings.data.chat)
     out.bar.close()
     out.say("\n".join(outcome.lines()))
     out.metrics.log(event=how, step=p.step, seconds=seconds, cost=out.cost(), best_val_loss=outcome.best_val,

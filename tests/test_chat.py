@@ -1,5 +1,7 @@
 """Conversations: the format (chat.py), fine-tuning on them (train_gpt2.py --chat), talking in turns
 (sample.py --chat) and the transformers export's template, on a tiny model and generated conversations."""
+import contextlib
+import io
 import itertools
 import os
 import pty
@@ -18,6 +20,7 @@ import chat
 import checkpoint
 import data
 import export_gguf
+import flags as F
 import model as M
 import sample
 import train_gpt2 as T
@@ -184,7 +187,9 @@ def test_piped_turns_each_get_a_reply_that_ends_and_reset_starts_again(tuned):
     result = run_script("sample.py", "--chat", "--checkpoint", str(tuned / "model_best_val.pt"), "--cpu",
                         "--temperature", "0", "--max_tokens", "20", "--system", "Answer in a few words.", input=lines)
     assert result.returncode == 0, result.stderr
-    first, second, reset, again = result.stdout.splitlines()
+    exchanges = [block.splitlines() for block in result.stdout.strip().split("\n\n")]  # a transcript
+    assert [said[0] for said in exchanges] == [f"> {line}" for line in lines.splitlines()]
+    first, second, reset, again = (said[1] for said in exchanges)
     assert reset == "[the conversation starts again]" and first and second
     assert "[the reply was cut" not in result.stderr  # each reply ended with its end-of-turn token
     assert again.startswith("The ") and again.endswith(".")
@@ -327,3 +332,116 @@ def test_bench_chats_questions_have_their_answer_in_the_list_and_its_scoring_cou
     assert scored["right"] == scored["ended"] == 1.0 and scored["questions"] == sum(map(len, held_out)) > 30
     running_on = bench_chat.score(Oracle(ends=False), held_out, max_tokens=12)
     assert running_on["ended"] == 0.0 and running_on["right"] == 0.0  # "The tea costs 17. And so on." is not it
+
+
+def chat_alone(*flags: str) -> list[str]:
+    """`--chat` and only what the tiny model on the tests' conversations needs besides --chat's defaults."""
+    return ["--chat", *flags, "--block_size", "48", "--batch_size", "4", "--eval_iters", "2", "--num_workers", "0",
+            "--no-compile", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def chat_alone_run(tmp_path_factory, base, conversations, cache):
+    """`train_gpt2.py --chat` run where a pretraining run left its best checkpoint (checkpoints/), reading the
+    tests' conversations (the default, SmolTalk, is on the Hub) and 100 of them, so that one pass is short."""
+    home = tmp_path_factory.mktemp("home")
+    (home / "checkpoints").mkdir()
+    (home / "checkpoints" / "model_best_val.pt").write_bytes(base.read_bytes())
+    with pytest.MonkeyPatch.context() as patch, one_torch_thread(), contextlib.redirect_stdout(io.StringIO()) as out:
+        patch.chdir(home)
+        code = T.main(chat_alone("--dataset", str(conversations), "--sample_size", "100", "--data_cache", str(cache)))
+    assert code == 0
+    return home, out.getvalue()
+
+
+def test_chat_alone_fine_tunes_the_best_checkpoint_for_one_pass_into_a_folder_of_its_own(chat_alone_run, base):
+    home, out = chat_alone_run
+    assert (home / "checkpoints" / "model_best_val.pt").read_bytes() == base.read_bytes()  # the base model stays
+    latest = torch.load(home / "checkpoints" / "chat" / "latest.pt", weights_only=True)
+    assert latest["init_from"] == F.CHAT_DEFAULTS["init_from"] == "checkpoints/model_best_val.pt"
+    run = latest["run"]
+    pretraining = F.parse_args([])
+    assert (run["optimizer"], run["lr"]) == (F.DEFAULT_OPTIMIZER, pretraining.lr)  # pretraining's rates
+    assert run["data"]["chat"] and run["data"]["sample_size"] == 100
+    steps, epochs = re.search(r"plan: ([\d,]+) steps = [\d,]+ tokens = ([\d.]+) epochs", out).groups()
+    assert latest["step"] == int(steps.replace(",", "")) and float(epochs) == pytest.approx(1.0, abs=0.05)
+    assert "tokens a parameter" not in out and "fresh data" not in out  # pretraining's advice, not a fine-tune's
+    replies = re.findall(r"replies to (\d+) held-out conversations: (\d+)% end their turn", out)
+    assert len(replies) >= 2 and all(int(n) > 0 for n, _ in replies)  # the step-0 evaluation and the last
+    home_lines = out[out.index("to talk to it on your laptop:"):].splitlines()[1:]
+    assert home_lines[0].startswith("  mkdir -p ./checkpoints/chat/ && scp ")
+    assert home_lines[0].endswith(f"{home / 'checkpoints' / 'chat' / 'model_best_val.pt'} ./checkpoints/chat/")
+    assert home_lines[1:4] == ["  python sample.py --chat --checkpoint ./checkpoints/chat/model_best_val.pt --cpu",
+                               "  python export_gguf.py ./checkpoints/chat/model_best_val.pt exported-chat/model.gguf",
+                               "  ollama create mychat -f exported-chat/Modelfile && ollama run mychat"]
+    rows = [r for r in metrics(home / "checkpoints" / "chat") if "chat_ended" in r]
+    assert len(rows) == len(replies) and all(0 <= r["chat_ended"] <= 1 for r in rows)
+
+
+def test_chat_alone_without_a_base_model_or_the_hub_and_over_the_base_is_one_line_each(base, conversations, tmp_path,
+                                                                                        monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        F.parse_args(["--chat"])
+    err = capsys.readouterr().err.splitlines()
+    assert exit_info.value.code == 2 and len(err) == 2 and err[1].endswith("see --help for the flags")
+    assert "checkpoints/model_best_val.pt is not there: train one first (python train_gpt2.py)" in err[0]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "model_best_val.pt").write_bytes(base.read_bytes())
+    offline = run_script("train_gpt2.py", *chat_alone(), cwd=tmp_path)  # SmolTalk, offline as the tests' children are
+    lines = offline.stderr.strip().splitlines()
+    assert offline.returncode == 1 and len(lines) == 1 and "HuggingFaceTB/smol-smoltalk" in lines[0]
+    assert "pass --dataset PATH" in lines[0] and not (tmp_path / "checkpoints" / "chat").exists()
+    over = run_script("train_gpt2.py", *chat_alone("--dataset", str(conversations), "--save_dir", "checkpoints"),
+                      cwd=tmp_path)
+    assert over.returncode == 1 and over.stderr.strip().splitlines()[-1].startswith("error: checkpoints holds an")
+    assert (tmp_path / "checkpoints" / "model_best_val.pt").read_bytes() == base.read_bytes()
+
+
+def test_chat_flags_given_win_and_plan_shows_the_fine_tune(base, conversations, tmp_path, capsys):
+    args = F.parse_args(["--chat", "--init_from", str(base), "--lr", "1e-4", "--epochs", "2", "--save_dir", "mine"])
+    assert (args.lr, args.epochs, args.save_dir, args.init_from) == (1e-4, 2.0, "mine", str(base))
+    assert args.dataset == F.CHAT_DEFAULTS["dataset"] and (args.min_lr, args.warmup_steps) == (0.0, 0)
+    assert F.parse_args(["--chat", "--init_from", str(base), "--optimizer", "adamw"]).optimizer == "adamw"
+    assert T.main(chat_alone("--init_from", str(base), "--dataset", str(conversations), "--plan",
+                             "--data_cache", str(tmp_path / "cache"))) == 0
+    out = capsys.readouterr().out
+    assert "plan:" in out and "epochs" in out and "tokens a parameter" not in out
+    assert not (tmp_path / "cache").exists()  # --plan prepares nothing
+
+
+def test_in_run_reply_scores_count_replies_that_end_and_short_answers_said_exactly():
+    convs = [chat.render(m, enc) for m in make_conversations(12, seed=3, exchanges=(1, 2))]
+    exchanges = chat.held_out(convs, context=CONTEXT, room=16, n=8)
+    assert len(exchanges) == 8 and all(e.prompt[-1] == chat.ASSISTANT_START for e in exchanges)
+    assert all(e.prompt + e.reply + [chat.ASSISTANT_END] == c[:len(e.prompt) + len(e.reply) + 1]
+               for e, c in zip(exchanges, convs))
+
+    class Parrot:  # says the held-out reply, then ends its turn, except for the first two exchanges
+        training = False
+
+        def __init__(self):
+            self.calls = 0
+
+        def eval(self):
+            return self
+
+        def train(self, mode=True):
+            return self
+
+        def generate(self, prompt, max_tokens, **_):
+            exchange = exchanges[self.calls]
+            self.calls += 1
+            tail = [chat.ASSISTANT_END] if self.calls > 2 else [enc.encode_ordinary(" and")[0]] * max_tokens
+            yield from (exchange.reply + tail)[:max_tokens]
+
+    scores = chat.score_replies(Parrot(), exchanges, room=16)
+    checkable = sum(e.checkable for e in exchanges)
+    assert scores["replies"] == 8 and scores["ended"] == pytest.approx(6 / 8) and scores["checkable"] == checkable
+    assert scores["right"] == pytest.approx(sum(e.checkable for e in exchanges[2:]) / checkable)
+
+
+def test_plain_sampling_of_a_chat_model_says_how_to_talk_to_it(tuned):
+    plain = run_script("sample.py", "--checkpoint", str(tuned / "model_best_val.pt"), "--cpu", "--max_tokens", "5",
+                       "--prompt", "Hello")
+    assert plain.returncode == 0 and "sample.py --chat talks to it in turns" in plain.stderr

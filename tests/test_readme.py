@@ -38,7 +38,10 @@ PARSERS = {"train_gpt2.py": train_gpt2.parse_args, "sample.py": sample.parse_arg
 
 
 @pytest.mark.parametrize("command", [c for c in commands() if any(f"python {script}" in c for script in PARSERS)])
-def test_every_readme_command_parses_with_the_scripts_flags(command):
+def test_every_readme_command_parses_with_the_scripts_flags(command, tmp_path, monkeypatch):
+    (tmp_path / "checkpoints").mkdir()  # where the README's commands run: after a pretraining run
+    (tmp_path / "checkpoints" / "model_best_val.pt").touch()
+    monkeypatch.chdir(tmp_path)
     words = shlex.split(command)
     script = next(i for i, w in enumerate(words) if w in PARSERS)
     flags = [w for w in words[script + 1:] if w not in ("&&",)]
