@@ -265,7 +265,7 @@ def sized_args(corpus_dir, data_cache, save, *extra) -> list[str]:
 
 def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_resume_keeps_it(
         corpus_dir, data_cache, tmp_path, capsys):
-    save, budget = tmp_path / "run", 25.0
+    save, budget = tmp_path / "run", 16.0
     args = sized_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1",
                       "--eval_interval", "1000")
     assert T.main(args, started=time.monotonic()) == 0
