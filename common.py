@@ -31,6 +31,14 @@ class CheckpointError(UserError):
     """A checkpoint or weights directory the user pointed at that cannot be used."""
 
 
+def local_data_hint(chat: bool = False) -> str:
+    """How to train from local files instead, ending each error of an unreachable Hub."""
+    if chat:
+        return ("to use your own conversations, pass --dataset PATH (.jsonl/.json/.parquet records of messages, a "
+                "directory or a glob)")
+    return "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
+
+
 def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name when it has none), so every error stays one line."""
     lines = str(error).strip().splitlines()

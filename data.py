@@ -37,7 +37,7 @@ from tqdm import tqdm
 import chat
 import fineweb
 from common import (EOT, ArgumentParser, atomic_write, check_hub_reachable, clean_temporaries, first_line,
-                    open_fraction, positive_int)
+                    local_data_hint, open_fraction, positive_int)
 from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, Stopped,  # noqa: F401
                     TokenShards,
                     read_json, write_json, write_shard)
@@ -60,9 +60,6 @@ HUB_PROBE_SECONDS = 10.0  # huggingface_hub alone retries ~24 s before giving up
 NET_RETRIES = 5  # re-opening the stream after a mid-download error, waiting 2, 4, 8, 16, 32 s
 _SEPARATOR = "<|endoftext|>"
 _ALLOWED_SPECIAL = frozenset({_SEPARATOR})
-_HINT_LOCAL = "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
-
-
 # ----------------------------------------------------------------------------- tokenizer
 
 @functools.lru_cache(maxsize=None)
@@ -158,7 +155,8 @@ def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None 
     g.add_argument("--data_cache", default=d.data_cache, help="where prepared shards are cached")
     g.add_argument("--chat", action="store_true",
                    help="the records are conversations, lists of {role: system|user|assistant, content} messages; "
-                        "rendered with chat.py's turn tokens, and the loss counts only the assistant's tokens" + chat_help)
+                        "rendered with chat.py's turn tokens, and the loss counts only the assistant's tokens"
+                        + chat_help)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -405,8 +403,9 @@ def _open_hub_stream(source: Source, skip: int):
         stream = datasets.load_dataset(source.name, source.subset, split="train", streaming=True,
                                        token=os.environ.get("HF_TOKEN"))
     except datasets.exceptions.DatasetNotFoundError:
+        hint = local_data_hint(source.chat)
         raise DataError(f"dataset {source.name!r} is not on the Hugging Face Hub (if it is gated or private, "
-                        f"set HF_TOKEN), and no local path {source.name!r} exists; {_HINT_LOCAL}") from None
+                        f"set HF_TOKEN), and no local path {source.name!r} exists; {hint}") from None
     except ValueError as e:  # e.g. an unknown --subset; the message lists the available ones
         raise DataError(f"dataset {source.name!r}: {first_line(e)}") from None
     return stream.skip(skip) if skip else stream
@@ -426,7 +425,7 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 def _unreachable(source: Source, error: BaseException) -> DataError:
     return DataError(f"cannot reach the Hugging Face Hub for dataset {source.name!r} ({first_line(error)}); "
-                     f"no local path {source.name!r} exists either; {_HINT_LOCAL}")
+                     f"no local path {source.name!r} exists either; {local_data_hint(source.chat)}")
 
 
 # ----------------------------------------------------------------------------- preparation

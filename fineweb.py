@@ -22,11 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from common import EOT, first_line
+from common import EOT, first_line, local_data_hint
 from shards import HEADER_BYTES, VAL_TOKENS, DataError, Stopped, check_shard, write_json
 
 RETRIES = 3  # a shard's download tried again after a network error (huggingface_hub resumes it), 5, 10 and 20 s apart
-_HINT_LOCAL = "to use local text, pass --dataset PATH (a .txt/.jsonl/.json/.parquet file, a directory or a glob)"
 
 
 @dataclass(frozen=True)
@@ -74,7 +73,7 @@ def available(repo: Repo, dataset: str) -> bool:
         return False
     except (HfHubHTTPError, OSError) as e:
         raise DataError(f"cannot reach the Hugging Face Hub for dataset {dataset!r} (its GPT-2 tokens, "
-                        f"{repo.repo_id}: {first_line(e)}); {_HINT_LOCAL}") from None
+                        f"{repo.repo_id}: {first_line(e)}); {local_data_hint()}") from None
 
 
 def prepare(data_cache: str, repo: Repo, sample_size: int, say=None, stop=None) -> Path:
