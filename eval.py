@@ -899,6 +899,7 @@ def main(argv=None) -> int:
             if args.json:
                 with atomic_write(Path(args.json).expanduser()) as tmp:
                     tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+        runtime.leave_together(env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

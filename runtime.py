@@ -81,6 +81,13 @@ def choose_compile(requested: bool | None, kind: str) -> tuple[bool, str | None]
     return requested, None
 
 
+def leave_together(env: Env) -> None:
+    """On a run's normal end, every rank waits for the others before the group is torn down: tearing it down
+    while another rank still works (rank 0 writing its files) aborts gloo ("terminate called")."""
+    if env.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def cleanup_env(env: Env):
     if env.world > 1 and dist.is_initialized():
         dist.destroy_process_group()

@@ -45,7 +45,7 @@ from model import GPTConfig
 from muon import Muon
 from optim import UNPLANNED_STEPS, Schedule, muon_momentum_at, warmup_note
 from plan import Outcome, peak_flops
-from runtime import Env, cleanup_env, setup_env
+from runtime import Env, cleanup_env, leave_together, setup_env
 from startup import Run, epoch_steps, reply_room, start
 from step import StatsReader, StepStats, run_compiled, step_seconds, train_step
 
@@ -77,8 +77,7 @@ def main(argv=None, started: float | None = None) -> int:
         out = Output.open(run, env, started)
         status = train(run, env, out)
         out.close()
-        if env.world > 1:
-            dist.barrier()  # ranks leave together: tearing the group down while rank 0 still writes aborts gloo
+        leave_together(env)
         return status
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -212,6 +212,7 @@ TWO_RANK_PROBE = textwrap.dedent("""
     same = None not in grads and grads == pointers()
     with open(f"{sys.argv[2]}/rank{env.rank}.json", "w") as f:
         json.dump({"accum": accum, "losses": losses, "grads_kept": same}, f)
+    runtime.leave_together(env)
     runtime.cleanup_env(env)
 """)
 
