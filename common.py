@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import difflib
 import io
+import json
 import os
 import platform
 import re
@@ -336,6 +337,12 @@ def atomic_write(path) -> Iterator[Path]:
 
 
 _WRITING: set[Path] = set()  # the temporaries atomic_write has open in this process (any thread)
+
+
+def write_json(path, obj) -> None:
+    """`obj` as indented JSON at `path`, written atomically."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
 
 
 def remove_own_temporaries() -> list[str]:

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import atomic_write, cpu_has_fast_bf16
+from common import cpu_has_fast_bf16, write_json
 from model import GPT
 
 # int4's kernel and its packing came in torch 2.6 (pytorch PR 139611); requirements.txt allows 2.4.
@@ -439,5 +439,4 @@ def read_probes(path: Path) -> dict:
 def write_probes(path: Path, probes: dict) -> None:
     with contextlib.suppress(OSError):  # a read-only home: probe again next time
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
-            tmp.write_text(json.dumps(probes, indent=1) + "\n", encoding="utf-8")
+        write_json(path, probes)

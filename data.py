@@ -37,10 +37,10 @@ from tqdm import tqdm
 import chat
 import fineweb
 from common import (EOT, ArgumentParser, atomic_write, check_hub_reachable, clean_temporaries, first_line,
-                    local_data_hint, open_fraction, positive_int)
+                    local_data_hint, open_fraction, positive_int, write_json)
 from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, Stopped,  # noqa: F401
                     TokenShards,
-                    read_json, write_json, write_shard)
+                    read_json, write_shard)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.

@@ -54,8 +54,8 @@ from tqdm import tqdm
 import batches
 import data
 import runtime
-from common import (EOT, ArgumentParser, UserError, arg_type, atomic_write, check_reachable, first_line,
-                    pick_device, positive_int)
+from common import (EOT, ArgumentParser, UserError, arg_type, check_reachable, first_line,
+                    pick_device, positive_int, write_json)
 from checkpoint import describe, load_model, recorded_data
 from model import GPT, token_losses
 from shards import TokenShards
@@ -897,8 +897,7 @@ def main(argv=None) -> int:
             if results.get("not_scored"):
                 print(f"note: not scored: {'; '.join(results['not_scored'].values())}", file=sys.stderr)
             if args.json:
-                with atomic_write(Path(args.json).expanduser()) as tmp:
-                    tmp.write_text(json.dumps(results, indent=1) + "\n", encoding="utf-8")
+                write_json(Path(args.json).expanduser(), results)
         runtime.leave_together(env)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

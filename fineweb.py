@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from common import EOT, first_line, local_data_hint
-from shards import HEADER_BYTES, VAL_TOKENS, DataError, Stopped, check_shard, write_json
+from common import EOT, first_line, local_data_hint, write_json
+from shards import HEADER_BYTES, VAL_TOKENS, DataError, Stopped, check_shard
 
 RETRIES = 3  # a shard's download tried again after a network error (huggingface_hub resumes it), 5, 10 and 20 s apart
 

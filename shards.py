@@ -35,11 +35,6 @@ class Stopped(Exception):
     """A preparation stopped by its owner before its end (data.Preparation.close): what it wrote is kept."""
 
 
-def write_json(path: Path, obj) -> None:
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
-
-
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

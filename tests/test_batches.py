@@ -12,6 +12,7 @@ import torch
 import batches
 import data
 import shards as shard_files
+from common import write_json
 from helpers import make_corpus, wait_for, write_txt_dir
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
@@ -87,7 +88,7 @@ def growing_copy(prepared, into, pause: float, stop: threading.Event):
                 return
             shutil.copy(prepared / name, into / name)
             shards[split].append(name)
-            shard_files.write_json(into / "progress.json", {"shards": shards, "val_complete": True})
+            write_json(into / "progress.json", {"shards": shards, "val_complete": True})
             time.sleep(pause)
     (into / "manifest.json").write_text(manifest)
 
@@ -114,7 +115,7 @@ def test_batches_do_not_depend_on_how_fast_the_data_arrives(prepared, small_bloc
 
 def test_a_failed_preparation_is_raised_where_a_step_waits_for_its_data(prepared, tmp_path):
     (tmp_path / "partial").mkdir()
-    shard_files.write_json(tmp_path / "partial" / "progress.json", {"shards": {"train": [], "val": []}})
+    write_json(tmp_path / "partial" / "progress.json", {"shards": {"train": [], "val": []}})
     failure = data.DataError("cannot reach the Hub")
     shards = data.TokenShards(tmp_path / "partial", "train", failed=lambda: failure)
     reader = batches.micro_batches(batches.BatchSource(shards, 16, 8, seed=0), 0, num_workers=1, pin_memory=False)
