@@ -4,6 +4,8 @@ before and after, as sample.py --chat asks them.
 
     python bench_chat.py                          # about half an hour on a 2-core CPU
     python bench_chat.py --variant adamw="--optimizer adamw --lr 3e-4" --variant muon=""   # rates side by side
+    python bench_chat.py --variant spread="--dataset {data}/echo.jsonl,{data}/prices.jsonl" \
+        --variant one_after_the_other="--dataset {data}"                  # a mixture, two ways
 
 The task is a lookup in a list the user gives: "Prices: fig 41, tea 17, corn 88. What does the tea cost?",
 to which the answer is "The tea costs 17."; half the conversations ask a second question about the same list
@@ -15,6 +17,10 @@ model closes its turn (<|assistant_end|>) within --max_tokens. The base model, w
 scored on the same prompts (an <|endoftext|> ends its reply) and also on the question as plain text, the way a
 base model is prompted (its first line is its answer). The runs are train_gpt2.py's, as a user starts them;
 the commands are printed. Figures are printed, and with --json written.
+
+A second kind of conversation, for mixtures: "Say back: fig, tea, corn." / "fig, tea, corn.". The fine-tunes read
+prices.jsonl unless a variant's flags say otherwise ({data} is the folder holding both files); every model is also
+scored by its loss on the replies of held-out conversations of each kind.
 """
 from __future__ import annotations
 
@@ -81,13 +87,20 @@ def make_conversation(rng: random.Random) -> list[dict]:
             for m in ({"role": "user", "content": asked}, {"role": "assistant", "content": said})]
 
 
+def make_echo(rng: random.Random) -> list[dict]:
+    """The second kind: the user says a few items, the assistant says them back."""
+    said = ", ".join(rng.sample(ITEMS, rng.randint(2, 5))) + "."
+    return [{"role": "user", "content": f"Say back: {said}"}, {"role": "assistant", "content": said}]
+
+
 def write_data(folder: Path, documents: int, conversations: int) -> tuple[Path, Path]:
-    """The pretraining text and the fine-tuning conversations, as JSON lines."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """The pretraining text, and the fine-tuning conversations of each kind in a folder of their own (JSON lines)."""
     rng = random.Random(1)
-    text, convs = folder / "pretraining.jsonl", folder / "conversations.jsonl"
+    text, convs = folder / "pretraining.jsonl", folder / "conversations" / "prices.jsonl"
+    convs.parent.mkdir(parents=True, exist_ok=True)
     for path, records in ((text, ({"text": make_document(rng)} for _ in range(documents))),
-                          (convs, ({"messages": make_conversation(rng)} for _ in range(conversations)))):
+                          (convs, ({"messages": make_conversation(rng)} for _ in range(conversations))),
+                          (convs.parent / "echo.jsonl", ({"messages": make_echo(rng)} for _ in range(conversations)))):
         with atomic_write(path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return text, convs
@@ -124,6 +137,17 @@ def score(model, held_out: list, max_tokens: int, plain: bool = False) -> dict:
     return {"right": right / total, "ended": ended / total, "stopped": stopped / total, "questions": total}
 
 
+def reply_loss(model, conversations: list[list[dict]]) -> float:
+    """The mean loss on the tokens fine-tuning trains (the replies and their <|assistant_end|>), token-weighted."""
+    enc, total, count = get_tokenizer(), 0.0, 0
+    for messages in conversations:
+        ids = torch.tensor(chat.render(messages, enc)[:model.config.block_size + 1])
+        targets = torch.where(torch.from_numpy(chat.trained(ids.numpy()))[1:], ids[1:], -1)
+        _, losses = model(ids[None, :-1], targets[None], per_token=True)
+        total, count = total + losses.sum().item(), count + int((targets != -1).sum())
+    return total / count
+
+
 # ----------------------------------------------------------------------------------------------------
 # The runs
 
@@ -150,6 +174,11 @@ def parse_variant(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(flags)
 
 
+def with_folder(flags: list[str], conversations: Path) -> list[str]:
+    """A variant's flags with {data} the folder of the conversation files."""
+    return [flag.replace("{data}", str(conversations)) for flag in flags]
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--folder", type=Path, default=REPO / "runs" / "chat", help="data, runs and checkpoints")
@@ -172,20 +201,26 @@ def main(argv=None) -> int:
     variants = dict(args.variant) or {"defaults": []}
     for name, flags in variants.items():
         seconds[name] = train(args.folder / f"tuned-{name}", ["--chat", "--init_from", str(base / "model_best_val.pt"),
-                                                               "--dataset", str(convs), *run, *flags])
+                                                               "--dataset", str(convs), *run,
+                                                               *with_folder(flags, convs.parent)])
     rng = random.Random(12345)
     held_out = [make_questions(rng) for _ in range(args.questions)]
+    kinds = {"prices": [make_conversation(rng) for _ in range(args.questions)],
+             "echo": [make_echo(rng) for _ in range(args.questions)]}
     with torch.inference_mode():
         base_model = load_model(str(base / "model_best_val.pt"))[0].eval()
         figures = {"base, chat prompt": score(base_model, held_out, args.max_tokens),
                    "base, plain text": score(base_model, held_out, args.max_tokens, plain=True)}
         for name in variants:
             tuned, info = load_model(str(args.folder / f"tuned-{name}" / "model_best_val.pt"))
-            figures[f"fine-tuned {name}"] = score(tuned.eval(), held_out, args.max_tokens) | {"val_loss": info["val_loss"]}
-    print(f"{'model':<32}{'right':>8}{'ended (<|assistant_end|>)':>28}{'stopped (any end)':>20}{'val loss':>10}")
+            figures[f"fine-tuned {name}"] = score(tuned.eval(), held_out, args.max_tokens) | {
+                "val_loss": info["val_loss"], **{f"{kind} loss": reply_loss(tuned, c) for kind, c in kinds.items()}}
+    print(f"{'model':<32}{'right':>8}{'ended (<|assistant_end|>)':>28}{'stopped (any end)':>20}{'val loss':>10}"
+          f"{'prices loss':>13}{'echo loss':>11}")
     for name, f in figures.items():
-        loss = f"{f['val_loss']:>10.4f}" if "val_loss" in f else ""
-        print(f"{name:<32}{f['right']:>8.1%}{f['ended']:>28.1%}{f['stopped']:>20.1%}{loss}")
+        losses = "".join(f"{f[key]:>{width}.4f}" for key, width in (("val_loss", 10), ("prices loss", 13),
+                                                                     ("echo loss", 11)) if key in f)
+        print(f"{name:<32}{f['right']:>8.1%}{f['ended']:>28.1%}{f['stopped']:>20.1%}{losses}")
     print(f"{figures['base, chat prompt']['questions']} held-out questions; seconds: {seconds}")
     if args.json:
         with atomic_write(args.json) as tmp:

@@ -13,12 +13,14 @@ Content is encoded with encode_ordinary, so text that merely spells a turn token
 trains the tokens the assistant says and its <|assistant_end|> (trained), nothing else.
 
 data.py renders conversations into shards and packs them into rows, sample.py --chat talks in turns
-(Conversation, Reply), export_hf.py writes JINJA_TEMPLATE and the tokens for transformers. Only numpy and
+(Conversation, Reply), export_hf.py writes JINJA_TEMPLATE and the tokens for transformers. HUB_TASKS renders
+MMLU's and GSM8K's rows, which are questions with answers, as conversations. Only numpy and
 common.py are imported: the tokenizer is passed in.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -114,6 +116,35 @@ def trained(ids: np.ndarray) -> np.ndarray:
     opened_before = np.cumsum(starts, axis=-1) - starts
     closed_before = np.cumsum(ends, axis=-1) - ends
     return opened_before > closed_before
+
+
+# ----------------------------------------------------------------------------------------------------
+# Hub datasets of questions and answers, as conversations (what data.py reads for --chat)
+
+MC_LETTERS = "ABCD"
+
+
+def mmlu_conversation(row: dict) -> list[dict]:
+    """A cais/mmlu row (the auxiliary_train configuration nests it under "train") as a multiple-choice question
+    whose reply is the right letter alone: short enough for the run's reply scores to check word for word."""
+    row = row.get("train", row)
+    choices = "\n".join(f"{letter}. {choice}" for letter, choice in zip(MC_LETTERS, row["choices"], strict=True))
+    question = f"{row['question'].strip()}\n{choices}\nAnswer with the letter of the right choice."
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": MC_LETTERS[row["answer"]]}]
+
+
+def gsm8k_conversation(row: dict) -> list[dict]:
+    """An openai/gsm8k row as a question whose reply works the problem step by step. Its calculator notes
+    (<<48/2=24>>, which the text repeats right after) are dropped, as this model has no tool to call, and the
+    closing "#### 72" reads "The answer is 72."."""
+    work, _, final = re.sub(r"<<[^>]*>>", "", row["answer"]).rpartition("####")
+    return [{"role": "user", "content": row["question"].strip()},
+            {"role": "assistant", "content": f"{work.strip()}\nThe answer is {final.strip()}."}]
+
+
+# Hub datasets whose rows are rendered as conversations by these functions rather than read from a messages field.
+# Their names are a part of the cache's key (data.Source.identity): change it whenever a function changes.
+HUB_TASKS = {"cais/mmlu": (mmlu_conversation, "mmlu-1"), "openai/gsm8k": (gsm8k_conversation, "gsm8k-1")}
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 Sources: FineWeb's and FineWeb-Edu's sample-10BT arrive already in GPT-2 tokens (fineweb.py); any other Hub
 dataset is streamed with `datasets` (only about --sample_size documents are fetched) and tokenized; local text
 is a file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet. With --chat the records
-are conversations (lists of messages), rendered by chat.py. `route` decides which, `Preparation` runs it on a
+are conversations (lists of messages), rendered by chat.py. Several sources, separated by commas, are one mixture
+whose documents are spread in proportion to each source's size (`mixed`). `route` decides which, `Preparation` runs it on a
 thread while training reads the shards as they appear (shards.TokenShards), validation's first: the first
 documents of the source, --val_split of them up to shards.VAL_TOKENS. batches.py makes batches of the shards.
 
@@ -15,7 +16,9 @@ import atexit
 import base64
 import contextlib
 import functools
+import heapq
 import importlib.util
+import itertools
 import json
 import os
 import queue
@@ -143,8 +146,10 @@ def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None 
     d = DataSpec()
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
-                   help="a Hugging Face Hub dataset, or a local .txt/.jsonl/.json/.parquet file, directory or glob")
-    g.add_argument("--subset", default=d.subset, help="the Hub dataset's configuration (ignored for local paths)")
+                   help="a Hugging Face Hub dataset (NAME or NAME:CONFIGURATION), or a local .txt/.jsonl/.json/.parquet "
+                        "file, directory or glob; several, separated by commas, are mixed in proportion to their sizes")
+    g.add_argument("--subset", default=d.subset,
+                   help="the Hub dataset's configuration, unless --dataset names one (ignored for local paths)")
     g.add_argument("--text_field", default=d.text_field,
                    help="the field holding the text (.jsonl/.json/.parquet/Hub); default text, or messages with --chat")
     g.add_argument("--sample_size", type=positive_int, default=None if sample_size_help else d.sample_size,
@@ -169,10 +174,20 @@ class Source:
     text_field: str
     files: tuple[str, ...] | None  # strings, not Paths: a directory may hold millions of files
     chat: bool = False  # records hold conversations, rendered with chat.py's turn tokens
+    parts: tuple["Source", ...] = ()  # a mixture's sources (then files is None), read by `mixed`
+
+    @property
+    def task(self) -> str | None:
+        """The Hub dataset's name in chat.HUB_TASKS when its rows are rendered as conversations there."""
+        return self.name if self.chat and self.files is None and self.name in chat.HUB_TASKS else None
 
     def identity(self) -> dict:
         """What about the source changes the prepared data (local files: path, size and mtime)."""
+        if self.parts:
+            return {"mixture": [part.identity() for part in self.parts]}
         rendering = {"chat": chat.FORMAT} if self.chat else {}  # text sources' caches keep their old names
+        if self.task:
+            rendering["rows"] = chat.HUB_TASKS[self.task][1]
         if self.files is None:
             return {"hub": self.name, "subset": self.subset, "text_field": self.text_field, **rendering}
         stats = [(p, s.st_size, s.st_mtime_ns) for p, s in zip(self.files, map(os.stat, self.files), strict=True)]
@@ -180,24 +195,46 @@ class Source:
 
 
 def resolve_source(spec: DataSpec, seed: int = 0) -> Source:
-    """The source `spec` names; local files in an order seeded by `seed`, not by their names: the first pass
-    reads the data in this order (shuffled only within blocks), and validation holds the first documents, so a
-    directory sorted by topic must not hand its first topic to validation and train on the others in turn."""
-    files = _local_files(spec.dataset)
+    """The source `spec` names (several: a mixture of them); local files in an order seeded by `seed`, not by
+    their names: the first pass reads the data in this order (shuffled only within blocks), and validation holds
+    the first documents, so a directory sorted by topic must not hand its first topic to validation and train
+    on the others in turn."""
+    names = source_names(spec.dataset)
+    if len(names) == 1:
+        return _single_source(names[0], spec, seed)
+    return Source(spec.dataset, None, spec.field, None, spec.chat,
+                  parts=tuple(_single_source(name, spec, seed) for name in names))
+
+
+def source_names(dataset: str) -> list[str]:
+    """The sources a --dataset names: one, or several separated by commas (unless it is a local path as it is)."""
+    if "," not in dataset or os.path.exists(os.path.expanduser(dataset)):
+        return [dataset]
+    names = [name.strip() for name in dataset.split(",")]
+    if not all(names):
+        raise DataError(f"--dataset {dataset!r} names an empty source: separate sources with single commas")
+    return names
+
+
+def _single_source(name: str, spec: DataSpec, seed: int) -> Source:
+    files = _local_files(name)
     text = next((f for f in files or () if f.lower().endswith(".txt")), None)
     if spec.chat and text:
         raise DataError(f"--chat reads conversations from .jsonl, .json or .parquet records (their messages in "
                         f"--text_field, default messages); {text} is plain text")
     if files is not None:
         order = np.random.default_rng([seed, len(files)]).permutation(len(files))
-        files = tuple(files[i] for i in order)
-    subset = (spec.subset or None) if files is None else None  # a configuration means nothing locally
-    return Source(spec.dataset, subset, spec.field, files, spec.chat)
+        return Source(name, None, spec.field, tuple(files[i] for i in order), spec.chat)  # no configuration locally
+    name, _, subset = name.partition(":")  # NAME:CONFIGURATION names its own; else --subset's
+    return Source(name, subset or spec.subset or None, spec.field, None, spec.chat)
 
 
 def count_records(source: Source, at_most: int) -> int:
-    """Records of a local source, counting stops at `at_most` (a Hub dataset: `at_most`). Quick next to
-    tokenizing: a .txt file is one, a .jsonl file's non-blank lines, a .parquet file's rows from its footer."""
+    """Records of a local source, counting stops at `at_most` (a Hub dataset: `at_most`; a mixture: its parts'
+    sizes, see `mixed`). Quick next to tokenizing: a .txt file is one, a .jsonl file's non-blank lines, a .parquet
+    file's rows from its footer."""
+    if source.parts:
+        return min(at_most, sum(_part_sizes(source)))
     if source.files is None:
         return at_most
     n = 0
@@ -219,8 +256,8 @@ def count_records(source: Source, at_most: int) -> int:
 
 
 def is_hub(dataset: str) -> bool:
-    """Whether --dataset names a Hugging Face Hub dataset (no local path)."""
-    return _local_files(dataset) is None
+    """Whether --dataset names a Hugging Face Hub dataset (no local path), or a mixture with one."""
+    return any(_local_files(name) is None for name in source_names(dataset))
 
 
 def _local_files(spec: str) -> tuple[str, ...] | None:
@@ -269,6 +306,9 @@ def iter_records(source: Source, skip: int = 0) -> Iterator[tuple[str | None, bo
     Empty records are yielded too (the caller counts them), so a record's position never depends on
     its content and a resumed run can skip exactly the records an earlier run consumed.
     """
+    if source.parts:
+        yield from itertools.islice(mixed(source), skip, None)  # read again up to where the last run stopped
+        return
     if source.files is None:
         yield from _hub_records(source, skip)
         return
@@ -293,6 +333,42 @@ def iter_records(source: Source, skip: int = 0) -> Iterator[tuple[str | None, bo
             yield record
 
 
+def mixed(source: Source) -> Iterator[tuple[str | None, bool]]:
+    """A mixture's records: every part's, each next one taken from the part furthest behind its share, so each
+    part is spread evenly through the whole (a part of a tenth of the records gives every tenth record) and
+    validation, which holds the first documents, holds each part in proportion too. A part that ends before its
+    size said leaves the rest to the others."""
+    sizes = _part_sizes(source)
+    streams = [iter_records(part) for part in source.parts]
+    behind = [(1 / size, i) for i, size in enumerate(sizes)]  # (the share it will have read, part), least first
+    heapq.heapify(behind)
+    taken = [0] * len(sizes)
+    while behind:
+        _, i = heapq.heappop(behind)
+        record = next(streams[i], None)
+        if record is None:
+            continue
+        yield record
+        taken[i] += 1
+        heapq.heappush(behind, ((taken[i] + 1) / sizes[i], i))
+
+
+def _part_sizes(source: Source) -> tuple[int, ...]:
+    """How many records each part of a mixture holds: a local part's counted, a Hub part's as the Hub's card
+    says it (one whose card does not say counts as the largest of the others)."""
+    return _sizes(source, json.dumps(source.identity(), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)
+def _sizes(source: Source, identity: str) -> tuple[int, ...]:  # identity: files changed since are counted again
+    try:
+        sizes = [count_records(part, 2**62) if part.files is not None else _hub_rows(part) for part in source.parts]
+    except _network_errors() as e:
+        raise _unreachable(source, e) from None
+    largest = max((size for size in sizes if size), default=1)
+    return tuple(max(1, size or largest) for size in sizes)
+
+
 def _decode(raw: bytes) -> tuple[str, bool]:
     try:
         return raw.decode("utf-8"), False
@@ -301,8 +377,14 @@ def _decode(raw: bytes) -> tuple[str, bool]:
 
 
 def _text_of(record, source: Source, where: str) -> str | list | None:
-    """The text field of one JSON/Hub record (with --chat, its conversation); None (an empty document) when
-    its value is null."""
+    """The text field of one JSON/Hub record (with --chat, its conversation, or one chat.HUB_TASKS renders);
+    None (an empty document) when its value is null."""
+    if source.task:
+        try:
+            return chat.HUB_TASKS[source.task][0](record)
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as e:
+            raise DataError(f"{where}: a row chat.py cannot render as a conversation ({first_line(e)})") \
+                from None
     field_name = source.text_field
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected an object with a {field_name!r} field, found {type(record).__name__}")
@@ -396,6 +478,13 @@ def _hub_records(source: Source, skip: int) -> Iterator[tuple[str | None, bool]]
             time.sleep(2 ** failures)
 
 
+def _hub_rows(source: Source) -> int | None:
+    """The rows of the Hub dataset's train split, as its card says (None when it does not)."""
+    info = getattr(_open_hub_stream(source, 0), "info", None)
+    splits = info.splits if info is not None else None
+    return splits["train"].num_examples if splits and "train" in splits else None
+
+
 def _open_hub_stream(source: Source, skip: int):
     check_hub_reachable(HUB_PROBE_SECONDS, datasets=True)
     import datasets  # imported here: it takes over a second, and local text never needs it
@@ -424,8 +513,12 @@ def _network_errors() -> tuple[type[BaseException], ...]:
 
 
 def _unreachable(source: Source, error: BaseException) -> DataError:
-    return DataError(f"cannot reach the Hugging Face Hub for dataset {source.name!r} ({first_line(error)}); "
-                     f"no local path {source.name!r} exists either; {local_data_hint(source.chat)}")
+    """The Hub is out of reach: one line naming the source (a mixture: each of its Hub datasets), and the way on."""
+    names = [part.name for part in source.parts if part.files is None] if source.parts else [source.name]
+    quoted = ", ".join(map(repr, names))
+    return DataError(f"cannot reach the Hugging Face Hub for dataset{'s' * (len(names) > 1)} {quoted} "
+                     f"({first_line(error)}); no local path{'s' * (len(names) > 1)} {quoted} exist{'s' * (len(names) == 1)} "
+                     f"either; {local_data_hint(source.chat)}")
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -502,8 +595,9 @@ def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
     """The Route of `spec`. FineWeb's text with GPT-2's tokenizer comes pre-tokenized where the Hub holds it:
     asked once (probe), unless a run already has it; without probe (--plan) it is taken to be there. Offline, or
     with the Hub out of reach, DataError in one line naming --dataset PATH."""
-    repo = None if _local_files(spec.dataset) is not None else \
-        fineweb.repo_for(spec.dataset, spec.subset, spec.text_field, spec.chat)
+    source = resolve_source(spec)
+    repo = None if source.files is not None or source.parts else \
+        fineweb.repo_for(source.name, source.subset, spec.text_field, spec.chat)
     if repo is None:
         return Route(target(spec, **tokenizing).cache_dir)
     folder = fineweb.run_folder(spec.data_cache, repo, spec.sample_size)
@@ -512,7 +606,7 @@ def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
     try:
         check_hub_reachable(HUB_PROBE_SECONDS)
     except OSError as e:
-        raise _unreachable(Source(spec.dataset, spec.subset, spec.field, None), e) from None
+        raise _unreachable(source, e) from None
     if fineweb.available(repo, spec.dataset):
         return Route(folder, repo)
     return Route(target(spec, **tokenizing).cache_dir,
@@ -868,8 +962,8 @@ def _check_split_sizes(spec: DataSpec, state: _Progress) -> None:
 
 
 def _all_text_files(spec: DataSpec) -> bool:
-    files = _local_files(spec.dataset)
-    return files is not None and all(f.lower().endswith(".txt") for f in files)
+    files = [_local_files(name) for name in source_names(spec.dataset)]
+    return all(f is not None and all(path.lower().endswith(".txt") for path in f) for f in files)
 
 
 def _manifest(t: Target, spec: DataSpec, state: _Progress, val_docs: int) -> dict:
@@ -878,7 +972,8 @@ def _manifest(t: Target, spec: DataSpec, state: _Progress, val_docs: int) -> dic
         "format_version": FORMAT_VERSION,
         "cache_key": t.cache_dir.name,
         "source": {"dataset": spec.dataset, "subset": source.subset, "text_field": spec.field,
-                   "local_files": None if source.files is None else len(source.files)},
+                   "local_files": None if source.files is None else len(source.files),
+                   **({"mixture": [part.name for part in source.parts]} if source.parts else {})},
         "sample_size": spec.sample_size,
         "tokenizer": {"name": "gpt2", "id": TOKENIZER_ID, "eot": EOT, "n_vocab": 50257},
         "split": {"val_fraction": spec.val_split, "seed": t.settings["split_seed"], "val_documents": val_docs,

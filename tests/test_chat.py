@@ -259,6 +259,52 @@ def test_a_conversation_out_of_turn_and_an_unreachable_hub_are_one_line_each(tmp
     lines = offline.stderr.strip().splitlines()
     assert offline.returncode == 1 and len(lines) == 1 and "pass --dataset PATH" in lines[0]
     assert lines[0].startswith("error: cannot reach the Hugging Face Hub for dataset 'HuggingFaceTB/smol-smoltalk'")
+    mixture = run_script("data.py", "--chat", "--dataset", f"{path},openai/gsm8k:main,cais/mmlu:auxiliary_train",
+                         "--data_cache", str(tmp_path))
+    lines = mixture.stderr.strip().splitlines()
+    assert mixture.returncode == 1 and len(lines) == 1 and "pass --dataset PATH" in lines[0]
+    assert lines[0].startswith("error: cannot reach the Hugging Face Hub for datasets 'openai/gsm8k', 'cais/mmlu'")
+
+
+def test_mmlu_and_gsm8k_rows_become_conversations_whose_reply_is_the_answer():
+    question = {"question": "Which is a fruit? ", "choices": ["stone", "fig", "iron", "salt"], "answer": 1,
+                "subject": ""}
+    for row in (question, {"train": question}):  # the auxiliary_train configuration nests its rows
+        messages = chat.mmlu_conversation(row)
+        assert chat.problem(messages) is None and messages[1]["content"] == "B"
+        assert messages[0]["content"].splitlines()[:3] == ["Which is a fruit?", "A. stone", "B. fig"]
+    worked = {"question": "Ann has 3 bags of 4 figs. How many figs?", "answer": "3 * 4 = <<3*4=12>>12\n#### 12"}
+    messages = chat.gsm8k_conversation(worked)
+    assert chat.problem(messages) is None and messages[1]["content"] == "3 * 4 = 12\nThe answer is 12."
+    gsm8k = data.Source("openai/gsm8k", "main", "messages", None, chat=True)
+    assert gsm8k.task == "openai/gsm8k" and data.Source("openai/gsm8k", "main", "text", None).task is None
+    with pytest.raises(data.DataError, match=r"^openai/gsm8k: a row chat.py cannot render as a conversation"):
+        data._text_of({"question": "no answer"}, gsm8k, "openai/gsm8k")
+
+
+def test_a_mixture_spreads_each_source_through_the_whole_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Two local files and a Hub dataset (GSM8K's rows, served here) as one --dataset, sizes 30, 10 and 20."""
+    a = write_conversations(tmp_path / "a.jsonl", make_conversations(30, seed=1))
+    b = write_conversations(tmp_path / "b.jsonl", make_conversations(10, seed=2))
+    rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
+            for i in range(20)]
+    monkeypatch.setattr(data, "_open_hub_stream", lambda source, skip: iter(rows[skip:]))
+    monkeypatch.setattr(data, "_hub_rows", lambda source: len(rows))  # as the dataset's card says
+    spec = data.DataSpec(dataset=f"{a}, {b},openai/gsm8k:main", chat=True, data_cache=str(tmp_path / "cache"))
+    source = data.resolve_source(spec)
+    assert [(p.name, p.subset) for p in source.parts] == [(str(a), None), (str(b), None), ("openai/gsm8k", "main")]
+    assert data.count_records(source, 1000) == 60 and data.count_records(source, 7) == 7
+    records = [messages for messages, _ in data.iter_records(source)]
+    of_part = [0 if m in make_conversations(30, seed=1) else 1 if m in make_conversations(10, seed=2) else 2
+               for m in records]
+    assert sorted(of_part) == [0] * 30 + [1] * 10 + [2] * 20
+    for first in (6, 12, 30, 45):  # any opening stretch holds each part in proportion to its size
+        for part, size in enumerate((30, 10, 20)):
+            assert abs(of_part[:first].count(part) - first * size / 60) <= 1
+    assert records[of_part.index(2)][1]["content"] == "0 + 1 = 1\nThe answer is 1."
+    assert [m for m, _ in data.iter_records(source, skip=37)] == records[37:]  # a resumed preparation goes on exactly
+    manifest = data.read_json(data.prepare(spec, progress=False) / "manifest.json")
+    assert manifest["source"]["mixture"] == [str(a), str(b), "openai/gsm8k"] and manifest["documents"] == 60
 
 
 def llama_cpp_chat(llm, text: str, prompt: list[int], n_tokens: int) -> tuple:
@@ -343,13 +389,16 @@ def chat_alone(*flags: str) -> list[str]:
 @pytest.fixture(scope="module")
 def chat_alone_run(tmp_path_factory, base, conversations, cache):
     """`train_gpt2.py --chat` run where a pretraining run left its best checkpoint (checkpoints/), reading the
-    tests' conversations (the default, SmolTalk, is on the Hub) and 100 of them, so that one pass is short."""
+    tests' conversations mixed with a second file of them (the default, SmolTalk, is on the Hub) and 100 of them,
+    so that one pass is short."""
     home = tmp_path_factory.mktemp("home")
+    more = write_conversations(home / "more.jsonl", make_conversations(100, seed=3))
     (home / "checkpoints").mkdir()
     (home / "checkpoints" / "model_best_val.pt").write_bytes(base.read_bytes())
     with pytest.MonkeyPatch.context() as patch, one_torch_thread(), contextlib.redirect_stdout(io.StringIO()) as out:
         patch.chdir(home)
-        code = T.main(chat_alone("--dataset", str(conversations), "--sample_size", "100", "--data_cache", str(cache)))
+        code = T.main(chat_alone("--dataset", f"{conversations},{more}", "--sample_size", "100",
+                                 "--data_cache", str(cache)))
     assert code == 0
     return home, out.getvalue()
 
@@ -363,6 +412,7 @@ def test_chat_alone_fine_tunes_the_best_checkpoint_for_one_pass_into_a_folder_of
     pretraining = F.parse_args([])
     assert (run["optimizer"], run["lr"]) == (F.DEFAULT_OPTIMIZER, pretraining.lr)  # pretraining's rates
     assert run["data"]["chat"] and run["data"]["sample_size"] == 100
+    assert run["data"]["dataset"].endswith(f"conversations.jsonl,{home / 'more.jsonl'}")  # a mixture of the two
     steps, epochs = re.search(r"plan: ([\d,]+) steps = [\d,]+ tokens = ([\d.]+) epochs", out).groups()
     assert latest["step"] == int(steps.replace(",", "")) and float(epochs) == pytest.approx(1.0, abs=0.05)
     assert "tokens a parameter" not in out and "fresh data" not in out  # pretraining's advice, not a fine-tune's
