@@ -147,7 +147,8 @@ def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None 
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
                    help="a Hugging Face Hub dataset (NAME or NAME:CONFIGURATION), or a local .txt/.jsonl/.json/.parquet "
-                        "file, directory or glob; several, separated by commas, are mixed in proportion to their sizes")
+                        "file, directory or glob; several, separated by commas, are mixed in proportion to their sizes "
+                        "(one named twice is read twice)")
     g.add_argument("--subset", default=d.subset,
                    help="the Hub dataset's configuration, unless --dataset names one (ignored for local paths)")
     g.add_argument("--text_field", default=d.text_field,

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from data import source_names
+
 # Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
 # datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
 PEAK_BF16_TFLOPS = {
@@ -94,10 +96,13 @@ def estimated_data_tokens(dataset: str, sample_size: int) -> tuple[int | None, s
     if dataset in TOKENS_PER_DOCUMENT:
         per_document = TOKENS_PER_DOCUMENT[dataset]
         return sample_size * per_document, f"{sample_size:,} documents of about {per_document:,} tokens"
-    path = Path(dataset).expanduser()
-    files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
-    if not files:
-        return None, "a Hub dataset whose documents' length is not known here"
+    files = []
+    for name in source_names(dataset):  # a mixture's parts, each of them local
+        path = Path(name).expanduser()
+        found = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
+        if not found:
+            return None, "a Hub dataset whose documents' length is not known here"
+        files += found
     size = sum(f.stat().st_size for f in files[:sample_size])
     return int(size / BYTES_PER_TOKEN), f"{human_bytes(size)} of text at about {BYTES_PER_TOKEN:g} bytes a token"
 

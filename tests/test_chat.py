@@ -10,6 +10,7 @@ import re
 import select
 import subprocess
 import time
+import types
 
 import numpy as np
 import pytest
@@ -288,8 +289,10 @@ def test_a_mixture_spreads_each_source_through_the_whole_and_resumes_where_it_st
     b = write_conversations(tmp_path / "b.jsonl", make_conversations(10, seed=2))
     rows = [{"question": f"What is {i} + 1?", "answer": f"{i} + 1 = <<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"}
             for i in range(20)]
-    monkeypatch.setattr(data, "_open_hub_stream", lambda source, skip: iter(rows[skip:]))
-    monkeypatch.setattr(data, "_hub_rows", lambda source: len(rows))  # as the dataset's card says
+
+    class Stream(list):  # as datasets streams them, with the dataset card's split sizes
+        info = types.SimpleNamespace(splits={"train": types.SimpleNamespace(num_examples=len(rows))})
+    monkeypatch.setattr(data, "_open_hub_stream", lambda source, skip: Stream(rows[skip:]))
     spec = data.DataSpec(dataset=f"{a}, {b},openai/gsm8k:main", chat=True, data_cache=str(tmp_path / "cache"))
     source = data.resolve_source(spec)
     assert [(p.name, p.subset) for p in source.parts] == [(str(a), None), (str(b), None), ("openai/gsm8k", "main")]
@@ -305,6 +308,11 @@ def test_a_mixture_spreads_each_source_through_the_whole_and_resumes_where_it_st
     assert [m for m, _ in data.iter_records(source, skip=37)] == records[37:]  # a resumed preparation goes on exactly
     manifest = data.read_json(data.prepare(spec, progress=False) / "manifest.json")
     assert manifest["source"]["mixture"] == [str(a), str(b), "openai/gsm8k"] and manifest["documents"] == 60
+    monkeypatch.setattr(Stream, "info", None)  # a card that gives no size: taken as large as the largest part
+    data._sizes.cache_clear()
+    assert data.count_records(source, 1000) == 30 + 10 + 30
+    twice = data.resolve_source(data.DataSpec(dataset=f"{b},{b}", chat=True))  # named twice: read twice, in turn
+    assert [m for m, _ in data.iter_records(twice)] == [m for m in make_conversations(10, seed=2) for _ in range(2)]
 
 
 def llama_cpp_chat(llm, text: str, prompt: list[int], n_tokens: int) -> tuple:
