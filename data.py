@@ -4,9 +4,9 @@ Sources: FineWeb's and FineWeb-Edu's sample-10BT arrive already in GPT-2 tokens 
 dataset is streamed with `datasets` (only about --sample_size documents are fetched) and tokenized; local text
 is a file, directory or glob of .txt (one document per file), .jsonl/.json or .parquet. With --chat the records
 are conversations (lists of messages), rendered by chat.py. Several sources, separated by commas, are one mixture
-whose documents are spread in proportion to each source's size (`mixed`). `route` decides which, `Preparation` runs it on a
-thread while training reads the shards as they appear (shards.TokenShards), validation's first: the first
-documents of the source, --val_split of them up to shards.VAL_TOKENS. batches.py makes batches of the shards.
+whose documents are spread in proportion to each source's size (`mixed`). `route` decides which, `Preparation`
+runs it on a thread while training reads the shards as they appear (shards.TokenShards), validation's first: the
+first documents of the source, --val_split of them up to shards.VAL_TOKENS. batches.py makes batches of the shards.
 
 As a script, `python data.py [--dataset ...]` prepares all of it in the foreground and prints a one-line summary,
 so the data can be ready before a GPU is rented.
@@ -146,9 +146,9 @@ def add_data_args(parser: argparse.ArgumentParser, sample_size_help: str | None 
     d = DataSpec()
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
-                   help="a Hugging Face Hub dataset (NAME or NAME:CONFIGURATION), or a local .txt/.jsonl/.json/.parquet "
-                        "file, directory or glob; several, separated by commas, are mixed in proportion to their sizes "
-                        "(one named twice is read twice)")
+                   help="a Hugging Face Hub dataset (NAME or NAME:CONFIGURATION), or a local .txt/.jsonl/.json/"
+                        ".parquet file, directory or glob; several, separated by commas, are mixed in proportion to "
+                        "their sizes (one named twice is read twice)")
     g.add_argument("--subset", default=d.subset,
                    help="the Hub dataset's configuration, unless --dataset names one (ignored for local paths)")
     g.add_argument("--text_field", default=d.text_field,
@@ -517,9 +517,10 @@ def _unreachable(source: Source, error: BaseException) -> DataError:
     """The Hub is out of reach: one line naming the source (a mixture: each of its Hub datasets), and the way on."""
     names = [part.name for part in source.parts if part.files is None] if source.parts else [source.name]
     quoted = ", ".join(map(repr, names))
-    return DataError(f"cannot reach the Hugging Face Hub for dataset{'s' * (len(names) > 1)} {quoted} "
-                     f"({first_line(error)}); no local path{'s' * (len(names) > 1)} {quoted} exist{'s' * (len(names) == 1)} "
-                     f"either; {local_data_hint(source.chat)}")
+    several = len(names) > 1
+    return DataError(f"cannot reach the Hugging Face Hub for dataset{'s' * several} {quoted} ({first_line(error)}); "
+                     f"no local path{'s' * several} {quoted} exist{'s' * (not several)} either; "
+                     f"{local_data_hint(source.chat)}")
 
 
 # ----------------------------------------------------------------------------- preparation

@@ -283,6 +283,27 @@ def test_mmlu_and_gsm8k_rows_become_conversations_whose_reply_is_the_answer():
         data._text_of({"question": "no answer"}, gsm8k, "openai/gsm8k")
 
 
+def test_a_hub_datasets_size_is_read_from_its_card_and_its_rows_from_parquet_as_datasets_streams_them(
+        tmp_path, monkeypatch):
+    """GSM8K's layout (a configuration's parquet files, the card's dataset_info) in a folder, streamed by `datasets`
+    as it streams the Hub's copy."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rows = [{"question": f"What is {i} + 1?", "answer": f"<<{i}+1={i + 1}>>{i + 1}\n#### {i + 1}"} for i in range(7)]
+    (tmp_path / "gsm8k" / "main").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "gsm8k" / "main" / "train-00000-of-00001.parquet")
+    (tmp_path / "gsm8k" / "README.md").write_text(
+        "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
+        "dataset_info:\n- config_name: main\n  splits:\n  - name: train\n    num_examples: 7\n---\n")
+    monkeypatch.setattr(data, "_open_hub_stream", lambda source, skip: datasets.load_dataset(
+        str(tmp_path / "gsm8k"), source.subset, split="train", streaming=True).skip(skip))
+    gsm8k = data.resolve_source(data.DataSpec(dataset="openai/gsm8k:main", chat=True))
+    assert data._hub_rows(gsm8k) == 7
+    replies = [messages[1]["content"] for messages, _ in data.iter_records(gsm8k, skip=5)]
+    assert replies == ["6\nThe answer is 6.", "7\nThe answer is 7."]
+
+
 def test_a_mixture_spreads_each_source_through_the_whole_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Two local files and a Hub dataset (GSM8K's rows, served here) as one --dataset, sizes 30, 10 and 20."""
     a = write_conversations(tmp_path / "a.jsonl", make_conversations(30, seed=1))
