@@ -35,9 +35,11 @@ PEAK_BF16_TFLOPS = {
 # No table of prices: they differ by provider and change month to month, and a stale one would
 # mislead. The cost is shown when --price_per_hour gives the machine's price.
 
-# GPT-2 tokens per document, for the estimate made before the download (1,000 FineWeb documents hold about
-# 1 M tokens). Local text: about 4 bytes a token for English prose (markup and code are denser).
-TOKENS_PER_DOCUMENT = {"HuggingFaceFW/fineweb": 1000}
+# GPT-2 tokens per document, its <|endoftext|> included, for the estimate made before the download. FineWeb's
+# sample-10BT: 14,868,862 documents in kjj0/fineweb10B-gpt2's 104 shards of at most 100 M tokens (about 690 each);
+# FineWeb-Edu's: 9,672,101 documents in about 10 B tokens (about 1,030). Local text: about 4 bytes a token for
+# English prose (markup and code are denser).
+TOKENS_PER_DOCUMENT = {"HuggingFaceFW/fineweb": 690, "HuggingFaceFW/fineweb-edu": 1030}
 BYTES_PER_TOKEN = 4.0
 SHARD_BYTES_PER_TOKEN = 2  # uint16 tokens (data.py's shards)
 REPEATS_WARNED = 4  # passes over the same data beyond which fresh data is worth more (Muennighoff et al. 2023)

@@ -102,7 +102,7 @@ def test_the_plan_warns_of_data_seen_too_often_and_says_what_gives_fresh_data():
     assert warnings[0] == ("warning: the run sees its data 69.0 times; --sample_size 68,986 gives fresh data for the "
                            "whole run")
     assert "0.53 tokens a parameter" in warnings[1]
-    assert P.estimated_data_tokens("HuggingFaceFW/fineweb", 1000)[0] == 1_000_000  # 1,000 documents: about 1 M
+    assert P.estimated_data_tokens("HuggingFaceFW/fineweb", 1000)[0] == 690_000  # 1,000 documents of about 690
 
 
 def test_auto_halves_the_micro_batch_until_it_fits_and_keeps_the_loss_of_the_same_accumulation(
@@ -220,7 +220,8 @@ def test_the_batch_grows_with_depth_but_leaves_the_budget_enough_steps_and_adamw
     assert B.sized_batch(12, 64, 1024, tokens=1.0, multiple=8) == 8  # at least one sequence for each of 8 ranks
     assert B.sized_lr(2e-3, 16, 64, 768) == pytest.approx(1e-3)  # GPT-2's width: the batch's root alone
     assert B.sized_lr(2e-3, 64, 64, 192) == pytest.approx(4e-3)  # a quarter of the width: twice the rate
-    assert B.documents_for("HuggingFaceFW/fineweb", 950_000, 0.05) == 1000  # 1,000 tokens a document
+    assert B.documents_for("HuggingFaceFW/fineweb", 950_000, 0.05) == 1450  # about 690 tokens a document
+    assert B.documents_for("HuggingFaceFW/fineweb-edu", 950_000, 0.05) == 971  # about 1,030
     assert B.documents_for("./my_texts", 950_000, 0.05) is None  # local text: what there is
 
 
