@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from common import UserError
+from data import DataSpec, is_hub
 from memory import fitting_grad_accum, probes_memory
 from model import GPTConfig, swiglu_width
 from optim import OptimizerSettings
@@ -126,13 +127,16 @@ class Sizing:
     def chosen(self) -> Candidate:
         return next(c for c in self.candidates if c.depth == self.depth)
 
-    def lines(self, device: str, block_size: int, lr: float, muon_lr: float, reference_batch: int) -> list[str]:
+    def lines(self, device: str, block_size: int, lr: float, muon_lr: float, reference_batch: int,
+              hub: bool = False) -> list[str]:
         """What was chosen and why, in plain words: the paces timed, the depth chosen and the tokens it gets,
-        the batch, the learning rates and the data. reference_batch: the sequences `lr` is given for (at
-        REFERENCE_WIDTH), which sized_lr scales from."""
+        the batch, the learning rates and the data (hub: a Hub dataset it could not size). reference_batch: the
+        sequences `lr` is given for (at REFERENCE_WIDTH), which sized_lr scales from."""
         shape, c = depth_shape(self.depth), self.chosen
         timed = ", ".join(f"depth {k.depth} at {k.tokens_per_s:,.0f} tokens/s" for k in self.candidates)
-        documents = f"{self.sample_size:,} documents (about one pass)" if self.sample_size else "all of the local text"
+        documents = f"{self.sample_size:,} documents (about one pass)" if self.sample_size else \
+            f"--sample_size's {DataSpec.sample_size:,} documents (their length is not known here)" if hub else \
+            "all of the local text"
         return [f"plan: --time chooses the model by timing its family on this {device} ({self.seconds:.1f} s): {timed}",
                 f"plan: chosen: depth {self.depth} ({shape['n_layer']} layers, width {shape['n_embd']}, "
                 f"{shape['n_head']} heads), {c.params / 1e6:,.1f} M parameters in its matrices and head; the budget "
@@ -323,7 +327,8 @@ def size_for_budget(r: Request, env: Env, say: Callable, started: float, saved: 
         sizing = Sizing(chosen.depth, chosen.batch, r.lr * scale, r.min_lr * scale,
                         r.sample_size or documents_for(r.dataset, chosen.tokens, r.val_split),
                         candidates, time.monotonic() - began)
-    say("\n".join(sizing.lines(env.device.type, r.block_size, r.lr, r.optimizer.muon_lr, r.reference_batch)
+    say("\n".join(sizing.lines(env.device.type, r.block_size, r.lr, r.optimizer.muon_lr, r.reference_batch,
+                                hub=is_hub(r.dataset))
                   + (["plan: (the choice of the run in latest.pt, kept)"] if saved else [])))
     return sizing
 

@@ -310,3 +310,5 @@ def test_what_the_budget_chose_is_said_in_plain_words_with_its_figures():
         "buys it 203,710 tokens, 0.03 a parameter (about 10.5 learns the most from the compute, as nanochat measured)",
         "plan: batch: 2 sequences of 256 tokens; learning rates: AdamW 8.7e-4 (--lr 0.002 is for 64 sequences at width "
         "768: scaled to this batch and width), Muon 0.02; data: all of the local text"]
+    assert sizing.lines("cpu", 256, 0.002, 0.02, 64, hub=True)[-1].endswith(  # a Hub dataset of unknown length
+        "data: --sample_size's 1,000,000 documents (their length is not known here)")
