@@ -218,7 +218,7 @@ def source_names(dataset: str) -> list[str]:
 
 
 def _single_source(name: str, spec: DataSpec, seed: int) -> Source:
-    files = _local_files(name)
+    files = local_files(name)
     text = next((f for f in files or () if f.lower().endswith(".txt")), None)
     if spec.chat and text:
         raise DataError(f"--chat reads conversations from .jsonl, .json or .parquet records (their messages in "
@@ -258,10 +258,10 @@ def count_records(source: Source, at_most: int) -> int:
 
 def is_hub(dataset: str) -> bool:
     """Whether --dataset names a Hugging Face Hub dataset (no local path), or a mixture with one."""
-    return any(_local_files(name) is None for name in source_names(dataset))
+    return any(local_files(name) is None for name in source_names(dataset))
 
 
-def _local_files(spec: str) -> tuple[str, ...] | None:
+def local_files(spec: str) -> tuple[str, ...] | None:
     """The files a local --dataset names, sorted; None when it names no local path (it is then a Hub id)."""
     path = Path(spec).expanduser()
     kinds = "/".join(SUFFIXES)
@@ -964,7 +964,7 @@ def _check_split_sizes(spec: DataSpec, state: _Progress) -> None:
 
 
 def _all_text_files(spec: DataSpec) -> bool:
-    files = [_local_files(name) for name in source_names(spec.dataset)]
+    files = [local_files(name) for name in source_names(spec.dataset)]
     return all(f is not None and all(path.lower().endswith(".txt") for path in f) for f in files)
 
 

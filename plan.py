@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data import source_names
+from data import local_files, source_names
 
 # Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
 # datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
@@ -100,12 +100,11 @@ def estimated_data_tokens(dataset: str, sample_size: int) -> tuple[int | None, s
         return sample_size * per_document, f"{sample_size:,} documents of about {per_document:,} tokens"
     files = []
     for name in source_names(dataset):  # a mixture's parts, each of them local
-        path = Path(name).expanduser()
-        found = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else []
-        if not found:
+        found = local_files(name)  # the files data.py reads: a directory's, a glob's
+        if found is None:
             return None, "a Hub dataset whose documents' length is not known here"
         files += found
-    size = sum(f.stat().st_size for f in files[:sample_size])
+    size = sum(os.path.getsize(f) for f in files[:sample_size])
     return int(size / BYTES_PER_TOKEN), f"{human_bytes(size)} of text at about {BYTES_PER_TOKEN:g} bytes a token"
 
 
