@@ -186,7 +186,8 @@ class Took:
 class Pace:
     """Seconds a training step takes, without evaluation, saving and the first steps (compiling, warming
     the allocator): over step.TIMED_STEPS steps after step.WARMUP_STEPS, then the median of the last windows between
-    log lines. Also the tokens/s of each such window, for the progress bar and metrics.jsonl."""
+    log lines. Also the tokens/s of each such window, for the progress bar and metrics.jsonl. What runs beside
+    the steps (leave_out) is left out of both."""
 
     WINDOWS = 5
 
@@ -199,7 +200,7 @@ class Pace:
         self.restart(step)
 
     def restart(self, step: int) -> None:
-        self.t0, self.step0 = time.perf_counter(), step
+        self.t0, self.step0, self.excluded0 = time.perf_counter(), step, self.excluded
 
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
@@ -230,11 +231,14 @@ class Pace:
         return False
 
     def lap(self, step: int) -> float:
-        """Tokens/s since the last restart; once timed, the window also updates the seconds a step."""
-        seconds, steps = time.perf_counter() - self.t0, step - self.step0
+        """Tokens/s since the last lap, and the next window begun; once timed, the window also updates the seconds a
+        step."""
+        seconds = time.perf_counter() - self.t0 - (self.excluded - self.excluded0)
+        steps = step - self.step0
         if steps and self.step_seconds is not None and self.step0 >= self.first_step + WARMUP_STEPS:
             self.windows = (self.windows + [seconds / steps])[-self.WINDOWS:]
             self.step_seconds = statistics.median(self.windows)
+        self.restart(step)
         return steps * self.tokens_per_step / max(seconds, 1e-9)
 
 

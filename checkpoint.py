@@ -198,20 +198,20 @@ class Progress:
     best_val: float = math.inf
     best_step: int | None = None
     hellaswag: float | None = None  # the last acc_norm scored
-    max_steps: int | None = None  # the schedule's end as planned so far (with --time, once timed)
     tokens: int = 0  # trained, whatever batch each step had
 
-    def fields(self, init_from: str) -> dict:
+    def fields(self, init_from: str, max_steps: int | None) -> dict:
+        """As a checkpoint holds them, with the run's length as planned so far (horizon.Horizon.steps)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
-                "best_step": self.best_step, "max_steps": self.max_steps, "tokens": self.tokens,
+                "best_step": self.best_step, "max_steps": max_steps, "tokens": self.tokens,
                 "init_from": init_from}
 
 
-def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: Progress, init_from: str,
-              run: dict) -> None:
+def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: Progress, max_steps: int | None,
+              init_from: str, run: dict) -> None:
     """model_best_val.pt: the weights, where the run was and what it started from, and what it trained with
     (`run`: eval.py finds the run's data in it)."""
-    writer.save(save_dir / BEST, checkpoint_state(model, **progress.fields(init_from), run=run))
+    writer.save(save_dir / BEST, checkpoint_state(model, **progress.fields(init_from, max_steps), run=run))
 
 
 def recorded_data(spec: str) -> dict | None:
@@ -224,11 +224,11 @@ def recorded_data(spec: str) -> dict | None:
 
 
 def save_latest(writer: CheckpointWriter, save_dir: Path, model: GPT, optimizers: list, scaler, progress: Progress,
-                init_from: str, flags: dict, run: dict) -> None:
+                max_steps: int | None, init_from: str, flags: dict, run: dict) -> None:
     """latest.pt: model_best_val.pt's fields and everything --resume needs. The data position and every
     random draw follow from (seed, step) (step.micro_seed), so no generator state is saved."""
     writer.save(save_dir / LATEST, checkpoint_state(
-        model, **progress.fields(init_from), optimizer=[optimizer.state_dict() for optimizer in optimizers],
+        model, **progress.fields(init_from, max_steps), optimizer=[optimizer.state_dict() for optimizer in optimizers],
         scaler=scaler.state_dict() if scaler is not None else None, args=flags, run=run))
 
 
@@ -272,7 +272,7 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: i
         scaler.load_state_dict(ckpt["scaler"])
     best, tokens = ckpt.get("best_val_loss"), ckpt.get("tokens")
     return Progress(ckpt["step"], ckpt.get("val_loss"), math.inf if best is None else best, ckpt.get("best_step"),
-                    max_steps=ckpt.get("max_steps"), tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens)
+                    tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens)
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

@@ -14,7 +14,7 @@ from budget import HEAD_SIZE, WIDTH_PER_LAYER, depth_shape
 from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_negative_float, non_negative_int,
                     open_fraction, pick_device, positive_float, positive_int)
 from model import ARCH_PRESETS, GPTConfig
-from optim import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP
+from horizon import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP
 from plan import parse_duration
 
 

@@ -1,26 +1,16 @@
-"""The optimizers and their schedules: AdamW for everything, or Muon (muon.py) for the matrices inside the blocks
-and AdamW for the rest; the learning rate of each step (a warmup, then a constant rate and a straight decay, or a
-cosine), and Muon's momentum warmup.
+"""The optimizers: AdamW for everything, or Muon (muon.py) for the matrices inside the blocks and AdamW for the rest.
 
-Each parameter group keeps its peak rate in group["peak_lr"]; the loop sets group["lr"] = peak × Schedule.lr(step)
-before each step, in plain sight, as nanochat's loop does.
+Each parameter group keeps its peak rate in group["peak_lr"]; the loop sets group["lr"] = peak × the step's share
+(horizon.py) before each step, in plain sight, as nanochat's loop does.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
 from model import GPT
 from muon import Muon
-
-UNPLANNED_STEPS = 2**62  # a run's length before it is known: with --time, until a few steps are timed
-# Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
-MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
-# GPT-2 124M's warmup in llm.c (700 of its 19,073 steps), or a tenth of a shorter run: a fixed count would take
-# most of a short one.
-DEFAULT_WARMUP_STEPS = 700
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,85 +24,9 @@ class OptimizerSettings:
     muon_momentum: float
     muon_weight_decay: float
     grad_clip: float  # the largest gradient norm (0: none)
-    schedule: str  # "wsd" or "cosine"
+    lr_schedule: str  # "wsd" or "cosine"
     warmup_steps: int | None  # as given (None: DEFAULT_WARMUP_STEPS or a tenth of the run)
     cooldown_frac: float  # wsd: the decaying share of the run
-
-    def schedule_of(self, max_steps: int | None, held: float | None = None, at_least: int = 1) -> Schedule:
-        """The schedule of a run of max_steps (None: not known yet, and at least at_least)."""
-        return Schedule(self.schedule, self.warmup_steps, max_steps, self.cooldown_frac, self.min_lr / self.lr,
-                        held, at_least)
-
-
-@dataclass(frozen=True)
-class Schedule:
-    """The learning rate of each step as a share of its peak (lr_scale), for a run of max_steps. Where the run's
-    length is not known yet (its --epochs over data still arriving: None), a step's rate is known only where no
-    length from `at_least` steps on would change it; elsewhere lr() is None and the run waits for the data."""
-    kind: str
-    warmup_steps: int | None  # the flag: fitting_warmup makes it fit the run
-    max_steps: int | None
-    cooldown_frac: float
-    floor: float  # --min_lr / --lr
-    held: float | None = None  # a run extended after its decay began keeps this share (startup.held_rate)
-    at_least: int = 1  # with max_steps None: the run is at least this long
-
-    def lr(self, step: int) -> float | None:
-        if self.held is not None:
-            return self.held
-        length = self.max_steps or max(self.at_least, step + 1)
-        if self.max_steps is None and not self._known(step, length):
-            return None
-        return lr_scale(step, fitting_warmup(self.warmup_steps, length), length, self.kind, self.cooldown_frac,
-                        self.floor)
-
-    def _known(self, step: int, length: int) -> bool:
-        """Whether every run length from `length` on gives this step the same rate: the warmup, and where the
-        decay starts, only grow with the length, so it is when the warmup is the same at `length` as without
-        end, and the step is in it, or (wsd) in the constant phase before the decay of a run of `length`."""
-        warmup = fitting_warmup(self.warmup_steps, length)
-        if warmup != fitting_warmup(self.warmup_steps, UNPLANNED_STEPS):
-            return False
-        return step < warmup or (self.kind == "wsd" and step < wsd_decay_start(warmup, length, self.cooldown_frac))
-
-
-def lr_scale(step: int, warmup: int, max_steps: int, schedule: str, cooldown_frac: float, floor: float) -> float:
-    """The schedule, as the share of its peak rate every group runs at: a linear warmup to 1 over `warmup`
-    steps, then a decay reaching `floor` at the last step: a cosine over the rest of the run, or (wsd:
-    warmup-stable-decay) 1 held until the last cooldown_frac of the run, then a straight line."""
-    if step < warmup:
-        return (step + 1) / warmup
-    if schedule == "wsd":
-        decay_start = wsd_decay_start(warmup, max_steps, cooldown_frac)
-        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
-        return 1 - min(1.0, progress) * (1 - floor)
-    progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
-    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - floor)
-
-
-def wsd_decay_start(warmup: int, max_steps: int, cooldown_frac: float) -> int:
-    return max(warmup, max_steps - round(cooldown_frac * max_steps))
-
-
-def fitting_warmup(warmup_steps: int | None, max_steps: int) -> int:
-    """--warmup_steps, or 10% of a run too short for it; by default DEFAULT_WARMUP_STEPS or 10% of the run,
-    whichever is fewer."""
-    if warmup_steps is None:
-        return min(DEFAULT_WARMUP_STEPS, max_steps // 10)
-    return warmup_steps if warmup_steps < max_steps else max_steps // 10
-
-
-def warmup_note(warmup_steps: int | None, max_steps: int) -> list[str]:
-    if warmup_steps is None or warmup_steps < max_steps:
-        return []
-    return [f"note: --warmup_steps {warmup_steps} does not fit in a run of {max_steps} steps; warming up over "
-            f"{fitting_warmup(warmup_steps, max_steps)} steps (10%) instead"]
-
-
-def muon_momentum_at(step: int, momentum: float) -> float:
-    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
-    start = min(MUON_MOMENTUM_START, momentum)
-    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
 
 
 def split_parameters(model: GPT) -> dict[str, list[torch.nn.Parameter]]:

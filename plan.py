@@ -122,7 +122,8 @@ def human_bytes(n: float) -> str:
 
 @dataclass
 class Plan:
-    """What a run will do; fields are None until known (steps with --time, seconds until steps are timed)."""
+    """What a run will do; fields are None until known (steps with --time, seconds until steps are timed).
+    The steps and the time are the Horizon's (horizon.py) to write."""
     params: int
     params_non_embedding: int
     tokens_per_step: int
@@ -137,6 +138,8 @@ class Plan:
     disk_bytes: int | None = None  # what the data takes on disk, where not its tokens' (whole downloaded shards)
     fine_tune: bool = False  # from trained weights (--init_from)
     steps_per_pass: int | None = None  # conversations: a pass's steps (their rows' padding is not data)
+    device: str = "cpu"  # what the steps are timed on
+    sizing: dict | None = None  # what --time chose, recorded with the plan in metrics.jsonl
 
     @property
     def tokens(self) -> int | None:
@@ -155,7 +158,12 @@ class Plan:
     def row(self) -> dict:
         """The plan as metrics.jsonl records it."""
         return {"plan": {"seconds": self.seconds, "steps": self.steps, "tokens": self.tokens,
-                         "data_tokens": self.data_tokens, "epochs": self.epochs, "cost": self.cost}}
+                         "data_tokens": self.data_tokens, "epochs": self.epochs, "cost": self.cost},
+                **({"sizing": self.sizing} if self.sizing else {})}
+
+    def data_arrived(self, tokens: int, steps_per_pass: int | None) -> None:
+        """The training split is all there: its exact size replaces the estimate."""
+        self.data_tokens, self.data_basis, self.steps_per_pass = tokens, "", steps_per_pass
 
     def model_line(self) -> str:
         without = (f" ({self.params_non_embedding / 1e6:,.1f} M without the position table)"
@@ -174,9 +182,9 @@ class Plan:
         epochs = f" = {self.epochs:.2f} epochs" if self.epochs is not None else ""
         return f"plan: {self.steps:,} steps = {self.tokens:,} tokens{epochs}"
 
-    def time_line(self, device: str) -> str:
+    def time_line(self) -> str:
         cost = f", ${self.cost:,.2f} at ${self.price_per_hour:,.2f} an hour" if self.cost is not None else ""
-        return (f"plan: {self.step_seconds:.3f} s a step (timed on this {device}): the run takes about "
+        return (f"plan: {self.step_seconds:.3f} s a step (timed on this {self.device}): the run takes about "
                 f"{human_duration(self.seconds)}{cost}")
 
     def warnings(self) -> list[str]:

@@ -20,12 +20,14 @@ import chat
 import checkpoint
 import data
 import fineweb
-from budget import DEPTHS, FORWARD_SHARE, Request, Sizing, data_note, depth_shape, size_for_budget
+from budget import CHECKPOINT_BYTES_PER_PARAMETER, DEPTHS, FORWARD_SHARE, Budget, Costs, Request, Sizing, data_note, \
+    depth_shape, size_for_budget
 from common import EOT, CheckpointError, UserError
 from flags import default_optimizer, model_config, sizes_the_model
 from memory import choose_grad_accum
 from model import GPTConfig
-from optim import OptimizerSettings, Schedule, fitting_warmup, warmup_note
+from horizon import DataLength, Horizon, LearningRate, held_share
+from optim import OptimizerSettings
 from plan import TOKENS_PER_DOCUMENT, Plan, estimated_data_tokens
 from runtime import Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, local_rank0_first, \
     only_on_rank0
@@ -81,10 +83,6 @@ class Settings:
     def tokens_per_step(self) -> int:
         return self.batch_size * self.config.block_size
 
-    def schedule(self, max_steps: int | None, at_least: int = 1) -> Schedule:
-        """The learning-rate schedule of a run of max_steps (None: not known yet, at least at_least)."""
-        return self.optimizer.schedule_of(max_steps, self.held_lr, at_least)
-
     def to_dict(self) -> dict:
         """As checkpoints (their `run`) and metrics.jsonl record it; the flags are recorded beside it."""
         return {"config": self.config.to_dict(), "arch": self.config.arch, "optimizer": self.optimizer.kind,
@@ -107,6 +105,7 @@ class Run:
     flags: dict  # as given, recorded with the run (its header, metrics.jsonl, latest.pt), never read to decide
     exchanges: list[chat.Exchange] | None = None  # with --chat: held-out exchanges whose replies evaluations score
     preparation: data.Preparation | None = None  # the data arriving behind the training, prepared here
+    horizon: Horizon | None = None  # the run's length and each step's rates
 
     def data_failed(self) -> BaseException | None:
         """What stopped the data arriving behind the training, if it did (on the machine's first process)."""
@@ -129,6 +128,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     batch_size = sizing.batch if sizing else args.batch_size
     spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
     plan = estimated_plan(config, args, batch_size, spec)
+    plan.device, plan.sizing = env.device.type, sizing.to_dict() if sizing else None
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
     plan.fine_tune = args.init_from != "scratch"
     say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec)]))  # before any download
@@ -159,14 +159,30 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
                         seed=args.seed, save_dir=Path(args.save_dir), init_from=args.init_from,
                         num_workers=args.num_workers, price_per_hour=args.price_per_hour,
                         sample_during_training=args.sample_during_training, wandb=args.wandb)
-    plan.steps = settings.steps
-    if not dry_run and not args.time and settings.steps is not None:
-        say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
-    progress = resume_progress(resumed, learner, settings, args, say) if resumed else \
-        checkpoint.Progress(max_steps=settings.steps)
+    progress = resume_progress(resumed, learner, settings, args, say) if resumed else checkpoint.Progress()
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
+    horizon = Horizon(rate=LearningRate.of(optimizer), muon_momentum=optimizer.muon_momentum, held=settings.held_lr,
+                      given=settings.steps, plan=plan, costs=run_costs(settings, plan, val, hellaswag),
+                      step=progress.step, tokens_per_step=settings.tokens_per_step, started=started,
+                      budget_s=args.time, data=DataLength(source, args.epochs) if source is not None else None,
+                      say=say)
+    if not dry_run and not args.time and horizon.steps is not None:
+        say("\n".join(horizon.length_lines()))
     exchanges = held_out_exchanges(val, config.block_size) if args.chat and val is not None else None
-    return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), exchanges, preparation)
+    return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), exchanges, preparation,
+               horizon)
+
+
+def run_costs(s: Settings, plan: Plan, val: TokenShards | None, hellaswag: list | None) -> Costs:
+    """What the plan counts with besides the steps, estimated until measured."""
+    # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
+    scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in hellaswag or []) // 4
+    windows = batches.Windows(val, s.config.block_size).available() if val is not None else 0
+    return Costs(eval_batches=s.eval_batches, eval_interval=s.every.eval,
+                 hellaswag_interval=s.every.hellaswag if hellaswag else 0, hellaswag_tokens=scored,
+                 tokens_per_step=s.tokens_per_step, checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER,
+                 final_windows=max(1.0, windows / (s.eval_batches * s.batch_size)),
+                 final_limit=Budget.FINAL_EVAL_SHARE * s.time if s.time else None)
 
 
 def held_out_exchanges(val: TokenShards, context: int) -> list[chat.Exchange]:
@@ -191,7 +207,7 @@ def optimizer_settings(args, sizing: Sizing | None) -> OptimizerSettings:
                              lr=sizing.lr if sizing else args.lr, min_lr=sizing.min_lr if sizing else args.min_lr,
                              weight_decay=args.weight_decay, muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
                              muon_weight_decay=args.muon_weight_decay, grad_clip=args.grad_clip,
-                             schedule=args.schedule, warmup_steps=args.warmup_steps, cooldown_frac=args.cooldown_frac)
+                             lr_schedule=args.schedule, warmup_steps=args.warmup_steps, cooldown_frac=args.cooldown_frac)
 
 
 def budget_request(args) -> Request:
@@ -314,15 +330,10 @@ def steps_for_run(args, plan: Plan, source: batches.BatchSource | None, resumed:
     if saved or args.time:
         return saved  # with --time, at most what the resumed run had planned; the budget may end it sooner
     if source is not None:
-        return epoch_steps(args.epochs, source) if source.shards.complete else None
+        return DataLength(source, args.epochs).steps()
     if plan.data_tokens is None:
         return None  # --plan over a Hub dataset of unknown size
     return max(1, round(args.epochs * batches.batches_per_pass(plan.data_tokens, block_size, batch_size)))
-
-
-def epoch_steps(epochs: float, source: batches.BatchSource, at_least: bool = False) -> int:
-    """--epochs passes over the training split; at_least: over what of it is there now (a lower bound)."""
-    return max(1, round(epochs * (source.steps_at_least() if at_least else source.steps_per_epoch)))
 
 
 def evaluation_batches(args, plan: Plan, val: TokenShards | None, block_size: int, batch_size: int) -> int:
@@ -356,22 +367,21 @@ def resume_notes(resumed: dict, s: Settings, a, progress: checkpoint.Progress) -
     was = saved_args | saved_run.get("data", {}) | {k: saved_run[k] for k in ("batch_size", "lr") if k in saved_run}
     notes = [f"note: --resume: {k} {now[k]}, was {was[k]}: the run will not match an uninterrupted one"
              for k in now if k in was and was[k] != now[k] and k != "data_cache"]
-    if progress.max_steps and s.steps and s.steps != progress.max_steps:
+    planned = resumed.get("max_steps")
+    if planned and s.steps and s.steps != planned:
         held = f"; the learning rate stays at {s.optimizer.lr * s.held_lr:.2e}, where the decay left it " \
                "(--reschedule plans the decay anew)" if s.held_lr is not None else ""
-        notes.append(f"note: --resume: {s.steps:,} steps, the run had planned {progress.max_steps:,}{held}")
+        notes.append(f"note: --resume: {s.steps:,} steps, the run had planned {planned:,}{held}")
     return notes
 
 
 def held_rate(optimizer: OptimizerSettings, reschedule: bool, resumed: dict | None, steps: int | None) -> float | None:
     """On --resume with more steps than the run had planned, the share of the peak rate the decay had reached
     at the step resumed, if it had begun (the rate then stays there); None: the schedule as planned."""
-    saved, step = (resumed.get("max_steps"), resumed.get("step", 0)) if resumed else (None, 0)
-    if not saved or not steps or steps <= saved or reschedule:
+    if not resumed:
         return None
-    warmup = fitting_warmup(optimizer.warmup_steps, saved)
-    scale = optimizer.schedule_of(saved).lr(step)
-    return scale if scale < 1.0 and step >= warmup else None
+    return held_share(LearningRate.of(optimizer), resumed.get("max_steps"), resumed.get("step", 0), steps,
+                      reschedule)
 
 
 def load_hellaswag(args, env: Env, say: Callable) -> list | None:

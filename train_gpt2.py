@@ -36,17 +36,17 @@ import batches
 import chat
 import checkpoint
 import data
-from budget import CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Pace, cpu_advice
+from budget import cpu_advice
 from common import EOT, UserError, clean_temporaries, first_line, forgive_gone_readers, remove_own_temporaries
 from eval import validation_loss
 from flags import parse_args, shown_flags
 from metrics import Metrics, print_header, run_header
 from model import GPTConfig
 from muon import Muon
-from optim import UNPLANNED_STEPS, Schedule, muon_momentum_at, warmup_note
+from horizon import StepSettings
 from plan import Outcome, peak_flops
 from runtime import Env, cleanup_env, leave_together, setup_env
-from startup import Run, epoch_steps, reply_room, start
+from startup import Run, reply_room, start
 from step import StatsReader, StepStats, run_compiled, step_seconds, train_step
 
 # latest.pt is saved by the clock too, so that a kill -9 or the kernel's out-of-memory killer loses at most
@@ -101,23 +101,20 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
     --time just timed this model at this batch); the plan's steps, time and cost. Nothing is fetched or written."""
     s, plan = run.settings, run.plan
     if s.sizing and s.sizing.timed_now and not env.compile:  # --time just timed this model at this batch
-        plan.step_seconds = s.tokens_per_step / s.sizing.chosen.tokens_per_s
+        seconds = s.tokens_per_step / s.sizing.chosen.tokens_per_s
     else:
-        plan.step_seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
+        seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
             run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
-    costs = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0)
-    if s.time:
-        plan.steps = min(Budget(s.time, started).steps(0, time.monotonic(), costs), s.steps or UNPLANNED_STEPS)
-    if plan.steps is not None:
-        plan.seconds = time.monotonic() - started + costs.seconds(0, plan.steps)
+    run.horizon.timed(seconds, time.monotonic())
     lines = [f"plan: micro-batches of {s.micro_batch} × {s.config.block_size} tokens, {s.grad_accum} accumulation "
              f"step(s) on each of {env.world} process(es)"]
-    if plan.steps is None:
+    if run.horizon.steps is None:
         lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
+        lines += plan.warnings()
     else:
-        lines += [plan.steps_line(), plan.time_line(env.device.type)]
+        lines += [*run.horizon.length_lines(), plan.time_line()]
         lines += [] if s.time else cpu_advice(env.device.type, plan.seconds)
-    say("\n".join(lines + plan.warnings()))
+    say("\n".join(lines))
     return 0
 
 
@@ -166,8 +163,9 @@ class Output:
             tqdm.write(f"note: removed the unfinished files a killed run left in {s.save_dir}")
         # A resumed run's rows past its step are dropped (a new run's folder holds no metrics.jsonl).
         metrics = Metrics(s.save_dir, step, s.wandb, run.flags, enabled=env.master)
-        bar = tqdm(total=s.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
+        bar = tqdm(total=run.horizon.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
         out = cls(env, s.save_dir, started, s.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
+        run.horizon.log = metrics.log  # the plan's rows, as the horizon learns them
         if run.preparation is not None:
             out.closing(run.preparation)
         return out
@@ -181,6 +179,17 @@ class Output:
     def say(self, text: str) -> None:
         if self.env.master:
             tqdm.write(text)
+
+    def advance(self, steps: int | None) -> None:
+        """The progress bar one step on, its total the run's length as the horizon knows it now."""
+        if self.bar.total != steps:
+            self.bar.total = steps
+            self.bar.refresh()
+        self.bar.update(1)
+
+    def waiting(self, why: str) -> None:
+        """What the run waits for, on the progress bar."""
+        self.bar.set_postfix_str(why)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -201,21 +210,16 @@ class Output:
 
 
 def train(run: Run, env: Env, out: Output) -> int:
-    """The loop, from run.progress.step to the last step: a few "once in a while" sections, each one call,
-    then the step. Returns the exit status: 0, or 128 + the signal that stopped the run."""
-    s, learner, progress, every = run.settings, run.learner, run.progress, run.settings.every
-    # With --time, `paced` sets the steps once some are timed; with --epochs over data still arriving, they are
-    # known once it is all there (the schedule says where it cannot do without them).
-    schedule = s.schedule(s.steps or (UNPLANNED_STEPS if s.time else None))
-    costs, budget = run_costs(run), Budget(s.time, out.started) if s.time else None
+    """The loop, from run.progress.step to the horizon's last step: the step, then a few "once in a while"
+    sections, each one call. Returns the exit status: 0, or 128 + the signal that stopped the run."""
+    s, learner, progress, horizon, every = run.settings, run.learner, run.progress, run.horizon, run.settings.every
     out.metrics.log(event="start", step=progress.step, run=s.to_dict(),
                     **json.loads(json.dumps(run_header(env, run.flags), default=str)))
-    if schedule.max_steps is not None and progress.step >= schedule.max_steps:
-        out.say(f"nothing to do: the run is at step {progress.step} of {schedule.max_steps}")
+    if not horizon.running(progress.step):
+        out.say(f"nothing to do: the run is at step {progress.step} of {horizon.steps}")
         return 0
-    signals, stats, pace = SignalStop(), StatsReader(learner.scaler is not None, s.save_dir), \
-        Pace(progress.step, s.tokens_per_step)
-    run.batches.on_wait = lambda held: out.bar.set_postfix_str(f"waiting for data ({held:,} training tokens so far)")
+    signals, stats = SignalStop(), StatsReader(learner.scaler is not None, s.save_dir)
+    run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
     reader = out.closing(batches.micro_batches(run.batches, progress.step, num_workers=s.num_workers,
                                                pin_memory=env.device.type == "cuda"))
     if progress.step == 0 and s.init_from != "scratch":  # where a fine-tune starts, logged as step 0
@@ -224,48 +228,32 @@ def train(run: Run, env: Env, out: Output) -> int:
             score_hellaswag(run, env, out)
     learner.model.train()
     next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
-    while progress.step < (schedule.max_steps or UNPLANNED_STEPS):
+    while horizon.running(progress.step):
         try:
-            if schedule.lr(progress.step) is None:  # this step's rate depends on how long the data makes the run
-                schedule = with_run_length(run, schedule, out, wait=True)
-                if progress.step >= schedule.max_steps:
-                    break
+            now = horizon.before(progress.step, out.waiting, run.data_failed)
+            if now is None:  # the data, all arrived, makes the run end before this step
+                break
             micro_batches = [next(reader) for _ in range(s.grad_accum)]
         except data.DataError as e:  # the data stopped arriving, and this step needs more of it
             stats.latest()
             save_latest(run, out)
             return stopped(run, env, out, None, failure=e)
 
-        # The step. Its rates: each group's peak times the schedule's share, and Muon's momentum warmup.
-        lr = schedule.lr(progress.step)
-        for optimizer in learner.optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["peak_lr"] * lr
-                if isinstance(optimizer, Muon):
-                    group["momentum"] = muon_momentum_at(progress.step, s.optimizer.muon_momentum)
-        # Forward and backward over the micro-batches, clip, update: queued on the device, its figures read a
-        # step later (StatsReader), so the CPU never waits for the GPU.
+        # The step, at the horizon's settings for it: forward and backward over the micro-batches, clip, update;
+        # queued on the device, its figures read a step later (StatsReader), so the CPU never waits for the GPU.
+        set_rates(learner, now)
         stop = signals.received is not None or run.data_failed() is not None
         step_stats = run_compiled(learner, env, out.say, lambda: train_step(
             learner, micro_batches, env, step=progress.step, seed=s.seed, grad_clip=s.optimizer.grad_clip, stop=stop))
         stats.queued(progress.step, step_stats)
         progress.step, progress.tokens = progress.step + 1, progress.tokens + s.tokens_per_step
-        out.bar.update(1)
         step = progress.step
+        horizon.after(step, logged=step % every.log == 0, wait=stats.latest, evaluate=lambda: validate(run, env, out),
+                      write_s=out.writer.seconds.get(checkpoint.LATEST))
+        out.advance(horizon.steps)
 
-        # The plan's time and, with --time, the steps: once the first steps are timed, then at each log line.
-        if pace.timed(step, stats.latest):
-            if budget is not None and costs.evaluation is None:  # what an evaluation costs counts in the budget
-                with pace.leave_out() as took:
-                    validate(run, env, out)
-                costs.evaluation = took.seconds
-            schedule = paced(run, schedule, pace, costs, budget, out, announce=True)
-        elif budget is not None and (step % every.log == 0 or budget.passed()):
-            schedule = paced(run, schedule, pace, costs, budget, out)
-        if schedule.max_steps is None and step % every.log == 0:
-            schedule = with_run_length(run, schedule, out, wait=False)
-
-        end, stop = step == schedule.max_steps, stats.stop
+        # Once in a while: a log line, HellaSwag, an evaluation, a save (each aside, off the pace's clock).
+        end, stop = horizon.last(step), stats.stop
         log = step % every.log == 0 or end
         hellaswag = run.hellaswag is not None and (step % every.hellaswag == 0 or end)
         evaluate = step % every.eval == 0 or end
@@ -274,23 +262,19 @@ def train(run: Run, env: Env, out: Output) -> int:
             continue
         stats.latest()  # a log line, an evaluation or a checkpoint only ever follows a finite step
         if log:
-            log_step(run, stats.last, pace.lap(step), schedule, out)
+            log_step(run, stats.last, horizon.tokens_per_s(step), out)
         if hellaswag:
-            with pace.leave_out() as took:
+            with horizon.aside("hellaswag"):
                 score_hellaswag(run, env, out)
-            costs.hellaswag = took.seconds
         if evaluate:
-            with pace.leave_out() as took:
-                validate(run, env, out, share=costs.final_share() if end and costs.step else 1.0 if end else None)
+            with horizon.aside(None if end else "evaluation"):  # the last one reads more than the others
+                validate(run, env, out, share=horizon.final_share() if end else None)
                 if s.sample_during_training:
                     print_sample(run, env, out)
-            if not end:
-                costs.evaluation = took.seconds
         if save:
-            with pace.leave_out():
+            with horizon.aside():
                 save_latest(run, out)
             next_save = time.monotonic() + SAVE_EVERY_S
-        pace.restart(step)  # the pace is the training's, without these
         if stop:
             return stopped(run, env, out, signals.received, failure=run.data_failed())
     out.writer.wait()  # the last checkpoints are on disk before the summary says so
@@ -302,81 +286,21 @@ def train(run: Run, env: Env, out: Output) -> int:
 # The loop's sections
 
 
-def with_run_length(run: Run, schedule: Schedule, out: Output, wait: bool) -> Schedule:
-    """The schedule of a run whose --epochs are over data still arriving: its length, once the data is all there
-    (said with the data's exact size), else (wait) once enough of it is there for this step's rate, waiting for
-    it with the progress bar saying so."""
-    s, source, step = run.settings, run.batches, run.progress.step
-    while True:
-        source.shards.refresh()
-        if source.shards.complete:
-            steps = epoch_steps(s.epochs, source)
-            run.plan.steps, run.plan.data_tokens, run.plan.data_basis = steps, source.shards.num_tokens, ""
-            run.plan.steps_per_pass = source.steps_per_epoch if source.packed is not None else None
-            run.progress.max_steps = steps
-            out.bar.total = steps
-            out.bar.refresh()
-            out.say("\n".join([run.plan.data_line(), run.plan.steps_line(), *run.plan.warnings(),
-                               *warmup_note(s.optimizer.warmup_steps, steps)]))
-            return s.schedule(steps)
-        schedule = s.schedule(None, epoch_steps(s.epochs, source, at_least=True))
-        if not wait or schedule.lr(step) is not None:
-            return schedule
-        if run.data_failed() is not None:
-            source.shards.wait()  # raises it
-        out.bar.set_postfix_str(f"waiting for data: the rate of step {step} depends on the run's length "
-                                f"({source.shards.num_tokens:,} training tokens so far)")
-        time.sleep(1.0)
+def set_rates(learner, now: StepSettings) -> None:
+    """Each group at its peak rate times the step's share; Muon at the step's momentum."""
+    for optimizer in learner.optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * now.lr
+            if isinstance(optimizer, Muon):
+                group["momentum"] = now.muon_momentum
 
 
-def run_costs(run: Run) -> Costs:
-    """What the plan counts with besides the steps, estimated until measured."""
-    s = run.settings
-    # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
-    scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in run.hellaswag or []) // 4
-    windows = batches.Windows(run.val, s.config.block_size).available() if run.val is not None else 0
-    return Costs(eval_batches=s.eval_batches, eval_interval=s.every.eval,
-                 hellaswag_interval=s.every.hellaswag if run.hellaswag else 0, hellaswag_tokens=scored,
-                 tokens_per_step=s.tokens_per_step, checkpoint_bytes=run.plan.params * CHECKPOINT_BYTES_PER_PARAMETER,
-                 final_windows=max(1.0, windows / (s.eval_batches * s.batch_size)),
-                 final_limit=Budget.FINAL_EVAL_SHARE * s.time if s.time else None)
-
-
-def paced(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budget | None, out: Output,
-           announce: bool = False) -> Schedule:
-    """The plan's time and cost from the measured pace; with --time, also the steps that fit in what is left
-    of it (re-planned at every log line, so wsd's decay ends with the budget). Before the pace is known, a
-    budget already spent ends the run at this step. The schedule of the steps planned."""
-    step, plan = run.progress.step, run.plan
-    costs.step, costs.write = pace.step_seconds, out.writer.seconds.get(checkpoint.LATEST, costs.write)
-    if costs.step is None:
-        return run.settings.schedule(step) if budget is not None and budget.passed() else schedule
-    if budget is not None:
-        steps = budget.steps(step, time.monotonic(), costs)
-        steps = max(step, min(steps, run.settings.steps or steps))
-        if steps != schedule.max_steps:
-            schedule = run.settings.schedule(steps)
-            out.bar.total = steps
-            out.bar.refresh()
-    plan.steps, plan.step_seconds = schedule.max_steps, costs.step
-    run.progress.max_steps = schedule.max_steps
-    plan.seconds = out.elapsed() + costs.seconds(step, schedule.max_steps - step)
-    if announce:  # the steps and their warnings were said already, unless the budget has just set them
-        warmup = run.settings.optimizer.warmup_steps
-        planned = [plan.steps_line(), *plan.warnings(), *warmup_note(warmup, schedule.max_steps)] \
-            if budget is not None else []
-        out.say("\n".join([plan.time_line(out.env.device.type), *planned]))
-        sizing = run.settings.sizing
-        out.metrics.log(**plan.row(), **({"sizing": sizing.to_dict()} if sizing else {}))
-    return schedule
-
-
-def log_step(run: Run, f: StepStats, tokens_per_s: float, schedule: Schedule, out: Output) -> None:
+def log_step(run: Run, f: StepStats, tokens_per_s: float, out: Output) -> None:
     """A row of metrics.jsonl, and the progress bar's figures."""
     peak = peak_flops(out.env.device)
     flops = run.learner.raw_model.flops_per_token(run.settings.config.block_size)
     mfu = tokens_per_s * flops / (peak * out.env.world) if peak else None
-    lr, cost = run.settings.optimizer.lr * schedule.lr(f.step), out.cost()
+    lr, cost = run.settings.optimizer.lr * run.horizon.at(f.step).lr, out.cost()
     row = dict(step=run.progress.step, train_loss=f.loss, lr=lr, grad_norm=f.grad_norm, tokens_per_s=tokens_per_s,
                elapsed_s=out.elapsed())
     row |= {"mfu": mfu} if mfu is not None else {}
@@ -413,7 +337,8 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> Non
         score_replies(run, out)
     out.metrics.plot()
     if improved and env.master:
-        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, s.init_from, s.to_dict())
+        checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, run.horizon.steps,
+                             s.init_from, s.to_dict())
 
 
 def score_replies(run: Run, out: Output) -> None:
@@ -454,7 +379,7 @@ def save_latest(run: Run, out: Output) -> None:
     if out.env.master:
         learner, s = run.learner, run.settings
         checkpoint.save_latest(out.writer, out.save_dir, learner.raw_model, learner.optimizers, learner.scaler,
-                               run.progress, s.init_from, run.flags, s.to_dict())
+                               run.progress, run.horizon.steps, s.init_from, run.flags, s.to_dict())
 
 
 def stopped(run: Run, env: Env, out: Output, signum: int | None, failure: BaseException | None = None) -> int:

@@ -15,6 +15,7 @@ import plan as P
 import runtime
 import train_gpt2 as T
 import flags as F
+import horizon as H
 import optim as O
 import step as S
 import startup as U
@@ -26,20 +27,20 @@ def final_val_loss(save_dir: Path) -> float:
 
 
 def test_learning_rate_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
-    lr = lambda s: O.lr_scale(s, warmup=10, max_steps=100, schedule="cosine", cooldown_frac=0.5, floor=0.1)
+    lr = lambda s: H.lr_scale(s, warmup=10, max_steps=100, schedule="cosine", cooldown_frac=0.5, floor=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0) and lr(10) == pytest.approx(1.0)
     assert lr(99) == pytest.approx(0.1)
     assert all(lr(s) >= lr(s + 1) for s in range(10, 99))
-    assert O.lr_scale(0, warmup=0, max_steps=1, schedule="cosine", cooldown_frac=0.5, floor=0.1) == pytest.approx(1.0)
+    assert H.lr_scale(0, warmup=0, max_steps=1, schedule="cosine", cooldown_frac=0.5, floor=0.1) == pytest.approx(1.0)
 
 
 def test_the_default_warmup_is_llm_cs_or_a_tenth_of_a_shorter_run_and_a_given_one_is_kept_where_it_fits():
-    default = O.DEFAULT_WARMUP_STEPS
-    assert O.fitting_warmup(None, 100 * default) == default
-    assert O.fitting_warmup(None, default + 136) == (default + 136) // 10  # not most of the run
-    assert O.fitting_warmup(500, 836) == 500 and O.fitting_warmup(500, 6) == 0  # given: kept, or 10% of a short run
-    assert O.warmup_note(None, 6) == [] and O.warmup_note(500, 836) == []
-    assert "does not fit in a run of 6 steps" in O.warmup_note(500, 6)[0]
+    default = H.DEFAULT_WARMUP_STEPS
+    assert H.fitting_warmup(None, 100 * default) == default
+    assert H.fitting_warmup(None, default + 136) == (default + 136) // 10  # not most of the run
+    assert H.fitting_warmup(500, 836) == 500 and H.fitting_warmup(500, 6) == 0  # given: kept, or 10% of a short run
+    assert H.warmup_note(None, 6) == [] and H.warmup_note(500, 836) == []
+    assert "does not fit in a run of 6 steps" in H.warmup_note(500, 6)[0]
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -336,7 +337,7 @@ def test_two_machines_without_a_shared_disk_resume_from_rank_0s_checkpoint(corpu
 
 
 def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_last_step():
-    lr = lambda s: O.lr_scale(s, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4, floor=0.1)
+    lr = lambda s: H.lr_scale(s, warmup=10, max_steps=100, schedule="wsd", cooldown_frac=0.4, floor=0.1)
     assert lr(0) == pytest.approx(0.1) and lr(9) == pytest.approx(1.0)
     assert all(lr(s) == 1.0 for s in range(10, 61))  # stable until the last 40% (steps 60..99)
     assert lr(99) == pytest.approx(0.1) and lr(80) == pytest.approx(1.0 - 0.9 * 20 / 39)
@@ -345,24 +346,23 @@ def test_the_wsd_schedule_holds_the_rate_then_decays_linearly_to_min_lr_at_the_l
 
 def test_a_run_whose_length_the_data_has_not_settled_takes_each_rate_only_where_no_length_changes_it():
     for kind, warmup in (("wsd", None), ("wsd", 50), ("cosine", 50)):
-        unknown = O.Schedule(kind, warmup, None, 0.5, 0.1, at_least=4000)
+        rate = H.LearningRate(kind, warmup, 0.5, 0.1)
         for step in (0, 10, 49, 50, 700, 1500, 1999, 2000, 3999):
-            rate = unknown.lr(step)
-            lengths = [O.Schedule(kind, warmup, n, 0.5, 0.1).lr(step) for n in (4000, 4001, 9000, 10**6)]
-            if rate is not None:  # known: what every longer run would give
-                assert lengths == [rate] * 4, (kind, warmup, step)
-        assert unknown.lr(10) is not None or warmup is None  # a given warmup that fits is known at once
-    assert O.Schedule("wsd", None, None, 0.5, 0.1, at_least=4000).lr(0) is None  # 700, or a tenth of a shorter run
-    assert O.Schedule("wsd", None, None, 0.5, 0.1, at_least=20_000).lr(5000) == 1.0  # constant before any decay
-    assert O.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(1999) == 1.0
-    assert O.Schedule("wsd", 50, None, 0.5, 0.1, at_least=4000).lr(2000) is None  # the decay may start here
-    assert O.Schedule("cosine", 50, None, 0.5, 0.1, at_least=4000).lr(60) is None
+            lengths = [rate.share(step, n) for n in (4000, 4001, 9000, 10**6)]
+            if rate.known(step, 4000):  # known: what every longer run would give
+                assert lengths == [lengths[0]] * 4, (kind, warmup, step)
+        assert rate.known(10, 4000) or warmup is None  # a given warmup that fits is known at once
+    assert not H.LearningRate("wsd", None, 0.5, 0.1).known(0, 4000)  # 700, or a tenth of a shorter run
+    assert H.LearningRate("wsd", None, 0.5, 0.1).known(5000, 20_000)  # constant before any decay
+    assert H.LearningRate("wsd", 50, 0.5, 0.1).known(1999, 4000)
+    assert not H.LearningRate("wsd", 50, 0.5, 0.1).known(2000, 4000)  # the decay may start here
+    assert not H.LearningRate("cosine", 50, 0.5, 0.1).known(60, 4000)
 
 
 def test_muon_momentum_warms_up_to_the_flag_value():
-    assert O.muon_momentum_at(0, 0.95) == pytest.approx(0.85)
-    assert O.muon_momentum_at(O.MUON_MOMENTUM_WARMUP // 2, 0.95) == pytest.approx(0.90)
-    assert O.muon_momentum_at(10 * O.MUON_MOMENTUM_WARMUP, 0.95) == pytest.approx(0.95)
+    assert H.muon_momentum_at(0, 0.95) == pytest.approx(0.85)
+    assert H.muon_momentum_at(H.MUON_MOMENTUM_WARMUP // 2, 0.95) == pytest.approx(0.90)
+    assert H.muon_momentum_at(10 * H.MUON_MOMENTUM_WARMUP, 0.95) == pytest.approx(0.95)
 
 
 @pytest.mark.parametrize("arch, untie", [("gpt2", False), ("modern", True)])

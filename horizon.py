@@ -1,0 +1,299 @@
+"""The run's length, and everything that changes with the step: the Horizon is their one owner.
+
+A run's length comes from --max_steps (or what a resumed run had planned); from --epochs over data still arriving,
+known once it has all arrived; or from --time: the steps that fit in what is left of the budget at the measured
+pace, planned again at every log line so that the decay ends on time. Every schedule is a function of the step
+and that length, known before the step (`at`): the learning rate's share of each group's peak and Muon's
+momentum, and beside them each schedule a recipe adds (batch size, context, attention window).
+
+The loop asks `before(step)` for the step's settings and tells `after(step)` that it is done; evaluations,
+scorings and saves run `aside`, off the pace's clock, their cost counted in the budget. The plan, the progress
+bar, the metrics and the checkpoints read `steps`, which nothing else writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from budget import Budget, Costs, Pace
+from plan import Plan
+
+UNPLANNED_STEPS = 2**62  # the length the rates assume with --time until a few steps are timed
+# Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
+MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
+# GPT-2 124M's warmup in llm.c (700 of its 19,073 steps), or a tenth of a shorter run: a fixed count would take
+# most of a short one.
+DEFAULT_WARMUP_STEPS = 700
+DATA_POLL_S = 1.0  # how often a step whose rate waits on the data's size looks again
+
+
+# ----------------------------------------------------------------------------------------------------
+# Schedules: pure functions of the step and the run's length
+
+
+@dataclass(frozen=True)
+class StepSettings:
+    """What one step trains with, known before it."""
+    lr: float  # the share of each group's peak rate
+    muon_momentum: float
+
+
+@dataclass(frozen=True)
+class LearningRate:
+    """The learning rate's shape: a linear warmup to the peak, then a decay to `floor` × the peak at the last
+    step: a cosine over the rest of the run, or (wsd: warmup-stable-decay) the peak held until the last
+    cooldown_frac of the run, then a straight line."""
+    kind: str  # "wsd" or "cosine"
+    warmup_steps: int | None  # the flag (None: the default); fitting_warmup fits it to the run
+    cooldown_frac: float
+    floor: float  # --min_lr / --lr
+
+    @classmethod
+    def of(cls, optimizer) -> LearningRate:
+        """The shape optim.OptimizerSettings asks for."""
+        return cls(optimizer.lr_schedule, optimizer.warmup_steps, optimizer.cooldown_frac,
+                   optimizer.min_lr / optimizer.lr)
+
+    def share(self, step: int, length: int) -> float:
+        return lr_scale(step, fitting_warmup(self.warmup_steps, length), length, self.kind, self.cooldown_frac,
+                        self.floor)
+
+    def known(self, step: int, at_least: int) -> bool:
+        """Whether every run of at_least steps or more gives this step the same share: the warmup, and where the
+        decay starts, only grow with the length, so it is when the warmup is the same at `at_least` as without
+        end and the step is in it, or (wsd) in the constant phase before the decay of a run of `at_least`."""
+        warmup = fitting_warmup(self.warmup_steps, at_least)
+        if warmup != fitting_warmup(self.warmup_steps, UNPLANNED_STEPS):
+            return False
+        return step < warmup or (self.kind == "wsd" and step < wsd_decay_start(warmup, at_least, self.cooldown_frac))
+
+
+def lr_scale(step: int, warmup: int, max_steps: int, schedule: str, cooldown_frac: float, floor: float) -> float:
+    """The share of its peak rate every group runs at, at `step` of a run of max_steps (see LearningRate)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = wsd_decay_start(warmup, max_steps, cooldown_frac)
+        progress = max(0.0, (step - decay_start) / max(1, max_steps - 1 - decay_start))
+        return 1 - min(1.0, progress) * (1 - floor)
+    progress = min(1.0, (step - warmup) / max(1, max_steps - 1 - warmup))
+    return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1 - floor)
+
+
+def wsd_decay_start(warmup: int, max_steps: int, cooldown_frac: float) -> int:
+    return max(warmup, max_steps - round(cooldown_frac * max_steps))
+
+
+def fitting_warmup(warmup_steps: int | None, max_steps: int) -> int:
+    """--warmup_steps, or 10% of a run too short for it; by default DEFAULT_WARMUP_STEPS or 10% of the run,
+    whichever is fewer."""
+    if warmup_steps is None:
+        return min(DEFAULT_WARMUP_STEPS, max_steps // 10)
+    return warmup_steps if warmup_steps < max_steps else max_steps // 10
+
+
+def warmup_note(warmup_steps: int | None, max_steps: int) -> list[str]:
+    if warmup_steps is None or warmup_steps < max_steps:
+        return []
+    return [f"note: --warmup_steps {warmup_steps} does not fit in a run of {max_steps} steps; warming up over "
+            f"{fitting_warmup(warmup_steps, max_steps)} steps (10%) instead"]
+
+
+def muon_momentum_at(step: int, momentum: float) -> float:
+    """Muon's momentum, warmed up from MUON_MOMENTUM_START over the first MUON_MOMENTUM_WARMUP steps."""
+    start = min(MUON_MOMENTUM_START, momentum)
+    return start + (momentum - start) * min(1.0, step / MUON_MOMENTUM_WARMUP)
+
+
+def held_share(rate: LearningRate, planned: int | None, step: int, steps: int | None, reschedule: bool) -> float | None:
+    """On --resume with more steps than the run had planned: the share of the peak rate its decay had reached at
+    the step resumed, if the decay had begun (the rate then stays there; --reschedule decays anew instead)."""
+    if not planned or not steps or steps <= planned or reschedule:
+        return None
+    share = rate.share(step, planned)
+    return share if share < 1.0 and step >= fitting_warmup(rate.warmup_steps, planned) else None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's length
+
+
+class DataLength:
+    """--epochs over the training split (batches.BatchSource), which may still be arriving: the run's steps once
+    all of it is there, and until then the steps it has at least."""
+
+    def __init__(self, source, epochs: float):
+        self.source, self.epochs = source, epochs
+        self.shards = source.shards
+
+    def steps(self) -> int | None:
+        """The run's steps, if the split is all there (None: not yet)."""
+        self.shards.refresh()
+        return max(1, round(self.epochs * self.source.steps_per_epoch)) if self.shards.complete else None
+
+    def at_least(self) -> int:
+        """The steps over what of the split is there now: a lower bound."""
+        return max(1, round(self.epochs * self.source.steps_at_least()))
+
+    def steps_per_pass(self) -> int | None:
+        """A pass's steps where the rows are packed conversations (their padding is not data), else None."""
+        return self.source.steps_per_epoch if self.source.packed is not None else None
+
+
+class Horizon:
+    """How many steps the run has (`steps`: None until known), and what each step trains with.
+
+    `say` and `log` report what it learns (the steps once known, the plan's time and cost once steps are timed)
+    as plan lines and metrics.jsonl rows; `plan` is the run's Plan, whose steps and time it is the one to write.
+    """
+
+    def __init__(self, *, rate: LearningRate, muon_momentum: float, held: float | None, given: int | None,
+                 plan: Plan, costs: Costs, step: int, tokens_per_step: int, started: float,
+                 budget_s: float | None = None, data: DataLength | None = None,
+                 say: Callable[[str], None] = lambda text: None, log: Callable[..., None] = lambda **row: None):
+        self.rate, self.muon_momentum, self.held = rate, muon_momentum, held
+        self.given = given  # --max_steps, a resumed run's plan, or --epochs over data all there; with --time the most
+        self.plan, self.costs, self.started, self.data = plan, costs, started, data
+        self.budget = Budget(budget_s, started) if budget_s else None
+        self.pace = Pace(step, tokens_per_step)
+        self.say, self.log = say, log
+        self.steps: int | None = None
+        self._set_length(given)
+
+    # --- what the loop asks
+
+    def running(self, step: int) -> bool:
+        """Whether `step` is one of the run's (while the length is unknown, every step is)."""
+        return self.steps is None or step < self.steps
+
+    def last(self, step: int) -> bool:
+        """Whether `step` steps done is the whole run."""
+        return step == self.steps
+
+    def at(self, step: int) -> StepSettings | None:
+        """The step's settings; None where they depend on a length not known yet (--epochs over data still
+        arriving, whose size would change this step's rate)."""
+        share = self._share(step)
+        return None if share is None else StepSettings(share, muon_momentum_at(step, self.muon_momentum))
+
+    def _share(self, step: int) -> float | None:
+        if self.held is not None:
+            return self.held
+        if self.steps is not None:
+            return self.rate.share(step, self.steps)
+        if self.budget is not None or self.data is None:  # until timed: as if without end (the warmup, the peak)
+            return self.rate.share(step, UNPLANNED_STEPS)
+        at_least = max(self.data.at_least(), step + 1)
+        return self.rate.share(step, at_least) if self.rate.known(step, at_least) else None
+
+    def before(self, step: int, on_wait: Callable[[str], None], failed: Callable[[], BaseException | None]
+               ) -> StepSettings | None:
+        """The step's settings, once they are known: where its rate depends on how long the data makes the run,
+        waiting for more of the data (`on_wait` says so; `failed()` raises what stopped it). None: the data
+        turned out to end the run before this step."""
+        while (settings := self.at(step)) is None:
+            self._data_arrived(step)
+            if not self.running(step):
+                return None
+            if self.steps is None:
+                if failed() is not None:
+                    self.data.shards.wait()  # raises what stopped the data, as one line
+                on_wait(f"waiting for data: the rate of step {step} depends on the run's length "
+                        f"({self.data.shards.num_tokens:,} training tokens so far)")
+                time.sleep(DATA_POLL_S)
+        return settings
+
+    def after(self, step: int, *, logged: bool, wait: Callable[[], object], evaluate: Callable[[], None],
+              write_s: float | None) -> None:
+        """Step `step` is done (counting from 1). Times the pace over the first steps (wait() lets the device
+        finish), then plans: the plan's time and cost, and with --time the steps that fit in what is left (an
+        evaluation run first with evaluate(), so that its cost counts), again at each log line (`logged`); with
+        --epochs over data still arriving, the length once it has all arrived. write_s: the last save's seconds."""
+        self.costs.write = write_s if write_s is not None else self.costs.write
+        if self.pace.timed(step, wait):
+            if self.budget is not None and self.costs.evaluation is None:
+                with self.aside("evaluation"):
+                    evaluate()
+            self._plan(step, announce=True)
+        elif self.budget is not None and (logged or self.budget.passed()):
+            self._plan(step)
+        if self.steps is None and self.budget is None and logged:
+            self._data_arrived(step)
+
+    @contextlib.contextmanager
+    def aside(self, kind: str | None = None):
+        """Work beside the steps (an evaluation, a scoring, a save): off the pace's clock, and its seconds the
+        cost of `kind` ("evaluation", "hellaswag") that the plan counts from now on."""
+        with self.pace.leave_out() as took:
+            yield
+        if kind is not None:
+            setattr(self.costs, kind, took.seconds)
+
+    def tokens_per_s(self, step: int) -> float:
+        """Tokens a second since the last log line, leaving out what ran aside (and, once timed, the pace)."""
+        return self.pace.lap(step)
+
+    def final_share(self) -> float:
+        """The share of the validation split the last evaluation reads: all of it, unless --time's budget says
+        less (Budget.FINAL_EVAL_SHARE), once the pace is known."""
+        return self.costs.final_share() if self.costs.step else 1.0
+
+    def length_lines(self) -> list[str]:
+        """The plan's lines about the steps: their number and tokens, and every warning and note about them."""
+        return [self.plan.steps_line(), *self.plan.warnings(), *warmup_note(self.rate.warmup_steps, self.steps)]
+
+    def timed(self, step_seconds: float, now: float) -> None:
+        """--plan: the pace timed before the run (random tokens), and the plan as the run will make it."""
+        self.costs.step = step_seconds
+        if self.budget is not None:
+            self._set_length(min(self.budget.steps(0, now, self.costs), self.given or UNPLANNED_STEPS))
+        if self.steps is not None:
+            self.plan.step_seconds = step_seconds
+            self.plan.seconds = now - self.started + self.costs.seconds(0, self.steps)
+
+    # --- what it decides
+
+    def _set_length(self, steps: int | None) -> None:
+        """The one place the run's length changes."""
+        self.steps = self.plan.steps = steps
+
+    def _plan(self, step: int, announce: bool = False) -> None:
+        """The plan's time and cost from the measured pace; with --time, the steps that fit in what is left of
+        it. Before the pace is known, a budget already spent ends the run at this step."""
+        self.costs.step = self.pace.step_seconds
+        if self.costs.step is None:
+            if self.budget is not None and self.budget.passed():
+                self._set_length(step)
+            return
+        if self.budget is not None:
+            steps = self.budget.steps(step, time.monotonic(), self.costs)
+            self._set_length(max(step, min(steps, self.given or steps)))
+        if self.steps is None:  # --epochs over data still arriving: the time is known with the length
+            return
+        self._time(step)
+        if announce:  # the steps and their warnings were said already, unless the budget has just set them
+            self.say("\n".join([self.plan.time_line(), *(self.length_lines() if self.budget else [])]))
+            self.log(**self.plan.row())
+
+    def _time(self, step: int) -> None:
+        """The plan's time and cost: what has run so far, and what is left of it at the measured costs."""
+        self.plan.step_seconds = self.costs.step
+        self.plan.seconds = time.monotonic() - self.started + self.costs.seconds(step, self.steps - step)
+
+    def _data_arrived(self, step: int) -> None:
+        """With --epochs over data still arriving: the length, said with the data's exact size (and the time,
+        once the pace is known), once it is all there."""
+        steps = self.data.steps()
+        if steps is None:
+            return
+        self._set_length(steps)
+        self.plan.data_arrived(self.data.shards.num_tokens, self.data.steps_per_pass())
+        timed = []
+        if self.costs.step is not None:
+            self._time(step)
+            timed = [self.plan.time_line()]
+            self.log(**self.plan.row())
+        self.say("\n".join([self.plan.data_line(), *self.length_lines(), *timed]))
