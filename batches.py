@@ -1,7 +1,7 @@
 """Token shards to training batches: which windows each step reads, and reading them ahead of the model.
 
 A batch goes from a shard file to the model in three hops: micro_batches -> BatchSource.__getitem__ ->
-data.TokenShards.read. BatchSource's docstring is the contract: batches depend only on (seed, step, rank,
+shards.TokenShards.read. BatchSource's docstring is the contract: batches depend only on (seed, step, rank,
 micro-step), never on how fast the data arrives, so a resumed run and a run on several GPUs read exactly
 what an uninterrupted single-process run reads.
 """
@@ -167,6 +167,7 @@ class BatchSource:
         return None if windows is None else self.windows.read(windows[row:row + self.micro_size])
 
     def micro_batch(self, step: int, micro: int):
+        """This rank's micro-batch `micro` of step `step`."""
         return self[step * self.grad_accum + micro]
 
     @property

@@ -15,7 +15,7 @@ import torch
 from common import UserError
 from model import GPT
 from runtime import Env, all_ranks_agree
-from step import Learner, accumulate_gradients, run_compiled, zero_grads
+from step import Learner, accumulate_gradients, run_compiled, update, zero_grads
 
 
 RAM_SHARE = 0.8  # of the memory free, what --grad_accum auto lets a CPU step take (the rest: the data, the OS)
@@ -192,11 +192,5 @@ def _fits(work) -> bool:
 
 def skipped_optimizer_step(learner: Learner, env: Env) -> None:
     """Each optimizer's step with found_inf set, on this rank alone (Muon not sharing its work)."""
-    try:
-        for optimizer in learner.optimizers:
-            optimizer.found_inf, optimizer.shared = torch.ones((), device=env.device), False
-            optimizer.step()
-    finally:
-        for optimizer in learner.optimizers:
-            vars(optimizer).pop("found_inf", None)
-            vars(optimizer).pop("shared", None)  # Muon's class default again
+    for optimizer in learner.optimizers:
+        update(optimizer, torch.ones((), device=env.device), alone=True)

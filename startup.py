@@ -76,7 +76,7 @@ class Settings:
     wandb: str | None  # a Weights & Biases project to log to
 
     @property
-    def micro_batch(self) -> int:
+    def micro_size(self) -> int:
         return self.batch_size // (self.world * self.grad_accum)
 
     @property
@@ -87,7 +87,7 @@ class Settings:
         """As checkpoints (their `run`) and metrics.jsonl record it; the flags are recorded beside it."""
         return {"config": self.config.to_dict(), "arch": self.config.arch, "optimizer": self.optimizer.kind,
                 "lr": self.optimizer.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
-                "world": self.world, "micro_batch": self.micro_batch, "steps": self.steps,
+                "world": self.world, "micro_batch": self.micro_size, "steps": self.steps,
                 "eval_batches": self.eval_batches, "data": dataclasses.asdict(self.data),
                 "sizing": self.sizing.to_dict() if self.sizing else None}
 
@@ -207,7 +207,8 @@ def optimizer_settings(args, sizing: Sizing | None) -> OptimizerSettings:
                              lr=sizing.lr if sizing else args.lr, min_lr=sizing.min_lr if sizing else args.min_lr,
                              weight_decay=args.weight_decay, muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
                              muon_weight_decay=args.muon_weight_decay, grad_clip=args.grad_clip,
-                             lr_schedule=args.schedule, warmup_steps=args.warmup_steps, cooldown_frac=args.cooldown_frac)
+                             lr_schedule=args.schedule, warmup_steps=args.warmup_steps,
+                             cooldown_frac=args.cooldown_frac)
 
 
 def budget_request(args) -> Request:

@@ -137,12 +137,26 @@ def step_optimizers(learner: Learner, loss: torch.Tensor, env: Env, *, grad_clip
         if learner.scaler:
             learner.scaler.step(optimizer)  # fp16: skips the update on the device when the gradients overflowed
         else:
-            optimizer.found_inf = found_inf
-            optimizer.step()
+            update(optimizer, found_inf)
     zero_grads(learner)
     if learner.scaler:
         learner.scaler.update()
     return stats
+
+
+def update(optimizer: torch.optim.Optimizer, found_inf: torch.Tensor, alone: bool = False) -> None:
+    """optimizer.step(), its update skipped on the device where found_inf is 1: PyTorch's own protocol for fused
+    optimizers, which GradScaler.step follows (the tensor set on the optimizer for the step, removed after) and
+    muon.Muon takes too. `alone`: Muon does its whole update on this rank, with no collective (a step some
+    ranks may not reach: memory.py's probe)."""
+    optimizer.found_inf = found_inf
+    if alone and isinstance(optimizer, Muon):
+        optimizer.shared = False
+    try:
+        optimizer.step()
+    finally:
+        vars(optimizer).pop("found_inf", None)
+        vars(optimizer).pop("shared", None)  # Muon's class default again
 
 
 def zero_grads(learner: Learner, release: bool = False) -> None:
@@ -164,7 +178,7 @@ def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
 # A step's figures, read a step later
 
 
-class StopTraining(UserError):
+class NonFiniteStep(UserError):
     """Training cannot go on (a non-finite loss); the message says what the checkpoints on disk hold."""
 
 
@@ -194,7 +208,7 @@ class StepStats:
 
 class StatsReader:
     """Each step's StepStats, read one step after the step was queued, when it is done and reading stalls
-    nothing, or at once when a section needs the newest; a non-finite step ends the run (StopTraining)."""
+    nothing, or at once when a section needs the newest; a non-finite step ends the run (NonFiniteStep)."""
 
     def __init__(self, fp16: bool, save_dir):
         self.fp16, self.save_dir = fp16, save_dir
@@ -219,7 +233,7 @@ class StatsReader:
         self.stop |= f.stop
         # With fp16 loss scaling an infinite norm only means the scaler skipped the step and lowers its scale.
         if not math.isfinite(f.loss) or (not math.isfinite(f.grad_norm) and not self.fp16):
-            raise StopTraining(f"the loss ({f.loss}) or gradient norm ({f.grad_norm}) is not finite at step "
+            raise NonFiniteStep(f"the loss ({f.loss}) or gradient norm ({f.grad_norm}) is not finite at step "
                                f"{f.step}; stopped before its update. The checkpoints in {self.save_dir} are the "
                                "last good ones: resume with --resume and a lower --lr (or --grad_clip)")
         self.last = f

@@ -7,11 +7,11 @@
     python train_gpt2.py ...the same flags... --resume        # after a stop, or a kill -9
     torchrun --standalone --nproc_per_node 8 train_gpt2.py --batch_size 512
 
-This file holds the run: `main`, `--plan`, and `train`, the loop: a few once-in-a-while sections (the plan and
-the time budget, a log line, HellaSwag, an evaluation, a save), each one call, then the step, written out: the
-rates, forward and backward over the micro-batches, clip, update. What the run trains with is resolved once
-before it (startup.py, from the flags of flags.py); the step's parts are step.py's, the optimizers and the
-schedule optim.py's, the batches batches.py's.
+This file holds the run: `main`, `--plan`, and `train`, the loop: the step, written out (the horizon's settings
+for it, forward and backward over the micro-batches, clip, update), then a few once-in-a-while sections (a log
+line, HellaSwag, an evaluation, a save), each one call. What the run trains with is resolved once before it
+(startup.py, from the flags of flags.py); how long it runs and each step's rates are the horizon's (horizon.py);
+the step's parts are step.py's, the optimizers optim.py's, the batches batches.py's.
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ from horizon import StepSettings
 from plan import Outcome, peak_flops
 from runtime import Env, cleanup_env, leave_together, setup_env
 from startup import Run, reply_room, start
-from step import StatsReader, StepStats, run_compiled, step_seconds, train_step
+from step import StatsReader, StepStats, accumulate_gradients, run_compiled, step_optimizers, step_seconds
 
 # latest.pt is saved by the clock too, so that a kill -9 or the kernel's out-of-memory killer loses at most
 # this much: first this long after training starts, then at this interval (as well as --checkpoint_interval).
@@ -99,21 +99,21 @@ def main(argv=None, started: float | None = None) -> int:
 def print_plan(run: Run, env: Env, started: float, say) -> int:
     """--plan: start-up as the run does it, without the data, then a few steps timed on random tokens (unless
     --time just timed this model at this batch); the plan's steps, time and cost. Nothing is fetched or written."""
-    s, plan = run.settings, run.plan
-    if s.sizing and s.sizing.timed_now and not env.compile:  # --time just timed this model at this batch
-        seconds = s.tokens_per_step / s.sizing.chosen.tokens_per_s
+    settings, plan = run.settings, run.plan
+    if settings.sizing and settings.sizing.timed_now and not env.compile:  # --time just timed this model at this batch
+        seconds = settings.tokens_per_step / settings.sizing.chosen.tokens_per_s
     else:
         seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
-            run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
+            run.learner, env, settings.micro_size, settings.grad_accum, settings.config.block_size, PLAN_TIMING_S))
     run.horizon.timed(seconds, time.monotonic())
-    lines = [f"plan: micro-batches of {s.micro_batch} × {s.config.block_size} tokens, {s.grad_accum} accumulation "
-             f"step(s) on each of {env.world} process(es)"]
+    lines = [f"plan: micro-batches of {settings.micro_size} × {settings.config.block_size} tokens, "
+             f"{settings.grad_accum} accumulation step(s) on each of {env.world} process(es)"]
     if run.horizon.steps is None:
         lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
         lines += plan.warnings()
     else:
         lines += [*run.horizon.length_lines(), plan.time_line()]
-        lines += [] if s.time else cpu_advice(env.device.type, plan.seconds)
+        lines += [] if settings.time else cpu_advice(env.device.type, plan.seconds)
     say("\n".join(lines))
     return 0
 
@@ -122,10 +122,11 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
 # The loop
 
 
-class SignalStop:
+class Signals:
     """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step: it saves latest.pt and
-    stops. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs change nothing (a dropped SSH
-    connection can send the hang-up twice: to the shell's jobs, and to the terminal's process group).
+    stops. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs change
+    nothing (a dropped SSH connection can send the hang-up twice: to the shell's jobs, and to the terminal's process
+    group).
     """
 
     def __init__(self):
@@ -157,14 +158,14 @@ class Output:
 
     @classmethod
     def open(cls, run: Run, env: Env, started: float) -> Output:
-        s, step = run.settings, run.progress.step
-        s.save_dir.mkdir(parents=True, exist_ok=True)
-        if env.master and clean_temporaries(s.save_dir):  # what a killed run was writing when it died
-            tqdm.write(f"note: removed the unfinished files a killed run left in {s.save_dir}")
+        settings, step = run.settings, run.progress.step
+        settings.save_dir.mkdir(parents=True, exist_ok=True)
+        if env.master and clean_temporaries(settings.save_dir):  # what a killed run was writing when it died
+            tqdm.write(f"note: removed the unfinished files a killed run left in {settings.save_dir}")
         # A resumed run's rows past its step are dropped (a new run's folder holds no metrics.jsonl).
-        metrics = Metrics(s.save_dir, step, s.wandb, run.flags, enabled=env.master)
+        metrics = Metrics(settings.save_dir, step, settings.wandb, run.flags, enabled=env.master)
         bar = tqdm(total=run.horizon.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
-        out = cls(env, s.save_dir, started, s.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
+        out = cls(env, settings.save_dir, started, settings.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
         run.horizon.log = metrics.log  # the plan's rows, as the horizon learns them
         if run.preparation is not None:
             out.closing(run.preparation)
@@ -212,17 +213,18 @@ class Output:
 def train(run: Run, env: Env, out: Output) -> int:
     """The loop, from run.progress.step to the horizon's last step: the step, then a few "once in a while"
     sections, each one call. Returns the exit status: 0, or 128 + the signal that stopped the run."""
-    s, learner, progress, horizon, every = run.settings, run.learner, run.progress, run.horizon, run.settings.every
-    out.metrics.log(event="start", step=progress.step, run=s.to_dict(),
+    settings, learner, progress, horizon = run.settings, run.learner, run.progress, run.horizon
+    every = settings.every
+    out.metrics.log(event="start", step=progress.step, run=settings.to_dict(),
                     **json.loads(json.dumps(run_header(env, run.flags), default=str)))
     if not horizon.running(progress.step):
         out.say(f"nothing to do: the run is at step {progress.step} of {horizon.steps}")
         return 0
-    signals, stats = SignalStop(), StatsReader(learner.scaler is not None, s.save_dir)
+    signals, stats = Signals(), StatsReader(learner.scaler is not None, settings.save_dir)
     run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
-    reader = out.closing(batches.micro_batches(run.batches, progress.step, num_workers=s.num_workers,
+    reader = out.closing(batches.micro_batches(run.batches, progress.step, num_workers=settings.num_workers,
                                                pin_memory=env.device.type == "cuda"))
-    if progress.step == 0 and s.init_from != "scratch":  # where a fine-tune starts, logged as step 0
+    if progress.step == 0 and settings.init_from != "scratch":  # where a fine-tune starts, logged as step 0
         validate(run, env, out, share=1.0)  # over the whole split, as its last; saved as the first best checkpoint
         if run.hellaswag is not None:
             score_hellaswag(run, env, out)
@@ -233,27 +235,28 @@ def train(run: Run, env: Env, out: Output) -> int:
             now = horizon.before(progress.step, out.waiting, run.data_failed)
             if now is None:  # the data, all arrived, makes the run end before this step
                 break
-            micro_batches = [next(reader) for _ in range(s.grad_accum)]
+            micro_batches = [next(reader) for _ in range(settings.grad_accum)]
         except data.DataError as e:  # the data stopped arriving, and this step needs more of it
             stats.latest()
             save_latest(run, out)
-            return stopped(run, env, out, None, failure=e)
+            return leave_early(run, env, out, None, failure=e)
 
         # The step, at the horizon's settings for it: forward and backward over the micro-batches, clip, update;
         # queued on the device, its figures read a step later (StatsReader), so the CPU never waits for the GPU.
         set_rates(learner, now)
-        stop = signals.received is not None or run.data_failed() is not None
-        step_stats = run_compiled(learner, env, out.say, lambda: train_step(
-            learner, micro_batches, env, step=progress.step, seed=s.seed, grad_clip=s.optimizer.grad_clip, stop=stop))
-        stats.queued(progress.step, step_stats)
-        progress.step, progress.tokens = progress.step + 1, progress.tokens + s.tokens_per_step
+        loss = run_compiled(learner, env, out.say, lambda: accumulate_gradients(
+            learner, micro_batches, env, step=progress.step, seed=settings.seed))
+        wants_stop = signals.received is not None or run.data_failed() is not None  # told every rank by the step
+        stats.queued(progress.step,
+                     step_optimizers(learner, loss, env, grad_clip=settings.optimizer.grad_clip, stop=wants_stop))
+        progress.step, progress.tokens = progress.step + 1, progress.tokens + settings.tokens_per_step
         step = progress.step
         horizon.after(step, logged=step % every.log == 0, wait=stats.latest, evaluate=lambda: validate(run, env, out),
                       write_s=out.writer.seconds.get(checkpoint.LATEST))
         out.advance(horizon.steps)
 
         # Once in a while: a log line, HellaSwag, an evaluation, a save (each aside, off the pace's clock).
-        end, stop = horizon.last(step), stats.stop
+        end, stop = horizon.last(step), stats.stop  # stop: some rank wants it (its step's figures say so)
         log = step % every.log == 0 or end
         hellaswag = run.hellaswag is not None and (step % every.hellaswag == 0 or end)
         evaluate = step % every.eval == 0 or end
@@ -269,14 +272,14 @@ def train(run: Run, env: Env, out: Output) -> int:
         if evaluate:
             with horizon.aside(None if end else "evaluation"):  # the last one reads more than the others
                 validate(run, env, out, share=horizon.final_share() if end else None)
-                if s.sample_during_training:
+                if settings.sample_during_training:
                     print_sample(run, env, out)
         if save:
             with horizon.aside():
                 save_latest(run, out)
             next_save = time.monotonic() + SAVE_EVERY_S
         if stop:
-            return stopped(run, env, out, signals.received, failure=run.data_failed())
+            return leave_early(run, env, out, signals.received, failure=run.data_failed())
     out.writer.wait()  # the last checkpoints are on disk before the summary says so
     summarise(run, out, "done")
     return 0
@@ -316,17 +319,18 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> Non
     (compiled and DDP-wrapped as it is): over a fixed sample of windows spread over the whole split, eval_batches
     batches of them; or, at the run's end, `share` of all of them (1: the whole split); logged, and the weights
     saved as model_best_val.pt when it is the lowest yet."""
-    s, progress = run.settings, run.progress
-    windows = batches.Windows(run.val, s.config.block_size).available()
-    sample = s.eval_batches * s.batch_size if share is None else None if share >= 1 else max(1, int(share * windows))
-    result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
-                             env.world, rows=s.micro_batch, sample=sample)
+    settings, progress = run.settings, run.progress
+    windows = batches.Windows(run.val, settings.config.block_size).available()
+    sample = settings.eval_batches * settings.batch_size if share is None else \
+        None if share >= 1 else max(1, int(share * windows))
+    result = validation_loss(run.learner.model, run.val, settings.config.block_size, env.device, env.autocast, env.rank,
+                             env.world, rows=settings.micro_size, sample=sample)
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
         progress.best_val, progress.best_step = progress.val_loss, progress.step
     perplexity = math.exp(min(progress.val_loss, 50))
-    whole = windows * s.config.block_size  # predictions in the whole split
+    whole = windows * settings.config.block_size  # predictions in the whole split
     read = "all" if result["tokens"] >= whole else f"{result['tokens']:,} of the"
     out.say(f"step {progress.step}: validation loss {result['loss']:.4f} (perplexity {perplexity:.1f}, "
             f"{result['bpb']:.4f} bits per byte; {read} {whole:,} validation tokens)"
@@ -338,7 +342,7 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> Non
     out.metrics.plot()
     if improved and env.master:
         checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, run.horizon.steps,
-                             s.init_from, s.to_dict())
+                             settings.init_from, settings.to_dict())
 
 
 def score_replies(run: Run, out: Output) -> None:
@@ -377,12 +381,12 @@ def print_sample(run: Run, env: Env, out: Output) -> None:
 def save_latest(run: Run, out: Output) -> None:
     """latest.pt, written by rank 0 in the background."""
     if out.env.master:
-        learner, s = run.learner, run.settings
+        learner, settings = run.learner, run.settings
         checkpoint.save_latest(out.writer, out.save_dir, learner.raw_model, learner.optimizers, learner.scaler,
-                               run.progress, run.horizon.steps, s.init_from, run.flags, s.to_dict())
+                               run.progress, run.horizon.steps, settings.init_from, run.flags, settings.to_dict())
 
 
-def stopped(run: Run, env: Env, out: Output, signum: int | None, failure: BaseException | None = None) -> int:
+def leave_early(run: Run, env: Env, out: Output, signum: int | None, failure: BaseException | None = None) -> int:
     """After the loop saved latest.pt on a signal, or on a failure of the data arriving behind it (raised here as
     one line, once the summary is out): the exit status."""
     out.writer.wait()  # latest.pt, saved by the loop, is on disk before the process leaves

@@ -164,14 +164,14 @@ def test_without_matplotlib_the_run_says_once_that_it_draws_no_picture(tmp_path,
 
 
 # A step that raises after the first one: a bug (its traceback), or the CPU allocator out of memory (one line).
-FAILING_STEP = """import sys, step, train_gpt2 as T
-real, calls, message = step.step_optimizers, [], sys.argv.pop()
+FAILING_STEP = """import sys, train_gpt2 as T
+real, calls, message = T.step_optimizers, [], sys.argv.pop()
 def failing(*args, **kwargs):
     calls.append(1)
     if len(calls) > 1:
         raise RuntimeError(message)
     return real(*args, **kwargs)
-step.step_optimizers = failing
+T.step_optimizers = failing
 sys.exit(T.main(sys.argv[1:]))"""
 
 

@@ -199,7 +199,7 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, 
     def oom(*args, **kw):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
-    monkeypatch.setattr(T, "train_step", oom)
+    monkeypatch.setattr(T, "accumulate_gradients", oom)
     with pytest.raises(SystemExit) as exit_info:
         T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "2"))
     message = str(exit_info.value.code)
