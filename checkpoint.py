@@ -199,6 +199,7 @@ class Progress:
     best_step: int | None = None
     hellaswag: float | None = None  # the last acc_norm scored
     tokens: int = 0  # trained, whatever batch each step had
+    target: tuple[int, float] | None = None  # (step, seconds from launch) where --target_loss was reached
 
     def fields(self, init_from: str, max_steps: int | None) -> dict:
         """As a checkpoint holds them, with the run's length as planned so far (horizon.Horizon.steps)."""

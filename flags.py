@@ -124,6 +124,10 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
                         "last evaluation and save included; steps are planned from the measured pace, and wsd's "
                         "decay ends with the budget. With --max_steps, the shorter wins. On --resume it is this "
                         "process's own time, not the whole run's")
+    b.add_argument("--target_loss", type=positive_float, default=None, metavar="LOSS",
+                   help="stop once the validation loss over the whole validation split is at most this; the summary "
+                        "says the steps, time and cost it took (the FineWeb speedrun's target is 3.28 on the "
+                        "validation tokens a FineWeb run here measures)")
     b.add_argument("--price_per_hour", type=non_negative_float, default=None, metavar="DOLLARS",
                    help="what the whole machine costs an hour: the plan, the progress bar, metrics.jsonl and the "
                         "summary then show the cost")

@@ -245,6 +245,10 @@ class Horizon:
         """The plan's lines about the steps: their number and tokens, and every warning and note about them."""
         return [self.plan.steps_line(), *self.plan.warnings(), *warmup_note(self.rate.warmup_steps, self.steps)]
 
+    def end_at(self, step: int) -> None:
+        """The run ends after `step` (--target_loss reached)."""
+        self._set_length(step)
+
     def timed(self, step_seconds: float, now: float) -> None:
         """--plan: the pace timed before the run (random tokens), and the plan as the run will make it."""
         self.costs.step = step_seconds

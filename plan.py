@@ -267,6 +267,8 @@ class Outcome:
     hellaswag: float | None = None
     planned_seconds: float | None = None
     chat: bool = False  # fine-tuned on conversations: talked to with sample.py --chat
+    target_loss: float | None = None  # --target_loss
+    target: tuple[int, float] | None = None  # (step, seconds from launch) where it was reached
 
     def lines(self) -> list[str]:
         cost = f", ${self.seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
@@ -276,6 +278,8 @@ class Outcome:
         hellaswag = f", HellaSwag acc_norm {self.hellaswag:.4f}" if self.hellaswag is not None else ""
         lines = [f"summary: {self.steps:,} steps, {self.tokens:,} tokens in {human_duration(self.seconds)}{planned}"
                  f"{cost}; {best}{hellaswag}"]
+        if self.target_loss is not None:
+            lines.append(self._target_line())
         if self.checkpoint.exists():
             lines += [f"best model: {self.checkpoint.resolve()}", "to talk to it on your laptop:"]
             lines += [f"  {command}" for command in copy_home_commands(self.checkpoint, self.chat)]
@@ -283,3 +287,11 @@ class Outcome:
                 lines.append("  (that address is this machine's own, private one, as SSH sees it behind NAT or "
                              "in a container: from your laptop, use the address you connect to)")
         return lines
+
+    def _target_line(self) -> str:
+        if self.target is None:
+            return f"summary: --target_loss {self.target_loss} not reached"
+        step, seconds = self.target
+        cost = f", ${seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
+        return (f"summary: --target_loss {self.target_loss} reached at step {step:,}, {human_duration(seconds)} from "
+                f"launch{cost}")

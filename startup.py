@@ -72,6 +72,7 @@ class Settings:
     init_from: str
     num_workers: int
     price_per_hour: float | None
+    target_loss: float | None  # --target_loss: the run ends once validation reaches it
     sample_during_training: bool
     wandb: str | None  # a Weights & Biases project to log to
 
@@ -157,7 +158,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
                                         args.hellaswag_interval),
                         data=spec, sizing=sizing, held_lr=held_rate(optimizer, args.reschedule, resumed, steps),
                         seed=args.seed, save_dir=Path(args.save_dir), init_from=args.init_from,
-                        num_workers=args.num_workers, price_per_hour=args.price_per_hour,
+                        num_workers=args.num_workers, price_per_hour=args.price_per_hour, target_loss=args.target_loss,
                         sample_during_training=args.sample_during_training, wandb=args.wandb)
     progress = resume_progress(resumed, learner, settings, args, say) if resumed else checkpoint.Progress()
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None

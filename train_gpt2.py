@@ -271,10 +271,12 @@ def train(run: Run, env: Env, out: Output) -> int:
                 score_hellaswag(run, env, out)
         if evaluate:
             with horizon.aside(None if end else "evaluation"):  # the last one reads more than the others
-                validate(run, env, out, share=horizon.final_share() if end else None)
+                read_all = validate(run, env, out, share=horizon.final_share() if end else None)
+                if settings.target_loss and progress.target is None:
+                    end = reached_target(run, env, out, read_all) or end
                 if settings.sample_during_training:
                     print_sample(run, env, out)
-        if save:
+        if save or end:
             with horizon.aside():
                 save_latest(run, out)
             next_save = time.monotonic() + SAVE_EVERY_S
@@ -314,17 +316,17 @@ def log_step(run: Run, f: StepStats, tokens_per_s: float, out: Output) -> None:
                         **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
 
 
-def validate(run: Run, env: Env, out: Output, share: float | None = None) -> None:
+def validate(run: Run, env: Env, out: Output, share: float | None = None) -> bool:
     """eval.py's validation loss (and bits per byte), each rank scoring its share with the model being trained
     (compiled and DDP-wrapped as it is): over a fixed sample of windows spread over the whole split, eval_batches
     batches of them; or, at the run's end, `share` of all of them (1: the whole split); logged, and the weights
-    saved as model_best_val.pt when it is the lowest yet."""
+    saved as model_best_val.pt when it is the lowest yet. Whether it read the whole split."""
     settings, progress = run.settings, run.progress
     windows = batches.Windows(run.val, settings.config.block_size).available()
     sample = settings.eval_batches * settings.batch_size if share is None else \
         None if share >= 1 else max(1, int(share * windows))
-    result = validation_loss(run.learner.model, run.val, settings.config.block_size, env.device, env.autocast, env.rank,
-                             env.world, rows=settings.micro_size, sample=sample)
+    result = validation_loss(run.learner.model, run.val, settings.config.block_size, env.device, env.autocast,
+                             env.rank, env.world, rows=settings.micro_size, sample=sample)
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
@@ -343,6 +345,23 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> Non
     if improved and env.master:
         checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, run.horizon.steps,
                              settings.init_from, settings.to_dict())
+    return result["tokens"] >= whole
+
+
+def reached_target(run: Run, env: Env, out: Output, read_all: bool) -> bool:
+    """--target_loss: whether the evaluation just made (read_all: over the whole validation split) reached it,
+    over the whole split (a sample's figure that reaches it is checked over all of it); if so the run ends at this
+    step, and the summary says where and when."""
+    progress, target = run.progress, run.settings.target_loss
+    if progress.val_loss > target:
+        return False
+    if not read_all:
+        validate(run, env, out, share=1.0)
+        if progress.val_loss > target:
+            return False
+    progress.target = (progress.step, out.elapsed())
+    run.horizon.end_at(progress.step)
+    return True
 
 
 def score_replies(run: Run, out: Output) -> None:
@@ -410,11 +429,13 @@ def summarise(run: Run, out: Output, how: str) -> None:
     outcome = Outcome(steps=p.step, tokens=p.tokens, seconds=seconds,
                       best_val=p.best_val if p.best_step is not None else None, best_step=p.best_step,
                       checkpoint=out.save_dir / checkpoint.BEST, price_per_hour=out.price_per_hour,
-                      hellaswag=p.hellaswag, planned_seconds=run.plan.seconds, chat=run.settings.data.chat)
+                      hellaswag=p.hellaswag, planned_seconds=run.plan.seconds, chat=run.settings.data.chat,
+                      target_loss=run.settings.target_loss, target=p.target)
     out.bar.close()
     out.say("\n".join(outcome.lines()))
     out.metrics.log(event=how, step=p.step, seconds=seconds, cost=out.cost(), best_val_loss=outcome.best_val,
-                    best_step=p.best_step)
+                    best_step=p.best_step, **({"target_step": p.target[0], "target_seconds": p.target[1]}
+                                              if p.target else {}))
 
 
 def cpu_out_of_memory(error: RuntimeError) -> bool:

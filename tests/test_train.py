@@ -425,3 +425,22 @@ def test_arch_options_change_single_switches_of_the_preset():
                          "--arch_option", "logit_softcap=15"])
     config = F.model_config(args)
     assert (config.mlp, config.tie_embeddings, config.logit_softcap, config.qk_norm) == ("relu2", False, 15.0, True)
+
+
+def test_a_target_loss_ends_the_run_at_the_first_evaluation_that_reaches_it_over_the_whole_split(
+        corpus_dir, data_cache, tmp_path, capsys):
+    save = tmp_path / "run"
+    args = train_args(corpus_dir, data_cache, save, "--max_steps", "30", "--eval_interval", "2", "--eval_iters", "1",
+                      "--target_loss", "9.8")
+    assert T.main(args) == 0
+    out = capsys.readouterr().out
+    evaluations = [r for r in metrics(save) if "val_loss" in r]
+    whole = max(r["val_tokens"] for r in evaluations)
+    step = evaluations[-1]["step"]
+    # Sampled figures above the target, then one at or below it, checked over the whole split: the run ends there.
+    assert all(r["val_loss"] > 9.8 for r in evaluations[:-2]) and evaluations[-2]["val_loss"] <= 9.8
+    assert evaluations[-2]["step"] == step < 30 and evaluations[-1]["val_tokens"] == whole
+    assert evaluations[-1]["val_loss"] <= 9.8
+    assert f"summary: --target_loss 9.8 reached at step {step}, " in out
+    assert checkpoint.load_checkpoint(save / "latest.pt")["step"] == step
+    assert metrics(save)[-1] | {"target_step": step} == metrics(save)[-1]
