@@ -1,9 +1,9 @@
 """Token shards to training batches: which windows each step reads, and reading them ahead of the model.
 
 A batch goes from a shard file to the model in three hops: micro_batches -> BatchSource.__getitem__ ->
-shards.TokenShards.read. BatchSource's docstring is the contract: batches depend only on (seed, step, rank,
-micro-step), never on how fast the data arrives, so a resumed run and a run on several GPUs read exactly
-what an uninterrupted single-process run reads.
+shards.TokenShards.read. BatchSource's docstring is the contract: micro-batches depend only on the seed and their
+place in the stream, never on how fast the data arrives nor on how many a step takes, so a resumed run and a run on
+several GPUs read exactly what an uninterrupted single-process run reads.
 """
 from __future__ import annotations
 
@@ -122,20 +122,20 @@ class Windows:
 
 
 class BatchSource:
-    """The training batches of one split: micro-batch i is `source[i]`.
+    """The training batches of one split, as a stream of micro-batches.
 
-    Contract. `source[i]` is this rank's micro-batch m = i % G of optimizer step s = i // G: a pair of CPU int64
-    tensors x, y of shape (b, block_size) (Windows.read), with b = batch_size // (W * G) for W ranks and G
-    accumulation micro-steps. It depends only on (seed, s, rank, m) and the split's tokens, never on what was
-    read before nor on how fast the split arrives, so a run resumed at step s reads exactly what an
-    uninterrupted one would, and one rank with G = 2 reads what two ranks with G = 1 read.
+    Contract. The split's windows are read in a fixed order, micro_size b at a time: unit u is positions
+    [u*b, (u+1)*b) of that order, a pair x, y of CPU int64 tensors of shape (b, block_size) (Windows.read). A step
+    takes the next G_s units for each of W ranks (G_s, its accumulation, is what a batch-size schedule varies),
+    interleaved: the step's unit k*W + r is rank r's k-th, so rank r reads units r, r+W, r+2W, ... in order
+    whatever each step's size (`source[i]`, its i-th, is unit i*W + r). Units depend only on (seed, u) and the
+    split's tokens, never on what was read before nor on how fast the split arrives: a run resumed after u units
+    reads exactly what an uninterrupted one would, and one rank with G = 2W reads what W ranks with G = 2 read.
 
-    How. The split is cut into non-overlapping windows. The first pass reads them in the order they arrive,
-    shuffled within blocks of K windows (K a multiple of the batch B, about BLOCK_TOKENS): step s reads block
-    b = s // (K/B), rows j*B..(j+1)*B of its permutation seeded by (seed, 0, b), j = s % (K/B); so a step waits
-    only for its own block. The pass ends after N // B steps for N windows (the last block may be short; the
-    N % B windows left over go unused). Pass e >= 1 takes windows perm_e[j*B:(j+1)*B] of a permutation of all N,
-    seeded by (seed, e). Rank r takes rows [(r*G+m)*b, (r*G+m+1)*b) of the global batch for micro-step m.
+    How. The first pass reads the windows in the order they arrive, shuffled within blocks of K windows (K a
+    multiple of the full batch B = W*G*b, about BLOCK_TOKENS): position p is window k*K + perm(seed, 0, k)[p % K]
+    with k = p // K, so a unit waits only for its own block. A pass holds P = N // B * B positions for N windows
+    (the N % B left over go unused); pass e >= 1 reads window perm(seed, e)[p - e*P] of a permutation of all N.
     """
 
     def __init__(self, shards: TokenShards, block_size: int, batch_size: int, *, seed: int, rank: int = 0,
@@ -148,7 +148,7 @@ class BatchSource:
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.micro_size = batch_size // (world_size * grad_accum)
         self.block = batch_size * max(1, BLOCK_TOKENS // (batch_size * self.windows.window))  # K windows
-        self.on_wait = None  # on_wait(tokens held) while a step waits for its data
+        self.on_wait = None  # on_wait(tokens there) while a unit waits for its data
         self._permutation: tuple[tuple, np.ndarray] | None = None  # (its key, a permutation), the last one used
         if shards.complete:
             self._check_size()
@@ -161,42 +161,46 @@ class BatchSource:
         return self.micro(index)
 
     def micro(self, index: int, stop: threading.Event | None = None):
-        step, micro = divmod(index, self.grad_accum)
-        row = (self.rank * self.grad_accum + micro) * self.micro_size
-        windows = self.global_windows(step, stop)
-        return None if windows is None else self.windows.read(windows[row:row + self.micro_size])
+        """This rank's index-th micro-batch (None if `stop` is set while it waits for its data)."""
+        windows = self.unit_windows(index * self.world_size + self.rank, stop)
+        return None if windows is None else self.windows.read(windows)
 
     def micro_batch(self, step: int, micro: int):
-        """This rank's micro-batch `micro` of step `step`."""
+        """This rank's micro-batch `micro` of step `step`, every step of G micro-batches (no batch schedule)."""
         return self[step * self.grad_accum + micro]
 
     @property
     def steps_per_epoch(self) -> int:
-        """Steps of a pass, once the whole split is there (it waits for it)."""
+        """Full batches in a pass, once the whole split is there (it waits for it)."""
         self.shards.wait(on_wait=self.on_wait)
         self._check_size()
         return self.windows.available() // self.batch_size
 
     def steps_at_least(self) -> int:
-        """Steps of the first pass that the data there now already holds."""
+        """Full batches of the first pass that the data there now already holds."""
         return self.windows.available() // self.batch_size
 
-    def global_windows(self, step: int, stop: threading.Event | None = None) -> np.ndarray | None:
-        """The window indices of step `step`'s global batch (all ranks and micro-steps), once its data is there
-        (None if `stop` is set while it waits)."""
-        B, K = self.batch_size, self.block
-        block, j = divmod(step, K // B)
+    def global_windows(self, step: int) -> np.ndarray:
+        """The window indices of step `step`'s batch over all ranks and micro-steps (no batch schedule)."""
+        units = self.batch_size // self.micro_size
+        return np.concatenate([self.unit_windows(u) for u in range(step * units, (step + 1) * units)])
+
+    def unit_windows(self, unit: int, stop: threading.Event | None = None) -> np.ndarray | None:
+        """The window indices of unit `unit`, once its data is there (None if `stop` is set while it waits)."""
+        b, K = self.micro_size, self.block
+        position = unit * b
+        block, offset = divmod(position, K)  # K is a multiple of b: a unit lies in one block, and in one pass
         self.shards.wait((block + 1) * K * self.windows.window, self.on_wait, stop)
         if stop is not None and stop.is_set():
             return None
-        if not self.shards.complete or self.windows.available() >= (block + 1) * K:  # a whole block: pass 0
-            return block * K + self._permuted((0, block), K)[j * B:(j + 1) * B]
+        if not self.shards.complete:  # the first pass, its block whole
+            return block * K + self._permuted((0, block), K)[offset:offset + b]
         self._check_size()
         total = self.windows.available()
-        epoch, i = divmod(step, total // B)
-        if epoch == 0:  # the first pass's last block, shorter than K
-            return block * K + self._permuted((0, block), total - block * K)[j * B:(j + 1) * B]
-        return self._permuted((epoch,), total)[i * B:(i + 1) * B]
+        epoch, i = divmod(position, total // self.batch_size * self.batch_size)
+        if epoch == 0:  # the first pass (its last block shorter than K)
+            return block * K + self._permuted((0, block), min(K, total - block * K))[offset:offset + b]
+        return self._permuted((epoch,), total)[i:i + b]
 
     def _permuted(self, key: tuple, n: int) -> np.ndarray:
         cached = self._permutation  # read once: reader threads share this source
@@ -222,14 +226,14 @@ class BatchSource:
                             + ("" if self.packed else ", a smaller --block_size, or more documents (--sample_size)"))
 
 
-def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin_memory: bool) -> Iterator:
-    """source[i] for the micro-batches of the steps from start_step on, in order and without end (a run's length
-    may be planned as it goes), read ahead by num_workers threads (0: in the caller's).
+def micro_batches(source: BatchSource, first: int, *, num_workers: int, pin_memory: bool) -> Iterator:
+    """source[i] for this rank's micro-batches from the first-th on, in order and without end (a run's length may
+    be planned as it goes, and each step takes as many as it needs), read ahead by num_workers threads (0: in
+    the caller's).
 
     Threads, not processes: reading a batch is a copy out of memory-mapped shards (numpy releases the GIL for
     it), and threads end with the process whatever stops it, where reader processes can outlive an error.
     """
-    first = start_step * source.grad_accum
     if num_workers == 0:
         for i in itertools.count(first):
             yield _pinned(source[i], pin_memory)
@@ -239,6 +243,12 @@ def micro_batches(source: BatchSource, start_step: int, *, num_workers: int, pin
         yield from readers
     finally:  # on close(): the threads joined
         readers.close()
+
+
+def at_context(batch: tuple, context: int) -> tuple:
+    """A micro-batch (x, y) of (b, T) as (b * T/context, context): each window cut into pieces of `context`
+    positions, their targets with them (a shorter context at the same tokens, for a context schedule)."""
+    return tuple(t.view(-1, context) for t in batch)
 
 
 def _pinned(batch, pin_memory: bool):

@@ -171,10 +171,12 @@ class Budget:
         """The run's last step: `step` plus the most steps whose costs.seconds end before the deadline."""
         left = self.deadline - now
         usable = left - max(1.0, self.MARGIN * left)
-        low, high = 0, max(1, int(usable / costs.step) + 1)  # costs.seconds grows with n: search it
-        while low < high:
-            n = (low + high + 1) // 2
-            low, high = (n, high) if costs.seconds(step, n) <= usable else (low, n - 1)
+        low, high = 0, 1  # costs.seconds grows with n: bracket it, then search
+        while costs.seconds(step, high) <= usable:
+            low, high = high, 2 * high
+        while high - low > 1:
+            n = (low + high) // 2
+            low, high = (n, high) if costs.seconds(step, n) <= usable else (low, n)
         return step + low
 
 
@@ -184,23 +186,29 @@ class Took:
 
 
 class Pace:
-    """Seconds a training step takes, without evaluation, saving and the first steps (compiling, warming
-    the allocator): over step.TIMED_STEPS steps after step.WARMUP_STEPS, then the median of the last windows between
-    log lines. Also the tokens/s of each such window, for the progress bar and metrics.jsonl. What runs beside
-    the steps (leave_out) is left out of both."""
+    """Seconds a full training step takes (a step of a batch-size schedule's smaller stages counts as its share of
+    one: `done(work)`), without evaluation, saving and the first steps (compiling, warming the allocator): over
+    step.TIMED_STEPS steps after step.WARMUP_STEPS, then the median of the last windows between log lines. Also the
+    tokens/s of each such window, for the progress bar and metrics.jsonl. What runs beside the steps (leave_out) is
+    left out of both."""
 
     WINDOWS = 5
 
     def __init__(self, step: int, tokens_per_step: int):
-        self.tokens_per_step, self.first_step = tokens_per_step, step
+        self.tokens_per_step, self.first_step = tokens_per_step, step  # tokens_per_step: a full step's
         self.step_seconds: float | None = None
         self.windows: list[float] = []
         self.excluded = 0.0  # seconds of evaluation and saving so far, which the timing leaves out
-        self._timing: tuple[int, float, float] | None = None  # (step, clock, excluded) where the timing began
+        self.work = 0.0  # full steps done so far
+        self._timing: tuple[int, float, float, float] | None = None  # (step, clock, excluded, work) at its start
         self.restart(step)
 
     def restart(self, step: int) -> None:
-        self.t0, self.step0, self.excluded0 = time.perf_counter(), step, self.excluded
+        self.t0, self.step0, self.excluded0, self.work0 = time.perf_counter(), step, self.excluded, self.work
+
+    def done(self, work: float) -> None:
+        """A step done, of `work` full steps."""
+        self.work += work
 
     def exclude(self, seconds: float) -> None:
         self.excluded += seconds
@@ -222,11 +230,11 @@ class Pace:
             return False
         if step == self.first_step + WARMUP_STEPS:
             wait()
-            self._timing = (step, time.perf_counter(), self.excluded)
+            self._timing = (step, time.perf_counter(), self.excluded, self.work)
         elif self._timing is not None and step == self._timing[0] + TIMED_STEPS:
             wait()
-            _, clock, excluded = self._timing
-            self.step_seconds = (time.perf_counter() - clock - (self.excluded - excluded)) / TIMED_STEPS
+            _, clock, excluded, work = self._timing
+            self.step_seconds = (time.perf_counter() - clock - (self.excluded - excluded)) / (self.work - work)
             return True
         return False
 
@@ -234,12 +242,12 @@ class Pace:
         """Tokens/s since the last lap, and the next window begun; once timed, the window also updates the seconds a
         step."""
         seconds = time.perf_counter() - self.t0 - (self.excluded - self.excluded0)
-        steps = step - self.step0
-        if steps and self.step_seconds is not None and self.step0 >= self.first_step + WARMUP_STEPS:
-            self.windows = (self.windows + [seconds / steps])[-self.WINDOWS:]
+        work = self.work - self.work0
+        if work and self.step_seconds is not None and self.step0 >= self.first_step + WARMUP_STEPS:
+            self.windows = (self.windows + [seconds / work])[-self.WINDOWS:]
             self.step_seconds = statistics.median(self.windows)
         self.restart(step)
-        return steps * self.tokens_per_step / max(seconds, 1e-9)
+        return work * self.tokens_per_step / max(seconds, 1e-9)
 
 
 WRITE_BYTES_PER_S = 300e6  # an assumed disk for the last save, until one is timed
@@ -264,6 +272,9 @@ class Costs:
     evaluation: float | None = None
     hellaswag: float | None = None
     write: float | None = None
+    # The full steps of n steps after `step` in a run of step + n steps (a batch-size schedule's steps count their
+    # share of one); the horizon sets it.
+    work: Callable[[int, int], float] = lambda step, n: n
 
     def evaluation_s(self) -> float:
         return self.evaluation if self.evaluation is not None else self.eval_batches * self.step * FORWARD_SHARE
@@ -291,7 +302,7 @@ class Costs:
         # at the last step is counted with what follows it.
         due = lambda interval: (step + n - 1) // interval - (max(step, 1) - 1) // interval if interval and n else 0
         write = self.write if self.write is not None else self.checkpoint_bytes / WRITE_BYTES_PER_S
-        return (n * self.step + due(self.eval_interval) * self.evaluation_s()
+        return (self.work(step, n) * self.step + due(self.eval_interval) * self.evaluation_s()
                 + due(self.hellaswag_interval) * self.hellaswag_s() + self.final_evaluation_s() + self.hellaswag_s()
                 + write)
 

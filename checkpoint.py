@@ -199,12 +199,14 @@ class Progress:
     best_step: int | None = None
     hellaswag: float | None = None  # the last acc_norm scored
     tokens: int = 0  # trained, whatever batch each step had
+    micro_steps: int = 0  # micro-batches each rank has read: where the data goes on (batches.BatchSource)
     target: tuple[int, float] | None = None  # (step, seconds from launch) where --target_loss was reached
 
     def fields(self, init_from: str, max_steps: int | None) -> dict:
         """As a checkpoint holds them, with the run's length as planned so far (horizon.Horizon.steps)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
                 "best_step": self.best_step, "max_steps": max_steps, "tokens": self.tokens,
+                "micro_steps": self.micro_steps,
                 "init_from": init_from}
 
 
@@ -262,9 +264,9 @@ def saved_run(ckpt: dict) -> dict:
     return {k: args[k] for k in ("grad_accum", "optimizer") if isinstance(args.get(k), (int, str))}
 
 
-def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: int) -> Progress:
+def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: int, grad_accum: int) -> Progress:
     """latest.pt's weights and optimizer states put back; where the run was (a checkpoint that does not count
-    its tokens trained them at tokens_per_step)."""
+    its tokens or micro-batches trained at tokens_per_step and grad_accum every step)."""
     load_state(model, ckpt["model"])
     states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
     for optimizer, state in zip(optimizers, states, strict=True):
@@ -273,7 +275,8 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: i
         scaler.load_state_dict(ckpt["scaler"])
     best, tokens = ckpt.get("best_val_loss"), ckpt.get("tokens")
     return Progress(ckpt["step"], ckpt.get("val_loss"), math.inf if best is None else best, ckpt.get("best_step"),
-                    tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens)
+                    tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens,
+                    micro_steps=ckpt.get("micro_steps", ckpt["step"] * grad_accum))
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

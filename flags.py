@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from fractions import Fraction
 import sys
 from pathlib import Path
 
@@ -101,6 +102,13 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         "--min_lr over the last --cooldown_frac of the run (a run can be extended from its "
                         "constant phase)")
     o.add_argument("--cooldown_frac", type=open_fraction, default=0.5, help="wsd: the decaying share of the run")
+    o.add_argument("--batch_stages", type=stages_flag, default=(1.0,), metavar="SHARES",
+                   help="the batch as shares of --batch_size over equal parts of the run, e.g. 1/3,2/3,1 (the FineWeb "
+                        "speedrun's): each share a whole number of --grad_accum's micro-batches; a smaller batch "
+                        "runs at its share's square root of the rates")
+    o.add_argument("--context_stages", type=stages_flag, default=(1.0,), metavar="SHARES",
+                   help="the context as shares of --block_size over equal parts of the run, each 1/k for a k that "
+                        "divides it, e.g. 1/2,1,1: a shorter context reads the same tokens in more, shorter sequences")
     o.add_argument("--warmup_steps", type=non_negative_int, default=None,
                    help=f"steps of linear warmup (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
     o.add_argument("--max_steps", type=positive_int, default=None,
@@ -178,6 +186,17 @@ def duration_flag(text: str) -> float:
                                          f"not {text!r}") from None
 
 
+def stages_flag(text: str) -> tuple[float, ...]:
+    """SHARES for --batch_stages and --context_stages: fractions (1/3) or decimals, each in (0, 1], by commas."""
+    try:
+        shares = tuple(float(Fraction(part.strip())) for part in text.split(","))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"takes shares such as 1/3,2/3,1, not {text!r}") from None
+    if not all(0 < share <= 1 for share in shares):
+        raise argparse.ArgumentTypeError(f"each share must be in (0, 1], not {text!r}")
+    return shares
+
+
 def arch_option_flag(text: str) -> tuple[str, object]:
     """SWITCH=VALUE for --arch_option: a switch the presets set, its value cast to the field's type."""
     key, sep, value = text.partition("=")
@@ -223,6 +242,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(str(e))
     if args.min_lr > args.lr:
         p.error(f"--min_lr {args.min_lr} is above --lr {args.lr}")
+    block = args.block_size or GPTConfig.block_size
+    for share in args.context_stages:
+        if abs(1 / share - round(1 / share)) > 1e-6 or block % round(1 / share):
+            p.error(f"--context_stages: each share must be 1/k for a k that divides --block_size {block}, "
+                    f"not {share:g}")
     accum = 1 if args.grad_accum == "auto" else args.grad_accum
     if args.batch_size % (world * accum):
         p.error(f"--batch_size {args.batch_size} is not divisible by GPUs × --grad_accum = "

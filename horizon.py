@@ -39,6 +39,67 @@ class StepSettings:
     """What one step trains with, known before it."""
     lr: float  # the share of each group's peak rate
     muon_momentum: float
+    accum: int  # micro-batches each rank takes (the batch-size schedule's share of --grad_accum's)
+    context: int  # positions each sequence holds (the context schedule's share of --block_size)
+
+    def work(self, grad_accum: int) -> float:
+        """The step's share of a full one (of grad_accum micro-batches)."""
+        return self.accum / grad_accum
+
+
+@dataclass(frozen=True)
+class Stages:
+    """A setting's share of its full value over equal parts of the run: (1/3, 2/3, 1) gives it a third of its
+    value for the first third of the steps, two thirds for the next, all of it for the last (the FineWeb speedrun's
+    batch size, modded-nanogpt's TRAINING_STAGES)."""
+    shares: tuple[float, ...] = (1.0,)
+
+    def at(self, step: int, length: int) -> float:
+        return self.shares[self.stage(step, length)]
+
+    def stage(self, step: int, length: int) -> int:
+        return min(len(self.shares) - 1, step * len(self.shares) // max(1, length))
+
+    def known(self, step: int, at_least: int) -> bool:
+        """Whether every run of at_least steps or more gives this step the same share: a longer run only moves
+        the stages later, so it is when the step is in the first stage of a run of at_least steps."""
+        return self.stage(step, at_least) == 0
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What a full step holds, and how the schedules shrink it: micro-batches of `micro` sequences, grad_accum of
+    them on each rank, block_size positions each."""
+    grad_accum: int
+    block_size: int
+    batch: Stages = Stages()  # shares of grad_accum: the batch size
+    context: Stages = Stages()  # shares of block_size, each 1/k for a whole k dividing it
+
+    def accum(self, step: int, length: int) -> int:
+        return round(self.grad_accum * self.batch.at(step, length))  # whole: startup.check_batch_stages
+
+    def context_at(self, step: int, length: int) -> int:
+        return self.block_size // round(1 / self.context.at(step, length))
+
+    def steps_for(self, full_steps: int) -> int:
+        """The fewest steps a run takes to do full_steps full steps' worth of batches (as many, without a
+        batch-size schedule)."""
+        least = min(round(self.grad_accum * share) for share in self.batch.shares)
+        low, high = full_steps, -(-full_steps * self.grad_accum // least) + len(self.batch.shares)
+        while low < high:
+            mid = (low + high) // 2
+            low, high = (low, mid) if self.work(0, mid) >= full_steps else (mid + 1, high)
+        return low
+
+    def work(self, start: int, n: int) -> float:
+        """Full steps' worth of steps [start, start + n) of a run of start + n steps: each stage's steps there (the
+        steps k with k * S // length == i are those from ceil(i * length / S) on), times its share of a batch."""
+        length, parts = start + n, len(self.batch.shares)
+        full_accum = 0
+        for i, share in enumerate(self.batch.shares):
+            first, end = -(-i * length // parts), -(-(i + 1) * length // parts)
+            full_accum += max(0, end - max(first, start)) * round(self.grad_accum * share)
+        return full_accum / self.grad_accum
 
 
 @dataclass(frozen=True)
@@ -125,18 +186,20 @@ class DataLength:
     """--epochs over the training split (batches.BatchSource), which may still be arriving: the run's steps once
     all of it is there, and until then the steps it has at least."""
 
-    def __init__(self, source, epochs: float):
-        self.source, self.epochs = source, epochs
+    def __init__(self, source, epochs: float, shape: Shape):
+        self.source, self.epochs, self.shape = source, epochs, shape
         self.shards = source.shards
 
     def steps(self) -> int | None:
         """The run's steps, if the split is all there (None: not yet)."""
         self.shards.refresh()
-        return max(1, round(self.epochs * self.source.steps_per_epoch)) if self.shards.complete else None
+        if not self.shards.complete:
+            return None
+        return self.shape.steps_for(max(1, round(self.epochs * self.source.steps_per_epoch)))
 
     def at_least(self) -> int:
         """The steps over what of the split is there now: a lower bound."""
-        return max(1, round(self.epochs * self.source.steps_at_least()))
+        return self.shape.steps_for(max(1, round(self.epochs * self.source.steps_at_least())))
 
     def steps_per_pass(self) -> int | None:
         """A pass's steps where the rows are packed conversations (their padding is not data), else None."""
@@ -151,16 +214,18 @@ class Horizon:
     """
 
     def __init__(self, *, rate: LearningRate, muon_momentum: float, held: float | None, given: int | None,
-                 plan: Plan, costs: Costs, step: int, tokens_per_step: int, started: float,
+                 plan: Plan, costs: Costs, step: int, tokens_per_step: int, started: float, shape: Shape,
                  budget_s: float | None = None, data: DataLength | None = None,
                  say: Callable[[str], None] = lambda text: None, log: Callable[..., None] = lambda **row: None):
-        self.rate, self.muon_momentum, self.held = rate, muon_momentum, held
+        self.rate, self.muon_momentum, self.held, self.shape = rate, muon_momentum, held, shape
+        costs.work = shape.work
         self.given = given  # --max_steps, a resumed run's plan, or --epochs over data all there; with --time the most
         self.plan, self.costs, self.started, self.data = plan, costs, started, data
         self.budget = Budget(budget_s, started) if budget_s else None
         self.pace = Pace(step, tokens_per_step)
         self.say, self.log = say, log
         self.steps: int | None = None
+        self._current: StepSettings | None = None  # the step under way's settings (before's)
         self._set_length(given)
 
     # --- what the loop asks
@@ -175,19 +240,29 @@ class Horizon:
 
     def at(self, step: int) -> StepSettings | None:
         """The step's settings; None where they depend on a length not known yet (--epochs over data still
-        arriving, whose size would change this step's rate)."""
-        share = self._share(step)
-        return None if share is None else StepSettings(share, muon_momentum_at(step, self.muon_momentum))
+        arriving, whose size would change this step's rate or batch)."""
+        length = self._length_for(step)
+        if length is None:
+            return None
+        accum = self.shape.accum(step, length)
+        # A smaller batch takes a smaller rate, by the square root of its share (the speedrun's lr_mul per stage:
+        # (16/8)**0.6 and (24/8)**0.5; Malladi et al. 2022 for Adam).
+        lr = (self.held if self.held is not None else self.rate.share(step, length)) * \
+            math.sqrt(accum / self.shape.grad_accum)
+        return StepSettings(lr, muon_momentum_at(step, self.muon_momentum), accum, self.shape.context_at(step, length))
 
-    def _share(self, step: int) -> float | None:
-        if self.held is not None:
-            return self.held
+    def _length_for(self, step: int) -> int | None:
+        """The length the step's settings are those of: the run's; until it is known, one as long as it may be
+        (--time before the pace is timed), or (--epochs over data still arriving) any it may be, where all of them
+        give the step the same settings, else None."""
         if self.steps is not None:
-            return self.rate.share(step, self.steps)
+            return self.steps
         if self.budget is not None or self.data is None:  # until timed: as if without end (the warmup, the peak)
-            return self.rate.share(step, UNPLANNED_STEPS)
+            return UNPLANNED_STEPS
         at_least = max(self.data.at_least(), step + 1)
-        return self.rate.share(step, at_least) if self.rate.known(step, at_least) else None
+        known = all(schedule.known(step, at_least) for schedule in (self.rate, self.shape.batch, self.shape.context))
+        return at_least if known else None
+
 
     def before(self, step: int, on_wait: Callable[[str], None], failed: Callable[[], BaseException | None]
                ) -> StepSettings | None:
@@ -204,6 +279,7 @@ class Horizon:
                 on_wait(f"waiting for data: the rate of step {step} depends on the run's length "
                         f"({self.data.shards.num_tokens:,} training tokens so far)")
                 time.sleep(DATA_POLL_S)
+        self._current = settings
         return settings
 
     def after(self, step: int, *, logged: bool, wait: Callable[[], object], evaluate: Callable[[], None],
@@ -213,6 +289,7 @@ class Horizon:
         evaluation run first with evaluate(), so that its cost counts), again at each log line (`logged`); with
         --epochs over data still arriving, the length once it has all arrived. write_s: the last save's seconds."""
         self.costs.write = write_s if write_s is not None else self.costs.write
+        self.pace.done(self._current.work(self.shape.grad_accum))
         if self.pace.timed(step, wait):
             if self.budget is not None and self.costs.evaluation is None:
                 with self.aside("evaluation"):

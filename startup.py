@@ -26,7 +26,7 @@ from common import EOT, CheckpointError, UserError
 from flags import default_optimizer, model_config, sizes_the_model
 from memory import choose_grad_accum
 from model import GPTConfig
-from horizon import DataLength, Horizon, LearningRate, held_share
+from horizon import DataLength, Horizon, LearningRate, Shape, Stages, held_share
 from optim import OptimizerSettings
 from plan import TOKENS_PER_DOCUMENT, Plan, estimated_data_tokens
 from runtime import Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, local_rank0_first, \
@@ -57,7 +57,9 @@ class Settings:
     config: GPTConfig  # the shape trained: the flags', what --time chose, --init_from's weights' or latest.pt's
     optimizer: OptimizerSettings  # the optimizer and its schedule (AdamW's rate as --time scaled it)
     batch_size: int  # sequences a step, over all processes and micro-steps: --batch_size, or what --time chose
-    grad_accum: int  # micro-steps per optimizer step on each process
+    grad_accum: int  # micro-steps per optimizer step on each process (a full step's, under --batch_stages)
+    batch_stages: tuple[float, ...]  # --batch_stages: shares of the batch over equal parts of the run
+    context_stages: tuple[float, ...]  # --context_stages: shares of the context
     world: int  # processes
     steps: int | None  # the run's steps; None: as --time's budget allows, or --epochs once the data is all there
     epochs: float
@@ -150,8 +152,11 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
         if source.packed is not None:
             say(source.packed.note())
             plan.steps_per_pass = source.steps_per_epoch if train.complete else None
-    steps = steps_for_run(args, plan, source, resumed, config.block_size, batch_size)
+    shape = Shape(grad_accum, config.block_size, Stages(check_batch_stages(args.batch_stages, grad_accum)),
+                  Stages(args.context_stages))
+    steps = steps_for_run(args, plan, source, resumed, shape)
     settings = Settings(config=config, optimizer=optimizer, batch_size=batch_size, grad_accum=grad_accum,
+                        batch_stages=args.batch_stages, context_stages=args.context_stages,
                         world=env.world, steps=steps, epochs=args.epochs, time=args.time,
                         eval_batches=evaluation_batches(args, plan, val, config.block_size, batch_size),
                         every=Intervals(args.eval_interval, args.log_interval, args.checkpoint_interval,
@@ -164,8 +169,8 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     horizon = Horizon(rate=LearningRate.of(optimizer), muon_momentum=optimizer.muon_momentum, held=settings.held_lr,
                       given=settings.steps, plan=plan, costs=run_costs(settings, plan, val, hellaswag),
-                      step=progress.step, tokens_per_step=settings.tokens_per_step, started=started,
-                      budget_s=args.time, data=DataLength(source, args.epochs) if source is not None else None,
+                      step=progress.step, tokens_per_step=settings.tokens_per_step, started=started, shape=shape,
+                      budget_s=args.time, data=DataLength(source, args.epochs, shape) if source is not None else None,
                       say=say)
     if not dry_run and not args.time and horizon.steps is not None:
         say("\n".join(horizon.length_lines()))
@@ -314,6 +319,18 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
             for k in sorted(set(saved) | set(wanted)) if saved.get(k) != wanted.get(k)]
 
 
+def check_batch_stages(shares: tuple[float, ...], grad_accum: int) -> tuple[float, ...]:
+    """--batch_stages, each share a whole number of the step's micro-batches (so that one process with
+    accumulation trains what several processes train), or one line saying what to give."""
+    for share in shares:
+        micro = grad_accum * share
+        if round(micro) < 1 or abs(micro - round(micro)) > 1e-6:
+            raise UserError(f"--batch_stages: a share of {share:g} of {grad_accum} micro-batches a step is not a whole "
+                            "number of them: give a --grad_accum that each share of it is whole (--batch_size "
+                            "divisible by it times the processes)")
+    return shares
+
+
 def check_validation(val: TokenShards, block_size: int) -> None:
     """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
     if batches.Windows(val, block_size).available() == 0:
@@ -322,8 +339,8 @@ def check_validation(val: TokenShards, block_size: int) -> None:
                              "(--sample_size) or a smaller --block_size")
 
 
-def steps_for_run(args, plan: Plan, source: batches.BatchSource | None, resumed: dict | None, block_size: int,
-                  batch_size: int) -> int | None:
+def steps_for_run(args, plan: Plan, source: batches.BatchSource | None, resumed: dict | None,
+                  shape: Shape) -> int | None:
     """--max_steps; else on --resume, the schedule the run had planned (kept); else --epochs over the training
     split, once it is all there; None until then, or with --time (the budget sets them once steps are timed)."""
     saved = resumed.get("max_steps") if resumed else None
@@ -332,10 +349,11 @@ def steps_for_run(args, plan: Plan, source: batches.BatchSource | None, resumed:
     if saved or args.time:
         return saved  # with --time, at most what the resumed run had planned; the budget may end it sooner
     if source is not None:
-        return DataLength(source, args.epochs).steps()
+        return DataLength(source, args.epochs, shape).steps()
     if plan.data_tokens is None:
         return None  # --plan over a Hub dataset of unknown size
-    return max(1, round(args.epochs * batches.batches_per_pass(plan.data_tokens, block_size, batch_size)))
+    per_pass = batches.batches_per_pass(plan.data_tokens, shape.block_size, plan.tokens_per_step // shape.block_size)
+    return shape.steps_for(max(1, round(args.epochs * per_pass)))
 
 
 def evaluation_batches(args, plan: Plan, val: TokenShards | None, block_size: int, batch_size: int) -> int:
@@ -353,7 +371,8 @@ def evaluation_batches(args, plan: Plan, val: TokenShards | None, block_size: in
 def resume_progress(resumed: dict, learner: Learner, s: Settings, args, say: Callable) -> checkpoint.Progress:
     """latest.pt's weights and optimizer states put back; where the run was. Each setting that changed says
     so in a line (shape, optimizer and starting point are refused earlier: no continuation with them)."""
-    progress = checkpoint.restore(resumed, learner.raw_model, learner.optimizers, learner.scaler, s.tokens_per_step)
+    progress = checkpoint.restore(resumed, learner.raw_model, learner.optimizers, learner.scaler, s.tokens_per_step,
+                                  s.grad_accum)
     say("\n".join(resume_notes(resumed, s, args, progress)))
     say(f"resumed from {s.save_dir / checkpoint.LATEST} at step {progress.step} "
         f"(best validation loss {progress.best_val:.4f})")

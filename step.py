@@ -104,7 +104,8 @@ def accumulate_gradients(learner: Learner, micro_batches: list, env: Env, *, ste
     loss = torch.zeros((), device=env.device)
     for micro, (x, y) in enumerate(micro_batches):
         x, y = x.to(env.device, non_blocking=True), y.to(env.device, non_blocking=True)
-        torch.manual_seed(micro_seed(seed, step, env.rank * len(micro_batches) + micro))
+        # The step's unit micro*W + rank (batches.BatchSource): one rank with accumulation draws what several draw.
+        torch.manual_seed(micro_seed(seed, step, micro * env.world + env.rank))
         # DDP all-reduces gradients only on the last micro-step; the earlier ones just accumulate.
         sync = all_reduce and micro == len(micro_batches) - 1
         with contextlib.nullcontext() if sync or not isinstance(learner.model, DDP) else learner.model.no_sync():

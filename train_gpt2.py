@@ -222,7 +222,7 @@ def train(run: Run, env: Env, out: Output) -> int:
         return 0
     signals, stats = Signals(), StatsReader(learner.scaler is not None, settings.save_dir)
     run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
-    reader = out.closing(batches.micro_batches(run.batches, progress.step, num_workers=settings.num_workers,
+    reader = out.closing(batches.micro_batches(run.batches, progress.micro_steps, num_workers=settings.num_workers,
                                                pin_memory=env.device.type == "cuda"))
     if progress.step == 0 and settings.init_from != "scratch":  # where a fine-tune starts, logged as step 0
         validate(run, env, out, share=1.0)  # over the whole split, as its last; saved as the first best checkpoint
@@ -235,7 +235,7 @@ def train(run: Run, env: Env, out: Output) -> int:
             now = horizon.before(progress.step, out.waiting, run.data_failed)
             if now is None:  # the data, all arrived, makes the run end before this step
                 break
-            micro_batches = [next(reader) for _ in range(settings.grad_accum)]
+            micro_batches = [batches.at_context(next(reader), now.context) for _ in range(now.accum)]
         except data.DataError as e:  # the data stopped arriving, and this step needs more of it
             stats.latest()
             save_latest(run, out)
@@ -249,7 +249,8 @@ def train(run: Run, env: Env, out: Output) -> int:
         wants_stop = signals.received is not None or run.data_failed() is not None  # told every rank by the step
         stats.queued(progress.step,
                      step_optimizers(learner, loss, env, grad_clip=settings.optimizer.grad_clip, stop=wants_stop))
-        progress.step, progress.tokens = progress.step + 1, progress.tokens + settings.tokens_per_step
+        progress.step, progress.micro_steps = progress.step + 1, progress.micro_steps + now.accum
+        progress.tokens += round(settings.tokens_per_step * now.work(settings.grad_accum))
         step = progress.step
         horizon.after(step, logged=step % every.log == 0, wait=stats.latest, evaluate=lambda: validate(run, env, out),
                       write_s=out.writer.seconds.get(checkpoint.LATEST))

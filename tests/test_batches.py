@@ -31,8 +31,9 @@ def source(prepared, block=16, batch=8, **kwargs) -> batches.BatchSource:
     return batches.BatchSource(data.TokenShards(prepared, "train"), block, batch, **{"seed": 5} | kwargs)
 
 
-def global_batch(source: batches.BatchSource, step: int) -> torch.Tensor:
-    return torch.cat([source.micro_batch(step, m)[0] for m in range(source.grad_accum)])
+def global_batch(ranks: list[batches.BatchSource], step: int) -> torch.Tensor:
+    """A step's batch over all ranks, in the stream's order: the step's unit k*W + r is rank r's k-th."""
+    return torch.cat([rank.micro_batch(step, k)[0] for k in range(ranks[0].grad_accum) for rank in ranks])
 
 
 @pytest.fixture
@@ -45,9 +46,9 @@ def test_global_batch_is_the_same_for_any_ranks_and_micro_steps(prepared, small_
     one = source(prepared)
     for step in (0, 1, 5, one.steps_per_epoch - 1, one.steps_per_epoch, 3 * one.steps_per_epoch + 2):
         whole = one.micro_batch(step, 0)[0]
-        two_ranks = torch.cat([global_batch(source(prepared, rank=r, world_size=2), step) for r in range(2)])
-        two_micro = global_batch(source(prepared, grad_accum=2), step)
-        four = torch.cat([global_batch(source(prepared, rank=r, world_size=2, grad_accum=2), step) for r in range(2)])
+        two_ranks = global_batch([source(prepared, rank=r, world_size=2) for r in range(2)], step)
+        two_micro = global_batch([source(prepared, grad_accum=2)], step)
+        four = global_batch([source(prepared, rank=r, world_size=2, grad_accum=2) for r in range(2)], step)
         assert whole.shape == (8, 16) and whole.dtype == torch.int64
         assert torch.equal(whole, two_ranks) and torch.equal(whole, two_micro) and torch.equal(whole, four)
 
@@ -146,7 +147,7 @@ def test_readers_yield_micro_batches_in_order_and_leave_the_global_rng_alone(pre
     s = source(prepared, grad_accum=2, seed=1)
     expected = [s.micro_batch(step, m) for step in range(3, 9) for m in range(2)]
     rng = torch.get_rng_state()
-    got = list(itertools.islice(batches.micro_batches(s, 3, num_workers=num_workers, pin_memory=False), 12))
+    got = list(itertools.islice(batches.micro_batches(s, 3 * 2, num_workers=num_workers, pin_memory=False), 12))
     assert torch.equal(torch.get_rng_state(), rng)
     for (x, y), (ex, ey) in zip(got, expected, strict=True):
         assert torch.equal(x, ex) and torch.equal(y, ey)

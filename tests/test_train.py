@@ -16,6 +16,7 @@ import runtime
 import train_gpt2 as T
 import flags as F
 import horizon as H
+import budget as B
 import optim as O
 import step as S
 import startup as U
@@ -116,7 +117,9 @@ def start_training(args) -> subprocess.Popen:
 def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(corpus_dir, data_cache, tmp_path):
     # Muon trains the matrices and AdamW the rest, so both optimizers' states are restored here (a fine-tune,
     # AdamW alone with its own schedule, is killed and resumed in test_finetune.py).
-    common = ["--max_steps", "12", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1"]
+    # Across a change of the batch and the context (the step 6 of 12): the data goes on where it was.
+    common = ["--max_steps", "12", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1",
+              "--batch_stages", "1/2,1", "--context_stages", "1/2,1", "--grad_accum", "2"]
     whole = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "whole", *common))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
@@ -208,12 +211,14 @@ def test_out_of_memory_is_one_line_naming_what_to_lower(corpus_dir, data_cache, 
 
 
 def test_two_ranks_train_the_model_of_one_process_with_accumulation(corpus_dir, data_cache, tmp_path):
-    # The default optimizers: Muon's updates are split between the ranks, AdamW's gradients all-reduced by DDP.
-    common = ["--max_steps", "8", "--eval_interval", "8", "--log_interval", "1", "--dropout", "0.1"]
+    # The default optimizers: Muon's updates are split between the ranks, AdamW's gradients all-reduced by DDP; the
+    # batch doubles at step 4 (a batch-size schedule).
+    common = ["--max_steps", "8", "--eval_interval", "8", "--log_interval", "1", "--dropout", "0.1",
+              "--batch_stages", "1/2,1"]
     single = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "one", *common,
-                                                     "--grad_accum", "2"))
+                                                     "--grad_accum", "4"))
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "two", *common, "--grad_accum", "1"),
+    ddp = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "two", *common, "--grad_accum", "2"),
                      torchrun_ranks=2)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     one = [r["train_loss"] for r in metrics(tmp_path / "one") if "train_loss" in r]
@@ -444,3 +449,18 @@ def test_a_target_loss_ends_the_run_at_the_first_evaluation_that_reaches_it_over
     assert f"summary: --target_loss 9.8 reached at step {step}, " in out
     assert checkpoint.load_checkpoint(save / "latest.pt")["step"] == step
     assert metrics(save)[-1] | {"target_step": step} == metrics(save)[-1]
+
+
+def test_the_horizon_gives_each_step_its_stages_batch_context_and_rate_and_counts_their_work():
+    shape = H.Shape(grad_accum=4, block_size=64, batch=H.Stages((1 / 4, 1 / 2, 1)), context=H.Stages((1 / 2, 1, 1)))
+    plan = P.Plan(params=1, params_non_embedding=1, tokens_per_step=4 * 64, sample_size=1)
+    costs = B.Costs(eval_batches=1, eval_interval=1000, hellaswag_interval=0, hellaswag_tokens=0,
+                    tokens_per_step=4 * 64, checkpoint_bytes=0)
+    horizon = H.Horizon(rate=H.LearningRate("wsd", 0, 0.5, 0.1), muon_momentum=0.95, held=None, given=30,
+                        plan=plan, costs=costs, step=0, tokens_per_step=4 * 64, started=0.0, shape=shape)
+    steps = [horizon.at(step) for step in range(30)]
+    assert [s.accum for s in steps] == [1] * 10 + [2] * 10 + [4] * 10
+    assert [s.context for s in steps] == [32] * 10 + [64] * 20
+    assert [s.lr for s in steps[:15]] == pytest.approx([0.5] * 10 + [0.5 ** 0.5] * 5)  # sqrt of the batch's share
+    assert horizon.steps == plan.steps == 30 and costs.work(0, 30) == pytest.approx(10 * (1 + 2 + 4) / 4)
+    assert shape.steps_for(costs.work(0, 30)) == 30  # --epochs: the steps that hold a number of full batches
