@@ -294,9 +294,9 @@ class Horizon:
             if self.budget is not None and self.costs.evaluation is None:
                 with self.aside("evaluation"):
                     evaluate()
-            self._plan(step, announce=True)
+            self._replan(step, announce=True)
         elif self.budget is not None and (logged or self.budget.passed()):
-            self._plan(step)
+            self._replan(step)
         if self.steps is None and self.budget is None and logged:
             self._data_arrived(step)
 
@@ -341,7 +341,7 @@ class Horizon:
         """The one place the run's length changes."""
         self.steps = self.plan.steps = steps
 
-    def _plan(self, step: int, announce: bool = False) -> None:
+    def _replan(self, step: int, announce: bool = False) -> None:
         """The plan's time and cost from the measured pace; with --time, the steps that fit in what is left of
         it. Before the pace is known, a budget already spent ends the run at this step."""
         self.costs.step = self.pace.step_seconds
