@@ -67,7 +67,7 @@ def test_free_memory_under_ulimit_v_is_the_address_space_left():
     code = ("import os, resource, memory; size = int(open('/proc/self/statm').read().split()[0]) * os.sysconf("
             "'SC_PAGE_SIZE'); resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY)); "
             "print(memory.available_memory())")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert 0.5 * 2 ** 30 < int(result.stdout) <= 2 ** 30
@@ -182,7 +182,7 @@ DIRECT_IMPORTS = """
 import builtins, os, sys
 real, seen = builtins.__import__, set()
 def spy(name, globals=None, locals=None, fromlist=(), level=0):
-    if level == 0 and str((globals or {}).get("__file__", "")).startswith(os.getcwd() + os.sep):
+    if level == 0 and str((globals or {}).get("__file__", "")).startswith(sys.argv[1] + os.sep):
         seen.add(name.split(".")[0])
     return real(name, globals, locals, fromlist, level)
 builtins.__import__ = spy
@@ -193,7 +193,7 @@ print(" ".join(seen))
 
 
 def test_the_laptop_requirements_name_what_sampling_and_the_exports_import_and_nothing_of_training():
-    result = subprocess.run([sys.executable, "-c", DIRECT_IMPORTS], cwd=REPO, env=child_env(), capture_output=True,
+    result = subprocess.run([sys.executable, "-c", DIRECT_IMPORTS, str(REPO)], env=child_env(), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     owners = importlib.metadata.packages_distributions()  # module -> the distributions that install it
