@@ -33,10 +33,11 @@ SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones, whose meaning the help text already gives."""
+    """Shows defaults, except None ones, whose meaning the help text already gives, and those of switches
+    (off) and of flags given once per value (none)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +61,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (defaults: GPT-2 124M; with --init_from, the weights' shape)")
     m.add_argument("--init_from", default="scratch", metavar="{scratch,gpt2,gpt2-medium,gpt2-large,gpt2-xl,PATH}",
                    help="start from random weights, OpenAI's GPT-2 (from the Hub), or the weights in PATH: our .pt "
-                        "checkpoint or a transformers directory (default scratch)")
+                        "checkpoint or a transformers directory")
     m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default=None, help=f"architecture preset (default {DEFAULT_ARCH})")
     m.add_argument("--arch_option", type=arch_option_flag, action="append", default=[], metavar="SWITCH=VALUE",
                    help="change one switch of the preset (a field of model.GPTConfig), e.g. mlp=relu2, "
@@ -73,7 +74,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--depth", type=positive_int, default=None,
                    help=f"a depth of the family --time chooses from: {WIDTH_PER_LAYER} x DEPTH wide, heads of "
                         f"{HEAD_SIZE} (12 is GPT-2 124M); with --time, the batch, rates and data sized for it")
-    m.add_argument("--dropout", type=dropout_rate, default=0.0)
+    m.add_argument("--dropout", type=dropout_rate, default=0.0,
+                   help="the share of activations dropped while training, in attention and on the residual path "
+                        "(0: none, as for pretraining on plenty of data; 0.1-0.2 can help a small dataset)")
 
 
 def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
@@ -82,7 +85,8 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                    help="sequences per optimizer step, over all GPUs and accumulation micro-steps")
     o.add_argument("--grad_accum", type=grad_accum_flag, default="auto",
                    help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at "
-                        "once); auto: the largest micro-batch that fits in GPU memory (1 on a CPU), kept on --resume")
+                        "once); auto: the largest micro-batch that fits, probed on a GPU and estimated from the free "
+                        "memory on a CPU; kept on --resume")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
                         f"embeddings, the head, norm gains and biases (default {DEFAULT_OPTIMIZER}; with --init_from, "
@@ -114,7 +118,8 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         "little against fresh data (Muennighoff et al. 2023)")
     o.add_argument("--weight_decay", type=non_negative_float, default=0.1, help="AdamW's, on matrices only")
     o.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max gradient norm (0: no clipping)")
-    o.add_argument("--seed", type=int, default=1337)
+    o.add_argument("--seed", type=int, default=1337,
+                   help="seeds the weights, the data's order and every random draw: the same flags give the same run")
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -134,7 +139,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
-    r.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto",
+                   help="auto: an NVIDIA GPU, else Apple's MPS, else the CPU (beside an NVIDIA GPU this torch cannot "
+                        "use, it stops and names the fix)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (bf16 autocast; fp16 with loss scaling on GPUs without bf16); default on CUDA")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

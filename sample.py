@@ -46,7 +46,7 @@ temperature = arg_type(float, lambda v: v >= 0, "0 (greedy) or more")
 probability = arg_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
@@ -61,22 +61,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="print --prompt's continuation token by token (--interactive always does)")
     p.add_argument("--prompt", default=None,
                    help="text to continue, or the path of a file holding it (default: unconditional samples)")
-    p.add_argument("--num_samples", type=positive_int, default=1, help="continuations of --prompt")
-    p.add_argument("--max_tokens", type=positive_int, default=200, help="new tokens per continuation at most")
+    p.add_argument("--num_samples", type=positive_int, default=1, help="continuations of --prompt (default %(default)s)")
+    p.add_argument("--max_tokens", type=positive_int, default=200, help="new tokens per continuation at most (default %(default)s)")
     # nanoGPT's defaults: 0.8 keeps samples varied but coherent; top-k 200 trims the long tail for 0.2 ms a
     # token, where top-p alone sorts the whole 50257-token distribution (about 4 ms, ~15% of a bf16 step).
     p.add_argument("--temperature", type=temperature, default=0.8, help="0 is greedy (default %(default)s)")
-    p.add_argument("--top_k", type=positive_int, default=200, help="sample among the k likeliest tokens")
+    p.add_argument("--top_k", type=positive_int, default=200, help="sample among the k likeliest tokens (default %(default)s)")
     p.add_argument("--top_p", type=probability, default=None, help="nucleus sampling: the likeliest tokens "
                    "covering this probability (default off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different each run)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto: an NVIDIA GPU, else Apple's MPS, else the CPU (default %(default)s)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU and never touch CUDA (= --device cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8", "int4"], default="auto",
                    help="int8: int8 weights; int4: int4 weights in groups of 32, the output layer int8; both with "
                         "bf16 activations, CPU only. auto: on a CPU the fastest of the four there (measured once), "
-                        "bfloat16 on CUDA, else float32")
+                        "bfloat16 on CUDA, else float32 (default %(default)s)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cpu and args.device not in ("auto", "cpu"):
         p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
