@@ -409,13 +409,23 @@ LONG_CPU_RUN_S = 3600  # a CPU run planned longer than this is told how to get s
 CPU_ADVICE_BUDGET, CPU_ADVICE_DEPTH = "10m", 4  # what it is told: a budget, or a smaller shape of the family
 
 
-def cpu_advice(device: str, seconds: float | None) -> list[str]:
-    """The line(s) that tell a run whose shape the flags give what to do when it would take a CPU more than
-    LONG_CPU_RUN_S: let --time choose the model, or give a smaller shape; nothing on a GPU or for a short run."""
+def cpu_advice(device: str, seconds: float | None, config: GPTConfig) -> list[str]:
+    """The line(s) that tell a run of `config`, a shape the flags give, what to do when it would take a CPU more
+    than LONG_CPU_RUN_S: let --time choose the model, or take a smaller shape (if the family has one); nothing on
+    a GPU or for a short run."""
     if device != "cpu" or seconds is None or seconds <= LONG_CPU_RUN_S:
         return []
-    shape = depth_shape(CPU_ADVICE_DEPTH)
+    shape = smaller_shape(config)
+    smaller = "" if shape is None else (f", or a smaller shape such as --n_layer {shape['n_layer']} --n_head "
+                                        f"{shape['n_head']} --n_embd {shape['n_embd']} trains faster")
     return [f"warning: {human_duration(seconds)} is long for a CPU: --time {CPU_ADVICE_BUDGET} without the shape "
-            "flags lets the budget choose a model that learns in that time, or a smaller shape such as "
-            f"--n_layer {shape['n_layer']} --n_head {shape['n_head']} --n_embd {shape['n_embd']} trains faster; "
-            "or run it on a GPU"]
+            f"flags lets the budget choose a model that learns in that time{smaller}; or run it on a GPU"]
+
+
+def smaller_shape(config: GPTConfig) -> dict | None:
+    """A shape of the family to suggest instead of `config`: the largest depth up to CPU_ADVICE_DEPTH with fewer
+    parameters; None when none has (the model is that small already)."""
+    size = scaling_params(config)
+    smaller = [d for d in DEPTHS if d <= CPU_ADVICE_DEPTH
+               and scaling_params(dataclasses.replace(config, **depth_shape(d))) < size]
+    return depth_shape(max(smaller)) if smaller else None

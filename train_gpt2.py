@@ -116,7 +116,7 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
         lines.append("plan: steps unknown until the data is prepared (give --max_steps or --time)")
     else:
         lines += [plan.steps_line(), plan.time_line(env.device.type)]
-        lines += [] if s.time else cpu_advice(env.device.type, plan.seconds)
+        lines += [] if s.time else cpu_advice(env.device.type, plan.seconds, s.config)
     say("\n".join(lines + plan.warnings()))
     return 0
 
