@@ -112,8 +112,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if device.type == "cpu":
-        return cpu_decoding.fastest_layout(user_cache_dir())  # cached beside the tokenizer's ranks
+        return cpu_decoding.fastest_layout(user_cache_dir(), note=unprobed)  # cached beside the tokenizer's ranks
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
+
+
+def unprobed(why: str) -> None:
+    """--dtype auto could not time the precisions on this CPU: float32 for now, why, and how to choose."""
+    print(f"note: --dtype auto decodes in float32 this time: {why}; the next start times them again, or choose one: "
+          "--dtype int4 (the fastest on most CPUs), int8 or bfloat16", file=sys.stderr, flush=True)
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:

@@ -6,6 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
+import cpu_decoding
 import flags as F
 import sample
 from helpers import REPO, run_command
@@ -48,3 +52,18 @@ def test_sample_py_help_names_every_default():
     defaults = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings and a.dest != "help"}
     missing = [flag for flag, default in defaults.items() if default not in (None, False) and str(default) not in texts[flag]]
     assert missing == [] and all(texts.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# sample.py's precision
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_dtype_auto_says_why_it_fell_back_to_float32_and_how_to_choose(busy, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no probe kept yet
+    monkeypatch.setattr(cpu_decoding, "_busy", lambda: busy)
+    monkeypatch.setattr(cpu_decoding, "probe", lambda: ({}, False))  # a probe the machine disturbed
+    assert sample.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("note: --dtype auto decodes in float32 this time: ") and "--dtype int4" in line
+    assert ("too busy" if busy else "not steady") in line
