@@ -131,10 +131,11 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     plan = estimated_plan(config, args, batch_size, spec)
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
     plan.fine_tune = args.init_from != "scratch"
-    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec)]))  # before any download
+    split = data.validation_note(spec)
+    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec), *([split] if split else [])]))  # before any download
     train, val, preparation = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
-        plan.data_tokens, plan.data_basis = train.num_tokens, ""
+        plan.prepared(train.num_tokens)
         say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
     optimizer = optimizer_settings(args, sizing)
     learner = build(config, env, optimizer, seed=args.seed, init_state=init_state)
