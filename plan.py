@@ -137,6 +137,7 @@ class Plan:
     disk_bytes: int | None = None  # what the data takes on disk, where not its tokens' (whole downloaded shards)
     fine_tune: bool = False  # from trained weights (--init_from)
     steps_per_pass: int | None = None  # conversations: a pass's steps (their rows' padding is not data)
+    estimated_tokens: int | None = None  # data_tokens as estimated, once the prepared split's count replaced it
 
     @property
     def tokens(self) -> int | None:
@@ -162,12 +163,19 @@ class Plan:
                    if self.params_non_embedding != self.params else "")
         return f"plan: {self.params / 1e6:,.1f} M parameters{without}, {self.tokens_per_step:,} tokens a step"
 
+    def prepared(self, tokens: int) -> None:
+        """The training split's exact size, once it is all there (the estimate kept, to say which is which)."""
+        if self.data_basis:
+            self.estimated_tokens = self.data_tokens
+        self.data_tokens, self.data_basis = tokens, ""
+
     def data_line(self) -> str:
         if self.data_tokens is None:
             return f"plan: data: size unknown until prepared ({self.data_basis})"
         size = f"{human_bytes(self.disk_bytes or self.data_tokens * SHARD_BYTES_PER_TOKEN)} of shards on disk"
         if not self.data_basis:
-            return f"plan: data: {self.data_tokens:,} training tokens, {size}"
+            estimated = f" (estimated before at about {self.estimated_tokens:,})" if self.estimated_tokens else ""
+            return f"plan: data: {self.data_tokens:,} training tokens as prepared{estimated}, {size}"
         return f"plan: data: about {self.data_tokens:,} training tokens ({self.data_basis}), {size}"
 
     def steps_line(self) -> str:

@@ -311,7 +311,8 @@ def with_run_length(run: Run, schedule: Schedule, out: Output, wait: bool) -> Sc
         source.shards.refresh()
         if source.shards.complete:
             steps = epoch_steps(s.epochs, source)
-            run.plan.steps, run.plan.data_tokens, run.plan.data_basis = steps, source.shards.num_tokens, ""
+            run.plan.steps = steps
+            run.plan.prepared(source.shards.num_tokens)
             run.plan.steps_per_pass = source.steps_per_epoch if source.packed is not None else None
             run.progress.max_steps = steps
             out.bar.total = steps
