@@ -28,6 +28,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields, replace
 from hashlib import sha256
@@ -729,6 +730,7 @@ class Preparation:
         self._thread = threading.Thread(target=self._run, args=(r, spec, say, tokenizing), daemon=True,
                                         name="preparing data")
         self._thread.start()
+        _PREPARATIONS.add(self)
         atexit.register(self.close)  # whatever ends the process: an error in start-up, --plan, eval.py
 
     def _run(self, r: Route, spec: DataSpec, say, tokenizing: dict) -> None:
@@ -752,6 +754,14 @@ class Preparation:
     def split(self, name: str) -> TokenShards:
         """One of the splits being prepared, as TokenShards reads it while it grows."""
         return TokenShards(self.cache_dir, name, failed=self.failed)
+
+
+_PREPARATIONS: "weakref.WeakSet[Preparation]" = weakref.WeakSet()  # this process's, for preparations_underway
+
+
+def preparations_underway() -> list[Path]:
+    """The cache directories this process is preparing now (a Ctrl-C then says that the next run continues them)."""
+    return [p.cache_dir for p in list(_PREPARATIONS) if p._thread.is_alive() and p.failed() is None]
 
 
 def validation_split(spec: DataSpec, *, prepare: bool = True, say=None) -> tuple[TokenShards, Preparation | None]:

@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+import checkpoint
 import data
 from budget import HEAD_SIZE, WIDTH_PER_LAYER, depth_shape
 from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_negative_float, non_negative_int,
@@ -154,7 +155,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--log_interval", type=positive_int, default=10, help="steps between metrics lines")
     r.add_argument("--checkpoint_interval", type=positive_int, default=1000, help="steps between latest.pt saves")
     r.add_argument("--save_dir", default="checkpoints", help="where checkpoints, metrics.jsonl and loss.png go")
-    r.add_argument("--resume", action="store_true", help="continue the run in --save_dir/latest.pt")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --save_dir/latest.pt with its own flags (a flag given that differs wins, "
+                        "and is named)")
     r.add_argument("--sample_during_training", action="store_true", help="print a short sample at each evaluation")
     r.add_argument("--hellaswag_interval", type=non_negative_int, default=0,
                    help="steps between HellaSwag scorings (eval.py's), logged as hellaswag_acc_norm (0: never)")
@@ -204,7 +207,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     them is `start`'s Settings."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.chat:
+    resumed = args.resume and apply_resumed_flags(argv, args)
+    if args.chat and not resumed:
         apply_chat_defaults(p, argv, args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.depth and any((args.n_layer, args.n_head, args.n_embd)):
@@ -237,6 +241,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     except UserError as e:
         p.error(str(e))
     return args
+
+
+def apply_resumed_flags(argv, args: argparse.Namespace) -> bool:
+    """--resume continues the run in --save_dir with its own flags: each flag the command line does not give takes
+    the value latest.pt recorded (one given that differs is named at start-up). False where there is no latest.pt
+    to read (start-up says what that means)."""
+    saved = checkpoint.saved_flags(Path(args.save_dir))
+    if saved is None:
+        return False
+    kept = given_flags(build_parser(), argv, vars(args)) | {"resume", "save_dir", "plan"}
+    for name, value in saved.items():
+        if name in vars(args) and name not in kept:
+            setattr(args, name, value)
+    return True
 
 
 def apply_chat_defaults(p: argparse.ArgumentParser, argv, args: argparse.Namespace) -> None:
@@ -287,4 +305,15 @@ def shown_flags(args) -> dict:
     if args.init_from == "scratch" and not sizes_the_model(args):  # else the budget chooses the shape
         config = model_config(args)
         flags |= {name: getattr(config, name) for name in SHAPE_FLAGS} | {"arch": args.arch or DEFAULT_ARCH}
+    if not reads_the_hub(args.dataset):  # --subset names a Hub dataset's configuration
+        del flags["subset"]
     return flags
+
+
+def reads_the_hub(dataset: str) -> bool:
+    """Whether --dataset names a Hub dataset (or a mixture with one), or a path that is not there (start-up then
+    says so)."""
+    try:
+        return data.is_hub(dataset)
+    except data.DataError:
+        return True

@@ -271,8 +271,9 @@ class Outcome:
     def lines(self) -> list[str]:
         cost = f", ${self.seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
         planned = f" (planned {human_duration(self.planned_seconds)})" if self.planned_seconds else ""
-        best = (f"best validation loss {self.best_val:.4f} at step {self.best_step:,}" if self.best_val is not None
-                else "no validation yet")
+        earlier = " (of an earlier attempt)" if self.best_step is not None and self.best_step > self.steps else ""
+        best = (f"best validation loss {self.best_val:.4f} at step {self.best_step:,}{earlier}"
+                if self.best_val is not None else "no validation yet")
         hellaswag = f", HellaSwag acc_norm {self.hellaswag:.4f}" if self.hellaswag is not None else ""
         lines = [f"summary: {self.steps:,} steps, {self.tokens:,} tokens in {human_duration(self.seconds)}{planned}"
                  f"{cost}; {best}{hellaswag}"]

@@ -9,6 +9,7 @@ training shard); with --time, the model the budget buys (budget.py); the shape a
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -117,9 +118,8 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     """Everything the run trains with, in the order it is known, each said as it is: the data (begun behind the
     training unless dry_run, for --plan), with --time the model the budget buys, the shape and starting weights,
     the model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
-    if not dry_run:
-        refuse_overwriting(args, env)
-    resumed = read_resume(args, env, say) if args.resume else None
+    check_flags(args, env)
+    resumed, kept = read_resume(args, env, say) if args.resume else (None, None)
     early = None if dry_run or sizes_documents(args) else open_data(data.DataSpec.from_args(args), env, say)
     sizing = None
     if sizes_the_model(args):
@@ -164,7 +164,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     if not dry_run and not args.time and settings.steps is not None:
         say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
     progress = resume_progress(resumed, learner, settings, args, say) if resumed else \
-        checkpoint.Progress(max_steps=settings.steps)
+        checkpoint.Progress(max_steps=settings.steps, **(dict(best_step=kept[0], best_val=kept[1]) if kept else {}))
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     exchanges = held_out_exchanges(val, config.block_size) if args.chat and val is not None else None
     return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), exchanges, preparation)
@@ -226,6 +226,34 @@ def open_data(spec: data.DataSpec, env: Env, say: Callable) -> tuple[TokenShards
     return TokenShards(r.cache_dir, "train", failed=failed, arriving=True), val, preparation
 
 
+def check_flags(args, env: Env) -> None:
+    """What the flags name, checked before any data work, --plan and the run alike, so that the first problem
+    is the one named: the local data, the starting weights and the save folder; then (without --resume) an
+    earlier run in that folder, which only a run that can start would overwrite."""
+    spec = data.DataSpec.from_args(args)
+    resuming = args.resume and (Path(args.save_dir) / checkpoint.LATEST).is_file()  # the weights are in latest.pt
+    only_on_rank0(env, lambda: (data.check_local_text(spec),
+                                None if resuming or args.init_from == "scratch" else checkpoint.check_found(
+                                    args.init_from, "--init_from"),
+                                check_save_dir(Path(args.save_dir))))
+    if args.resume and not all_ranks_agree(env, vars(args) == broadcast_from_rank0(env, lambda: vars(args))):
+        raise UserError("--resume: the processes read different flags (latest.pt is not on every machine): give "
+                        "the run's flags on the command line")
+    if not args.resume:
+        refuse_overwriting(args, env)
+
+
+def check_save_dir(folder: Path) -> None:
+    """--save_dir, a folder that is there or can be made, and written in (nothing is made or written here)."""
+    there = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not there.is_dir():
+        named = "is a file" if there == folder else f"is under {there}, a file"
+        raise UserError(f"--save_dir {folder} {named}, not a folder: choose another --save_dir")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UserError(f"--save_dir {folder}: {there} cannot be written in (permission denied or a read-only "
+                        "disk): choose another --save_dir")
+
+
 def earlier_run(save_dir: str) -> list[str]:
     """What an earlier run left in --save_dir: its checkpoints and metrics, by name."""
     return [name for name in (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl") if (Path(save_dir) / name).exists()]
@@ -246,17 +274,22 @@ def refuse_overwriting(args, env: Env) -> None:
                               "--save_dir (nothing was overwritten)")
 
 
-def read_resume(args, env: Env, say: Callable) -> dict | None:
-    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk); None where the
-    run stopped before it saved one (it starts again from step 0)."""
+def read_resume(args, env: Env, say: Callable) -> tuple[dict | None, tuple[int, float] | None]:
+    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk); or where the run
+    stopped before it saved one (it starts again from step 0), None and the (step, loss) of the best model it
+    saved, if it did: that one stays until the run validates lower."""
     left = broadcast_from_rank0(env, lambda: earlier_run(args.save_dir))
     if left and checkpoint.LATEST not in left:
-        say(f"note: --resume: {args.save_dir} has no latest.pt (the run stopped before its first save): starting "
-            "it again from step 0")
-        return None
+        kept = broadcast_from_rank0(env, lambda: checkpoint.best_so_far(Path(args.save_dir)))
+        stays = f"; its {checkpoint.BEST} (step {kept[0]}, validation loss {kept[1]:.4f}) stays until this run " \
+                "validates lower" if kept else ""
+        first = "it saved one" if kept else "its first save"
+        say(f"note: --resume: {args.save_dir} has no latest.pt (the run stopped before {first}): starting it again "
+            f"from step 0{stays}")
+        return None, kept
     optimizer = args.optimizer or default_optimizer(args.init_from)
     ckpt = only_on_rank0(env, lambda: checkpoint.read_latest(Path(args.save_dir), optimizer, args.init_from))
-    return broadcast_state_from_rank0(env, ckpt)
+    return broadcast_state_from_rank0(env, ckpt), None
 
 
 def starting_point(args, env: Env, resumed: dict | None, say: Callable,
@@ -343,8 +376,8 @@ def resume_progress(resumed: dict, learner: Learner, s: Settings, args, say: Cal
     so in a line (shape, optimizer and starting point are refused earlier: no continuation with them)."""
     progress = checkpoint.restore(resumed, learner.raw_model, learner.optimizers, learner.scaler, s.tokens_per_step)
     say("\n".join(resume_notes(resumed, s, args, progress)))
-    say(f"resumed from {s.save_dir / checkpoint.LATEST} at step {progress.step} "
-        f"(best validation loss {progress.best_val:.4f})")
+    best = f"best validation loss {progress.best_val:.4f}" if progress.best_step is not None else "no validation yet"
+    say(f"resumed from {s.save_dir / checkpoint.LATEST} at step {progress.step} ({best})")
     return progress
 
 
