@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from data import local_files, source_names
+from optim import warmup_note
 
 # Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
 # datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.
@@ -137,6 +138,7 @@ class Plan:
     disk_bytes: int | None = None  # what the data takes on disk, where not its tokens' (whole downloaded shards)
     fine_tune: bool = False  # from trained weights (--init_from)
     steps_per_pass: int | None = None  # conversations: a pass's steps (their rows' padding is not data)
+    warmup_steps: int | None = None  # --warmup_steps, said when it does not fit in the steps
     estimated_tokens: int | None = None  # data_tokens as estimated, once the prepared split's count replaced it
 
     @property
@@ -188,10 +190,14 @@ class Plan:
                 f"{human_duration(self.seconds)}{cost}")
 
     def warnings(self) -> list[str]:
-        """One line each: data seen too often, a model far from compute-optimal for its tokens."""
+        """One line each, as --plan and the run say them: data seen too often, a model far from compute-optimal for
+        its tokens (not for a fine-tune: a few small steps from trained weights, where pretraining's rules of thumb
+        do not apply), a warmup longer than the run."""
+        out = [] if self.fine_tune else self._pretraining_warnings()
+        return out + (warmup_note(self.warmup_steps, self.steps) if self.steps is not None else [])
+
+    def _pretraining_warnings(self) -> list[str]:
         out = []
-        if self.fine_tune:  # a few small steps from trained weights: pretraining's rules of thumb do not apply
-            return out
         if self.epochs is not None and self.epochs > REPEATS_WARNED:
             fresh = math.ceil(self.sample_size * self.epochs)
             out.append(f"warning: the run sees its data {self.epochs:.1f} times; --sample_size {fresh:,} gives "

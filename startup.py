@@ -26,7 +26,7 @@ from common import EOT, CheckpointError, UserError
 from flags import default_optimizer, model_config, sizes_the_model
 from memory import choose_grad_accum
 from model import GPTConfig
-from optim import OptimizerSettings, Schedule, fitting_warmup, warmup_note
+from optim import OptimizerSettings, Schedule, fitting_warmup
 from plan import TOKENS_PER_DOCUMENT, Plan, estimated_data_tokens
 from runtime import Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, local_rank0_first, \
     only_on_rank0
@@ -162,7 +162,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
                         sample_during_training=args.sample_during_training, wandb=args.wandb)
     plan.steps = settings.steps
     if not dry_run and not args.time and settings.steps is not None:
-        say("\n".join([plan.steps_line(), *plan.warnings(), *warmup_note(args.warmup_steps, settings.steps)]))
+        say("\n".join([plan.steps_line(), *plan.warnings()]))
     progress = resume_progress(resumed, learner, settings, args, say) if resumed else \
         checkpoint.Progress(max_steps=settings.steps, **(dict(best_step=kept[0], best_val=kept[1]) if kept else {}))
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
@@ -431,7 +431,7 @@ def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec
     params, non_embedding = parameter_counts(config)
     estimate, basis = estimated_data_tokens(spec.dataset, spec.sample_size)
     plan = Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
-                price_per_hour=args.price_per_hour,
+                price_per_hour=args.price_per_hour, warmup_steps=args.warmup_steps,
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training")
     if data.route(spec, probe=False).repo and estimate is not None:  # FineWeb's validation is a shard of its own

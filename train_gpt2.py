@@ -38,14 +38,14 @@ import batches
 import chat
 import checkpoint
 import data
-from budget import CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Pace, cpu_advice
+from budget import CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Pace, cpu_advice, too_short
 from common import EOT, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers, remove_own_temporaries
 from eval import validation_loss
 from flags import parse_args, shown_flags
 from metrics import Metrics, print_header, run_header, writing
 from model import GPTConfig
 from muon import Muon
-from optim import UNPLANNED_STEPS, Schedule, muon_momentum_at, warmup_note
+from optim import UNPLANNED_STEPS, Schedule, muon_momentum_at
 from plan import Outcome, human_bytes, peak_flops
 from runtime import Env, cleanup_env, leave_together, setup_env
 from startup import Run, epoch_steps, reply_room, start
@@ -119,9 +119,14 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
     else:
         plan.step_seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
             run.learner, env, s.micro_batch, s.grad_accum, s.config.block_size, PLAN_TIMING_S))
-    costs = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0)
+    costs, short = dataclasses.replace(run_costs(run), step=plan.step_seconds, hellaswag_interval=0), []
     if s.time:
-        plan.steps = min(Budget(s.time, started).steps(0, time.monotonic(), costs), s.steps or UNPLANNED_STEPS)
+        now = time.monotonic()
+        plan.steps = min(Budget(s.time, started).steps(0, now, costs), s.steps or UNPLANNED_STEPS)
+        if plan.steps == 0:  # the run trains one step, and says so (before_the_pace)
+            plan.steps = 1
+            short = [f"warning: {too_short(s.time, now - started, costs.step, costs.seconds(0, 0))}; this run would "
+                     "end at its first step"]
     if plan.steps is not None:
         plan.seconds = time.monotonic() - started + costs.seconds(0, plan.steps)
     lines = [f"plan: micro-batches of {s.micro_batch} × {s.config.block_size} tokens, {s.grad_accum} accumulation "
@@ -131,7 +136,7 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
     else:
         lines += [plan.steps_line(), plan.time_line(env.device.type)]
         lines += [] if s.time else cpu_advice(env.device.type, plan.seconds, s.config)
-    say("\n".join(lines + plan.warnings()))
+    say("\n".join(lines + plan.warnings() + short))
     return 0
 
 
@@ -294,7 +299,7 @@ def train(run: Run, env: Env, out: Output) -> int:
                     validate(run, env, out)
                 costs.evaluation = took.seconds
             schedule = paced(run, schedule, pace, costs, budget, out, announce=True)
-        elif budget is not None and (step % every.log == 0 or budget.passed()):
+        elif budget is not None and (step % every.log == 0 or budget.passed() or costs.step is None):
             schedule = paced(run, schedule, pace, costs, budget, out)
         if schedule.max_steps is None and step % every.log == 0:
             schedule = with_run_length(run, schedule, out, wait=False)
@@ -351,8 +356,7 @@ def with_run_length(run: Run, schedule: Schedule, out: Output, wait: bool) -> Sc
             run.progress.max_steps = steps
             out.bar.total = steps
             out.bar.refresh()
-            out.say("\n".join([run.plan.data_line(), run.plan.steps_line(), *run.plan.warnings(),
-                               *warmup_note(s.optimizer.warmup_steps, steps)]))
+            out.say("\n".join([run.plan.data_line(), run.plan.steps_line(), *run.plan.warnings()]))
             return s.schedule(steps)
         schedule = s.schedule(None, epoch_steps(s.epochs, source, at_least=True))
         if not wait or schedule.lr(step) is not None:
@@ -385,7 +389,7 @@ def paced(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budget
     step, plan = run.progress.step, run.plan
     costs.step, costs.write = pace.step_seconds, out.writer.seconds.get(checkpoint.LATEST, costs.write)
     if costs.step is None:
-        return run.settings.schedule(step) if budget is not None and budget.passed() else schedule
+        return before_the_pace(run, schedule, pace, costs, budget, out)
     if budget is not None:
         steps = budget.steps(step, time.monotonic(), costs)
         steps = max(step, min(steps, run.settings.steps or steps))
@@ -397,13 +401,28 @@ def paced(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budget
     run.progress.max_steps = schedule.max_steps
     plan.seconds = out.elapsed() + costs.seconds(step, schedule.max_steps - step)
     if announce:  # the steps and their warnings were said already, unless the budget has just set them
-        warmup = run.settings.optimizer.warmup_steps
-        planned = [plan.steps_line(), *plan.warnings(), *warmup_note(warmup, schedule.max_steps)] \
-            if budget is not None else []
+        planned = [plan.steps_line(), *plan.warnings()] if budget is not None else []
         out.say("\n".join([plan.time_line(out.env.device.type), *planned]))
         sizing = run.settings.sizing
         out.metrics.log(**plan.row(), **({"sizing": sizing.to_dict()} if sizing else {}))
     return schedule
+
+
+def before_the_pace(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budget: Budget | None,
+                    out: Output) -> Schedule:
+    """With --time, before a step is timed: the run ends at this step where another would not fit at the pace of
+    the steps so far (slower than the timed one will be: the first steps warm up). A budget that this process's
+    first step and what follows the last cannot fit in is one line naming the least that can."""
+    step, rough = run.progress.step, pace.rough(run.progress.step)
+    if budget is None or rough is None:
+        return schedule
+    now, so_far = time.monotonic(), dataclasses.replace(costs, step=rough)
+    if budget.steps(step, now, so_far) > step:
+        return schedule
+    if step == pace.first_step + 1 and now + so_far.seconds(step, 0) > budget.deadline:  # as --plan says it
+        out.say(f"warning: {too_short(budget.seconds, pace.began - out.started, rough, so_far.seconds(step, 0))}; "
+                "this run ends at its first step")
+    return run.settings.schedule(step)
 
 
 def log_step(run: Run, f: StepStats, tokens_per_s: float, schedule: Schedule, out: Output) -> None:

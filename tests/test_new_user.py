@@ -84,7 +84,39 @@ def test_dtype_auto_says_why_it_fell_back_to_float32_and_how_to_choose(busy, tmp
 
 
 # ----------------------------------------------------------------------------------------------------
-# An empty corpus; --plan and the run say the same
+# A book as the corpus; --plan and the run say the same
+
+
+@pytest.fixture(scope="module")
+def book(tmp_path_factory) -> Path:
+    """One text file of 60 generated documents' sentences: a corpus of one document."""
+    path = tmp_path_factory.mktemp("book") / "book.txt"
+    path.write_text("\n\n".join(make_corpus(n_docs=60, seed=8)), encoding="utf-8")
+    return path
+
+
+def plan_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(("plan:", "note:", "warning:"))]
+
+
+def test_a_book_trains_and_its_plan_says_every_note_the_run_says(book, tmp_path, capsys):
+    args = train_args(book, tmp_path / "cache", tmp_path / "run", "--max_steps", "8", "--warmup_steps", "500")
+    assert T.main([*args, "--plan"]) == 0
+    planned = plan_lines(capsys.readouterr().out)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    assert T.main(args) == 0
+    out = capsys.readouterr().out
+    ran = plan_lines(out)
+    for note in ("note: --dataset", "note: --warmup_steps 500 does not fit"):
+        assert [line for line in planned if line.startswith(note)] == [line for line in ran if line.startswith(note)]
+    split = next(line for line in ran if line.startswith("note: --dataset"))
+    assert "too few documents" in split and "the last 10% of each one's tokens" in split  # train_args' --val_split 0.1
+    assert any(line.startswith("note: --warmup_steps 500 does not fit in a run of 8 steps") for line in ran)
+    estimated = re.search(r"plan: data: about ([\d,]+) training tokens", "\n".join(planned))[1]
+    assert re.search(rf"plan: data: [\d,]+ training tokens as prepared \(estimated before at about {estimated}\)", out)
+    config = next(line for line in out.splitlines() if line.startswith("config: "))
+    assert "subset=" not in config  # --subset names a Hub dataset's configuration
+    assert "step 8: validation loss" in out and (tmp_path / "run" / "model_best_val.pt").exists()
 
 
 @pytest.mark.parametrize("kind", ["empty.txt", "empty.jsonl", "a folder of one empty file"])
@@ -141,6 +173,71 @@ def test_a_save_dir_that_cannot_be_written_in_is_refused(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"cannot be written in \(permission denied"):  # writes in any, so mocked)
         U.check_save_dir(tmp_path / "run")
     U.check_save_dir(tmp_path.parent / "elsewhere")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Budgets too short for a step, and budgets kept
+
+
+def sized(corpus_dir, tmp_path, *extra) -> list[str]:
+    """train_args without a shape: --time chooses one."""
+    args = train_args(corpus_dir, tmp_path / "cache", tmp_path / "run", *extra)
+    for flag in ("--n_layer", "--n_head", "--n_embd"):
+        del args[args.index(flag):args.index(flag) + 2]
+    return args
+
+
+@pytest.mark.parametrize("plan", [[], ["--plan"]])
+def test_a_budget_that_start_up_uses_up_is_one_line_naming_the_least_that_works(corpus_dir, tmp_path, plan):
+    with pytest.raises(SystemExit) as refused:  # as if importing torch had taken 4.5 s of --time 5
+        T.main(sized(corpus_dir, tmp_path, "--time", "5", *plan), started=time.monotonic() - 4.5)
+    message = str(refused.value.code)
+    least = int(re.fullmatch(r"error: --time 5 s is too short here: start-up takes \d+ s before the first step, and "
+                             r"a step with the last evaluation and save about [\d.]+ s: give at least --time (\d+)s",
+                             message)[1])
+    assert least > 5 and not (tmp_path / "run").exists()
+    assert T.main(sized(corpus_dir, tmp_path, "--time", f"{least}s", "--plan"), started=time.monotonic() - 4.5) == 0
+
+
+class FakeClock:
+    """time.monotonic and time.perf_counter for train_gpt2.py and budget.py, moved on only by the steps."""
+
+    def __init__(self, monkeypatch, step_seconds: float):
+        self.now = 1000.0
+        clock = types.SimpleNamespace(monotonic=lambda: self.now, perf_counter=lambda: self.now, sleep=time.sleep)
+        for module in (T, B):
+            monkeypatch.setattr(module, "time", clock)
+        real = T.train_step
+
+        def step(*args, **kwargs):
+            self.now += step_seconds
+            return real(*args, **kwargs)
+        monkeypatch.setattr(T, "train_step", step)
+
+
+def test_before_its_steps_are_timed_a_run_ends_where_another_step_would_not_fit(corpus_dir, data_cache, tmp_path,
+                                                                                monkeypatch):
+    clock, save = FakeClock(monkeypatch, step_seconds=1.0), tmp_path / "run"
+    assert T.main(train_args(corpus_dir, data_cache, save, "--time", "6s", "--log_interval", "1"),
+                  started=clock.now) == 0
+    done = next(r for r in metrics(save) if r.get("event") == "done")
+    assert 1 <= done["step"] < S.WARMUP_STEPS + S.TIMED_STEPS  # ended before the pace could be timed
+    assert done["seconds"] <= 6.0  # by the run's clock, faked: each step a second, the rest none
+
+
+def test_a_budget_one_step_overruns_is_said_by_the_plan_and_the_run_which_ends_there(corpus_dir, data_cache,
+                                                                                    tmp_path, monkeypatch, capsys):
+    args = train_args(corpus_dir, data_cache, tmp_path / "run", "--time", "3s")
+    monkeypatch.setattr(T, "step_seconds", lambda *a, **k: 5.0)  # --plan's timing: a step takes 5 s
+    assert T.main([*args, "--plan"], started=time.monotonic()) == 0
+    planned = capsys.readouterr().out
+    assert "plan: 1 steps" in planned and "warning: --time 3 s is too short here" in planned
+    clock = FakeClock(monkeypatch, step_seconds=5.0)
+    assert T.main(args, started=clock.now) == 0
+    out = capsys.readouterr().out
+    assert "warning: --time 3 s is too short here" in out and "this run ends at its first step" in out
+    assert next(r for r in metrics(tmp_path / "run") if r.get("event") == "done")["step"] == 1
+
 
 
 # ----------------------------------------------------------------------------------------------------
