@@ -167,19 +167,25 @@ def test_changing_a_setting_or_a_source_file_gives_a_new_cache(tmp_path, text_di
         documents_in(split_tokens(changed, "val"))
 
 
+def killed_while_reading(record: int, args: data.DataSpec, monkeypatch) -> None:
+    """A preparation of `args` killed as it reads the source's record `record`, leaving its partial cache."""
+    real = data.iter_records
+
+    def failing(source, skip=0):
+        for i, read in enumerate(real(source, skip)):
+            if i == record:
+                raise RuntimeError("killed")
+            yield read
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        patch.setattr(data, "iter_records", failing)
+        data.prepare(args, shard_tokens=SHARD, progress=False)
+
+
 def test_resumed_preparation_matches_an_uninterrupted_one(tmp_path, text_dir, monkeypatch):
     real = data.iter_records
     skips = []
-
-    def failing(source, skip=0):
-        for i, record in enumerate(real(source, skip)):
-            if i == 40:  # well after the first flush (a shard is ~3 documents)
-                raise RuntimeError("killed")
-            yield record
-    monkeypatch.setattr(data, "iter_records", failing)
     args = data_args(text_dir, tmp_path / "interrupted")
-    with pytest.raises(RuntimeError, match="killed"):
-        data.prepare(args, shard_tokens=SHARD, progress=False)
+    killed_while_reading(40, args, monkeypatch)  # well after the first flush (a shard is ~3 documents)
     partial = next((tmp_path / "interrupted").iterdir())
     assert (partial / "progress.json").exists() and not (partial / "manifest.json").exists()
 
@@ -367,18 +373,9 @@ def test_a_book_holds_out_the_last_share_of_its_tokens_for_validation(tmp_path, 
 def test_a_few_documents_each_hold_out_their_last_share_and_a_killed_preparation_resumes_exactly(
         tmp_path, corpus, monkeypatch):
     text = write_txt_dir(tmp_path / "text", corpus[:8])  # 5% of 8 documents rounds to none
-    real = data.iter_records
-
-    def failing(source, skip=0):
-        for i, record in enumerate(real(source, skip)):
-            if i == 6:  # after a flush or two (a shard is ~3 documents)
-                raise RuntimeError("killed")
-            yield record
-    monkeypatch.setattr(data, "iter_records", failing)
     args = data_args(text, tmp_path / "interrupted")
-    with pytest.raises(RuntimeError, match="killed"):
-        data.prepare(args, shard_tokens=SHARD, progress=False)
-    monkeypatch.setattr(data, "iter_records", real)
+    killed_while_reading(6, args, monkeypatch)  # after a flush or two (a shard is ~3 documents)
+    assert (next((tmp_path / "interrupted").iterdir()) / "progress.json").exists()
     resumed = data.prepare(args, shard_tokens=SHARD, progress=False)
     uninterrupted = data.prepare(data_args(text, tmp_path / "clean"), shard_tokens=SHARD, progress=False)
     assert shard_bytes(resumed) == shard_bytes(uninterrupted)
