@@ -61,12 +61,15 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--stream", action="store_true", help="print --prompt's continuation token by token (--interactive always does)")
     p.add_argument("--prompt", default=None,
                    help="text to continue, or the path of a file holding it (default: unconditional samples)")
-    p.add_argument("--num_samples", type=positive_int, default=1, help="continuations of --prompt (default %(default)s)")
-    p.add_argument("--max_tokens", type=positive_int, default=200, help="new tokens per continuation at most (default %(default)s)")
+    p.add_argument("--num_samples", type=positive_int, default=1,
+                   help="continuations of --prompt (default %(default)s)")
+    p.add_argument("--max_tokens", type=positive_int, default=200,
+                   help="new tokens per continuation at most (default %(default)s)")
     # nanoGPT's defaults: 0.8 keeps samples varied but coherent; top-k 200 trims the long tail for 0.2 ms a
     # token, where top-p alone sorts the whole 50257-token distribution (about 4 ms, ~15% of a bf16 step).
     p.add_argument("--temperature", type=temperature, default=0.8, help="0 is greedy (default %(default)s)")
-    p.add_argument("--top_k", type=positive_int, default=200, help="sample among the k likeliest tokens (default %(default)s)")
+    p.add_argument("--top_k", type=positive_int, default=200,
+                   help="sample among the k likeliest tokens (default %(default)s)")
     p.add_argument("--top_p", type=probability, default=None, help="nucleus sampling: the likeliest tokens "
                    "covering this probability (default off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different each run)")

@@ -132,7 +132,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
     plan.fine_tune = args.init_from != "scratch"
     split = data.validation_note(spec)
-    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec), *([split] if split else [])]))  # before any download
+    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec), *filter(None, [split])]))  # before a download
     train, val, preparation = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
         plan.prepared(train.num_tokens)

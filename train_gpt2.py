@@ -39,7 +39,8 @@ import chat
 import checkpoint
 import data
 from budget import CHECKPOINT_BYTES_PER_PARAMETER, Budget, Costs, Pace, cpu_advice, too_short
-from common import EOT, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers, remove_own_temporaries
+from common import (EOT, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers,
+                    remove_own_temporaries)
 from eval import validation_loss
 from flags import parse_args, shown_flags
 from metrics import Metrics, print_header, run_header, writing
@@ -412,7 +413,7 @@ def before_the_pace(run: Run, schedule: Schedule, pace: Pace, costs: Costs, budg
                     out: Output) -> Schedule:
     """With --time, before a step is timed: the run ends at this step where another would not fit at the pace of
     the steps so far (slower than the timed one will be: the first steps warm up). A budget that this process's
-    first step and what follows the last cannot fit in is one line naming the least that can."""
+    first step and what follows the last overran is told so, with the least that fits (as --plan tells it)."""
     step, rough = run.progress.step, pace.rough(run.progress.step)
     if budget is None or rough is None:
         return schedule

@@ -130,7 +130,8 @@ def script_command(script: str, *args: str, torchrun_ranks: int = 0) -> list[str
 
 
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
-               input: str | None = None, cwd: Path | None = None, torchrun_ranks: int = 0) -> subprocess.CompletedProcess:
+               input: str | None = None, cwd: Path | None = None,
+               torchrun_ranks: int = 0) -> subprocess.CompletedProcess:
     """Run one of the repository's scripts as a user would, offline, and capture its output: in `cwd` (by default
     the test process's own folder, never the repository, whose checkpoints/ may hold a user's run), in a process
     of its own, forked from a zygote that has imported torch (tests/zygote.py) unless the run needs a fresh interpreter
@@ -183,7 +184,8 @@ class Zygote:
 _ZYGOTE = Zygote()
 
 
-def start_script(script: str, *args: str, env: dict | None = None, cwd: Path | None = None, **popen) -> subprocess.Popen:
+def start_script(script: str, *args: str, env: dict | None = None, cwd: Path | None = None,
+                 **popen) -> subprocess.Popen:
     """Start one of the repository's scripts in the background (to signal or kill it), output captured."""
     return subprocess.Popen(script_command(script, *args), cwd=cwd or Path.cwd(), env=child_env(**(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)

@@ -64,7 +64,8 @@ def test_sample_py_help_names_every_default():
     parser = sample.build_parser()
     texts = helps(parser, argparse.RawDescriptionHelpFormatter("sample.py"))
     defaults = {a.option_strings[0]: a.default for a in parser._actions if a.option_strings and a.dest != "help"}
-    missing = [flag for flag, default in defaults.items() if default not in (None, False) and str(default) not in texts[flag]]
+    missing = [flag for flag, default in defaults.items()
+               if default not in (None, False) and str(default) not in texts[flag]]
     assert missing == [] and all(texts.values())
 
 
