@@ -101,11 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Device, precision, model
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, say=None) -> torch.dtype:
     """--dtype's precision. Decoding one token reads every weight once, so it is memory-bound: bf16 halves
     the bytes per token, int8 weights halve them again, int4 again (torch.int8 and torch.int4 stand for
     cpu_decoding.py's layouts, with bf16 activations); on a CPU auto takes whichever a probe found fastest
-    on this CPU."""
+    on this CPU; say(line) is told when it could not (unprobed)."""
     if name in ("int8", "int4") and device.type != "cpu":
         raise SampleError(f"--dtype {name} runs on the CPU only; on {device.type} use --dtype bfloat16")
     if name == "int4" and not cpu_decoding.HAS_INT4:
@@ -115,14 +115,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if device.type == "cpu":
-        return cpu_decoding.fastest_layout(user_cache_dir(), note=unprobed)  # cached beside the tokenizer's ranks
+        return cpu_decoding.fastest_layout(user_cache_dir(),  # cached beside the tokenizer's ranks
+                                           note=lambda why: say(unprobed(why)) if say else None)
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
 
 
-def unprobed(why: str) -> None:
-    """--dtype auto could not time the precisions on this CPU: float32 for now, why, and how to choose."""
-    print(f"note: --dtype auto decodes in float32 this time: {why}; the next start times them again, or choose one: "
-          "--dtype int4 (the fastest on most CPUs), int8 or bfloat16", file=sys.stderr, flush=True)
+def unprobed(why: str) -> str:
+    """The note for --dtype auto that could not time the precisions on this CPU: float32 for now, why, and how to
+    choose."""
+    return (f"note: --dtype auto decodes in float32 this time: {why}; the next start times them again, or choose one: "
+            "--dtype int4 (the fastest on most CPUs), int8 or bfloat16")
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
@@ -320,10 +322,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def run(args: argparse.Namespace) -> None:
     prompt = read_prompt(args.prompt) if args.prompt is not None else ""  # a bad file fails before loading
     device = pick_device("cpu" if args.cpu else args.device)
-    dtype = pick_dtype(args.dtype, device)
+    notes = []  # said once the model is there, after the line saying what runs where
+    dtype = pick_dtype(args.dtype, device, say=notes.append)
     model, info = load(args.checkpoint, device, dtype)
     enc = get_tokenizer()
-    print(describe(model, info, device, dtype), file=sys.stderr, flush=True)
+    print("\n".join([describe(model, info, device, dtype), *notes]), file=sys.stderr, flush=True)
     how = Sampling.from_args(args, make_generator(args.seed, device))
     if args.chat:
         if not chat.knows_turns(model.config):

@@ -74,12 +74,13 @@ def test_sample_py_help_names_every_default():
 
 
 @pytest.mark.parametrize("busy", [True, False])
-def test_dtype_auto_says_why_it_fell_back_to_float32_and_how_to_choose(busy, tmp_path, monkeypatch, capsys):
+def test_dtype_auto_says_why_it_fell_back_to_float32_and_how_to_choose(busy, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no probe kept yet
     monkeypatch.setattr(cpu_decoding, "_busy", lambda: busy)
     monkeypatch.setattr(cpu_decoding, "probe", lambda: ({}, False))  # a probe the machine disturbed
-    assert sample.pick_dtype("auto", torch.device("cpu")) == torch.float32
-    (line,) = capsys.readouterr().err.splitlines()
+    said = []
+    assert sample.pick_dtype("auto", torch.device("cpu"), say=said.append) == torch.float32
+    (line,) = said
     assert line.startswith("note: --dtype auto decodes in float32 this time: ") and "--dtype int4" in line
     assert ("too busy" if busy else "not steady") in line
 
