@@ -137,6 +137,8 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     if train is not None and train.complete:
         plan.prepared(train.num_tokens)
         say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
+    elif dry_run and plan.data_tokens is not None and data_note(sizing, plan.data_tokens):  # as the run will say it
+        say("\n".join(data_note(sizing, plan.data_tokens)))
     optimizer = optimizer_settings(args, sizing)
     learner = build(config, env, optimizer, seed=args.seed, init_state=init_state)
     saved_accum = checkpoint.saved_run(resumed).get("grad_accum") if resumed else None

@@ -102,7 +102,7 @@ def plan_lines(out: str) -> list[str]:
 
 
 def test_a_book_trains_and_its_plan_says_every_note_the_run_says(book, tmp_path, capsys):
-    args = train_args(book, tmp_path / "cache", tmp_path / "run", "--max_steps", "8", "--warmup_steps", "500")
+    args = train_args(book, tmp_path / "cache", tmp_path / "run", "--max_steps", "4", "--warmup_steps", "500")
     assert T.main([*args, "--plan"]) == 0
     planned = plan_lines(capsys.readouterr().out)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
@@ -113,12 +113,12 @@ def test_a_book_trains_and_its_plan_says_every_note_the_run_says(book, tmp_path,
         assert [line for line in planned if line.startswith(note)] == [line for line in ran if line.startswith(note)]
     split = next(line for line in ran if line.startswith("note: --dataset"))
     assert "too few documents" in split and "the last 10% of each one's tokens" in split  # train_args' --val_split 0.1
-    assert any(line.startswith("note: --warmup_steps 500 does not fit in a run of 8 steps") for line in ran)
+    assert any(line.startswith("note: --warmup_steps 500 does not fit in a run of 4 steps") for line in ran)
     estimated = re.search(r"plan: data: about ([\d,]+) training tokens", "\n".join(planned))[1]
     assert re.search(rf"plan: data: [\d,]+ training tokens as prepared \(estimated before at about {estimated}\)", out)
     config = next(line for line in out.splitlines() if line.startswith("config: "))
     assert "subset=" not in config  # --subset names a Hub dataset's configuration
-    assert "step 8: validation loss" in out and (tmp_path / "run" / "model_best_val.pt").exists()
+    assert "step 4: validation loss" in out and (tmp_path / "run" / "model_best_val.pt").exists()
 
 
 @pytest.mark.parametrize("kind", ["empty.txt", "empty.jsonl", "a folder of one empty file"])
@@ -339,18 +339,18 @@ def test_ctrl_c_while_the_data_is_prepared_says_a_rerun_continues_it(corpus_dir,
 
 def test_resume_alone_continues_a_run_with_its_own_flags_to_the_uninterrupted_model(corpus_dir, data_cache,
                                                                                   tmp_path, monkeypatch):
-    flags = ["--max_steps", "10", "--eval_interval", "1000", "--dropout", "0.1"]
+    flags = ["--max_steps", "7", "--eval_interval", "1000", "--dropout", "0.1"]
     assert T.main(train_args(corpus_dir, data_cache, tmp_path / "whole", *flags)) == 0
     real, save = T.train_step, tmp_path / "run"
 
-    def stopped_at_3(*args, step, **kwargs):  # SIGTERM (a preempted instance) during step 3: it stops a step or two on
-        if step == 3:
+    def stopped_at_2(*args, step, **kwargs):  # SIGTERM (a preempted instance) during step 2: it stops a step or two on
+        if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, step=step, **kwargs)
-    monkeypatch.setattr(T, "train_step", stopped_at_3)
+    monkeypatch.setattr(T, "train_step", stopped_at_2)
     assert T.main(train_args(corpus_dir, data_cache, save, *flags)) == 128 + signal.SIGTERM
     monkeypatch.undo()
-    assert 0 < torch.load(save / "latest.pt", weights_only=True)["step"] < 10
+    assert 0 < torch.load(save / "latest.pt", weights_only=True)["step"] < 7
     assert T.main(["--save_dir", str(save), "--resume"]) == 0  # no other flag
     final = lambda folder: [r["val_loss"] for r in metrics(folder) if "val_loss" in r][-1]
     assert final(save) == pytest.approx(final(tmp_path / "whole"), abs=1e-4)
