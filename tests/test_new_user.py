@@ -397,3 +397,16 @@ def test_a_full_disk_mid_run_is_one_line_and_the_latest_saved_before_stays_for_r
     assert message.startswith(f"error: cannot write {save / 'latest.pt'} (OSError: [Errno 28] No space left on device")
     assert f"{save / 'latest.pt'} of step 2 is still there, and --resume continues from it" in message
     assert torch.load(save / "latest.pt", weights_only=True)["step"] == 2
+
+
+def test_choosing_the_model_does_not_begin_a_depth_that_cannot_be_timed_in_what_is_left(monkeypatch):
+    clock = types.SimpleNamespace(now=0.0)
+    monkeypatch.setattr(B, "time", types.SimpleNamespace(monotonic=lambda: clock.now))
+
+    def timed(r, depth, env, limit, tokens):  # each depth takes 3 s to time, and would get plenty of tokens
+        clock.now += 3.0
+        return B.Candidate(depth, params=1000, batch=1, tokens_per_s=1e6, tokens=1e9)
+    monkeypatch.setattr(B, "timed_candidate", timed)
+    request = types.SimpleNamespace(depth=None)
+    candidates = B.timed_candidates(request, types.SimpleNamespace(world=1, master=True), limit=5.0, seconds=60.0)
+    assert [c.depth for c in candidates] == [B.DEPTHS[0]] and clock.now <= 5.0  # depth 3 would end at 6 s
