@@ -43,8 +43,9 @@ OPTIMAL_TOKENS_PER_PARAMETER = 10.5
 BATCH_DEPTH_EXPONENT, REFERENCE_DEPTH = 0.383, 12
 REFERENCE_WIDTH = WIDTH_PER_LAYER * REFERENCE_DEPTH  # 768
 MIN_STEPS = 300  # a batch is cut so that a budget buys at least this many steps (warmup and decay need room)
-# Choosing takes 5% of the budget, at least enough to time the smallest depth and at most a minute.
-CHOOSING_SHARE, CHOOSING_MIN_S, CHOOSING_MAX_S = 0.05, 5.0, 60.0
+# Choosing takes 5% of the budget, at least enough to time the smallest depth and at most a minute; a budget that
+# leaves less than twice that after start-up times only the smallest depth, in about a second.
+CHOOSING_SHARE, CHOOSING_MIN_S, CHOOSING_MAX_S, CHOOSING_QUICK_S = 0.05, 5.0, 60.0, 1.0
 
 
 def depth_shape(depth: int) -> dict:
@@ -180,6 +181,15 @@ class Budget:
         return step + low
 
 
+def too_short(seconds: float, spent: float, step: float, after: float) -> str:
+    """What a --time of `seconds` that cannot train one step is told: `spent` seconds of it go before the first step
+    (start-up, choosing the model), and a step takes `step`, then `after` more (the last evaluation and save). It
+    names the least budget that trains one, with the margin Budget keeps back."""
+    least = math.ceil((spent + step + after) / (1 - Budget.MARGIN) + 1)
+    return (f"--time {human_duration(seconds)} is too short here: start-up takes {spent:.0f} s before the first step, "
+            f"and a step with the last evaluation and save about {step + after:.1f} s: give at least --time {least}s")
+
+
 @dataclass
 class Took:
     seconds: float | None = None
@@ -201,7 +211,15 @@ class Pace:
         self.excluded = 0.0  # seconds of evaluation and saving so far, which the timing leaves out
         self.work = 0.0  # full steps done so far
         self._timing: tuple[int, float, float, float] | None = None  # (step, clock, excluded, work) at its start
+        self.began = time.monotonic()  # the first step's start, on the clock --time counts on
         self.restart(step)
+
+    def rough(self) -> float | None:
+        """Seconds a full step has taken so far, the first steps' warm-up included (an overestimate), until they are
+        timed; None before the first."""
+        if not self.work:
+            return None
+        return (time.monotonic() - self.began - self.excluded) / self.work
 
     def restart(self, step: int) -> None:
         self.t0, self.step0, self.excluded0, self.work0 = time.perf_counter(), step, self.excluded, self.work
@@ -333,10 +351,17 @@ def size_for_budget(r: Request, env: Env, say: Callable, started: float, saved: 
         sizing = Sizing.from_dict(saved)
     else:
         began = time.monotonic()
-        limit = began + min(max(CHOOSING_SHARE * r.seconds, CHOOSING_MIN_S), CHOOSING_MAX_S)
+        choosing = min(max(CHOOSING_SHARE * r.seconds, CHOOSING_MIN_S), CHOOSING_MAX_S)
+        if r.seconds - (began - started) < 2 * choosing:  # a short budget: the smallest depth it is
+            choosing = CHOOSING_QUICK_S
+        limit = began + choosing
         # What the steps get of the budget: less the choosing, the margin kept back and the evaluations.
         seconds = (r.seconds - (limit - started)) * (1 - Budget.MARGIN) * (1 - r.eval_share)
         candidates = timed_candidates(r, env, limit, seconds)
+        smallest = candidates[0]
+        step = smallest.batch * r.block_size / smallest.tokens_per_s
+        if smallest.tokens < smallest.batch * r.block_size:  # not one step: start-up and choosing took it all
+            raise UserError(too_short(r.seconds, time.monotonic() - started, step, after=2 * step))
         chosen = choose_depth(candidates)
         scale = sized_lr(1.0, chosen.batch, r.reference_batch, depth_shape(chosen.depth)["n_embd"])
         sizing = Sizing(chosen.depth, chosen.batch, r.lr * scale, r.min_lr * scale,
@@ -353,11 +378,14 @@ def timed_candidates(r: Request, env: Env, limit: float, seconds: float) -> list
     training buy at its pace; until one falls below the compute-optimal tokens a parameter (deeper ones fall
     further), one does not fit in memory, or the time for choosing ends at `limit`. Every rank times every
     candidate (DDP's collectives in step), and rank 0's clock and pace decide."""
-    candidates = []
+    candidates, took = [], 0.0
     for depth in [r.depth] if r.depth else DEPTHS:
-        if candidates and broadcast_from_rank0(env, lambda: time.monotonic() > limit):
+        # A deeper model takes at least as long to time as the last one did: not begun unless that fits.
+        if candidates and broadcast_from_rank0(env, lambda: time.monotonic() + took > limit):
             break
+        began = time.monotonic()
         candidate = timed_candidate(r, depth, env, limit, lambda pace: budget_tokens(pace, seconds))
+        took = time.monotonic() - began
         if candidate is None:
             break
         candidates.append(candidate)
@@ -381,7 +409,8 @@ def timed_candidate(r: Request, depth: int, env: Env, limit: float,
         pace = candidate_pace(config, env, r, batch, until)  # rank 0's pace decides
         return broadcast_from_rank0(env, lambda: pace)
 
-    batch = sized_batch(depth, r.reference_batch, r.block_size, None, env.world)
+    # A budget that leaves no training time is cut to the least batch whatever the pace: timed at that alone.
+    batch = sized_batch(depth, r.reference_batch, r.block_size, None if tokens(1.0) > 0 else 0.0, env.world)
     pace = timed(batch, time.monotonic() + (limit - time.monotonic()) / 2)  # half: room to time the cut
     if pace is None:
         return None
@@ -424,13 +453,23 @@ LONG_CPU_RUN_S = 3600  # a CPU run planned longer than this is told how to get s
 CPU_ADVICE_BUDGET, CPU_ADVICE_DEPTH = "10m", 4  # what it is told: a budget, or a smaller shape of the family
 
 
-def cpu_advice(device: str, seconds: float | None) -> list[str]:
-    """The line(s) that tell a run whose shape the flags give what to do when it would take a CPU more than
-    LONG_CPU_RUN_S: let --time choose the model, or give a smaller shape; nothing on a GPU or for a short run."""
+def cpu_advice(device: str, seconds: float | None, config: GPTConfig) -> list[str]:
+    """The line(s) that tell a run of `config`, a shape the flags give, what to do when it would take a CPU more
+    than LONG_CPU_RUN_S: let --time choose the model, or take a smaller shape (if the family has one); nothing on
+    a GPU or for a short run."""
     if device != "cpu" or seconds is None or seconds <= LONG_CPU_RUN_S:
         return []
-    shape = depth_shape(CPU_ADVICE_DEPTH)
+    shape = smaller_shape(config)
+    smaller = "" if shape is None else (f", or a smaller shape such as --n_layer {shape['n_layer']} --n_head "
+                                        f"{shape['n_head']} --n_embd {shape['n_embd']} trains faster")
     return [f"warning: {human_duration(seconds)} is long for a CPU: --time {CPU_ADVICE_BUDGET} without the shape "
-            "flags lets the budget choose a model that learns in that time, or a smaller shape such as "
-            f"--n_layer {shape['n_layer']} --n_head {shape['n_head']} --n_embd {shape['n_embd']} trains faster; "
-            "or run it on a GPU"]
+            f"flags lets the budget choose a model that learns in that time{smaller}; or run it on a GPU"]
+
+
+def smaller_shape(config: GPTConfig) -> dict | None:
+    """A shape of the family to suggest instead of `config`: the largest depth up to CPU_ADVICE_DEPTH with fewer
+    parameters; None when none has (the model is that small already)."""
+    size = scaling_params(config)
+    smaller = [d for d in DEPTHS if d <= CPU_ADVICE_DEPTH
+               and scaling_params(dataclasses.replace(config, **depth_shape(d))) < size]
+    return depth_shape(max(smaller)) if smaller else None

@@ -19,6 +19,7 @@ A latest.pt written before `run` existed holds the derived grad_accum in `args`;
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import threading
 import time
@@ -28,7 +29,7 @@ from pathlib import Path
 import torch
 
 import hf
-from common import CheckpointError, atomic_write, first_line
+from common import CheckpointError, SaveError, atomic_write, first_sentence
 from model import GPT, GPTConfig
 from weights import load_state, model_with_weights, strip_wrapper_prefixes
 
@@ -68,6 +69,7 @@ class CheckpointWriter:
 
     def __init__(self):
         self.seconds: dict[str, float] = {}  # file name -> how long its last write took
+        self.steps: dict[str, int | None] = {}  # file name -> the step its last whole write holds
         self._thread: threading.Thread | None = None
         self._error: tuple[Path, BaseException] | None = None
         self._buffers: dict[tuple, torch.Tensor] = {}  # (file name, place in the state) -> CPU buffer
@@ -88,13 +90,14 @@ class CheckpointWriter:
             self._thread = None
         if self._error is not None:
             (path, error), self._error = self._error, None
-            raise CheckpointError(f"could not write {path} ({type(error).__name__}: {first_line(error)})")
+            raise SaveError(path, error)
 
     def _write(self, path: Path, snapshot: dict) -> None:
         started = time.perf_counter()
         try:
             write_checkpoint(path, snapshot)
             self.seconds[path.name] = time.perf_counter() - started
+            self.steps[path.name] = snapshot.get("step")
         except BaseException as e:  # raised in the training thread by the next save or wait
             self._error = (path, e)
 
@@ -136,17 +139,26 @@ def load_checkpoint(path, map_location="cpu", mmap: bool = False) -> dict:
     except pickle.UnpicklingError as e:
         if "Weights only load failed" not in str(e):
             raise CheckpointError(f"{path} is not a readable PyTorch checkpoint "
-                                  f"({first_line(e, 120)})") from None
+                                  f"({first_sentence(e)})") from None
         # weights_only refuses any global it does not know, before anything runs.
         raise CheckpointError(f"refused {path}: it holds pickled Python objects that could run code; "
                               "only plain checkpoints (tensors and Python values) are loaded") from None
     except Exception as e:  # torch.load reports a truncated or foreign file with many exception types
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): "
-                              f"{type(e).__name__}: {first_line(e, 120)}") from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated, or another format: "
+                              f"{type(e).__name__}: {first_sentence(e)})") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} is a PyTorch file but not a checkpoint of this repository "
                               "(it lacks 'model' and 'config')")
     return ckpt
+
+
+def check_found(spec: str, flag: str) -> None:
+    """A path that load_model would read (a .pt, a directory) but that is not there, refused in one line before
+    the work that would come first; a Hub name is asked only when it is loaded."""
+    path = Path(spec).expanduser()
+    if not path.exists() and (path.suffix == ".pt" or os.sep in spec or spec.startswith((".", "~"))):
+        raise CheckpointError(f"{flag} {spec}: no such file or directory (a .pt of this repository, a transformers "
+                              "directory, or a Hub name such as gpt2)")
 
 
 def load_model(spec: str) -> tuple[GPT, dict]:
@@ -241,7 +253,14 @@ def read_latest(save_dir: Path, optimizer: str, init_from: str) -> dict:
     if not path.exists():
         raise CheckpointError(f"--resume: no checkpoint at {path} (start without --resume, or point --save_dir "
                               "at the run to continue)")
-    ckpt = load_checkpoint(path)
+    try:
+        ckpt = load_checkpoint(path)
+    except CheckpointError as e:
+        best, kept = save_dir / BEST, best_so_far(save_dir)
+        weights = f"{best} holds the best weights (step {kept[0]}) for sample.py, or to start a run in another " \
+                  "--save_dir with --init_from; or " if kept else ""
+        raise CheckpointError(f"--resume: {e}, so the run cannot continue from it: {weights}delete {path} and "
+                              "--resume starts the run again from step 0") from None
     if "optimizer" not in ckpt:
         raise CheckpointError(f"--resume: {path} holds a model but not the optimizer state a resume needs")
     started_from = ckpt.get("init_from", "scratch")
@@ -253,6 +272,25 @@ def read_latest(save_dir: Path, optimizer: str, init_from: str) -> dict:
         raise CheckpointError(f"--resume: {path} was trained with --optimizer {trained_with}, not {optimizer}; "
                               "resume it with the optimizer it started with")
     return ckpt
+
+
+def best_so_far(save_dir: Path) -> tuple[int, float] | None:
+    """(step, validation loss) of the run's model_best_val.pt, where it is a readable checkpoint of this repository."""
+    try:
+        ckpt = load_checkpoint(save_dir / BEST, mmap=True)
+    except CheckpointError:
+        return None
+    step, val = ckpt.get("step"), ckpt.get("val_loss")
+    return (step, val) if isinstance(step, int) and isinstance(val, float) else None
+
+
+def saved_flags(save_dir: Path) -> dict | None:
+    """The flags the run in save_dir was given, as its latest.pt recorded them; None where there is no latest.pt
+    that can be read (--resume says why)."""
+    try:
+        return load_checkpoint(save_dir / LATEST, mmap=True).get("args")
+    except CheckpointError:
+        return None
 
 
 def saved_run(ckpt: dict) -> dict:

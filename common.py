@@ -32,6 +32,14 @@ class CheckpointError(UserError):
     """A checkpoint or weights directory the user pointed at that cannot be used."""
 
 
+class SaveError(UserError):
+    """A run's folder that could not be written (a full disk, the folder removed or replaced by a file)."""
+
+    def __init__(self, path, error: BaseException):
+        self.path = Path(path)
+        super().__init__(f"cannot write {path} ({type(error).__name__}: {first_sentence(error)})")
+
+
 def local_data_hint(chat: bool = False) -> str:
     """How to train from local files instead, ending each error of an unreachable Hub."""
     if chat:
@@ -44,6 +52,11 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """The first line of an exception's message (its type's name when it has none), so every error stays one line."""
     lines = str(error).strip().splitlines()
     return lines[0][:limit] if lines else type(error).__name__
+
+
+def first_sentence(error: BaseException) -> str:
+    """What an error says first, whole (torch's go on with advice of their own that a cut would leave half)."""
+    return first_line(error, 10_000).split(". ")[0].rstrip(".")
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -298,20 +298,22 @@ def to_layout(model: GPT, dtype: torch.dtype) -> GPT:
 # Which layout is fastest here: probed once, then read from the cache
 
 
-def fastest_layout(cache_dir: Path) -> torch.dtype:
+def fastest_layout(cache_dir: Path, note=None) -> torch.dtype:
     """The layout decoding runs fastest in on this CPU: probed on first use (~0.12 s), then read from
     cache_dir/cpu_probe.json, keyed by what the kernels' speed depends on (probe_key).
 
     A machine too busy to measure gets fp32, the most precise, for this start, and no probe is kept:
     runs keep giving the same sample for a seed until a steady probe is, rather than following noise.
+    note(why) is told why, when that happens.
     """
     path, key = Path(cache_dir) / PROBE_FILE, probe_key()
     probes = read_probes(path)
     if not _valid(probes.get(key)):
-        if _busy():
-            return LAYOUTS[0]
-        ns_per_weight, steady = probe()
+        why = "this CPU was too busy to time them (more threads wanted to run than it has cores)" if _busy() else None
+        ns_per_weight, steady = probe() if why is None else (None, False)
         if not steady:
+            if note is not None:
+                note(why or "their timings on this CPU were not steady (other work was running)")
             return LAYOUTS[0]
         probes[key] = ns_per_weight
         write_probes(path, probes)

@@ -14,20 +14,23 @@ so the data can be ready before a GPU is rented.
 import argparse
 import atexit
 import base64
+import codecs
 import contextlib
 import functools
 import heapq
 import importlib.util
 import itertools
 import json
+import math
 import os
 import queue
 import re
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from hashlib import sha256
 from pathlib import Path
 from typing import Iterator
@@ -574,7 +577,44 @@ def target(spec: DataSpec, *, shard_tokens: int = SHARD_TOKENS, split_seed: int 
     settings = {"format_version": FORMAT_VERSION, "source": source.identity(), "sample_size": spec.sample_size,
                 "val_split": spec.val_split, "split_seed": split_seed, "tokenizer": TOKENIZER_ID,
                 "shard_tokens": shard_tokens}
+    documents = _few_documents(source, spec)
+    if documents and splits_by_tokens(spec, documents):  # only then: the caches of others keep their names
+        if source.chat:  # a conversation cut in two would train on half a reply
+            raise DataError(f"--chat: {documents} conversation(s) are too few for --val_split {spec.val_split:g} to "
+                            "hold whole ones out for validation and train on the rest: give more conversations"
+                            + (f", or --val_split {1 / documents:.2g}" if documents > 1 else ""))
+        settings["validation"] = LAST_TOKENS
     return Target(source, settings, Path(spec.data_cache) / _cache_name(source, spec, settings))
+
+
+# A source with too few documents for --val_split of them to leave both splits some (a book, a dump in one file)
+# holds out the last --val_split of each document's tokens instead, at most VAL_TOKENS in all (as nanoGPT's
+# Shakespeare holds out its last tenth): its settings say so.
+LAST_TOKENS = "the last share of each document's tokens"
+
+
+def splits_by_tokens(spec: DataSpec, documents: int) -> bool:
+    """Whether validation is the last --val_split of each document's tokens rather than whole documents: --val_split
+    of `documents` rounds to none, or to all of them."""
+    return not 0 < round(spec.val_split * documents) < documents
+
+
+def _few_documents(source: Source, spec: DataSpec) -> int:
+    """The documents a run reads, counted exactly only up to the count past which --val_split always holds whole
+    documents out on both sides (a large source is not counted; a Hub dataset is not asked)."""
+    v = spec.val_split
+    limit = min(spec.sample_size, max(math.ceil(1 / v), math.floor(0.5 / (1 - v)) + 1))
+    return min(limit, sum(count_records(part, limit) for part in source.parts or (source,)))
+
+
+def validation_note(spec: DataSpec) -> str | None:
+    """The line that says how a source too small in documents is split, or None (whole documents, or FineWeb's
+    own validation shard)."""
+    if route(spec, probe=False).repo is not None or target(spec).settings.get("validation") != LAST_TOKENS:
+        return None
+    return (f"note: --dataset {spec.dataset} has too few documents for --val_split {spec.val_split:g} of them to "
+            f"hold some out: validation is the last {spec.val_split:.0%} of each one's tokens "
+            f"(at most {VAL_TOKENS:,} in all)")
 
 
 @dataclass(frozen=True)
@@ -643,11 +683,13 @@ def tokenize(spec: DataSpec, *, shard_tokens: int = SHARD_TOKENS, split_seed: in
             say(f"using the prepared data in {t.cache_dir} ({tokens:,} tokens)")
         return t.cache_dir
     documents = count_records(t.source, spec.sample_size)
-    val_docs = validation_documents(spec, documents)
+    by_tokens = t.settings.get("validation") == LAST_TOKENS
+    val_docs = documents if by_tokens else validation_documents(spec, documents)
     clean_temporaries(t.cache_dir)
     state = _load_progress(t.cache_dir)
     state.chat = t.source.chat
-    _tokenize_source(t.source, spec, t.cache_dir, state, shard_tokens, val_docs, documents, progress, stop)
+    _tokenize_source(t.source, spec, t.cache_dir, state, shard_tokens, val_docs, documents, progress, stop,
+                     by_tokens)
     _check_split_sizes(spec, state)
     manifest = _manifest(t, spec, state, val_docs)
     write_json(t.cache_dir / "manifest.json", manifest)  # written last: it marks the cache complete
@@ -665,7 +707,10 @@ def prepared(spec: DataSpec, **tokenizing) -> Path | None:
 
 def validation_documents(spec: DataSpec, documents: int) -> int:
     """How many of the source's first documents validation holds (before VAL_TOKENS stops it): --val_split of
-    the documents the run reads; none is refused here, before anything is read."""
+    the documents the run reads (a source too small for that holds out tokens: LAST_TOKENS); none is refused
+    here, before anything is read."""
+    if documents == 0:
+        raise empty_source(spec, 0)
     held = round(spec.val_split * documents)
     if held == 0:
         raise DataError(f"--val_split {spec.val_split} of {documents:,} documents holds out none for validation: "
@@ -685,6 +730,7 @@ class Preparation:
         self._thread = threading.Thread(target=self._run, args=(r, spec, say, tokenizing), daemon=True,
                                         name="preparing data")
         self._thread.start()
+        _PREPARATIONS.add(self)
         atexit.register(self.close)  # whatever ends the process: an error in start-up, --plan, eval.py
 
     def _run(self, r: Route, spec: DataSpec, say, tokenizing: dict) -> None:
@@ -708,6 +754,14 @@ class Preparation:
     def split(self, name: str) -> TokenShards:
         """One of the splits being prepared, as TokenShards reads it while it grows."""
         return TokenShards(self.cache_dir, name, failed=self.failed)
+
+
+_PREPARATIONS: "weakref.WeakSet[Preparation]" = weakref.WeakSet()  # this process's, for preparations_underway
+
+
+def preparations_underway() -> list[Path]:
+    """The cache directories this process is preparing now (a Ctrl-C then says that the next run continues them)."""
+    return [p.cache_dir for p in list(_PREPARATIONS) if p._thread.is_alive() and p.failed() is None]
 
 
 def validation_split(spec: DataSpec, *, prepare: bool = True, say=None) -> tuple[TokenShards, Preparation | None]:
@@ -734,10 +788,11 @@ def _load_progress(cache_dir: Path) -> _Progress:
 
 
 def _tokenize_source(source: Source, spec: DataSpec, cache_dir: Path, state: _Progress, shard_tokens: int,
-                     val_docs: int, documents: int, show: bool, stop: threading.Event | None) -> None:
+                     val_docs: int, documents: int, show: bool, stop: threading.Event | None,
+                     by_tokens: bool = False) -> None:
     """Reads (in a thread), tokenizes (on all cores) and writes shards, from where `state` says."""
     enc = get_tokenizer()
-    writer = _ShardWriter(cache_dir, state, shard_tokens, val_docs)
+    writer = _ShardWriter(cache_dir, state, shard_tokens, val_docs, spec.val_split if by_tokens else None)
     # A chunk is at most about a quarter shard of tokens (~4 characters a token), so memory stays
     # bounded by the shard being filled; tiny test shards get tiny chunks.
     chunks = _chunks(iter_records(source, skip=state.records), state.records, state.documents,
@@ -876,12 +931,17 @@ class _ShardWriter:
     how they were chunked, and a resumed run writes exactly the shards an uninterrupted one would.
     """
 
-    def __init__(self, cache_dir: Path, state: _Progress, shard_tokens: int, val_docs: int):
+    def __init__(self, cache_dir: Path, state: _Progress, shard_tokens: int, val_docs: int,
+                 val_share: float | None = None):
+        """val_share: validation takes that share of each document's last tokens instead (LAST_TOKENS)."""
         self.cache_dir, self.state, self.shard_tokens, self.val_docs = cache_dir, state, shard_tokens, val_docs
+        self.val_share = val_share
         self.buffers: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
         self.buffered = dict.fromkeys(SPLITS, 0)
 
     def add(self, chunk: _Chunk, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        if self.val_share is not None:
+            return self._add_cut(chunk, tokens, lengths)
         state = self.state
         is_val = self._validation(lengths)
         offsets = np.concatenate(([0], np.cumsum(lengths)))
@@ -921,6 +981,28 @@ class _ShardWriter:
         hits = np.flatnonzero((train >= self._shard_size()) | val_done)
         return (start + int(hits[0]) + 1, True) if hits.size else (start + len(lengths), False)
 
+    def _add_cut(self, chunk: _Chunk, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Each document cut in two: its last val_share of tokens to validation (until it holds VAL_TOKENS), the
+        rest to training. Flushed after the document that fills a training shard or validation, as `add` does."""
+        state, start = self.state, 0
+        for i, length in enumerate(lengths.tolist()):
+            held = min(round(self.val_share * length), max(0, VAL_TOKENS - state.tokens["val"]))
+            for split, part in (("train", tokens[start:start + length - held]),
+                                ("val", tokens[start + length - held:start + length])):
+                if part.size:
+                    self.buffers[split].append(part)
+                    self.buffered[split] += part.size
+                    state.docs[split] += 1
+                    state.tokens[split] += part.size
+            start += length
+            state.records, state.documents = chunk.ends[i], state.documents + 1
+            state.replaced += chunk.replaced[i]
+            filled = state.tokens["val"] >= VAL_TOKENS and not state.val_complete
+            state.val_complete |= filled
+            if filled or self.buffered["train"] >= self._shard_size():
+                self.flush()
+        state.records, state.exhausted = chunk.records, chunk.exhausted
+
     def _take(self, tokens: np.ndarray, lengths: np.ndarray, is_val: np.ndarray) -> None:
         token_is_val = np.repeat(is_val, lengths)
         for split, mask, docs in (("train", ~token_is_val, ~is_val), ("val", token_is_val, is_val)):
@@ -954,13 +1036,47 @@ class _ShardWriter:
 
 def _check_split_sizes(spec: DataSpec, state: _Progress) -> None:
     if state.documents == 0:
-        where = f"({state.records:,} .txt files, all empty or whitespace)" if _all_text_files(spec) else \
-            f"({state.records:,} records, none with text in field {spec.field!r})"
-        raise DataError(f"no text in {spec.dataset} {where}")
+        raise empty_source(spec, state.records)
     for split, other in (("val", "train"), ("train", "val")):
         if state.docs[split] == 0:
             raise DataError(f"the {split} split is empty: {state.documents:,} documents with --val_split "
                             f"{spec.val_split} put every one in {other}; use more documents or change --val_split")
+
+
+def empty_source(spec: DataSpec, records: int) -> DataError:
+    """The one line for a source with no text in it: what it holds instead."""
+    what = "no records" if records == 0 else \
+        f"{records:,} .txt file(s), all empty or whitespace" if _all_text_files(spec) else \
+        f"{records:,} record(s), none with text in field {spec.field!r} (--text_field chooses another)"
+    return DataError(f"--dataset {spec.dataset} is empty ({what}): point it at text to train on")
+
+
+def check_local_text(spec: DataSpec) -> None:
+    """A local source that is not there or holds no text, refused in one line before any data work (--plan and
+    the run alike, so they give the same answer); a Hub dataset is asked only when it is prepared. Reads only up to
+    the first record with text."""
+    names = source_names(spec.dataset)
+    sources = [_single_source(name, spec, 0) for name in names]  # a path that is not there: DataError
+    if any(source.files is None or _has_text(source) for source in sources):
+        return
+    raise empty_source(spec, sum(count_records(source, 2**62) for source in sources))
+
+
+def _has_text(source: Source) -> bool:
+    """Whether a local source holds a non-empty document; a .txt file is read only up to its first character that
+    is not whitespace (a book or a dump need not be read whole to know)."""
+    for path in source.files:
+        if not path.lower().endswith(".txt"):
+            records = iter_records(replace(source, files=(path,)))
+            if any(_characters(text) for text, _ in records):
+                return True
+            continue
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        with open(path, "rb") as f:
+            while block := f.read(1 << 20):
+                if decoder.decode(block).strip():
+                    return True
+    return False
 
 
 def _all_text_files(spec: DataSpec) -> bool:
@@ -979,7 +1095,9 @@ def _manifest(t: Target, spec: DataSpec, state: _Progress, val_docs: int) -> dic
         "sample_size": spec.sample_size,
         "tokenizer": {"name": "gpt2", "id": TOKENIZER_ID, "eot": EOT, "n_vocab": 50257},
         "split": {"val_fraction": spec.val_split, "seed": t.settings["split_seed"], "val_documents": val_docs,
-                  "rule": f"the source's first documents (local files in a seeded order), {val_docs:,} of them or "
+                  "rule": f"the last {spec.val_split:.0%} of each document's tokens, until they hold {VAL_TOKENS:,}"
+                          if t.settings.get("validation") == LAST_TOKENS else
+                          f"the source's first documents (local files in a seeded order), {val_docs:,} of them or "
                           f"until they hold {VAL_TOKENS:,} tokens"},
         "shard_format": {"magic": SHARD_MAGIC, "version": SHARD_VERSION, "header_bytes": HEADER_BYTES,
                          "dtype": "uint16", "shard_tokens": t.settings["shard_tokens"]},

@@ -10,6 +10,7 @@ from fractions import Fraction
 import sys
 from pathlib import Path
 
+import checkpoint
 import data
 from budget import HEAD_SIZE, WIDTH_PER_LAYER, depth_shape
 from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_negative_float, non_negative_int,
@@ -34,10 +35,11 @@ SHAPE_FLAGS = ("block_size", "n_layer", "n_head", "n_embd")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults, except None ones, whose meaning the help text already gives."""
+    """Shows defaults, except None ones, whose meaning the help text already gives, and those of switches
+    (off) and of flags given once per value (none)."""
 
     def _get_help_string(self, action):
-        return action.help if action.default is None else super()._get_help_string(action)
+        return action.help if action.default in (None, False, []) else super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +63,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("model (defaults: GPT-2 124M; with --init_from, the weights' shape)")
     m.add_argument("--init_from", default="scratch", metavar="{scratch,gpt2,gpt2-medium,gpt2-large,gpt2-xl,PATH}",
                    help="start from random weights, OpenAI's GPT-2 (from the Hub), or the weights in PATH: our .pt "
-                        "checkpoint or a transformers directory (default scratch)")
+                        "checkpoint or a transformers directory")
     m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default=None, help=f"architecture preset (default {DEFAULT_ARCH})")
     m.add_argument("--arch_option", type=arch_option_flag, action="append", default=[], metavar="SWITCH=VALUE",
                    help="change one switch of the preset (a field of model.GPTConfig), e.g. mlp=relu2, "
@@ -74,7 +76,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--depth", type=positive_int, default=None,
                    help=f"a depth of the family --time chooses from: {WIDTH_PER_LAYER} x DEPTH wide, heads of "
                         f"{HEAD_SIZE} (12 is GPT-2 124M); with --time, the batch, rates and data sized for it")
-    m.add_argument("--dropout", type=dropout_rate, default=0.0)
+    m.add_argument("--dropout", type=dropout_rate, default=0.0,
+                   help="the share of activations dropped while training, in attention and on the residual path "
+                        "(0: none, as for pretraining on plenty of data; 0.1-0.2 can help a small dataset)")
 
 
 def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
@@ -83,7 +87,8 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                    help="sequences per optimizer step, over all GPUs and accumulation micro-steps")
     o.add_argument("--grad_accum", type=grad_accum_flag, default="auto",
                    help="micro-steps per optimizer step (each GPU runs batch_size / (GPUs * grad_accum) sequences at "
-                        "once); auto: the largest micro-batch that fits in GPU memory (1 on a CPU), kept on --resume")
+                        "once); auto: the largest micro-batch that fits, probed on a GPU and estimated from the free "
+                        "memory on a CPU; kept on --resume")
     o.add_argument("--optimizer", choices=["adamw", "muon"], default=None,
                    help="muon: Muon (--muon_lr) for the weight matrices inside the blocks, AdamW (--lr) for the "
                         f"embeddings, the head, norm gains and biases (default {DEFAULT_OPTIMIZER}; with --init_from, "
@@ -122,7 +127,8 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         "little against fresh data (Muennighoff et al. 2023)")
     o.add_argument("--weight_decay", type=non_negative_float, default=0.1, help="AdamW's, on matrices only")
     o.add_argument("--grad_clip", type=non_negative_float, default=1.0, help="max gradient norm (0: no clipping)")
-    o.add_argument("--seed", type=int, default=1337)
+    o.add_argument("--seed", type=int, default=1337,
+                   help="seeds the weights, the data's order and every random draw: the same flags give the same run")
 
 
 def add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -146,7 +152,9 @@ def add_budget_flags(p: argparse.ArgumentParser) -> None:
 
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     r = p.add_argument_group("run")
-    r.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto")
+    r.add_argument("--device", choices=["auto", "cuda", "cpu", "mps"], default="auto",
+                   help="auto: an NVIDIA GPU, else Apple's MPS, else the CPU (beside an NVIDIA GPU this torch cannot "
+                        "use, it stops and names the fix)")
     r.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="mixed precision (bf16 autocast; fp16 with loss scaling on GPUs without bf16); default on CUDA")
     r.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -159,7 +167,9 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     r.add_argument("--log_interval", type=positive_int, default=10, help="steps between metrics lines")
     r.add_argument("--checkpoint_interval", type=positive_int, default=1000, help="steps between latest.pt saves")
     r.add_argument("--save_dir", default="checkpoints", help="where checkpoints, metrics.jsonl and loss.png go")
-    r.add_argument("--resume", action="store_true", help="continue the run in --save_dir/latest.pt")
+    r.add_argument("--resume", action="store_true",
+                   help="continue the run in --save_dir/latest.pt with its own flags (a flag given that differs wins, "
+                        "and is named)")
     r.add_argument("--sample_during_training", action="store_true", help="print a short sample at each evaluation")
     r.add_argument("--hellaswag_interval", type=non_negative_int, default=0,
                    help="steps between HellaSwag scorings (eval.py's), logged as hellaswag_acc_norm (0: never)")
@@ -220,7 +230,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     them is `start`'s Settings."""
     p = build_parser()
     args = p.parse_args(argv)
-    if args.chat:
+    resumed = args.resume and apply_resumed_flags(argv, args)
+    if args.chat and not resumed:
         apply_chat_defaults(p, argv, args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.depth and any((args.n_layer, args.n_head, args.n_embd)):
@@ -258,6 +269,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     except UserError as e:
         p.error(str(e))
     return args
+
+
+def apply_resumed_flags(argv, args: argparse.Namespace) -> bool:
+    """--resume continues the run in --save_dir with its own flags: each flag the command line does not give takes
+    the value latest.pt recorded (one given that differs is named at start-up). False where there is no latest.pt
+    to read (start-up says what that means)."""
+    saved = checkpoint.saved_flags(Path(args.save_dir))
+    if saved is None:
+        return False
+    kept = given_flags(build_parser(), argv, vars(args)) | {"resume", "save_dir", "plan"}
+    for name, value in saved.items():
+        if name in vars(args) and name not in kept:
+            setattr(args, name, value)
+    return True
 
 
 def apply_chat_defaults(p: argparse.ArgumentParser, argv, args: argparse.Namespace) -> None:
@@ -308,4 +333,15 @@ def shown_flags(args) -> dict:
     if args.init_from == "scratch" and not sizes_the_model(args):  # else the budget chooses the shape
         config = model_config(args)
         flags |= {name: getattr(config, name) for name in SHAPE_FLAGS} | {"arch": args.arch or DEFAULT_ARCH}
+    if not reads_the_hub(args.dataset):  # --subset names a Hub dataset's configuration
+        del flags["subset"]
     return flags
+
+
+def reads_the_hub(dataset: str) -> bool:
+    """Whether --dataset names a Hub dataset (or a mixture with one), or a path that is not there (start-up then
+    says so)."""
+    try:
+        return data.is_hub(dataset)
+    except data.DataError:
+        return True

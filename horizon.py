@@ -13,12 +13,13 @@ bar, the metrics and the checkpoints read `steps`, which nothing else writes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from budget import Budget, Costs, Pace
+from budget import Budget, Costs, Pace, too_short
 from plan import Plan
 
 UNPLANNED_STEPS = 2**62  # the length the rates assume with --time until a few steps are timed
@@ -295,7 +296,7 @@ class Horizon:
                 with self.aside("evaluation"):
                     evaluate()
             self._replan(step, announce=True)
-        elif self.budget is not None and (logged or self.budget.passed()):
+        elif self.budget is not None and (logged or self.budget.passed() or self.costs.step is None):
             self._replan(step)
         if self.steps is None and self.budget is None and logged:
             self._data_arrived(step)
@@ -326,14 +327,21 @@ class Horizon:
         """The run ends after `step` (--target_loss reached)."""
         self._set_length(step)
 
-    def timed(self, step_seconds: float, now: float) -> None:
-        """--plan: the pace timed before the run (random tokens), and the plan as the run will make it."""
-        self.costs.step = step_seconds
+    def timed(self, step_seconds: float, now: float) -> list[str]:
+        """--plan: the pace timed before the run (random tokens), and the plan as the run will make it; the warning
+        the run will give, if any (a budget too short for one step)."""
+        self.costs.step, short = step_seconds, []
         if self.budget is not None:
-            self._set_length(min(self.budget.steps(0, now, self.costs), self.given or UNPLANNED_STEPS))
+            steps = min(self.budget.steps(0, now, self.costs), self.given or UNPLANNED_STEPS)
+            if steps == 0:  # the run trains one step, and says so (_before_the_pace)
+                steps = 1
+                why = too_short(self.budget.seconds, now - self.started, step_seconds, self.costs.seconds(0, 0))
+                short = [f"warning: {why}; this run would end at its first step"]
+            self._set_length(steps)
         if self.steps is not None:
             self.plan.step_seconds = step_seconds
             self.plan.seconds = now - self.started + self.costs.seconds(0, self.steps)
+        return short
 
     # --- what it decides
 
@@ -346,8 +354,7 @@ class Horizon:
         it. Before the pace is known, a budget already spent ends the run at this step."""
         self.costs.step = self.pace.step_seconds
         if self.costs.step is None:
-            if self.budget is not None and self.budget.passed():
-                self._set_length(step)
+            self._before_the_pace(step)
             return
         if self.budget is not None:
             steps = self.budget.steps(step, time.monotonic(), self.costs)
@@ -358,6 +365,22 @@ class Horizon:
         if announce:  # the steps and their warnings were said already, unless the budget has just set them
             self.say("\n".join([self.plan.time_line(), *(self.length_lines() if self.budget else [])]))
             self.log(**self.plan.row())
+
+    def _before_the_pace(self, step: int) -> None:
+        """With --time, before a step is timed: the run ends at this step where another would not fit at the pace of
+        the steps so far (slower than the timed one will be: the first steps warm up). A budget that this process's
+        first step and what follows the last overran is told so, with the least that fits (as --plan tells it)."""
+        rough = self.pace.rough()
+        if self.budget is None or rough is None:
+            return
+        now, so_far = time.monotonic(), dataclasses.replace(self.costs, step=rough)
+        if self.budget.steps(step, now, so_far) > step:
+            return
+        after = so_far.seconds(step, 0)
+        if step == self.pace.first_step + 1 and now + after > self.budget.deadline:  # as --plan says it
+            self.say(f"warning: {too_short(self.budget.seconds, self.pace.began - self.started, rough, after)}; "
+                     "this run ends at its first step")
+        self._set_length(step)
 
     def _time(self, step: int) -> None:
         """The plan's time and cost: what has run so far, and what is left of it at the measured costs."""

@@ -6,6 +6,7 @@ row per logged step (loss, lr, gradient norm, tokens/s, MFU, cost), per evaluati
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import atomic_write, first_line
+from common import SaveError, atomic_write, first_line
 from runtime import Env
 
 
@@ -66,7 +67,7 @@ class Metrics:
             # Keep the curve continuous: drop what the interrupted run logged past the resumed step.
             self.rows = [r for r in map(json.loads, self.path.read_text().splitlines())
                          if r.get("step", 0) <= resume_step]
-        with atomic_write(self.path) as tmp:
+        with writing(self.path), atomic_write(self.path) as tmp:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         self.wandb = start_wandb(wandb_project, save_dir, config or {}) if wandb_project else None
 
@@ -74,7 +75,7 @@ class Metrics:
         if not self.enabled:
             return
         self.rows.append(row)
-        with open(self.path, "a") as f:
+        with writing(self.path), open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None and "step" in row:
             self.wandb.log({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))},
@@ -113,9 +114,20 @@ class Metrics:
             right.plot(*zip(*hellaswag), marker="o", color="tab:green")
             right.set(xlabel="step", ylabel="HellaSwag acc_norm", title="HellaSwag (random guessing: 0.25)")
             right.grid(alpha=0.3)
-        with atomic_write(self.plot_path) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
-        plt.close(fig)
+        try:
+            with writing(self.plot_path), atomic_write(self.plot_path) as tmp:
+                fig.savefig(tmp, format="png", dpi=100)
+        finally:
+            plt.close(fig)
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Inside: writing `path`; the folder failing (full, removed, replaced by a file) is a SaveError, one line."""
+    try:
+        yield
+    except OSError as e:
+        raise SaveError(path, e) from None
 
 
 def start_wandb(project: str, save_dir: Path, config: dict):

@@ -140,6 +140,7 @@ class Plan:
     steps_per_pass: int | None = None  # conversations: a pass's steps (their rows' padding is not data)
     device: str = "cpu"  # what the steps are timed on
     sizing: dict | None = None  # what --time chose, recorded with the plan in metrics.jsonl
+    estimated_tokens: int | None = None  # data_tokens as estimated, once the prepared split's count replaced it
 
     @property
     def tokens(self) -> int | None:
@@ -163,19 +164,27 @@ class Plan:
 
     def data_arrived(self, tokens: int, steps_per_pass: int | None) -> None:
         """The training split is all there: its exact size replaces the estimate."""
-        self.data_tokens, self.data_basis, self.steps_per_pass = tokens, "", steps_per_pass
+        self.prepared(tokens)
+        self.steps_per_pass = steps_per_pass
 
     def model_line(self) -> str:
         without = (f" ({self.params_non_embedding / 1e6:,.1f} M without the position table)"
                    if self.params_non_embedding != self.params else "")
         return f"plan: {self.params / 1e6:,.1f} M parameters{without}, {self.tokens_per_step:,} tokens a step"
 
+    def prepared(self, tokens: int) -> None:
+        """The training split's exact size, once it is all there (the estimate kept, to say which is which)."""
+        if self.data_basis:
+            self.estimated_tokens = self.data_tokens
+        self.data_tokens, self.data_basis = tokens, ""
+
     def data_line(self) -> str:
         if self.data_tokens is None:
             return f"plan: data: size unknown until prepared ({self.data_basis})"
         size = f"{human_bytes(self.disk_bytes or self.data_tokens * SHARD_BYTES_PER_TOKEN)} of shards on disk"
         if not self.data_basis:
-            return f"plan: data: {self.data_tokens:,} training tokens, {size}"
+            estimated = f" (estimated before at about {self.estimated_tokens:,})" if self.estimated_tokens else ""
+            return f"plan: data: {self.data_tokens:,} training tokens as prepared{estimated}, {size}"
         return f"plan: data: about {self.data_tokens:,} training tokens ({self.data_basis}), {size}"
 
     def steps_line(self) -> str:
@@ -188,10 +197,13 @@ class Plan:
                 f"{human_duration(self.seconds)}{cost}")
 
     def warnings(self) -> list[str]:
-        """One line each: data seen too often, a model far from compute-optimal for its tokens."""
+        """One line each, as --plan and the run say them (horizon.Horizon.length_lines): data seen too often, a
+        model far from compute-optimal for its tokens (not for a fine-tune: a few small steps from trained weights,
+        where pretraining's rules of thumb do not apply)."""
+        return [] if self.fine_tune else self._pretraining_warnings()
+
+    def _pretraining_warnings(self) -> list[str]:
         out = []
-        if self.fine_tune:  # a few small steps from trained weights: pretraining's rules of thumb do not apply
-            return out
         if self.epochs is not None and self.epochs > REPEATS_WARNED:
             fresh = math.ceil(self.sample_size * self.epochs)
             out.append(f"warning: the run sees its data {self.epochs:.1f} times; --sample_size {fresh:,} gives "
@@ -273,8 +285,9 @@ class Outcome:
     def lines(self) -> list[str]:
         cost = f", ${self.seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
         planned = f" (planned {human_duration(self.planned_seconds)})" if self.planned_seconds else ""
-        best = (f"best validation loss {self.best_val:.4f} at step {self.best_step:,}" if self.best_val is not None
-                else "no validation yet")
+        earlier = " (of an earlier attempt)" if self.best_step is not None and self.best_step > self.steps else ""
+        best = (f"best validation loss {self.best_val:.4f} at step {self.best_step:,}{earlier}"
+                if self.best_val is not None else "no validation yet")
         hellaswag = f", HellaSwag acc_norm {self.hellaswag:.4f}" if self.hellaswag is not None else ""
         lines = [f"summary: {self.steps:,} steps, {self.tokens:,} tokens in {human_duration(self.seconds)}{planned}"
                  f"{cost}; {best}{hellaswag}"]

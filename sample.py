@@ -46,7 +46,7 @@ temperature = arg_type(float, lambda v: v >= 0, "0 (greedy) or more")
 probability = arg_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     p = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                        epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--checkpoint", default="./checkpoints/model_best_val.pt",
@@ -61,22 +61,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stream", action="store_true", help="print --prompt's continuation token by token (--interactive always does)")
     p.add_argument("--prompt", default=None,
                    help="text to continue, or the path of a file holding it (default: unconditional samples)")
-    p.add_argument("--num_samples", type=positive_int, default=1, help="continuations of --prompt")
-    p.add_argument("--max_tokens", type=positive_int, default=200, help="new tokens per continuation at most")
+    p.add_argument("--num_samples", type=positive_int, default=1,
+                   help="continuations of --prompt (default %(default)s)")
+    p.add_argument("--max_tokens", type=positive_int, default=200,
+                   help="new tokens per continuation at most (default %(default)s)")
     # nanoGPT's defaults: 0.8 keeps samples varied but coherent; top-k 200 trims the long tail for 0.2 ms a
     # token, where top-p alone sorts the whole 50257-token distribution (about 4 ms, ~15% of a bf16 step).
     p.add_argument("--temperature", type=temperature, default=0.8, help="0 is greedy (default %(default)s)")
-    p.add_argument("--top_k", type=positive_int, default=200, help="sample among the k likeliest tokens")
+    p.add_argument("--top_k", type=positive_int, default=200,
+                   help="sample among the k likeliest tokens (default %(default)s)")
     p.add_argument("--top_p", type=probability, default=None, help="nucleus sampling: the likeliest tokens "
                    "covering this probability (default off)")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling (default: different each run)")
     p.add_argument("--ignore_eot", action="store_true", help="keep going past <|endoftext|>")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default="auto",
+                   help="auto: an NVIDIA GPU, else Apple's MPS, else the CPU (default %(default)s)")
     p.add_argument("--cpu", action="store_true", help="run on the CPU and never touch CUDA (= --device cpu)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "int8", "int4"], default="auto",
                    help="int8: int8 weights; int4: int4 weights in groups of 32, the output layer int8; both with "
                         "bf16 activations, CPU only. auto: on a CPU the fastest of the four there (measured once), "
-                        "bfloat16 on CUDA, else float32")
+                        "bfloat16 on CUDA, else float32 (default %(default)s)")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.cpu and args.device not in ("auto", "cpu"):
         p.error(f"--cpu and --device {args.device} contradict each other; pass one of them")
@@ -92,11 +101,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Device, precision, model
 
 
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, say=None) -> torch.dtype:
     """--dtype's precision. Decoding one token reads every weight once, so it is memory-bound: bf16 halves
     the bytes per token, int8 weights halve them again, int4 again (torch.int8 and torch.int4 stand for
     cpu_decoding.py's layouts, with bf16 activations); on a CPU auto takes whichever a probe found fastest
-    on this CPU."""
+    on this CPU; say(line) is told when it could not (unprobed)."""
     if name in ("int8", "int4") and device.type != "cpu":
         raise SampleError(f"--dtype {name} runs on the CPU only; on {device.type} use --dtype bfloat16")
     if name == "int4" and not cpu_decoding.HAS_INT4:
@@ -106,8 +115,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if cuda_has_bf16() else torch.float32
     if device.type == "cpu":
-        return cpu_decoding.fastest_layout(user_cache_dir())  # cached beside the tokenizer's ranks
+        return cpu_decoding.fastest_layout(user_cache_dir(),  # cached beside the tokenizer's ranks
+                                           note=lambda why: say(unprobed(why)) if say else None)
     return torch.float32  # MPS: bf16 needs macOS 14, fp32 works everywhere
+
+
+def unprobed(why: str) -> str:
+    """The note for --dtype auto that could not time the precisions on this CPU: float32 for now, why, and how to
+    choose."""
+    return (f"note: --dtype auto decodes in float32 this time: {why}; the next start times them again, or choose one: "
+            "--dtype int4 (the fastest on most CPUs), int8 or bfloat16")
 
 
 def load(spec: str, device: torch.device, dtype: torch.dtype) -> tuple[GPT, dict]:
@@ -305,10 +322,11 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator:
 def run(args: argparse.Namespace) -> None:
     prompt = read_prompt(args.prompt) if args.prompt is not None else ""  # a bad file fails before loading
     device = pick_device("cpu" if args.cpu else args.device)
-    dtype = pick_dtype(args.dtype, device)
+    notes = []  # said once the model is there, after the line saying what runs where
+    dtype = pick_dtype(args.dtype, device, say=notes.append)
     model, info = load(args.checkpoint, device, dtype)
     enc = get_tokenizer()
-    print(describe(model, info, device, dtype), file=sys.stderr, flush=True)
+    print("\n".join([describe(model, info, device, dtype), *notes]), file=sys.stderr, flush=True)
     how = Sampling.from_args(args, make_generator(args.seed, device))
     if args.chat:
         if not chat.knows_turns(model.config):

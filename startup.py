@@ -9,6 +9,7 @@ training shard); with --time, the model the budget buys (budget.py); the shape a
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -20,8 +21,8 @@ import chat
 import checkpoint
 import data
 import fineweb
-from budget import CHECKPOINT_BYTES_PER_PARAMETER, DEPTHS, FORWARD_SHARE, Budget, Costs, Request, Sizing, data_note, \
-    depth_shape, size_for_budget
+from budget import (CHECKPOINT_BYTES_PER_PARAMETER, DEPTHS, FORWARD_SHARE, Budget, Costs, Request, Sizing,
+                    data_note, depth_shape, size_for_budget)
 from common import EOT, CheckpointError, UserError
 from flags import default_optimizer, model_config, sizes_the_model
 from memory import choose_grad_accum
@@ -119,9 +120,8 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     """Everything the run trains with, in the order it is known, each said as it is: the data (begun behind the
     training unless dry_run, for --plan), with --time the model the budget buys, the shape and starting weights,
     the model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
-    if not dry_run:
-        refuse_overwriting(args, env)
-    resumed = read_resume(args, env, say) if args.resume else None
+    check_flags(args, env)
+    resumed, kept = read_resume(args, env, say) if args.resume else (None, None)
     early = None if dry_run or sizes_documents(args) else open_data(data.DataSpec.from_args(args), env, say)
     sizing = None
     if sizes_the_model(args):
@@ -134,11 +134,14 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     plan.device, plan.sizing = env.device.type, sizing.to_dict() if sizing else None
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
     plan.fine_tune = args.init_from != "scratch"
-    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec)]))  # before any download
+    split = data.validation_note(spec)
+    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec), *filter(None, [split])]))  # before a download
     train, val, preparation = early or ((None, None, None) if dry_run else open_data(spec, env, say))
     if train is not None and train.complete:
-        plan.data_tokens, plan.data_basis = train.num_tokens, ""
+        plan.prepared(train.num_tokens)
         say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
+    elif dry_run and plan.data_tokens is not None and data_note(sizing, plan.data_tokens):  # as the run will say it
+        say("\n".join(data_note(sizing, plan.data_tokens)))
     optimizer = optimizer_settings(args, sizing)
     learner = build(config, env, optimizer, seed=args.seed, init_state=init_state)
     saved_accum = checkpoint.saved_run(resumed).get("grad_accum") if resumed else None
@@ -165,7 +168,8 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
                         seed=args.seed, save_dir=Path(args.save_dir), init_from=args.init_from,
                         num_workers=args.num_workers, price_per_hour=args.price_per_hour, target_loss=args.target_loss,
                         sample_during_training=args.sample_during_training, wandb=args.wandb)
-    progress = resume_progress(resumed, learner, settings, args, say) if resumed else checkpoint.Progress()
+    progress = resume_progress(resumed, learner, settings, args, say) if resumed else \
+        checkpoint.Progress(**(dict(best_step=kept[0], best_val=kept[1]) if kept else {}))
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     horizon = Horizon(rate=LearningRate.of(optimizer), muon_momentum=optimizer.muon_momentum, held=settings.held_lr,
                       given=settings.steps, plan=plan, costs=run_costs(settings, plan, val, hellaswag),
@@ -248,6 +252,34 @@ def open_data(spec: data.DataSpec, env: Env, say: Callable) -> tuple[TokenShards
     return TokenShards(r.cache_dir, "train", failed=failed, arriving=True), val, preparation
 
 
+def check_flags(args, env: Env) -> None:
+    """What the flags name, checked before any data work, --plan and the run alike, so that the first problem
+    is the one named: the local data, the starting weights and the save folder; then (without --resume) an
+    earlier run in that folder, which only a run that can start would overwrite."""
+    spec = data.DataSpec.from_args(args)
+    resuming = args.resume and (Path(args.save_dir) / checkpoint.LATEST).is_file()  # the weights are in latest.pt
+    only_on_rank0(env, lambda: (data.check_local_text(spec),
+                                None if resuming or args.init_from == "scratch" else checkpoint.check_found(
+                                    args.init_from, "--init_from"),
+                                check_save_dir(Path(args.save_dir))))
+    if args.resume and not all_ranks_agree(env, vars(args) == broadcast_from_rank0(env, lambda: vars(args))):
+        raise UserError("--resume: the processes read different flags (latest.pt is not on every machine): give "
+                        "the run's flags on the command line")
+    if not args.resume:
+        refuse_overwriting(args, env)
+
+
+def check_save_dir(folder: Path) -> None:
+    """--save_dir, a folder that is there or can be made, and written in (nothing is made or written here)."""
+    there = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not there.is_dir():
+        named = "is a file" if there == folder else f"is under {there}, a file"
+        raise UserError(f"--save_dir {folder} {named}, not a folder: choose another --save_dir")
+    if not os.access(there, os.W_OK | os.X_OK):
+        raise UserError(f"--save_dir {folder}: {there} cannot be written in (permission denied or a read-only "
+                        "disk): choose another --save_dir")
+
+
 def earlier_run(save_dir: str) -> list[str]:
     """What an earlier run left in --save_dir: its checkpoints and metrics, by name."""
     return [name for name in (checkpoint.LATEST, checkpoint.BEST, "metrics.jsonl") if (Path(save_dir) / name).exists()]
@@ -268,17 +300,22 @@ def refuse_overwriting(args, env: Env) -> None:
                               "--save_dir (nothing was overwritten)")
 
 
-def read_resume(args, env: Env, say: Callable) -> dict | None:
-    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk); None where the
-    run stopped before it saved one (it starts again from step 0)."""
+def read_resume(args, env: Env, say: Callable) -> tuple[dict | None, tuple[int, float] | None]:
+    """latest.pt, read by rank 0 and shared with every rank (machines need not share a disk); or where the run
+    stopped before it saved one (it starts again from step 0), None and the (step, loss) of the best model it
+    saved, if it did: that one stays until the run validates lower."""
     left = broadcast_from_rank0(env, lambda: earlier_run(args.save_dir))
     if left and checkpoint.LATEST not in left:
-        say(f"note: --resume: {args.save_dir} has no latest.pt (the run stopped before its first save): starting "
-            "it again from step 0")
-        return None
+        kept = broadcast_from_rank0(env, lambda: checkpoint.best_so_far(Path(args.save_dir)))
+        stays = f"; its {checkpoint.BEST} (step {kept[0]}, validation loss {kept[1]:.4f}) stays until this run " \
+                "validates lower" if kept else ""
+        first = "it saved one" if kept else "its first save"
+        say(f"note: --resume: {args.save_dir} has no latest.pt (the run stopped before {first}): starting it again "
+            f"from step 0{stays}")
+        return None, kept
     optimizer = args.optimizer or default_optimizer(args.init_from)
     ckpt = only_on_rank0(env, lambda: checkpoint.read_latest(Path(args.save_dir), optimizer, args.init_from))
-    return broadcast_state_from_rank0(env, ckpt)
+    return broadcast_state_from_rank0(env, ckpt), None
 
 
 def starting_point(args, env: Env, resumed: dict | None, say: Callable,
@@ -374,8 +411,8 @@ def resume_progress(resumed: dict, learner: Learner, s: Settings, args, say: Cal
     progress = checkpoint.restore(resumed, learner.raw_model, learner.optimizers, learner.scaler, s.tokens_per_step,
                                   s.grad_accum)
     say("\n".join(resume_notes(resumed, s, args, progress)))
-    say(f"resumed from {s.save_dir / checkpoint.LATEST} at step {progress.step} "
-        f"(best validation loss {progress.best_val:.4f})")
+    best = f"best validation loss {progress.best_val:.4f}" if progress.best_step is not None else "no validation yet"
+    say(f"resumed from {s.save_dir / checkpoint.LATEST} at step {progress.step} ({best})")
     return progress
 
 
@@ -427,7 +464,7 @@ def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec
     estimated from --sample_size (exact once it has all arrived)."""
     params, non_embedding = parameter_counts(config)
     estimate, basis = estimated_data_tokens(spec.dataset, spec.sample_size)
-    plan = Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
+    plan = Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size,
                 price_per_hour=args.price_per_hour,
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training")

@@ -4,7 +4,7 @@
     python train_gpt2.py --plan --price_per_hour 3            # what a run will take and cost; nothing is written
     python train_gpt2.py --time 1h                            # the model an hour buys, its decay ending on time
     python train_gpt2.py --dataset ./my_texts --n_layer 6 --n_head 6 --n_embd 384 --max_steps 2000
-    python train_gpt2.py ...the same flags... --resume        # after a stop, or a kill -9
+    python train_gpt2.py --resume                             # after a stop, or a kill -9: the run's own flags
     torchrun --standalone --nproc_per_node 8 train_gpt2.py --batch_size 512
 
 This file holds the run: `main`, `--plan`, and `train`, the loop: the step, written out (the horizon's settings
@@ -19,6 +19,7 @@ import time
 
 STARTED = time.monotonic()  # --time counts from here: importing torch, preparing data and compiling included
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -27,6 +28,7 @@ import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -36,15 +38,16 @@ import batches
 import chat
 import checkpoint
 import data
-from budget import cpu_advice
-from common import EOT, UserError, clean_temporaries, first_line, forgive_gone_readers, remove_own_temporaries
+from budget import CHECKPOINT_BYTES_PER_PARAMETER, cpu_advice
+from common import (EOT, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers,
+                    remove_own_temporaries)
 from eval import validation_loss
 from flags import parse_args, shown_flags
-from metrics import Metrics, print_header, run_header
+from metrics import Metrics, print_header, run_header, writing
 from model import GPTConfig
-from muon import Muon
 from horizon import StepSettings
-from plan import Outcome, peak_flops
+from muon import Muon
+from plan import Outcome, human_bytes, peak_flops
 from runtime import Env, cleanup_env, leave_together, setup_env
 from startup import Run, reply_room, start
 from step import StatsReader, StepStats, accumulate_gradients, run_compiled, step_optimizers, step_seconds
@@ -79,10 +82,12 @@ def main(argv=None, started: float | None = None) -> int:
         out.close()
         leave_together(env)
         return status
+    except SaveError as e:
+        sys.exit(f"error: {e}; {out.room() if out else 'the save folder cannot be written'}")
     except UserError as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # before training starts (e.g. while sizing); later, signals stop cleanly
-        print("interrupted before training began", file=sys.stderr)
+        print(interrupted_early(), file=sys.stderr)
         return 128 + signal.SIGINT
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         sys.exit(out_of_memory(args, env, "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "CPU"))
@@ -92,8 +97,18 @@ def main(argv=None, started: float | None = None) -> int:
         sys.exit(out_of_memory(args, env, "CPU"))
     finally:
         if out is not None:
-            out.close()  # a failed run's last checkpoints are on disk too
+            with contextlib.suppress(UserError):  # said already, or the error being said is the first
+                out.close()  # a failed run's last checkpoints are on disk too
         cleanup_env(env)
+
+
+def interrupted_early() -> str:
+    """The line a Ctrl-C before the first step ends with: the way on."""
+    underway = data.preparations_underway()
+    if underway:
+        return (f"interrupted while preparing the data: what is prepared in {underway[0]} is kept, and the same "
+                "command continues from there")
+    return "interrupted before training began (nothing of the run was written): the same command starts it again"
 
 
 def print_plan(run: Run, env: Env, started: float, say) -> int:
@@ -105,7 +120,7 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
     else:
         seconds = run_compiled(run.learner, env, say, lambda: step_seconds(
             run.learner, env, settings.micro_size, settings.grad_accum, settings.config.block_size, PLAN_TIMING_S))
-    run.horizon.timed(seconds, time.monotonic())
+    short = run.horizon.timed(seconds, time.monotonic())
     lines = [f"plan: micro-batches of {settings.micro_size} × {settings.config.block_size} tokens, "
              f"{settings.grad_accum} accumulation step(s) on each of {env.world} process(es)"]
     if run.horizon.steps is None:
@@ -113,8 +128,8 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
         lines += plan.warnings()
     else:
         lines += [*run.horizon.length_lines(), plan.time_line()]
-        lines += [] if settings.time else cpu_advice(env.device.type, plan.seconds)
-    say("\n".join(lines))
+        lines += [] if settings.time else cpu_advice(env.device.type, plan.seconds, settings.config)
+    say("\n".join(lines + short))
     return 0
 
 
@@ -129,16 +144,18 @@ class Signals:
     group).
     """
 
-    def __init__(self):
+    def __init__(self, latest: Callable[[], str]):
+        """latest(): what the last latest.pt saved is, said when a second Ctrl-C leaves this stop's unsaved."""
         self.received: int | None = None
+        self.latest = latest
         for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(s, self._handler)
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.received == signal.SIGINT:  # the second Ctrl-C: out at once
             left = remove_own_temporaries()
-            print(f"\nquit at once: latest.pt not saved{'; removed ' + ', '.join(left) if left else ''}",
-                  file=sys.stderr)
+            print(f"\nquit at once, without saving latest.pt{' (removed ' + ', '.join(left) + ')' if left else ''}: "
+                  f"{self.latest()}", file=sys.stderr)
             os._exit(128 + signal.SIGINT)
         self.received = self.received or signum
 
@@ -149,6 +166,7 @@ class Output:
     the checkpoints, written in the background."""
     env: Env
     save_dir: Path
+    params: int  # the model's, for the room its checkpoints take
     started: float  # the process's start, which --time counts from
     price_per_hour: float | None
     metrics: Metrics
@@ -159,13 +177,15 @@ class Output:
     @classmethod
     def open(cls, run: Run, env: Env, started: float) -> Output:
         settings, step = run.settings, run.progress.step
-        settings.save_dir.mkdir(parents=True, exist_ok=True)
+        with writing(settings.save_dir):
+            settings.save_dir.mkdir(parents=True, exist_ok=True)
         if env.master and clean_temporaries(settings.save_dir):  # what a killed run was writing when it died
             tqdm.write(f"note: removed the unfinished files a killed run left in {settings.save_dir}")
         # A resumed run's rows past its step are dropped (a new run's folder holds no metrics.jsonl).
         metrics = Metrics(settings.save_dir, step, settings.wandb, run.flags, enabled=env.master)
         bar = tqdm(total=run.horizon.steps, initial=step, disable=not env.master, unit="step", dynamic_ncols=True)
-        out = cls(env, settings.save_dir, started, settings.price_per_hour, metrics, bar, checkpoint.CheckpointWriter())
+        out = cls(env, settings.save_dir, run.plan.params, started, settings.price_per_hour, metrics, bar,
+                  checkpoint.CheckpointWriter())
         run.horizon.log = metrics.log  # the plan's rows, as the horizon learns them
         if run.preparation is not None:
             out.closing(run.preparation)
@@ -195,6 +215,21 @@ class Output:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def room(self) -> str:
+        """What a run whose folder failed needs there, and the way on (what was saved stays)."""
+        latest, best = self.params * CHECKPOINT_BYTES_PER_PARAMETER, self.params * 4  # fp32 weights alone
+        return (f"{self.save_dir} must be a folder with about {human_bytes(2 * (latest + best))} free for this run "
+                f"(latest.pt about {human_bytes(latest)} and {checkpoint.BEST} {human_bytes(best)}, each written "
+                f"beside the one it replaces); what was saved there stays, and then {self.last_latest()}")
+
+    def last_latest(self) -> str:
+        """Where --resume would continue from now: the last latest.pt written whole, or step 0."""
+        latest = self.save_dir / checkpoint.LATEST
+        if not latest.is_file():
+            return f"{latest} is not there, so --resume starts the run again from step 0"
+        step = self.writer.steps.get(checkpoint.LATEST)
+        return f"{latest}{'' if step is None else f' of step {step}'} is still there, and --resume continues from it"
+
     def cost(self) -> float | None:
         return None if self.price_per_hour is None else self.elapsed() / 3600 * self.price_per_hour
 
@@ -220,7 +255,7 @@ def train(run: Run, env: Env, out: Output) -> int:
     if not horizon.running(progress.step):
         out.say(f"nothing to do: the run is at step {progress.step} of {horizon.steps}")
         return 0
-    signals, stats = Signals(), StatsReader(learner.scaler is not None, settings.save_dir)
+    signals, stats = Signals(out.last_latest), StatsReader(learner.scaler is not None, settings.save_dir)
     run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
     reader = out.closing(batches.micro_batches(run.batches, progress.micro_steps, num_workers=settings.num_workers,
                                                pin_memory=env.device.type == "cuda"))

@@ -16,6 +16,25 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def away_from_the_users_folders(tmp_path_factory):
+    """The tests, and every script they run, start in an empty folder with caches of their own: a user's
+    checkpoints/ (eval.py's and sample.py's default), data_cache/, the CPU probe and the Hugging Face cache are
+    never read, whatever they hold. Each test then gets a folder of its own (in_a_folder_of_its_own)."""
+    home = tmp_path_factory.mktemp("user")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(home)
+        patch.setenv("XDG_CACHE_HOME", str(home / ".cache"))  # data.user_cache_dir, and huggingface's default
+        patch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
+        yield home
+
+
+@pytest.fixture(autouse=True)
+def in_a_folder_of_its_own(tmp_path_factory, monkeypatch):
+    """What one test (or a script it runs) writes at a default relative path, another never reads."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture
 def corpus() -> list[str]:
     return make_corpus()

@@ -114,9 +114,12 @@ TINY_MODEL_ARGS = ["--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block
 
 def child_env(**extra: str) -> dict:
     """The environment of every child process a test starts: offline (the Hub is out of reach here, and
-    must never be asked), unbuffered, one thread (the tests run side by side on two cores); then `extra`."""
+    must never be asked), unbuffered, one thread (the tests run side by side on two cores), the caches of
+    conftest's away_from_the_users_folders; then `extra`."""
+    # PYTHONPATH: `python -c CODE` imports the repository's modules from any folder (a test's own, never this one).
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-            "OMP_NUM_THREADS": "1", **extra}
+            "OMP_NUM_THREADS": "1", "PYTHONPATH": path, **extra}
 
 
 def script_command(script: str, *args: str, torchrun_ranks: int = 0) -> list[str]:
@@ -127,18 +130,21 @@ def script_command(script: str, *args: str, torchrun_ranks: int = 0) -> list[str
 
 
 def run_script(script: str, *args: str, timeout: float = 300, env: dict | None = None,
-               input: str | None = None, cwd: Path = REPO, torchrun_ranks: int = 0) -> subprocess.CompletedProcess:
-    """Run one of the repository's scripts as a user would, offline, and capture its output: in a process of its
-    own, forked from a zygote that has imported torch (tests/zygote.py) unless the run needs a fresh interpreter
+               input: str | None = None, cwd: Path | None = None,
+               torchrun_ranks: int = 0) -> subprocess.CompletedProcess:
+    """Run one of the repository's scripts as a user would, offline, and capture its output: in `cwd` (by default
+    the test process's own folder, never the repository, whose checkpoints/ may hold a user's run), in a process
+    of its own, forked from a zygote that has imported torch (tests/zygote.py) unless the run needs a fresh interpreter
     (torchrun, or an environment that torch or Python read as they start)."""
     return run_command(script_command(script, *args, torchrun_ranks=torchrun_ranks), timeout, env, input, cwd,
                        fresh=bool(torchrun_ranks))
 
 
 def run_command(command: list[str], timeout: float = 300, env: dict | None = None, input: str | None = None,
-                cwd: Path = REPO, fresh: bool = False) -> subprocess.CompletedProcess:
+                cwd: Path | None = None, fresh: bool = False) -> subprocess.CompletedProcess:
     """run_script's way for a command line of this interpreter (a script, or -c CODE), `fresh` for one that
     must start a new interpreter."""
+    cwd = cwd or Path.cwd()
     if fresh or any(name.startswith(FRESH_INTERPRETER) for name in env or {}):
         return subprocess.run(command, cwd=cwd, env=child_env(**(env or {})), capture_output=True, text=True,
                               timeout=timeout, input=input)
@@ -178,9 +184,10 @@ class Zygote:
 _ZYGOTE = Zygote()
 
 
-def start_script(script: str, *args: str, env: dict | None = None, cwd: Path = REPO, **popen) -> subprocess.Popen:
+def start_script(script: str, *args: str, env: dict | None = None, cwd: Path | None = None,
+                 **popen) -> subprocess.Popen:
     """Start one of the repository's scripts in the background (to signal or kill it), output captured."""
-    return subprocess.Popen(script_command(script, *args), cwd=cwd, env=child_env(**(env or {})),
+    return subprocess.Popen(script_command(script, *args), cwd=cwd or Path.cwd(), env=child_env(**(env or {})),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 

@@ -26,7 +26,7 @@ import model as M
 import sample
 import train_gpt2 as T
 from common import EOT
-from helpers import (REPO, child_env, llama_cpp_process, make_conversation, make_conversations, metrics,
+from helpers import (child_env, llama_cpp_process, make_conversation, make_conversations, metrics,
                      one_torch_thread, run_script, script_command, write_conversations)
 
 CONTEXT = 64
@@ -211,7 +211,7 @@ def test_two_turns_at_a_terminal_each_end_and_ctrl_d_leaves(tuned):
     leader, follower = pty.openpty()
     proc = subprocess.Popen(script_command("sample.py", "--chat", "--checkpoint", str(tuned / "model_best_val.pt"),
                                            "--cpu", "--temperature", "0", "--max_tokens", "20"),
-                            cwd=REPO, env=child_env(), stdin=follower, stdout=follower, stderr=follower)
+                            env=child_env(), stdin=follower, stdout=follower, stderr=follower)
     os.close(follower)
     try:
         shown = read_until(leader, b"> ")

@@ -10,7 +10,7 @@ import pytest
 
 import common
 import data
-from helpers import make_corpus, run_script, write_jsonl, write_txt_dir
+from helpers import make_conversations, make_corpus, run_script, write_conversations, write_jsonl, write_txt_dir
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 
@@ -167,19 +167,25 @@ def test_changing_a_setting_or_a_source_file_gives_a_new_cache(tmp_path, text_di
         documents_in(split_tokens(changed, "val"))
 
 
+def killed_while_reading(record: int, args: data.DataSpec, monkeypatch) -> None:
+    """A preparation of `args` killed as it reads the source's record `record`, leaving its partial cache."""
+    real = data.iter_records
+
+    def failing(source, skip=0):
+        for i, read in enumerate(real(source, skip)):
+            if i == record:
+                raise RuntimeError("killed")
+            yield read
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        patch.setattr(data, "iter_records", failing)
+        data.prepare(args, shard_tokens=SHARD, progress=False)
+
+
 def test_resumed_preparation_matches_an_uninterrupted_one(tmp_path, text_dir, monkeypatch):
     real = data.iter_records
     skips = []
-
-    def failing(source, skip=0):
-        for i, record in enumerate(real(source, skip)):
-            if i == 40:  # well after the first flush (a shard is ~3 documents)
-                raise RuntimeError("killed")
-            yield record
-    monkeypatch.setattr(data, "iter_records", failing)
     args = data_args(text_dir, tmp_path / "interrupted")
-    with pytest.raises(RuntimeError, match="killed"):
-        data.prepare(args, shard_tokens=SHARD, progress=False)
+    killed_while_reading(40, args, monkeypatch)  # well after the first flush (a shard is ~3 documents)
     partial = next((tmp_path / "interrupted").iterdir())
     assert (partial / "progress.json").exists() and not (partial / "manifest.json").exists()
 
@@ -350,9 +356,62 @@ def test_a_missing_text_field_names_the_fields_found(tmp_path, corpus, kind):
         data.prepare(data_args(path, tmp_path / "cache"), progress=False)
 
 
-def test_a_corpus_with_no_validation_document_is_refused(tmp_path, corpus):
-    text = write_txt_dir(tmp_path / "text", corpus[:2])
-    with pytest.raises(data.DataError, match="--val_split 0.05 of 2 documents holds out none for validation"):
-        data.prepare(data_args(text, tmp_path / "cache"), progress=False)
+@pytest.mark.parametrize("val_split", ["0.05", "0.5", "0.95"])
+def test_a_book_holds_out_the_last_share_of_its_tokens_for_validation(tmp_path, corpus, val_split):
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(corpus), encoding="utf-8")
+    cache_dir = data.prepare(data_args(book, tmp_path / "cache", "--val_split", val_split), shard_tokens=SHARD,
+                             progress=False)
+    tokens = [*data.get_tokenizer().encode_ordinary(book.read_text(encoding="utf-8")), data.EOT]
+    held = round(float(val_split) * len(tokens))
+    assert split_tokens(cache_dir, "val").tolist() == tokens[-held:]  # the end of the book
+    assert split_tokens(cache_dir, "train").tolist() == tokens[:-held]
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
+    assert manifest["split"]["rule"].startswith(f"the last {float(val_split):.0%} of each document's tokens")
+
+
+def test_a_few_documents_each_hold_out_their_last_share_and_a_killed_preparation_resumes_exactly(
+        tmp_path, corpus, monkeypatch):
+    text = write_txt_dir(tmp_path / "text", corpus[:8])  # 5% of 8 documents rounds to none
+    args = data_args(text, tmp_path / "interrupted")
+    killed_while_reading(6, args, monkeypatch)  # after a flush or two (a shard is ~3 documents)
+    assert (next((tmp_path / "interrupted").iterdir()) / "progress.json").exists()
+    resumed = data.prepare(args, shard_tokens=SHARD, progress=False)
+    uninterrupted = data.prepare(data_args(text, tmp_path / "clean"), shard_tokens=SHARD, progress=False)
+    assert shard_bytes(resumed) == shard_bytes(uninterrupted)
+    assert (resumed / "manifest.json").read_text() == (uninterrupted / "manifest.json").read_text()
+    enc, order = data.get_tokenizer(), source_order(text, corpus[:8])
+    documents = [[*enc.encode_ordinary(doc), data.EOT] for doc in order]
+    assert split_tokens(resumed, "val").tolist() == [t for d in documents for t in d[len(d) - round(0.05 * len(d)):]]
+    # The rule is part of what names the cache: a cache of documents held out whole is never taken for it.
+    assert resumed.name != data.target(data_args(text, tmp_path / "x", "--val_split", "0.5")).cache_dir.name
+    assert data.target(data.DataSpec(str(text), val_split=0.5)).settings.get("validation") is None  # 4 of 8
+
+
+@pytest.mark.parametrize("kind", ["empty .txt", "blank .txt in a folder", "empty .jsonl", "no text in its field"])
+def test_an_empty_corpus_is_one_line_saying_so_before_and_after_reading(tmp_path, kind):
+    if kind == "empty .txt":
+        path = tmp_path / "book.txt"
+        path.write_text("")
+    elif kind == "blank .txt in a folder":
+        path = write_txt_dir(tmp_path / "texts", [" \n\t "])
+    elif kind == "empty .jsonl":
+        path = tmp_path / "docs.jsonl"
+        path.write_text("")
+    else:
+        path = write_jsonl(tmp_path / "docs.jsonl", ["", ""])
+    spec = data_args(path, tmp_path / "cache")
+    with pytest.raises(data.DataError) as early:
+        data.check_local_text(spec)
+    with pytest.raises(data.DataError) as late:
+        data.prepare(spec, progress=False)
+    assert str(early.value) == str(late.value) and str(early.value).startswith(f"--dataset {path} is empty (")
+
+
+def test_too_few_conversations_to_split_are_refused_in_one_line_naming_a_val_split_that_works(tmp_path):
+    path = write_conversations(tmp_path / "chats.jsonl", make_conversations(4))
+    with pytest.raises(data.DataError, match=r"--chat: 4 conversation\(s\) are too few .* --val_split 0.25$"):
+        data.prepare(data_args(path, tmp_path / "cache", "--chat"), progress=False)
+    assert data.prepare(data_args(path, tmp_path / "cache", "--chat", "--val_split", "0.25"), progress=False)
 
 

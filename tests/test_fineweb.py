@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import fineweb
-from helpers import (REPO as HERE, TINY_MODEL_ARGS, HubStandIn, child_env, make_corpus, metrics, run_command,
+from helpers import (TINY_MODEL_ARGS, HubStandIn, child_env, make_corpus, metrics, run_command,
                      run_script, wait_for, write_pretokenized)
 from shards import TokenShards
 
@@ -65,7 +65,7 @@ def trainer(*flags: str, env: dict, wait: bool = True):
     command = [sys.executable, "-c", SMALL_BLOCKS, *flags]
     if wait:
         return run_command(command, env=env)
-    return subprocess.Popen(command, cwd=HERE, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen(command, env=child_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 

@@ -232,7 +232,7 @@ def test_two_ranks_agree_on_the_micro_batch_when_one_runs_out_of_memory_and_keep
     driver = tmp_path / "probe.py"
     driver.write_text(TWO_RANK_PROBE)
     cmd = script_command(str(driver), str(REPO), str(tmp_path), torchrun_ranks=2)
-    run = subprocess.run(cmd, cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=120)
+    run = subprocess.run(cmd, cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["accum"] for r in ranks] == [4, 4]  # 4 failed on rank 1, then 2; 1 fitted both

@@ -8,7 +8,7 @@ import torch
 import checkpoint
 import model as M
 import weights
-from common import CheckpointError, EOT
+from common import EOT, CheckpointError, SaveError
 from model import GPT, GPTConfig, KVCache, sample_token
 
 # Every architecture switch on at once (but zero_init, which would make every logit 0), beside the presets.
@@ -231,7 +231,7 @@ def test_a_save_waits_for_the_one_before_and_a_failed_write_is_reported_in_one_l
     writer.wait()
     assert written == ["first.pt", "second.pt"] and (tmp_path / "second.pt").is_file()
     writer.save(tmp_path / "missing" / "third.pt", checkpoint.checkpoint_state(m))  # no such directory
-    with pytest.raises(CheckpointError, match=r"^could not write .*third\.pt \(RuntimeError: Parent directory .* does not exist"):
+    with pytest.raises(SaveError, match=r"^cannot write .*third\.pt \(RuntimeError: Parent directory .* does not exist"):
         writer.wait()
     assert not list(tmp_path.glob("*.tmp-*"))
 

@@ -67,7 +67,7 @@ def test_free_memory_under_ulimit_v_is_the_address_space_left():
     code = ("import os, resource, memory; size = int(open('/proc/self/statm').read().split()[0]) * os.sysconf("
             "'SC_PAGE_SIZE'); resource.setrlimit(resource.RLIMIT_AS, (size + 2**30, resource.RLIM_INFINITY)); "
             "print(memory.available_memory())")
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=child_env(), capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-c", code], env=child_env(), capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert 0.5 * 2 ** 30 < int(result.stdout) <= 2 ** 30
@@ -182,7 +182,7 @@ DIRECT_IMPORTS = """
 import builtins, os, sys
 real, seen = builtins.__import__, set()
 def spy(name, globals=None, locals=None, fromlist=(), level=0):
-    if level == 0 and str((globals or {}).get("__file__", "")).startswith(os.getcwd() + os.sep):
+    if level == 0 and str((globals or {}).get("__file__", "")).startswith(sys.argv[1] + os.sep):
         seen.add(name.split(".")[0])
     return real(name, globals, locals, fromlist, level)
 builtins.__import__ = spy
@@ -193,7 +193,7 @@ print(" ".join(seen))
 
 
 def test_the_laptop_requirements_name_what_sampling_and_the_exports_import_and_nothing_of_training():
-    result = subprocess.run([sys.executable, "-c", DIRECT_IMPORTS], cwd=REPO, env=child_env(), capture_output=True,
+    result = subprocess.run([sys.executable, "-c", DIRECT_IMPORTS, str(REPO)], env=child_env(), capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     owners = importlib.metadata.packages_distributions()  # module -> the distributions that install it
@@ -208,11 +208,21 @@ def test_the_laptop_requirements_name_what_sampling_and_the_exports_import_and_n
 
 
 def test_a_cpu_run_of_hours_is_told_to_let_the_budget_choose_or_to_take_a_smaller_shape():
-    advice = B.cpu_advice("cpu", 32 * 3600 + 20 * 60)
+    gpt2 = M.GPTConfig()  # 124M
+    advice = B.cpu_advice("cpu", 32 * 3600 + 20 * 60, gpt2)
     assert len(advice) == 1 and advice[0].startswith("warning: 32 h 20 min is long for a CPU: --time 10m")
     assert "--n_layer 4 --n_head 4 --n_embd 256" in advice[0]
     F.parse_args(["--time", "10m", "--n_layer", "4", "--n_head", "4", "--n_embd", "256"])  # the flags it names exist
-    assert B.cpu_advice("cpu", 50 * 60) == [] and B.cpu_advice("cuda", 32 * 3600) == []
+    assert B.cpu_advice("cpu", 50 * 60, gpt2) == [] and B.cpu_advice("cuda", 32 * 3600, gpt2) == []
+
+
+@pytest.mark.parametrize("shape, suggested", [((3, 3, 192), "--n_layer 2 --n_head 2 --n_embd 128"),
+                                              ((2, 2, 128), None), ((2, 2, 32), None)])
+def test_the_cpu_advice_suggests_only_a_shape_smaller_than_the_plans(shape, suggested):
+    config = M.GPTConfig(**dict(zip(("n_layer", "n_head", "n_embd"), shape)))
+    (advice,) = B.cpu_advice("cpu", 2 * 3600, config)
+    assert (suggested in advice) if suggested else "--n_layer" not in advice
+    assert "--time 10m" in advice
 
 
 def test_the_familys_smallest_model_is_not_told_to_be_smaller():

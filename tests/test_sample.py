@@ -13,7 +13,7 @@ import model as M
 from weights import model_with_weights
 import sample
 from common import EOT
-from helpers import REPO, child_env, one_torch_thread, run_script
+from helpers import child_env, one_torch_thread, run_script
 from data import get_tokenizer
 
 
@@ -145,7 +145,7 @@ def test_sample_py_answers_without_importing_the_compiler_stack(tiny_ckpt):
     # torch._dynamo takes seconds to import and decoding never compiles: start-up must not pay for it.
     code = ("import sys, sample; sample.main(['--checkpoint', sys.argv[1], '--cpu', '--max_tokens', '2', "
             "'--prompt', 'x']); print(sorted(m for m in sys.modules if m.startswith('torch._dynamo')))")
-    result = subprocess.run([sys.executable, "-c", code, tiny_ckpt], cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", code, tiny_ckpt], env=child_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "[]"
 
@@ -301,7 +301,7 @@ def test_auto_follows_the_probe_on_this_cpu_and_emulating_an_avx2_laptop(tmp_pat
             "print(json.dumps([str(dtype), *seen[0], C.probe_key(), torch.backends.cpu.get_cpu_capability(), "
             "C.cpu_has_fast_bf16()]))")
     avx2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
-    procs = {name: subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+    procs = {name: subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True, env=child_env(XDG_CACHE_HOME=str(tmp_path), **env))
              for name, env in (("native", {}), ("avx2", avx2))}  # side by side: each is one thread
     children = {}

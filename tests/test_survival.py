@@ -15,7 +15,7 @@ import checkpoint
 import eval as E
 import plan as P
 import train_gpt2 as T
-from helpers import REPO, child_env, metrics, script_command, train_args, wait_for
+from helpers import child_env, metrics, script_command, train_args, wait_for
 import flags as F
 import memory as Mem
 
@@ -37,7 +37,7 @@ def start(args, output: str) -> tuple[subprocess.Popen, int]:
     """train_gpt2.py in a session (a process group) of its own, as a shell starts a job; its output to a pty
     (a terminal) or a pipe, whose reading end is returned."""
     reader, writer = pty.openpty() if output == "terminal" else os.pipe()
-    proc = subprocess.Popen(script_command("train_gpt2.py", *args), cwd=REPO, env=child_env(), stdin=subprocess.DEVNULL,
+    proc = subprocess.Popen(script_command("train_gpt2.py", *args), env=child_env(), stdin=subprocess.DEVNULL,
                             stdout=writer, stderr=writer, start_new_session=True)
     os.close(writer)
     os.set_blocking(reader, False)
@@ -183,7 +183,7 @@ sys.exit(T.main(sys.argv[1:]))"""
 def test_an_error_after_the_first_step_ends_the_run_at_once_with_its_readers(corpus_dir, data_cache, tmp_path,
                                                                               error, expected):
     args = train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "50", "--num_workers", "2")
-    result = subprocess.run([sys.executable, "-c", FAILING_STEP, *args, error], cwd=REPO, env=child_env(),
+    result = subprocess.run([sys.executable, "-c", FAILING_STEP, *args, error], env=child_env(),
                             capture_output=True, text=True, timeout=120)  # a run that hangs fails here
     assert result.returncode == 1 and result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr
     if error.startswith("DefaultCPUAllocator"):
@@ -199,7 +199,7 @@ def test_resume_starts_again_a_run_killed_before_its_first_save(corpus_dir, data
     (save / f".latest.pt.tmp-{dead_pid}").write_bytes(b"half a checkpoint")
     result = subprocess.run(script_command("train_gpt2.py", *train_args(corpus_dir, data_cache, save, *STEPS,
                                                                         "--resume")),
-                            cwd=REPO, env=child_env(), capture_output=True, text=True, timeout=300)
+                            env=child_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "has no latest.pt (the run stopped before its first save): starting it again from step 0" in result.stdout
     assert "removed the unfinished files a killed run left" in result.stdout
