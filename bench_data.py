@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from common import EOT
+from shards import SHARD_TOKENS
 
 REPO = Path(__file__).resolve().parent
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "256", "--batch_size", "8",
         "--max_steps", "3", "--log_interval", "1", "--eval_interval", "1000", "--num_workers", "0", "--device", "cpu"]
-SHARD_TOKENS = 100_000_000  # as llm.c's FineWeb shards hold
 
 
 def first_step(flags: list[str], folder: Path, env: dict) -> float:

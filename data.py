@@ -40,10 +40,9 @@ from tqdm import tqdm
 import chat
 import fineweb
 from common import (EOT, ArgumentParser, atomic_write, check_hub_reachable, clean_temporaries, first_line,
-                    local_data_hint, open_fraction, positive_int, write_json)
-from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, Stopped,  # noqa: F401
-                    TokenShards,
-                    read_json, write_shard)
+                    local_data_hint, network_errors, open_fraction, positive_int, write_json)
+from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_TOKENS, SHARD_VERSION, SPLITS, VAL_TOKENS,  # noqa: F401
+                    DataError, Stopped, TokenShards, read_json, write_shard, writing)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.
@@ -364,7 +363,7 @@ def _part_sizes(source: Source) -> tuple[int, ...]:
 def _sizes(source: Source, identity: str) -> tuple[int, ...]:  # identity: files changed since are counted again
     try:
         sizes = [count_records(part, 2**62) if part.files is not None else _hub_rows(part) for part in source.parts]
-    except _network_errors() as e:
+    except network_errors() as e:
         raise _unreachable(source, e) from None
     largest = max((size for size in sizes if size), default=1)
     return tuple(max(1, size or largest) for size in sizes)
@@ -459,7 +458,7 @@ def _parquet_records(path: str, source: Source) -> Iterator[tuple[str | list | N
 
 def _hub_records(source: Source, skip: int) -> Iterator[tuple[str | None, bool]]:
     """Streams the Hub dataset from record `skip` on, re-opening the stream after a network error."""
-    errors = _network_errors()
+    errors = network_errors()
     consumed, failures, received = skip, 0, False
     while True:
         try:
@@ -501,18 +500,6 @@ def _open_hub_stream(source: Source, skip: int):
     return stream.skip(skip) if skip else stream
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """What datasets/huggingface_hub/fsspec raise when the network fails (most derive from OSError)."""
-    errors: list[type[BaseException]] = [OSError, TimeoutError]
-    with contextlib.suppress(ImportError):
-        from huggingface_hub.errors import HfHubHTTPError
-        errors.append(HfHubHTTPError)
-    with contextlib.suppress(ImportError):
-        import aiohttp
-        errors.append(aiohttp.ClientError)
-    return tuple(errors)
-
-
 def _unreachable(source: Source, error: BaseException) -> DataError:
     """The Hub is out of reach: one line naming the source (a mixture: each of its Hub datasets), and the way on."""
     names = [part.name for part in source.parts if part.files is None] if source.parts else [source.name]
@@ -525,7 +512,6 @@ def _unreachable(source: Source, error: BaseException) -> DataError:
 
 # ----------------------------------------------------------------------------- preparation
 
-SHARD_TOKENS = 100_000_000  # tokens a shard holds, as llm.c's FineWeb shards do
 # The first training shard holds this many tokens, each next one twice as many up to SHARD_TOKENS, so training can
 # begin on the first within a second or two of tokenizing, and 1 B tokens still make only 14 files.
 FIRST_SHARD_TOKENS = 2**22
@@ -587,10 +573,15 @@ class Route:
 
     def run(self, spec: DataSpec, *, progress: bool = True, say=None, stop: threading.Event | None = None,
             **tokenizing) -> Path:
+        """The data prepared, in this thread: by this process, or, where another of this machine is preparing the
+        same cache directory, by that one (this one waits, and goes on where that one stops if it stops first)."""
         say = say or (print if progress else None)
-        if self.repo is not None:
-            return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop)
-        return tokenize(spec, progress=progress, say=say, stop=stop, **tokenizing)
+        waiting = (lambda: say(f"another process of this machine is preparing {self.cache_dir}: reading what it "
+                               "writes")) if say else None
+        with writing(self.cache_dir, stop, waiting):
+            if self.repo is not None:
+                return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop)
+            return tokenize(spec, progress=progress, say=say, stop=stop, **tokenizing)
 
 
 def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from common import EOT, first_line, local_data_hint, write_json
-from shards import HEADER_BYTES, VAL_TOKENS, DataError, Stopped, check_shard
+from shards import HEADER_BYTES, SHARD_TOKENS, VAL_TOKENS, DataError, Stopped, check_shard
 
 RETRIES = 3  # a shard's download tried again after a network error (huggingface_hub resumes it), 5, 10 and 20 s apart
 
@@ -216,7 +216,6 @@ def _quiet_progress_bars() -> None:
     disable_progress_bars()
 
 
-SHARD_TOKENS = 100_000_000  # a training shard's tokens in these repositories
 SHARD_BYTES = 2 * SHARD_TOKENS + HEADER_BYTES
 
 

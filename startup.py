@@ -297,7 +297,9 @@ def config_differences(saved: dict, wanted: dict) -> list[str]:
 
 
 def check_validation(val: TokenShards, block_size: int) -> None:
-    """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
+    """The validation split, refused now (not at the first evaluation) if it cannot fill one window or holds a
+    token id past the vocabulary."""
+    val.check()
     if batches.Windows(val, block_size).available() == 0:
         raise data.DataError(f"the validation split ({val.num_tokens:,} tokens) cannot fill one window of "
                              f"block_size+1 = {block_size + 1} tokens: use a larger --val_split, more documents "

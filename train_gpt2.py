@@ -458,8 +458,8 @@ def save_latest(run: Run, out: Output) -> None:
 
 
 def stopped(run: Run, env: Env, out: Output, signum: int | None, failure: BaseException | None = None) -> int:
-    """After the loop saved latest.pt on a signal, or on a failure of the data arriving behind it (raised here as
-    one line, once the summary is out): the exit status."""
+    """After the loop saved latest.pt on a signal, or on a failure of its data (a download that failed, a corrupt
+    shard: raised here as one line, once the summary is out): the exit status."""
     out.writer.wait()  # latest.pt, saved by the loop, is on disk before the process leaves
     if env.world > 1:
         dist.barrier()  # every rank leaves after rank 0 has saved
@@ -468,8 +468,8 @@ def stopped(run: Run, env: Env, out: Output, signum: int | None, failure: BaseEx
     if signum is None and failure is not None:
         summarise(run, out, "failed")
         why = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {first_line(failure)}"
-        raise data.DataError(f"the data stopped arriving ({why}); {latest} is saved at step {run.progress.step}: "
-                             "once that is fixed, continue with --resume")
+        raise data.DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
+                             "that is fixed, continue with --resume")
     out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume")
     summarise(run, out, "stopped")
     return 128 + (signum or signal.SIGTERM)
