@@ -570,6 +570,7 @@ class Route:
     cache_dir: Path
     repo: fineweb.Repo | None = None  # the pre-tokenized shards, or None: tokenize
     note: str | None = None  # why the text is tokenized though a pre-tokenized copy exists
+    files: dict | None = None  # the pre-tokenized repository's shards and their sizes, as the Hub listed them
 
     def run(self, spec: DataSpec, *, progress: bool = True, say=None, stop: threading.Event | None = None,
             **tokenizing) -> Path:
@@ -580,28 +581,29 @@ class Route:
                                "writes")) if say else None
         with writing(self.cache_dir, stop, waiting):
             if self.repo is not None:
-                return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop)
+                return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop, self.files)
             return tokenize(spec, progress=progress, say=say, stop=stop, **tokenizing)
 
 
 def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
     """The Route of `spec`. FineWeb's text with GPT-2's tokenizer comes pre-tokenized where the Hub holds it:
-    asked once (probe), unless a run already has it; without probe (--plan) it is taken to be there. Offline, or
-    with the Hub out of reach, DataError in one line naming --dataset PATH."""
+    asked once (probe: the repository's file list), unless a run already has it all; without probe (--plan) it is
+    taken to be there. Offline, or with the Hub out of reach, DataError in one line naming --dataset PATH."""
     source = resolve_source(spec)
     repo = None if source.files is not None or source.parts else \
         fineweb.repo_for(source.name, source.subset, spec.text_field, spec.chat)
     if repo is None:
         return Route(target(spec, **tokenizing).cache_dir)
     folder = fineweb.run_folder(spec.data_cache, repo, spec.sample_size)
-    if (folder / "manifest.json").exists() or not probe:
+    if not probe or fineweb.complete(folder):
         return Route(folder, repo)
     try:
         check_hub_reachable(HUB_PROBE_SECONDS)
     except OSError as e:
         raise _unreachable(source, e) from None
-    if fineweb.available(repo, spec.dataset):
-        return Route(folder, repo)
+    files = fineweb.available(repo, spec.dataset)
+    if files is not None:
+        return Route(folder, repo, files=files)
     return Route(target(spec, **tokenizing).cache_dir,
                  note=f"note: {repo.repo_id} (FineWeb in GPT-2 tokens) is not on the Hub; streaming {spec.dataset} "
                       "and tokenizing it instead")

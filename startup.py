@@ -405,7 +405,7 @@ def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec
     if data.route(spec, probe=False).repo and estimate is not None:  # FineWeb's validation is a shard of its own
         plan.data_tokens = estimate
         plan.data_basis = f"{basis}; validation: the FineWeb speedrun's {VAL_TOKENS:,} tokens"
-        plan.disk_bytes = (fineweb.shards_for(estimate) + 1) * fineweb.SHARD_BYTES
+        plan.disk_bytes = fineweb.disk_bytes(estimate)
     return plan
 
 
