@@ -428,9 +428,11 @@ class HubStandIn:
         time.sleep(max(0.0, sent_by - time.monotonic()))
 
     def env(self) -> dict:
-        """A child's environment that reaches this stand-in, and nothing else, as the Hub."""
+        """A child's environment that reaches this stand-in, and nothing else, as the Hub; an answer a test holds
+        back (Hold) is waited for, rather than tried again once huggingface_hub's 10 s read timeout passes."""
         return {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                "HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "", "http_proxy": ""}
+                "HF_HUB_DOWNLOAD_TIMEOUT": "300", "HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "",
+                "http_proxy": ""}
 
     def close(self) -> None:
         self.server.shutdown()
