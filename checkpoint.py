@@ -200,11 +200,12 @@ class Progress:
     hellaswag: float | None = None  # the last acc_norm scored
     max_steps: int | None = None  # the schedule's end as planned so far (with --time, once timed)
     tokens: int = 0  # trained, whatever batch each step had
+    final_pending: bool = False  # the steps all done, the last evaluation not (a stop came first): --resume does it
 
     def fields(self, init_from: str) -> dict:
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
                 "best_step": self.best_step, "max_steps": self.max_steps, "tokens": self.tokens,
-                "init_from": init_from}
+                "final_pending": self.final_pending, "init_from": init_from}
 
 
 def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: Progress, init_from: str,
@@ -272,7 +273,8 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: i
         scaler.load_state_dict(ckpt["scaler"])
     best, tokens = ckpt.get("best_val_loss"), ckpt.get("tokens")
     return Progress(ckpt["step"], ckpt.get("val_loss"), math.inf if best is None else best, ckpt.get("best_step"),
-                    max_steps=ckpt.get("max_steps"), tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens)
+                    max_steps=ckpt.get("max_steps"), tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens,
+                    final_pending=ckpt.get("final_pending", False))
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

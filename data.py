@@ -26,6 +26,7 @@ import re
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from hashlib import sha256
@@ -671,6 +672,8 @@ class Preparation:
     arrive (TokenShards waits where it needs more). `failed()` is what stopped it: a DataError, or any other
     exception (a bug), to be raised where training reads."""
 
+    running: "weakref.WeakSet[Preparation]" = weakref.WeakSet()  # this process's, for stop_all
+
     def __init__(self, r: Route, spec: DataSpec, say=None, **tokenizing):
         self.cache_dir = r.cache_dir
         self._error: BaseException | None = None
@@ -678,7 +681,15 @@ class Preparation:
         self._thread = threading.Thread(target=self._run, args=(r, spec, say, tokenizing), daemon=True,
                                         name="preparing data")
         self._thread.start()
+        Preparation.running.add(self)
         atexit.register(self.close)  # whatever ends the process: an error in start-up, --plan, eval.py
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Every preparation of this process asked to stop after the piece it is on (a signal: the process is
+        leaving, and no download or tokenizing should begin meanwhile); close() still waits for each."""
+        for preparation in list(cls.running):
+            preparation._stop.set()
 
     def _run(self, r: Route, spec: DataSpec, say, tokenizing: dict) -> None:
         try:

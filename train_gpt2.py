@@ -19,6 +19,7 @@ import time
 
 STARTED = time.monotonic()  # --time counts from here: importing torch, preparing data and compiling included
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -63,7 +64,7 @@ def main(argv=None, started: float | None = None) -> int:
     forgive_gone_readers()
     args = parse_args(argv)
     env, notes = setup_env(args.device, args.amp, args.compile)
-    out = None
+    out, signals = None, SignalStop(alone=env.world == 1)
     try:
         if env.master:
             print_header(env, shown_flags(args), notes)
@@ -75,15 +76,15 @@ def main(argv=None, started: float | None = None) -> int:
             return print_plan(start(args, env, say, started, dry_run=True), env, started, say)
         run = start(args, env, say, started)
         out = Output.open(run, env, started)
-        status = train(run, env, out)
+        status = train(run, env, out, signals)
         out.close()
         leave_together(env)
         return status
     except UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # before training starts (e.g. while sizing); later, signals stop cleanly
+    except KeyboardInterrupt as e:  # a signal before training began (SignalStop); later, it stops the loop
         print("interrupted before training began", file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         sys.exit(out_of_memory(args, env, "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "CPU"))
     except RuntimeError as e:
@@ -94,6 +95,7 @@ def main(argv=None, started: float | None = None) -> int:
         if out is not None:
             out.close()  # a failed run's last checkpoints are on disk too
         cleanup_env(env)
+        signals.restore()
 
 
 def print_plan(run: Run, env: Env, started: float, say) -> int:
@@ -125,16 +127,31 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
 # The loop
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal where nothing is half done: before training began, or while the loop waits for data."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class SignalStop:
-    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step: it saves latest.pt and
-    stops. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs change nothing (a dropped SSH
-    connection can send the hang-up twice: to the shell's jobs, and to the terminal's process group).
+    """SIGINT, SIGTERM and SIGHUP. Before training begins one raises Interrupted at once. While it trains, one sets
+    `received`, which the loop reads at each step and an evaluation before each batch: it saves latest.pt and
+    stops. A process `alone` (not one of torchrun's ranks, which must agree on the step they stop at) also stops
+    its downloads at once, and a signal while its loop waits for data (a slow link, a failing Hub) raises
+    Interrupted there. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs
+    change nothing (a dropped SSH connection can send the hang-up twice: to the shell's jobs, and to the
+    terminal's process group).
     """
 
-    def __init__(self):
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, alone: bool):
+        self.alone = alone
         self.received: int | None = None
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, self._handler)
+        self.raising = True  # until training begins
+        self._before = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.received == signal.SIGINT:  # the second Ctrl-C: out at once
@@ -143,6 +160,32 @@ class SignalStop:
                   file=sys.stderr)
             os._exit(128 + signal.SIGINT)
         self.received = self.received or signum
+        if self.raising or self.alone:
+            data.Preparation.stop_all()  # the run is leaving: no download begins after the signal
+        if self.raising:
+            raise Interrupted(signum)
+
+    def asked(self) -> bool:
+        return self.received is not None
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Inside, for a process alone: the loop only waits for data, which a signal ends at once (Interrupted)."""
+        if not self.alone:
+            yield
+            return
+        if self.received is not None:
+            raise Interrupted(self.received)
+        self.raising = True
+        try:
+            yield
+        finally:
+            self.raising = False
+
+    def restore(self) -> None:
+        """The handlers as they were (a process running several runs, as the tests do)."""
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -200,7 +243,7 @@ class Output:
                 self.closed_with_it.pop().close()
 
 
-def train(run: Run, env: Env, out: Output) -> int:
+def train(run: Run, env: Env, out: Output, signals: SignalStop) -> int:
     """The loop, from run.progress.step to the last step: a few "once in a while" sections, each one call,
     then the step. Returns the exit status: 0, or 128 + the signal that stopped the run."""
     s, learner, progress, every = run.settings, run.learner, run.progress, run.settings.every
@@ -211,10 +254,11 @@ def train(run: Run, env: Env, out: Output) -> int:
     out.metrics.log(event="start", step=progress.step, run=s.to_dict(),
                     **json.loads(json.dumps(run_header(env, run.flags), default=str)))
     if schedule.max_steps is not None and progress.step >= schedule.max_steps:
+        if progress.final_pending:  # stopped during its last evaluation
+            return last_evaluation(run, env, out, signals)
         out.say(f"nothing to do: the run is at step {progress.step} of {schedule.max_steps}")
         return 0
-    signals, stats, pace = SignalStop(), StatsReader(learner.scaler is not None, s.save_dir), \
-        Pace(progress.step, s.tokens_per_step)
+    stats, pace = StatsReader(learner.scaler is not None, s.save_dir), Pace(progress.step, s.tokens_per_step)
     run.batches.on_wait = lambda held: out.bar.set_postfix_str(f"waiting for data ({held:,} training tokens so far)")
     reader = out.closing(batches.micro_batches(run.batches, progress.step, num_workers=s.num_workers,
                                                pin_memory=env.device.type == "cuda"))
@@ -223,18 +267,20 @@ def train(run: Run, env: Env, out: Output) -> int:
         if run.hellaswag is not None:
             score_hellaswag(run, env, out)
     learner.model.train()
+    signals.raising = False  # training begins: from now on a signal stops the run after a save
     next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
     while progress.step < (schedule.max_steps or UNPLANNED_STEPS):
         try:
-            if schedule.lr(progress.step) is None:  # this step's rate depends on how long the data makes the run
-                schedule = with_run_length(run, schedule, out, wait=True)
-                if progress.step >= schedule.max_steps:
-                    break
-            micro_batches = [next(reader) for _ in range(s.grad_accum)]
-        except data.DataError as e:  # the data stopped arriving, and this step needs more of it
+            with signals.waiting():
+                if schedule.lr(progress.step) is None:  # this step's rate depends on how long the data makes the run
+                    schedule = with_run_length(run, schedule, out, wait=True)
+                    if progress.step >= schedule.max_steps:
+                        break
+                micro_batches = [next(reader) for _ in range(s.grad_accum)]
+        except (data.DataError, Interrupted) as e:  # the data stopped arriving, or a signal came while waiting for it
             stats.latest()
             save_latest(run, out)
-            return stopped(run, env, out, None, failure=e)
+            return stopped(run, env, out, getattr(e, "signum", None), failure=None if signals.asked() else e)
 
         # The step. Its rates: each group's peak times the schedule's share, and Muon's momentum warmup.
         lr = schedule.lr(progress.step)
@@ -245,7 +291,7 @@ def train(run: Run, env: Env, out: Output) -> int:
                     group["momentum"] = muon_momentum_at(progress.step, s.optimizer.muon_momentum)
         # Forward and backward over the micro-batches, clip, update: queued on the device, its figures read a
         # step later (StatsReader), so the CPU never waits for the GPU.
-        stop = signals.received is not None or run.data_failed() is not None
+        stop = signals.asked() or run.data_failed() is not None
         step_stats = run_compiled(learner, env, out.say, lambda: train_step(
             learner, micro_batches, env, step=progress.step, seed=s.seed, grad_clip=s.optimizer.grad_clip, stop=stop))
         stats.queued(progress.step, step_stats)
@@ -257,8 +303,8 @@ def train(run: Run, env: Env, out: Output) -> int:
         if pace.timed(step, stats.latest):
             if budget is not None and costs.evaluation is None:  # what an evaluation costs counts in the budget
                 with pace.leave_out() as took:
-                    validate(run, env, out)
-                costs.evaluation = took.seconds
+                    if validate(run, env, out, signals.asked):
+                        costs.evaluation = took.seconds
             schedule = paced(run, schedule, pace, costs, budget, out, announce=True)
         elif budget is not None and (step % every.log == 0 or budget.passed()):
             schedule = paced(run, schedule, pace, costs, budget, out)
@@ -267,8 +313,8 @@ def train(run: Run, env: Env, out: Output) -> int:
 
         end, stop = step == schedule.max_steps, stats.stop
         log = step % every.log == 0 or end
-        hellaswag = run.hellaswag is not None and (step % every.hellaswag == 0 or end)
-        evaluate = step % every.eval == 0 or end
+        hellaswag = run.hellaswag is not None and (step % every.hellaswag == 0 or end) and not stop
+        evaluate = (step % every.eval == 0 or end) and not stop
         save = step % every.checkpoint == 0 or end or stop or time.monotonic() >= next_save
         if not (log or hellaswag or evaluate or save):
             continue
@@ -279,14 +325,18 @@ def train(run: Run, env: Env, out: Output) -> int:
             with pace.leave_out() as took:
                 score_hellaswag(run, env, out)
             costs.hellaswag = took.seconds
+        evaluated = False
         if evaluate:
             with pace.leave_out() as took:
-                validate(run, env, out, share=costs.final_share() if end and costs.step else 1.0 if end else None)
-                if s.sample_during_training:
+                evaluated = validate(run, env, out, signals.asked,
+                                     share=costs.final_share() if end and costs.step else 1.0 if end else None)
+                if s.sample_during_training and evaluated:
                     print_sample(run, env, out)
-            if not end:
+            if not end and evaluated:
                 costs.evaluation = took.seconds
-        if save:
+        progress.final_pending = end and not evaluated  # a stop before it, or during it: --resume does it
+        stop = stop or (evaluate and not evaluated)
+        if save or stop:
             with pace.leave_out():
                 save_latest(run, out)
             next_save = time.monotonic() + SAVE_EVERY_S
@@ -327,6 +377,20 @@ def with_run_length(run: Run, schedule: Schedule, out: Output, wait: bool) -> Sc
         out.bar.set_postfix_str(f"waiting for data: the rate of step {step} depends on the run's length "
                                 f"({source.shards.num_tokens:,} training tokens so far)")
         time.sleep(1.0)
+
+
+def last_evaluation(run: Run, env: Env, out: Output, signals: SignalStop) -> int:
+    """The last evaluation of a run stopped before or during it (its steps all done), then the run's end."""
+    signals.raising = False
+    if not validate(run, env, out, signals.asked, share=1.0):
+        return stopped(run, env, out, signals.received)  # latest.pt already holds this step, still pending
+    if run.hellaswag is not None:
+        score_hellaswag(run, env, out)
+    run.progress.final_pending = False
+    save_latest(run, out)
+    out.writer.wait()
+    summarise(run, out, "done")
+    return 0
 
 
 def run_costs(run: Run) -> Costs:
@@ -387,16 +451,19 @@ def log_step(run: Run, f: StepStats, tokens_per_s: float, schedule: Schedule, ou
                         **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
 
 
-def validate(run: Run, env: Env, out: Output, share: float | None = None) -> None:
+def validate(run: Run, env: Env, out: Output, stop=None, share: float | None = None) -> bool:
     """eval.py's validation loss (and bits per byte), each rank scoring its share with the model being trained
     (compiled and DDP-wrapped as it is): over a fixed sample of windows spread over the whole split, eval_batches
     batches of them; or, at the run's end, `share` of all of them (1: the whole split); logged, and the weights
-    saved as model_best_val.pt when it is the lowest yet."""
+    saved as model_best_val.pt when it is the lowest yet. False, with nothing logged, where stop() came true
+    before its end."""
     s, progress = run.settings, run.progress
     windows = batches.Windows(run.val, s.config.block_size).available()
     sample = s.eval_batches * s.batch_size if share is None else None if share >= 1 else max(1, int(share * windows))
     result = validation_loss(run.learner.model, run.val, s.config.block_size, env.device, env.autocast, env.rank,
-                             env.world, rows=s.micro_batch, sample=sample)
+                             env.world, rows=s.micro_batch, sample=sample, stop=stop)
+    if result is None:
+        return False
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
@@ -414,6 +481,7 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> Non
     out.metrics.plot()
     if improved and env.master:
         checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, s.init_from, s.to_dict())
+    return True
 
 
 def score_replies(run: Run, out: Output) -> None:
@@ -470,7 +538,8 @@ def stopped(run: Run, env: Env, out: Output, signum: int | None, failure: BaseEx
         why = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {first_line(failure)}"
         raise data.DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
                              "that is fixed, continue with --resume")
-    out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume")
+    pending = " (its last evaluation does)" if run.progress.final_pending else ""
+    out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume{pending}")
     summarise(run, out, "stopped")
     return 128 + (signum or signal.SIGTERM)
 

@@ -202,6 +202,36 @@ def test_a_token_id_past_the_vocabulary_stops_the_run_in_one_line_naming_the_sha
     assert (tmp_path / "run" / "latest.pt").exists()  # where training began
 
 
+def test_a_stop_while_the_first_shards_download_ends_the_run_at_once_and_the_next_run_goes_on_from_there(
+        hub_files, tmp_path):
+    folder, _ = hub_files
+    cache, flags = tmp_path / "cache", [*RUN_FLAGS, "--save_dir", str(tmp_path / "run")]
+    parts = {REPO.file("val", 0): HEADER_BYTES + 500, REPO.file("train", 1): HEADER_BYTES + 100}  # what arrives
+    held = threading.Event()
+    hub = HubStandIn({REPO.repo_id: folder}, {name: [Hold(part, held)] for name, part in parts.items()})
+    arrived = lambda name: (cache / REPO.folder / name).exists() and (cache / REPO.folder / name).stat().st_size  # noqa: E731
+    try:
+        proc = trainer(*fineweb_flags(cache, "--sample_size", str(WANTED)), *flags, env=hub.env(), wait=False)
+        assert wait_for(lambda: all(arrived(name) == part for name, part in parts.items()), proc), \
+            proc.communicate()[1][-2000:]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM  # not held up by the downloads it was waiting for
+        assert "interrupted before training began" in proc.communicate()[1]
+        assert sorted(hub.asked) == sorted((name, 0) for name in parts)  # no download began after the signal
+    finally:
+        held.set()
+        hub.close()
+    assert all(arrived(name) == part for name, part in parts.items())
+    hub = HubStandIn({REPO.repo_id: folder})
+    try:
+        result = run_script("data.py", *fineweb_flags(cache, "--sample_size", str(WANTED)), env=hub.env())
+    finally:
+        hub.close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    for name, part in parts.items():  # each went on from where it stopped
+        assert (name, part) in hub.asked and hub.sent[name] == (folder / name).stat().st_size - part
+
+
 def test_without_the_pre_tokenized_repository_the_text_is_streamed_and_tokenized_instead(tmp_path):
     hub = HubStandIn({})  # a Hub that holds neither the shards nor (for datasets' API) FineWeb itself
     try:
