@@ -330,11 +330,8 @@ def epoch_steps(epochs: float, source: batches.BatchSource, at_least: bool = Fal
 def evaluation_batches(args, plan: Plan, val: TokenShards | None, block_size: int, batch_size: int) -> int:
     """Validation batches an evaluation reads: --eval_iters, but at most one pass over the validation split
     (its size estimated from the training split's under --plan)."""
-    if val is not None:
-        tokens = val.num_tokens
-    elif plan.data_tokens is not None:
-        tokens = round(plan.data_tokens * args.val_split / (1 - args.val_split))
-    else:
+    tokens = val.num_tokens if val is not None else plan.val_tokens
+    if tokens is None:
         return args.eval_iters
     return min(args.eval_iters, batches.batches_per_pass(tokens, block_size, batch_size))
 
@@ -401,9 +398,10 @@ def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec
     plan = Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size, steps=args.max_steps,
                 price_per_hour=args.price_per_hour,
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
+                val_tokens=None if estimate is None else min(VAL_TOKENS, round(estimate * args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training")
     if data.route(spec, probe=False).repo and estimate is not None:  # FineWeb's validation is a shard of its own
-        plan.data_tokens = estimate
+        plan.data_tokens, plan.val_tokens = estimate, VAL_TOKENS
         plan.data_basis = f"{basis}; validation: the FineWeb speedrun's {VAL_TOKENS:,} tokens"
         plan.disk_bytes = fineweb.disk_bytes(estimate)
     return plan

@@ -398,7 +398,8 @@ def run_costs(run: Run) -> Costs:
     s = run.settings
     # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
     scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in run.hellaswag or []) // 4
-    windows = batches.Windows(run.val, s.config.block_size).available() if run.val is not None else 0
+    windows = batches.Windows(run.val, s.config.block_size).available() if run.val is not None else \
+        (run.plan.val_tokens or 0) // (s.config.block_size + 1)  # --plan: the split's size as estimated
     return Costs(eval_batches=s.eval_batches, eval_interval=s.every.eval,
                  hellaswag_interval=s.every.hellaswag if run.hellaswag else 0, hellaswag_tokens=scored,
                  tokens_per_step=s.tokens_per_step, checkpoint_bytes=run.plan.params * CHECKPOINT_BYTES_PER_PARAMETER,
