@@ -212,7 +212,7 @@ class _Fetching:
         self.val = Download(repo.repo_id, val, shared, min(files[val], HEADER_BYTES + 2 * VAL_TOKENS))
         self.downloads = [self._download(0)]  # with validation's: the first step needs both
         self.next = 1  # the index in `names` of the next shard to download
-        self.listed: dict[str, list] = {"train": [], "val": []}
+        self.listed: dict[str, list] = {"train": training.entries, "val": []}
 
     def _download(self, index: int) -> Download:
         name = self.names[index]
@@ -231,7 +231,6 @@ class _Fetching:
             moved = self._next_shard()
             if validation or (unlisted and (moved or self.training.done or
                                             time.monotonic() - listed_at >= LIST_EVERY_S)):
-                self.listed["train"] = self.training.entries
                 _list(folder, self.listed)
                 listed_at, unlisted = time.monotonic(), False
             if not moved:

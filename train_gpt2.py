@@ -163,6 +163,7 @@ class SignalStop:
         if self.raising or self.alone:
             data.Preparation.stop_all()  # the run is leaving: no download begins after the signal
         if self.raising:
+            self.raising = False  # once: a second signal (a dropped SSH connection hangs up twice) changes nothing
             raise Interrupted(signum)
 
     def asked(self) -> bool:
