@@ -54,8 +54,8 @@ def retrying(call: Callable[[], T], what: str, stop: threading.Event, progress: 
             tries, reached = (1, progress()) if progress() > reached else (tries + 1, reached)
             if tries > len(RETRY_WAIT_S):
                 raise DataError(f"{what} from the Hugging Face Hub at {hub_endpoint()} failed {tries} times in a row "
-                                f"({first_line(e)}); what was downloaded is kept: run the same command again to "
-                                "continue") from None
+                                f"({type(e).__name__}: {first_line(e)}); what was downloaded is kept: run the same "
+                                "command again to continue") from None
             if stop.wait(RETRY_WAIT_S[tries - 1]):
                 raise Stopped from None
 

@@ -185,8 +185,9 @@ class _Training:
         return path == self._path and self._taken == self._count
 
     def shards_ahead(self) -> int:
-        """Downloads worth having under way: two where the documents still wanted surely need two more shards."""
-        return 2 if self.sample_size - self.documents > 1.5 * self.per_shard else 1
+        """Downloads worth having under way: two where the documents still wanted surely need two more shards
+        (known once a shard is in: before, a second would share the link with the first step's bytes)."""
+        return 2 if self.per_shard and self.sample_size - self.documents > 1.5 * self.per_shard else 1
 
 
 def _token_count(path: Path, size: int) -> int:
@@ -200,8 +201,9 @@ def _token_count(path: Path, size: int) -> int:
 
 
 class _Fetching:
-    """The downloads of one run's data: validation's, and the training shards in order, one ahead of the shard
-    being read where the documents still wanted surely need it; what has arrived listed in progress.json."""
+    """The downloads of one run's data: validation's first (start-up waits for all of it, on a link it would
+    otherwise share), then the training shards in order, one ahead of the shard being read where the documents
+    still wanted surely need it; what has arrived listed in progress.json."""
 
     def __init__(self, repo: Repo, shared: Path, files: dict[str, int], training: _Training):
         self.repo, self.shared, self.files, self.training = repo, shared, files, training
@@ -210,8 +212,8 @@ class _Fetching:
             raise DataError(f"{repo.repo_id} lists no training shard ({repo.file('train', 1)}, ...)")
         val = repo.file("val", 0)
         self.val = Download(repo.repo_id, val, shared, min(files[val], HEADER_BYTES + 2 * VAL_TOKENS))
-        self.downloads = [self._download(0)]  # with validation's: the first step needs both
-        self.next = 1  # the index in `names` of the next shard to download
+        self.downloads: list[Download] = []
+        self.next = 0  # the index in `names` of the next shard to download
         self.listed: dict[str, list] = {"train": training.entries, "val": []}
 
     def _download(self, index: int) -> Download:
@@ -249,7 +251,7 @@ class _Fetching:
         return True
 
     def _take_training(self) -> bool:
-        if self.training.done:
+        if self.training.done or not self.downloads:
             return False
         download = self.downloads[0]
         return self.training.take(download, self.files[download.filename])
@@ -257,12 +259,18 @@ class _Fetching:
     def _next_shard(self) -> bool:
         """Past the shard being read once all of it is taken in: the next downloads begun, or, at the end of the
         repository's list, the split complete (all of it); whether it moved on."""
+        if not self.downloads:  # the first, once validation is all there
+            return bool(self.listed["val"]) and self._more()
         if self.training.done or not self.training.took_all(self.downloads[0].path):
             return False
         if len(self.downloads) == 1 and self.next == len(self.names):
             self.training.done = self.training.exhausted = True
             return True
         self.downloads.pop(0)
+        return self._more()
+
+    def _more(self) -> bool:
+        """The next training shards begun, as many as worth having under way."""
         while len(self.downloads) < self.training.shards_ahead() and self.next < len(self.names):
             self.downloads.append(self._download(self.next))
             self.next += 1

@@ -72,9 +72,9 @@ def shard_header(path: Path, fix: str) -> tuple[int, int]:
     return size, int(header[2])
 
 
-def check_shard(path: Path, fix: str | None = None) -> int:
+def check_shard(path: Path) -> int:
     """The token count of a shard whose header and length are right; DataError naming it otherwise."""
-    fix = fix or f"delete {path.parent} and prepare the data again"
+    fix = f"delete {path.parent} and prepare the data again"
     size, count = shard_header(path, fix)
     if size != HEADER_BYTES + 2 * count:
         raise DataError(f"{path} is truncated or corrupt: {size:,} bytes, its header promises "
