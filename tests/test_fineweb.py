@@ -111,16 +111,20 @@ def uninterrupted(hub_files, tmp_path_factory) -> float:
     return final_val_loss(root / "run")
 
 
-def test_a_hub_failing_past_its_retries_then_a_kill_mid_download_each_stop_the_run_which_resumes_exactly(
+def test_a_hub_gone_mid_file_then_a_kill_mid_download_each_stop_the_run_which_goes_on_from_there_exactly(
         hub_files, uninterrupted, tmp_path):
     folder, docs = hub_files
     last = REPO.file("train", shards_needed(docs, WANTED))
     cache, save = tmp_path / "cache", tmp_path / "run"
     flags = [*fineweb_flags(cache, "--sample_size", str(WANTED)), *RUN_FLAGS, "--save_dir", str(save)]
-    run_folder = fineweb.run_folder(str(cache), REPO, WANTED)
+    run_folder, part = fineweb.run_folder(str(cache), REPO, WANTED), cache / REPO.folder / last
+    size = lambda: part.stat().st_size if part.exists() else 0  # noqa: E731
+    step = lambda: torch.load(save / "latest.pt", weights_only=True)["step"]  # noqa: E731
 
-    # The last shard answers 500 to every try: the run stops with latest.pt and one line, and marks nothing complete.
-    hub = HubStandIn({REPO.repo_id: folder}, {last: [500] * 4})
+    # A 500, a 503, then the Hub gone in the middle of the last shard (connections refused, httpx's ConnectError):
+    # once the tries are spent the run stops with latest.pt and one line, and marks nothing complete.
+    half = HEADER_BYTES + 2 * 400
+    hub = HubStandIn({REPO.repo_id: folder}, {last: [500, 503, Cut(half, gone=True)]})
     try:
         failed = trainer(*flags, env=hub.env())
     finally:
@@ -128,31 +132,27 @@ def test_a_hub_failing_past_its_retries_then_a_kill_mid_download_each_stop_the_r
     error = failed.stderr.strip().splitlines()[-1]
     assert failed.returncode == 1 and "Traceback" not in failed.stderr, failed.stderr[-2000:]
     assert error.startswith("error: ") and f"downloading {last}" in error and "Hugging Face Hub" in error, error
-    assert "continue with --resume" in error
-    assert (save / "latest.pt").exists() and not (run_folder / "manifest.json").exists()
+    assert "ConnectError" in error and "continue with --resume" in error, error
+    assert (save / "latest.pt").exists() and not (run_folder / "manifest.json").exists() and size() == half
 
-    # Resumed with the last shard cut off after part of it, and killed while it waits for the rest.
-    held, half = threading.Event(), HEADER_BYTES + 2 * 400
-    hub = HubStandIn({REPO.repo_id: folder}, {last: [Hold(half, held)]})
+    # Resumed: the last shard goes on from there, and the run is killed while 100 more bytes of it wait for the rest.
+    held = threading.Event()
+    hub = HubStandIn({REPO.repo_id: folder}, {last: [Hold(100, held)]})
     try:
         proc = trainer(*flags, "--resume", env=hub.env(), wait=False)
-        saved_at = torch.load(save / "latest.pt", weights_only=True)["step"]
-        step = lambda: torch.load(save / "latest.pt", weights_only=True)["step"]  # noqa: E731
-        arrived = lambda: (cache / REPO.folder / last).exists() and \
-            (cache / REPO.folder / last).stat().st_size == half  # noqa: E731
-        assert wait_for(lambda: arrived() and step() > saved_at, proc), proc.communicate()[1][-2000:]
+        failed_at = step()
+        assert wait_for(lambda: size() == half + 100 and step() > failed_at, proc), proc.communicate()[1][-2000:]
         proc.send_signal(signal.SIGKILL)
         proc.communicate()
-        assert (cache / REPO.folder / last).stat().st_size == half  # what arrived stays, readable
+        assert size() == half + 100 and hub.asked == [(last, half)]  # what arrived stays; nothing fetched again
 
-        resumed = trainer(*flags, "--resume", env=hub.env())  # (the killed run's answer stays held: sent counts it)
+        resumed = trainer(*flags, "--resume", env=hub.env())  # (the killed run's answer stays held)
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert (last, half) in hub.asked and hub.sent[last] == (folder / last).stat().st_size  # went on from there
+        assert hub.asked[-1] == (last, half + 100) and size() == (folder / last).stat().st_size
     finally:
         held.set()
         hub.close()
-    assert torch.load(save / "latest.pt", weights_only=True)["step"] == 12
-    assert final_val_loss(save) == pytest.approx(uninterrupted, abs=1e-5)
+    assert step() == 12 and final_val_loss(save) == pytest.approx(uninterrupted, abs=1e-5)
     left = {p.name for p in (cache / REPO.folder).iterdir() if not p.name.endswith(".lock")}
     assert left == {REPO.file("val", 0), *(p.name for p in folder.glob("*_train_*") if p.name <= last)}  # no leftovers
 
@@ -206,7 +206,7 @@ def test_a_stop_while_the_first_shards_download_ends_the_run_at_once_and_the_nex
         hub_files, tmp_path):
     folder, _ = hub_files
     cache, flags = tmp_path / "cache", [*RUN_FLAGS, "--save_dir", str(tmp_path / "run")]
-    parts = {REPO.file("val", 0): HEADER_BYTES + 500, REPO.file("train", 1): HEADER_BYTES + 100}  # what arrives
+    parts = {REPO.file("val", 0): HEADER_BYTES + 500}  # what arrives (the training shards come after it)
     held = threading.Event()
     hub = HubStandIn({REPO.repo_id: folder}, {name: [Hold(part, held)] for name, part in parts.items()})
     arrived = lambda name: (cache / REPO.folder / name).exists() and (cache / REPO.folder / name).stat().st_size  # noqa: E731
