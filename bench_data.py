@@ -3,6 +3,7 @@ and many times over, and FineWeb's pre-tokenized shards downloaded from a stand-
 
     python bench_data.py --text DIR --repeat 1,80   # a tiny model on DIR's text, and on 80 copies of it
     python bench_data.py --shards 3                 # 3 training shards of 100 M tokens, through 127.0.0.1
+    python bench_data.py --shards 1 --link_mb_s 5   # ... through a link of 5 MB/s
 
 For each case: seconds from launch to the run's first step (train_gpt2.py, the data preparing behind it), and the
 seconds `python data.py` takes to prepare all of it, as every run took before its first step when it prepared the
@@ -22,11 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from common import EOT
+from shards import SHARD_TOKENS
 
 REPO = Path(__file__).resolve().parent
 TINY = ["--n_layer", "2", "--n_head", "2", "--n_embd", "64", "--block_size", "256", "--batch_size", "8",
         "--max_steps", "3", "--log_interval", "1", "--eval_interval", "1000", "--num_workers", "0", "--device", "cpu"]
-SHARD_TOKENS = 100_000_000  # as llm.c's FineWeb shards hold
 
 
 def first_step(flags: list[str], folder: Path, env: dict) -> float:
@@ -75,9 +76,9 @@ def local_case(text: Path, n: int, folder: Path, env: dict) -> dict:
     return {"case": f"local text x{n}", "first_step_s": seconds, "prepare_all_s": whole, "data": summary}
 
 
-def shards_case(count: int, folder: Path, env: dict) -> dict:
+def shards_case(count: int, folder: Path, env: dict, link_mb_s: float | None) -> dict:
     """`count` training shards of SHARD_TOKENS random tokens (documents of ~1,000 each) and a validation one,
-    served by tests/helpers.HubStandIn as kjj0/fineweb10B-gpt2's files."""
+    served by tests/helpers.HubStandIn as kjj0/fineweb10B-gpt2's files (through a link of link_mb_s MB/s)."""
     sys.path.insert(0, str(REPO / "tests"))
     import fineweb
     from helpers import HubStandIn
@@ -90,7 +91,7 @@ def shards_case(count: int, folder: Path, env: dict) -> dict:
         tokens[::1000] = EOT  # a document opens every 1,000 tokens
         documents += SHARD_TOKENS // 1000 if split == "train" else 0
         write_shard(hub_files / repo.file(split, index), [tokens])
-    hub = HubStandIn({repo.repo_id: hub_files})
+    hub = HubStandIn({repo.repo_id: hub_files}, bytes_per_s=link_mb_s * 1e6 if link_mb_s else None)
     try:
         hub_env = {**env, **hub.env()}
         flags = ["--dataset", "HuggingFaceFW/fineweb", "--subset", "sample-10BT", "--sample_size", str(documents)]
@@ -98,7 +99,8 @@ def shards_case(count: int, folder: Path, env: dict) -> dict:
         whole, summary = whole_preparation([*flags, "--data_cache", str(folder / "whole")], hub_env)
     finally:
         hub.close()
-    return {"case": f"FineWeb shards x{count} (loopback)", "first_step_s": seconds, "prepare_all_s": whole,
+    link = f", {link_mb_s:g} MB/s" if link_mb_s else ""
+    return {"case": f"FineWeb shards x{count} (loopback{link})", "first_step_s": seconds, "prepare_all_s": whole,
             "data": summary}
 
 
@@ -107,6 +109,7 @@ def main(argv=None) -> None:
     p.add_argument("--text", type=Path, default=None, help="a directory of local text")
     p.add_argument("--repeat", default="1,80", help="how many copies of --text each case reads (default %(default)s)")
     p.add_argument("--shards", type=int, default=0, help="also: this many FineWeb shards through a stand-in Hub")
+    p.add_argument("--link_mb_s", type=float, default=None, help="the stand-in Hub's link, in MB/s (default: loopback)")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this file")
     args = p.parse_args(argv)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -121,7 +124,7 @@ def main(argv=None) -> None:
         if args.shards:
             folder = Path(tmp) / "shards"
             folder.mkdir()
-            results.append(shards_case(args.shards, folder, env))
+            results.append(shards_case(args.shards, folder, env, args.link_mb_s))
             print(f"{results[-1]['case']}: first step after {results[-1]['first_step_s']:.1f} s; fetching all of "
                   f"it takes {results[-1]['prepare_all_s']:.1f} s ({results[-1]['data']})", flush=True)
     if args.json:

@@ -213,13 +213,13 @@ class Progress:
     tokens: int = 0  # trained, whatever batch each step had
     micro_steps: int = 0  # micro-batches each rank has read: where the data goes on (batches.BatchSource)
     target: tuple[int, float] | None = None  # (step, seconds from launch) where --target_loss was reached
+    final_pending: bool = False  # the steps all done, the last evaluation not (a stop came first): --resume does it
 
     def fields(self, init_from: str, max_steps: int | None) -> dict:
         """As a checkpoint holds them, with the run's length as planned so far (horizon.Horizon.steps)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,
                 "best_step": self.best_step, "max_steps": max_steps, "tokens": self.tokens,
-                "micro_steps": self.micro_steps,
-                "init_from": init_from}
+                "micro_steps": self.micro_steps, "final_pending": self.final_pending, "init_from": init_from}
 
 
 def save_best(writer: CheckpointWriter, save_dir: Path, model: GPT, progress: Progress, max_steps: int | None,
@@ -314,7 +314,8 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: i
     best, tokens = ckpt.get("best_val_loss"), ckpt.get("tokens")
     return Progress(ckpt["step"], ckpt.get("val_loss"), math.inf if best is None else best, ckpt.get("best_step"),
                     tokens=ckpt["step"] * tokens_per_step if tokens is None else tokens,
-                    micro_steps=ckpt.get("micro_steps", ckpt["step"] * grad_accum))
+                    micro_steps=ckpt.get("micro_steps", ckpt["step"] * grad_accum),
+                    final_pending=ckpt.get("final_pending", False))
 
 
 def read_weights(spec: str, block_size: int | None) -> tuple[GPTConfig, dict]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import difflib
+import functools
+import importlib
 import io
 import json
 import os
@@ -281,6 +283,19 @@ def hub_offline(datasets: bool = False) -> bool:
     also HF_DATASETS_OFFLINE (huggingface_hub reads only the first)."""
     names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
     return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on") for name in names)
+
+
+@functools.lru_cache(maxsize=1)
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What the Hugging Face libraries raise when the network fails: OSError (requests', and most of datasets' and
+    fsspec's), huggingface_hub's HTTP errors, httpx's and httpx2's (huggingface_hub 1.x and 2.x: a ConnectError is
+    no OSError) and aiohttp's (fsspec's streaming)."""
+    errors: list[type[BaseException]] = [OSError, TimeoutError]
+    for module, name in (("huggingface_hub.errors", "HfHubHTTPError"), ("httpx", "HTTPError"), ("httpx2", "HTTPError"),
+                         ("aiohttp", "ClientError")):
+        with contextlib.suppress(ImportError):
+            errors.append(getattr(importlib.import_module(module), name))
+    return tuple(errors)
 
 
 def check_hub_reachable(seconds: float, datasets: bool = False) -> None:

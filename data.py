@@ -43,10 +43,9 @@ from tqdm import tqdm
 import chat
 import fineweb
 from common import (EOT, ArgumentParser, atomic_write, check_hub_reachable, clean_temporaries, first_line,
-                    local_data_hint, open_fraction, positive_int, write_json)
-from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_VERSION, SPLITS, VAL_TOKENS, DataError, Stopped,  # noqa: F401
-                    TokenShards,
-                    read_json, write_shard)
+                    local_data_hint, network_errors, open_fraction, positive_int, write_json)
+from shards import (HEADER_BYTES, SHARD_MAGIC, SHARD_TOKENS, SHARD_VERSION, SPLITS, VAL_TOKENS,  # noqa: F401
+                    DataError, Stopped, TokenShards, read_json, write_shard, writing)
 
 # torch is imported inside the functions that build tensors: importing it takes seconds, and
 # `python data.py` (text to shards) never needs it.
@@ -367,7 +366,7 @@ def _part_sizes(source: Source) -> tuple[int, ...]:
 def _sizes(source: Source, identity: str) -> tuple[int, ...]:  # identity: files changed since are counted again
     try:
         sizes = [count_records(part, 2**62) if part.files is not None else _hub_rows(part) for part in source.parts]
-    except _network_errors() as e:
+    except network_errors() as e:
         raise _unreachable(source, e) from None
     largest = max((size for size in sizes if size), default=1)
     return tuple(max(1, size or largest) for size in sizes)
@@ -462,7 +461,7 @@ def _parquet_records(path: str, source: Source) -> Iterator[tuple[str | list | N
 
 def _hub_records(source: Source, skip: int) -> Iterator[tuple[str | None, bool]]:
     """Streams the Hub dataset from record `skip` on, re-opening the stream after a network error."""
-    errors = _network_errors()
+    errors = network_errors()
     consumed, failures, received = skip, 0, False
     while True:
         try:
@@ -504,18 +503,6 @@ def _open_hub_stream(source: Source, skip: int):
     return stream.skip(skip) if skip else stream
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    """What datasets/huggingface_hub/fsspec raise when the network fails (most derive from OSError)."""
-    errors: list[type[BaseException]] = [OSError, TimeoutError]
-    with contextlib.suppress(ImportError):
-        from huggingface_hub.errors import HfHubHTTPError
-        errors.append(HfHubHTTPError)
-    with contextlib.suppress(ImportError):
-        import aiohttp
-        errors.append(aiohttp.ClientError)
-    return tuple(errors)
-
-
 def _unreachable(source: Source, error: BaseException) -> DataError:
     """The Hub is out of reach: one line naming the source (a mixture: each of its Hub datasets), and the way on."""
     names = [part.name for part in source.parts if part.files is None] if source.parts else [source.name]
@@ -528,7 +515,6 @@ def _unreachable(source: Source, error: BaseException) -> DataError:
 
 # ----------------------------------------------------------------------------- preparation
 
-SHARD_TOKENS = 100_000_000  # tokens a shard holds, as llm.c's FineWeb shards do
 # The first training shard holds this many tokens, each next one twice as many up to SHARD_TOKENS, so training can
 # begin on the first within a second or two of tokenizing, and 1 B tokens still make only 14 files.
 FIRST_SHARD_TOKENS = 2**22
@@ -624,33 +610,40 @@ class Route:
     cache_dir: Path
     repo: fineweb.Repo | None = None  # the pre-tokenized shards, or None: tokenize
     note: str | None = None  # why the text is tokenized though a pre-tokenized copy exists
+    files: dict | None = None  # the pre-tokenized repository's shards and their sizes, as the Hub listed them
 
     def run(self, spec: DataSpec, *, progress: bool = True, say=None, stop: threading.Event | None = None,
             **tokenizing) -> Path:
+        """The data prepared, in this thread: by this process, or, where another of this machine is preparing the
+        same cache directory, by that one (this one waits, and goes on where that one stops if it stops first)."""
         say = say or (print if progress else None)
-        if self.repo is not None:
-            return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop)
-        return tokenize(spec, progress=progress, say=say, stop=stop, **tokenizing)
+        waiting = (lambda: say(f"another process of this machine is preparing {self.cache_dir}: reading what it "
+                               "writes")) if say else None
+        with writing(self.cache_dir, stop, waiting):
+            if self.repo is not None:
+                return fineweb.prepare(spec.data_cache, self.repo, spec.sample_size, say, stop, self.files)
+            return tokenize(spec, progress=progress, say=say, stop=stop, **tokenizing)
 
 
 def route(spec: DataSpec, *, probe: bool = True, **tokenizing) -> Route:
     """The Route of `spec`. FineWeb's text with GPT-2's tokenizer comes pre-tokenized where the Hub holds it:
-    asked once (probe), unless a run already has it; without probe (--plan) it is taken to be there. Offline, or
-    with the Hub out of reach, DataError in one line naming --dataset PATH."""
+    asked once (probe: the repository's file list), unless a run already has it all; without probe (--plan) it is
+    taken to be there. Offline, or with the Hub out of reach, DataError in one line naming --dataset PATH."""
     source = resolve_source(spec)
     repo = None if source.files is not None or source.parts else \
         fineweb.repo_for(source.name, source.subset, spec.text_field, spec.chat)
     if repo is None:
         return Route(target(spec, **tokenizing).cache_dir)
     folder = fineweb.run_folder(spec.data_cache, repo, spec.sample_size)
-    if (folder / "manifest.json").exists() or not probe:
+    if not probe or fineweb.complete(folder):
         return Route(folder, repo)
     try:
         check_hub_reachable(HUB_PROBE_SECONDS)
     except OSError as e:
         raise _unreachable(source, e) from None
-    if fineweb.available(repo, spec.dataset):
-        return Route(folder, repo)
+    files = fineweb.available(repo, spec.dataset)
+    if files is not None:
+        return Route(folder, repo, files=files)
     return Route(target(spec, **tokenizing).cache_dir,
                  note=f"note: {repo.repo_id} (FineWeb in GPT-2 tokens) is not on the Hub; streaming {spec.dataset} "
                       "and tokenizing it instead")
@@ -723,6 +716,8 @@ class Preparation:
     arrive (TokenShards waits where it needs more). `failed()` is what stopped it: a DataError, or any other
     exception (a bug), to be raised where training reads."""
 
+    running: "weakref.WeakSet[Preparation]" = weakref.WeakSet()  # this process's: stop_all, underway
+
     def __init__(self, r: Route, spec: DataSpec, say=None, **tokenizing):
         self.cache_dir = r.cache_dir
         self._error: BaseException | None = None
@@ -730,8 +725,15 @@ class Preparation:
         self._thread = threading.Thread(target=self._run, args=(r, spec, say, tokenizing), daemon=True,
                                         name="preparing data")
         self._thread.start()
-        _PREPARATIONS.add(self)
+        Preparation.running.add(self)
         atexit.register(self.close)  # whatever ends the process: an error in start-up, --plan, eval.py
+
+    @classmethod
+    def stop_all(cls) -> None:
+        """Every preparation of this process asked to stop after the piece it is on (a signal: the process is
+        leaving, and no download or tokenizing should begin meanwhile); close() still waits for each."""
+        for preparation in list(cls.running):
+            preparation._stop.set()
 
     def _run(self, r: Route, spec: DataSpec, say, tokenizing: dict) -> None:
         try:
@@ -756,12 +758,9 @@ class Preparation:
         return TokenShards(self.cache_dir, name, failed=self.failed)
 
 
-_PREPARATIONS: "weakref.WeakSet[Preparation]" = weakref.WeakSet()  # this process's, for preparations_underway
-
-
 def preparations_underway() -> list[Path]:
     """The cache directories this process is preparing now (a Ctrl-C then says that the next run continues them)."""
-    return [p.cache_dir for p in list(_PREPARATIONS) if p._thread.is_alive() and p.failed() is None]
+    return [p.cache_dir for p in list(Preparation.running) if p._thread.is_alive() and p.failed() is None]
 
 
 def validation_split(spec: DataSpec, *, prepare: bool = True, say=None) -> tuple[TokenShards, Preparation | None]:

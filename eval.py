@@ -490,10 +490,12 @@ def queued_copy(t: torch.Tensor, device) -> torch.Tensor:
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, shards: TokenShards, window: int, device,
                     autocast: Autocast = contextlib.nullcontext, rank: int = 0, world: int = 1, *,
-                    rows: int = 32, sample: int | None = None, progress: bool = False) -> dict:
+                    rows: int = 32, sample: int | None = None, progress: bool = False,
+                    stop: Callable[[], bool] | None = None) -> dict | None:
     """{"loss", "tokens", "bpb"}: the mean cross-entropy over the split's windows of window+1 tokens, all of
     them, or `sample` of them spread evenly over the split (batches.Windows.spread: the same ones every time);
-    the tail shorter than a window is left out.
+    the tail shorter than a window is left out. None if stop() comes true on some rank before a batch (a run
+    asked to stop: the whole split can take minutes).
 
     bpb, bits per byte: the summed loss over (ln 2 x the UTF-8 bytes of the scored tokens), which does not
     depend on the tokenizer. As nanochat counts it, the text only: a target <|endoftext|> has no bytes,
@@ -512,6 +514,8 @@ def validation_loss(model: torch.nn.Module, shards: TokenShards, window: int, de
     try:
         for k in tqdm(range(-(-len(chosen) // step)), unit="pass", desc="val loss", disable=not progress,
                       dynamic_ncols=True):
+            if stop is not None and stopping(stop(), device, world):
+                return None
             mine = chosen[k * step + rank * rows:k * step + (rank + 1) * rows]
             x, y = windows.read(np.concatenate((mine, np.zeros(rows - len(mine), dtype=mine.dtype))))
             y[len(mine):] = -1  # rows past the sample fill the last pass: not scored
@@ -532,6 +536,15 @@ def validation_loss(model: torch.nn.Module, shards: TokenShards, window: int, de
     loss_sum, tokens, text_loss, nbytes = sums.tolist()
     return {"loss": loss_sum / tokens, "tokens": int(tokens),
             "bpb": text_loss / (math.log(2) * nbytes) if nbytes else float("nan")}
+
+
+def stopping(asked: bool, device, world: int) -> bool:
+    """Whether any rank asked to stop: every rank must leave the same pass (each runs the same collectives)."""
+    if world == 1:
+        return asked
+    flag = torch.tensor(float(asked), device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 # ----------------------------------------------------------------------------------------------------

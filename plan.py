@@ -130,6 +130,7 @@ class Plan:
     sample_size: int
     steps: int | None = None
     data_tokens: int | None = None  # the training split's
+    val_tokens: int | None = None  # the validation split's (the last evaluation reads all of them)
     data_basis: str = ""  # how data_tokens was estimated; "" once it is the prepared split's exact count
     seconds: float | None = None  # the whole run's wall time, from process start
     step_seconds: float | None = None

@@ -187,7 +187,8 @@ def run_costs(s: Settings, plan: Plan, val: TokenShards | None, hellaswag: list 
     """What the plan counts with besides the steps, estimated until measured."""
     # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
     scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in hellaswag or []) // 4
-    windows = batches.Windows(val, s.config.block_size).available() if val is not None else 0
+    windows = batches.Windows(val, s.config.block_size).available() if val is not None else \
+        (plan.val_tokens or 0) // (s.config.block_size + 1)  # --plan: the split's size as estimated
     return Costs(eval_batches=s.eval_batches, eval_interval=s.every.eval,
                  hellaswag_interval=s.every.hellaswag if hellaswag else 0, hellaswag_tokens=scored,
                  tokens_per_step=s.tokens_per_step, checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER,
@@ -369,7 +370,9 @@ def check_batch_stages(shares: tuple[float, ...], grad_accum: int) -> tuple[floa
 
 
 def check_validation(val: TokenShards, block_size: int) -> None:
-    """The validation split, refused now (not at the first evaluation) if it cannot fill one window."""
+    """The validation split, refused now (not at the first evaluation) if it cannot fill one window or holds a
+    token id past the vocabulary."""
+    val.check()
     if batches.Windows(val, block_size).available() == 0:
         raise data.DataError(f"the validation split ({val.num_tokens:,} tokens) cannot fill one window of "
                              f"block_size+1 = {block_size + 1} tokens: use a larger --val_split, more documents "
@@ -396,11 +399,8 @@ def steps_for_run(args, plan: Plan, source: batches.BatchSource | None, resumed:
 def evaluation_batches(args, plan: Plan, val: TokenShards | None, block_size: int, batch_size: int) -> int:
     """Validation batches an evaluation reads: --eval_iters, but at most one pass over the validation split
     (its size estimated from the training split's under --plan)."""
-    if val is not None:
-        tokens = val.num_tokens
-    elif plan.data_tokens is not None:
-        tokens = round(plan.data_tokens * args.val_split / (1 - args.val_split))
-    else:
+    tokens = val.num_tokens if val is not None else plan.val_tokens
+    if tokens is None:
         return args.eval_iters
     return min(args.eval_iters, batches.batches_per_pass(tokens, block_size, batch_size))
 
@@ -467,11 +467,12 @@ def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec
     plan = Plan(params, non_embedding, batch_size * config.block_size, spec.sample_size,
                 price_per_hour=args.price_per_hour,
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
+                val_tokens=None if estimate is None else min(VAL_TOKENS, round(estimate * args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training")
     if data.route(spec, probe=False).repo and estimate is not None:  # FineWeb's validation is a shard of its own
-        plan.data_tokens = estimate
+        plan.data_tokens, plan.val_tokens = estimate, VAL_TOKENS
         plan.data_basis = f"{basis}; validation: the FineWeb speedrun's {VAL_TOKENS:,} tokens"
-        plan.disk_bytes = (fineweb.shards_for(estimate) + 1) * fineweb.SHARD_BYTES
+        plan.disk_bytes = fineweb.disk_bytes(estimate)
     return plan
 
 

@@ -66,7 +66,7 @@ def main(argv=None, started: float | None = None) -> int:
     forgive_gone_readers()
     args = parse_args(argv)
     env, notes = setup_env(args.device, args.amp, args.compile)
-    out = None
+    out, signals = None, Signals(alone=env.world == 1)
     try:
         if env.master:
             print_header(env, shown_flags(args), notes)
@@ -78,7 +78,7 @@ def main(argv=None, started: float | None = None) -> int:
             return print_plan(start(args, env, say, started, dry_run=True), env, started, say)
         run = start(args, env, say, started)
         out = Output.open(run, env, started)
-        status = train(run, env, out)
+        status = train(run, env, out, signals)
         out.close()
         leave_together(env)
         return status
@@ -86,9 +86,9 @@ def main(argv=None, started: float | None = None) -> int:
         sys.exit(f"error: {e}; {out.room() if out else 'the save folder cannot be written'}")
     except UserError as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # before training starts (e.g. while sizing); later, signals stop cleanly
+    except KeyboardInterrupt as e:  # a signal before training began (Signals); later, it stops the loop
         print(interrupted_early(), file=sys.stderr)
-        return 128 + signal.SIGINT
+        return 128 + getattr(e, "signum", signal.SIGINT)
     except (torch.cuda.OutOfMemoryError, MemoryError) as e:
         sys.exit(out_of_memory(args, env, "GPU" if isinstance(e, torch.cuda.OutOfMemoryError) else "CPU"))
     except RuntimeError as e:
@@ -100,6 +100,7 @@ def main(argv=None, started: float | None = None) -> int:
             with contextlib.suppress(UserError):  # said already, or the error being said is the first
                 out.close()  # a failed run's last checkpoints are on disk too
         cleanup_env(env)
+        signals.restore()
 
 
 def interrupted_early() -> str:
@@ -137,19 +138,34 @@ def print_plan(run: Run, env: Env, started: float, say) -> int:
 # The loop
 
 
+class Interrupted(KeyboardInterrupt):
+    """A signal where nothing is half done: before training began, or while the loop waits for data."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
 class Signals:
-    """SIGINT, SIGTERM and SIGHUP set `received`, which the loop reads at each step: it saves latest.pt and
-    stops. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs change
-    nothing (a dropped SSH connection can send the hang-up twice: to the shell's jobs, and to the terminal's process
-    group).
+    """SIGINT, SIGTERM and SIGHUP. Before training begins one raises Interrupted at once. While it trains, one sets
+    `received`, which the loop reads at each step and an evaluation before each batch: it saves latest.pt and
+    stops. A process `alone` (not one of torchrun's ranks, which must agree on the step they stop at) also stops
+    its downloads at once, and a signal while its loop waits for data (a slow link, a failing Hub) raises
+    Interrupted there. A second Ctrl-C quits at once, removing the files it was writing; more SIGTERMs and SIGHUPs
+    change nothing (a dropped SSH connection can send the hang-up twice: to the shell's jobs, and to the
+    terminal's process group).
     """
 
-    def __init__(self, latest: Callable[[], str]):
-        """latest(): what the last latest.pt saved is, said when a second Ctrl-C leaves this stop's unsaved."""
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self, alone: bool):
+        self.alone = alone
         self.received: int | None = None
-        self.latest = latest
-        for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(s, self._handler)
+        # What the last latest.pt saved is (Output.last_latest, once the run's folder is open), said when a second
+        # Ctrl-C leaves this stop's unsaved.
+        self.latest: Callable[[], str] = lambda: "no latest.pt of this run is saved yet"
+        self.raising = True  # until training begins
+        self._before = {s: signal.signal(s, self._handler) for s in self.SIGNALS}
 
     def _handler(self, signum, frame):
         if signum == signal.SIGINT and self.received == signal.SIGINT:  # the second Ctrl-C: out at once
@@ -158,6 +174,33 @@ class Signals:
                   f"{self.latest()}", file=sys.stderr)
             os._exit(128 + signal.SIGINT)
         self.received = self.received or signum
+        if self.raising or self.alone:
+            data.Preparation.stop_all()  # the run is leaving: no download begins after the signal
+        if self.raising:
+            self.raising = False  # once: a second signal (a dropped SSH connection hangs up twice) changes nothing
+            raise Interrupted(signum)
+
+    def asked(self) -> bool:
+        return self.received is not None
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """Inside, for a process alone: the loop only waits for data, which a signal ends at once (Interrupted)."""
+        if not self.alone:
+            yield
+            return
+        if self.received is not None:
+            raise Interrupted(self.received)
+        self.raising = True
+        try:
+            yield
+        finally:
+            self.raising = False
+
+    def restore(self) -> None:
+        """The handlers as they were (a process running several runs, as the tests do)."""
+        for s, handler in self._before.items():
+            signal.signal(s, handler)
 
 
 @dataclass
@@ -245,7 +288,7 @@ class Output:
                 self.closed_with_it.pop().close()
 
 
-def train(run: Run, env: Env, out: Output) -> int:
+def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
     """The loop, from run.progress.step to the horizon's last step: the step, then a few "once in a while"
     sections, each one call. Returns the exit status: 0, or 128 + the signal that stopped the run."""
     settings, learner, progress, horizon = run.settings, run.learner, run.progress, run.horizon
@@ -253,9 +296,11 @@ def train(run: Run, env: Env, out: Output) -> int:
     out.metrics.log(event="start", step=progress.step, run=settings.to_dict(),
                     **json.loads(json.dumps(run_header(env, run.flags), default=str)))
     if not horizon.running(progress.step):
+        if progress.final_pending:  # stopped during its last evaluation
+            return last_evaluation(run, env, out, signals)
         out.say(f"nothing to do: the run is at step {progress.step} of {horizon.steps}")
         return 0
-    signals, stats = Signals(out.last_latest), StatsReader(learner.scaler is not None, settings.save_dir)
+    stats, signals.latest = StatsReader(learner.scaler is not None, settings.save_dir), out.last_latest
     run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
     reader = out.closing(batches.micro_batches(run.batches, progress.micro_steps, num_workers=settings.num_workers,
                                                pin_memory=env.device.type == "cuda"))
@@ -264,38 +309,40 @@ def train(run: Run, env: Env, out: Output) -> int:
         if run.hellaswag is not None:
             score_hellaswag(run, env, out)
     learner.model.train()
+    signals.raising = False  # training begins: from now on a signal stops the run after a save
     next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
     while horizon.running(progress.step):
         try:
-            now = horizon.before(progress.step, out.waiting, run.data_failed)
-            if now is None:  # the data, all arrived, makes the run end before this step
-                break
-            micro_batches = [batches.at_context(next(reader), now.context) for _ in range(now.accum)]
-        except data.DataError as e:  # the data stopped arriving, and this step needs more of it
+            with signals.waiting():
+                now = horizon.before(progress.step, out.waiting, run.data_failed)
+                if now is None:  # the data, all arrived, makes the run end before this step
+                    break
+                micro_batches = [batches.at_context(next(reader), now.context) for _ in range(now.accum)]
+        except (data.DataError, Interrupted) as e:  # the data stopped arriving, or a signal came while waiting for it
             stats.latest()
             save_latest(run, out)
-            return leave_early(run, env, out, None, failure=e)
+            return leave_early(run, env, out, getattr(e, "signum", None), failure=None if signals.asked() else e)
 
         # The step, at the horizon's settings for it: forward and backward over the micro-batches, clip, update;
         # queued on the device, its figures read a step later (StatsReader), so the CPU never waits for the GPU.
         set_rates(learner, now)
         loss = run_compiled(learner, env, out.say, lambda: accumulate_gradients(
             learner, micro_batches, env, step=progress.step, seed=settings.seed))
-        wants_stop = signals.received is not None or run.data_failed() is not None  # told every rank by the step
+        wants_stop = signals.asked() or run.data_failed() is not None  # told every rank by the step
         stats.queued(progress.step,
                      step_optimizers(learner, loss, env, grad_clip=settings.optimizer.grad_clip, stop=wants_stop))
         progress.step, progress.micro_steps = progress.step + 1, progress.micro_steps + now.accum
         progress.tokens += round(settings.tokens_per_step * now.work(settings.grad_accum))
         step = progress.step
-        horizon.after(step, logged=step % every.log == 0, wait=stats.latest, evaluate=lambda: validate(run, env, out),
+        horizon.after(step, logged=step % every.log == 0, wait=stats.latest, evaluate=lambda: validate(run, env, out, signals.asked),
                       write_s=out.writer.seconds.get(checkpoint.LATEST))
         out.advance(horizon.steps)
 
         # Once in a while: a log line, HellaSwag, an evaluation, a save (each aside, off the pace's clock).
         end, stop = horizon.last(step), stats.stop  # stop: some rank wants it (its step's figures say so)
         log = step % every.log == 0 or end
-        hellaswag = run.hellaswag is not None and (step % every.hellaswag == 0 or end)
-        evaluate = step % every.eval == 0 or end
+        hellaswag = run.hellaswag is not None and (step % every.hellaswag == 0 or end) and not stop
+        evaluate = (step % every.eval == 0 or end) and not stop
         save = step % every.checkpoint == 0 or end or stop or time.monotonic() >= next_save
         if not (log or hellaswag or evaluate or save):
             continue
@@ -305,14 +352,17 @@ def train(run: Run, env: Env, out: Output) -> int:
         if hellaswag:
             with horizon.aside("hellaswag"):
                 score_hellaswag(run, env, out)
+        evaluated = None
         if evaluate:
             with horizon.aside(None if end else "evaluation"):  # the last one reads more than the others
-                read_all = validate(run, env, out, share=horizon.final_share() if end else None)
-                if settings.target_loss and progress.target is None:
-                    end = reached_target(run, env, out, read_all) or end
-                if settings.sample_during_training:
+                evaluated = validate(run, env, out, signals.asked, share=horizon.final_share() if end else None)
+                if evaluated and settings.target_loss and progress.target is None:
+                    end = reached_target(run, env, out, signals.asked, evaluated) or end
+                if evaluated and settings.sample_during_training:
                     print_sample(run, env, out)
-        if save or end:
+        progress.final_pending = end and evaluated is None  # a stop before it, or during it: --resume does it
+        stop = stop or (evaluate and evaluated is None)
+        if save or end or stop:
             with horizon.aside():
                 save_latest(run, out)
             next_save = time.monotonic() + SAVE_EVERY_S
@@ -336,6 +386,20 @@ def set_rates(learner, now: StepSettings) -> None:
                 group["momentum"] = now.muon_momentum
 
 
+def last_evaluation(run: Run, env: Env, out: Output, signals: Signals) -> int:
+    """The last evaluation of a run stopped before or during it (its steps all done), then the run's end."""
+    signals.raising = False
+    if validate(run, env, out, signals.asked, share=1.0) is None:
+        return leave_early(run, env, out, signals.received)  # latest.pt already holds this step, still pending
+    if run.hellaswag is not None:
+        score_hellaswag(run, env, out)
+    run.progress.final_pending = False
+    save_latest(run, out)
+    out.writer.wait()
+    summarise(run, out, "done")
+    return 0
+
+
 def log_step(run: Run, f: StepStats, tokens_per_s: float, out: Output) -> None:
     """A row of metrics.jsonl, and the progress bar's figures."""
     peak = peak_flops(out.env.device)
@@ -352,17 +416,20 @@ def log_step(run: Run, f: StepStats, tokens_per_s: float, out: Output) -> None:
                         **({"cost": f"${cost:,.2f}"} if cost is not None else {}))
 
 
-def validate(run: Run, env: Env, out: Output, share: float | None = None) -> bool:
+def validate(run: Run, env: Env, out: Output, stop=None, share: float | None = None) -> dict | None:
     """eval.py's validation loss (and bits per byte), each rank scoring its share with the model being trained
     (compiled and DDP-wrapped as it is): over a fixed sample of windows spread over the whole split, eval_batches
     batches of them; or, at the run's end, `share` of all of them (1: the whole split); logged, and the weights
-    saved as model_best_val.pt when it is the lowest yet. Whether it read the whole split."""
+    saved as model_best_val.pt when it is the lowest yet. Its result (loss, bpb, tokens read, and `whole`, the
+    tokens of the whole split), or None, with nothing logged, where stop() came true before its end."""
     settings, progress = run.settings, run.progress
     windows = batches.Windows(run.val, settings.config.block_size).available()
     sample = settings.eval_batches * settings.batch_size if share is None else \
         None if share >= 1 else max(1, int(share * windows))
     result = validation_loss(run.learner.model, run.val, settings.config.block_size, env.device, env.autocast,
-                             env.rank, env.world, rows=settings.micro_size, sample=sample)
+                             env.rank, env.world, rows=settings.micro_size, sample=sample, stop=stop)
+    if result is None:
+        return None
     progress.val_loss = result["loss"]
     improved = progress.val_loss < progress.best_val
     if improved:
@@ -381,19 +448,18 @@ def validate(run: Run, env: Env, out: Output, share: float | None = None) -> boo
     if improved and env.master:
         checkpoint.save_best(out.writer, out.save_dir, run.learner.raw_model, progress, run.horizon.steps,
                              settings.init_from, settings.to_dict())
-    return result["tokens"] >= whole
+    return result | {"whole": whole}
 
 
-def reached_target(run: Run, env: Env, out: Output, read_all: bool) -> bool:
-    """--target_loss: whether the evaluation just made (read_all: over the whole validation split) reached it,
-    over the whole split (a sample's figure that reaches it is checked over all of it); if so the run ends at this
-    step, and the summary says where and when."""
+def reached_target(run: Run, env: Env, out: Output, stop, evaluated: dict) -> bool:
+    """--target_loss: whether the evaluation just made reached it, over the whole validation split (a sample's
+    figure that reaches it is checked over all of it); if so the run ends at this step, and the summary says where
+    and when."""
     progress, target = run.progress, run.settings.target_loss
     if progress.val_loss > target:
         return False
-    if not read_all:
-        validate(run, env, out, share=1.0)
-        if progress.val_loss > target:
+    if evaluated["tokens"] < evaluated["whole"]:
+        if validate(run, env, out, stop, share=1.0) is None or progress.val_loss > target:
             return False
     progress.target = (progress.step, out.elapsed())
     run.horizon.end_at(progress.step)
@@ -452,9 +518,10 @@ def leave_early(run: Run, env: Env, out: Output, signum: int | None, failure: Ba
     if signum is None and failure is not None:
         summarise(run, out, "failed")
         why = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {first_line(failure)}"
-        raise data.DataError(f"the data stopped arriving ({why}); {latest} is saved at step {run.progress.step}: "
-                             "once that is fixed, continue with --resume")
-    out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume")
+        raise data.DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
+                             "that is fixed, continue with --resume")
+    pending = " (its last evaluation does)" if run.progress.final_pending else ""
+    out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume{pending}")
     summarise(run, out, "stopped")
     return 128 + (signum or signal.SIGTERM)
 

@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from functools import partial
 from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
@@ -258,73 +259,187 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
+@dataclass(frozen=True)
+class Cut:
+    """A HubStandIn fault: the answer's first `after` bytes, then the connection dropped; with `gone`, the stand-in
+    stops answering at all (connections refused) from then on."""
+    after: int
+    gone: bool = False
+
+
+@dataclass(frozen=True)
+class Hold:
+    """A HubStandIn fault: the answer's first `after` bytes, then nothing until `until` is set."""
+    after: int
+    until: threading.Event
+
+
 class HubStandIn:
     """A stand-in for the Hugging Face Hub on 127.0.0.1 (huggingface_hub follows HF_ENDPOINT there): each
-    repository's files under `/datasets/{repo}/resolve/{revision}/{file}`, answered as the Hub answers
-    hf_hub_download (a commit and an ETag; 404 with the Hub's error codes; byte ranges, for a resumed download).
-    `delay(name)` holds a file back that many seconds; `served` records (name, time.monotonic()) as each ends."""
+    repository's file list under `/api/datasets/{repo}/tree/{revision}` and its files under
+    `/datasets/{repo}/resolve/{revision}/{file}`, answered as the Hub answers them (a commit and an ETag; 404 with
+    the Hub's error codes; byte ranges, for a resumed download).
 
-    def __init__(self, repos: dict[str, Path], delay=lambda name: 0.0):
+    Faults: `faults[name]` (a file's name, or LISTING for the file list) is a list of what its next requests get,
+    one each: an HTTP status code, a Cut or a Hold; once it is empty they are answered as they should be.
+    `bytes_per_s` throttles all the answers' bytes together, as one link would. Records: `served`, (name,
+    time.monotonic()) as each answer ends whole; `asked`, (name, first byte) for each request of a file; `sent`,
+    the bytes of each file sent.
+    """
+
+    LISTING = "(file list)"
+
+    def __init__(self, repos: dict[str, Path], faults: dict[str, list] | None = None, bytes_per_s: float | None = None):
+        import collections
         import hashlib
         import re
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
         stand_in = self
+        self.faults = {name: list(answers) for name, answers in (faults or {}).items()}
         self.served: list[tuple[str, float]] = []
+        self.asked: list[tuple[str, int]] = []
+        self.sent: collections.Counter = collections.Counter()
+        self.gone = False  # after a Cut(gone=True): every connection dropped, new ones refused
+        self._lock, self._free_at = threading.Lock(), 0.0  # the throttled link: when it is free again
+        etags: dict[tuple, str] = {}
+
+        def etag(path: Path) -> str:
+            key = (path, path.stat().st_size, path.stat().st_mtime_ns)
+            if key not in etags:
+                etags[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+            return etags[key]
+
+        def fault(name: str):
+            with stand_in._lock:
+                answers = stand_in.faults.get(name)
+                return answers.pop(0) if answers else None
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the Hub: a dropped connection is then an error, not an end
+
             def log_message(self, *args):
                 pass
+
+            def _refuse(self, status: int, code: str | None = None) -> None:
+                self.send_response(status)
+                if code:
+                    self.send_header("X-Error-Code", code)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def handle_one_request(self):
+                if stand_in.gone:  # a connection kept open from before the stand-in went
+                    self.close_connection = True
+                    return
+                super().handle_one_request()
+
+            def do_GET(self):
+                listing = re.match(r"^/api/datasets/([^/]+/[^/?]+)/tree/[^/?]+", self.path)
+                if listing:
+                    return self._listing(repos.get(listing[1]))
+                path = self._file()
+                if path is not None:
+                    self._send(path, head=False)
+
+            def do_HEAD(self):
+                path = self._file()
+                if path is not None:
+                    self._send(path, head=True)
+
+            def _listing(self, folder: Path | None) -> None:
+                answer = fault(HubStandIn.LISTING)
+                if isinstance(answer, int):
+                    return self._refuse(answer)
+                if folder is None:
+                    return self._refuse(404, "RepoNotFound")
+                body = json.dumps([{"type": "file", "path": f.name, "size": f.stat().st_size, "oid": "0" * 40}
+                                   for f in sorted(folder.iterdir()) if f.is_file()]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
 
             def _file(self) -> Path | None:
                 match = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/[^/]+/(.+)$", self.path)
                 repo = repos.get(match[1]) if match else None
                 path = repo / match[2] if repo else None
                 if path is None or not path.is_file():
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound" if repo else "RepoNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._refuse(404, "EntryNotFound" if repo else "RepoNotFound")
                     return None
                 return path
 
-            def _head(self, path: Path, start: int) -> None:
+            def _send(self, path: Path, head: bool) -> None:
                 size = path.stat().st_size
-                self.send_header("X-Repo-Commit", "0" * 40)
-                self.send_header("ETag", f'"{hashlib.sha256(path.read_bytes()).hexdigest()}"')
-                self.send_header("Content-Length", str(size - start))
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{size - 1}/{size}")
-                self.end_headers()
-
-            def do_HEAD(self):
-                path = self._file()
-                if path is not None:
-                    self.send_response(200)
-                    self._head(path, 0)
-
-            def do_GET(self):
-                path = self._file()
-                if path is None:
-                    return
-                time.sleep(delay(path.name))
-                ranged = re.match(r"bytes=(\d+)-", self.headers.get("Range", ""))
+                ranged = re.match(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
                 start = int(ranged[1]) if ranged else 0
+                end = min(size, int(ranged[2]) + 1) if ranged and ranged[2] else size
+                answer = None if head else fault(path.name)
+                if isinstance(answer, int):
+                    return self._refuse(answer)
+                if not head:
+                    with stand_in._lock:
+                        stand_in.asked.append((path.name, start))
+                self.send_response(206 if ranged else 200)
+                self.send_header("X-Repo-Commit", "0" * 40)
+                self.send_header("ETag", f'"{etag(path)}"')
+                self.send_header("Content-Length", str(end - start))
+                if ranged:
+                    self.send_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+                self.end_headers()
+                if head:
+                    return
                 try:
-                    self.send_response(206 if start else 200)
-                    self._head(path, start)
-                    self.wfile.write(path.read_bytes()[start:])
-                except (BrokenPipeError, ConnectionResetError):  # the client was killed while it waited
+                    self._body(path, start, end, answer)
+                except (BrokenPipeError, ConnectionResetError):  # the client was killed, or stopped reading
+                    return
+
+            def _body(self, path: Path, start: int, end: int, answer) -> None:
+                stop_at = min(end, start + answer.after) if answer is not None else end
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    at = start
+                    while at < stop_at:
+                        piece = f.read(min(1 << 16, stop_at - at))
+                        stand_in._throttle(len(piece))
+                        self.wfile.write(piece)
+                        at += len(piece)
+                        with stand_in._lock:
+                            stand_in.sent[path.name] += len(piece)
+                    if isinstance(answer, Hold):
+                        self.wfile.flush()
+                        answer.until.wait(300)
+                        return self._body(path, at, end, None)
+                if isinstance(answer, Cut):
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # dropped mid-answer, as a failing server or link drops it
+                    if answer.gone:
+                        stand_in.gone = True
+                        threading.Thread(target=stand_in.close, daemon=True).start()
                     return
                 stand_in.served.append((path.name, time.monotonic()))
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_port}"
+        self.bytes_per_s = bytes_per_s
         threading.Thread(target=partial(self.server.serve_forever, poll_interval=0.01), daemon=True).start()
 
+    def _throttle(self, nbytes: int) -> None:
+        """Waits for the link's turn to send nbytes at bytes_per_s, shared by every answer under way."""
+        if not self.bytes_per_s:
+            return
+        with self._lock:
+            self._free_at = max(time.monotonic(), self._free_at) + nbytes / self.bytes_per_s
+            sent_by = self._free_at
+        time.sleep(max(0.0, sent_by - time.monotonic()))
+
     def env(self) -> dict:
-        """A child's environment that reaches this stand-in, and nothing else, as the Hub."""
+        """A child's environment that reaches this stand-in, and nothing else, as the Hub; an answer a test holds
+        back (Hold) is waited for, rather than tried again once huggingface_hub's 10 s read timeout passes."""
         return {"HF_ENDPOINT": self.url, "HF_HUB_OFFLINE": "0", "HF_DATASETS_OFFLINE": "0", "HF_HUB_DISABLE_XET": "1",
-                "HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "", "http_proxy": ""}
+                "HF_HUB_DOWNLOAD_TIMEOUT": "300", "HTTPS_PROXY": "", "HTTP_PROXY": "", "https_proxy": "",
+                "http_proxy": ""}
 
     def close(self) -> None:
         self.server.shutdown()

@@ -2,6 +2,8 @@
 import argparse
 import json
 import os
+import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -10,7 +12,9 @@ import pytest
 
 import common
 import data
-from helpers import make_conversations, make_corpus, run_script, write_conversations, write_jsonl, write_txt_dir
+import shards
+from helpers import (child_env, make_conversations, make_corpus, run_script, script_command, wait_for,
+                     write_conversations, write_jsonl, write_txt_dir)
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 
@@ -222,15 +226,60 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
 
 
-@pytest.mark.parametrize("damage", ["bad magic", "truncated"])
-def test_a_corrupt_shard_is_reported_with_its_path(tmp_path, text_dir, damage):
+@pytest.mark.parametrize("damage, message", [("bad magic", "bad header magic"), ("truncated", "truncated"),
+                                             ("token id", "holds token id 50,263 (its token 7), outside the "
+                                                          "vocabulary of 50,257: the file is corrupt")])
+def test_a_corrupt_shard_is_reported_with_its_path(tmp_path, text_dir, damage, message):
     cache_dir = data.prepare(data_args(text_dir, tmp_path / "cache"), shard_tokens=SHARD, progress=False)
     shard = cache_dir / "train_000001.bin"
-    raw = shard.read_bytes()
-    shard.write_bytes(b"\0\0\0\0" + raw[4:] if damage == "bad magic" else raw[:-7])
-    with pytest.raises(data.DataError, match="bad header magic" if damage == "bad magic" else "truncated") as e:
-        data.TokenShards(cache_dir, "train")
-    assert str(shard) in str(e.value)
+    raw = bytearray(shard.read_bytes())
+    if damage == "token id":  # past GPT-2's vocabulary (a chat turn token: not in plain text's)
+        raw[data.HEADER_BYTES + 14:data.HEADER_BYTES + 16] = (50263).to_bytes(2, "little")
+    shard.write_bytes(b"\0\0\0\0" + raw[4:] if damage == "bad magic" else raw[:-7] if damage == "truncated" else raw)
+    with pytest.raises(data.DataError, match=re.escape(message)) as e:
+        data.TokenShards(cache_dir, "train").check()
+    assert str(shard) in str(e.value) and f"delete {cache_dir} and prepare the data again" in str(e.value)
+
+
+def test_a_shard_still_arriving_is_read_as_far_as_listed_and_checked_as_it_grows(tmp_path):
+    shared, run = tmp_path / "shared", tmp_path / "run"
+    shared.mkdir()
+    tokens = np.arange(1000, dtype=np.uint16)
+    tokens[700] = 60000  # not yet listed: no error until it is
+    data.write_shard(shared / "a.bin", [tokens])
+    listing = lambda n: common.write_json(run / "progress.json", {"shards": {"train": [  # noqa: E731
+        {"file": "../shared/a.bin", "tokens": n}], "val": []}})
+    run.mkdir()
+    listing(300)
+    train = data.TokenShards(run, "train")
+    assert train.num_tokens == 300 and train.read(0, 300).tolist() == list(range(300))
+    listing(600)
+    train.refresh()
+    assert train.read(250, 350).tolist() == list(range(250, 600))  # mapped again, further
+    listing(500)  # another process's listing, which knows less of it: nothing changes
+    train.refresh()
+    assert train.num_tokens == 600
+    listing(800)
+    train.refresh()
+    with pytest.raises(data.DataError, match="token id 60,000 \\(its token 700\\)") as e:
+        train.read(0, 800)
+    assert f"delete {shared / 'a.bin'} and run the same command again" in str(e.value)
+
+
+def test_two_processes_preparing_the_same_text_tokenize_it_once_and_both_use_it(tmp_path, text_dir):
+    spec = data_args(text_dir, tmp_path / "cache")
+    logs = [tmp_path / f"out{k}.txt" for k in range(2)]
+    with shards.writing(data.target(spec).cache_dir):  # a third process preparing it: both wait for it
+        procs = [subprocess.Popen(script_command("data.py", "--dataset", str(text_dir), "--data_cache",
+                                                 str(tmp_path / "cache")), env=child_env(),
+                                  stdout=open(log, "w"), stderr=subprocess.STDOUT) for log in logs]
+        waiting = lambda: all("another process of this machine is preparing" in log.read_text() for log in logs)  # noqa: E731
+        assert wait_for(waiting, timeout=120), [log.read_text() for log in logs]
+    assert [proc.wait(timeout=120) for proc in procs] == [0, 0]
+    outputs = [log.read_text() for log in logs]
+    assert sorted("prepared 60 documents" in out for out in outputs) == [False, True], outputs  # tokenized once
+    assert sorted("using the prepared data" in out for out in outputs) == [False, True], outputs
+    assert split_tokens(data.target(spec).cache_dir, "train").size > 0
 
 
 # ----------------------------------------------------------------------------- sources

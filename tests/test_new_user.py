@@ -272,7 +272,7 @@ def test_resume_over_a_best_model_but_no_latest_says_what_stays_and_keeps_it(cor
 def test_a_resumed_run_says_no_validation_yet_rather_than_an_infinite_loss(corpus_dir, data_cache, tmp_path,
                                                                           monkeypatch, capsys):
     save, validate = tmp_path / "run", T.validate
-    monkeypatch.setattr(T, "validate", lambda *a, **k: None)  # a run stopped before its first evaluation
+    monkeypatch.setattr(T, "validate", lambda *a, **k: {})  # evaluations that record nothing: no validation yet
     assert T.main(train_args(corpus_dir, data_cache, save, "--max_steps", "2", "--checkpoint_interval", "1")) == 0
     monkeypatch.setattr(T, "validate", validate)
     capsys.readouterr()
@@ -329,7 +329,7 @@ def test_ctrl_c_while_the_data_is_prepared_says_a_rerun_continues_it(corpus_dir,
     err = capsys.readouterr().err
     assert f"interrupted while preparing the data: what is prepared in {cache} is kept, and the same command " \
            "continues from there" in err
-    for preparation in list(data._PREPARATIONS):  # what the process's exit would do
+    for preparation in list(data.Preparation.running):  # what the process's exit would do
         preparation.close()
     monkeypatch.undo()
     assert T.main(args) == 0  # the same command

@@ -14,6 +14,7 @@ import flags as F
 import memory as Mem
 import model as M
 import plan as P
+import runtime
 import startup as U
 import step as S
 import train_gpt2 as T
@@ -93,6 +94,18 @@ def test_plan_prints_the_plan_and_downloads_trains_and_writes_nothing(corpus_dir
     assert "plan: data: about " in out and "bytes a token" in out  # estimated from the files, not prepared
     assert "plan: 50 steps = 12,800 tokens" in out and " s a step (timed on this cpu)" in out and "$" in out
     assert "tokens a parameter, far from the compute-optimal 10-40" in out
+
+
+def test_the_plan_counts_the_last_evaluation_over_all_of_validation(tmp_path):
+    args = F.parse_args(["--dataset", "HuggingFaceFW/fineweb", "--subset", "sample-10BT", "--data_cache", str(tmp_path),
+                         "--sample_size", "100000", "--n_layer", "2", "--n_head", "2", "--n_embd", "32", "--block_size",
+                         "32", "--batch_size", "8", "--eval_iters", "4", "--max_steps", "10", "--device", "cpu"])
+    env, _ = runtime.setup_env("cpu", None, False)
+    run = U.start(args, env, lambda line: None, time.monotonic(), dry_run=True)  # no data: its size estimated
+    costs = run.horizon.costs
+    assert costs.final_windows == (data.VAL_TOKENS // 33) / (4 * 8)  # FineWeb's validation: the speedrun's tokens
+    costs.step, costs.evaluation, costs.write = 1.0, 2.0, 0.0
+    assert costs.seconds(0, 10) == 10 + costs.final_windows * 2.0  # ten steps, then all of validation
 
 
 def test_the_plan_warns_of_data_seen_too_often_and_says_what_gives_fresh_data():

@@ -80,6 +80,33 @@ def test_a_signal_to_the_run_or_its_group_saves_latest_stops_and_resumes_to_the_
     assert final_val_loss(save) == pytest.approx(uninterrupted, abs=1e-4)
 
 
+# train_gpt2.py whose evaluations take 2 s a batch (a long last evaluation over the whole validation split, as on
+# a CPU or a slow GPU): the stop check before each batch sleeps first.
+SLOW_EVALUATION = ("import sys, time, train_gpt2; score = train_gpt2.validation_loss; "
+                   "train_gpt2.validation_loss = lambda *a, stop, **k: score(*a, **k, stop=lambda: time.sleep(2) or stop()); "
+                   "sys.exit(train_gpt2.main(sys.argv[1:]))")
+
+
+def test_a_signal_during_the_last_evaluation_stops_it_and_the_resumed_run_does_it(corpus_dir, data_cache, tmp_path):
+    save = tmp_path / "run"
+    args = train_args(corpus_dir, data_cache, save, "--max_steps", "4", "--log_interval", "1", "--eval_interval", "1000")
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EVALUATION, *args], env=child_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last_step = lambda: (save / "metrics.jsonl").exists() and any(r.get("step") == 4 for r in metrics(save))  # noqa: E731
+    assert wait_for(last_step, proc), proc.communicate()[1][-2000:]
+    proc.send_signal(signal.SIGTERM)  # its last evaluation has begun: it reads the whole split, 2 s a batch
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "stopped by signal at step 4" in out and "(its last evaluation does)" in out
+    assert not [r for r in metrics(save) if "val_loss" in r]  # stopped inside it, not after it
+    latest = torch.load(save / "latest.pt", weights_only=True)
+    assert latest["step"] == 4 and latest["final_pending"]
+    assert T.main([*args, "--resume"]) == 0
+    rows = metrics(save)
+    assert [r["step"] for r in rows if "val_loss" in r] == [4] and rows[-1]["event"] == "done"
+    assert not torch.load(save / "latest.pt", weights_only=True)["final_pending"]
+
+
 def test_a_new_run_refuses_an_earlier_runs_best_model_and_metrics_before_writing_anything(corpus_dir, tmp_path):
     save = tmp_path / "run"
     save.mkdir()
