@@ -102,6 +102,8 @@ class Download:
             except Timeout:
                 continue  # another process downloads it: its bytes are read as they come
             try:
+                if self.length >= self.want:  # another process finished it while this one waited for the lock
+                    return
                 with open(self.path, "ab") as f:  # appended to what an earlier try, run or process left
                     retrying(lambda: self._receive(f), f"downloading {self.filename} of {self.repo_id}", self._stop,
                              f.tell)
