@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 import chat
-from common import EOT
-from shards import DataError, TokenShards
+from common import EOT, DataError
+from shards import TokenShards
 
 # The first pass shuffles windows within blocks of about this many tokens (a whole number of batches): it
 # reads the data as it arrives, and a block is the most it waits for. Later passes shuffle the whole split.

@@ -33,7 +33,10 @@ import torch
 import cpu_decoding
 import flags as F
 import runtime
+import shards
+import sources
 import step as S
+import tokenizer
 from checkpoint import save_checkpoint
 from common import EOT, ArgumentParser, UserError, atomic_write, pick_device
 from metrics import run_header
@@ -271,12 +274,11 @@ def bench_tokenize(tiny: bool) -> dict:
     Raw is encode_ordinary_batch on all cores over the documents already in memory (which also warms
     the page cache for the end-to-end run, so both read from memory).
     """
-    import data
     with tempfile.TemporaryDirectory(prefix="bench-tokenize-") as tmp:
         text = write_random_corpus(Path(tmp) / "text", 300_000 if tiny else 15_000_000, seed=1)
         docs = [p.read_text(encoding="utf-8") for p in sorted(text.iterdir())]
         started = time.perf_counter()
-        tokens = sum(map(len, data.get_tokenizer().encode_ordinary_batch(docs, num_threads=os.cpu_count())))
+        tokens = sum(map(len, tokenizer.get_tokenizer().encode_ordinary_batch(docs, num_threads=os.cpu_count())))
         raw_s = time.perf_counter() - started
         started = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / "data.py"), "--dataset", str(text), "--data_cache",
@@ -413,10 +415,9 @@ def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int 
     QUALITY_PROMPTS and, with data_cache (a prepared cache of train_gpt2.py), on `windows` block-long
     windows of its held-out text, where a model that has settled into repeating itself cannot flatter
     the figure."""
-    import data
     import sample
 
-    enc, cpu = data.get_tokenizer(), torch.device("cpu")
+    enc, cpu = tokenizer.get_tokenizer(), torch.device("cpu")
     models = {name: sample.load(checkpoint, cpu, dtype)[0] for name, dtype in DECODE_DTYPES.items()}
     fp32, block = models["fp32"], models["fp32"].config.block_size
     texts = {"greedy": []}
@@ -424,7 +425,7 @@ def bench_quality(checkpoint: str, data_cache: str | None = None, n_tokens: int 
         n = min(n_tokens, block - len(prompt))
         texts["greedy"].append(prompt + list(fp32.generate(prompt, n, temperature=0, stop_at_eot=False)))
     if data_cache:
-        val = data.TokenShards(data_cache, "val")
+        val = shards.TokenShards(data_cache, "val")
         texts["held_out"] = [val.read(i * block, block).astype(int).tolist()
                              for i in range(min(windows, val.num_tokens // block))]
     others = [name for name in DECODE_DTYPES if name != "fp32"]
@@ -694,7 +695,7 @@ def core_tasks_of_shape(directory: Path, per_task: int) -> list:
     """(eval.Task, its items after the shuffle, the real task's item count) for each task of CORE_SHAPE: its
     examples and `per_task` items more of random one-token words, in jsonl files written to `directory`."""
     import random
-    from data import get_tokenizer
+    from tokenizer import get_tokenizer
     from eval import Task, read_task
     enc, rng = get_tokenizer(), random.Random(0)
     words = [w for w in map(enc.decode, ([t] for t in range(enc.n_vocab))) if w[:1] == " " and w[1:].isalpha()]
@@ -717,7 +718,7 @@ def bench_core(tiny: bool, device: torch.device, per_task: int = 3) -> dict:
     """eval.py's CORE scoring of GPT-2 124M (random weights) on generated items of the real bundle's shape:
     `per_task` items of each task timed (prompts built and tokenized, passes of 32 rows at most), in fp32 and
     bf16 autocast; the whole CORE's time is each task's seconds per item times its items, summed."""
-    from data import get_tokenizer
+    from tokenizer import get_tokenizer
     from eval import batches, encode_options, option_scores
     torch.manual_seed(0)
     model = GPT(GPTConfig.from_preset("gpt2", **(TINY if tiny else {}))).to(device).eval()
@@ -801,7 +802,7 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
     final validation loss: the steps each takes to reach it, and the ratio to the baseline's steps."""
     from concurrent.futures import ThreadPoolExecutor
     import data
-    data.prepare(data.DataSpec.from_args(F.parse_args(common)))  # once, before runs in parallel would race to it
+    data.prepare(sources.DataSpec.from_args(F.parse_args(common)))  # once, before runs in parallel would race to it
     threads = max(1, (os.cpu_count() or 1) // parallel)
     with ThreadPoolExecutor(parallel) as pool:
         results = list(pool.map(lambda item: train_recipe(*item, common, runs, threads), recipes.items()))
@@ -829,7 +830,7 @@ def compare_budgets(budgets: list[str], depths: list[int], common: list[str], ru
     machine, on the same data: each run's final validation loss, its depth, and from outside, the process's
     whole time against the budget."""
     import data
-    cache = data.prepare(data.DataSpec.from_args(F.parse_args(common)))  # once, before any run's clock starts
+    cache = data.prepare(sources.DataSpec.from_args(F.parse_args(common)))  # once, before any run's clock starts
     rows = []
     for budget in budgets:
         for name, flags in [("chosen", ""), *((f"depth {d}", f"--depth {d}") for d in depths)]:
@@ -861,12 +862,11 @@ SAME_VAL_TOKENS = 40_960
 
 def same_validation_loss(checkpoint_path: Path, cache: Path) -> float:
     """A run's best checkpoint scored on the first SAME_VAL_TOKENS tokens of the validation split, on the CPU."""
-    import data
     import eval as scoring
     from checkpoint import load_model
     model, _ = load_model(str(checkpoint_path))
     with torch.inference_mode():
-        return scoring.validation_loss(model, data.TokenShards(cache, "val"), model.config.block_size,
+        return scoring.validation_loss(model, shards.TokenShards(cache, "val"), model.config.block_size,
                                        torch.device("cpu"), max_tokens=SAME_VAL_TOKENS)["loss"]
 
 

@@ -37,7 +37,7 @@ import torch
 import chat
 from checkpoint import load_model
 from common import EOT, ArgumentParser, atomic_write, positive_int
-from data import get_tokenizer
+from tokenizer import get_tokenizer
 
 REPO = Path(__file__).resolve().parent
 # Each one GPT-2 token with its leading space, as is every price from 10 to 99.

@@ -19,12 +19,12 @@ from typing import Callable
 import torch
 
 from common import UserError
-from data import DataSpec, is_hub
 from memory import fitting_grad_accum, probes_memory
 from model import GPTConfig, swiglu_width
 from optim import OptimizerSettings
 from plan import FORWARD_SHARE, TOKENS_PER_DOCUMENT, human_duration, short_float
 from runtime import Env, broadcast_from_rank0
+from sources import DataSpec, is_hub
 from step import TIMED_STEPS, WARMUP_STEPS, build, eager, step_seconds
 
 # The family --time chooses from: depth d is d layers of width 64 d in heads of 64, so depth 12 is GPT-2

@@ -143,7 +143,7 @@ def gsm8k_conversation(row: dict) -> list[dict]:
 
 
 # Hub datasets whose rows are rendered as conversations by these functions rather than read from a messages field.
-# Their names are a part of the cache's key (data.Source.identity): change it whenever a function changes.
+# Their names are a part of the cache's key (sources.Source.identity): change it whenever a function changes.
 HUB_TASKS = {"cais/mmlu": (mmlu_conversation, "mmlu-1"), "openai/gsm8k": (gsm8k_conversation, "gsm8k-1")}
 
 

@@ -30,6 +30,10 @@ class UserError(Exception):
     """Something the user can fix (a path, a flag, a checkpoint, the network): printed as one line, exit 1."""
 
 
+class DataError(UserError):
+    """A problem with the data the user can fix (a path, a flag, the network)."""
+
+
 class CheckpointError(UserError):
     """A checkpoint or weights directory the user pointed at that cannot be used."""
 

@@ -19,8 +19,8 @@ import threading
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from common import first_line, hub_endpoint, network_errors
-from shards import DataError, Stopped
+from common import DataError, first_line, hub_endpoint, network_errors
+from shards import PreparationStopped
 
 RETRY_WAIT_S = (5.0, 10.0, 20.0)  # before the 2nd, 3rd and 4th try of a request that failed and brought nothing
 FOLLOW_S = 0.2  # how often a process waiting for another's download of a file tries its lock again
@@ -42,7 +42,7 @@ def retryable(error: BaseException) -> bool:
 
 def retrying(call: Callable[[], T], what: str, stop: threading.Event, progress: Callable[[], int] = lambda: 0) -> T:
     """call(), tried again after each retryable error (a rise in progress() since the last try starts the count
-    again); what is not retryable is raised at once, DataError once RETRY_WAIT_S are spent, Stopped if `stop` is
+    again); what is not retryable is raised at once, DataError once RETRY_WAIT_S are spent, PreparationStopped if `stop` is
     set while waiting."""
     tries, reached = 0, progress()
     while True:
@@ -57,7 +57,7 @@ def retrying(call: Callable[[], T], what: str, stop: threading.Event, progress: 
                                 f"({type(e).__name__}: {first_line(e)}); what was downloaded is kept: run the same "
                                 "command again to continue") from None
             if stop.wait(RETRY_WAIT_S[tries - 1]):
-                raise Stopped from None
+                raise PreparationStopped from None
 
 
 class Download:
@@ -86,7 +86,7 @@ class Download:
     def _run(self) -> None:
         try:
             self._fetch()
-        except Stopped:
+        except PreparationStopped:
             pass
         except BaseException as e:  # read by the owner (fineweb.prepare), which raises it
             self.error = e
@@ -96,7 +96,7 @@ class Download:
         lock = FileLock(self.path.parent / f".{self.filename}.lock")
         while self.length < self.want:
             if self._stop.is_set():
-                raise Stopped
+                raise PreparationStopped
             try:
                 lock.acquire(timeout=FOLLOW_S)
             except Timeout:
@@ -125,7 +125,7 @@ class Download:
             skip = 0 if response.status_code == 206 else start  # a server that ignores ranges sends it all again
             for chunk in response.iter_bytes():
                 if self._stop.is_set():
-                    raise Stopped
+                    raise PreparationStopped
                 chunk, skip = chunk[skip:], max(0, skip - len(chunk))
                 self._append(f, chunk[:self.want - f.tell()])
                 if f.tell() >= self.want:

@@ -54,9 +54,11 @@ from tqdm import tqdm
 import batches
 import data
 import runtime
+import sources
+import tokenizer
+from checkpoint import describe, load_model, recorded_data
 from common import (EOT, ArgumentParser, UserError, arg_type, check_reachable, first_line,
                     pick_device, positive_int, write_json)
-from checkpoint import describe, load_model, recorded_data
 from model import GPT, token_losses
 from shards import TokenShards
 
@@ -445,7 +447,7 @@ def hellaswag_accuracy(model: GPT, items: list[Item], device, autocast: Autocast
     """
     if not items:
         raise ValueError("no HellaSwag items to score")
-    enc = data.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     mine = [encode_item(enc, item, model.config.block_size) for item in items[rank::world]]
     # Rows of like length share a pass, so less of it is padding; the longest first, so a --batch_size
     # too large for memory fails at once rather than at the end.
@@ -505,7 +507,7 @@ def validation_loss(model: torch.nn.Module, shards: TokenShards, window: int, de
     windows = batches.Windows(shards, window)
     chosen = windows.spread(sample)
     step = rows * world  # windows a pass scores, over all ranks: every rank runs every pass
-    lengths = queued_copy(token_bytes(data.get_tokenizer()), device)
+    lengths = queued_copy(token_bytes(tokenizer.get_tokenizer()), device)
     was_training = model.training
     model.eval()
     # [loss, tokens, loss of the text tokens, their bytes] in float64: exact counts however many tokens
@@ -674,7 +676,7 @@ def option_groups(encoded: list[Options], rows: int):
 def task_right(model: GPT, task: Task, items: list[CoreItem], device, autocast: Autocast, rank: int, world: int,
                rows: int, bar: tqdm) -> int:
     """How many of this rank's items (rank, rank + world, ... as nanochat strides them) the model gets right."""
-    enc, mine = data.get_tokenizer(), range(rank, len(items), world)
+    enc, mine = tokenizer.get_tokenizer(), range(rank, len(items), world)
     right = 0
     for a in range(0, len(mine), CORE_ENCODE_ITEMS):
         encoded = encode_options(enc, task, items, mine[a:a + CORE_ENCODE_ITEMS], model.config.block_size)
@@ -761,7 +763,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast (default: on CUDA only; on a CPU, fast only with AVX-512 bf16 or AMX)")
     p.add_argument("--json", metavar="OUT", default=None, help="also write the results to this JSON file")
-    data.add_data_args(p)  # val: the data flags of the run, so its prepared cache is found again
+    sources.add_data_args(p)  # val: the data flags of the run, so its prepared cache is found again
     return p
 
 
@@ -824,7 +826,7 @@ def run(args: argparse.Namespace, env: runtime.Env) -> dict:
         core = None if bundle is None else [(task, read_task(task, args.limit)) for task in bundle]
     if "val" in args.tasks:  # the training split goes on arriving behind the scoring, for a later run
         say = (lambda line: tqdm.write(line, file=sys.stderr)) if env.master else None
-        shards, preparation = data.validation_split(data.DataSpec.from_args(args), prepare=env.local_rank == 0,
+        shards, preparation = data.validation_split(sources.DataSpec.from_args(args), prepare=env.local_rank == 0,
                                                     say=say)
     try:
         return score(args, env, items, shards, core, not_scored)

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from common import EOT, first_line, local_data_hint, network_errors, write_json
+from common import EOT, DataError, first_line, local_data_hint, network_errors, write_json
 from download import Download, retrying
-from shards import HEADER_BYTES, SHARD_TOKENS, VAL_TOKENS, DataError, Stopped, read_json, shard_header
+from shards import HEADER_BYTES, SHARD_TOKENS, VAL_TOKENS, PreparationStopped, read_json, shard_header
 
 POLL_S = 0.05  # how often the preparation looks at its downloads
 LIST_EVERY_S = 0.5  # progress.json rewritten at most this often while a shard arrives (each write syncs the disk)
@@ -114,7 +114,7 @@ def prepare(data_cache: str, repo: Repo, sample_size: int, say=None, stop: threa
     """The validation shard's first VAL_TOKENS tokens and as much of the training shards as holds sample_size
     documents, listed in the run's folder as they arrive; manifest.json written once all are there. `files`: the
     repository's `listing`, when asked already. `stop`, an Event: set, it stops between two pieces of a download
-    (Stopped); what was downloaded is kept, for the next run to go on from."""
+    (PreparationStopped); what was downloaded is kept, for the next run to go on from."""
     folder = run_folder(data_cache, repo, sample_size)
     if complete(folder):
         return folder
@@ -227,7 +227,7 @@ class _Fetching:
         while not (self.training.done and self.listed["val"]):
             self._raise_failure()
             if stop.is_set():
-                raise Stopped
+                raise PreparationStopped
             validation = self._take_validation()
             unlisted |= self._take_training()
             moved = self._next_shard()

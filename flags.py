@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import checkpoint
-import data
+import common
+import sources
 from budget import HEAD_SIZE, WIDTH_PER_LAYER, depth_shape
 from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_negative_float, non_negative_int,
                     open_fraction, pick_device, positive_float, positive_int)
-from model import ARCH_PRESETS, GPTConfig
 from horizon import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP
+from model import ARCH_PRESETS, GPTConfig
 from plan import parse_duration
 
 
@@ -45,7 +46,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(description="Train a GPT-2 (by default the modern block with Muon and a warmup-stable-decay "
                        "schedule), keeping the best validation checkpoint.", formatter_class=_HelpFormatter)
-    data.add_data_args(p, sample_size_help=f"documents to use (default {data.DataSpec.sample_size:,}; with --time "
+    sources.add_data_args(p, sample_size_help=f"documents to use (default {sources.DataSpec.sample_size:,}; with --time "
                        "sizing the model, about one pass over the tokens the budget buys)",
                        chat_help=". Alone, it fine-tunes checkpoints/model_best_val.pt on SmolTalk for one pass into "
                                  "checkpoints/chat/, with Muon at pretraining's --lr and --muon_lr, no warmup and a "
@@ -342,6 +343,6 @@ def reads_the_hub(dataset: str) -> bool:
     """Whether --dataset names a Hub dataset (or a mixture with one), or a path that is not there (start-up then
     says so)."""
     try:
-        return data.is_hub(dataset)
-    except data.DataError:
+        return sources.is_hub(dataset)
+    except common.DataError:
         return True

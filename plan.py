@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from data import local_files, source_names
+from sources import local_files, source_names
 
 # Dense bf16 peak TFLOP/s, by the exact name torch.cuda.get_device_name reports, from NVIDIA's
 # datasheets (which print the sparse figure, twice these). A card not named here gets no MFU.

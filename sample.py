@@ -24,11 +24,11 @@ from typing import Iterable, Iterator
 import torch
 
 import chat
-from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
 import cpu_decoding
-from data import get_tokenizer, user_cache_dir
 from checkpoint import describe, load_model
+from common import EOT, ArgumentParser, UserError, arg_type, cuda_has_bf16, pick_device, positive_int
 from model import GPT, PromptCache
+from tokenizer import get_tokenizer, user_cache_dir
 
 # Text files a --prompt naming a missing file most likely meant (so it is reported, not continued as text).
 PROMPT_FILE_SUFFIXES = (".txt", ".md", ".text", ".prompt")

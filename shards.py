@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 import chat
-from common import UserError, atomic_write, first_line
+from common import DataError, atomic_write, first_line
 
 SHARD_MAGIC = 20240520  # llm.c's magic number and version for uint16 token shards
 SHARD_VERSION = 1
@@ -32,11 +32,7 @@ VAL_TOKENS = 10_485_760
 POLL_S = 0.05  # how often a reader waiting for data looks for new shards
 
 
-class DataError(UserError):
-    """A problem with the data the user can fix (a path, a flag, the network)."""
-
-
-class Stopped(Exception):
+class PreparationStopped(Exception):
     """A preparation stopped by its owner before its end (data.Preparation.close): what it wrote is kept."""
 
 
@@ -106,7 +102,7 @@ def writing(folder: Path, stop: threading.Event | None = None, on_wait=None) -> 
     """Inside: this process alone writes `folder` (its shards, progress.json, manifest.json). Meanwhile another
     process preparing the same folder waits here, its readers following what this one writes, and goes on
     from where this one got if it stops first; the kernel lets a killed process's lock go. on_wait() once if it
-    waits; Stopped if `stop` is set meanwhile."""
+    waits; PreparationStopped if `stop` is set meanwhile."""
     from filelock import FileLock, Timeout  # a well-kept flock(2) wrapper, which huggingface_hub depends on
     folder.mkdir(parents=True, exist_ok=True)
     lock = FileLock(folder / ".writing.lock")
@@ -116,7 +112,7 @@ def writing(folder: Path, stop: threading.Event | None = None, on_wait=None) -> 
             break
         except Timeout:
             if stop is not None and stop.is_set():
-                raise Stopped from None
+                raise PreparationStopped from None
             if on_wait is not None:
                 on_wait()
                 on_wait = None

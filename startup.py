@@ -19,15 +19,17 @@ import numpy as np
 import batches
 import chat
 import checkpoint
+import common
 import data
 import fineweb
+import sources
 from budget import (CHECKPOINT_BYTES_PER_PARAMETER, DEPTHS, FORWARD_SHARE, Budget, Costs, Request, Sizing,
                     data_note, depth_shape, size_for_budget)
 from common import EOT, CheckpointError, UserError
 from flags import default_optimizer, model_config, sizes_the_model
+from horizon import DataLength, Horizon, LearningRate, Shape, Stages, held_share
 from memory import choose_grad_accum
 from model import GPTConfig
-from horizon import DataLength, Horizon, LearningRate, Shape, Stages, held_share
 from optim import OptimizerSettings
 from plan import TOKENS_PER_DOCUMENT, Plan, estimated_data_tokens
 from runtime import Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, local_rank0_first, \
@@ -67,7 +69,7 @@ class Settings:
     time: float | None  # --time's budget in seconds
     eval_batches: int  # the batches of validation windows an evaluation reads (a sample spread over the split)
     every: Intervals
-    data: data.DataSpec  # the data flags, --sample_size as --time sized it
+    data: sources.DataSpec  # the data flags, --sample_size as --time sized it
     sizing: Sizing | None  # what --time chose, and why
     held_lr: float | None  # a resumed run made longer after its decay began: the rate's share, held
     seed: int
@@ -120,23 +122,28 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
     """Everything the run trains with, in the order it is known, each said as it is: the data (begun behind the
     training unless dry_run, for --plan), with --time the model the budget buys, the shape and starting weights,
     the model and its optimizers, the micro-batch that fits, the steps; on --resume, where it was."""
-    check_flags(args, env)
+    source = check_flags(args, env)
     resumed, kept = read_resume(args, env, say) if args.resume else (None, None)
-    early = None if dry_run or sizes_documents(args) else open_data(data.DataSpec.from_args(args), env, say)
+    spec, route, early = sources.DataSpec.from_args(args), None, None
+    if not dry_run and not sizes_documents(args):  # the data begins now, behind --time's sizing
+        route = route_once(spec, source, env, probe=True)
+        early = open_data(route, spec, env, say)
     sizing = None
     if sizes_the_model(args):
         saved = checkpoint.saved_run(resumed).get("sizing") if resumed else None
         sizing = size_for_budget(budget_request(args), env, say, started, saved)
     config, init_state = starting_point(args, env, resumed, say, sizing)
     batch_size = sizing.batch if sizing else args.batch_size
-    spec = data.DataSpec.from_args(args, sample_size=sizing.sample_size if sizing else None)
-    plan = estimated_plan(config, args, batch_size, spec)
+    if sizing and sizing.sample_size:  # --time chose the documents
+        spec = sources.DataSpec.from_args(args, sample_size=sizing.sample_size)
+    route = route or route_once(spec, source, env, probe=not dry_run)
+    plan = estimated_plan(config, args, batch_size, spec, route)
     plan.device, plan.sizing = env.device.type, sizing.to_dict() if sizing else None
     plan.smallest = sizing is not None and sizing.depth == DEPTHS[0]
     plan.fine_tune = args.init_from != "scratch"
-    split = data.validation_note(spec)
-    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec), *filter(None, [split])]))  # before a download
-    train, val, preparation = early or ((None, None, None) if dry_run else open_data(spec, env, say))
+    split = data.validation_note(spec, route)
+    say("\n".join([plan.model_line(), plan.data_line(), *fetched(spec, route), *filter(None, [split])]))
+    train, val, preparation = early or ((None, None, None) if dry_run else open_data(route, spec, env, say))
     if train is not None and train.complete:
         plan.prepared(train.num_tokens)
         say("\n".join([plan.data_line(), *data_note(sizing, plan.data_tokens)]))
@@ -234,40 +241,47 @@ def budget_request(args) -> Request:
 
 def sizes_documents(args) -> bool:
     """Whether --time chooses the documents (so the data is known only once the model is chosen)."""
-    return sizes_the_model(args) and not args.sample_size and data.is_hub(args.dataset)
+    return sizes_the_model(args) and not args.sample_size and sources.is_hub(args.dataset)
 
 
-def open_data(spec: data.DataSpec, env: Env, say: Callable) -> tuple[TokenShards, TokenShards,
-                                                                     data.Preparation | None]:
+def route_once(spec: sources.DataSpec, source: sources.Source | None, env: Env, probe: bool) -> data.Route:
+    """Where the run's data comes from, decided once by rank 0 (probe: asking the Hub, which --plan does not) from
+    the source check_flags resolved, and the same for every rank."""
+    route = only_on_rank0(env, lambda: data.route_of(spec, probe=probe, source=source))
+    return broadcast_from_rank0(env, lambda: route)
+
+
+def open_data(route: data.Route, spec: sources.DataSpec, env: Env,
+              say: Callable) -> tuple[TokenShards, TokenShards, data.Preparation | None]:
     """The run's data, begun behind the training by each machine's first process (the others read what it
-    writes), from where rank 0 decided it comes; once its validation split is complete: the training split as
-    it arrives, the validation split, and the preparation (this process's, or None)."""
-    r = only_on_rank0(env, lambda: data.route(spec))  # asks the Hub once, for every rank
-    r = broadcast_from_rank0(env, lambda: r)
-    if r.note:
-        say(r.note)
-    preparation = data.Preparation(r, spec, say=say if env.master else None) if env.local_rank == 0 else None
+    writes) along `route`; once its validation split is complete: the training split as it arrives, the
+    validation split, and the preparation (this process's, or None)."""
+    if route.note:
+        say(route.note)
+    preparation = data.Preparation(route, spec, say=say if env.master else None) if env.local_rank == 0 else None
     failed = preparation.failed if preparation else None
-    val = TokenShards(r.cache_dir, "val", failed=failed, arriving=True)
+    val = TokenShards(route.cache_dir, "val", failed=failed, arriving=True)
     val.wait()
-    return TokenShards(r.cache_dir, "train", failed=failed, arriving=True), val, preparation
+    return TokenShards(route.cache_dir, "train", failed=failed, arriving=True), val, preparation
 
 
-def check_flags(args, env: Env) -> None:
+def check_flags(args, env: Env) -> sources.Source | None:
     """What the flags name, checked before any data work, --plan and the run alike, so that the first problem
     is the one named: the local data, the starting weights and the save folder; then (without --resume) an
-    earlier run in that folder, which only a run that can start would overwrite."""
-    spec = data.DataSpec.from_args(args)
+    earlier run in that folder, which only a run that can start would overwrite. The data's source, resolved
+    (on rank 0; None on the others)."""
+    spec = sources.DataSpec.from_args(args)
     resuming = args.resume and (Path(args.save_dir) / checkpoint.LATEST).is_file()  # the weights are in latest.pt
-    only_on_rank0(env, lambda: (data.check_local_text(spec),
-                                None if resuming or args.init_from == "scratch" else checkpoint.check_found(
-                                    args.init_from, "--init_from"),
-                                check_save_dir(Path(args.save_dir))))
+    source, _, _ = only_on_rank0(env, lambda: (
+        sources.checked_source(spec),
+        None if resuming or args.init_from == "scratch" else checkpoint.check_found(args.init_from, "--init_from"),
+        check_save_dir(Path(args.save_dir)))) or (None, None, None)
     if args.resume and not all_ranks_agree(env, vars(args) == broadcast_from_rank0(env, lambda: vars(args))):
         raise UserError("--resume: the processes read different flags (latest.pt is not on every machine): give "
                         "the run's flags on the command line")
     if not args.resume:
         refuse_overwriting(args, env)
+    return source
 
 
 def check_save_dir(folder: Path) -> None:
@@ -374,7 +388,7 @@ def check_validation(val: TokenShards, block_size: int) -> None:
     token id past the vocabulary."""
     val.check()
     if batches.Windows(val, block_size).available() == 0:
-        raise data.DataError(f"the validation split ({val.num_tokens:,} tokens) cannot fill one window of "
+        raise common.DataError(f"the validation split ({val.num_tokens:,} tokens) cannot fill one window of "
                              f"block_size+1 = {block_size + 1} tokens: use a larger --val_split, more documents "
                              "(--sample_size) or a smaller --block_size")
 
@@ -459,7 +473,7 @@ def load_hellaswag(args, env: Env, say: Callable) -> list | None:
     return items
 
 
-def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec) -> Plan:
+def estimated_plan(config: GPTConfig, args, batch_size: int, spec: sources.DataSpec, route: data.Route) -> Plan:
     """What can be known before any download: the model's size, the tokens of a step, and the data's size
     estimated from --sample_size (exact once it has all arrived)."""
     params, non_embedding = parameter_counts(config)
@@ -469,16 +483,16 @@ def estimated_plan(config: GPTConfig, args, batch_size: int, spec: data.DataSpec
                 data_tokens=None if estimate is None else round(estimate * (1 - args.val_split)),
                 val_tokens=None if estimate is None else min(VAL_TOKENS, round(estimate * args.val_split)),
                 data_basis=f"{basis}, {1 - args.val_split:.0%} for training")
-    if data.route(spec, probe=False).repo and estimate is not None:  # FineWeb's validation is a shard of its own
+    if route.repo and estimate is not None:  # FineWeb's validation is a shard of its own
         plan.data_tokens, plan.val_tokens = estimate, VAL_TOKENS
         plan.data_basis = f"{basis}; validation: the FineWeb speedrun's {VAL_TOKENS:,} tokens"
         plan.disk_bytes = fineweb.disk_bytes(estimate)
     return plan
 
 
-def fetched(spec: data.DataSpec) -> list[str]:
+def fetched(spec: sources.DataSpec, route: data.Route) -> list[str]:
     """What the run will download instead of tokenizing, if anything: FineWeb's shards (fineweb.py)."""
-    repo = data.route(spec, probe=False).repo
+    repo = route.repo
     per_document = TOKENS_PER_DOCUMENT.get(spec.dataset, TOKENS_PER_DOCUMENT["HuggingFaceFW/fineweb"])
     return [f"plan: data: {fineweb.describe(repo, spec.sample_size, per_document)}"] if repo else []
 

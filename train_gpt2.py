@@ -37,15 +37,17 @@ from tqdm import tqdm
 import batches
 import chat
 import checkpoint
+import common
 import data
+import tokenizer
 from budget import CHECKPOINT_BYTES_PER_PARAMETER, cpu_advice
 from common import (EOT, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers,
                     remove_own_temporaries)
 from eval import validation_loss
 from flags import parse_args, shown_flags
+from horizon import StepSettings
 from metrics import Metrics, print_header, run_header, writing
 from model import GPTConfig
-from horizon import StepSettings
 from muon import Muon
 from plan import Outcome, human_bytes, peak_flops
 from runtime import Env, cleanup_env, leave_together, setup_env
@@ -318,7 +320,7 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
                 if now is None:  # the data, all arrived, makes the run end before this step
                     break
                 micro_batches = [batches.at_context(next(reader), now.context) for _ in range(now.accum)]
-        except (data.DataError, Interrupted) as e:  # the data stopped arriving, or a signal came while waiting for it
+        except (common.DataError, Interrupted) as e:  # the data stopped arriving, or a signal came while waiting for it
             stats.latest()
             save_latest(run, out)
             return leave_early(run, env, out, getattr(e, "signum", None), failure=None if signals.asked() else e)
@@ -496,7 +498,7 @@ def print_sample(run: Run, env: Env, out: Output) -> None:
     raw.eval()
     ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
     raw.train()
-    out.say(f"sample at step {run.progress.step}: {data.get_tokenizer().decode(ids)!r}")
+    out.say(f"sample at step {run.progress.step}: {tokenizer.get_tokenizer().decode(ids)!r}")
 
 
 def save_latest(run: Run, out: Output) -> None:
@@ -518,7 +520,7 @@ def leave_early(run: Run, env: Env, out: Output, signum: int | None, failure: Ba
     if signum is None and failure is not None:
         summarise(run, out, "failed")
         why = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {first_line(failure)}"
-        raise data.DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
+        raise common.DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
                              "that is fixed, continue with --resume")
     pending = " (its last evaluation does)" if run.progress.final_pending else ""
     out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume{pending}")

@@ -24,7 +24,7 @@ def away_from_the_users_folders(tmp_path_factory):
     home = tmp_path_factory.mktemp("user")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(home)
-        patch.setenv("XDG_CACHE_HOME", str(home / ".cache"))  # data.user_cache_dir, and huggingface's default
+        patch.setenv("XDG_CACHE_HOME", str(home / ".cache"))  # tokenizer.user_cache_dir, and huggingface's default
         patch.setenv("HF_HOME", str(home / ".cache" / "huggingface"))
         yield home
 

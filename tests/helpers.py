@@ -15,6 +15,9 @@ from http.server import HTTPServer, SimpleHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+import common
+import sources
+import tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -217,7 +220,7 @@ def prepared_data(argv: list[str]) -> Path:
     with data of its own)."""
     import data
     import train_gpt2
-    return data.prepared(data.DataSpec.from_args(train_gpt2.parse_args(argv)))
+    return data.prepared(sources.DataSpec.from_args(train_gpt2.parse_args(argv)))
 
 
 def metrics(save_dir: Path) -> list[dict]:
@@ -452,10 +455,9 @@ def write_pretokenized(directory: Path, prefix: str, documents: list[str], shard
     then `{prefix}_train_000001.bin` ... shard_tokens each (documents cross shards), an <|endoftext|> before every
     document. The training documents' tokens, each with its <|endoftext|>."""
     import numpy as np
-    import data
     from shards import write_shard
-    enc = data.get_tokenizer()
-    docs = [[data.EOT, *enc.encode_ordinary(text)] for text in documents]
+    enc = tokenizer.get_tokenizer()
+    docs = [[common.EOT, *enc.encode_ordinary(text)] for text in documents]
     directory.mkdir(parents=True, exist_ok=True)
     write_shard(directory / f"{prefix}_val_000000.bin", [np.array([t for d in docs[:val_documents] for t in d])])
     stream = np.array([t for d in docs[val_documents:] for t in d])

@@ -10,10 +10,13 @@ import pytest
 import torch
 
 import batches
+import common
 import data
 import shards as shard_files
+import sources
 from common import write_json
 from helpers import make_corpus, wait_for, write_txt_dir
+from shards import SPLITS, TokenShards
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 
@@ -23,12 +26,12 @@ def prepared(tmp_path_factory):
     """A cache prepared once from a generated corpus, for the tests that only read it."""
     root = tmp_path_factory.mktemp("prepared")
     text = write_txt_dir(root / "text", make_corpus(n_docs=120, seed=4))
-    spec = data.DataSpec(dataset=str(text), data_cache=str(root / "cache"), val_split=0.1)
+    spec = sources.DataSpec(dataset=str(text), data_cache=str(root / "cache"), val_split=0.1)
     return data.prepare(spec, shard_tokens=SHARD, progress=False)
 
 
 def source(prepared, block=16, batch=8, **kwargs) -> batches.BatchSource:
-    return batches.BatchSource(data.TokenShards(prepared, "train"), block, batch, **{"seed": 5} | kwargs)
+    return batches.BatchSource(TokenShards(prepared, "train"), block, batch, **{"seed": 5} | kwargs)
 
 
 def global_batch(ranks: list[batches.BatchSource], step: int) -> torch.Tensor:
@@ -82,14 +85,14 @@ def growing_copy(prepared, into, pause: float, stop: threading.Event):
     manifest = (prepared / "manifest.json").read_text()
     record = shard_files.read_json(prepared / "manifest.json")
     into.mkdir()
-    shards = {split: [] for split in data.SPLITS}
+    listed = {split: [] for split in SPLITS}
     for split in ("val", "train"):
         for name in record["splits"][split]["shards"]:
             if stop.is_set():
                 return
             shutil.copy(prepared / name, into / name)
-            shards[split].append(name)
-            write_json(into / "progress.json", {"shards": shards, "val_complete": True})
+            listed[split].append(name)
+            write_json(into / "progress.json", {"shards": listed, "val_complete": True})
             time.sleep(pause)
     (into / "manifest.json").write_text(manifest)
 
@@ -117,24 +120,24 @@ def test_batches_do_not_depend_on_how_fast_the_data_arrives(prepared, small_bloc
 def test_a_failed_preparation_is_raised_where_a_step_waits_for_its_data(prepared, tmp_path):
     (tmp_path / "partial").mkdir()
     write_json(tmp_path / "partial" / "progress.json", {"shards": {"train": [], "val": []}})
-    failure = data.DataError("cannot reach the Hub")
-    shards = data.TokenShards(tmp_path / "partial", "train", failed=lambda: failure)
+    failure = common.DataError("cannot reach the Hub")
+    shards = TokenShards(tmp_path / "partial", "train", failed=lambda: failure)
     reader = batches.micro_batches(batches.BatchSource(shards, 16, 8, seed=0), 0, num_workers=1, pin_memory=False)
-    with pytest.raises(data.DataError, match="cannot reach the Hub"):
+    with pytest.raises(common.DataError, match="cannot reach the Hub"):
         next(reader)
 
 
 def test_too_little_data_is_refused_with_what_to_change(prepared):
-    val = data.TokenShards(prepared, "val")
-    with pytest.raises(data.DataError, match=f"data too small for one window of block_size\\+1 = 100001 tokens: "
+    val = TokenShards(prepared, "val")
+    with pytest.raises(common.DataError, match=f"data too small for one window of block_size\\+1 = 100001 tokens: "
                                              f"{val.num_tokens:,} tokens in split val"):
         batches.BatchSource(val, block_size=100_000, batch_size=1, seed=0)
-    with pytest.raises(data.DataError, match="fewer than one batch of 4096: use a --batch_size of"):
+    with pytest.raises(common.DataError, match="fewer than one batch of 4096: use a --batch_size of"):
         batches.BatchSource(val, block_size=16, batch_size=4096, seed=0)
 
 
 def test_the_validation_sample_is_spread_over_the_whole_split_and_fixed(prepared):
-    windows = batches.Windows(data.TokenShards(prepared, "val"), 16)
+    windows = batches.Windows(TokenShards(prepared, "val"), 16)
     total = windows.available()
     sample = windows.spread(10)
     assert len(sample) == 10 and len(set(sample)) == 10 and sample[0] == 0 and sample[-1] >= total * 0.85

@@ -19,18 +19,23 @@ import torch
 import batches
 import chat
 import checkpoint
+import common
 import data
 import export_gguf
 import flags as F
 import model as M
 import sample
+import shards
+import sources
+import tokenizer
 import train_gpt2 as T
 from common import EOT
 from helpers import (child_env, llama_cpp_process, make_conversation, make_conversations, metrics,
                      one_torch_thread, run_script, script_command, write_conversations)
+from shards import SPLITS, TokenShards
 
 CONTEXT = 64
-enc = data.get_tokenizer()
+enc = tokenizer.get_tokenizer()
 
 
 def tune_args(conversations, cache, save_dir, init_from, *extra) -> list[str]:
@@ -93,9 +98,9 @@ def test_text_that_spells_a_turn_token_stays_text(tmp_path):
     messages = [{"role": "user", "content": spelled}, {"role": "assistant", "content": "ok " + spelled}]
     ids = chat.render(messages, enc)
     assert [t for t in ids if t >= EOT] == [EOT, chat.USER_START, chat.USER_END, chat.ASSISTANT_START, chat.ASSISTANT_END]
-    cache = data.prepare(data.DataSpec(dataset=str(write_conversations(tmp_path / "c.jsonl", [messages] * 20)),
+    cache = data.prepare(sources.DataSpec(dataset=str(write_conversations(tmp_path / "c.jsonl", [messages] * 20)),
                                        data_cache=str(tmp_path / "cache"), chat=True, val_split=0.1), progress=False)
-    shards = data.TokenShards(cache, "train")
+    shards = TokenShards(cache, "train")
     assert shards.read(0, len(ids)).tolist() == ids
     assert sample.encode_prompt(enc, spelled) == enc.encode_ordinary(spelled[:-13]) + [EOT]  # as before the turns
 
@@ -112,9 +117,9 @@ def test_conversations_are_packed_whole_and_cut_after_the_last_exchange_that_fit
     rng = random.Random(1)
     convs = [*make_conversations(60, seed=2), make_conversation(rng, 9, system=True), make_conversation(rng, 7)]
     convs.append([{"role": "user", "content": "The warm river " * 30}, {"role": "assistant", "content": "No."}])
-    cache = data.prepare(data.DataSpec(dataset=str(write_conversations(tmp_path / "c.jsonl", convs)),
+    cache = data.prepare(sources.DataSpec(dataset=str(write_conversations(tmp_path / "c.jsonl", convs)),
                                        data_cache=str(tmp_path / "cache"), chat=True, val_split=0.5), progress=False)
-    shards = {split: data.TokenShards(cache, split) for split in data.SPLITS}
+    shards = {split: TokenShards(cache, split) for split in SPLITS}
     window = CONTEXT + 1
     seen, trained = [], []
     for shards_of_split in shards.values():
@@ -252,8 +257,8 @@ def test_the_transformers_export_renders_the_fine_tuning_tokens_and_its_replies_
 def test_a_conversation_out_of_turn_and_an_unreachable_hub_are_one_line_each(tmp_path):
     wrong = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
     path = write_conversations(tmp_path / "c.jsonl", [make_conversation(random.Random(0), 1), wrong])
-    with pytest.raises(data.DataError, match=r"c.jsonl:2: field 'messages' is not a conversation: roles must be"):
-        data.prepare(data.DataSpec(dataset=str(path), data_cache=str(tmp_path), chat=True, val_split=0.5),
+    with pytest.raises(common.DataError, match=r"c.jsonl:2: field 'messages' is not a conversation: roles must be"):
+        data.prepare(sources.DataSpec(dataset=str(path), data_cache=str(tmp_path), chat=True, val_split=0.5),
                      progress=False)
     offline = run_script("data.py", "--chat", "--dataset", "HuggingFaceTB/smol-smoltalk", "--subset", "",
                          "--data_cache", str(tmp_path))  # offline, as every child of the tests is
@@ -277,10 +282,10 @@ def test_mmlu_and_gsm8k_rows_become_conversations_whose_reply_is_the_answer():
     worked = {"question": "Ann has 3 bags of 4 figs. How many figs?", "answer": "3 * 4 = <<3*4=12>>12\n#### 12"}
     messages = chat.gsm8k_conversation(worked)
     assert chat.problem(messages) is None and messages[1]["content"] == "3 * 4 = 12\nThe answer is 12."
-    gsm8k = data.Source("openai/gsm8k", "main", "messages", None, chat=True)
-    assert gsm8k.task == "openai/gsm8k" and data.Source("openai/gsm8k", "main", "text", None).task is None
-    with pytest.raises(data.DataError, match=r"^openai/gsm8k: a row chat.py cannot render as a conversation"):
-        data._text_of({"question": "no answer"}, gsm8k, "openai/gsm8k")
+    gsm8k = sources.Source("openai/gsm8k", "main", "messages", None, chat=True)
+    assert gsm8k.task == "openai/gsm8k" and sources.Source("openai/gsm8k", "main", "text", None).task is None
+    with pytest.raises(common.DataError, match=r"^openai/gsm8k: a row chat.py cannot render as a conversation"):
+        sources._text_of({"question": "no answer"}, gsm8k, "openai/gsm8k")
 
 
 def test_a_hub_datasets_size_is_read_from_its_card_and_its_rows_from_parquet_as_datasets_streams_them(
@@ -296,11 +301,11 @@ def test_a_hub_datasets_size_is_read_from_its_card_and_its_rows_from_parquet_as_
     (tmp_path / "gsm8k" / "README.md").write_text(
         "---\nconfigs:\n- config_name: main\n  data_files:\n  - split: train\n    path: main/train-*\n"
         "dataset_info:\n- config_name: main\n  splits:\n  - name: train\n    num_examples: 7\n---\n")
-    monkeypatch.setattr(data, "_open_hub_stream", lambda source, skip: datasets.load_dataset(
+    monkeypatch.setattr(sources, "_open_hub_stream", lambda source, skip: datasets.load_dataset(
         str(tmp_path / "gsm8k"), source.subset, split="train", streaming=True).skip(skip))
-    gsm8k = data.resolve_source(data.DataSpec(dataset="openai/gsm8k:main", chat=True))
-    assert data._hub_rows(gsm8k) == 7
-    replies = [messages[1]["content"] for messages, _ in data.iter_records(gsm8k, skip=5)]
+    gsm8k = sources.resolve_source(sources.DataSpec(dataset="openai/gsm8k:main", chat=True))
+    assert sources._hub_rows(gsm8k) == 7
+    replies = [messages[1]["content"] for messages, _ in sources.iter_records(gsm8k, skip=5)]
     assert replies == ["6\nThe answer is 6.", "7\nThe answer is 7."]
 
 
@@ -313,12 +318,12 @@ def test_a_mixture_spreads_each_source_through_the_whole_and_resumes_where_it_st
 
     class Stream(list):  # as datasets streams them, with the dataset card's split sizes
         info = types.SimpleNamespace(splits={"train": types.SimpleNamespace(num_examples=len(rows))})
-    monkeypatch.setattr(data, "_open_hub_stream", lambda source, skip: Stream(rows[skip:]))
-    spec = data.DataSpec(dataset=f"{a}, {b},openai/gsm8k:main", chat=True, data_cache=str(tmp_path / "cache"))
-    source = data.resolve_source(spec)
+    monkeypatch.setattr(sources, "_open_hub_stream", lambda source, skip: Stream(rows[skip:]))
+    spec = sources.DataSpec(dataset=f"{a}, {b},openai/gsm8k:main", chat=True, data_cache=str(tmp_path / "cache"))
+    source = sources.resolve_source(spec)
     assert [(p.name, p.subset) for p in source.parts] == [(str(a), None), (str(b), None), ("openai/gsm8k", "main")]
-    assert data.count_records(source, 1000) == 60 and data.count_records(source, 7) == 7
-    records = [messages for messages, _ in data.iter_records(source)]
+    assert sources.count_records(source, 1000) == 60 and sources.count_records(source, 7) == 7
+    records = [messages for messages, _ in sources.iter_records(source)]
     of_part = [0 if m in make_conversations(30, seed=1) else 1 if m in make_conversations(10, seed=2) else 2
                for m in records]
     assert sorted(of_part) == [0] * 30 + [1] * 10 + [2] * 20
@@ -326,14 +331,14 @@ def test_a_mixture_spreads_each_source_through_the_whole_and_resumes_where_it_st
         for part, size in enumerate((30, 10, 20)):
             assert abs(of_part[:first].count(part) - first * size / 60) <= 1
     assert records[of_part.index(2)][1]["content"] == "0 + 1 = 1\nThe answer is 1."
-    assert [m for m, _ in data.iter_records(source, skip=37)] == records[37:]  # a resumed preparation goes on exactly
-    manifest = data.read_json(data.prepare(spec, progress=False) / "manifest.json")
+    assert [m for m, _ in sources.iter_records(source, skip=37)] == records[37:]  # a resumed preparation goes on exactly
+    manifest = shards.read_json(data.prepare(spec, progress=False) / "manifest.json")
     assert manifest["source"]["mixture"] == [str(a), str(b), "openai/gsm8k"] and manifest["documents"] == 60
     monkeypatch.setattr(Stream, "info", None)  # a card that gives no size: taken as large as the largest part
-    data._sizes.cache_clear()
-    assert data.count_records(source, 1000) == 30 + 10 + 30
-    twice = data.resolve_source(data.DataSpec(dataset=f"{b},{b}", chat=True))  # named twice: read twice, in turn
-    assert [m for m, _ in data.iter_records(twice)] == [m for m in make_conversations(10, seed=2) for _ in range(2)]
+    sources._sizes.cache_clear()
+    assert sources.count_records(source, 1000) == 30 + 10 + 30
+    twice = sources.resolve_source(sources.DataSpec(dataset=f"{b},{b}", chat=True))  # named twice: read twice, in turn
+    assert [m for m, _ in sources.iter_records(twice)] == [m for m in make_conversations(10, seed=2) for _ in range(2)]
 
 
 def llama_cpp_chat(llm, text: str, prompt: list[int], n_tokens: int) -> tuple:

@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from common import EOT
-import data
 import eval as E
+import tokenizer
+from common import EOT
 import test_eval
 from helpers import serving
 from test_eval import WINDOW
@@ -120,7 +120,7 @@ def read_core(directory: Path, limit: int | None = None) -> list[tuple[E.Task, l
 
 def test_every_items_tokens_and_option_scores_match_the_independent_scorer(ours, core_dir, reference):
     limit, per_task, _ = reference
-    enc, cropped = data.get_tokenizer(), 0
+    enc, cropped = tokenizer.get_tokenizer(), 0
     for task, items in read_core(core_dir, limit):
         assert len(items) == len(per_task[task.label])
         for i, expected in enumerate(per_task[task.label]):

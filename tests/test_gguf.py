@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import export_gguf
 import checkpoint
+import export_gguf
 import model as M
 from common import EOT
-from data import get_tokenizer
 from helpers import REPO, llama_cpp_process, make_corpus, one_torch_thread, run_script
+from tokenizer import get_tokenizer
 
 gguf = pytest.importorskip("gguf", reason="llama.cpp's gguf package writes the files (pip install -r requirements-dev.txt)")
 

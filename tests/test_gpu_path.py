@@ -9,18 +9,18 @@ import pytest
 import torch
 import torch._dynamo.utils
 
-import data
 import eval as E
+import flags as F
+import memory as Mem
 import model as M
 import muon
+import optim as O
+import shards
+import startup as U
+import step as S
 from fake_cuda import AttentionInputs, HostWaits, fake_cuda, frozen, on_fake_cuda
 from helpers import REPO, child_env, script_command
 from runtime import Env
-import flags as F
-import optim as O
-import step as S
-import memory as Mem
-import startup as U
 
 TINY = dict(n_layer=2, n_head=2, n_embd=64, block_size=32)
 CUDA_BF16 = dict(device=torch.device("cuda:0"), amp_dtype=torch.bfloat16)
@@ -110,9 +110,9 @@ def test_unfused_adamw_reads_the_loss_on_the_host_which_the_trace_sees(fake_mode
 def write_split(directory, n_tokens: int):
     """A prepared cache holding one validation shard of n_tokens, as data.py lays it out."""
     directory.mkdir()
-    data.write_shard(directory / "val_000000.bin", [np.arange(n_tokens) % 50000])
+    shards.write_shard(directory / "val_000000.bin", [np.arange(n_tokens) % 50000])
     (directory / "manifest.json").write_text(json.dumps({"splits": {"val": {"shards": ["val_000000.bin"]}}}))
-    return data.TokenShards(directory, "val")
+    return shards.TokenShards(directory, "val")
 
 
 def test_validation_reads_the_gpu_once_however_many_batches(tmp_path, fake_model):

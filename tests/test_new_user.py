@@ -23,8 +23,10 @@ import flags as F
 import horizon as H
 import sample
 import shards
+import sources
 import startup as U
 import step as S
+import tokenizer
 import train_gpt2 as T
 from common import UserError
 from helpers import REPO, child_env, make_corpus, metrics, run_command, train_args, wait_for, write_txt_dir
@@ -36,7 +38,7 @@ from helpers import REPO, child_env, make_corpus, metrics, run_command, train_ar
 
 def test_the_tests_and_the_scripts_they_run_start_away_from_the_repository_and_the_users_caches():
     assert REPO != Path.cwd() and REPO not in Path.cwd().parents  # where checkpoints/ of a user's run would be
-    result = run_command([sys.executable, "-c", "import os, data; print(os.getcwd()); print(data.user_cache_dir())"])
+    result = run_command([sys.executable, "-c", "import os, tokenizer; print(os.getcwd()); print(tokenizer.user_cache_dir())"])
     assert result.returncode == 0, result.stderr
     cwd, cache = map(Path, result.stdout.split())
     assert cwd == Path.cwd() and Path.home() / ".cache" not in cache.parents
@@ -320,12 +322,12 @@ def test_a_second_ctrl_c_says_the_last_latest_stays_and_resume_continues_from_it
 
 
 def test_ctrl_c_while_the_data_is_prepared_says_a_rerun_continues_it(corpus_dir, tmp_path, monkeypatch, capsys):
-    encode = data._encode
-    monkeypatch.setattr(data, "_encode", lambda *a, **k: time.sleep(2) or encode(*a, **k))  # a slow tokenizer
+    encode = tokenizer.encode_documents
+    monkeypatch.setattr(data, "encode_documents", lambda *a, **k: time.sleep(2) or encode(*a, **k))  # a slow tokenizer
     monkeypatch.setattr(shards.TokenShards, "wait", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     args = train_args(corpus_dir, tmp_path / "cache", tmp_path / "run", "--max_steps", "2")
     assert T.main(args) == 128 + signal.SIGINT
-    cache = data.route(data.DataSpec.from_args(F.parse_args(args)), probe=False).cache_dir
+    cache = data.route_of(sources.DataSpec.from_args(F.parse_args(args)), probe=False).cache_dir
     err = capsys.readouterr().err
     assert f"interrupted while preparing the data: what is prepared in {cache} is kept, and the same command " \
            "continues from there" in err

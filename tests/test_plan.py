@@ -15,6 +15,8 @@ import memory as Mem
 import model as M
 import plan as P
 import runtime
+import shards
+import sources
 import startup as U
 import step as S
 import train_gpt2 as T
@@ -41,7 +43,7 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     import torch._dynamo  # noqa: F401  paid before the clock starts, so the test measures the plan, not them
     args = train_args(corpus_dir, data_cache, save, "--time", f"{budget}s", "--log_interval", "1", "--eval_interval",
                       "10", "--price_per_hour", "3.6")
-    data.prepare(data.DataSpec.from_args(T.parse_args(args)), progress=False)  # all there: the plan counts it exactly
+    data.prepare(sources.DataSpec.from_args(T.parse_args(args)), progress=False)  # all there: the plan counts it exactly
     status = train_in_process(args, monkeypatch)
     assert status == 0
     rows = metrics(save)
@@ -58,7 +60,7 @@ def test_a_time_budget_ends_the_run_inside_it_with_the_decay_finished_and_the_be
     assert (save / "model_best_val.pt").exists() and (save / "latest.pt").exists()
     planned = next(r["plan"] for r in rows if "plan" in r)
     assert set(planned) == {"seconds", "steps", "tokens", "data_tokens", "epochs", "cost"}
-    assert planned["data_tokens"] == data.TokenShards(prepared_data(args), "train").num_tokens
+    assert planned["data_tokens"] == shards.TokenShards(prepared_data(args), "train").num_tokens
     assert planned["cost"] == pytest.approx(planned["seconds"] / 3600 * 3.6)
     assert done["cost"] == pytest.approx(done["seconds"] / 3600 * 3.6, rel=0.05) and "cost" in steps[-1]
     out = capsys.readouterr().out
@@ -103,7 +105,7 @@ def test_the_plan_counts_the_last_evaluation_over_all_of_validation(tmp_path):
     env, _ = runtime.setup_env("cpu", None, False)
     run = U.start(args, env, lambda line: None, time.monotonic(), dry_run=True)  # no data: its size estimated
     costs = run.horizon.costs
-    assert costs.final_windows == (data.VAL_TOKENS // 33) / (4 * 8)  # FineWeb's validation: the speedrun's tokens
+    assert costs.final_windows == (shards.VAL_TOKENS // 33) / (4 * 8)  # FineWeb's validation: the speedrun's tokens
     costs.step, costs.evaluation, costs.write = 1.0, 2.0, 0.0
     assert costs.seconds(0, 10) == 10 + costs.final_windows * 2.0  # ten steps, then all of validation
 

@@ -7,14 +7,14 @@ import sys
 import pytest
 import torch
 
-import cpu_decoding
 import checkpoint
+import cpu_decoding
 import model as M
-from weights import model_with_weights
 import sample
 from common import EOT
 from helpers import child_env, one_torch_thread, run_script
-from data import get_tokenizer
+from tokenizer import get_tokenizer
+from weights import model_with_weights
 
 
 class Payload:

@@ -7,20 +7,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (TINY_MODEL_ARGS, make_items, metrics, prepared_data, run_script, start_script, train_args,
-                     wait_for, write_items)
+import budget as B
 import checkpoint
-import model as M
-import plan as P
-import runtime
-import train_gpt2 as T
 import flags as F
 import horizon as H
-import budget as B
+import model as M
 import optim as O
-import step as S
+import plan as P
+import runtime
+import shards
 import startup as U
-import data
+import step as S
+import train_gpt2 as T
+from helpers import (TINY_MODEL_ARGS, make_items, metrics, prepared_data, run_script, start_script, train_args,
+                     wait_for, write_items)
 
 
 def final_val_loss(save_dir: Path) -> float:
@@ -413,7 +413,7 @@ def test_hellaswag_is_scored_during_training_and_unreachable_items_only_warn(cor
     assert (rows[-1]["hellaswag_acc_norm"], rows[-1]["hellaswag_acc"]) == (expected["acc_norm"], expected["acc"])
     # ...and so is the validation loss: eval.py's, over the same windows (here the whole split)
     logged = [r for r in metrics(save) if "val_loss" in r][-1]
-    val = E.validation_loss(final, data.TokenShards(prepared_data(args), "val"), 32, torch.device("cpu"))
+    val = E.validation_loss(final, shards.TokenShards(prepared_data(args), "val"), 32, torch.device("cpu"))
     assert (logged["val_loss"], logged["val_bpb"]) == pytest.approx((val["loss"], val["bpb"]), rel=1e-5)
     assert png_width(save / "loss.png") == 1400  # a second panel beside the losses
     offline = run_script("train_gpt2.py", *train_args(corpus_dir, tmp_path / "cache", tmp_path / "offline",
