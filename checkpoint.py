@@ -215,6 +215,11 @@ class Progress:
     target: tuple[int, float] | None = None  # (step, seconds from launch) where --target_loss was reached
     final_pending: bool = False  # the steps all done, the last evaluation not (a stop came first): --resume does it
 
+    def advance(self, micro_steps: int, tokens: int) -> int:
+        """A step done, of micro_steps micro-batches a rank and `tokens` tokens in all; the steps done now."""
+        self.step, self.micro_steps, self.tokens = self.step + 1, self.micro_steps + micro_steps, self.tokens + tokens
+        return self.step
+
     def fields(self, init_from: str, max_steps: int | None) -> dict:
         """As a checkpoint holds them, with the run's length as planned so far (horizon.Horizon.steps)."""
         return {"step": self.step, "val_loss": self.val_loss, "best_val_loss": self.best_val,

@@ -37,11 +37,9 @@ from tqdm import tqdm
 import batches
 import chat
 import checkpoint
-import common
 import data
-import tokenizer
 from budget import CHECKPOINT_BYTES_PER_PARAMETER, cpu_advice
-from common import (EOT, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers,
+from common import (EOT, DataError, SaveError, UserError, clean_temporaries, first_line, forgive_gone_readers,
                     remove_own_temporaries)
 from eval import validation_loss
 from flags import parse_args, shown_flags
@@ -53,6 +51,7 @@ from plan import Outcome, human_bytes, peak_flops
 from runtime import Env, cleanup_env, leave_together, setup_env
 from startup import Run, reply_room, start
 from step import StatsReader, StepStats, accumulate_gradients, run_compiled, step_optimizers, step_seconds
+from tokenizer import get_tokenizer
 
 # latest.pt is saved by the clock too, so that a kill -9 or the kernel's out-of-memory killer loses at most
 # this much: first this long after training starts, then at this interval (as well as --checkpoint_interval).
@@ -298,20 +297,8 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
     out.metrics.log(event="start", step=progress.step, run=settings.to_dict(),
                     **json.loads(json.dumps(run_header(env, run.flags), default=str)))
     if not horizon.running(progress.step):
-        if progress.final_pending:  # stopped during its last evaluation
-            return last_evaluation(run, env, out, signals)
-        out.say(f"nothing to do: the run is at step {progress.step} of {horizon.steps}")
-        return 0
-    stats, signals.latest = StatsReader(learner.scaler is not None, settings.save_dir), out.last_latest
-    run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
-    reader = out.closing(batches.micro_batches(run.batches, progress.micro_steps, num_workers=settings.num_workers,
-                                               pin_memory=env.device.type == "cuda"))
-    if progress.step == 0 and settings.init_from != "scratch":  # where a fine-tune starts, logged as step 0
-        validate(run, env, out, share=1.0)  # over the whole split, as its last; saved as the first best checkpoint
-        if run.hellaswag is not None:
-            score_hellaswag(run, env, out)
-    learner.model.train()
-    signals.raising = False  # training begins: from now on a signal stops the run after a save
+        return nothing_left(run, env, out, signals)
+    stats, reader = begin(run, env, out, signals)
     next_save = time.monotonic() + FIRST_SAVE_S  # by the clock; rank 0 alone writes, so its clock alone counts
     while horizon.running(progress.step):
         try:
@@ -320,7 +307,7 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
                 if now is None:  # the data, all arrived, makes the run end before this step
                     break
                 micro_batches = [batches.at_context(next(reader), now.context) for _ in range(now.accum)]
-        except (common.DataError, Interrupted) as e:  # the data stopped arriving, or a signal came while waiting for it
+        except (DataError, Interrupted) as e:  # the data stopped arriving, or a signal came while waiting for it
             stats.latest()
             save_latest(run, out)
             return leave_early(run, env, out, getattr(e, "signum", None), failure=None if signals.asked() else e)
@@ -333,10 +320,9 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
         wants_stop = signals.asked() or run.data_failed() is not None  # told every rank by the step
         stats.queued(progress.step,
                      step_optimizers(learner, loss, env, grad_clip=settings.optimizer.grad_clip, stop=wants_stop))
-        progress.step, progress.micro_steps = progress.step + 1, progress.micro_steps + now.accum
-        progress.tokens += round(settings.tokens_per_step * now.work(settings.grad_accum))
-        step = progress.step
-        horizon.after(step, logged=step % every.log == 0, wait=stats.latest, evaluate=lambda: validate(run, env, out, signals.asked),
+        step = progress.advance(now.accum, round(settings.tokens_per_step * now.work(settings.grad_accum)))
+        horizon.after(step, logged=step % every.log == 0, wait=stats.latest,
+                      evaluate=lambda: validate(run, env, out, signals.asked),
                       write_s=out.writer.seconds.get(checkpoint.LATEST))
         out.advance(horizon.steps)
 
@@ -357,11 +343,8 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
         evaluated = None
         if evaluate:
             with horizon.aside(None if end else "evaluation"):  # the last one reads more than the others
-                evaluated = validate(run, env, out, signals.asked, share=horizon.final_share() if end else None)
-                if evaluated and settings.target_loss and progress.target is None:
-                    end = reached_target(run, env, out, signals.asked, evaluated) or end
-                if evaluated and settings.sample_during_training:
-                    print_sample(run, env, out)
+                evaluated = evaluation(run, env, out, signals.asked, last=end)
+            end = horizon.last(step)  # --target_loss, reached, ends the run here
         progress.final_pending = end and evaluated is None  # a stop before it, or during it: --resume does it
         stop = stop or (evaluate and evaluated is None)
         if save or end or stop:
@@ -377,6 +360,31 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
 
 # ----------------------------------------------------------------------------------------------------
 # The loop's sections
+
+
+def nothing_left(run: Run, env: Env, out: Output, signals: Signals) -> int:
+    """A run resumed where its steps are all done: its last evaluation, if a stop came before it; else nothing."""
+    if run.progress.final_pending:
+        return last_evaluation(run, env, out, signals)
+    out.say(f"nothing to do: the run is at step {run.progress.step} of {run.horizon.steps}")
+    return 0
+
+
+def begin(run: Run, env: Env, out: Output, signals: Signals):
+    """What the loop starts with: the reader of each step's figures and the micro-batches read ahead (and, for
+    a fine-tune, its starting evaluation). From here on a signal stops the run after a save."""
+    settings, progress = run.settings, run.progress
+    stats, signals.latest = StatsReader(run.learner.scaler is not None, settings.save_dir), out.last_latest
+    run.batches.on_wait = lambda got: out.waiting(f"waiting for data ({got:,} training tokens so far)")
+    reader = out.closing(batches.micro_batches(run.batches, progress.micro_steps, num_workers=settings.num_workers,
+                                               pin_memory=env.device.type == "cuda"))
+    if progress.step == 0 and settings.init_from != "scratch":  # where a fine-tune starts, logged as step 0
+        validate(run, env, out, share=1.0)  # over the whole split, as its last; saved as the first best checkpoint
+        if run.hellaswag is not None:
+            score_hellaswag(run, env, out)
+    run.learner.model.train()
+    signals.raising = False  # training begins: from now on a signal stops the run after a save
+    return stats, reader
 
 
 def set_rates(learner, now: StepSettings) -> None:
@@ -453,6 +461,17 @@ def validate(run: Run, env: Env, out: Output, stop=None, share: float | None = N
     return result | {"whole": whole}
 
 
+def evaluation(run: Run, env: Env, out: Output, stop, last: bool) -> dict | None:
+    """An evaluation (the last one: all of validation, or the share --time's budget leaves it), --target_loss's
+    check, and a sample if asked for; validate's result, or None where stop() came true first."""
+    evaluated = validate(run, env, out, stop, share=run.horizon.final_share() if last else None)
+    if evaluated and run.settings.target_loss and run.progress.target is None:
+        reached_target(run, env, out, stop, evaluated)
+    if evaluated and run.settings.sample_during_training:
+        print_sample(run, env, out)
+    return evaluated
+
+
 def reached_target(run: Run, env: Env, out: Output, stop, evaluated: dict) -> bool:
     """--target_loss: whether the evaluation just made reached it, over the whole validation split (a sample's
     figure that reaches it is checked over all of it); if so the run ends at this step, and the summary says where
@@ -498,7 +517,7 @@ def print_sample(run: Run, env: Env, out: Output) -> None:
     raw.eval()
     ids = list(raw.generate([EOT], 48, temperature=0.8, top_k=200, generator=g))
     raw.train()
-    out.say(f"sample at step {run.progress.step}: {tokenizer.get_tokenizer().decode(ids)!r}")
+    out.say(f"sample at step {run.progress.step}: {get_tokenizer().decode(ids)!r}")
 
 
 def save_latest(run: Run, out: Output) -> None:
@@ -520,7 +539,7 @@ def leave_early(run: Run, env: Env, out: Output, signum: int | None, failure: Ba
     if signum is None and failure is not None:
         summarise(run, out, "failed")
         why = str(failure) if isinstance(failure, UserError) else f"{type(failure).__name__}: {first_line(failure)}"
-        raise common.DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
+        raise DataError(f"stopped for its data ({why}); {latest} is saved at step {run.progress.step}: once "
                              "that is fixed, continue with --resume")
     pending = " (its last evaluation does)" if run.progress.final_pending else ""
     out.say(f"stopped by signal at step {run.progress.step}; {latest} saved, continue with --resume{pending}")
