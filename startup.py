@@ -22,7 +22,7 @@ import data
 import fineweb
 from budget import DEPTHS, FORWARD_SHARE, Request, Sizing, data_note, depth_shape, size_for_budget
 from common import EOT, CheckpointError, UserError
-from flags import default_optimizer, model_config, sizes_the_model
+from flags import default_optimizer, model_config, optimizer_switches, sizes_the_model
 from memory import choose_grad_accum
 from model import GPTConfig
 from optim import OptimizerSettings, Schedule, fitting_warmup, warmup_note
@@ -191,7 +191,9 @@ def optimizer_settings(args, sizing: Sizing | None) -> OptimizerSettings:
                              lr=sizing.lr if sizing else args.lr, min_lr=sizing.min_lr if sizing else args.min_lr,
                              weight_decay=args.weight_decay, muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
                              muon_weight_decay=args.muon_weight_decay, grad_clip=args.grad_clip,
-                             schedule=args.schedule, warmup_steps=args.warmup_steps, cooldown_frac=args.cooldown_frac)
+                             schedule=args.schedule, warmup_steps=args.warmup_steps, cooldown_frac=args.cooldown_frac,
+                             **optimizer_switches(args))
+
 
 
 def budget_request(args) -> Request:
