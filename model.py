@@ -378,7 +378,11 @@ def value_table(config: GPTConfig, layer: int) -> int | None:
     """Which value-embedding table a layer adds: table j to layer j and to the j-th of the last value_embeds
     layers (the speedrun's "012 ... 012" U-net pattern, records of 2024-12-08 and 2026-01-19), else None."""
     n, first_of_last = config.value_tables, config.n_layer - config.value_tables
-    return layer if layer < n else layer - first_of_last if layer >= first_of_last and n else None
+    if layer < n:
+        return layer
+    if n and layer >= first_of_last:
+        return layer - first_of_last
+    return None
 
 
 def backout_layer(n_layer: int) -> int:
@@ -677,15 +681,15 @@ class GPT(nn.Module):
         c, t = self.config, self.transformer
         previous = previous_tokens(idx, cache) if c.smear or c.bigram_embed else None
         x = self.embed(idx, previous, start)  # (B, T, C)
-        values = [table(idx) for table in t.ve or []]
-        inputs = BlockInputs(
-            rope=None if t.wpe is not None else cache.rope_at(T) if cache is not None else
+        inputs = BlockInputs(cache=cache, x0=x if c.x0_mix else None, masks=self.attention_masks(idx, cache))
+        if t.wpe is None:
             # Computed per call in fp32 rather than kept as buffers, which model.to(bfloat16) would round.
-            rope_tables(c.head_dim, T, c.rope_base, idx.device),
-            cache=cache, x0=x if c.x0_mix else None,
-            bigram=t.bigram(bigram_hash(previous, idx, t.bigram.num_embeddings)) if c.bigram_embed else None,
-            values=[None if value_table(c, i) is None else values[value_table(c, i)] for i in range(c.n_layer)],
-            masks=self.attention_masks(idx, cache))
+            inputs.rope = cache.rope_at(T) if cache is not None else rope_tables(c.head_dim, T, c.rope_base, idx.device)
+        if t.bigram is not None:
+            inputs.bigram = t.bigram(bigram_hash(previous, idx, t.bigram.num_embeddings))  # (B, T, C)
+        if t.ve is not None:
+            tables = [table(idx) for table in t.ve]  # (B, T, C) each
+            inputs.values = [None if value_table(c, i) is None else tables[value_table(c, i)] for i in range(c.n_layer)]
         x = self.blocks(t.drop(x), inputs)
         if cache is not None:
             cache.pos += T
@@ -734,6 +738,8 @@ class GPT(nn.Module):
     def set_attention_windows(self, short: int, long: int) -> None:
         """The windows (in tokens) of the short and long layers from the next forward pass on: written into the
         tensor the forward reads, in place (no host wait, no recompilation), e.g. by a schedule before each step."""
+        if not self.config.window_pattern:
+            raise ValueError("this model has no attention windows to set (its window_pattern is empty)")
         self.attn_windows[0].fill_(short)
         self.attn_windows[1].fill_(long)
 
