@@ -770,14 +770,14 @@ def field_recipes(seeds: list[int]) -> dict[str, str]:
     for name, flags in [("default", ""), ("speedrun", "--arch speedrun"), ("exportable", EXPORTABLE)]:
         for seed in seeds:
             recipes[name if seed == seeds[0] else f"{name}-seed{seed}"] = f"{flags} --seed {seed}".strip()
-    speedrun, modern = ARCH_PRESETS["speedrun"], ARCH_PRESETS["modern"]
-    for switch in (k for k in speedrun if speedrun[k] != modern[k] and k != "softcap_form"):
-        off = str(modern[switch]).lower() if isinstance(modern[switch], bool) else modern[switch]
-        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun --arch_option {switch}={off} --seed {seeds[0]}"
     for switch in OPTIMIZER_PRESETS["speedrun"]:
         off = OPTIMIZER_SWITCHES[switch]
         flag = f"--{switch} {off}" if isinstance(off, str) else f"--{'' if off else 'no-'}{switch}"
         recipes[f"speedrun-no-{switch}"] = f"--arch speedrun {flag} --seed {seeds[0]}"
+    speedrun, modern = ARCH_PRESETS["speedrun"], ARCH_PRESETS["modern"]
+    for switch in (k for k in speedrun if speedrun[k] != modern[k] and k != "softcap_form"):
+        off = str(modern[switch]).lower() if isinstance(modern[switch], bool) else modern[switch]
+        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun --arch_option {switch}={off} --seed {seeds[0]}"
     return recipes
 
 
