@@ -737,7 +737,9 @@ class GPT(nn.Module):
 
     def set_attention_windows(self, short: int, long: int) -> None:
         """The windows (in tokens) of the short and long layers from the next forward pass on: written into the
-        tensor the forward reads, in place (no host wait, no recompilation), e.g. by a schedule before each step."""
+        tensor the forward reads, in place (no host wait, no recompilation), e.g. by a schedule before each step.
+        The context and the batch are idx's shape: torch.compile compiles once more the first time they change,
+        then treats them as dynamic (none at all where the loop marks them with torch._dynamo.mark_dynamic)."""
         if not self.config.window_pattern:
             raise ValueError("this model has no attention windows to set (its window_pattern is empty)")
         self.attn_windows[0].fill_(short)
