@@ -756,6 +756,32 @@ RECIPES = {BASELINE: "--arch gpt2 --optimizer adamw --schedule cosine",
            "default": ""}  # python train_gpt2.py as it comes
 
 
+# The field's recipe (issue 47): today's default and the speedrun preset at each seed, the subset llama.cpp runs
+# (its qwen3 layout: the modern block, untied and zero-initialised, with the speedrun's optimizer), and the
+# speedrun with each of its switches set back to the default's in turn.
+EXPORTABLE = ("--arch modern --arch_option tie_embeddings=false --arch_option zero_init=true --muon_iteration "
+              "polar_express --normuon --cautious_weight_decay --adamw_groups speedrun")
+
+
+def field_recipes(seeds: list[int]) -> dict[str, str]:
+    """The recipes of --field, each main one at every seed (named NAME, then NAME-seedS), the ablations at the first."""
+    from model import ARCH_PRESETS
+    from optim import OPTIMIZER_PRESETS, OPTIMIZER_SWITCHES
+    recipes = {}
+    for name, flags in [("default", ""), ("speedrun", "--arch speedrun"), ("exportable", EXPORTABLE)]:
+        for seed in seeds:
+            recipes[name if seed == seeds[0] else f"{name}-seed{seed}"] = f"{flags} --seed {seed}".strip()
+    for switch in OPTIMIZER_PRESETS["speedrun"]:
+        off = OPTIMIZER_SWITCHES[switch]
+        flag = f"--{switch} {off}" if isinstance(off, str) else f"--{'' if off else 'no-'}{switch}"
+        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun {flag} --seed {seeds[0]}"
+    speedrun, modern = ARCH_PRESETS["speedrun"], ARCH_PRESETS["modern"]
+    for switch in (k for k in speedrun if speedrun[k] != modern[k] and k != "softcap_form"):
+        off = str(modern[switch]).lower() if isinstance(modern[switch], bool) else modern[switch]
+        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun --arch_option {switch}={off} --seed {seeds[0]}"
+    return recipes
+
+
 def parse_recipe(text: str) -> tuple[str, str]:
     name, sep, flags = text.partition("=")
     if not sep or not name:
@@ -780,9 +806,12 @@ def train_recipe(name: str, flags: str, common: list[str], runs: Path, threads: 
             f.write(json.dumps({"done": True, "seconds": time.perf_counter() - started}) + "\n")
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     evals = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    sizing = next((r["run"]["sizing"] for r in rows if r.get("event") == "start"), None)  # what --time chose
+    run = next((r["run"] for r in rows if r.get("event") == "start"), {})
+    tokens_per_step = run["batch_size"] * run["config"]["block_size"] if run else None
+    paces = sorted(tokens_per_step / r["tokens_per_s"] for r in rows if r.get("tokens_per_s"))
     return {"recipe": name, "flags": flags, "evals": evals, "final": evals[-1][1], "steps": evals[-1][0],
-            "seconds": rows[-1]["seconds"], "sizing": sizing}
+            "seconds": rows[-1]["seconds"], "sizing": run.get("sizing"),
+            "s_per_step": paces[len(paces) // 2] if paces else None}  # the median log interval's
 
 
 def steps_to(target: float, evals: list[tuple[int, float]]) -> float | None:
@@ -816,7 +845,7 @@ def compare_recipes(recipes: dict[str, str], common: list[str], runs: Path, para
     print_table(results, [("recipe", "recipe", "s"), ("val_at_25%", "25%", ".4f"), ("val_at_50%", "50%", ".4f"),
                           ("val_at_75%", "75%", ".4f"), ("final", "final", ".4f"), ("steps", "steps", "d"),
                           ("steps_to_baseline", "steps to base", ".0f"), ("ratio", "ratio", ".2f"),
-                          ("seconds", "seconds", ".0f")])
+                          ("s_per_step", "s/step", ".2f"), ("seconds", "seconds", ".0f")])
     return results
 
 
@@ -945,6 +974,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the same data, shape, batch and steps, and compare their validation loss")
     r.add_argument("--recipe", type=parse_recipe, action="append", default=[], metavar="NAME=FLAGS",
                    help="one more recipe: train_gpt2.py flags (e.g. a learning rate to sweep)")
+    r.add_argument("--field", action="store_true", help="with --recipes: the field's recipe instead of RECIPES: "
+                   "the default and --arch speedrun at each --seeds, the exportable subset (" + EXPORTABLE + "), and "
+                   "the speedrun with each switch set back to the default's in turn (at the first seed)")
+    r.add_argument("--seeds", default="1337,1", help="--field's seeds (default %(default)s)")
     r.add_argument("--only", default=None, help="comma-separated recipe names: run just these")
     r.add_argument("--train_flags", default="", help="flags every recipe gets: data, shape, batch, steps, ...")
     r.add_argument("--runs", type=Path, default=REPO / "runs" / "recipes",
@@ -987,7 +1020,7 @@ def main(argv=None):
         report["budgets"] = compare_budgets(args.budgets.split(","), [int(d) for d in args.depths.split(",")],
                                             args.train_flags.split(), args.runs)
     if args.recipes:
-        recipes = RECIPES | dict(args.recipe)
+        recipes = (field_recipes([int(x) for x in args.seeds.split(",")]) if args.field else RECIPES) | dict(args.recipe)
         if args.only:
             recipes = {k: v for k, v in recipes.items() if k in args.only.split(",")}
         report["recipes"] = compare_recipes(recipes, args.train_flags.split(), args.runs, args.parallel)

@@ -313,7 +313,11 @@ def restore(ckpt: dict, model: GPT, optimizers: list, scaler, tokens_per_step: i
     load_state(model, ckpt["model"])
     states = ckpt["optimizer"] if isinstance(ckpt["optimizer"], list) else [ckpt["optimizer"]]  # one AdamW
     for optimizer, state in zip(optimizers, states, strict=True):
-        optimizer.load_state_dict(state)
+        try:
+            optimizer.load_state_dict(state)
+        except ValueError as e:  # its groups differ: another --adamw_groups, or parameters another architecture has
+            raise CheckpointError(f"--resume: latest.pt's {type(optimizer).__name__} state does not fit this run's "
+                                  f"({first_line(e)}); resume with the flags the run started with") from None
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     best, tokens = ckpt.get("best_val_loss"), ckpt.get("tokens")

@@ -424,7 +424,7 @@ def scored_losses(model: GPT, x: torch.Tensor, y: torch.Tensor,
     c, losses, hits = model.config, [], []
     for h, t in zip(hidden.split(HEAD_TOKENS), y[scored].split(HEAD_TOKENS)):
         logits = model.lm_head(h)  # (n, padded vocab)
-        losses.append(token_losses(logits, t, c.logit_softcap, c.vocab_size))
+        losses.append(token_losses(logits, t, c.logit_softcap, c.vocab_size, c.softcap_form))
         if argmax:  # of the raw logits: the soft cap keeps their order; the padding ids are never predicted
             hits.append(logits[:, :c.vocab_size].argmax(-1) == t)
     return torch.cat(losses), torch.cat(hits) if argmax else None

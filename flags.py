@@ -18,6 +18,8 @@ from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_ne
                     open_fraction, pick_device, positive_float, positive_int)
 from horizon import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP
 from model import ARCH_PRESETS, GPTConfig
+from muon import ITERATIONS
+from optim import OPTIMIZER_PRESETS, OPTIMIZER_SWITCHES
 from plan import parse_duration
 
 
@@ -68,7 +70,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     m.add_argument("--arch", choices=sorted(ARCH_PRESETS), default=None, help=f"architecture preset (default {DEFAULT_ARCH})")
     m.add_argument("--arch_option", type=arch_option_flag, action="append", default=[], metavar="SWITCH=VALUE",
                    help="change one switch of the preset (a field of model.GPTConfig), e.g. mlp=relu2, "
-                        "tie_embeddings=false, zero_init=true, logit_softcap=15, embed_norm=true")
+                        "tie_embeddings=false, zero_init=true, logit_softcap=15, embed_norm=true; the speedrun's: "
+                        "value_embeds=3, x0_mix=true, unet_skips=true, backout=true, smear=true, bigram_embed=5, "
+                        "window_pattern=SSSL, short_window=512, document_mask=true, softcap_form=sigmoid")
     m.add_argument("--block_size", type=positive_int, default=None,
                    help=f"context length in tokens (default {shape.block_size}; with --init_from, at most the weights')")
     m.add_argument("--n_layer", type=positive_int, default=None, help=f"(default {shape.n_layer})")
@@ -103,6 +107,19 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         f"{MUON_MOMENTUM_WARMUP} steps")
     o.add_argument("--muon_weight_decay", type=non_negative_float, default=0.05,
                    help="Muon's decoupled weight decay (each step shrinks weights by muon_lr * this)")
+    o.add_argument("--muon_iteration", choices=sorted(ITERATIONS), default=None,
+                   help="Muon's orthogonalisation: Newton-Schulz with Keller Jordan's coefficients, or Polar Express's "
+                        "(default: polar_express with --arch speedrun, else newton_schulz)")
+    o.add_argument("--normuon", action=argparse.BooleanOptionalAction, default=None,
+                   help="NorMuon: each row of Muon's update divided by its running root mean square, the update's norm "
+                        "kept (default: on with --arch speedrun)")
+    o.add_argument("--cautious_weight_decay", action=argparse.BooleanOptionalAction, default=None,
+                   help="Muon's weight decay only where its update already shrinks the weight (default: on with "
+                        "--arch speedrun)")
+    o.add_argument("--adamw_groups", choices=["one", "speedrun"], default=None,
+                   help="one: every AdamW parameter at --lr with betas (0.9, 0.95); speedrun: the FineWeb speedrun's "
+                        "rates (multiples of --lr) and betas by kind of parameter, optim.SPEEDRUN_ADAMW (default: "
+                        "speedrun with --arch speedrun, else one)")
     o.add_argument("--schedule", choices=["cosine", "wsd"], default="wsd",
                    help="after the warmup: cosine decay to --min_lr; or wsd, constant then a linear decay to "
                         "--min_lr over the last --cooldown_frac of the run (a run can be extended from its "
@@ -313,6 +330,13 @@ def default_optimizer(init_from: str) -> str:
     return DEFAULT_OPTIMIZER if init_from == "scratch" else FINE_TUNE_OPTIMIZER
 
 
+def optimizer_switches(args) -> dict:
+    """The speedrun's optimizer switches as the flags give them, else as the architecture preset trains
+    (optim.OPTIMIZER_PRESETS: --arch speedrun turns them on)."""
+    preset = OPTIMIZER_SWITCHES | OPTIMIZER_PRESETS.get(args.arch or DEFAULT_ARCH, {})
+    return {name: preset[name] if getattr(args, name) is None else getattr(args, name) for name in OPTIMIZER_SWITCHES}
+
+
 def model_config(args, shape: dict | None = None) -> GPTConfig:
     """The shape the flags (or `shape`, what --time chose) name for a model from scratch, GPTConfig's defaults
     (GPT-2 124M) where they are silent."""
@@ -330,7 +354,7 @@ def sizes_the_model(args) -> bool:
 def shown_flags(args) -> dict:
     """The flags as the run header prints them: as given, with a new model's default shape, preset and
     optimizer filled in (what the flags mean, not yet what --init_from's weights or latest.pt say)."""
-    flags = vars(args) | {"optimizer": args.optimizer or default_optimizer(args.init_from)}
+    flags = vars(args) | {"optimizer": args.optimizer or default_optimizer(args.init_from)} | optimizer_switches(args)
     if args.init_from == "scratch" and not sizes_the_model(args):  # else the budget chooses the shape
         config = model_config(args)
         flags |= {name: getattr(config, name) for name in SHAPE_FLAGS} | {"arch": args.arch or DEFAULT_ARCH}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from common import EOT, CheckpointError, check_hub_reachable
-from model import RMSNORM_EPS, GPT, GPTConfig, swiglu_width
+from model import ARCH_PRESETS, RMSNORM_EPS, SPEEDRUN_ONLY, GPT, GPTConfig, swiglu_width
 from weights import model_with_weights, strip_wrapper_prefixes
 
 HUB_PROBE_SECONDS = 10  # the Hub client retries for half a minute before giving up
@@ -159,6 +159,7 @@ def _hf_family(c: GPTConfig) -> str:
         ("logit_softcap", c.logit_softcap, not c.logit_softcap),
         ("embed_norm with learned positions", c.embed_norm, not c.embed_norm or c.pos_emb == "rope"),
         ("tie_embeddings", c.tie_embeddings, c.tie_embeddings or not gpt2_block)) if not has]
+    missing += [f"{name} {getattr(c, name)!r}" for name in SPEEDRUN_ONLY if getattr(c, name) != ARCH_PRESETS["gpt2"][name]]
     if not (gpt2_block or llama_block):
         missing.append(f"a block of {c.pos_emb} positions, {c.norm}, a {c.mlp} MLP and bias={c.bias}")
     if missing:

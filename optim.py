@@ -27,19 +27,57 @@ class OptimizerSettings:
     lr_schedule: str  # "wsd" or "cosine"
     warmup_steps: int | None  # as given (None: DEFAULT_WARMUP_STEPS or a tenth of the run)
     cooldown_frac: float  # wsd: the decaying share of the run
+    # The speedrun's variants (OPTIMIZER_PRESETS):
+    muon_iteration: str  # Muon's orthogonalisation: "newton_schulz" or "polar_express"
+    normuon: bool  # NorMuon's per-row normalisation of Muon's update
+    cautious_weight_decay: bool  # Muon's weight decay only where its update shrinks a weight
+    adamw_groups: str  # "one": one rate and betas for all of AdamW's parameters; "speedrun": SPEEDRUN_ADAMW
+
+
+# The optimizer's switches each architecture preset trains with where the flags do not say (train_gpt2.py --arch
+# speedrun is the whole recipe): the speedrun's Muon variants and AdamW groups, each with its record.
+OPTIMIZER_SWITCHES = dict(muon_iteration="newton_schulz", normuon=False, cautious_weight_decay=False, adamw_groups="one")
+OPTIMIZER_PRESETS = {
+    "speedrun": dict(
+        muon_iteration="polar_express",  # modded-nanogpt's record of 2025-09-29: -10 steps
+        normuon=True,  # 2025-10-24 and -27: 2.358 -> 2.313 min
+        cautious_weight_decay=True,  # 2025-11-10: -40 steps
+        adamw_groups="speedrun",  # SPEEDRUN_ADAMW: its rates and betas by kind of parameter
+    ),
+}
+# The speedrun's AdamW by kind of parameter (split_parameters' kinds; modded-nanogpt's train_gpt.py at the record
+# of 2026-01-19, its param_table): the rate as a multiple of its Adam rate (there 0.008, here --lr), betas, and
+# whether --weight_decay applies. eps is 1e-10 for all (record of 2025-01-16). Its smear gate's 0.01× is left out
+# (the gates share 1×), and its decay is --weight_decay's, decoupled (its own is rate² × 0.005 × a multiple).
+SPEEDRUN_ADAMW = {
+    "head": (1.0, (0.5, 0.95), True),
+    "embeddings": (1.0, (0.5, 0.95), True),
+    "value_embeddings": (75.0, (0.75, 0.95), True),  # the value-embedding and bigram tables
+    "gates": (1.0, (0.9, 0.99), False),
+    "scalars": (5.0, (0.9, 0.99), False),  # its skip weights and lambdas; here also norm gains and biases
+}
+SPEEDRUN_ADAMW_EPS = 1e-10
 
 
 def split_parameters(model: GPT) -> dict[str, list[torch.nn.Parameter]]:
-    """Every trainable parameter in exactly one group: `matrices`, the 2-D weights inside the blocks;
-    `embeddings`, the token and position tables and an untied head (2-D, but a lookup or the output
-    layer, which Muon is not made for); `vectors`, norm gains and biases."""
-    in_blocks = {id(p) for p in model.transformer.h.parameters()}
-    groups = {"matrices": [], "embeddings": [], "vectors": []}
-    for p in model.parameters():  # each tied tensor once
-        if p.requires_grad:
-            kind = "vectors" if p.dim() < 2 else "matrices" if id(p) in in_blocks else "embeddings"
-            groups[kind].append(p)
-    return groups
+    """Every trainable parameter in exactly one kind, in the model's order: `matrices`, the weights of the
+    Linear layers inside the blocks (Muon's); `head`, an untied output layer; `embeddings`, the token and position
+    tables; `value_embeddings`, the value-embedding and bigram tables; `gates`, the speedrun's gates (smear, value
+    embeddings); `scalars`, the rest: norm gains, biases, the speedrun's learned scalars. The embeddings and the
+    head are 2-D, but a lookup or the output layer, which Muon is not made for."""
+    t = model.transformer
+    linear_in_blocks = {id(m.weight) for m in t.h.modules() if isinstance(m, torch.nn.Linear)}
+    value_tables = {id(m.weight) for m in [*(t.ve or []), t.bigram] if m is not None}
+    tables = {id(m.weight) for m in (t.wte, t.wpe) if m is not None}
+    kinds = {"matrices": [], "head": [], "embeddings": [], "value_embeddings": [], "gates": [], "scalars": []}
+    for name, p in model.named_parameters():  # each tied tensor once
+        if not p.requires_grad:
+            continue
+        kind = "matrices" if id(p) in linear_in_blocks else "value_embeddings" if id(p) in value_tables else \
+            "embeddings" if id(p) in tables else "head" if p is model.lm_head.weight else \
+            "gates" if name.endswith("gate") else "scalars"
+        kinds[kind].append(p)
+    return kinds
 
 
 def fused_blocks(model: GPT) -> dict[torch.nn.Parameter, int]:
@@ -53,19 +91,34 @@ def fused_blocks(model: GPT) -> dict[torch.nn.Parameter, int]:
     return blocks
 
 
+def adamw_groups(model: GPT, kinds: dict[str, list], s: OptimizerSettings) -> list[dict]:
+    """AdamW's param groups. "one": at --lr, the tables, the head (and with AdamW alone the matrices, after them)
+    decayed, the rest not (GPT-3's recipe: weight decay on matrices only), each group in the model's order, as
+    checkpoints' AdamW states map by position; "speedrun": a group per kind, as SPEEDRUN_ADAMW says."""
+    matrices = kinds["matrices"] if s.kind == "adamw" else []
+    if s.adamw_groups == "speedrun":
+        return [{"params": kinds[kind], "lr": s.lr * rate, "betas": betas, "eps": SPEEDRUN_ADAMW_EPS,
+                 "weight_decay": s.weight_decay if decayed else 0.0}
+                for kind, (rate, betas, decayed) in SPEEDRUN_ADAMW.items() if kinds[kind]] + \
+            ([{"params": matrices, "weight_decay": s.weight_decay}] if matrices else [])
+    position = {id(p): i for i, p in enumerate(model.parameters())}
+    in_order = lambda *names: sorted((p for name in names for p in kinds[name]), key=lambda p: position[id(p)])
+    return [{"params": in_order("embeddings", "head", "value_embeddings") + matrices, "weight_decay": s.weight_decay},
+            {"params": in_order("gates", "scalars"), "weight_decay": 0.0}]
+
+
 def make_optimizers(model: GPT, s: OptimizerSettings, device: torch.device) -> list[torch.optim.Optimizer]:
-    """AdamW for everything, or Muon for the block matrices and AdamW for the rest; weight decay on
-    matrices only (GPT-3's recipe). Each group keeps its peak learning rate in group["peak_lr"]."""
-    groups = split_parameters(model)
-    decayed = groups["embeddings"] + ([] if s.kind == "muon" else groups["matrices"])
+    """AdamW for everything, or Muon for the block matrices and AdamW for the rest (adamw_groups); each group keeps
+    its peak learning rate in group["peak_lr"]."""
+    kinds = split_parameters(model)
     # The fused kernel does the whole update in a few launches, and skips it on the device when found_inf is set.
-    adamw = torch.optim.AdamW([{"params": decayed, "weight_decay": s.weight_decay},
-                               {"params": groups["vectors"], "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.95),
-                              eps=1e-8, fused=device.type in fused_adamw_devices())
+    adamw = torch.optim.AdamW(adamw_groups(model, kinds, s), lr=s.lr, betas=(0.9, 0.95), eps=1e-8,
+                              fused=device.type in fused_adamw_devices())
     optimizers = [adamw]
     if s.kind == "muon":
-        optimizers.append(Muon(groups["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
-                               weight_decay=s.muon_weight_decay, blocks=fused_blocks(model)))
+        optimizers.append(Muon(kinds["matrices"], lr=s.muon_lr, momentum=s.muon_momentum,
+                               weight_decay=s.muon_weight_decay, blocks=fused_blocks(model), iteration=s.muon_iteration,
+                               normuon=s.normuon, cautious=s.cautious_weight_decay))
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["peak_lr"] = group["lr"]

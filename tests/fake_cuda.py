@@ -148,11 +148,15 @@ def fake_cuda():
 
 
 def on_fake_cuda(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` (built on the meta device) with every parameter a fake tensor on cuda:0; inside fake_cuda()."""
+    """`model` (built on the meta device) with every parameter and buffer a fake tensor on cuda:0; inside
+    fake_cuda()."""
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
                 module._parameters[name] = torch.nn.Parameter(torch.empty(p.shape, dtype=p.dtype, device="cuda"))
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device="cuda")
     if model.config.tie_embeddings:
         model.lm_head.weight = model.transformer.wte.weight
     return model

@@ -18,6 +18,7 @@ import optim as O
 import shards
 import startup as U
 import step as S
+from common import EOT
 from fake_cuda import AttentionInputs, HostWaits, fake_cuda, frozen, on_fake_cuda
 from helpers import REPO, child_env, script_command
 from runtime import Env
@@ -33,6 +34,16 @@ def fake_model(monkeypatch):
     with fake_cuda():
         with torch.device("meta"):
             model = M.GPT(M.GPTConfig.from_preset(F.DEFAULT_ARCH, **TINY))
+        yield on_fake_cuda(model)
+
+
+@pytest.fixture
+def fake_speedrun(monkeypatch):
+    """The speedrun preset's tiny model on fake cuda:0, as fake_model."""
+    monkeypatch.setattr(muon, "_compiled_newton_schulz", muon.newton_schulz)
+    with fake_cuda():
+        with torch.device("meta"):
+            model = M.GPT(M.GPTConfig.from_preset("speedrun", **TINY))
         yield on_fake_cuda(model)
 
 
@@ -65,9 +76,9 @@ def test_the_chunked_losss_own_backward_waits_for_nothing(fake_model):
     assert grad.dtype == torch.bfloat16 and grad.shape == logits.shape
 
 
-def optimizer_steps(model, optimizer: str, steps: int = 2) -> list[HostWaits]:
+def optimizer_steps(model, optimizer: str, steps: int = 2, flags: tuple = ()) -> list[HostWaits]:
     """step_optimizers `steps` times on synthetic gradients; what each step waited for (and dispatched)."""
-    settings = U.optimizer_settings(F.parse_args(["--optimizer", optimizer, "--device", "cpu"]), None)
+    settings = U.optimizer_settings(F.parse_args(["--optimizer", optimizer, "--device", "cpu", *flags]), None)
     t = S.Learner(model, model, O.make_optimizers(model, settings, torch.device("cuda")), None)
     traces = []
     for _ in range(steps):
@@ -99,6 +110,38 @@ def test_the_default_recipes_optimizer_step_waits_for_nothing_and_builds_no_buff
     assert first.waits == [] and steady.waits == []
     assert first.zeros_like[0] > 0  # the state set up at the first step: AdamW's moments, Muon's momentum
     assert steady.zeros_like == [0]  # and nothing built afresh after it
+
+
+def test_the_speedrun_forward_and_loss_wait_for_nothing_and_attention_gets_bf16(fake_speedrun):
+    env = Env(**CUDA_BF16)
+    waits, attention = HostWaits(), AttentionInputs()
+    x = tokens(4, 32)
+    x[:, 7] = EOT  # documents, as the boolean masks of eager CUDA see them
+    with frozen(fake_speedrun), waits, attention, env.autocast():
+        _, loss = fake_speedrun(x, tokens(4, 32))
+    assert waits.waits == []
+    assert attention.dtypes == [(torch.bfloat16,) * 3] * TINY["n_layer"]  # value embeddings added in bf16 too
+    assert loss.dtype == torch.float32 and loss.shape == ()
+
+
+def test_flex_attentions_block_masks_are_built_without_waiting(fake_speedrun):
+    waits = HostWaits()
+    with waits:
+        M.block_mask(fake_speedrun.attn_windows[0], M.document_ids(tokens(4, 256)), 256, "cuda")
+    assert waits.waits == []
+
+
+def test_a_schedule_setting_the_windows_waits_for_nothing(fake_speedrun):
+    waits = HostWaits()
+    with waits:
+        fake_speedrun.set_attention_windows(128, 1024)
+    assert waits.waits == []
+
+
+def test_the_speedruns_optimizer_step_waits_for_nothing_and_builds_no_buffer_once_set_up(fake_speedrun):
+    first, steady = optimizer_steps(fake_speedrun, "muon", flags=("--arch", "speedrun"))
+    assert first.waits == [] and steady.waits == []
+    assert steady.zeros_like == [0]
 
 
 def test_unfused_adamw_reads_the_loss_on_the_host_which_the_trace_sees(fake_model, monkeypatch):
