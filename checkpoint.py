@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 import hf
-from common import CheckpointError, SaveError, atomic_write, first_sentence
+from common import CheckpointError, SaveError, atomic_write, first_line, first_sentence
 from model import GPT, GPTConfig
 from weights import load_state, model_with_weights, strip_wrapper_prefixes
 
