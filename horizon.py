@@ -346,8 +346,9 @@ class Horizon:
     # --- what it decides
 
     def _set_length(self, steps: int | None) -> None:
-        """The one place the run's length changes."""
+        """The one place the run's length changes (and with it the full steps' worth the plan's tokens count)."""
         self.steps = self.plan.steps = steps
+        self.plan.full_steps = None if steps is None else self.shape.work(0, steps)
 
     def _replan(self, step: int, announce: bool = False) -> None:
         """The plan's time and cost from the measured pace; with --time, the steps that fit in what is left of

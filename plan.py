@@ -129,6 +129,7 @@ class Plan:
     tokens_per_step: int
     sample_size: int
     steps: int | None = None
+    full_steps: float | None = None  # the steps' worth of full batches (fewer with a batch-size schedule)
     data_tokens: int | None = None  # the training split's
     val_tokens: int | None = None  # the validation split's (the last evaluation reads all of them)
     data_basis: str = ""  # how data_tokens was estimated; "" once it is the prepared split's exact count
@@ -145,12 +146,14 @@ class Plan:
 
     @property
     def tokens(self) -> int | None:
-        return None if self.steps is None else self.steps * self.tokens_per_step
+        if self.steps is None:
+            return None
+        return round((self.steps if self.full_steps is None else self.full_steps) * self.tokens_per_step)
 
     @property
     def epochs(self) -> float | None:
         if self.steps is not None and self.steps_per_pass:
-            return self.steps / self.steps_per_pass
+            return (self.steps if self.full_steps is None else self.full_steps) / self.steps_per_pass
         return None if self.tokens is None or not self.data_tokens else self.tokens / self.data_tokens
 
     @property

@@ -466,4 +466,5 @@ def test_the_horizon_gives_each_step_its_stages_batch_context_and_rate_and_count
     assert [s.context for s in steps] == [32] * 10 + [64] * 20
     assert [s.lr for s in steps[:15]] == pytest.approx([0.5] * 10 + [0.5 ** 0.5] * 5)  # sqrt of the batch's share
     assert horizon.steps == plan.steps == 30 and costs.work(0, 30) == pytest.approx(10 * (1 + 2 + 4) / 4)
+    assert plan.tokens == 10 * (1 + 2 + 4) * 64  # what the plan says the run reads: the stages' batches
     assert shape.steps_for(costs.work(0, 30)) == 30  # --epochs: the steps that hold a number of full batches
