@@ -132,6 +132,10 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
     o.add_argument("--context_stages", type=stages_flag, default=(1.0,), metavar="SHARES",
                    help="the context as shares of --block_size over equal parts of the run, each 1/k for a k that "
                         "divides it, e.g. 1/2,1,1: a shorter context reads the same tokens in more, shorter sequences")
+    o.add_argument("--window_stages", type=stages_flag, default=(1.0,), metavar="SHARES",
+                   help="the long attention window as shares of the step's context over equal parts of the run, e.g. "
+                        "1/4,1/2,1 (the speedrun's window warmup), for a model with windows (--arch speedrun); short "
+                        "windows are half of it, or --arch_option short_window")
     o.add_argument("--warmup_steps", type=non_negative_int, default=None,
                    help=f"steps of linear warmup (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
     o.add_argument("--max_steps", type=positive_int, default=None,
@@ -215,7 +219,8 @@ def duration_flag(text: str) -> float:
 
 
 def stages_flag(text: str) -> tuple[float, ...]:
-    """SHARES for --batch_stages and --context_stages: fractions (1/3) or decimals, each in (0, 1], by commas."""
+    """SHARES for --batch_stages, --context_stages and --window_stages: fractions (1/3) or decimals, each in
+    (0, 1], by commas."""
     try:
         shares = tuple(float(Fraction(part.strip())) for part in text.split(","))
     except (ValueError, ZeroDivisionError):

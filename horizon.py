@@ -42,6 +42,7 @@ class StepSettings:
     muon_momentum: float
     accum: int  # micro-batches each rank takes (the batch-size schedule's share of --grad_accum's)
     context: int  # positions each sequence holds (the context schedule's share of --block_size)
+    window: int  # positions a long-window layer sees (the window schedule's share of the context)
 
     def work(self, grad_accum: int) -> float:
         """The step's share of a full one (of grad_accum micro-batches)."""
@@ -75,12 +76,16 @@ class Shape:
     block_size: int
     batch: Stages = Stages()  # shares of grad_accum: the batch size
     context: Stages = Stages()  # shares of block_size, each 1/k for a whole k dividing it
+    window: Stages = Stages()  # shares of the step's context: the long attention window (models with windows)
 
     def accum(self, step: int, length: int) -> int:
         return round(self.grad_accum * self.batch.at(step, length))  # whole: startup.check_batch_stages
 
     def context_at(self, step: int, length: int) -> int:
         return self.block_size // round(1 / self.context.at(step, length))
+
+    def window_at(self, step: int, length: int) -> int:
+        return max(1, round(self.context_at(step, length) * self.window.at(step, length)))
 
     def steps_for(self, full_steps: int) -> int:
         """The fewest steps a run takes to do full_steps full steps' worth of batches (as many, without a
@@ -250,7 +255,8 @@ class Horizon:
         # (16/8)**0.6 and (24/8)**0.5; Malladi et al. 2022 for Adam).
         lr = (self.held if self.held is not None else self.rate.share(step, length)) * \
             math.sqrt(accum / self.shape.grad_accum)
-        return StepSettings(lr, muon_momentum_at(step, self.muon_momentum), accum, self.shape.context_at(step, length))
+        return StepSettings(lr, muon_momentum_at(step, self.muon_momentum), accum, self.shape.context_at(step, length),
+                            self.shape.window_at(step, length))
 
     def _length_for(self, step: int) -> int | None:
         """The length the step's settings are those of: the run's; until it is known, one as long as it may be

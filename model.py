@@ -745,6 +745,11 @@ class GPT(nn.Module):
         self.attn_windows[0].fill_(short)
         self.attn_windows[1].fill_(long)
 
+    def set_long_window(self, long: int) -> None:
+        """A window schedule's step: the long layers see `long` tokens, the short ones short_window (or, unset,
+        half of long: the record's ratio), never more than the long ones."""
+        self.set_attention_windows(max(1, min(self.config.short_window or long // 2, long)), long)
+
     def head(self, hidden: torch.Tensor) -> torch.Tensor:
         """The output layer: logits over the padded vocabulary, soft-capped when the config says so."""
         return softcap(self.lm_head(hidden), self.config.logit_softcap, self.config.softcap_form)

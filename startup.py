@@ -63,6 +63,7 @@ class Settings:
     grad_accum: int  # micro-steps per optimizer step on each process (a full step's, under --batch_stages)
     batch_stages: tuple[float, ...]  # --batch_stages: shares of the batch over equal parts of the run
     context_stages: tuple[float, ...]  # --context_stages: shares of the context
+    window_stages: tuple[float, ...]  # --window_stages: shares of the context the long attention window sees
     world: int  # processes
     steps: int | None  # the run's steps; None: as --time's budget allows, or --epochs once the data is all there
     epochs: float
@@ -133,6 +134,9 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
         saved = checkpoint.saved_run(resumed).get("sizing") if resumed else None
         sizing = size_for_budget(budget_request(args), env, say, started, saved)
     config, init_state = starting_point(args, env, resumed, say, sizing)
+    if args.window_stages != (1.0,) and not config.window_pattern:
+        raise UserError("--window_stages: this model has no attention windows (--arch speedrun has them, or "
+                        "--arch_option window_pattern=SSSL); leave the flag out")
     batch_size = sizing.batch if sizing else args.batch_size
     if sizing and sizing.sample_size:  # --time chose the documents
         spec = sources.DataSpec.from_args(args, sample_size=sizing.sample_size)
@@ -163,10 +167,11 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
             say(source.packed.note())
             plan.steps_per_pass = source.steps_per_epoch if train.complete else None
     shape = Shape(grad_accum, config.block_size, Stages(check_batch_stages(args.batch_stages, grad_accum)),
-                  Stages(args.context_stages))
+                  Stages(args.context_stages), Stages(args.window_stages))
     steps = steps_for_run(args, plan, source, resumed, shape)
     settings = Settings(config=config, optimizer=optimizer, batch_size=batch_size, grad_accum=grad_accum,
                         batch_stages=args.batch_stages, context_stages=args.context_stages,
+                        window_stages=args.window_stages,
                         world=env.world, steps=steps, epochs=args.epochs, time=args.time,
                         eval_batches=evaluation_batches(args, plan, val, config.block_size, batch_size),
                         every=Intervals(args.eval_interval, args.log_interval, args.checkpoint_interval,

@@ -314,7 +314,7 @@ def train(run: Run, env: Env, out: Output, signals: Signals) -> int:
 
         # The step, at the horizon's settings for it: forward and backward over the micro-batches, clip, update;
         # queued on the device, its figures read a step later (StatsReader), so the CPU never waits for the GPU.
-        set_rates(learner, now)
+        set_step(learner, now)
         loss = run_compiled(learner, env, out.say, lambda: accumulate_gradients(
             learner, micro_batches, env, step=progress.step, seed=settings.seed))
         wants_stop = signals.asked() or run.data_failed() is not None  # told every rank by the step
@@ -387,13 +387,16 @@ def begin(run: Run, env: Env, out: Output, signals: Signals):
     return stats, reader
 
 
-def set_rates(learner, now: StepSettings) -> None:
-    """Each group at its peak rate times the step's share; Muon at the step's momentum."""
+def set_step(learner, now: StepSettings) -> None:
+    """Each group at its peak rate times the step's share; Muon at the step's momentum; the attention windows,
+    where the model has them, at the step's (in place: no recompilation)."""
     for optimizer in learner.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * now.lr
             if isinstance(optimizer, Muon):
                 group["momentum"] = now.muon_momentum
+    if learner.raw_model.config.window_pattern:
+        learner.raw_model.set_long_window(now.window)
 
 
 def last_evaluation(run: Run, env: Env, out: Output, signals: Signals) -> int:

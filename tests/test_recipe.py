@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch._dynamo.utils
 
+import batches
 import flags as F
 import model as M
 import muon
@@ -187,6 +188,25 @@ def test_changing_the_windows_between_steps_changes_the_output_and_compiles_noth
         losses.append(loss.item())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, for the first call
     assert len(set(losses)) == 3
+
+
+def test_the_schedules_compile_once_more_at_the_first_change_of_context_and_never_again():
+    # What a step of the horizon's schedules changes: the context (each micro-batch re-cut, batches.at_context),
+    # the batch (more micro-batches of the same shape: nothing to compile) and the windows (a tensor, in place).
+    m = speedrun_with_documents()
+    compiled = torch.compile(m, backend="aot_eager")
+    x, y = (t.contiguous() for t in batch(vocab=1000, length=32))  # as batches.py reads them
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    graphs = []
+    for context, long in [(32, 32), (16, 8), (16, 16), (8, 8), (32, 16), (32, 32), (8, 4)]:
+        m.set_long_window(long)
+        for _ in range(2):  # a second micro-batch of the step
+            xs, ys = batches.at_context((x, y), context)
+            compiled(xs, ys)[1].backward()
+        graphs.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
+    assert graphs == [1] + [2] * 6  # the first change of shape marks it dynamic; nothing compiles after it
+    assert m.attn_windows.tolist() == [2, 4]  # half the long window, the record's ratio
 
 
 # ----------------------------------------------------------------------------------------------------

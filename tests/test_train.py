@@ -120,9 +120,11 @@ def start_training(args) -> subprocess.Popen:
 def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(corpus_dir, data_cache, tmp_path):
     # Muon trains the matrices and AdamW the rest, so both optimizers' states are restored here (a fine-tune,
     # AdamW alone with its own schedule, is killed and resumed in test_finetune.py).
-    # Across a change of the batch and the context (the step 6 of 12): the data goes on where it was.
+    # Across a change of the batch, the context and the attention windows (the step 6 of 12), on the speedrun's
+    # architecture: the data goes on where it was, the windows are the step's.
     common = ["--max_steps", "12", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1",
-              "--batch_stages", "1/2,1", "--context_stages", "1/2,1", "--grad_accum", "2"]
+              "--batch_stages", "1/2,1", "--context_stages", "1/2,1", "--grad_accum", "2", "--arch", "speedrun",
+              "--window_stages", "1/4,1"]
     whole = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "whole", *common))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
@@ -137,6 +139,8 @@ def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(co
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {save / 'latest.pt'} at step {interrupted_at}" in resumed.stdout + resumed.stderr
     assert final_val_loss(save) == pytest.approx(final_val_loss(tmp_path / "whole"), abs=1e-4)
+    windows = torch.load(save / "latest.pt", weights_only=True)["model"]["attn_windows"]
+    assert windows.tolist() == [16, 32]  # the last stage's: the whole context, and half of it
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
@@ -455,7 +459,8 @@ def test_a_target_loss_ends_the_run_at_the_first_evaluation_that_reaches_it_over
 
 
 def test_the_horizon_gives_each_step_its_stages_batch_context_and_rate_and_counts_their_work():
-    shape = H.Shape(grad_accum=4, block_size=64, batch=H.Stages((1 / 4, 1 / 2, 1)), context=H.Stages((1 / 2, 1, 1)))
+    shape = H.Shape(grad_accum=4, block_size=64, batch=H.Stages((1 / 4, 1 / 2, 1)), context=H.Stages((1 / 2, 1, 1)),
+                    window=H.Stages((1 / 4, 1 / 2, 1)))
     plan = P.Plan(params=1, params_non_embedding=1, tokens_per_step=4 * 64, sample_size=1)
     costs = B.Costs(eval_batches=1, eval_interval=1000, hellaswag_interval=0, hellaswag_tokens=0,
                     tokens_per_step=4 * 64, checkpoint_bytes=0)
@@ -464,7 +469,15 @@ def test_the_horizon_gives_each_step_its_stages_batch_context_and_rate_and_count
     steps = [horizon.at(step) for step in range(30)]
     assert [s.accum for s in steps] == [1] * 10 + [2] * 10 + [4] * 10
     assert [s.context for s in steps] == [32] * 10 + [64] * 20
+    assert [s.window for s in steps] == [8] * 10 + [32] * 10 + [64] * 10  # shares of the step's context
     assert [s.lr for s in steps[:15]] == pytest.approx([0.5] * 10 + [0.5 ** 0.5] * 5)  # sqrt of the batch's share
     assert horizon.steps == plan.steps == 30 and costs.work(0, 30) == pytest.approx(10 * (1 + 2 + 4) / 4)
     assert plan.tokens == 10 * (1 + 2 + 4) * 64  # what the plan says the run reads: the stages' batches
     assert shape.steps_for(costs.work(0, 30)) == 30  # --epochs: the steps that hold a number of full batches
+
+
+def test_a_window_schedule_for_a_model_without_windows_is_one_line(corpus_dir, tmp_path):
+    with pytest.raises(SystemExit) as refused:
+        T.main([*train_args(corpus_dir, tmp_path / "cache", tmp_path / "run"), "--window_stages", "1/2,1", "--plan"])
+    assert str(refused.value.code) == ("error: --window_stages: this model has no attention windows (--arch speedrun "
+                                       "has them, or --arch_option window_pattern=SSSL); leave the flag out")
