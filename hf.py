@@ -203,9 +203,9 @@ def _hf_family(c: GPTConfig) -> str:
 
 
 def to_hf(model: GPT) -> tuple[dict, dict]:
-    """(config.json contents, state dict) that transformers loads (GPT2LMHeadModel, LlamaForCausalLM or
-    Qwen3ForCausalLM; or, where the config has an `auto_map`, our own modeling code: remote_code_files) with the
-    same logits."""
+    """(config.json contents, state dict) that transformers loads with the same logits: GPT2LMHeadModel,
+    LlamaForCausalLM or Qwen3ForCausalLM, or where none computes the model, our own modeling code (the config's
+    `auto_map` names it; remote_code_files are its files)."""
     c, family = model.config, _hf_family(model.config)
     if family == REMOTE_MODEL_TYPE:
         return _to_remote(model)
