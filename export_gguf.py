@@ -5,12 +5,13 @@ Modelfile beside it.
     ollama create mygpt -f exported/Modelfile && ollama run mygpt
 
 The `gpt2` preset is written as llama.cpp's `gpt2` architecture, the `modern` one as `qwen3` (or `llama`
-without QK-norm); the weights are those export_hf.py writes for transformers (hf.to_hf: a norm after the
-embedding folded into the table, a switch no such model computes refused), renamed as llama.cpp's own
-converter (convert_hf_to_gguf.py) names them, and GPT-2's tokenizer goes in from the files this repository
-already has offline. A model fine-tuned on conversations (train_gpt2.py --chat) also gets chat.py's turn
-tokens, its chat template (llama.cpp and LM Studio render the Jinja one in the file; Ollama reads the
-Modelfile's, the same turns in Go's template language) and <|assistant_end|> as the end of a reply.
+without QK-norm); the `speedrun` preset, which none of them computes, is refused in one line (export_hf.py
+writes it for transformers). The weights are those export_hf.py writes for transformers (hf.to_hf: a norm after
+the embedding folded into the table), renamed as llama.cpp's own converter (convert_hf_to_gguf.py) names them,
+and GPT-2's tokenizer goes in from the files this repository already has offline. A model fine-tuned on
+conversations (train_gpt2.py --chat) also gets chat.py's turn tokens, its chat template (llama.cpp and LM Studio
+render the Jinja one in the file; Ollama reads the Modelfile's, the same turns in Go's template language) and
+<|assistant_end|> as the end of a reply.
 Written with `gguf`, the reader and writer llama.cpp maintains on PyPI.
 
 The tests and bench.py load the files in llama.cpp through here (load_llama_cpp, LlamaCppProcess): without ggml's
@@ -37,7 +38,7 @@ import torch
 import chat
 from checkpoint import load_model
 from common import EOT, ArgumentParser, UserError, atomic_write
-from hf import HF_TRANSPOSED, to_hf
+from hf import HF_TRANSPOSED, missing_in_transformers, to_hf
 
 GPT2_VOCAB = chat.GPT2_VOCAB  # the tokenizer written into every file (with a chat model's turn tokens after it)
 # --type: how each matrix is stored. llama.cpp keeps norms, biases and GPT-2's position table in f32 whatever
@@ -215,7 +216,8 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Exported:
     if out.suffix != ".gguf":
         raise ExportError(f"{out} does not end in .gguf: name the file to write, e.g. exported/model.gguf")
     model, _ = load_model(checkpoint)
-    hf_config, hf_state = to_hf(model)  # refuses, in one line, a switch llama.cpp has no counterpart for either
+    check_llama_cpp_computes(model.config)
+    hf_config, hf_state = to_hf(model)
     tensors = gguf_tensors(hf_config, hf_state, gguf)
     check_shape(hf_config, tensors, kind)
     chat_model = chat.knows_turns(model.config)
@@ -241,6 +243,16 @@ def export(checkpoint: str, out: Path, kind: str = "q8_0") -> Exported:
     with atomic_write(out.parent / "Modelfile") as tmp:
         tmp.write_text(modelfile(out.name, block_size, chat_model), encoding="utf-8")
     return Exported(out.parent / "Modelfile", chat_model, tensor_bytes)
+
+
+def check_llama_cpp_computes(config) -> None:
+    """One line naming each switch that llama.cpp's gpt2, llama and qwen3 have no counterpart for (those of the
+    `speedrun` preset), and the presets that export: nothing is written for such a model."""
+    missing = missing_in_transformers(config)
+    if missing:
+        model = f"this {config.arch}-preset model" if config.arch else "this model"
+        raise ExportError(f"llama.cpp has no counterpart for {model}'s {', '.join(missing)}: train with --arch modern "
+                          "(or --arch gpt2) to export to GGUF; export_hf.py writes this one for transformers")
 
 
 # ----------------------------------------------------------------------------------------------------

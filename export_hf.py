@@ -1,13 +1,14 @@
 """Export a checkpoint as a transformers model directory: GPT-2 for the `gpt2` preset, Qwen3 (or Llama,
-without QK-norm) for the `modern` one.
+without QK-norm) for the `modern` one, and for the `speedrun` preset (or any switch those have no counterpart
+for: a logit soft cap, a ReLU² MLP, value embeddings, sliding windows...) its own modeling code.
 
     python export_hf.py checkpoints/model_best_val.pt exported/
 
 The directory loads with AutoModelForCausalLM.from_pretrained and AutoTokenizer.from_pretrained (GPT-2's
 tokenizer, whatever the model), so a model trained here works with the rest of the ecosystem
-(pipelines, lm-eval-harness, the Hub); sample.py and eval.py read it back. A switch with no transformers
-counterpart (a logit soft cap, a ReLU² MLP, a norm after a learned-position embedding) is refused, never
-exported wrongly; a norm after a rotary model's embedding is folded into the embedding table.
+(pipelines, lm-eval-harness, the Hub); sample.py and eval.py read it back. A norm after a rotary model's
+embedding is folded into the embedding table. A model with its own modeling code carries a copy of model.py and
+the two files of hf_remote_code/, and loads with trust_remote_code=True: the logits are model.py's own.
 
 A model fine-tuned on conversations (train_gpt2.py --chat) also gets chat.py's turn tokens and its chat
 template, so tokenizer.apply_chat_template renders a conversation to the tokens it was fine-tuned on, and
@@ -24,10 +25,11 @@ from safetensors.torch import save_file
 import chat
 from common import EOT, ArgumentParser, UserError, atomic_write
 from checkpoint import load_model
-from hf import to_hf
+from hf import remote_code_files, to_hf
 
 
-def export(checkpoint: str, out_dir: Path) -> Path:
+def export(checkpoint: str, out_dir: Path) -> tuple[Path, bool]:
+    """Write the directory; return it, and whether it loads only with trust_remote_code=True (its own code)."""
     model, _ = load_model(checkpoint)
     config, state = to_hf(model)
     talks = chat.knows_turns(model.config)
@@ -36,6 +38,10 @@ def export(checkpoint: str, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(out_dir / "model.safetensors") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
+    if "auto_map" in config:  # no transformers model computes it: its modeling code goes with it
+        for name, source in remote_code_files().items():
+            with atomic_write(out_dir / name) as tmp:
+                tmp.write_text(source, encoding="utf-8")
     with atomic_write(out_dir / "config.json") as tmp:
         tmp.write_text(json.dumps(config, indent=2))
     # Named, so a Llama or Qwen3 directory does not get its own family's tokenizer (another split pattern).
@@ -49,7 +55,7 @@ def export(checkpoint: str, out_dir: Path) -> Path:
     for src, dst in (("encoder.json", "vocab.json"), ("vocab.bpe", "merges.txt")):
         with resources.as_file(bpe_files / src) as path, atomic_write(out_dir / dst) as tmp:
             shutil.copyfile(path, tmp)
-    return out_dir
+    return out_dir, "auto_map" in config
 
 
 def chat_tokenizer() -> dict:
@@ -67,10 +73,11 @@ def main(argv=None):
     p.add_argument("out_dir", type=Path, help="directory to write config.json, model.safetensors and the tokenizer to")
     args = p.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out_dir)
+        out, remote_code = export(args.checkpoint, args.out_dir)
     except UserError as e:
         sys.exit(f"error: {e}")
-    print(f"exported {args.checkpoint} to {out}/ (load it with AutoModelForCausalLM.from_pretrained('{out}'))")
+    remote = ", trust_remote_code=True" if remote_code else ""
+    print(f"exported {args.checkpoint} to {out}/ (load it with AutoModelForCausalLM.from_pretrained('{out}'{remote}))")
 
 
 if __name__ == "__main__":

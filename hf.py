@@ -1,5 +1,6 @@
 """Hugging Face weights in and out: OpenAI's GPT-2 and save_pretrained directories read into our GPT, and
-our GPT written as the transformers model that computes the same logits (GPT-2, Llama or Qwen3).
+our GPT written as the transformers model that computes the same logits: GPT-2, Llama or Qwen3, or where none of
+them does (the `speedrun` preset), model.py itself with the modeling code of hf_remote_code/ (trust_remote_code).
 
 Read and written directly (safetensors, config.json): transformers is not needed at run time.
 checkpoint.py's load_model calls `from_pretrained` for a directory or a Hub name; export_hf.py calls `to_hf`.
@@ -20,11 +21,16 @@ from model import ARCH_PRESETS, RMSNORM_EPS, SPEEDRUN_ONLY, GPT, GPTConfig, swig
 from weights import model_with_weights, strip_wrapper_prefixes
 
 HUB_PROBE_SECONDS = 10  # the Hub client retries for half a minute before giving up
+# A model no transformers model computes is exported with its own modeling code (hf_remote_code/ and model.py):
+# its config.json's model_type (the repository's name), and the prefix of its weights (the wrapper's `gpt`).
+REMOTE_MODEL_TYPE, REMOTE_PREFIX = "gpt2_rented_gpu", "gpt."
+REMOTE_CODE = Path(__file__).with_name("hf_remote_code")
 
 
 def from_pretrained(name_or_path: str) -> GPT:
     """OpenAI's GPT-2 (gpt2, gpt2-medium, gpt2-large, gpt2-xl: the Hub, online) or a save_pretrained
-    directory: GPT-2, or a Llama or Qwen3 model of the `modern` preset's layout (what export_hf.py writes)."""
+    directory: GPT-2, a Llama or Qwen3 model of the `modern` preset's layout, or one with our own modeling code
+    (what export_hf.py writes)."""
     directory = _resolve_hf_dir(name_or_path)
     try:
         hf = json.loads((directory / "config.json").read_text())
@@ -37,6 +43,9 @@ def from_pretrained(name_or_path: str) -> GPT:
     if kind in ("llama", "qwen3"):  # the `modern` preset, as export_hf.py writes it
         config = _llama_config(hf, directory)
         return model_with_weights(config, _from_llama_state(_read_hf_weights(directory), config))
+    if kind == REMOTE_MODEL_TYPE:  # any mix of switches (the `speedrun` preset), as export_hf.py writes it
+        config = _remote_config(hf, directory)
+        return model_with_weights(config, _from_remote_state(_read_hf_weights(directory), config))
     raise CheckpointError(f"{directory} holds a {kind!r} model, not GPT-2 (nor a Llama or Qwen3 export)")
 
 
@@ -146,32 +155,60 @@ def _from_llama_state(hf_state: dict, config: GPTConfig) -> dict:
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
+def _remote_config(hf: dict, directory: Path) -> GPTConfig:
+    if not isinstance(hf.get("gpt"), dict):
+        raise CheckpointError(f"{directory}/config.json has no `gpt` (the model's switches and shape)")
+    return GPTConfig.from_dict(hf["gpt"])
+
+
+def _from_remote_state(hf_state: dict, config: GPTConfig) -> dict:
+    """Our keys, which the export prefixed with `gpt.`; a tied head is stored once, as the token table."""
+    state = {k.removeprefix(REMOTE_PREFIX): v.float() if v.is_floating_point() else v for k, v in hf_state.items()}
+    if config.tie_embeddings and "transformer.wte.weight" in state:
+        state["lm_head.weight"] = state["transformer.wte.weight"]
+    return state
+
+
 # ----------------------------------------------------------------------------------------------------
 # Writing
 
 
-def _hf_family(c: GPTConfig) -> str:
-    """"gpt2", "llama" or "qwen3": the transformers model that computes what this config does; a
-    CheckpointError naming every switch that has no counterpart there."""
-    gpt2_block = (c.pos_emb, c.norm, c.mlp, c.bias, c.qk_norm) == ("learned", "layernorm", "gelu", True, False)
-    llama_block = (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
+def missing_in_transformers(c: GPTConfig) -> list[str]:
+    """Each switch of this config that transformers' GPT-2, Llama and Qwen3 (and llama.cpp's gpt2, llama and
+    qwen3) have no counterpart for, named with its value; empty where one of them computes the model."""
     missing = [f"{name} {value!r}" for name, value, has in (
         ("logit_softcap", c.logit_softcap, not c.logit_softcap),
         ("embed_norm with learned positions", c.embed_norm, not c.embed_norm or c.pos_emb == "rope"),
-        ("tie_embeddings", c.tie_embeddings, c.tie_embeddings or not gpt2_block)) if not has]
+        ("tie_embeddings", c.tie_embeddings, c.tie_embeddings or not _gpt2_block(c))) if not has]
     missing += [f"{name} {getattr(c, name)!r}" for name in SPEEDRUN_ONLY if getattr(c, name) != ARCH_PRESETS["gpt2"][name]]
-    if not (gpt2_block or llama_block):
+    if not (_gpt2_block(c) or _llama_block(c)):
         missing.append(f"a block of {c.pos_emb} positions, {c.norm}, a {c.mlp} MLP and bias={c.bias}")
-    if missing:
-        raise CheckpointError("no transformers model computes what this one does: " + ", ".join(missing) +
-                              " (GPT-2, Llama and Qwen3 have no counterpart); it cannot be exported")
-    return "gpt2" if gpt2_block else "qwen3" if c.qk_norm else "llama"
+    return missing
+
+
+def _gpt2_block(c: GPTConfig) -> bool:
+    return (c.pos_emb, c.norm, c.mlp, c.bias, c.qk_norm) == ("learned", "layernorm", "gelu", True, False)
+
+
+def _llama_block(c: GPTConfig) -> bool:
+    return (c.pos_emb, c.norm, c.mlp, c.bias) == ("rope", "rmsnorm", "swiglu", False)
+
+
+def _hf_family(c: GPTConfig) -> str:
+    """"gpt2", "llama" or "qwen3": the transformers model that computes what this config does; REMOTE_MODEL_TYPE
+    (our own modeling code) where none does."""
+    if missing_in_transformers(c):
+        return REMOTE_MODEL_TYPE
+    return "gpt2" if _gpt2_block(c) else "qwen3" if c.qk_norm else "llama"
 
 
 def to_hf(model: GPT) -> tuple[dict, dict]:
-    """(config.json contents, state dict) that transformers loads (GPT2LMHeadModel, LlamaForCausalLM or
-    Qwen3ForCausalLM) with the same logits."""
+    """(config.json contents, state dict) that transformers loads with the same logits: GPT2LMHeadModel,
+    LlamaForCausalLM or Qwen3ForCausalLM, or where none computes the model, our own modeling code (the config's
+    `auto_map` names it; remote_code_files are its files)."""
     c, family = model.config, _hf_family(model.config)
+    if family == REMOTE_MODEL_TYPE:
+        return _to_remote(model)
     weights = {k: v.detach().float().cpu() for k, v in strip_wrapper_prefixes(model.state_dict()).items()}
     if c.embed_norm:
         # With rotary positions the normalised embedding is a function of the token alone, so the norm
@@ -202,3 +239,40 @@ def to_hf(model: GPT) -> tuple[dict, dict]:
         for ours, theirs in _llama_pairs(c):
             state |= dict(zip(theirs, weights[ours].chunk(len(theirs))))
     return config, {k: v.contiguous() for k, v in state.items()}
+
+
+def _to_remote(model: GPT) -> tuple[dict, dict]:
+    """to_hf for a model that only model.py computes: its config whole under `gpt`, its weights as they are (the
+    padded vocabulary included), the wrapper's `gpt.` before each key; a tied head stored once, as the table."""
+    c = model.config
+    config = {"architectures": ["RentedGPTForCausalLM"], "model_type": REMOTE_MODEL_TYPE,
+              "auto_map": {"AutoConfig": "configuration_rented_gpt.RentedGPTConfig",
+                           "AutoModelForCausalLM": "modeling_rented_gpt.RentedGPTForCausalLM"},
+              "gpt": c.to_dict(), "vocab_size": c.vocab_size, "bos_token_id": EOT, "eos_token_id": EOT,
+              "tie_word_embeddings": c.tie_embeddings, "torch_dtype": "float32",
+              # transformers' usual names, for tools that read them (the model reads `gpt` alone)
+              "hidden_size": c.n_embd, "num_hidden_layers": c.n_layer, "num_attention_heads": c.n_head,
+              "max_position_embeddings": c.block_size}
+    state = {REMOTE_PREFIX + k: v.detach().cpu().float() if v.is_floating_point() else v.detach().cpu()
+             for k, v in strip_wrapper_prefixes(model.state_dict()).items()
+             if not (c.tie_embeddings and k == "lm_head.weight")}
+    return config, {k: v.contiguous() for k, v in state.items()}
+
+
+# model.py's one import from this repository, and what stands for it in the exported copy: transformers copies
+# only the directory's files, so the copy imports nothing but torch and the standard library.
+_MODEL_IMPORT = "from common import EOT, CheckpointError\n"
+_MODEL_IMPORT_STANDALONE = (f"EOT = {EOT}  # GPT-2's <|endoftext|>: it ends each document\n\n\n"
+                            "class CheckpointError(ValueError):\n"
+                            '    """A config this file cannot build."""\n\n')
+
+
+def remote_code_files() -> dict[str, str]:
+    """{file name: source} a directory of our own modeling code holds beside config.json: hf_remote_code/'s
+    configuration and modeling files, and model.py with its import from common.py written in."""
+    files = {path.name: path.read_text(encoding="utf-8") for path in sorted(REMOTE_CODE.glob("*.py"))}
+    source = Path(__file__).with_name("model.py").read_text(encoding="utf-8")
+    if source.count(_MODEL_IMPORT) != 1:  # a programming error: model.py's imports changed, so must this
+        raise RuntimeError(f"model.py no longer has the one line {_MODEL_IMPORT.strip()!r} the export replaces")
+    files["model.py"] = source.replace(_MODEL_IMPORT, _MODEL_IMPORT_STANDALONE)
+    return files

@@ -167,6 +167,20 @@ def test_what_llama_cpp_cannot_take_is_one_line_and_no_file(tmp_path):
     assert not list(tmp_path.glob("*.gguf")) and not (tmp_path / "Modelfile").exists()
 
 
+def test_a_speedrun_model_is_one_line_naming_what_llama_cpp_lacks_and_the_presets_that_export(tmp_path):
+    speedrun = M.GPTConfig.from_preset("speedrun", n_layer=2, n_head=2, n_embd=64, block_size=8)
+    checkpoint.save_checkpoint(tmp_path / "speedrun.pt", M.GPT(speedrun))
+    result = run_script("export_gguf.py", str(tmp_path / "speedrun.pt"), str(tmp_path / "out" / "m.gguf"))
+    assert result.returncode == 1 and result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip()
+    assert line.startswith("error: llama.cpp has no counterpart for this speedrun-preset model's ")
+    for switch in ("logit_softcap 23.0", "value_embeds 3", "window_pattern 'SSSL'", "document_mask True", "a relu2 MLP"):
+        assert switch in line
+    assert line.endswith("train with --arch modern (or --arch gpt2) to export to GGUF; export_hf.py writes this one "
+                         "for transformers")
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_readmes_gguf_command_parses_with_the_scripts_flags():
     commands = [line.split() for line in (REPO / "README.md").read_text().splitlines()
                 if line.startswith("python export_gguf.py")]

@@ -1,12 +1,15 @@
 """Our GPT-2 against transformers' GPT2LMHeadModel: the same weights give the same logits, both ways."""
+import ast
+import sys
+
 import pytest
 import torch
 
-from helpers import run_script
+from helpers import run_command, run_script
 import hf
 import checkpoint
-from common import CheckpointError
 import model as M
+from common import EOT
 
 transformers = pytest.importorskip("transformers")
 
@@ -52,22 +55,6 @@ def test_an_exported_checkpoint_loads_in_transformers_with_the_same_logits(tmp_p
     assert tok.encode("Hello world") == [15496, 995]
 
 
-def test_a_switch_with_no_transformers_counterpart_is_named_in_a_one_line_refusal(tmp_path):
-    config = M.GPTConfig.from_preset("modern", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100,
-                                     logit_softcap=15.0, mlp="relu2")
-    ckpt = tmp_path / "m.pt"
-    checkpoint.save_checkpoint(ckpt, M.GPT(config))
-    result = run_script("export_hf.py", str(ckpt), str(tmp_path / "out"))
-    assert result.returncode == 1 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: no transformers model computes what this one does")
-    assert "logit_softcap 15.0" in lines[0] and "a relu2 MLP" in lines[0]
-    learned = M.GPTConfig.from_preset("gpt2", n_layer=1, n_head=2, n_embd=32, block_size=8, vocab_size=100, embed_norm=True)
-    with pytest.raises(CheckpointError, match="embed_norm with learned positions True"):
-        hf.to_hf(M.GPT(learned))
-    assert not (tmp_path / "out").exists()
-
-
 @pytest.mark.parametrize("qk_norm, tie, embed_norm, family", [
     (True, False, False, "Qwen3ForCausalLM"), (True, True, False, "Qwen3ForCausalLM"),
     (False, False, False, "LlamaForCausalLM"), (True, True, True, "Qwen3ForCausalLM")])
@@ -97,3 +84,107 @@ def test_the_modern_preset_exports_as_qwen3_or_llama_with_the_same_logits_and_re
     assert again.config.to_dict() == config.to_dict() | folded
     tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "exported")
     assert tok.encode("Hello world") == [15496, 995]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Models no transformers model computes: exported with their own modeling code (trust_remote_code=True)
+
+SHAPE = dict(n_layer=4, n_head=2, n_embd=32, block_size=24)  # 4 layers: value embeddings, U-net skips and backout act
+# The speedrun preset with a short window well inside the context; a mix with a tied head, which the file holds once.
+OWN_CODE = {"speedrun": ("speedrun", dict(window_pattern="SL", short_window=5)),
+            "tied-mix": ("modern", dict(mlp="relu2", logit_softcap=15.0, tie_embeddings=True))}
+PROMPT = [464, 5897, 7850, EOT, 1858, 373, 257, 640, 11, 612]  # two documents: the mask between them acts
+NEW_TOKENS = 8  # prompt and reply within block_size: transformers' generate() has no sliding window
+
+
+@pytest.fixture(scope="module")
+def own_code(tmp_path_factory):
+    """{name: (our model, checkpoint, export directory)} for each OWN_CODE config, perturbed where it starts at zero
+    (the head, the tables, the gates), so every switch changes the logits."""
+    out = {}
+    for name, (arch, switches) in OWN_CODE.items():
+        torch.manual_seed(0)
+        ours = M.GPT(M.GPTConfig.from_preset(arch, **SHAPE, **switches)).eval()
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        folder = tmp_path_factory.mktemp(name)
+        checkpoint.save_checkpoint(folder / "model_best_val.pt", ours, step=1)
+        result = run_script("export_hf.py", str(folder / "model_best_val.pt"), str(folder / "exported"))
+        assert result.returncode == 0, result.stderr
+        assert "trust_remote_code=True" in result.stdout
+        out[name] = (ours, folder / "model_best_val.pt", folder / "exported")
+    return out
+
+
+# Run in a fresh interpreter without the repository on its path, from another folder: the directory alone must do.
+TRANSFORMERS_CHILD = """
+import sys, torch, transformers
+prompt, new, results = torch.load(sys.argv[1]), int(sys.argv[2]), {}
+for directory in sys.argv[4:]:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = hf(prompt).logits
+        greedy = hf.generate(prompt, max_new_tokens=new, do_sample=False)[0, prompt.size(1):]
+    results[directory] = {"logits": logits, "greedy": greedy.tolist(), "class": type(hf).__name__,
+                          "tied": hf.gpt.lm_head.weight is hf.gpt.transformer.wte.weight}
+torch.save(results, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def in_transformers(own_code, tmp_path_factory):
+    """What transformers computes from each export: its logits on PROMPT, its greedy tokens, its class."""
+    folder = tmp_path_factory.mktemp("transformers")
+    torch.save(torch.tensor([PROMPT]), folder / "prompt.pt")
+    directories = {name: str(directory) for name, (_, _, directory) in own_code.items()}
+    result = run_command([sys.executable, "-c", TRANSFORMERS_CHILD, str(folder / "prompt.pt"), str(NEW_TOKENS),
+                          str(folder / "results.pt"), *directories.values()], env={"PYTHONPATH": ""}, cwd=folder)
+    assert result.returncode == 0, result.stderr
+    results = torch.load(folder / "results.pt")
+    return {name: results[directory] for name, directory in directories.items()}
+
+
+@pytest.mark.parametrize("name", OWN_CODE)
+def test_a_model_no_transformers_model_computes_loads_with_its_own_code_and_gives_our_logits_and_tokens(
+        own_code, in_transformers, name):
+    ours, _, directory = own_code[name]
+    assert hf.missing_in_transformers(ours.config)  # the test means something: no GPT-2, Llama or Qwen3 computes it
+    theirs = in_transformers[name]
+    assert theirs["class"] == "RentedGPTForCausalLM"
+    with torch.no_grad():
+        logits, _ = ours(torch.tensor([PROMPT]))
+    torch.testing.assert_close(theirs["logits"], logits[..., :ours.config.vocab_size], rtol=0, atol=1e-5)
+    assert theirs["greedy"] == list(ours.generate(PROMPT, NEW_TOKENS, temperature=0, stop_at_eot=False))
+    assert theirs["tied"] == ours.config.tie_embeddings
+
+
+def test_the_exported_modeling_code_imports_nothing_from_the_repository(own_code):
+    _, _, directory = own_code["speedrun"]
+    for path in directory.glob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and not node.level}
+        imported |= {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        assert imported <= {"__future__", "contextlib", "math", "dataclasses", "typing", "torch", "transformers"}, path.name
+
+
+@pytest.mark.parametrize("name", OWN_CODE)
+def test_an_export_with_its_own_code_reads_back_for_sample_and_init_from(own_code, name):
+    ours, _, directory = own_code[name]
+    again, _ = checkpoint.load_model(str(directory))  # sample.py --checkpoint DIR
+    assert again.config == ours.config
+    config, state = checkpoint.read_weights(str(directory), None)  # train_gpt2.py --init_from DIR
+    assert config == ours.config
+    for key, tensor in ours.state_dict().items():
+        assert torch.equal(state[key], tensor), key
+    assert (again.lm_head.weight is again.transformer.wte.weight) == ours.config.tie_embeddings
+
+
+def test_sample_py_continues_a_speedrun_export_as_it_continues_the_checkpoint(own_code):
+    _, ckpt, directory = own_code["speedrun"]
+    flags = ["--prompt", "The quiet river", "--temperature", "0", "--max_tokens", "6", "--ignore_eot", "--cpu",
+             "--dtype", "float32"]
+    from_checkpoint = run_script("sample.py", "--checkpoint", str(ckpt), *flags)
+    from_export = run_script("sample.py", "--checkpoint", str(directory), *flags)
+    assert from_checkpoint.returncode == from_export.returncode == 0, from_export.stderr
+    assert from_export.stdout == from_checkpoint.stdout and len(from_export.stdout) > len("The quiet river\n")

@@ -79,6 +79,17 @@ def test_cached_greedy_generation_equals_uncached_across_the_block_boundary(arch
     assert got == reference_greedy(m, prompt, n)
 
 
+def test_cached_greedy_generation_equals_uncached_across_documents_short_windows_and_the_block_boundary():
+    # The speedrun's masks through the cache: a short window of 5 in a context of 16, and two documents (the
+    # prompt's <|endoftext|>, and any the model writes), the cache rebuilt each time the context passes block_size.
+    m = tiny("speedrun", vocab_size=50257, window_pattern="SL", short_window=5)
+    prompt = torch.randint(0, 50257, (12,), generator=torch.Generator().manual_seed(1)).tolist()
+    prompt[5] = EOT
+    n = 40
+    got = list(m.generate(prompt, n, temperature=0, stop_at_eot=False))
+    assert got == reference_greedy(m, prompt, n)
+
+
 @pytest.mark.parametrize("arch", PRESETS)
 def test_a_kept_prompt_cache_feeds_only_what_follows_the_shared_start_and_generates_the_same(arch, monkeypatch):
     m = tiny(arch, block_size=32)

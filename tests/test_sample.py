@@ -164,6 +164,45 @@ def test_int8_weights_keep_the_logits_within_2_percent_and_fp32s_next_token_9_ti
     assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
 
 
+# Each preset as sample.py loads it, the speedrun's short window (5) well inside the context.
+PRESET_SWITCHES = {"gpt2": {}, "modern": {}, "speedrun": dict(window_pattern="SL", short_window=5)}
+
+
+@pytest.fixture(scope="module")
+def preset_ckpts(tmp_path_factory):
+    """A checkpoint of each preset over GPT-2's vocabulary, perturbed where it starts at zero (the speedrun's head,
+    tables and gates), so that every switch changes the logits."""
+    folder, paths = tmp_path_factory.mktemp("presets"), {}
+    for arch, switches in PRESET_SWITCHES.items():
+        torch.manual_seed(0)
+        model = M.GPT(M.GPTConfig.from_preset(arch, n_layer=4, n_head=2, n_embd=64, block_size=32, **switches))
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        paths[arch] = folder / f"{arch}.pt"
+        checkpoint.save_checkpoint(paths[arch], model, step=1)
+    return paths
+
+
+@pytest.mark.parametrize("arch", PRESET_SWITCHES)
+def test_every_preset_decodes_in_every_cpu_layout_and_its_cache_gives_its_full_forwards_logits(preset_ckpts, arch):
+    x = torch.randint(0, 50257, (1, 32), generator=torch.Generator().manual_seed(1))
+    x[0, 13] = EOT  # two documents: the speedrun's document mask acts
+    pieces = [x[:, :7], x[:, 7:12]] + [x[:, i:i + 1] for i in range(12, 32)]  # a prefill, a chunk, single tokens
+    for dtype in cpu_decoding.LAYOUTS:
+        model, _ = sample.load(str(preset_ckpts[arch]), torch.device("cpu"), dtype)
+        with one_torch_thread(), torch.inference_mode():
+            full = model(x)[0][0, :, :EOT + 1].float()
+            cache = M.KVCache(model.config, 1, "cpu", torch.float32)  # generate()'s cache on a CPU
+            cached = torch.cat([model.head(model.hidden_states(p, cache)) for p in pieces], dim=1)[0, :, :EOT + 1]
+            tokens = list(model.generate(x[0, :20].tolist(), 30, temperature=0, stop_at_eot=False))
+        # Within the layout's rounding (bf16 activations: about 1% of the logits' spread); a cache that missed
+        # a window or a document boundary is off by about 10% (measured on the speedrun model).
+        error = (cached.float() - full).abs().max() / (full - full.mean(-1, keepdim=True)).abs().max()
+        assert error < (1e-5 if dtype == torch.float32 else 0.03), f"{dtype}: {error:.2e}"
+        assert len(tokens) == 30  # past block_size: the cache was rebuilt on the way
+
+
 @pytest.mark.skipif(not cpu_decoding.HAS_INT4, reason="int4's kernel came in torch 2.6")
 def test_int8_weights_as_two_int4_planes_multiply_as_the_int8_kernel_does():
     # 336 rows: more than one block of PLANE_ROWS, and a last block that is not a whole 64 rows of the packing.
