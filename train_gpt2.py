@@ -562,7 +562,9 @@ def summarise(run: Run, out: Output, how: str) -> None:
     out.say("\n".join(outcome.lines()))
     out.metrics.log(event=how, step=p.step, seconds=seconds, cost=out.cost(), best_val_loss=outcome.best_val,
                     best_step=p.best_step, **({"target_step": p.target[0], "target_seconds": p.target[1]}
-                                              if p.target else {}))
+                                              if p.target else {}),
+                    **({"peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30}
+                       if out.env.device.type == "cuda" else {}))
 
 
 def cpu_out_of_memory(error: RuntimeError) -> bool:
