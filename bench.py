@@ -756,29 +756,30 @@ RECIPES = {BASELINE: "--arch gpt2 --optimizer adamw --schedule cosine",
            "default": ""}  # python train_gpt2.py as it comes
 
 
-# The field's recipe (issue 47): today's default and the speedrun preset at each seed, the subset llama.cpp runs
-# (its qwen3 layout: the modern block, untied and zero-initialised, with the speedrun's optimizer), and the
-# speedrun with each of its switches set back to the default's in turn.
-EXPORTABLE = ("--arch modern --arch_option tie_embeddings=false --arch_option zero_init=true --muon_iteration "
-              "polar_express --normuon --cautious_weight_decay --adamw_groups speedrun")
+# The field's recipe: the default as it was before it took the FineWeb speedrun's pieces (the modern block, tied,
+# with plain Muon), the default and --arch speedrun, each at every seed; then, at the first seed, the default with
+# each piece it took set back in turn, and the speedrun with each of its own architecture switches set back.
+PREVIOUS_DEFAULT = ("--arch_option tie_embeddings=true --arch_option zero_init=false --muon_iteration newton_schulz "
+                    "--no-normuon --no-cautious_weight_decay --adamw_groups one")
 
 
 def field_recipes(seeds: list[int]) -> dict[str, str]:
     """The recipes of --field, each main one at every seed (named NAME, then NAME-seedS), the ablations at the first."""
     from model import ARCH_PRESETS
-    from optim import OPTIMIZER_PRESETS, OPTIMIZER_SWITCHES
+    from optim import OPTIMIZER_SWITCHES, RECORD_OPTIMIZER
     recipes = {}
-    for name, flags in [("default", ""), ("speedrun", "--arch speedrun"), ("exportable", EXPORTABLE)]:
+    for name, flags in [("previous", PREVIOUS_DEFAULT), ("default", ""), ("speedrun", "--arch speedrun")]:
         for seed in seeds:
             recipes[name if seed == seeds[0] else f"{name}-seed{seed}"] = f"{flags} --seed {seed}".strip()
-    for switch in OPTIMIZER_PRESETS["speedrun"]:
+    first = f"--seed {seeds[0]}"
+    recipes["default-no-untied_head"] = f"--arch_option tie_embeddings=true --arch_option zero_init=false {first}"
+    for switch in RECORD_OPTIMIZER:
         off = OPTIMIZER_SWITCHES[switch]
-        flag = f"--{switch} {off}" if isinstance(off, str) else f"--{'' if off else 'no-'}{switch}"
-        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun {flag} --seed {seeds[0]}"
+        recipes[f"default-no-{switch}"] = f"--{switch} {off} {first}" if isinstance(off, str) else f"--no-{switch} {first}"
     speedrun, modern = ARCH_PRESETS["speedrun"], ARCH_PRESETS["modern"]
     for switch in (k for k in speedrun if speedrun[k] != modern[k] and k != "softcap_form"):
         off = str(modern[switch]).lower() if isinstance(modern[switch], bool) else modern[switch]
-        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun --arch_option {switch}={off} --seed {seeds[0]}"
+        recipes[f"speedrun-no-{switch}"] = f"--arch speedrun --arch_option {switch}={off} {first}"
     return recipes
 
 
@@ -975,7 +976,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", type=parse_recipe, action="append", default=[], metavar="NAME=FLAGS",
                    help="one more recipe: train_gpt2.py flags (e.g. a learning rate to sweep)")
     r.add_argument("--field", action="store_true", help="with --recipes: the field's recipe instead of RECIPES: "
-                   "the default and --arch speedrun at each --seeds, the exportable subset (" + EXPORTABLE + "), and "
+                   "the previous default (" + PREVIOUS_DEFAULT + "), the default and --arch speedrun at each --seeds, "
+                   "the default with each piece of the record it took set back, and "
                    "the speedrun with each switch set back to the default's in turn (at the first seed)")
     r.add_argument("--seeds", default="1337,1", help="--field's seeds (default %(default)s)")
     r.add_argument("--only", default=None, help="comma-separated recipe names: run just these")

@@ -336,9 +336,10 @@ def default_optimizer(init_from: str) -> str:
 
 
 def optimizer_switches(args) -> dict:
-    """The speedrun's optimizer switches as the flags give them, else as the architecture preset trains
-    (optim.OPTIMIZER_PRESETS: --arch speedrun turns them on)."""
-    preset = OPTIMIZER_SWITCHES | OPTIMIZER_PRESETS.get(args.arch or DEFAULT_ARCH, {})
+    """The speedrun's optimizer switches as the flags give them, else as the architecture preset trains with Muon
+    (optim.OPTIMIZER_PRESETS: the modern and speedrun presets turn them on); with AdamW alone, off."""
+    with_muon = (args.optimizer or default_optimizer(args.init_from)) == "muon"
+    preset = OPTIMIZER_SWITCHES | (OPTIMIZER_PRESETS.get(args.arch or DEFAULT_ARCH, {}) if with_muon else {})
     return {name: preset[name] if getattr(args, name) is None else getattr(args, name) for name in OPTIMIZER_SWITCHES}
 
 

@@ -24,22 +24,22 @@ RMSNORM_EPS = 1e-6  # Llama's and Qwen3's, so the modern preset exports as they 
 # Configuration
 
 # The architecture switches each preset sets. `gpt2` is OpenAI's GPT-2 exactly; `modern` is what
-# current small LMs use (LLaMA-style blocks, plus QK-norm as in modded-nanogpt and OLMo 2), with the
-# switches that measured better here side by side (BENCHMARKS.md, "Recipes") and that transformers can
-# still compute: a norm after the embedding does; ReLU², a logit soft cap and an untied zero-initialised
-# head did not measure better enough to cost the export.
+# current LMs use (LLaMA-style blocks, plus QK-norm as in modded-nanogpt and OLMo 2), with the switches
+# that measured better here side by side and that transformers and llama.cpp still compute: a norm after
+# the embedding (BENCHMARKS.md, "Recipes"), and an untied head and projections into the residual stream
+# starting at zero, which pay with the speedrun's AdamW groups (BENCHMARKS.md, "The field's recipe").
 _GPT2_SWITCHES = dict(pos_emb="learned", norm="layernorm", mlp="gelu", bias=True, qk_norm=False,
                       tie_embeddings=True, zero_init=False, logit_softcap=0.0, softcap_form="tanh", embed_norm=False,
                       value_embeds=0, x0_mix=False, unet_skips=False, backout=False, smear=False, bigram_embed=0,
                       window_pattern="", short_window=0, document_mask=False)
 _MODERN_SWITCHES = _GPT2_SWITCHES | dict(pos_emb="rope", norm="rmsnorm", mlp="swiglu", bias=False, qk_norm=True,
-                                         embed_norm=True)
+                                         embed_norm=True, tie_embeddings=False, zero_init=True)
 # The FineWeb speedrun's architecture (KellerJordan/modded-nanogpt, its README's record table), each switch with
 # the record that brought it and what that record measured on 8 H100s to val loss 3.28; BENCHMARKS.md, "The
 # field's recipe", measures them here. transformers and llama.cpp have no counterpart for most of them.
 _SPEEDRUN_SWITCHES = _MODERN_SWITCHES | dict(
     mlp="relu2",  # 2024-10-14, with QK-norm and zero-initialised projections: 22.3 -> 15.2 min
-    tie_embeddings=False, zero_init=True,  # 2024-11-03, an untied head starting at zero: 12.0 -> 10.8 min
+    # (from modern: an untied head starting at zero, the record of 2024-11-03: 12.0 -> 10.8 min)
     logit_softcap=23.0, softcap_form="sigmoid",  # 2025-12-26, 23·σ((z + 5) / 7.5) for 15·tanh(z / 15): -40 steps
     value_embeds=3,  # 2024-12-04 and -08, value embeddings in a U-net pattern: 4.66 -> 3.95 min; gated 2025-12-29
     x0_mix=True,  # 2024-11-06, the embedding mixed into every block's input: with a soft cap, 10.8 -> 8.2 min

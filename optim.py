@@ -27,24 +27,25 @@ class OptimizerSettings:
     lr_schedule: str  # "wsd" or "cosine"
     warmup_steps: int | None  # as given (None: DEFAULT_WARMUP_STEPS or a tenth of the run)
     cooldown_frac: float  # wsd: the decaying share of the run
-    # The speedrun's variants (OPTIMIZER_PRESETS):
+    # The speedrun's variants (RECORD_OPTIMIZER; off: OPTIMIZER_SWITCHES):
     muon_iteration: str  # Muon's orthogonalisation: "newton_schulz" or "polar_express"
     normuon: bool  # NorMuon's per-row normalisation of Muon's update
     cautious_weight_decay: bool  # Muon's weight decay only where its update shrinks a weight
     adamw_groups: str  # "one": one rate and betas for all of AdamW's parameters; "speedrun": SPEEDRUN_ADAMW
 
 
-# The optimizer's switches each architecture preset trains with where the flags do not say (train_gpt2.py --arch
-# speedrun is the whole recipe): the speedrun's Muon variants and AdamW groups, each with its record.
+# The optimizer's switches off: Muon with Keller Jordan's Newton-Schulz iteration, AdamW with one rate and betas
+# (GPT-2's recipe). What --arch gpt2 and every run with AdamW alone (--optimizer adamw, a fine-tune) train with.
 OPTIMIZER_SWITCHES = dict(muon_iteration="newton_schulz", normuon=False, cautious_weight_decay=False, adamw_groups="one")
-OPTIMIZER_PRESETS = {
-    "speedrun": dict(
-        muon_iteration="polar_express",  # modded-nanogpt's record of 2025-09-29: -10 steps
-        normuon=True,  # 2025-10-24 and -27: 2.358 -> 2.313 min
-        cautious_weight_decay=True,  # 2025-11-10: -40 steps
-        adamw_groups="speedrun",  # SPEEDRUN_ADAMW: its rates and betas by kind of parameter
-    ),
-}
+# The FineWeb speedrun's optimizer, each switch with its record: what the modern and speedrun presets train with
+# alongside Muon where the flags do not say (BENCHMARKS.md, "The field's recipe", measures them here).
+RECORD_OPTIMIZER = dict(
+    muon_iteration="polar_express",  # modded-nanogpt's record of 2025-09-29: -10 steps
+    normuon=True,  # 2025-10-24 and -27: 2.358 -> 2.313 min
+    cautious_weight_decay=True,  # 2025-11-10: -40 steps
+    adamw_groups="speedrun",  # SPEEDRUN_ADAMW: its rates and betas by kind of parameter
+)
+OPTIMIZER_PRESETS = {"modern": RECORD_OPTIMIZER, "speedrun": RECORD_OPTIMIZER}
 # The speedrun's AdamW by kind of parameter (split_parameters' kinds; modded-nanogpt's train_gpt.py at the record
 # of 2026-01-19, its param_table): the rate as a multiple of its Adam rate (there 0.008, here --lr), betas, and
 # whether --weight_decay applies. eps is 1e-10 for all (record of 2025-01-16). Its smear gate's 0.01× is left out

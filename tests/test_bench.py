@@ -1,11 +1,16 @@
 """bench.py's smoke test: every benchmark runs on a tiny model and reports its figures (no speed is asserted)."""
+import dataclasses
 import json
 import signal
+import subprocess
 
 import pytest
 
+import bench
 import cpu_decoding
-from helpers import TINY_MODEL_ARGS, make_corpus, run_script, write_txt_dir
+import flags as F
+import startup as U
+from helpers import REPO, TINY_MODEL_ARGS, child_env, make_corpus, run_script, write_txt_dir
 
 
 def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
@@ -82,3 +87,33 @@ def test_recipes_train_on_the_same_data_and_are_held_to_the_baselines_final_loss
     assert [step for step, _ in rows["muon"]["evals"]] == [2, 4, 6] and rows["gpt2-adamw-cosine"]["ratio"] == 1.0
     again = run_script("bench.py", *args)  # finished runs are reused, not trained again
     assert again.returncode == 0 and json.loads(out.read_text())["recipes"][0]["seconds"] == rows["gpt2-adamw-cosine"]["seconds"]
+
+
+def test_the_gpu_check_script_ends_with_its_summary_of_speed_and_validation_at_fixed_steps(tmp_path):
+    # What a device runs, run here on the CPU at a tiny shape: every figure it promises lands in summary.json.
+    corpus = write_txt_dir(tmp_path / "corpus", make_corpus(n_docs=40, seed=5))
+    flags = [*TINY_MODEL_ARGS, "--dataset", str(corpus), "--val_split", "0.1", "--batch_size", "4",
+             "--eval_iters", "2", "--num_workers", "0", "--no-compile"]
+    env = child_env(OUT=str(tmp_path / "out"), DEVICE="cpu", STEPS="2", EVERY="1", BENCH_FLAGS="--tiny",
+                    BENCH_STEPS="1", BENCH_WARMUP="1", DATA_CACHE=str(tmp_path / "cache"), TRAIN_FLAGS=" ".join(flags))
+    result = subprocess.run(["bash", str(REPO / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert sorted(summary["validation"]) == ["1", "2"] and summary["seconds"] > 0
+    assert summary["bench"][0]["tokens_per_s"] > 0 and summary["bench"][0]["peak_memory_gib"] >= 0
+
+
+def test_the_fields_recipes_are_the_default_the_one_before_it_and_the_default_less_one_piece_each():
+    def trained_with(flags: str) -> dict:
+        args = F.parse_args(flags.split() + ["--device", "cpu"])
+        return dataclasses.asdict(F.model_config(args)) | dataclasses.asdict(U.optimizer_settings(args, None))
+
+    recipes = {name: trained_with(flags) for name, flags in bench.field_recipes([1337, 1]).items()}
+    default = trained_with("")
+    differs = {name: {k for k in default if recipes[name][k] != default[k]} for name in recipes}
+    assert differs["default"] == differs["default-seed1"] == set()
+    assert differs["previous"] == {"tie_embeddings", "zero_init", "muon_iteration", "normuon",
+                                   "cautious_weight_decay", "adamw_groups"}
+    pieces = [differs[name] for name in recipes if name.startswith("default-no-")]
+    assert pieces == [{"tie_embeddings", "zero_init"}, {"muon_iteration"}, {"normuon"}, {"cautious_weight_decay"},
+                      {"adamw_groups"}]

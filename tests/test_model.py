@@ -11,7 +11,7 @@ import weights
 from common import EOT, CheckpointError, SaveError
 from model import GPT, GPTConfig, KVCache, sample_token
 
-# Every architecture switch on at once (but zero_init, which would make every logit 0), beside the presets.
+# Every architecture switch of transformers' families on at once, beside the presets.
 EVERY_SWITCH = dict(mlp="relu2", tie_embeddings=False, logit_softcap=15.0, embed_norm=True)
 PRESETS = ["gpt2", "modern", "every_switch", "speedrun"]
 
@@ -22,7 +22,8 @@ def tiny(arch="gpt2", **kw) -> GPT:
         arch, shape = "modern", EVERY_SWITCH | shape
     torch.manual_seed(0)
     m = GPT(GPTConfig.from_preset(arch, **shape)).eval()
-    if arch == "speedrun":  # what starts at zero (the head, the tables, the gates and mixes) perturbed: all switches act
+    if m.config.zero_init:  # what starts at zero (the head, the projections, the speedrun's tables, gates and mixes)
+        # perturbed: every logit would be 0, and every switch acts
         with torch.no_grad():
             for p in m.parameters():
                 p.add_(0.1 * torch.randn_like(p))
@@ -324,7 +325,9 @@ def test_training_forward_returns_the_loss_and_no_logits():
 
 
 def test_zero_init_starts_every_block_as_the_identity_and_an_untied_head_at_zero():
-    m = tiny("modern", zero_init=True, tie_embeddings=False)
+    torch.manual_seed(0)  # as built, not perturbed as tiny() does
+    m = GPT(GPTConfig.from_preset("modern", n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100))
+    assert m.config.zero_init and not m.config.tie_embeddings  # the preset's
     x = torch.randint(0, 100, (1, 16))
     blocks_off = m.transformer.ln_f(m.transformer.ln_e(m.transformer.wte(x)))  # the preset's norm after the embedding
     assert torch.allclose(m.hidden_states(x), blocks_off, atol=1e-6)  # each block adds zero to the stream
@@ -341,5 +344,5 @@ def test_soft_capped_logits_stay_inside_the_cap():
 
 
 def test_an_untied_head_counts_its_own_parameters():
-    tied, untied = tiny("modern"), tiny("modern", tie_embeddings=False)
+    tied, untied = tiny("modern", tie_embeddings=True), tiny("modern", tie_embeddings=False)
     assert untied.num_params() - tied.num_params() == 100 * 32  # the head's real rows

@@ -92,7 +92,7 @@ def test_plan_prints_the_plan_and_downloads_trains_and_writes_nothing(corpus_dir
     assert T.main(train_args(corpus_dir, cache, save, "--plan", "--max_steps", "50", "--price_per_hour", "2")) == 0
     out = capsys.readouterr().out
     assert not cache.exists() and not save.exists()
-    assert "plan: 1.6 M parameters" in out and "256 tokens a step" in out
+    assert "plan: 3.2 M parameters" in out and "256 tokens a step" in out
     assert "plan: data: about " in out and "bytes a token" in out  # estimated from the files, not prepared
     assert "plan: 50 steps = 12,800 tokens" in out and " s a step (timed on this cpu)" in out and "$" in out
     assert "tokens a parameter, far from the compute-optimal 10-40" in out
@@ -313,7 +313,7 @@ def test_a_time_budget_without_a_shape_chooses_one_says_why_ends_on_time_and_res
 def test_explicit_shape_flags_keep_their_meaning_under_a_budget(corpus_dir, data_cache, tmp_path, capsys):
     assert T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--plan", "--time", "1h")) == 0
     out = capsys.readouterr().out
-    assert "chooses the model" not in out and "plan: 1.6 M parameters" in out  # the tiny shape the flags name
+    assert "chooses the model" not in out and "plan: 3.2 M parameters" in out  # the tiny shape the flags name
 
 
 def test_what_the_budget_chose_is_said_in_plain_words_with_its_figures():

@@ -67,16 +67,20 @@ def test_the_whole_speedrun_recipe_trains_and_its_loss_falls():
     assert losses[-1] < losses[0] - 0.3
 
 
-def test_arch_speedrun_turns_the_optimizer_switches_on_and_each_flag_wins():
-    on = U.optimizer_settings(F.parse_args(["--arch", "speedrun", "--device", "cpu"]), None)
-    assert (on.muon_iteration, on.normuon, on.cautious_weight_decay, on.adamw_groups) == \
-        ("polar_express", True, True, "speedrun")
-    off = U.optimizer_settings(F.parse_args(["--arch", "speedrun", "--no-normuon", "--adamw_groups", "one",
-                                             "--device", "cpu"]), None)
-    assert (off.normuon, off.adamw_groups, off.cautious_weight_decay) == (False, "one", True)
-    default = U.optimizer_settings(F.parse_args(["--device", "cpu"]), None)
-    assert (default.muon_iteration, default.normuon, default.cautious_weight_decay, default.adamw_groups) == \
-        ("newton_schulz", False, False, "one")
+def switches(*flags: str) -> tuple:
+    s = U.optimizer_settings(F.parse_args([*flags, "--device", "cpu"]), None)
+    return s.muon_iteration, s.normuon, s.cautious_weight_decay, s.adamw_groups
+
+
+def test_the_record_optimizer_is_the_defaults_and_the_speedruns_with_muon_and_each_flag_wins():
+    record, off = ("polar_express", True, True, "speedrun"), ("newton_schulz", False, False, "one")
+    assert switches() == switches("--arch", "speedrun") == switches("--arch", "modern") == record
+    assert switches("--arch", "speedrun", "--no-normuon", "--adamw_groups", "one") == \
+        ("polar_express", False, True, "one")
+    assert switches("--arch", "gpt2") == off  # GPT-2 as it was, the baseline others are held to
+    assert switches("--optimizer", "adamw") == switches("--init_from", "gpt2") == off  # AdamW alone: one group
+    assert switches("--muon_iteration", "newton_schulz", "--no-normuon", "--no-cautious_weight_decay",
+                    "--adamw_groups", "one") == off
 
 
 def test_the_speedruns_gates_and_scalars_go_to_adamw_and_its_linear_weights_to_muon():

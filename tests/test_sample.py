@@ -153,7 +153,8 @@ def test_sample_py_answers_without_importing_the_compiler_stack(tiny_ckpt):
 @pytest.mark.parametrize("arch", ["gpt2", "modern"])
 def test_int8_weights_keep_the_logits_within_2_percent_and_fp32s_next_token_9_times_in_10(arch):
     torch.manual_seed(0)
-    config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64)
+    # Initialised at random throughout (the modern preset's head and projections start at zero: every logit 0).
+    config = M.GPTConfig.from_preset(arch, n_layer=2, n_head=2, n_embd=32, block_size=64, zero_init=False)
     fp32 = M.GPT(config).eval()
     int8 = cpu_decoding.quantize_int8(model_with_weights(config, fp32.state_dict()))
     assert isinstance(int8.lm_head, cpu_decoding.Int8Linear) and int8.transformer.wte.weight.dtype == torch.bfloat16

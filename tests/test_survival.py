@@ -18,6 +18,7 @@ import train_gpt2 as T
 from helpers import child_env, metrics, script_command, train_args, wait_for
 import flags as F
 import memory as Mem
+import model as M
 
 STEPS = ["--max_steps", "16", "--eval_interval", "1000", "--checkpoint_interval", "1000", "--dropout", "0.1"]
 
@@ -157,9 +158,11 @@ def test_resume_names_each_changed_setting_keeps_the_decayed_rate_and_counts_the
 
 def test_a_cpu_step_too_large_for_memory_is_refused_before_the_run_or_accumulated(
         corpus_dir, data_cache, tmp_path, monkeypatch, capsys):
-    per_sequence = Mem.step_bytes(F.model_config(F.parse_args(train_args(corpus_dir, data_cache, tmp_path))), 2, 0,
-                                False)
-    monkeypatch.setattr(Mem, "available_memory", lambda: int(2.6 * per_sequence))  # 2 sequences' step fits, 8 do not
+    config = F.model_config(F.parse_args(train_args(corpus_dir, data_cache, tmp_path)))
+    fixed = Mem.step_bytes(config, 0, M.GPT(config).num_params(), False)  # weights, gradients, moments
+    two = Mem.step_bytes(config, 2, 0, False)  # what 2 sequences add
+    free = (fixed + 1.5 * two) / Mem.RAM_SHARE  # the share of it a step may take holds 2 sequences' step, not 4's
+    monkeypatch.setattr(Mem, "available_memory", lambda: int(free))
     with pytest.raises(SystemExit) as refused:
         T.main(train_args(corpus_dir, data_cache, tmp_path / "run", "--max_steps", "2", "--grad_accum", "1"))
     message = str(refused.value.code)
