@@ -233,10 +233,11 @@ class Plan:
 # The way home
 
 
-def copy_home_commands(checkpoint: Path, chat: bool = False) -> list[str]:
+def copy_home_commands(checkpoint: Path, chat: bool = False, gguf: bool = True) -> list[str]:
     """The commands to run on the laptop: scp from this machine (its SSH address when this is an SSH session,
     placeholders otherwise), then sample.py; a chat model goes to a folder of its own (beside the base model, not
-    over it), talked to with --chat, and exported for llama.cpp and Ollama."""
+    over it), talked to with --chat, and exported for llama.cpp and Ollama (or, for a model llama.cpp cannot
+    run, for transformers)."""
     user, host, port = os.environ.get("USER") or "USER", "HOST", None
     connection = os.environ.get("SSH_CONNECTION", "").split()  # client_ip client_port server_ip server_port
     if len(connection) == 4:
@@ -249,9 +250,11 @@ def copy_home_commands(checkpoint: Path, chat: bool = False) -> list[str]:
         return [scp, "python sample.py --interactive --stream --checkpoint ./checkpoints/model_best_val.pt --cpu "
                      "--max_tokens 50"]
     home = f"{folder}model_best_val.pt"
-    return [f"mkdir -p {folder} && {scp}", f"python sample.py --chat --checkpoint {home} --cpu",
-            f"python export_gguf.py {home} exported-chat/model.gguf",
-            "ollama create mychat -f exported-chat/Modelfile && ollama run mychat"]
+    talk = [f"mkdir -p {folder} && {scp}", f"python sample.py --chat --checkpoint {home} --cpu"]
+    if not gguf:
+        return talk + [f"python export_hf.py {home} exported-chat/"]
+    return talk + [f"python export_gguf.py {home} exported-chat/model.gguf",
+                   "ollama create mychat -f exported-chat/Modelfile && ollama run mychat"]
 
 
 # Addresses a machine has behind NAT or in a container (RFC 1918, carrier-grade NAT, IPv6 unique local).
@@ -285,6 +288,7 @@ class Outcome:
     chat: bool = False  # fine-tuned on conversations: talked to with sample.py --chat
     target_loss: float | None = None  # --target_loss
     target: tuple[int, float] | None = None  # (step, seconds from launch) where it was reached
+    gguf: bool = True  # llama.cpp runs the model (export_gguf.py writes it)
 
     def lines(self) -> list[str]:
         cost = f", ${self.seconds / 3600 * self.price_per_hour:,.2f}" if self.price_per_hour is not None else ""
@@ -299,7 +303,7 @@ class Outcome:
             lines.append(self._target_line())
         if self.checkpoint.exists():
             lines += [f"best model: {self.checkpoint.resolve()}", "to talk to it on your laptop:"]
-            lines += [f"  {command}" for command in copy_home_commands(self.checkpoint, self.chat)]
+            lines += [f"  {command}" for command in copy_home_commands(self.checkpoint, self.chat, self.gguf)]
             if ssh_address_is_private():
                 lines.append("  (that address is this machine's own, private one, as SSH sees it behind NAT or "
                              "in a container: from your laptop, use the address you connect to)")

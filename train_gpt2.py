@@ -43,6 +43,7 @@ from common import (EOT, DataError, SaveError, UserError, clean_temporaries, fir
                     remove_own_temporaries)
 from eval import validation_loss
 from flags import parse_args, shown_flags
+from hf import missing_in_transformers
 from horizon import StepSettings
 from metrics import Metrics, print_header, run_header, writing
 from model import GPTConfig
@@ -557,7 +558,8 @@ def summarise(run: Run, out: Output, how: str) -> None:
                       best_val=p.best_val if p.best_step is not None else None, best_step=p.best_step,
                       checkpoint=out.save_dir / checkpoint.BEST, price_per_hour=out.price_per_hour,
                       hellaswag=p.hellaswag, planned_seconds=run.plan.seconds, chat=run.settings.data.chat,
-                      target_loss=run.settings.target_loss, target=p.target)
+                      target_loss=run.settings.target_loss, target=p.target,
+                      gguf=not missing_in_transformers(run.settings.config))
     out.bar.close()
     out.say("\n".join(outcome.lines()))
     out.metrics.log(event=how, step=p.step, seconds=seconds, cost=out.cost(), best_val_loss=outcome.best_val,

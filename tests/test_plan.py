@@ -186,6 +186,15 @@ def test_the_way_home_names_this_ssh_session_or_placeholders(tmp_path, monkeypat
     assert P.copy_home_commands(checkpoint)[0].startswith("scp USER@HOST:/")
 
 
+def test_a_chat_model_llama_cpp_cannot_run_is_sent_home_with_the_export_that_computes_it(tmp_path):
+    home = "./checkpoints/chat/model_best_val.pt"
+    gguf, speedrun = P.copy_home_commands(tmp_path / "m.pt", chat=True), P.copy_home_commands(tmp_path / "m.pt",
+                                                                                              chat=True, gguf=False)
+    assert gguf[2] == f"python export_gguf.py {home} exported-chat/model.gguf" and "ollama" in gguf[3]
+    assert speedrun[1:] == [f"python sample.py --chat --checkpoint {home} --cpu",
+                            f"python export_hf.py {home} exported-chat/"]
+
+
 def test_wandb_gets_the_flags_and_the_rows_and_its_absence_is_one_line(corpus_dir, data_cache, tmp_path,
                                                                      monkeypatch, capsys):
     pytest.importorskip("wandb")
