@@ -172,7 +172,7 @@ class Plan:
         self.steps_per_pass = steps_per_pass
 
     def model_line(self) -> str:
-        without = (f" ({self.params_non_embedding / 1e6:,.1f} M without the position table)"
+        without = (f" ({self.params_non_embedding / 1e6:,.1f} M of them in matrix products, the rest lookup tables)"
                    if self.params_non_embedding != self.params else "")
         return f"plan: {self.params / 1e6:,.1f} M parameters{without}, {self.tokens_per_step:,} tokens a step"
 
