@@ -127,7 +127,7 @@ class Muon(torch.optim.Optimizer):
     """
 
     found_inf: torch.Tensor | None = None
-    # Off, a step runs no collective: for a step that some ranks may not reach (train_gpt2.py's memory probe).
+    # Off, a step runs no collective: for a step that some ranks may not reach (memory.py's probe; step.update sets it).
     shared: bool = True
     _step_supports_amp_scaling = True  # GradScaler.step: pass found_inf rather than read it on the host
 
