@@ -871,7 +871,7 @@ def compare_budgets(budgets: list[str], depths: list[int], common: list[str], ru
                          "choosing_s": r["sizing"]["seconds"] if name == "chosen" else None,
                          "same_val": same_validation_loss(runs / label / "model_best_val.pt", cache)})
             print(f"measured: --time {budget} {flags or '(chooses)'}: depth {rows[-1]['depth']}, validation loss "
-                  f"{rows[-1]['same_val']:.4f} on the first {SAME_VAL_TOKENS:,} held-out tokens (in the run: "
+                  f"{rows[-1]['same_val']:.4f} on {SAME_VAL_TOKENS:,} held-out tokens (in the run: "
                   f"{r['final']:.4f}), {r['steps']} steps, {r['seconds']:.0f} s from launch to exit", flush=True)
     print_table(rows, [("budget", "budget", "s"), ("run", "run", "s"), ("depth", "depth", "d"), ("batch", "batch", "d"),
                        ("steps", "steps", "d"), ("same_val", "val loss", ".4f"), ("final", "in the run", ".4f"),
@@ -891,13 +891,14 @@ SAME_VAL_TOKENS = 40_960
 
 
 def same_validation_loss(checkpoint_path: Path, cache: Path) -> float:
-    """A run's best checkpoint scored on the first SAME_VAL_TOKENS tokens of the validation split, on the CPU."""
+    """A run's best checkpoint scored on SAME_VAL_TOKENS tokens of the validation split, on the CPU: windows of its
+    context spread evenly over the split, the same ones for every run of the same context."""
     import eval as scoring
     from checkpoint import load_model
     model, _ = load_model(str(checkpoint_path))
     with torch.inference_mode():
         return scoring.validation_loss(model, shards.TokenShards(cache, "val"), model.config.block_size,
-                                       torch.device("cpu"), max_tokens=SAME_VAL_TOKENS)["loss"]
+                                       torch.device("cpu"), sample=SAME_VAL_TOKENS // model.config.block_size)["loss"]
 
 
 def training_speed(base: Setting, settings: list[Setting], steps: int, warmup: int, device: torch.device, *,

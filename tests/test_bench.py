@@ -1,6 +1,7 @@
 """bench.py's smoke test: every benchmark runs on a tiny model and reports its figures (no speed is asserted)."""
 import dataclasses
 import json
+import math
 import signal
 import subprocess
 
@@ -10,7 +11,7 @@ import bench
 import cpu_decoding
 import flags as F
 import startup as U
-from helpers import REPO, TINY_MODEL_ARGS, child_env, make_corpus, run_script, write_txt_dir
+from helpers import REPO, TINY_MODEL_ARGS, child_env, make_corpus, prepared_data, run_script, write_txt_dir
 
 
 def test_the_tiny_benchmark_reports_every_figure_as_json(tmp_path):
@@ -87,6 +88,9 @@ def test_recipes_train_on_the_same_data_and_are_held_to_the_baselines_final_loss
     assert [step for step, _ in rows["muon"]["evals"]] == [2, 4, 6] and rows["gpt2-adamw-cosine"]["ratio"] == 1.0
     again = run_script("bench.py", *args)  # finished runs are reused, not trained again
     assert again.returncode == 0 and json.loads(out.read_text())["recipes"][0]["seconds"] == rows["gpt2-adamw-cosine"]["seconds"]
+    # --budgets scores every run's best checkpoint on the same held-out tokens, whatever its batch
+    same = bench.same_validation_loss(tmp_path / "runs" / "muon" / "model_best_val.pt", prepared_data(flags))
+    assert 0 < same < math.log(50257)
 
 
 def test_the_gpu_check_script_ends_with_its_summary_of_speed_and_validation_at_fixed_steps(tmp_path):
