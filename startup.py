@@ -61,9 +61,6 @@ class Settings:
     optimizer: OptimizerSettings  # the optimizer and its schedule (AdamW's rate as --time scaled it)
     batch_size: int  # sequences a step, over all processes and micro-steps: --batch_size, or what --time chose
     grad_accum: int  # micro-steps per optimizer step on each process (a full step's, under --batch_stages)
-    batch_stages: tuple[float, ...]  # --batch_stages: shares of the batch over equal parts of the run
-    context_stages: tuple[float, ...]  # --context_stages: shares of the context
-    window_stages: tuple[float, ...]  # --window_stages: shares of the context the long attention window sees
     world: int  # processes
     steps: int | None  # the run's steps; None: as --time's budget allows, or --epochs once the data is all there
     epochs: float
@@ -170,8 +167,6 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
                   Stages(args.context_stages), Stages(args.window_stages))
     steps = steps_for_run(args, plan, source, resumed, shape)
     settings = Settings(config=config, optimizer=optimizer, batch_size=batch_size, grad_accum=grad_accum,
-                        batch_stages=args.batch_stages, context_stages=args.context_stages,
-                        window_stages=args.window_stages,
                         world=env.world, steps=steps, epochs=args.epochs, time=args.time,
                         eval_batches=evaluation_batches(args, plan, val, config.block_size, batch_size),
                         every=Intervals(args.eval_interval, args.log_interval, args.checkpoint_interval,
