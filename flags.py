@@ -16,7 +16,7 @@ import sources
 from budget import HEAD_SIZE, WIDTH_PER_LAYER, depth_shape
 from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_negative_float, non_negative_int,
                     open_fraction, pick_device, positive_float, positive_int)
-from horizon import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP
+from horizon import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP, LossTerms
 from model import ARCH_PRESETS, GPTConfig
 from muon import ITERATIONS
 from optim import OPTIMIZER_PRESETS, OPTIMIZER_SWITCHES
@@ -26,6 +26,9 @@ from plan import parse_duration
 # The recipe that measured best (BENCHMARKS.md, "Recipes"): the modern block trained by Muon with a
 # warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
 DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
+# The training loss's extra terms each preset trains with from scratch where --mtp_weights and --prefix_weight do not
+# say (BENCHMARKS.md, "The field's recipe"): none until measured to help.
+LOSS_TERMS_PRESETS: dict[str, LossTerms] = {}
 # --chat alone: the default run's best checkpoint fine-tuned on SmolTalk (the conversations nanochat fine-tunes
 # on), one pass, into a folder of its own so the base model stays. The rates are pretraining's own (Muon, --lr and
 # --muon_lr's defaults) with no warmup and wsd's decay to 0 over the last half: they fine-tuned better than AdamW
@@ -136,6 +139,16 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                    help="the long attention window as shares of the step's context over equal parts of the run, e.g. "
                         "1/4,1/2,1 (the speedrun's window warmup), for a model with windows (--arch speedrun); short "
                         "windows are half of it, or --arch_option short_window")
+    o.add_argument("--mtp_weights", type=weights_flag, default=None, metavar="W2,W3,...",
+                   help="multi-token prediction: the training loss also scores the logits against the token 2, 3, ... "
+                        "positions ahead at these weights, the furthest for the first of the run's equal parts, the "
+                        "next for two, ... (the speedrun's 0.5,0.25: thirds); 0 for none (default: "
+                        f"{LOSS_TERMS_PRESETS.get(DEFAULT_ARCH, LossTerms()).ahead or 'none'})")
+    o.add_argument("--prefix_weight", type=non_negative_float, default=None,
+                   help="prefix-token prediction: the training loss also scores the logits against the next token's "
+                        "longest proper prefix that is a token, at this weight, for the first two thirds of the run "
+                        "(the speedrun's 0.25); 0 for none (default: "
+                        f"{LOSS_TERMS_PRESETS.get(DEFAULT_ARCH, LossTerms()).prefix or 'none'})")
     o.add_argument("--warmup_steps", type=non_negative_int, default=None,
                    help=f"steps of linear warmup (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
     o.add_argument("--max_steps", type=positive_int, default=None,
@@ -216,6 +229,17 @@ def duration_flag(text: str) -> float:
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a duration such as 45m, 2h, 1h30m or 5400 (seconds), "
                                          f"not {text!r}") from None
+
+
+def weights_flag(text: str) -> tuple[float, ...]:
+    """W2,W3,... for --mtp_weights: non-negative weights by commas; 0 alone for none."""
+    try:
+        weights = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes weights such as 0.5,0.25, not {text!r}") from None
+    if not all(weight >= 0 for weight in weights):
+        raise argparse.ArgumentTypeError(f"each weight must be 0 or more, not {text!r}")
+    return () if weights == (0.0,) else weights
 
 
 def stages_flag(text: str) -> tuple[float, ...]:
@@ -341,6 +365,14 @@ def optimizer_switches(args) -> dict:
     with_muon = (args.optimizer or default_optimizer(args.init_from)) == "muon"
     preset = OPTIMIZER_SWITCHES | (OPTIMIZER_PRESETS.get(args.arch or DEFAULT_ARCH, {}) if with_muon else {})
     return {name: preset[name] if getattr(args, name) is None else getattr(args, name) for name in OPTIMIZER_SWITCHES}
+
+
+def loss_terms(args) -> LossTerms:
+    """The training loss's extra terms as the flags give them, else as the architecture preset trains from scratch
+    (LOSS_TERMS_PRESETS); a fine-tune (--init_from) trains on the next token alone."""
+    preset = LOSS_TERMS_PRESETS.get(args.arch or DEFAULT_ARCH, LossTerms()) if args.init_from == "scratch" else LossTerms()
+    return LossTerms(preset.ahead if args.mtp_weights is None else tuple(args.mtp_weights),
+                     preset.prefix if args.prefix_weight is None else args.prefix_weight)
 
 
 def model_config(args, shape: dict | None = None) -> GPTConfig:

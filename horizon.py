@@ -4,7 +4,8 @@ A run's length comes from --max_steps (or what a resumed run had planned); from 
 known once it has all arrived; or from --time: the steps that fit in what is left of the budget at the measured
 pace, planned again at every log line so that the decay ends on time. Every schedule is a function of the step
 and that length, known before the step (`at`): the learning rate's share of each group's peak and Muon's
-momentum, and beside them each schedule a recipe adds (batch size, context, attention window).
+momentum, and beside them each schedule a recipe adds (batch size, context, attention window, the loss's extra
+terms).
 
 The loop asks `before(step)` for the step's settings and tells `after(step)` that it is done; evaluations,
 scorings and saves run `aside`, off the pace's clock, their cost counted in the budget. The plan, the progress
@@ -43,6 +44,7 @@ class StepSettings:
     accum: int  # micro-batches each rank takes (the batch-size schedule's share of --grad_accum's)
     context: int  # positions each sequence holds (the context schedule's share of --block_size)
     window: int  # positions a long-window layer sees (the window schedule's share of the context)
+    loss_weights: tuple[float, ...] = ()  # the training loss's extra terms' (LossTerms)
 
     def work(self, grad_accum: int) -> float:
         """The step's share of a full one (of grad_accum micro-batches)."""
@@ -106,6 +108,31 @@ class Shape:
             first, end = -(-i * length // parts), -(-(i + 1) * length // parts)
             full_accum += max(0, end - max(first, start)) * round(self.grad_accum * share)
         return full_accum / self.grad_accum
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """The training loss's extra terms over the run (model.set_loss_terms; the FineWeb speedrun's TRAINING_STAGES):
+    `ahead` weighs the tokens 2, 3, ... positions ahead, `prefix` the next token's prefix token. With k tokens
+    ahead the run falls into k + 1 equal parts, and the token j + 1 ahead counts in the first k + 1 - j of them (the
+    record's 0.5, 0.25: the third token ahead for the first third, the second for two thirds); the prefix counts
+    for the first two thirds. The record fades each weight out linearly over its last part; here each stops at its
+    part's end, like every stage schedule, so that a step's weights are known once it is in the first part of a run
+    at least so long (--epochs over data still arriving), and the next token alone trains the last part."""
+    ahead: tuple[float, ...] = ()
+    prefix: float = 0.0
+
+    @property
+    def schedules(self) -> tuple[Stages, ...]:
+        k = len(self.ahead)
+        ahead = tuple(Stages(tuple(w if part < k - j else 0.0 for part in range(k + 1))) for j, w in enumerate(self.ahead))
+        return ahead + ((Stages((self.prefix, self.prefix, 0.0)),) if self.prefix else ())
+
+    def at(self, step: int, length: int) -> tuple[float, ...]:
+        return tuple(schedule.at(step, length) for schedule in self.schedules)
+
+    def known(self, step: int, at_least: int) -> bool:
+        return all(schedule.known(step, at_least) for schedule in self.schedules)
 
 
 @dataclass(frozen=True)
@@ -221,9 +248,9 @@ class Horizon:
 
     def __init__(self, *, rate: LearningRate, muon_momentum: float, held: float | None, given: int | None,
                  plan: Plan, costs: Costs, step: int, tokens_per_step: int, started: float, shape: Shape,
-                 budget_s: float | None = None, data: DataLength | None = None,
+                 budget_s: float | None = None, data: DataLength | None = None, terms: LossTerms = LossTerms(),
                  say: Callable[[str], None] = lambda text: None, log: Callable[..., None] = lambda **row: None):
-        self.rate, self.muon_momentum, self.held, self.shape = rate, muon_momentum, held, shape
+        self.rate, self.muon_momentum, self.held, self.shape, self.terms = rate, muon_momentum, held, shape, terms
         costs.work = shape.work
         self.given = given  # --max_steps, a resumed run's plan, or --epochs over data all there; with --time the most
         self.plan, self.costs, self.started, self.data = plan, costs, started, data
@@ -256,7 +283,7 @@ class Horizon:
         lr = (self.held if self.held is not None else self.rate.share(step, length)) * \
             math.sqrt(accum / self.shape.grad_accum)
         return StepSettings(lr, muon_momentum_at(step, self.muon_momentum), accum, self.shape.context_at(step, length),
-                            self.shape.window_at(step, length))
+                            self.shape.window_at(step, length), self.terms.at(step, length))
 
     def _length_for(self, step: int) -> int | None:
         """The length the step's settings are those of: the run's; until it is known, one as long as it may be
@@ -267,7 +294,8 @@ class Horizon:
         if self.budget is not None or self.data is None:  # until timed: as if without end (the warmup, the peak)
             return UNPLANNED_STEPS
         at_least = max(self.data.at_least(), step + 1)
-        known = all(schedule.known(step, at_least) for schedule in (self.rate, self.shape.batch, self.shape.context))
+        known = all(schedule.known(step, at_least)
+                    for schedule in (self.rate, self.shape.batch, self.shape.context, self.shape.window, self.terms))
         return at_least if known else None
 
 

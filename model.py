@@ -194,6 +194,20 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0,
     vocab = vocab or logits.size(-1)
     if torch.compiler.is_compiling():
         return F.cross_entropy(softcap(logits[:, :vocab].float(), cap, form), targets, ignore_index=-1)
+    return _ChunkedCrossEntropy.apply(logits, targets[:, None], cap, vocab, form)[0]
+
+
+def cross_entropies(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0, vocab: int | None = None,
+                    form: str = "tanh") -> torch.Tensor:
+    """cross_entropy against J targets a row (N, J): (J,), each column's cross-entropy summed over its rows
+    that are not -1 and divided by the count of rows whose first target is not -1 (the next token's), so that
+    the terms add up as parts of one mean. One logsumexp a row serves every column."""
+    vocab = vocab or logits.size(-1)
+    if torch.compiler.is_compiling():
+        z = softcap(logits[:, :vocab].float(), cap, form)
+        valid = targets != -1
+        picked = z.gather(1, targets.clamp(min=0))
+        return ((z.logsumexp(-1, keepdim=True) - picked) * valid).sum(0) / valid[:, 0].sum().clamp(min=1)
     return _ChunkedCrossEntropy.apply(logits, targets, cap, vocab, form)
 
 
@@ -207,28 +221,27 @@ def token_losses(logits: torch.Tensor, targets: torch.Tensor, cap: float = 0.0, 
     if torch.compiler.is_compiling():  # inductor fuses the upcast into its kernels, as in cross_entropy
         return F.cross_entropy(softcap(logits[:, :vocab].float(), cap, form), targets, ignore_index=-1,
                                reduction="none")
-    lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab, form)
-    return (lse - target_logit) * (targets != -1)
+    lse, target_logit = _logsumexp_and_target(logits, targets[:, None], cap, vocab, form)
+    return (lse - target_logit[:, 0]) * (targets != -1)
 
 
 @torch.no_grad()
 def _logsumexp_and_target(logits, targets, cap: float, vocab: int, form: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per row of softcap(logits[:, :vocab], cap, form): its logsumexp and its target's logit, fp32, LOSS_ROWS at a
-    time."""
+    """Per row of softcap(logits[:, :vocab], cap, form): its logsumexp (N,) and its targets' logits (N, J), fp32,
+    LOSS_ROWS at a time."""
     lse = torch.empty(logits.size(0), dtype=torch.float32, device=logits.device)
-    target_logit = torch.empty_like(lse)
-    rows = torch.arange(min(LOSS_ROWS, logits.size(0)), device=logits.device)
+    target_logit = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
     for a in range(0, logits.size(0), LOSS_ROWS):
         z = softcap(logits[a:a + LOSS_ROWS, :vocab].float(), cap, form)
         lse[a:a + LOSS_ROWS] = torch.logsumexp(z, dim=-1)
-        target_logit[a:a + LOSS_ROWS] = z[rows[:len(z)], targets[a:a + LOSS_ROWS].clamp(min=0)]
+        target_logit[a:a + LOSS_ROWS] = z.gather(1, targets[a:a + LOSS_ROWS].clamp(min=0))
     return lse, target_logit
 
 
 class _ChunkedCrossEntropy(torch.autograd.Function):
-    """Cross-entropy (of soft-capped logits, over their first `vocab` columns) whose fp32 work is done
-    1,024 rows at a time; it keeps only the logits and a logsumexp per row for the backward pass,
-    whose gradient it writes in the logits' own dtype (zero in the columns past `vocab`).
+    """cross_entropies (of soft-capped logits, over their first `vocab` columns, against targets (N, J)) whose
+    fp32 work is done 1,024 rows at a time; it keeps only the logits and a logsumexp per row for the backward
+    pass, whose gradient it writes in the logits' own dtype (zero in the columns past `vocab`).
 
     Written here because no PyTorch op does this outside torch.compile (Liger-Kernel's fused
     cross-entropy does it with Triton, a GPU-only dependency).
@@ -238,26 +251,25 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, cap: float, vocab: int, form: str = "tanh") -> torch.Tensor:
         lse, target_logit = _logsumexp_and_target(logits, targets, cap, vocab, form)
         valid = targets != -1
-        count = valid.sum().clamp(min=1)
+        count = valid[:, 0].sum().clamp(min=1)
         ctx.save_for_backward(logits, targets, lse, count)
         ctx.cap, ctx.vocab, ctx.form = cap, vocab, form
-        return ((lse - target_logit) * valid).sum() / count
+        return ((lse[:, None] - target_logit) * valid).sum(0) / count
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         logits, targets, lse, count = ctx.saved_tensors
         R, cap, V = LOSS_ROWS, ctx.cap, ctx.vocab
-        scale = (grad / count) * (targets != -1)  # d(mean loss)/d(each row's loss); 0 where ignored
+        scale = (grad / count) * (targets != -1)  # (N, J): d(each term)/d(each row's loss); 0 where ignored
         grad_logits = torch.empty_like(logits)
         grad_logits[:, V:] = 0  # the padding columns: every other one is written below
         for a in range(0, logits.size(0), R):
-            t = targets[a:a + R]
+            t, s = targets[a:a + R], scale[a:a + R]
             z = logits[a:a + R, :V].to(torch.float32, copy=True)  # a copy even of fp32 logits: changed in place
             if cap:
                 z = softcap(z, cap, ctx.form)
             g = torch.sub(z, lse[a:a + R, None], out=z).exp_()  # the softmax
-            g[torch.arange(len(t), device=g.device), t.clamp(min=0)] -= 1.0  # minus the one-hot target
-            g.mul_(scale[a:a + R, None])
+            g.mul_(s.sum(1, keepdim=True)).scatter_add_(1, t.clamp(min=0), -s)  # minus each one-hot target
             if cap:  # through the cap
                 g.mul_(softcap_slope(logits[a:a + R, :V], cap, ctx.form))
             grad_logits[a:a + R, :V] = g
@@ -624,6 +636,9 @@ class GPT(nn.Module):
             # The windows (short, long) in tokens, as data: the loop may change them between steps (set_attention_windows)
             # without torch.compile compiling again; saved with the weights, which were trained with them.
             self.register_buffer("attn_windows", torch.tensor([c.short_window or c.block_size // 2, c.block_size]))
+        # The training loss's extra terms (set_loss_terms), none until asked for: not saved with the weights.
+        self.register_buffer("loss_weights", None, persistent=False)
+        self.register_buffer("prefix_table", None, persistent=False)
         self.apply(self._init_weights)
         for table in [*(self.transformer.ve or []), self.transformer.bigram]:
             if table is not None:
@@ -764,10 +779,39 @@ class GPT(nn.Module):
         if targets is None:
             return self.head(self.hidden_states(idx)), None
         logits = self.lm_head(self.hidden_states(idx))  # soft-capped inside the loss, chunk by chunk
+        logits, c = logits.view(-1, logits.size(-1)), self.config
+        if self.training and not per_token and self.loss_weights is not None:
+            return None, self._training_loss(logits, targets)
         loss = token_losses if per_token else cross_entropy
+        return None, loss(logits, targets.reshape(-1), c.logit_softcap, c.vocab_size, c.softcap_form)
+
+    def set_loss_terms(self, ahead: int = 0, prefix_table: torch.Tensor | None = None) -> None:
+        """Train the logits on more than the next token (the FineWeb speedrun's multi-token and prefix-token
+        prediction): also on each of the tokens 2 .. ahead + 1 positions ahead, and (prefix_table: each token's
+        longest proper prefix that is itself a token, -1 where none) on the next token's prefix, every extra term
+        weighted by loss_weights, which set_loss_weights changes between steps. No new weights: what is evaluated,
+        generated and saved is the next token's prediction alone."""
+        device = self.lm_head.weight.device
+        self.ahead = ahead
+        self.loss_weights = torch.zeros(ahead + (prefix_table is not None), device=device)
+        self.prefix_table = prefix_table.to(device) if prefix_table is not None else None
+
+    def set_loss_weights(self, weights: tuple[float, ...]) -> None:
+        """The extra terms' weights for the next steps, in place (no host wait, no recompilation)."""
+        for i, weight in enumerate(weights):
+            self.loss_weights[i].fill_(weight)
+
+    def _training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The next token's mean cross-entropy in value, so that the training loss logged is the one validation
+        measures; in gradient, that plus each extra term times its weight (a term of weight 0 adds nothing)."""
+        columns = [targets] + [F.pad(targets[:, k:], (0, k), value=-1) for k in range(1, self.ahead + 1)]
+        if self.prefix_table is not None:
+            columns.append(torch.where(targets >= 0, self.prefix_table[targets.clamp(min=0)], -1))
         c = self.config
-        return None, loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), c.logit_softcap, c.vocab_size,
-                          c.softcap_form)
+        terms = cross_entropies(logits, torch.stack(columns, -1).view(-1, len(columns)), c.logit_softcap,
+                                c.vocab_size, c.softcap_form)
+        extra = (terms[1:] * self.loss_weights).sum()
+        return terms[0] + (extra - extra.detach())
 
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, *, temperature: float = 1.0,

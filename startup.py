@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 
 import batches
 import chat
@@ -26,16 +27,17 @@ import sources
 from budget import (CHECKPOINT_BYTES_PER_PARAMETER, DEPTHS, FORWARD_SHARE, Budget, Costs, Request, Sizing,
                     data_note, depth_shape, size_for_budget)
 from common import EOT, CheckpointError, UserError
-from flags import default_optimizer, model_config, optimizer_switches, sizes_the_model
-from horizon import DataLength, Horizon, LearningRate, Shape, Stages, held_share
+from flags import default_optimizer, loss_terms, model_config, optimizer_switches, sizes_the_model
+from horizon import DataLength, Horizon, LearningRate, LossTerms, Shape, Stages, held_share
 from memory import choose_grad_accum
-from model import GPTConfig
+from model import GPT, GPTConfig
 from optim import OptimizerSettings
 from plan import TOKENS_PER_DOCUMENT, Plan, estimated_data_tokens
 from runtime import Env, all_ranks_agree, broadcast_from_rank0, broadcast_state_from_rank0, local_rank0_first, \
     only_on_rank0
 from shards import VAL_TOKENS, TokenShards
 from step import Learner, build
+from tokenizer import get_tokenizer, prefix_tokens
 from weights import parameter_counts
 
 
@@ -152,6 +154,8 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
         say("\n".join(data_note(sizing, plan.data_tokens)))
     optimizer = optimizer_settings(args, sizing)
     learner = build(config, env, optimizer, seed=args.seed, init_state=init_state)
+    terms = loss_terms(args)
+    add_loss_terms(learner.raw_model, terms)
     saved_accum = checkpoint.saved_run(resumed).get("grad_accum") if resumed else None
     given = args.grad_accum if args.grad_accum != "auto" else saved_accum if isinstance(saved_accum, int) else None
     grad_accum = choose_grad_accum(given, learner, env, batch_size, config.block_size, say)
@@ -182,12 +186,19 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
                       given=settings.steps, plan=plan, costs=run_costs(settings, plan, val, hellaswag),
                       step=progress.step, tokens_per_step=settings.tokens_per_step, started=started, shape=shape,
                       budget_s=args.time, data=DataLength(source, args.epochs, shape) if source is not None else None,
-                      say=say)
+                      terms=terms, say=say)
     if not dry_run and not args.time and horizon.steps is not None:
         say("\n".join(horizon.length_lines()))
     exchanges = held_out_exchanges(val, config.block_size) if args.chat and val is not None else None
     return Run(settings, learner, progress, plan, source, val, hellaswag, vars(args), exchanges, preparation,
                horizon)
+
+
+def add_loss_terms(model: GPT, terms: LossTerms) -> None:
+    """The model's training loss with the extra terms the run trains with (their weights by step: the Horizon)."""
+    if terms.ahead or terms.prefix:
+        prefix = prefix_tokens(get_tokenizer(), model.config.padded_vocab_size) if terms.prefix else None
+        model.set_loss_terms(len(terms.ahead), torch.from_numpy(prefix) if prefix is not None else None)
 
 
 def run_costs(s: Settings, plan: Plan, val: TokenShards | None, hellaswag: list | None) -> Costs:

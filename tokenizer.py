@@ -108,3 +108,17 @@ def _encode_joined(enc: tiktoken.Encoding, texts: list) -> np.ndarray:
     if joined.count(_SEPARATOR) == len(texts):
         return enc.encode_to_numpy(joined, allowed_special=_ALLOWED_SPECIAL, disallowed_special=())
     return np.array([t for text in texts for t in (*enc.encode_ordinary(text), EOT)], dtype=np.uint32)
+
+
+def prefix_tokens(enc: tiktoken.Encoding, size: int) -> np.ndarray:
+    """Each token id's prefix token (size entries, int64): the token whose bytes are the longest proper prefix of
+    its bytes, -1 where there is none (one-byte tokens, special tokens, the padding past the vocabulary). The
+    target of the FineWeb speedrun's prefix-token loss: a model unsure of " transformer" still learns " trans"."""
+    special = {enc.encode_single_token(name) for name in enc.special_tokens_set}
+    ordinary = [i for i in range(enc.n_vocab) if i not in special]
+    ids = {enc.decode_single_token_bytes(i): i for i in ordinary}
+    table = np.full(size, -1, dtype=np.int64)
+    for token_bytes, i in ids.items():
+        table[i] = next((ids[token_bytes[:n]] for n in range(len(token_bytes) - 1, 0, -1)
+                         if token_bytes[:n] in ids), -1)
+    return table

@@ -389,8 +389,8 @@ def begin(run: Run, env: Env, out: Output, signals: Signals):
 
 
 def set_step(learner, now: StepSettings) -> None:
-    """Each group at its peak rate times the step's share; Muon at the step's momentum; the attention windows,
-    where the model has them, at the step's (in place: no recompilation)."""
+    """Each group at its peak rate times the step's share; Muon at the step's momentum; the attention windows
+    and the loss's extra terms, where the model has them, at the step's (in place: no recompilation)."""
     for optimizer in learner.optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["peak_lr"] * now.lr
@@ -398,6 +398,8 @@ def set_step(learner, now: StepSettings) -> None:
                 group["momentum"] = now.muon_momentum
     if learner.raw_model.config.window_pattern:
         learner.raw_model.set_long_window(now.window)
+    if now.loss_weights:
+        learner.raw_model.set_loss_weights(now.loss_weights)
 
 
 def last_evaluation(run: Run, env: Env, out: Output, signals: Signals) -> int:
