@@ -61,6 +61,16 @@ def test_the_forward_and_loss_wait_for_nothing_and_attention_gets_bf16(fake_mode
     assert loss.dtype == torch.float32 and loss.shape == ()
 
 
+def test_the_losss_extra_terms_and_their_weights_wait_for_nothing(fake_model):
+    fake_model.set_loss_terms(2, torch.full((fake_model.config.padded_vocab_size,), -1))
+    env, waits = Env(**CUDA_BF16), HostWaits()
+    with frozen(fake_model), waits, env.autocast():
+        fake_model.set_loss_weights((0.5, 0.25, 0.25))
+        _, loss = fake_model.train()(tokens(4, 32), tokens(4, 32))
+    assert waits.waits == []
+    assert loss.dtype == torch.float32 and loss.shape == ()
+
+
 def test_the_chunked_losss_own_backward_waits_for_nothing(fake_model):
     class Ctx:  # what autograd hands the Function: its saved tensors and attributes
         def save_for_backward(self, *tensors):
@@ -70,8 +80,8 @@ def test_the_chunked_losss_own_backward_waits_for_nothing(fake_model):
     targets = tokens(3000)
     ctx, waits = Ctx(), HostWaits()
     with waits:
-        M._ChunkedCrossEntropy.forward(ctx, logits, targets, 0.0, 50257)
-        grad, *_ = M._ChunkedCrossEntropy.backward(ctx, torch.ones((), device="cuda"))
+        M._ChunkedCrossEntropy.forward(ctx, logits, targets[:, None], 0.0, 50257)
+        grad, *_ = M._ChunkedCrossEntropy.backward(ctx, torch.ones(1, device="cuda"))
     assert waits.waits == []
     assert grad.dtype == torch.bfloat16 and grad.shape == logits.shape
 

@@ -314,6 +314,57 @@ def test_the_chunked_loss_equals_cross_entropy_in_value_and_gradient(dtype, cap)
     assert torch.allclose(ours.grad.float(), theirs.grad.float(), atol=2e-6 if dtype == torch.float32 else 1e-5)
 
 
+def reference_terms(logits: torch.Tensor, targets: torch.Tensor, table: torch.Tensor) -> list[torch.Tensor]:
+    """The next token's, the next but one's, the next but two's and the prefix's cross-entropy, each summed and
+    divided by the next token's count, by F.cross_entropy."""
+    flat, count = logits.reshape(-1, logits.size(-1)), (targets != -1).sum()
+    ahead = [torch.nn.functional.pad(targets[:, k:], (0, k), value=-1) for k in range(3)]
+    prefix = torch.where(targets >= 0, table[targets.clamp(min=0)], -1)
+    return [torch.nn.functional.cross_entropy(flat, t.reshape(-1), ignore_index=-1, reduction="sum") / count
+            for t in [*ahead, prefix]]
+
+
+def test_the_losss_extra_terms_add_the_tokens_ahead_and_the_prefix_to_the_gradient_not_to_the_value():
+    m = tiny("modern").train()
+    x = torch.randint(0, 100, (2, 17), generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1], x[:, 1:].clone()
+    targets[0, 5] = -1  # ignored: its own term and every term that would look ahead to it
+    table = torch.randint(-1, 100, (m.config.padded_vocab_size,), generator=torch.Generator().manual_seed(1))
+    m.set_loss_terms(2, table)
+    m.set_loss_weights((0.5, 0.25, 0.3))
+    _, loss = m(inputs, targets)
+    loss.backward()
+    ours = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    terms = reference_terms(m(inputs)[0][..., :100], targets, table)
+    (terms[0] + 0.5 * terms[1] + 0.25 * terms[2] + 0.3 * terms[3]).backward()
+    assert loss.item() == pytest.approx(terms[0].item(), rel=1e-6)  # what is logged: the next token's alone
+    assert all(torch.allclose(a, p.grad, atol=1e-6) for a, p in zip(ours, m.parameters()))
+    m.eval()
+    assert m(inputs, targets)[1].item() == pytest.approx(terms[0].item(), rel=1e-6)  # evaluation: the next token
+
+
+@pytest.mark.parametrize("compiling", [False, True])
+def test_the_cross_entropies_of_several_targets_a_row_equal_f_cross_entropys(compiling, monkeypatch):
+    # Chunked (eager) and as inductor sees it; duplicate targets in a row, ignored ones, more rows than a chunk.
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+    logits = torch.randn(M.LOSS_ROWS + 37, 300, generator=torch.Generator().manual_seed(0)) * 3
+    targets = torch.randint(0, 290, (logits.size(0), 3), generator=torch.Generator().manual_seed(1))
+    targets[::5, 1] = targets[::5, 0]
+    targets[::7, 2] = -1
+    targets[::11, 0] = -1
+    ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    weights = torch.tensor([1.0, 0.5, 0.25])
+    terms = M.cross_entropies(ours, targets, 15.0, vocab=290)
+    (terms * weights).sum().backward()
+    capped, count = 15.0 * torch.tanh(theirs[:, :290] / 15.0), (targets[:, 0] != -1).sum()
+    reference = torch.stack([torch.nn.functional.cross_entropy(capped, t, ignore_index=-1, reduction="sum") / count
+                             for t in targets.T])
+    (reference * weights).sum().backward()
+    assert torch.allclose(terms, reference, rtol=1e-6)
+    assert torch.allclose(ours.grad, theirs.grad, atol=2e-6) and ours.grad[:, 290:].abs().sum() == 0
+
+
 def test_training_forward_returns_the_loss_and_no_logits():
     m = tiny()
     x = torch.randint(0, 100, (2, 16))

@@ -9,10 +9,12 @@ import torch._dynamo.utils
 
 import batches
 import flags as F
+import horizon as H
 import model as M
 import muon
 import optim as O
 import startup as U
+import tokenizer
 from common import EOT
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=100)
@@ -192,6 +194,42 @@ def test_changing_the_windows_between_steps_changes_the_output_and_compiles_noth
         losses.append(loss.item())
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # compiled once, for the first call
     assert len(set(losses)) == 3
+
+
+def test_each_tokens_prefix_token_is_its_longest_proper_prefix_in_the_vocabulary():
+    enc = tokenizer.get_tokenizer()
+    table = tokenizer.prefix_tokens(enc, 50304)
+    prefix = lambda word: enc.decode([int(table[enc.encode_single_token(word)])])
+    assert (prefix(" transformer"), prefix(" the"), prefix("hello")) == (" transform", " th", "hell")
+    assert table[enc.encode_single_token("a")] == -1 and table[EOT] == -1 and (table[enc.n_vocab:] == -1).all()
+    assert (table >= 0).sum() == 50257 - 256 - 1  # every token but the 256 bytes and <|endoftext|>
+
+
+def test_the_losss_extra_terms_come_from_the_flags_and_a_fine_tune_has_none_unless_asked():
+    terms = lambda *flags: F.loss_terms(F.parse_args([*flags, "--device", "cpu"]))
+    assert terms("--mtp_weights", "0.5,0.25", "--prefix_weight", "0.25") == H.LossTerms((0.5, 0.25), 0.25)
+    assert terms("--mtp_weights", "0") == H.LossTerms((), F.LOSS_TERMS_PRESETS.get("modern", H.LossTerms()).prefix)
+    assert terms("--init_from", "gpt2") == H.LossTerms()
+    assert terms("--init_from", "gpt2", "--mtp_weights", "0.5") == H.LossTerms((0.5,), 0.0)
+    with pytest.raises(SystemExit):
+        terms("--mtp_weights", "0.5,-1")  # argparse's one line: each weight must be 0 or more
+
+
+def test_changing_the_losss_weights_between_steps_changes_the_gradient_and_compiles_nothing_again():
+    m = M.GPT(M.GPTConfig.from_preset("modern", **TINY)).train()
+    m.set_loss_terms(2, torch.arange(m.config.padded_vocab_size) - 1)
+    compiled = torch.compile(m, backend="aot_eager")
+    x, y = batch()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    norms = []
+    for weights in [(0.5, 0.25, 0.25), (0.5, 0.0, 0.25), (0.0, 0.0, 0.0)]:
+        m.set_loss_weights(weights)
+        compiled(x, y)[1].backward()
+        norms.append(m.transformer.wte.weight.grad.norm().item())
+        m.zero_grad()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert len(set(norms)) == 3
 
 
 def test_the_schedules_compile_once_more_at_the_first_change_of_context_and_never_again():

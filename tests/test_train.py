@@ -120,11 +120,12 @@ def start_training(args) -> subprocess.Popen:
 def test_a_run_killed_and_resumed_ends_with_the_model_of_an_uninterrupted_run(corpus_dir, data_cache, tmp_path):
     # Muon trains the matrices and AdamW the rest, so both optimizers' states are restored here (a fine-tune,
     # AdamW alone with its own schedule, is killed and resumed in test_finetune.py).
-    # Across a change of the batch, the context and the attention windows (the step 6 of 12), on the speedrun's
-    # architecture: the data goes on where it was, the windows are the step's.
+    # Across a change of the batch, the context, the attention windows and the token-ahead term (the step 6 of 12)
+    # and of the prefix term (8), on the speedrun's architecture: the data goes on where it was, the windows and the
+    # loss's weights are the step's.
     common = ["--max_steps", "12", "--checkpoint_interval", "3", "--eval_interval", "1000", "--dropout", "0.1",
               "--batch_stages", "1/2,1", "--context_stages", "1/2,1", "--grad_accum", "2", "--arch", "speedrun",
-              "--window_stages", "1/4,1"]
+              "--window_stages", "1/4,1", "--mtp_weights", "0.5", "--prefix_weight", "0.25"]
     whole = run_script("train_gpt2.py", *train_args(corpus_dir, data_cache, tmp_path / "whole", *common))
     assert whole.returncode == 0, whole.stderr[-2000:]
 
@@ -474,6 +475,16 @@ def test_the_horizon_gives_each_step_its_stages_batch_context_and_rate_and_count
     assert horizon.steps == plan.steps == 30 and costs.work(0, 30) == pytest.approx(10 * (1 + 2 + 4) / 4)
     assert plan.tokens == 10 * (1 + 2 + 4) * 64  # what the plan says the run reads: the stages' batches
     assert shape.steps_for(costs.work(0, 30)) == 30  # --epochs: the steps that hold a number of full batches
+
+
+def test_the_losss_extra_terms_count_for_their_parts_of_the_run_and_are_known_only_in_the_first():
+    # The record's thirds: the third token ahead for the first, the second token ahead and the prefix for two.
+    terms = H.LossTerms(ahead=(0.5, 0.25), prefix=0.3)
+    assert [terms.at(step, 30) for step in (0, 9, 10, 19, 20, 29)] == \
+        [(0.5, 0.25, 0.3)] * 2 + [(0.5, 0.0, 0.3)] * 2 + [(0.0, 0.0, 0.0)] * 2
+    assert [H.LossTerms(ahead=(0.5,)).at(step, 30) for step in (14, 15)] == [(0.5,), (0.0,)]  # halves
+    assert terms.known(9, 30) and not terms.known(10, 30)  # a longer run keeps the first part's weights, no more
+    assert H.LossTerms().at(5, 30) == () and H.LossTerms().known(29, 30)
 
 
 def test_a_window_schedule_for_a_model_without_windows_is_one_line(corpus_dir, tmp_path):
