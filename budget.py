@@ -291,7 +291,7 @@ class Costs:
     hellaswag: float | None = None
     write: float | None = None
     # The full steps of n steps after `step` in a run of step + n steps (a batch-size schedule's steps count their
-    # share of one); the horizon sets it.
+    # share of one): horizon.Shape.work.
     work: Callable[[int, int], float] = lambda step, n: n
 
     def evaluation_s(self) -> float:

@@ -251,7 +251,6 @@ class Horizon:
                  budget_s: float | None = None, data: DataLength | None = None, terms: LossTerms = LossTerms(),
                  say: Callable[[str], None] = lambda text: None, log: Callable[..., None] = lambda **row: None):
         self.rate, self.muon_momentum, self.held, self.shape, self.terms = rate, muon_momentum, held, shape, terms
-        costs.work = shape.work
         self.given = given  # --max_steps, a resumed run's plan, or --epochs over data all there; with --time the most
         self.plan, self.costs, self.started, self.data = plan, costs, started, data
         self.budget = Budget(budget_s, started) if budget_s else None

@@ -183,7 +183,7 @@ def start(args, env: Env, say: Callable, started: float, dry_run: bool = False) 
         checkpoint.Progress(**(dict(best_step=kept[0], best_val=kept[1]) if kept else {}))
     hellaswag = load_hellaswag(args, env, say) if args.hellaswag_interval and not dry_run else None
     horizon = Horizon(rate=LearningRate.of(optimizer), muon_momentum=optimizer.muon_momentum, held=settings.held_lr,
-                      given=settings.steps, plan=plan, costs=run_costs(settings, plan, val, hellaswag),
+                      given=settings.steps, plan=plan, costs=run_costs(settings, plan, val, hellaswag, shape),
                       step=progress.step, tokens_per_step=settings.tokens_per_step, started=started, shape=shape,
                       budget_s=args.time, data=DataLength(source, args.epochs, shape) if source is not None else None,
                       terms=terms, say=say)
@@ -201,8 +201,9 @@ def add_loss_terms(model: GPT, terms: LossTerms) -> None:
         model.set_loss_terms(len(terms.ahead), torch.from_numpy(prefix) if prefix is not None else None)
 
 
-def run_costs(s: Settings, plan: Plan, val: TokenShards | None, hellaswag: list | None) -> Costs:
-    """What the plan counts with besides the steps, estimated until measured."""
+def run_costs(s: Settings, plan: Plan, val: TokenShards | None, hellaswag: list | None, shape: Shape) -> Costs:
+    """What the plan counts with besides the steps, estimated until measured; a step's work as the shape's
+    batch schedule gives it."""
     # HellaSwag's rows: its text at about 4 bytes a token, four endings after each context.
     scored = sum(len(i.ctx) * 4 + sum(map(len, i.endings)) for i in hellaswag or []) // 4
     windows = batches.Windows(val, s.config.block_size).available() if val is not None else \
@@ -211,7 +212,7 @@ def run_costs(s: Settings, plan: Plan, val: TokenShards | None, hellaswag: list 
                  hellaswag_interval=s.every.hellaswag if hellaswag else 0, hellaswag_tokens=scored,
                  tokens_per_step=s.tokens_per_step, checkpoint_bytes=plan.params * CHECKPOINT_BYTES_PER_PARAMETER,
                  final_windows=max(1.0, windows / (s.eval_batches * s.batch_size)),
-                 final_limit=Budget.FINAL_EVAL_SHARE * s.time if s.time else None)
+                 final_limit=Budget.FINAL_EVAL_SHARE * s.time if s.time else None, work=shape.work)
 
 
 def held_out_exchanges(val: TokenShards, context: int) -> list[chat.Exchange]:

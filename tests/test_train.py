@@ -464,7 +464,7 @@ def test_the_horizon_gives_each_step_its_stages_batch_context_and_rate_and_count
                     window=H.Stages((1 / 4, 1 / 2, 1)))
     plan = P.Plan(params=1, params_non_embedding=1, tokens_per_step=4 * 64, sample_size=1)
     costs = B.Costs(eval_batches=1, eval_interval=1000, hellaswag_interval=0, hellaswag_tokens=0,
-                    tokens_per_step=4 * 64, checkpoint_bytes=0)
+                    tokens_per_step=4 * 64, checkpoint_bytes=0, work=shape.work)
     horizon = H.Horizon(rate=H.LearningRate("wsd", 0, 0.5, 0.1), muon_momentum=0.95, held=None, given=30,
                         plan=plan, costs=costs, step=0, tokens_per_step=4 * 64, started=0.0, shape=shape)
     steps = [horizon.at(step) for step in range(30)]
