@@ -757,18 +757,21 @@ RECIPES = {BASELINE: "--arch gpt2 --optimizer adamw --schedule cosine",
 
 
 # The field's recipe: the default as it was before it took the FineWeb speedrun's pieces (the modern block, tied,
-# with plain Muon), the default and --arch speedrun, each at every seed; then, at the first seed, the default with
+# with plain Muon, its rates warmed up), the default and --arch speedrun, each at every seed; then, at the first seed, the default with
 # each piece it took set back in turn, and the speedrun with each of its own architecture switches set back.
 PREVIOUS_DEFAULT = ("--arch_option tie_embeddings=true --arch_option zero_init=false --muon_iteration newton_schulz "
                     "--no-normuon --no-cautious_weight_decay --adamw_groups one")
 
 
-def field_recipes(seeds: list[int]) -> dict[str, str]:
-    """The recipes of --field, each main one at every seed (named NAME, then NAME-seedS), the ablations at the first."""
+def field_recipes(seeds: list[int], max_steps: int) -> dict[str, str]:
+    """The recipes of --field, each main one at every seed (named NAME, then NAME-seedS), the ablations at the first;
+    the previous default warms its rates up as GPT-2's AdamW does (a tenth of a run of max_steps that is short)."""
+    from horizon import fitting_warmup
     from model import ARCH_PRESETS
     from optim import OPTIMIZER_SWITCHES, RECORD_OPTIMIZER
+    warmup = f"--warmup_steps {fitting_warmup(None, max_steps)}"
     recipes = {}
-    for name, flags in [("previous", PREVIOUS_DEFAULT), ("default", ""), ("speedrun", "--arch speedrun")]:
+    for name, flags in [("previous", f"{PREVIOUS_DEFAULT} {warmup}"), ("default", ""), ("speedrun", "--arch speedrun")]:
         for seed in seeds:
             recipes[name if seed == seeds[0] else f"{name}-seed{seed}"] = f"{flags} --seed {seed}".strip()
     first = f"--seed {seeds[0]}"
@@ -776,11 +779,21 @@ def field_recipes(seeds: list[int]) -> dict[str, str]:
     for switch in RECORD_OPTIMIZER:
         off = OPTIMIZER_SWITCHES[switch]
         recipes[f"default-no-{switch}"] = f"--{switch} {off} {first}" if isinstance(off, str) else f"--no-{switch} {first}"
+    recipes["default-no-record_warmup"] = f"{warmup} {first}"
     speedrun, modern = ARCH_PRESETS["speedrun"], ARCH_PRESETS["modern"]
     for switch in (k for k in speedrun if speedrun[k] != modern[k] and k != "softcap_form"):
         off = str(modern[switch]).lower() if isinstance(modern[switch], bool) else modern[switch]
         recipes[f"speedrun-no-{switch}"] = f"--arch speedrun --arch_option {switch}={off} {first}"
     return recipes
+
+
+def field_length(train_flags: str) -> int:
+    """--max_steps in --train_flags: --field compares recipes at one length, which sets the previous default's
+    warmup."""
+    steps = F.parse_args(train_flags.split()).max_steps
+    if steps is None:
+        raise SystemExit("error: --field compares recipes at one length: give --max_steps in --train_flags")
+    return steps
 
 
 def parse_recipe(text: str) -> tuple[str, str]:
@@ -977,7 +990,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", type=parse_recipe, action="append", default=[], metavar="NAME=FLAGS",
                    help="one more recipe: train_gpt2.py flags (e.g. a learning rate to sweep)")
     r.add_argument("--field", action="store_true", help="with --recipes: the field's recipe instead of RECIPES: "
-                   "the previous default (" + PREVIOUS_DEFAULT + "), the default and --arch speedrun at each --seeds, "
+                   "the previous default (" + PREVIOUS_DEFAULT + " and GPT-2's warmup), the default and --arch speedrun at "
+                   "each --seeds, "
                    "the default with each piece of the record it took set back, and "
                    "the speedrun with each switch set back to the default's in turn (at the first seed)")
     r.add_argument("--seeds", default="1337,1", help="--field's seeds (default %(default)s)")
@@ -1023,7 +1037,8 @@ def main(argv=None):
         report["budgets"] = compare_budgets(args.budgets.split(","), [int(d) for d in args.depths.split(",")],
                                             args.train_flags.split(), args.runs)
     if args.recipes:
-        recipes = (field_recipes([int(x) for x in args.seeds.split(",")]) if args.field else RECIPES) | dict(args.recipe)
+        recipes = (field_recipes([int(x) for x in args.seeds.split(",")], field_length(args.train_flags))
+                   if args.field else RECIPES) | dict(args.recipe)
         if args.only:
             recipes = {k: v for k, v in recipes.items() if k in args.only.split(",")}
         report["recipes"] = compare_recipes(recipes, args.train_flags.split(), args.runs, args.parallel)

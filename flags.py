@@ -19,7 +19,7 @@ from common import (ArgumentParser, UnusableGPU, UserError, dropout_rate, non_ne
 from horizon import DEFAULT_WARMUP_STEPS, MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP, LossTerms
 from model import ARCH_PRESETS, GPTConfig
 from muon import ITERATIONS
-from optim import OPTIMIZER_PRESETS, OPTIMIZER_SWITCHES
+from optim import OPTIMIZER_PRESETS, OPTIMIZER_SWITCHES, RECORD_WARMUP_STEPS
 from plan import parse_duration
 
 
@@ -150,7 +150,8 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                         "(the speedrun's 0.25); 0 for none (default: "
                         f"{LOSS_TERMS_PRESETS.get(DEFAULT_ARCH, LossTerms()).prefix or 'none'})")
     o.add_argument("--warmup_steps", type=non_negative_int, default=None,
-                   help=f"steps of linear warmup (default: {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
+                   help=f"steps of linear warmup (default: {RECORD_WARMUP_STEPS} with Muon and the modern or speedrun "
+                        f"preset, as the speedrun; else {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
     o.add_argument("--max_steps", type=positive_int, default=None,
                    help="optimizer steps in the run (default: --epochs over the training split; on --resume, the "
                         "run's own plan)")
@@ -362,9 +363,21 @@ def default_optimizer(init_from: str) -> str:
 def optimizer_switches(args) -> dict:
     """The speedrun's optimizer switches as the flags give them, else as the architecture preset trains with Muon
     (optim.OPTIMIZER_PRESETS: the modern and speedrun presets turn them on); with AdamW alone, off."""
-    with_muon = (args.optimizer or default_optimizer(args.init_from)) == "muon"
-    preset = OPTIMIZER_SWITCHES | (OPTIMIZER_PRESETS.get(args.arch or DEFAULT_ARCH, {}) if with_muon else {})
+    preset = OPTIMIZER_SWITCHES | (OPTIMIZER_PRESETS.get(args.arch or DEFAULT_ARCH, {}) if with_muon(args) else {})
     return {name: preset[name] if getattr(args, name) is None else getattr(args, name) for name in OPTIMIZER_SWITCHES}
+
+
+def warmup_steps(args) -> int | None:
+    """--warmup_steps; where it is not given, none for the speedrun's optimizer (Muon with a preset that trains with
+    it: the record and nanochat warm up Muon's momentum, not the rates), else None: DEFAULT_WARMUP_STEPS or a tenth
+    of a shorter run (GPT-2's AdamW)."""
+    if args.warmup_steps is not None:
+        return args.warmup_steps
+    return RECORD_WARMUP_STEPS if with_muon(args) and (args.arch or DEFAULT_ARCH) in OPTIMIZER_PRESETS else None
+
+
+def with_muon(args) -> bool:
+    return (args.optimizer or default_optimizer(args.init_from)) == "muon"
 
 
 def loss_terms(args) -> LossTerms:

@@ -27,7 +27,7 @@ UNPLANNED_STEPS = 2**62  # the length the rates assume with --time until a few s
 # Muon's momentum warms up from this over the first steps (the FineWeb speedrun's 0.85 over 300).
 MUON_MOMENTUM_START, MUON_MOMENTUM_WARMUP = 0.85, 300
 # GPT-2 124M's warmup in llm.c (700 of its 19,073 steps), or a tenth of a shorter run: a fixed count would take
-# most of a short one.
+# most of a short one. For AdamW alone; the record's optimizer warms up no rate (optim.RECORD_WARMUP_STEPS).
 DEFAULT_WARMUP_STEPS = 700
 DATA_POLL_S = 1.0  # how often a step whose rate waits on the data's size looks again
 

@@ -25,7 +25,7 @@ class OptimizerSettings:
     muon_weight_decay: float
     grad_clip: float  # the largest gradient norm (0: none)
     lr_schedule: str  # "wsd" or "cosine"
-    warmup_steps: int | None  # as given (None: DEFAULT_WARMUP_STEPS or a tenth of the run)
+    warmup_steps: int | None  # flags.warmup_steps (None: DEFAULT_WARMUP_STEPS or a tenth of the run)
     cooldown_frac: float  # wsd: the decaying share of the run
     # The speedrun's variants (RECORD_OPTIMIZER; off: OPTIMIZER_SWITCHES):
     muon_iteration: str  # Muon's orthogonalisation: "newton_schulz" or "polar_express"
@@ -46,6 +46,9 @@ RECORD_OPTIMIZER = dict(
     adamw_groups="speedrun",  # SPEEDRUN_ADAMW: its rates and betas by kind of parameter
 )
 OPTIMIZER_PRESETS = {"modern": RECORD_OPTIMIZER, "speedrun": RECORD_OPTIMIZER}
+# The rates' warmup with the record's optimizer: none (the speedrun warms up Muon's momentum alone). A tenth of the
+# run cost 0.04 of validation loss at BENCHMARKS.md's proxy ("The field's recipe").
+RECORD_WARMUP_STEPS = 0
 # The speedrun's AdamW by kind of parameter (split_parameters' kinds; modded-nanogpt's train_gpt.py at the record
 # of 2026-01-19, its param_table): the rate as a multiple of its Adam rate (there 0.008, here --lr), betas, and
 # whether --weight_decay applies. eps is 1e-10 for all (record of 2025-01-16). Its smear gate's 0.01× is left out

@@ -27,7 +27,7 @@ import sources
 from budget import (CHECKPOINT_BYTES_PER_PARAMETER, DEPTHS, FORWARD_SHARE, Budget, Costs, Request, Sizing,
                     data_note, depth_shape, size_for_budget)
 from common import EOT, CheckpointError, UserError
-from flags import default_optimizer, loss_terms, model_config, optimizer_switches, sizes_the_model
+from flags import default_optimizer, loss_terms, model_config, optimizer_switches, sizes_the_model, warmup_steps
 from horizon import DataLength, Horizon, LearningRate, LossTerms, Shape, Stages, held_share
 from memory import choose_grad_accum
 from model import GPT, GPTConfig
@@ -237,7 +237,7 @@ def optimizer_settings(args, sizing: Sizing | None) -> OptimizerSettings:
                              lr=sizing.lr if sizing else args.lr, min_lr=sizing.min_lr if sizing else args.min_lr,
                              weight_decay=args.weight_decay, muon_lr=args.muon_lr, muon_momentum=args.muon_momentum,
                              muon_weight_decay=args.muon_weight_decay, grad_clip=args.grad_clip,
-                             lr_schedule=args.schedule, warmup_steps=args.warmup_steps,
+                             lr_schedule=args.schedule, warmup_steps=warmup_steps(args),
                              cooldown_frac=args.cooldown_frac, **optimizer_switches(args))
 
 

@@ -112,12 +112,13 @@ def test_the_fields_recipes_are_the_default_the_one_before_it_and_the_default_le
         args = F.parse_args(flags.split() + ["--device", "cpu"])
         return dataclasses.asdict(F.model_config(args)) | dataclasses.asdict(U.optimizer_settings(args, None))
 
-    recipes = {name: trained_with(flags) for name, flags in bench.field_recipes([1337, 1]).items()}
+    recipes = {name: trained_with(flags) for name, flags in bench.field_recipes([1337, 1], 200).items()}
     default = trained_with("")
     differs = {name: {k for k in default if recipes[name][k] != default[k]} for name in recipes}
     assert differs["default"] == differs["default-seed1"] == set()
     assert differs["previous"] == {"tie_embeddings", "zero_init", "muon_iteration", "normuon",
-                                   "cautious_weight_decay", "adamw_groups"}
+                                   "cautious_weight_decay", "adamw_groups", "warmup_steps"}
+    assert recipes["previous"]["warmup_steps"] == 20 and default["warmup_steps"] == 0  # a tenth of 200 steps; none
     pieces = [differs[name] for name in recipes if name.startswith("default-no-")]
     assert pieces == [{"tie_embeddings", "zero_init"}, {"muon_iteration"}, {"normuon"}, {"cautious_weight_decay"},
-                      {"adamw_groups"}]
+                      {"adamw_groups"}, {"warmup_steps"}]

@@ -85,6 +85,13 @@ def test_the_record_optimizer_is_the_defaults_and_the_speedruns_with_muon_and_ea
                     "--adamw_groups", "one") == off
 
 
+def test_the_record_optimizer_warms_up_no_rate_and_adamw_alone_as_gpt2_did():
+    warmup = lambda *flags: U.optimizer_settings(F.parse_args([*flags, "--device", "cpu"]), None).warmup_steps
+    assert warmup() == warmup("--arch", "speedrun") == 0
+    assert warmup("--arch", "gpt2") is warmup("--optimizer", "adamw") is warmup("--init_from", "gpt2") is None
+    assert warmup("--warmup_steps", "30") == warmup("--arch", "gpt2", "--warmup_steps", "30") == 30
+
+
 def test_the_speedruns_gates_and_scalars_go_to_adamw_and_its_linear_weights_to_muon():
     model = M.GPT(M.GPTConfig.from_preset("speedrun", **TINY))
     kinds = O.split_parameters(model)
