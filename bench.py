@@ -757,8 +757,9 @@ RECIPES = {BASELINE: "--arch gpt2 --optimizer adamw --schedule cosine",
 
 
 # The field's recipe: the default as it was before it took the FineWeb speedrun's pieces (the modern block, tied,
-# with plain Muon, its rates warmed up), the default and --arch speedrun, each at every seed; then, at the first seed, the default with
-# each piece it took set back in turn, and the speedrun with each of its own architecture switches set back.
+# with plain Muon, its rates warmed up), the default and --arch speedrun, each at every seed; then, at the first
+# seed, the default with each piece it took set back in turn, and the speedrun with each of its own architecture
+# switches set back.
 PREVIOUS_DEFAULT = ("--arch_option tie_embeddings=true --arch_option zero_init=false --muon_iteration newton_schulz "
                     "--no-normuon --no-cautious_weight_decay --adamw_groups one")
 
@@ -990,8 +991,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--recipe", type=parse_recipe, action="append", default=[], metavar="NAME=FLAGS",
                    help="one more recipe: train_gpt2.py flags (e.g. a learning rate to sweep)")
     r.add_argument("--field", action="store_true", help="with --recipes: the field's recipe instead of RECIPES: "
-                   "the previous default (" + PREVIOUS_DEFAULT + " and GPT-2's warmup), the default and --arch speedrun at "
-                   "each --seeds, "
+                   "the previous default (" + PREVIOUS_DEFAULT + " and GPT-2's warmup), the default and "
+                   "--arch speedrun at each --seeds, "
                    "the default with each piece of the record it took set back, and "
                    "the speedrun with each switch set back to the default's in turn (at the first seed)")
     r.add_argument("--seeds", default="1337,1", help="--field's seeds (default %(default)s)")

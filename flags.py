@@ -377,13 +377,15 @@ def warmup_steps(args) -> int | None:
 
 
 def with_muon(args) -> bool:
+    """Whether the run trains its matrices with Muon (--optimizer, else the default for --init_from)."""
     return (args.optimizer or default_optimizer(args.init_from)) == "muon"
 
 
 def loss_terms(args) -> LossTerms:
     """The training loss's extra terms as the flags give them, else as the architecture preset trains from scratch
     (LOSS_TERMS_PRESETS); a fine-tune (--init_from) trains on the next token alone."""
-    preset = LOSS_TERMS_PRESETS.get(args.arch or DEFAULT_ARCH, LossTerms()) if args.init_from == "scratch" else LossTerms()
+    from_scratch = args.init_from == "scratch"
+    preset = LOSS_TERMS_PRESETS.get(args.arch or DEFAULT_ARCH, LossTerms()) if from_scratch else LossTerms()
     return LossTerms(preset.ahead if args.mtp_weights is None else tuple(args.mtp_weights),
                      preset.prefix if args.prefix_weight is None else args.prefix_weight)
 

@@ -125,7 +125,8 @@ class LossTerms:
     @property
     def schedules(self) -> tuple[Stages, ...]:
         k = len(self.ahead)
-        ahead = tuple(Stages(tuple(w if part < k - j else 0.0 for part in range(k + 1))) for j, w in enumerate(self.ahead))
+        ahead = tuple(Stages(tuple(w if part < k - j else 0.0 for part in range(k + 1)))
+                      for j, w in enumerate(self.ahead))
         return ahead + ((Stages((self.prefix, self.prefix, 0.0)),) if self.prefix else ())
 
     def at(self, step: int, length: int) -> tuple[float, ...]:
