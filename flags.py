@@ -26,9 +26,6 @@ from plan import parse_duration
 # The recipe that measured best (BENCHMARKS.md, "Recipes"): the modern block trained by Muon with a
 # warmup-stable-decay schedule. Fine-tuning (--init_from) defaults to AdamW, which suits small updates.
 DEFAULT_ARCH, DEFAULT_OPTIMIZER, FINE_TUNE_OPTIMIZER = "modern", "muon", "adamw"
-# The training loss's extra terms each preset trains with from scratch where --mtp_weights and --prefix_weight do not
-# say (BENCHMARKS.md, "The field's recipe"): none until measured to help.
-LOSS_TERMS_PRESETS: dict[str, LossTerms] = {}
 # --chat alone: the default run's best checkpoint fine-tuned on SmolTalk (the conversations nanochat fine-tunes
 # on), one pass, into a folder of its own so the base model stays. The rates are pretraining's own (Muon, --lr and
 # --muon_lr's defaults) with no warmup and wsd's decay to 0 over the last half: they fine-tuned better than AdamW
@@ -139,16 +136,15 @@ def add_optimisation_flags(p: argparse.ArgumentParser) -> None:
                    help="the long attention window as shares of the step's context over equal parts of the run, e.g. "
                         "1/4,1/2,1 (the speedrun's window warmup), for a model with windows (--arch speedrun); short "
                         "windows are half of it, or --arch_option short_window")
+    # Off by default: at the CPU proxy they cost validation loss (BENCHMARKS.md, "The field's recipe").
     o.add_argument("--mtp_weights", type=weights_flag, default=None, metavar="W2,W3,...",
                    help="multi-token prediction: the training loss also scores the logits against the token 2, 3, ... "
                         "positions ahead at these weights, the furthest for the first of the run's equal parts, the "
-                        "next for two, ... (the speedrun's 0.5,0.25: thirds); 0 for none (default: "
-                        f"{LOSS_TERMS_PRESETS.get(DEFAULT_ARCH, LossTerms()).ahead or 'none'})")
+                        "next for two, ... (the speedrun's 0.5,0.25: thirds); 0 for none (default: none)")
     o.add_argument("--prefix_weight", type=non_negative_float, default=None,
                    help="prefix-token prediction: the training loss also scores the logits against the next token's "
                         "longest proper prefix that is a token, at this weight, for the first two thirds of the run "
-                        "(the speedrun's 0.25); 0 for none (default: "
-                        f"{LOSS_TERMS_PRESETS.get(DEFAULT_ARCH, LossTerms()).prefix or 'none'})")
+                        "(the speedrun's 0.25; default: none)")
     o.add_argument("--warmup_steps", type=non_negative_int, default=None,
                    help=f"steps of linear warmup (default: {RECORD_WARMUP_STEPS} with Muon and the modern or speedrun "
                         f"preset, as the speedrun; else {DEFAULT_WARMUP_STEPS}, or a tenth of a shorter run)")
@@ -382,12 +378,9 @@ def with_muon(args) -> bool:
 
 
 def loss_terms(args) -> LossTerms:
-    """The training loss's extra terms as the flags give them, else as the architecture preset trains from scratch
-    (LOSS_TERMS_PRESETS); a fine-tune (--init_from) trains on the next token alone."""
-    from_scratch = args.init_from == "scratch"
-    preset = LOSS_TERMS_PRESETS.get(args.arch or DEFAULT_ARCH, LossTerms()) if from_scratch else LossTerms()
-    return LossTerms(preset.ahead if args.mtp_weights is None else tuple(args.mtp_weights),
-                     preset.prefix if args.prefix_weight is None else args.prefix_weight)
+    """The training loss's extra terms the flags ask for, none where they are not given (a resumed run's weights
+    come back from JSON as a list)."""
+    return LossTerms(tuple(args.mtp_weights or ()), args.prefix_weight or 0.0)
 
 
 def model_config(args, shape: dict | None = None) -> GPTConfig:

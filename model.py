@@ -785,14 +785,13 @@ class GPT(nn.Module):
         loss = token_losses if per_token else cross_entropy
         return None, loss(logits, targets.reshape(-1), c.logit_softcap, c.vocab_size, c.softcap_form)
 
-    def set_loss_terms(self, ahead: int = 0, prefix_table: torch.Tensor | None = None) -> None:
+    def set_loss_terms(self, ahead: int, prefix_table: torch.Tensor | None) -> None:
         """Train the logits on more than the next token (the FineWeb speedrun's multi-token and prefix-token
         prediction): also on each of the tokens 2 .. ahead + 1 positions ahead, and (prefix_table: each token's
         longest proper prefix that is itself a token, -1 where none) on the next token's prefix, every extra term
         weighted by loss_weights, which set_loss_weights changes between steps. No new weights: what is evaluated,
         generated and saved is the next token's prediction alone."""
         device = self.lm_head.weight.device
-        self.ahead = ahead
         self.loss_weights = torch.zeros(ahead + (prefix_table is not None), device=device)
         self.prefix_table = prefix_table.to(device) if prefix_table is not None else None
 
@@ -804,7 +803,8 @@ class GPT(nn.Module):
     def _training_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The next token's mean cross-entropy in value, so that the training loss logged is the one validation
         measures; in gradient, that plus each extra term times its weight (a term of weight 0 adds nothing)."""
-        columns = [targets] + [F.pad(targets[:, k:], (0, k), value=-1) for k in range(1, self.ahead + 1)]
+        ahead = len(self.loss_weights) - (self.prefix_table is not None)
+        columns = [targets] + [F.pad(targets[:, k:], (0, k), value=-1) for k in range(1, ahead + 1)]
         if self.prefix_table is not None:
             columns.append(torch.where(targets >= 0, self.prefix_table[targets.clamp(min=0)], -1))
         c = self.config

@@ -215,7 +215,7 @@ def test_each_tokens_prefix_token_is_its_longest_proper_prefix_in_the_vocabulary
 def test_the_losss_extra_terms_come_from_the_flags_and_a_fine_tune_has_none_unless_asked():
     terms = lambda *flags: F.loss_terms(F.parse_args([*flags, "--device", "cpu"]))
     assert terms("--mtp_weights", "0.5,0.25", "--prefix_weight", "0.25") == H.LossTerms((0.5, 0.25), 0.25)
-    assert terms("--mtp_weights", "0") == H.LossTerms((), F.LOSS_TERMS_PRESETS.get("modern", H.LossTerms()).prefix)
+    assert terms("--mtp_weights", "0") == terms() == H.LossTerms()
     assert terms("--init_from", "gpt2") == H.LossTerms()
     assert terms("--init_from", "gpt2", "--mtp_weights", "0.5") == H.LossTerms((0.5,), 0.0)
     with pytest.raises(SystemExit):
